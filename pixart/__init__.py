@@ -1,0 +1,1 @@
+"""pixart: PixArt-alpha-style text-to-image diffusion transformers."""
