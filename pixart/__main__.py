@@ -1,0 +1,5 @@
+import sys
+
+from pixart.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""The checkpoint folder: `config.json` + `model.safetensors` (+ `ema.safetensors`).
+
+It is what `convert-dit` writes and what `sample`, `export-diffusers` and the next
+training stage read. Foreign files (`.pt`, `.pth`) are read with
+`weights_only=True`: a checkpoint is data, never code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pixart.atomic import atomic_dir
+from pixart.errors import PixArtError
+from pixart.models import ModelConfig, model_from_config
+
+CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
+StateDict = dict[str, torch.Tensor]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Tensors from a .safetensors, or from a torch pickle without running any of its code."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixArtError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        # DiT's training checkpoints carry their argparse.Namespace: plain data, safe to allow.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PixArtError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
+
+
+def unwrap_state_dict(obj, source: str, prefer_ema: bool = True) -> StateDict:
+    """The model's tensors out of the official layouts: raw, {'model', 'ema'} (DiT) or {'state_dict'} (PixArt)."""
+    if not isinstance(obj, dict):
+        raise PixArtError(f"{source}: expected a state dict, found {type(obj).__name__}")
+    keys = ("ema", "model", "state_dict") if prefer_ema else ("model", "state_dict", "ema")
+    for key in keys:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise PixArtError(f"{source}: no tensors found")
+    return tensors
+
+
+def load_into(model: nn.Module, state_dict: StateDict, source: str) -> nn.Module:
+    """`load_state_dict(strict=True)` with a one-line error that says what does not fit."""
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            shown = [f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}" if label == "wrong shapes" else k for k in keys[:3]]
+            problems.append(f"{label}: {', '.join(shown)}{more}")
+    if problems:
+        raise PixArtError(f"{source}: does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def save_checkpoint(out_dir, config: ModelConfig, model_state: StateDict, ema_state: StateDict | None = None,
+                    extra: dict[str, str] | None = None) -> Path:
+    """Write the folder atomically; `extra` adds small text files (e.g. provenance notes)."""
+    with atomic_dir(out_dir) as tmp:
+        (tmp / CONFIG_FILE).write_text(config.to_json())
+        for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
+            if state is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name, metadata={"format": "pt"})
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out_dir)
+
+
+def load_config(ckpt_dir) -> ModelConfig:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise PixArtError(f"{ckpt_dir}: not a checkpoint folder (no {CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PixArtError(f"{path}: invalid JSON ({e})") from None
+    return ModelConfig.from_dict(data, source=str(path))
+
+
+def load_model(ckpt_dir, ema: bool = False) -> nn.Module:
+    """Rebuild the model from `config.json` and load its (EMA) weights."""
+    config = load_config(ckpt_dir)
+    path = Path(ckpt_dir) / (EMA_FILE if ema else MODEL_FILE)
+    if ema and not path.is_file():
+        raise PixArtError(f"{ckpt_dir}: has no {EMA_FILE}; pass --no-ema")
+    return load_into(model_from_config(config), read_state_dict(path), str(path))

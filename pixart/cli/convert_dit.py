@@ -1,0 +1,41 @@
+"""`pixart convert-dit`: a facebookresearch/DiT checkpoint -> a reparameterized PixArt checkpoint folder."""
+from __future__ import annotations
+
+import json
+
+from pixart.checkpoint import load_into, read_state_dict, save_checkpoint, unwrap_state_dict
+from pixart.models import DiT
+from pixart.models.reparam import GLOBAL_INITS, dit_to_pixart, infer_dit_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert-dit",
+        help="DiT checkpoint -> reparameterized PixArt checkpoint folder",
+        description="Fold a class-conditional DiT into PixArt's adaLN-single form (PixArt-alpha section 2.3). "
+        "At the reference timestep the result reproduces the DiT's null-class output for any caption. "
+        "The architecture is read from the tensor shapes. Accepts a raw state dict, DiT's {'model', 'ema'} "
+        "training checkpoints (EMA weights are used) or a .safetensors file.",
+    )
+    p.add_argument("src", help="DiT checkpoint (.pt, .pth or .safetensors), e.g. DiT-XL-2-256x256.pt")
+    p.add_argument("--out", required=True, help="output checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: DiT's for S/B/L/XL widths)")
+    p.add_argument("--global-init", choices=GLOBAL_INITS, default="mean",
+                   help="init of the shared t_block: mean of the blocks' adaLN MLPs (default, least error over t), "
+                   "block 0's, or zero")
+    p.add_argument("--t-ref", type=int, default=500, help="timestep at which the modulation is exact (default 500)")
+    p.add_argument("--caption-channels", type=int, default=4096, help="text-encoder width (4096 for T5-XXL)")
+    p.add_argument("--max-length", type=int, default=120, help="caption tokens (120 in PixArt-alpha)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the new cross-attention and caption layers")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    state = unwrap_state_dict(read_state_dict(args.src), args.src)
+    dit = load_into(DiT(infer_dit_config(state, args.num_heads)), state, args.src)
+    pixart = dit_to_pixart(dit, global_init=args.global_init, t_ref=args.t_ref,
+                           caption_channels=args.caption_channels, model_max_length=args.max_length, seed=args.seed)
+    provenance = {"source": str(args.src), "global_init": args.global_init, "t_ref": args.t_ref, "seed": args.seed}
+    save_checkpoint(args.out, pixart.config, pixart.state_dict(),
+                    extra={"reparam.json": json.dumps(provenance, indent=2)})
+    print(f"wrote {args.out} ({pixart.config.depth} blocks, width {pixart.config.hidden_size})")

@@ -1,0 +1,40 @@
+"""`pixart export-diffusers`: a checkpoint folder -> a diffusers transformer or pipeline folder."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pixart.checkpoint import EMA_FILE, load_model
+from pixart.errors import PixArtError
+from pixart.export.diffusers import PipelineParts, export
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export-diffusers",
+        help="checkpoint folder -> diffusers PixArtTransformer2DModel / PixArtAlphaPipeline folder",
+        description="Write OUT/transformer, loadable with PixArtTransformer2DModel.from_pretrained(OUT, "
+        "subfolder='transformer'). With --text-encoder, --tokenizer and --vae it writes a whole "
+        "PixArtAlphaPipeline folder (DPM-Solver++ scheduler). OUT/null_caption.safetensors holds the model's "
+        "null caption; pass it as negative_prompt_embeds to sample as the official code does.",
+    )
+    p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors])")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="export the EMA weights (default: EMA when the checkpoint has them)")
+    p.add_argument("--text-encoder", help="T5 encoder path or hub id, e.g. DeepFloyd/t5-v1_1-xxl")
+    p.add_argument("--tokenizer", help="T5 tokenizer path or hub id (default: --text-encoder)")
+    p.add_argument("--vae", help="AutoencoderKL path or hub id, e.g. stabilityai/sd-vae-ft-ema")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    ema = args.ema if args.ema is not None else (Path(args.ckpt) / EMA_FILE).is_file()
+    parts = None
+    if args.text_encoder or args.vae or args.tokenizer:
+        if not (args.text_encoder and args.vae):
+            raise PixArtError("a pipeline export needs both --text-encoder and --vae (and optionally --tokenizer)")
+        parts = PipelineParts(args.text_encoder, args.tokenizer or args.text_encoder, args.vae)
+    export(load_model(args.ckpt, ema=ema).eval(), args.out, parts)
+    kind = "pipeline" if parts else "transformer"
+    print(f"wrote diffusers {kind} to {args.out} ({'EMA' if ema else 'model'} weights)")

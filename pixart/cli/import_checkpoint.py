@@ -1,0 +1,32 @@
+"""`pixart import`: a diffusers PixArt folder or an official PixArt-alpha .pth -> our checkpoint folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pixart.checkpoint import save_checkpoint
+from pixart.export.diffusers import import_diffusers
+from pixart.export.official import import_official
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "import",
+        help="diffusers PixArt folder or official PixArt-alpha .pth -> checkpoint folder",
+        description="Bring foreign PixArt weights into our checkpoint format (config.json + model.safetensors). "
+        "A folder is read as a diffusers PixArtTransformer2DModel (or a pipeline folder holding transformer/); "
+        "a file as an official PixArt-alpha checkpoint such as PixArt-XL-2-1024-MS.pth.",
+    )
+    p.add_argument("src", help="diffusers folder, or official .pth/.safetensors file")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--num-heads", type=int, help="attention heads of an official file (default: by width)")
+    p.add_argument("--input-size", type=int, help="latent side of an official file without pos_embed")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    if Path(args.src).is_dir():
+        model = import_diffusers(args.src)
+    else:
+        model = import_official(args.src, args.num_heads, args.input_size)
+    save_checkpoint(args.out, model.config, model.state_dict())
+    print(f"wrote {args.out}")

@@ -1,0 +1,35 @@
+"""The `pixart` command: one entry point, one module per subcommand."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pixart.cli import convert_dit, demo, export_diffusers, import_checkpoint
+from pixart.errors import PixArtError
+
+COMMANDS = (convert_dit, import_checkpoint, export_diffusers, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixart",
+        description="Train, convert and export PixArt-alpha text-to-image diffusion transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except PixArtError as e:
+        print(f"pixart {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

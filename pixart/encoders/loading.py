@@ -1,0 +1,44 @@
+"""Shared plumbing for loading frozen pretrained parts: path checks, dtypes, one-line errors."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Same shape the hub accepts: "name" or "org/name", word chars plus "." and "-".
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+class EncoderLoadError(ValueError):
+    """A frozen encoder could not be loaded; the message is one line and names the source."""
+
+
+def is_hub_id(path: str) -> bool:
+    """True for strings that could name a hub repo (and so may be fetched or found in the cache)."""
+    s = str(path)
+    return bool(_HUB_ID.match(s)) and ".." not in s and "--" not in s and not s.startswith((".", "-"))
+
+
+def check_source(path: str | os.PathLike, what: str) -> str:
+    """Fail early and clearly when `path` is neither an existing local dir nor a hub id."""
+    s = os.fspath(path)
+    if Path(s).exists() or is_hub_id(s):
+        return s
+    raise EncoderLoadError(f"{what}: '{s}' does not exist locally and is not a hub id (org/name)")
+
+
+def load_error(what: str, path: str, subfolder: str | None, err: BaseException) -> EncoderLoadError:
+    """Wrap any loader exception as a one-line EncoderLoadError naming the source (hub ids fail this way offline)."""
+    where = f"'{path}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    first = next((l.strip() for l in str(err).splitlines() if l.strip()), "")
+    return EncoderLoadError(f"{what}: failed to load from {where}: {type(err).__name__}: {first}")
+
+
+def resolve_dtype(name: str, allowed: tuple[str, ...], what: str) -> torch.dtype:
+    """Map 'fp32'/'bf16'/'fp16' to torch dtypes, refusing names this component does not support."""
+    if name not in allowed:
+        raise ValueError(f"{what}: dtype {name!r} not supported; use one of {allowed}")
+    return DTYPES[name]

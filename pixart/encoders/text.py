@@ -1,0 +1,95 @@
+"""Frozen T5 text encoder (PixArt-alpha: T5-v1.1-XXL, 120 tokens) loaded by path or hub id."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoConfig, AutoTokenizer, T5Config, T5EncoderModel
+
+from .captions import clean_caption
+from .loading import EncoderLoadError, check_source, load_error, resolve_dtype
+
+__all__ = ["TextEncoderConfig", "TextEncoder", "clean_caption", "EncoderLoadError"]
+
+# transformers >= 4.56 renamed from_pretrained(torch_dtype=) to dtype= (v5 warns on the old name).
+_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+@dataclass
+class TextEncoderConfig:
+    """Where/how to load T5. `subfolder` serves full pipeline repos ("text_encoder"); the tokenizer
+    defaults to the same place, or `tokenizer_path`/`tokenizer_subfolder` (e.g. "tokenizer")."""
+    path: str
+    subfolder: str | None = None
+    tokenizer_path: str | None = None
+    tokenizer_subfolder: str | None = None
+    max_length: int = 120
+    dtype: str = "bf16"
+    device: str = "cpu"
+    clean: bool = True  # apply clean_caption before tokenizing, as PixArt's T5Embedder does
+    local_files_only: bool = False  # True: never touch the network (offline clusters, tests)
+
+    def __post_init__(self) -> None:
+        if self.dtype == "fp16":
+            raise ValueError("T5 text encoder: dtype 'fp16' is refused because T5 activations overflow "
+                             "in float16 (inf/NaN features); use 'bf16' or 'fp32'")
+        resolve_dtype(self.dtype, ("bf16", "fp32"), "T5 text encoder")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+
+class TextEncoder:
+    """Frozen T5 encoder + tokenizer; captions -> (features (B, L, D), mask (B, L))."""
+
+    def __init__(self, config: TextEncoderConfig):
+        self.config = c = config
+        self.dtype = resolve_dtype(c.dtype, ("bf16", "fp32"), "T5 text encoder")
+        src = check_source(c.path, "T5 text encoder")
+        tok_src = check_source(c.tokenizer_path or c.path, "T5 tokenizer")
+        tok_sub = c.tokenizer_subfolder if (c.tokenizer_path or c.tokenizer_subfolder) else c.subfolder
+        try:
+            cfg = AutoConfig.from_pretrained(src, subfolder=c.subfolder or "", local_files_only=c.local_files_only)
+            if not isinstance(cfg, T5Config):
+                raise TypeError(f"config model_type is {cfg.model_type!r}, expected 't5'")
+            self.model = T5EncoderModel.from_pretrained(
+                src, config=cfg, subfolder=c.subfolder or "", local_files_only=c.local_files_only,
+                **{_DTYPE_KW: self.dtype})
+        except Exception as e:
+            raise load_error("T5 text encoder", src, c.subfolder, e) from e
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                tok_src, subfolder=tok_sub or "", local_files_only=c.local_files_only)
+        except Exception as e:
+            raise load_error("T5 tokenizer", tok_src, tok_sub, e) from e
+        self.model.to(c.device).eval().requires_grad_(False)
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def dim(self) -> int:
+        """Feature width D (4096 for T5-XXL): the DiT caption projection's input size."""
+        return self.model.config.d_model
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both (B, max_length): pad to max length, truncate, eos kept."""
+        if isinstance(captions, str):
+            captions = [captions]
+        texts = [clean_caption(t) for t in captions] if self.config.clean else list(captions)
+        out = self.tokenizer(texts, max_length=self.config.max_length, padding="max_length",
+                             truncation=True, add_special_tokens=True, return_tensors="pt")
+        return out.input_ids, out.attention_mask.long()
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, L, D) in the configured dtype and mask (B, L) long, on the configured device."""
+        ids, mask = self.tokenize(captions)
+        ids, mask = ids.to(self.config.device), mask.to(self.config.device)
+        feats = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return feats.to(self.dtype), mask
+
+    def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features/mask (1, L, D)/(1, L) of "" (diffusers' negative prompt for PixArt); cached."""
+        if self._empty is None:
+            self._empty = self.encode([""])
+        return self._empty

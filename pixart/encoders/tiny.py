@@ -1,0 +1,74 @@
+"""Tiny stand-ins for T5 and the SD VAE, built from the real classes and saved with
+`save_pretrained`, so tests and the toy demo go through exactly the production loading code."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+__all__ = ["make_tiny_t5", "make_tiny_vae", "TINY_VAE_DOWNSAMPLE"]
+
+TINY_VAE_DOWNSAMPLE = 2  # 2 down blocks -> H/2 x W/2 latents (the SD VAE uses 4 blocks -> 8x)
+
+_CORPUS = [
+    "a photo of a cat sitting on a red chair", "an astronaut riding a horse on the moon",
+    "a watercolor painting of a small house by the lake", "two dogs playing in the snow at night",
+    "a close up of a bowl of fruit on a wooden table", "the city skyline at sunset, digital art",
+    "a portrait of an old man with a grey beard", "green hills under a blue sky with white clouds",
+]
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(_CORPUS, trainers.UnigramTrainer(
+        vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-&")))  # few <unk>s
+    # Run to run, the trainer's float sums wobble and its fallback pieces (near-equal scores at
+    # the bottom) come in hash-map order: round, flatten that bottom block, break ties by piece.
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    floor = min(s for _, s in vocab[3:])
+    pieces = sorted(((p, round(floor if s < floor + 0.01 else s, 3)) for p, s in vocab[3:]),
+                    key=lambda ps: (-ps[1], ps[0]))
+    tok.model = models.Unigram([tuple(ps) for ps in vocab[:3]] + pieces, unk_id=2)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=512)
+
+
+def make_tiny_t5(out_dir: str | os.PathLike, d_model: int = 32, seed: int = 0,
+                 num_layers: int = 2, num_heads: int = 4) -> Path:
+    """Save a tiny T5-v1.1-style encoder (gated-gelu, untied) and its tokenizer into `out_dir`."""
+    out = Path(out_dir)
+    tokenizer = _tiny_tokenizer()
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
+                   num_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=8,
+                   relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(cfg)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_tiny_vae(out_dir: str | os.PathLike, seed: int = 0, scaling_factor: float = 0.18215) -> Path:
+    """Save a tiny AutoencoderKL (3 -> 4 latent channels, TINY_VAE_DOWNSAMPLE x) into `out_dir`."""
+    out = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=scaling_factor)
+    vae.save_pretrained(out)
+    return out

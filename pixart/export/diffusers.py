@@ -1,0 +1,152 @@
+"""Our PixArt <-> diffusers' `PixArtTransformer2DModel` and `PixArtAlphaPipeline` folders.
+
+The null caption. Our models are trained with PixArt's fixed null-caption buffer as
+the unconditional input, while diffusers' pipeline uses T5("") as its default
+negative prompt. The export writes the buffer to `null_caption.safetensors` next to
+the components; `load_null_caption` reads it so a pipeline call can pass it as
+`negative_prompt_embeds` and reproduce the official sampler. Without it the
+pipeline's T5("") default still works, but is a condition the model was never
+trained on as "unconditional".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pixart.atomic import atomic_dir
+from pixart.checkpoint import load_into
+from pixart.errors import PixArtError
+from pixart.export.keymap import from_diffusers, to_diffusers
+from pixart.models import ModelConfig, PixArt
+
+NULL_CAPTION_FILE = "null_caption.safetensors"
+
+
+def diffusers_config(config: ModelConfig) -> dict:
+    if config.arch != "pixart":
+        raise PixArtError("export: only PixArt models export to diffusers (this checkpoint is a DiT)")
+    if config.mlp_ratio != 4:
+        raise PixArtError(f"export: diffusers' PixArt blocks have mlp ratio 4, this model has {config.mlp_ratio}")
+    scale = config.pe_interpolation
+    return dict(
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.hidden_size // config.num_heads,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_layers=config.depth,
+        cross_attention_dim=config.hidden_size,
+        attention_bias=True,
+        sample_size=config.input_size,
+        patch_size=config.patch_size,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        # Written explicitly: diffusers would otherwise guess both from sample_size.
+        interpolation_scale=int(scale) if float(scale).is_integer() else scale,
+        use_additional_conditions=config.micro_conditions,
+        caption_channels=config.caption_channels,
+    )
+
+
+def to_diffusers_transformer(model: PixArt):
+    from diffusers import PixArtTransformer2DModel
+
+    transformer = PixArtTransformer2DModel(**diffusers_config(model.config))
+    transformer.load_state_dict(to_diffusers(model.state_dict()), strict=True)
+    return transformer.eval()
+
+
+def config_from_diffusers(dconfig: dict) -> ModelConfig:
+    if dconfig.get("norm_type", "ada_norm_single") != "ada_norm_single":
+        raise PixArtError(f"import: norm_type {dconfig['norm_type']!r} is not PixArt's adaLN-single")
+    heads, head_dim = dconfig["num_attention_heads"], dconfig["attention_head_dim"]
+    sample_size = dconfig["sample_size"]
+    use_extra = dconfig.get("use_additional_conditions")
+    scale = dconfig.get("interpolation_scale")
+    in_channels = dconfig["in_channels"]
+    out_channels = dconfig.get("out_channels") or in_channels
+    return ModelConfig(
+        arch="pixart", input_size=sample_size, patch_size=dconfig["patch_size"], in_channels=in_channels,
+        hidden_size=heads * head_dim, depth=dconfig["num_layers"], num_heads=heads,
+        learn_sigma=out_channels == 2 * in_channels, caption_channels=dconfig["caption_channels"],
+        # diffusers' own defaults when the config leaves these out:
+        micro_conditions=(sample_size == 128) if use_extra is None else bool(use_extra),
+        pe_interpolation=float(scale if scale is not None else max(sample_size // 64, 1)),
+    )
+
+
+@dataclass
+class PipelineParts:
+    """Paths (or hub ids) of the frozen parts a full pipeline folder needs."""
+
+    text_encoder: str
+    tokenizer: str
+    vae: str
+
+
+def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None) -> Path:
+    """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically."""
+    transformer = to_diffusers_transformer(model)
+    null = {"y_embedding": model.y_embedder.y_embedding.detach().float().contiguous()}
+    if parts is not None:
+        from diffusers import AutoencoderKL, PixArtAlphaPipeline
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        try:
+            text_encoder = T5EncoderModel.from_pretrained(parts.text_encoder)
+            tokenizer = AutoTokenizer.from_pretrained(parts.tokenizer)
+            vae = AutoencoderKL.from_pretrained(parts.vae)
+        except (OSError, ValueError) as e:
+            raise PixArtError(f"export: cannot load a pipeline part ({str(e).splitlines()[0]})") from None
+        if text_encoder.config.d_model != model.config.caption_channels:
+            raise PixArtError(
+                f"export: text encoder {parts.text_encoder} has width {text_encoder.config.d_model}, "
+                f"the model expects caption_channels={model.config.caption_channels}"
+            )
+        if scheduler is None:
+            from pixart.diffusion import NoiseSchedule, make_scheduler
+
+            scheduler = make_scheduler("dpm-solver++", NoiseSchedule.linear())
+        pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                       transformer=transformer, scheduler=scheduler)
+    with atomic_dir(out) as tmp:
+        if parts is None:
+            transformer.save_pretrained(tmp / "transformer")
+        else:
+            pipeline.save_pretrained(tmp)
+        save_file(null, tmp / NULL_CAPTION_FILE)
+    return Path(out)
+
+
+def load_null_caption(folder: str | Path) -> torch.Tensor | None:
+    path = Path(folder) / NULL_CAPTION_FILE
+    return load_file(path)["y_embedding"] if path.is_file() else None
+
+
+def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
+    """A diffusers transformer folder (or a pipeline folder holding `transformer/`) -> our PixArt.
+
+    diffusers keeps no null caption: ours comes from `null_caption.safetensors` when
+    the folder was exported by us, else it is freshly initialised from `seed`.
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    folder = Path(folder)
+    root = folder if (folder / "config.json").is_file() else folder / "transformer"
+    if not (root / "config.json").is_file():
+        raise PixArtError(f"{folder}: not a diffusers PixArt folder (no config.json or transformer/config.json)")
+    try:
+        transformer = PixArtTransformer2DModel.from_pretrained(root)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PixArtError(f"{root}: cannot load ({str(e).splitlines()[0]})") from None
+    torch.manual_seed(seed)
+    model = PixArt(config_from_diffusers(dict(transformer.config)))
+    state = from_diffusers(transformer.state_dict())
+    null = load_null_caption(root.parent)  # we write it beside `transformer/`
+    state["y_embedder.y_embedding"] = null if null is not None else model.y_embedder.y_embedding
+    return load_into(model, state, str(root))

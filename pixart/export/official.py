@@ -1,0 +1,47 @@
+"""Official PixArt-alpha `.pth` files (`{'state_dict': ...}`) -> our PixArt.
+
+Our parameter names are the official ones, so this is a shape reading plus a
+strict load; the only official extra is the fixed `pos_embed`, which we derive.
+"""
+from __future__ import annotations
+
+from pixart.checkpoint import load_into, read_state_dict, unwrap_state_dict
+from pixart.errors import PixArtError
+from pixart.models import ModelConfig, PixArt
+from pixart.models.reparam import DEFAULT_HEADS
+
+
+def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: int | None = None) -> ModelConfig:
+    try:
+        patch_w = state["x_embedder.proj.weight"]
+        hidden, in_channels, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[2]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+        max_length, caption_channels = state["y_embedder.y_embedding"].shape
+        mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+        state["t_block.1.weight"]
+    except (KeyError, ValueError) as e:
+        raise PixArtError(f"not a PixArt state dict (missing {e})") from None
+    micro = "csize_embedder.mlp.0.weight" in state
+    if input_size is None:
+        if "pos_embed" in state:  # official files keep the buffer for their training resolution
+            input_size = round(state["pos_embed"].shape[1] ** 0.5) * patch
+        else:
+            input_size = 128 if micro else 32
+    if num_heads is None:
+        if hidden not in DEFAULT_HEADS:
+            raise PixArtError(f"hidden size {hidden} is not a standard size; pass --num-heads")
+        num_heads = DEFAULT_HEADS[hidden]
+    return ModelConfig(
+        arch="pixart", input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, learn_sigma=out_channels == 2 * in_channels,
+        caption_channels=caption_channels, model_max_length=max_length, micro_conditions=micro,
+        # the official configs' lewei_scale: 1 up to 512 px, 2 at 1024 px
+        pe_interpolation=float(max(input_size // 64, 1)),
+    )
+
+
+def import_official(path: str, num_heads: int | None = None, input_size: int | None = None) -> PixArt:
+    state = unwrap_state_dict(read_state_dict(path), path, prefer_ema=False)
+    state.pop("pos_embed", None)
+    return load_into(PixArt(infer_pixart_config(state, num_heads, input_size)), state, path)

@@ -1,0 +1,75 @@
+"""The architecture of one network, as a typed record that `config.json` stores.
+
+A checkpoint folder must rebuild its model with no other file, so everything
+that shapes a parameter lives here, and nothing else does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from pixart.errors import PixArtError
+
+Arch = Literal["pixart", "dit"]
+AttnBackend = Literal["sdpa", "xformers"]
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "pixart"
+    input_size: int = 32  # latent side the positional embedding is built for
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    # PixArt only
+    caption_channels: int = 4096
+    model_max_length: int = 120
+    micro_conditions: bool = False  # PixArtMS: image size and aspect ratio embedders
+    pe_interpolation: float = 1.0  # PixArt's `lewei_scale`, diffusers' `interpolation_scale`
+    # DiT only
+    num_classes: int = 1000
+    # both: probability of dropping the condition in training (CFG)
+    class_dropout_prob: float = 0.1
+    attn_backend: AttnBackend = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("pixart", "dit"):
+            raise PixArtError(f"model config: arch must be 'pixart' or 'dit', got {self.arch!r}")
+        if self.hidden_size % self.num_heads:
+            raise PixArtError(
+                f"model config: num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}"
+            )
+        if self.input_size % self.patch_size:
+            raise PixArtError(
+                f"model config: patch_size={self.patch_size} does not divide input_size={self.input_size}"
+            )
+        if self.micro_conditions and self.hidden_size % 3:
+            raise PixArtError(
+                f"model config: micro_conditions need hidden_size divisible by 3, got {self.hidden_size}"
+            )
+        if self.attn_backend not in ("sdpa", "xformers"):
+            raise PixArtError(f"model config: attn_backend must be 'sdpa' or 'xformers', got {self.attn_backend!r}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "model config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PixArtError(f"{source}: unknown key {unknown[0]!r}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,132 @@
+"""TextEncoder on a tiny T5 saved locally: the same loading path as T5-v1.1-XXL."""
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, T5EncoderModel
+
+from pixart.encoders import EncoderLoadError, TextEncoder, TextEncoderConfig, clean_caption, make_tiny_t5
+
+D = 32
+CAPS = ["a cat sitting on a red chair", "An astronaut riding a horse on the moon, digital art", ""]
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return make_tiny_t5(tmp_path_factory.mktemp("t5"), d_model=D, seed=0)
+
+
+@pytest.fixture(scope="module")
+def enc32(t5_dir):
+    return TextEncoder(TextEncoderConfig(str(t5_dir), dtype="fp32"))
+
+
+def test_tiny_t5_loads_with_plain_transformers(t5_dir):
+    model, tok = T5EncoderModel.from_pretrained(t5_dir), AutoTokenizer.from_pretrained(t5_dir)
+    assert model.config.d_model == D and tok.pad_token_id == 0 and tok.eos_token_id == 1
+    assert tok("a cat").input_ids[-1] == 1  # eos appended, like T5
+    assert tok.unk_token_id not in tok("a zebra quiz, 42 x's!").input_ids  # whole alphabet covered
+
+
+def test_tiny_t5_is_deterministic(t5_dir, tmp_path):
+    other = make_tiny_t5(tmp_path / "again", d_model=D, seed=0)
+    a, b = T5EncoderModel.from_pretrained(t5_dir), T5EncoderModel.from_pretrained(other)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((t5_dir / "tokenizer.json").read_text())["model"] == \
+        json.loads((other / "tokenizer.json").read_text())["model"]
+
+
+def test_encode_shapes_mask_and_padding(enc32):
+    feats, mask = enc32.encode(CAPS)
+    assert feats.shape == (3, 120, D) and feats.dtype == torch.float32
+    assert mask.shape == (3, 120) and mask.dtype == torch.long
+    lengths = [len(enc32.tokenizer(clean_caption(c)).input_ids) for c in CAPS]
+    assert mask.sum(1).tolist() == lengths and lengths[2] == 1  # "" -> just </s>
+    ids, _ = enc32.tokenize(CAPS)
+    for row, n in zip(ids, lengths):
+        assert row[n - 1] == 1 and (row[n:] == 0).all()  # eos then pad id 0
+    assert mask[0, : lengths[0]].all() and not mask[0, lengths[0]:].any()
+
+
+def test_truncation_keeps_eos(t5_dir):
+    enc = TextEncoder(TextEncoderConfig(str(t5_dir), dtype="fp32", max_length=8))
+    ids, mask = enc.tokenize(["a photo of a cat sitting on a red chair by the lake at night"])
+    assert ids.shape == (1, 8) and mask.sum() == 8 and ids[0, -1] == 1
+
+
+def test_bf16_close_to_fp32(t5_dir, enc32):
+    enc16 = TextEncoder(TextEncoderConfig(str(t5_dir), dtype="bf16"))
+    f16, m16 = enc16.encode(CAPS)
+    f32, m32 = enc32.encode(CAPS)
+    assert f16.dtype == torch.bfloat16 and torch.equal(m16, m32)
+    torch.testing.assert_close(f16.float(), f32, atol=5e-2, rtol=5e-2)
+
+
+def test_empty_caption_matches_encode_and_is_cached(enc32):
+    feats, mask = enc32.empty_caption()
+    assert feats.shape == (1, 120, D) and mask.sum() == 1
+    torch.testing.assert_close(feats, enc32.encode([""])[0])
+    assert enc32.empty_caption()[0] is feats
+
+
+def test_fp16_refused():
+    with pytest.raises(ValueError, match="fp16"):
+        TextEncoderConfig("whatever", dtype="fp16")
+    with pytest.raises(ValueError, match="dtype"):
+        TextEncoderConfig("whatever", dtype="int8")
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "does" / "not" / "exist", lambda p: "./no/such/dir"])
+def test_missing_path_one_line_error(tmp_path, make):
+    path = str(make(tmp_path))
+    with pytest.raises(EncoderLoadError) as ei:
+        TextEncoder(TextEncoderConfig(path))
+    assert path in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_dir_without_config_and_offline_hub_id(tmp_path):
+    with pytest.raises(EncoderLoadError, match="config.json|failed to load") as ei:
+        TextEncoder(TextEncoderConfig(str(tmp_path)))
+    assert str(tmp_path) in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(EncoderLoadError, match="no-such-org/no-such-t5"):
+        TextEncoder(TextEncoderConfig("no-such-org/no-such-t5", local_files_only=True))
+
+
+def test_wrong_model_type_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(EncoderLoadError, match="bert"):
+        TextEncoder(TextEncoderConfig(str(tmp_path)))
+
+
+def test_pipeline_layout_with_subfolders(tmp_path, t5_dir):
+    make_tiny_t5(tmp_path / "text_encoder", d_model=D)
+    AutoTokenizer.from_pretrained(t5_dir).save_pretrained(tmp_path / "tokenizer")
+    enc = TextEncoder(TextEncoderConfig(str(tmp_path), subfolder="text_encoder",
+                                        tokenizer_subfolder="tokenizer", dtype="fp32"))
+    assert enc.dim == D and enc.encode(["a cat"])[0].shape == (1, 120, D)
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("A photo of a CAT", "a photo of a cat"),
+    ("see https://foo.com/x?y=1 and www.bar.org now", "see and now"),
+    ("shop at example.com/sale today", "shop at today"),
+    ("A <b>Red</b> cat &amp; dog", "a red cat & dog"),
+    ("caption&lt;br&gt;next", "caption next"),
+    ("photo by @john_doe   on\n\tunsplash!!!", "photo by on unsplash!"),
+    ('"Hello World"', "hello world"),
+    ("\u201cquoted\u201d -- text...", '"quoted" - text'),
+    ('"a" and "b"', '"a" and "b"'),
+    ("'a cat on a mat'", "a cat on a mat"),
+    ('a "cat on a mat', "a cat on a mat"),
+    ("img_001.JPG 1920x1080 a   view", "a view"),
+    ("it's a dog's life", "it's a dog's life"),
+    ("!!!", ""),
+])
+def test_clean_caption(raw, want):
+    assert clean_caption(raw) == want
+
+
+def test_encode_applies_cleaning(enc32):
+    a, _ = enc32.encode(["A CAT <i>on</i> a chair http://x.com/y"])
+    b, _ = enc32.encode(["a cat on a chair"])
+    torch.testing.assert_close(a, b)

@@ -1,0 +1,92 @@
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel
+
+from conftest import perturb_
+from pixart.errors import PixArtError
+from pixart.export.diffusers import export, import_diffusers, load_null_caption
+from pixart.export.keymap import from_diffusers, to_diffusers
+from pixart.models import build_model
+
+CAP = 32
+
+
+def tiny(name, **kw):
+    return perturb_(build_model(name, depth=2, caption_channels=CAP, **kw)).eval()
+
+
+def diffusers_forward(transformer, x, t, y, mask, info=None):
+    added = None if info is None else {"resolution": info["img_hw"], "aspect_ratio": info["aspect_ratio"]}
+    return transformer(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,
+                       added_cond_kwargs=added, return_dict=False)[0]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+CASES = [  # (model, input_size, pe_interpolation, latent H x W fed in)
+    ("PixArt-S/2", 8, 1.0, (8, 8)),
+    ("PixArt-S/2", 16, 1.0, (16, 24)),
+    ("PixArtMS-S/2", 16, 1.0, (16, 16)),
+    ("PixArtMS-S/2", 16, 2.0, (12, 20)),
+]
+
+
+@pytest.mark.parametrize("name,size,scale,hw", CASES)
+def test_exported_transformer_matches_ours(tmp_path, name, size, scale, hw):
+    model = tiny(name, input_size=size, pe_interpolation=scale)
+    export(model, tmp_path / "out")
+    transformer = PixArtTransformer2DModel.from_pretrained(tmp_path / "out", subfolder="transformer").eval()
+    assert transformer.config.interpolation_scale == scale
+    assert transformer.config.use_additional_conditions == model.config.micro_conditions
+    x, t = torch.randn(2, 4, *hw), torch.tensor([10, 900])
+    y, mask = torch.randn(2, 12, CAP), torch.ones(2, 12)
+    mask[0, 5:] = 0
+    info = None
+    if model.config.micro_conditions:
+        info = dict(img_hw=torch.tensor([[hw[0] * 8.0, hw[1] * 8.0]] * 2), aspect_ratio=torch.tensor([[hw[0] / hw[1]]] * 2))
+    with torch.no_grad():
+        ours = model(x, t, y, mask, data_info=info)
+        theirs = diffusers_forward(transformer, x, t, y, mask, info)
+    assert rel_err(ours, theirs) <= 1e-5
+    torch.testing.assert_close(load_null_caption(tmp_path / "out"), model.y_embedder.y_embedding)
+
+
+def test_key_mapping_round_trips():
+    state = tiny("PixArtMS-S/2", input_size=8).state_dict()
+    back = from_diffusers(to_diffusers(state))
+    assert set(back) == set(state) - {"y_embedder.y_embedding"}
+    for k, v in back.items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_import_of_our_export_gives_back_the_same_model(tmp_path):
+    model = tiny("PixArtMS-S/2", input_size=16, pe_interpolation=2.0)
+    export(model, tmp_path / "out")
+    for folder in (tmp_path / "out", tmp_path / "out" / "transformer"):
+        again = import_diffusers(folder)
+        assert again.config == model.config
+        for k, v in model.state_dict().items():
+            assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_import_of_a_plain_diffusers_folder(tmp_path):
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=1, cross_attention_dim=16, sample_size=8, caption_channels=CAP)
+    transformer.save_pretrained(tmp_path / "t")
+    model = import_diffusers(tmp_path / "t").eval()
+    assert (model.config.hidden_size, model.config.micro_conditions, model.config.pe_interpolation) == (16, False, 1.0)
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 4, CAP)
+    with torch.no_grad():
+        assert rel_err(model(x, t, y), diffusers_forward(transformer.eval(), x, t, y, torch.ones(1, 4))) <= 1e-5
+
+
+def test_export_refuses_what_diffusers_cannot_hold(tmp_path):
+    with pytest.raises(PixArtError, match="DiT"):
+        export(build_model("DiT-S/2", depth=1, input_size=8), tmp_path / "o")
+    with pytest.raises(PixArtError, match="mlp ratio 4"):
+        export(build_model("PixArt-S/2", depth=1, input_size=8, mlp_ratio=2.0), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(PixArtError, match="not a diffusers PixArt folder"):
+        import_diffusers(tmp_path)

@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from conftest import perturb_
+from pixart.errors import PixArtError
+from pixart.models import MODEL_NAMES, build_model, model_config
+from pixart.models.layers import sincos_pos_embed
+
+CAP = 32
+
+
+def tiny(name="PixArt-S/2", **kw):
+    kw = dict(dict(input_size=8, depth=2, caption_channels=CAP, model_max_length=120), **kw)
+    if name.startswith("DiT"):
+        kw = {k: v for k, v in kw.items() if k not in ("caption_channels", "model_max_length")} | {"num_classes": 10}
+    return perturb_(build_model(name, **kw)).eval()
+
+
+@pytest.mark.parametrize("name,total,trainable", [
+    ("PixArt-XL/2", 610_856_096, 610_856_096),
+    ("PixArtMS-XL/2", 611_349_152, 611_349_152),
+    ("DiT-XL/2", 675_129_632, 674_834_720),
+])
+def test_parameter_counts_match_the_paper_models(name, total, trainable):
+    with torch.device("meta"):
+        model = build_model(name)
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+def test_all_names_build_and_overrides_apply():
+    assert len(MODEL_NAMES) == 36
+    cfg = model_config("PixArt-B/4", input_size=16, caption_channels=64)
+    assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size) == (12, 768, 12, 4)
+    assert (cfg.input_size, cfg.caption_channels) == (16, 64)
+    assert model_config("PixArtMS-XL/2").micro_conditions
+
+
+@pytest.mark.parametrize("name,message", [
+    ("PixArt-XXL/2", "unknown model name 'PixArt-XXL/2'"),
+    ("Foo", "unknown model name 'Foo'"),
+])
+def test_unknown_names_are_one_clear_error(name, message):
+    with pytest.raises(PixArtError, match=message):
+        build_model(name)
+
+
+def test_bad_overrides_are_clear_errors():
+    with pytest.raises(PixArtError, match="unknown override 'depht'"):
+        build_model("PixArt-S/2", depht=3)
+    with pytest.raises(PixArtError, match="num_heads=5 does not divide hidden_size=384"):
+        build_model("PixArt-S/2", num_heads=5)
+
+
+def test_dit_state_dict_has_the_official_keys():
+    keys = set(build_model("DiT-S/2", depth=1, input_size=8).state_dict())
+    official = {  # facebookresearch/DiT models.py, depth 1
+        "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias",
+        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
+        "blocks.0.adaLN_modulation.1.weight", "blocks.0.adaLN_modulation.1.bias",
+        "final_layer.linear.weight", "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+    }
+    assert keys == official
+
+
+def test_pos_embed_matches_diffusers_for_square_and_non_square_grids():
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    for (h, w), base, scale in [((8, 8), 8, 1.0), ((6, 10), 8, 1.0), ((16, 12), 8, 2.0)]:
+        ref = get_2d_sincos_pos_embed(64, (h, w), base_size=base, interpolation_scale=scale, output_type="pt")
+        torch.testing.assert_close(sincos_pos_embed(64, h, w, base, scale), ref.float(), rtol=0, atol=1e-6)
+
+
+def test_forward_shapes_and_learned_sigma():
+    model = tiny()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 999])
+    assert model(x, t, torch.randn(2, 7, CAP)).shape == (2, 8, 8, 8)
+    assert tiny(learn_sigma=False)(x, t, torch.randn(2, 7, CAP)).shape == (2, 4, 8, 8)
+    # other resolutions work too: positions are rebuilt by PixArt's base_size rule
+    assert model(torch.randn(2, 4, 12, 8), t, torch.randn(2, 7, CAP)).shape == (2, 8, 12, 8)
+
+
+@pytest.mark.parametrize("backend_name", ["PixArt-S/2", "PixArtMS-S/2"])
+def test_padding_tokens_do_not_change_the_output(backend_name):
+    model = tiny(backend_name)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    info = dict(img_hw=torch.tensor([[64.0, 64.0]] * 2), aspect_ratio=torch.tensor([[1.0]] * 2))
+    caption = torch.randn(2, 20, CAP)
+    mask20 = torch.zeros(2, 20)
+    mask20[0, :5], mask20[1, :20] = 1, 1
+    padded = torch.cat([caption, torch.randn(2, 100, CAP) * 50], dim=1)  # garbage in the padding
+    mask120 = torch.cat([mask20, torch.zeros(2, 100)], dim=1)
+    out20 = model(x, t, caption, mask20, data_info=info)
+    out120 = model(x, t, padded, mask120, data_info=info)
+    torch.testing.assert_close(out20, out120, rtol=1e-5, atol=1e-6)
+    # and the caption does matter where it is not padding
+    other = caption.clone()
+    other[0, :5] += 1
+    assert not torch.allclose(model(x, t, other, mask20, data_info=info), out20)
+
+
+def test_pixart_ms_uses_size_and_aspect_micro_conditions():
+    model = tiny("PixArtMS-S/2")
+    x, t, y = torch.randn(1, 4, 8, 12), torch.tensor([10]), torch.randn(1, 4, CAP)
+    a = model(x, t, y, data_info=dict(img_hw=torch.tensor([[64.0, 96.0]]), aspect_ratio=torch.tensor([[1.5]])))
+    b = model(x, t, y, data_info=dict(img_hw=torch.tensor([[96.0, 64.0]]), aspect_ratio=torch.tensor([[0.67]])))
+    assert a.shape == (1, 8, 8, 12) and not torch.allclose(a, b)
+    with pytest.raises(PixArtError, match="data_info"):
+        model(x, t, y)
+
+
+def test_dropped_captions_use_the_whole_null_caption():
+    model = tiny()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 5])
+    short = torch.randn(2, 6, CAP)
+    dropped = model(x, t, short, torch.ones(2, 6), force_drop_ids=torch.tensor([1, 0]))
+    null = model.y_embedder.y_embedding[None]
+    torch.testing.assert_close(dropped[:1], model(x[:1], t[:1], null), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dropped[1:], model(x[1:], t[1:], short[1:]), rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_drops_captions_with_the_configured_probability():
+    model = tiny(class_dropout_prob=0.5).train()
+    y, mask = torch.randn(1000, 3, CAP), torch.ones(1000, 3, dtype=torch.bool)
+    _, new_mask = model.y_embedder(y, mask, train=True)
+    dropped = new_mask.sum(1) == 120
+    assert 400 < dropped.sum() < 600
+
+
+@pytest.mark.parametrize("name", ["PixArt-S/2", "DiT-S/2"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    model = tiny(name).train()
+    model.config.class_dropout_prob = 0.0
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    cond = torch.randn(2, 5, CAP) if name.startswith("PixArt") else torch.tensor([1, 2])
+
+    def grads(checkpointing):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        model(x, t, cond, force_drop_ids=torch.zeros(2)).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b)
+
+
+def test_xformers_is_never_a_silent_fallback():
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(PixArtError, match="xformers is not installed"):
+            build_model("PixArt-S/2", depth=1, attn_backend="xformers")
+    else:
+        a = tiny(attn_backend="xformers")
+        b = tiny()
+        b.load_state_dict(a.state_dict())
+        x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 5, CAP)
+        torch.testing.assert_close(a(x, t, y), b(x, t, y), rtol=1e-4, atol=1e-5)
+
+
+def test_dit_forward_and_null_class():
+    model = tiny("DiT-S/2")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    out = model(x, t, torch.tensor([3, 10]))
+    assert out.shape == (2, 8, 8, 8)
+    torch.testing.assert_close(model(x, t, torch.tensor([3, 4]), force_drop_ids=torch.tensor([0, 1]))[1], out[1])
