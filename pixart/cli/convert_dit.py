@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 
-from pixart.checkpoint import load_into, read_state_dict, save_checkpoint, unwrap_state_dict
-from pixart.models import DiT
-from pixart.models.reparam import GLOBAL_INITS, dit_to_pixart, infer_dit_config
 
 
 def add_parser(sub) -> None:
@@ -20,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("src", help="DiT checkpoint (.pt, .pth or .safetensors), e.g. DiT-XL-2-256x256.pt")
     p.add_argument("--out", required=True, help="output checkpoint folder (config.json + model.safetensors)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: DiT's for S/B/L/XL widths)")
-    p.add_argument("--global-init", choices=GLOBAL_INITS, default="mean",
+    p.add_argument("--global-init", choices=("mean", "block0", "zero"), default="mean",
                    help="init of the shared t_block: mean of the blocks' adaLN MLPs (default, least error over t), "
                    "block 0's, or zero")
     p.add_argument("--t-ref", type=int, default=500, help="timestep at which the modulation is exact (default 500)")
@@ -31,6 +28,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    from pixart.checkpoint import load_into, read_state_dict, save_checkpoint, unwrap_state_dict
+    from pixart.models import DiT
+    from pixart.models.reparam import dit_to_pixart, infer_dit_config
+
     state = unwrap_state_dict(read_state_dict(args.src), args.src)
     dit = load_into(DiT(infer_dit_config(state, args.num_heads)), state, args.src)
     pixart = dit_to_pixart(dit, global_init=args.global_init, t_ref=args.t_ref,

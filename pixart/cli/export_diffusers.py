@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pixart.checkpoint import EMA_FILE, load_model
 from pixart.errors import PixArtError
-from pixart.export.diffusers import PipelineParts, export
 
 
 def add_parser(sub) -> None:
@@ -29,6 +27,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    from pixart.checkpoint import EMA_FILE, load_model
+    from pixart.export.diffusers import PipelineParts, export
+
     ema = args.ema if args.ema is not None else (Path(args.ckpt) / EMA_FILE).is_file()
     parts = None
     if args.text_encoder or args.vae or args.tokenizer:

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pixart.checkpoint import save_checkpoint
-from pixart.export.diffusers import import_diffusers
-from pixart.export.official import import_official
 
 
 def add_parser(sub) -> None:
@@ -24,6 +21,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    from pixart.checkpoint import save_checkpoint
+    from pixart.export.diffusers import import_diffusers
+    from pixart.export.official import import_official
+
     if Path(args.src).is_dir():
         model = import_diffusers(args.src)
     else:

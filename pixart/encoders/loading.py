@@ -7,13 +7,16 @@ from pathlib import Path
 
 import torch
 
+from ..errors import PixArtError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Same shape the hub accepts: "name" or "org/name", word chars plus "." and "-".
 _HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
 
-class EncoderLoadError(ValueError):
-    """A frozen encoder could not be loaded; the message is one line and names the source."""
+class EncoderLoadError(PixArtError, ValueError):
+    """A frozen encoder could not be loaded; the message is one line and names the source
+    (a PixArtError, so the CLI prints it as one line instead of a traceback)."""
 
 
 def is_hub_id(path: str) -> bool:

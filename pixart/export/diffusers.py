@@ -94,15 +94,13 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
     transformer = to_diffusers_transformer(model)
     null = {"y_embedding": model.y_embedder.y_embedding.detach().float().contiguous()}
     if parts is not None:
-        from diffusers import AutoencoderKL, PixArtAlphaPipeline
-        from transformers import AutoTokenizer, T5EncoderModel
+        from diffusers import PixArtAlphaPipeline
 
-        try:
-            text_encoder = T5EncoderModel.from_pretrained(parts.text_encoder)
-            tokenizer = AutoTokenizer.from_pretrained(parts.tokenizer)
-            vae = AutoencoderKL.from_pretrained(parts.vae)
-        except (OSError, ValueError) as e:
-            raise PixArtError(f"export: cannot load a pipeline part ({str(e).splitlines()[0]})") from None
+        from pixart.encoders import ImageAutoencoder, TextEncoder, TextEncoderConfig, VAEConfig
+
+        text = TextEncoder(TextEncoderConfig(parts.text_encoder, tokenizer_path=parts.tokenizer, dtype="fp32"))
+        text_encoder, tokenizer = text.model, text.tokenizer
+        vae = ImageAutoencoder(VAEConfig(parts.vae)).vae
         if text_encoder.config.d_model != model.config.caption_channels:
             raise PixArtError(
                 f"export: text encoder {parts.text_encoder} has width {text_encoder.config.d_model}, "

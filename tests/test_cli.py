@@ -1,0 +1,94 @@
+"""The `pixart` command as users call it: exit codes, one-line errors, nothing half-written."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import perturb_
+from pixart.checkpoint import load_model
+from pixart.cli.main import main
+from pixart.models import build_model
+
+
+@pytest.fixture
+def dit_file(tmp_path):
+    dit = perturb_(build_model("DiT-S/2", input_size=8, depth=2, num_classes=10)).eval()
+    path = tmp_path / "DiT-S-2.pt"
+    torch.save({"model": dit.state_dict(), "ema": dit.state_dict(), "opt": {}}, path)  # DiT's train.py layout
+    return dit, path
+
+
+def run_cli(*argv):
+    """A real subprocess, as a user's shell would run it."""
+    return subprocess.run([sys.executable, "-m", "pixart", *map(str, argv)], capture_output=True, text=True)
+
+
+def test_convert_dit_writes_an_exact_pixart_checkpoint(tmp_path, dit_file):
+    dit, path = dit_file
+    assert main(["convert-dit", str(path), "--out", str(tmp_path / "ck"), "--caption-channels", "16"]) == 0
+    pixart = load_model(tmp_path / "ck").eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500)
+    torch.testing.assert_close(pixart(x, t, torch.randn(2, 9, 16)), dit(x, t, torch.full((2,), 10)), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors", "reparam.json"]
+
+
+def test_convert_dit_accepts_safetensors_and_raw_state_dicts(tmp_path, dit_file):
+    from safetensors.torch import save_file
+
+    dit, _ = dit_file
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, tmp_path / "d.safetensors")
+    torch.save(dit.state_dict(), tmp_path / "raw.pth")
+    for src in ("d.safetensors", "raw.pth"):
+        assert main(["convert-dit", str(tmp_path / src), "--out", str(tmp_path / f"out-{src}"),
+                     "--caption-channels", "8"]) == 0
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated", "DiT-S-2.pt: cannot read checkpoint"),
+    ("wrong_model", "not a DiT state dict"),
+    ("bad_heads", "num_heads=7 does not divide hidden_size=384"),
+])
+def test_convert_dit_bad_input_is_one_line_and_writes_nothing(tmp_path, dit_file, case, message):
+    _, path = dit_file
+    extra = []
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[:4096])
+    elif case == "wrong_model":
+        torch.save(build_model("PixArt-S/2", depth=1, input_size=8).state_dict(), path)
+    else:
+        extra = ["--num-heads", "7"]
+    result = run_cli("convert-dit", path, "--out", tmp_path / "out", *extra)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() and "WARNING" not in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_and_import_commands_round_trip(tmp_path, dit_file):
+    _, path = dit_file
+    assert main(["convert-dit", str(path), "--out", str(tmp_path / "ck"), "--caption-channels", "16"]) == 0
+    assert main(["export-diffusers", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    a, b = load_model(tmp_path / "ck").state_dict(), load_model(tmp_path / "back").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_needs_both_pipeline_parts(tmp_path, dit_file):
+    _, path = dit_file
+    main(["convert-dit", str(path), "--out", str(tmp_path / "ck"), "--caption-channels", "16"])
+    result = run_cli("export-diffusers", tmp_path / "ck", "--out", tmp_path / "hf", "--vae", tmp_path)
+    assert result.returncode == 2 and "needs both --text-encoder and --vae" in result.stderr
+    result = run_cli("export-diffusers", tmp_path / "ck", "--out", tmp_path / "hf", "--ema")
+    assert result.returncode == 2 and "has no ema.safetensors" in result.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_help_explains_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("convert-dit", "import", "export-diffusers", "demo"):
+        assert command in result.stdout
+    assert "--global-init" in run_cli("convert-dit", "--help").stdout
