@@ -7,33 +7,53 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from pixart.errors import PixArtError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _share(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors 0600 files: give them the usual umask modes."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike):
-    """Yield a fresh folder next to `target`; on success it replaces `target`, on error it is removed.
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tuple = ()):
+    """Yield a fresh folder next to `target`; on success it becomes `target`, on error it is removed.
 
-    A kill at any moment leaves either the old `target` or the new one, plus at most a
-    hidden `.tmp-*` folder, never a half-written `target`.
+    An existing non-empty `target` is replaced only with `overwrite`, and never when it is,
+    or holds, one of `sources`. A kill at any moment leaves the old `target`, the new one,
+    or the old one parked as `.NAME.old`, which the next call puts back.
     """
-    target = Path(target)
+    target = Path(target).resolve()
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.exists():  # a previous replace was killed half-way
+        os.replace(old, target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        for src in sources:
+            src = Path(src).resolve()
+            if src == target or target in src.parents:
+                raise PixArtError(f"--out {target} would overwrite the input {src}")
+        if not overwrite:
+            raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _share(tmp)
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -43,12 +43,12 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         raise PixArtError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
 
 
-def unwrap_state_dict(obj, source: str, prefer_ema: bool = True) -> StateDict:
-    """The model's tensors out of the official layouts: raw, {'model', 'ema'} (DiT) or {'state_dict'} (PixArt)."""
+def unwrap_state_dict(obj, source: str) -> StateDict:
+    """The model's tensors out of the official layouts: raw, {'model', 'ema'} (DiT's trainer) or
+    {'state_dict', 'state_dict_ema'} (PixArt's); the EMA weights when there are both."""
     if not isinstance(obj, dict):
         raise PixArtError(f"{source}: expected a state dict, found {type(obj).__name__}")
-    keys = ("ema", "model", "state_dict") if prefer_ema else ("model", "state_dict", "ema")
-    for key in keys:
+    for key in ("ema", "state_dict_ema", "model", "state_dict"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]
             break
@@ -77,9 +77,9 @@ def load_into(model: nn.Module, state_dict: StateDict, source: str) -> nn.Module
 
 
 def save_checkpoint(out_dir, config: ModelConfig, model_state: StateDict, ema_state: StateDict | None = None,
-                    extra: dict[str, str] | None = None) -> Path:
-    """Write the folder atomically; `extra` adds small text files (e.g. provenance notes)."""
-    with atomic_dir(out_dir) as tmp:
+                    extra: dict[str, str] | None = None, overwrite: bool = False, sources: tuple = ()) -> Path:
+    """Write the folder atomically (see `atomic_dir`); `extra` adds small text files (e.g. provenance)."""
+    with atomic_dir(out_dir, overwrite, sources) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json())
         for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
             if state is not None:

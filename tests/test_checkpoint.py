@@ -18,7 +18,7 @@ def test_save_and_load_round_trip_with_ema(tmp_path):
         loaded = load_model(tmp_path / "ck", ema=ema_flag).state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in expected.items())
     # no temp folders are left behind, and a second save replaces the first whole
-    save_checkpoint(tmp_path / "ck", model.config, model.state_dict())
+    save_checkpoint(tmp_path / "ck", model.config, model.state_dict(), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     assert not (tmp_path / "ck" / "ema.safetensors").exists()
 
@@ -27,7 +27,7 @@ def test_a_failed_save_leaves_the_old_checkpoint(tmp_path):
     model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
     save_checkpoint(tmp_path / "ck", model.config, model.state_dict())
     with pytest.raises(AttributeError):
-        save_checkpoint(tmp_path / "ck", model.config, {"bad": "not a tensor"})
+        save_checkpoint(tmp_path / "ck", model.config, {"bad": "not a tensor"}, overwrite=True)
     assert load_model(tmp_path / "ck") is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
@@ -82,3 +82,41 @@ def test_missing_or_bad_config(tmp_path):
     (tmp_path / "config.json").write_text('{"arch": "pixart", "depht": 2}')
     with pytest.raises(PixArtError, match="unknown key 'depht'"):
         load_config(tmp_path)
+
+
+def test_existing_outputs_are_replaced_only_when_asked(tmp_path):
+    model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(PixArtError, match="already exists and is not empty; pass --overwrite"):
+        save_checkpoint(tmp_path / "mine", model.config, model.state_dict())
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(PixArtError, match="would overwrite the input"):
+        save_checkpoint(tmp_path / "mine", model.config, model.state_dict(), overwrite=True,
+                        sources=(tmp_path / "mine" / "precious.txt",))
+    assert (tmp_path / "mine" / "precious.txt").exists()
+    (tmp_path / "empty").mkdir()
+    save_checkpoint(tmp_path / "empty", model.config, model.state_dict())  # an empty folder is fine
+
+
+def test_a_replace_killed_half_way_is_undone_by_the_next_call(tmp_path):
+    model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
+    save_checkpoint(tmp_path / "ck", model.config, model.state_dict())
+    (tmp_path / "ck").rename(tmp_path / ".ck.old")  # killed between parking the old and moving in the new
+    with pytest.raises(PixArtError, match="already exists"):
+        save_checkpoint(tmp_path / "ck", model.config, model.state_dict())
+    assert load_model(tmp_path / "ck") is not None and not (tmp_path / ".ck.old").exists()
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck", model.config, model.state_dict())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ck" / "model.safetensors").stat().st_mode) == 0o644

@@ -92,3 +92,32 @@ def test_help_explains_every_command():
     for command in ("convert-dit", "import", "export-diffusers", "demo"):
         assert command in result.stdout
     assert "--global-init" in run_cli("convert-dit", "--help").stdout
+
+
+def test_convert_dit_without_a_null_class(tmp_path):
+    dit = build_model("DiT-S/2", input_size=8, depth=1, num_classes=10, class_dropout_prob=0.0)
+    torch.save(dit.state_dict(), tmp_path / "d.pt")
+    result = run_cli("convert-dit", tmp_path / "d.pt", "--out", tmp_path / "o", "--num-classes", "10")
+    assert result.returncode == 2 and "no null-class embedding" in result.stderr
+    result = run_cli("convert-dit", tmp_path / "d.pt", "--out", tmp_path / "o", "--num-classes", "3")
+    assert result.returncode == 2 and "num_classes=3 does not fit a class table of 10 rows" in result.stderr
+    assert main(["convert-dit", str(tmp_path / "d.pt"), "--out", str(tmp_path / "o")]) == 0  # 9 classes + null
+
+
+def test_outputs_are_never_silently_replaced(tmp_path, dit_file):
+    _, path = dit_file
+    ck = tmp_path / "ck"
+    assert main(["convert-dit", str(path), "--out", str(ck), "--caption-channels", "16"]) == 0
+    result = run_cli("convert-dit", path, "--out", ck)
+    assert result.returncode == 2 and "pass --overwrite" in result.stderr
+    result = run_cli("export-diffusers", ck, "--out", ck, "--overwrite")
+    assert result.returncode == 2 and "would overwrite the input" in result.stderr
+    assert (ck / "model.safetensors").is_file()
+    assert main(["convert-dit", str(path), "--out", str(ck), "--caption-channels", "16", "--overwrite"]) == 0
+
+
+def test_unwritable_output_is_one_line(tmp_path, dit_file):
+    _, path = dit_file
+    (tmp_path / "file").write_text("x")
+    result = run_cli("convert-dit", path, "--out", tmp_path / "file" / "sub")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "error:" in result.stderr

@@ -46,7 +46,8 @@ def test_exported_transformer_matches_ours(tmp_path, name, size, scale, hw):
     mask[0, 5:] = 0
     info = None
     if model.config.micro_conditions:
-        info = dict(img_hw=torch.tensor([[hw[0] * 8.0, hw[1] * 8.0]] * 2), aspect_ratio=torch.tensor([[hw[0] / hw[1]]] * 2))
+        info = dict(img_hw=torch.tensor([[hw[0] * 8.0, hw[1] * 8.0], [hw[1] * 4.0, hw[0] * 4.0]]),
+                    aspect_ratio=torch.tensor([[hw[0] / hw[1]], [hw[1] / hw[0]]]))
     with torch.no_grad():
         ours = model(x, t, y, mask, data_info=info)
         theirs = diffusers_forward(transformer, x, t, y, mask, info)
@@ -63,7 +64,7 @@ def test_key_mapping_round_trips():
 
 
 def test_import_of_our_export_gives_back_the_same_model(tmp_path):
-    model = tiny("PixArtMS-S/2", input_size=16, pe_interpolation=2.0)
+    model = tiny("PixArtMS-S/2", input_size=16, pe_interpolation=2.0, model_max_length=77)
     export(model, tmp_path / "out")
     for folder in (tmp_path / "out", tmp_path / "out" / "transformer"):
         again = import_diffusers(folder)

@@ -134,7 +134,6 @@ def test_training_mode_drops_captions_with_the_configured_probability():
 @pytest.mark.parametrize("name", ["PixArt-S/2", "DiT-S/2"])
 def test_gradient_checkpointing_gives_the_same_gradients(name):
     model = tiny(name).train()
-    model.config.class_dropout_prob = 0.0
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     cond = torch.randn(2, 5, CAP) if name.startswith("PixArt") else torch.tensor([1, 2])
 
@@ -168,3 +167,41 @@ def test_dit_forward_and_null_class():
     out = model(x, t, torch.tensor([3, 10]))
     assert out.shape == (2, 8, 8, 8)
     torch.testing.assert_close(model(x, t, torch.tensor([3, 4]), force_drop_ids=torch.tensor([0, 1]))[1], out[1])
+
+
+def test_a_caption_with_no_tokens_adds_nothing():
+    model = tiny()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 600]), torch.randn(2, 6, CAP)
+    out = model(x, t, y, torch.zeros(2, 6))
+    for block in model.blocks:
+        torch.nn.init.zeros_(block.cross_attn.proj.weight)
+        torch.nn.init.zeros_(block.cross_attn.proj.bias)
+    torch.testing.assert_close(out, model(x, t, y))
+
+
+def test_official_input_layouts_are_accepted():
+    model = tiny()
+    x, t, y, mask = torch.randn(2, 4, 8, 8), torch.tensor([5, 6]), torch.randn(2, 6, CAP), torch.ones(2, 6)
+    mask[0, 3:] = 0
+    ref = model(x, t, y, mask)
+    torch.testing.assert_close(model(x, t, y[:, None], mask[:, None, None]), ref)  # (B, 1, L, C), (B, 1, 1, L)
+
+
+def test_bad_micro_condition_shapes_are_clear_errors():
+    model = tiny("PixArtMS-S/2")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 6]), torch.randn(2, 6, CAP)
+    with pytest.raises(PixArtError, match="data_info: img_hw"):
+        model(x, t, y, data_info=dict(img_hw=torch.ones(3, 2), aspect_ratio=torch.ones(2, 1)))
+    shared = model(x, t, y, data_info=dict(img_hw=torch.tensor([[64.0, 64.0]]), aspect_ratio=torch.tensor([[1.0]])))
+    per_row = model(x, t, y, data_info=dict(img_hw=torch.tensor([[64.0, 64.0]] * 2), aspect_ratio=torch.ones(2, 1)))
+    torch.testing.assert_close(shared, per_row)
+
+
+@pytest.mark.parametrize("name,input_size,scale", [
+    ("PixArt-XL/2", 32, 1.0), ("PixArt-XL/2", 64, 1.0), ("PixArt-XL/2", 128, 2.0), ("PixArtMS-XL/2", 64, 1.0),
+    ("PixArtMS-XL/2", None, 2.0),
+])
+def test_position_interpolation_follows_the_official_rule(name, input_size, scale):
+    overrides = {} if input_size is None else {"input_size": input_size}
+    assert model_config(name, **overrides).pe_interpolation == scale
+    assert model_config(name, pe_interpolation=3.0).pe_interpolation == 3.0

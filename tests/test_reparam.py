@@ -22,7 +22,9 @@ def test_converted_model_reproduces_dit_null_class_at_t500_for_any_caption(globa
         out = pixart(x, t, caption)
         # float32 rounding: the two nets sum the same terms in a different order
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(pixart(x, torch.full((3,), 100), caption), dit(x, torch.full((3,), 100), torch.full((3,), 3)))
+    # away from t_ref one shared MLP cannot match every block: close, not equal
+    t100 = torch.full((3,), 100)
+    assert not torch.allclose(pixart(x, t100, caption), dit(x, t100, torch.full((3,), 10)), rtol=1e-4, atol=1e-4)
 
 
 def test_modulation_is_exact_at_t_ref_and_mean_init_is_best_over_t():

@@ -20,10 +20,13 @@ def add_parser(sub) -> None:
     p.add_argument("--global-init", choices=("mean", "block0", "zero"), default="mean",
                    help="init of the shared t_block: mean of the blocks' adaLN MLPs (default, least error over t), "
                    "block 0's, or zero")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the DiT (default: rows of its class table minus the null class)")
     p.add_argument("--t-ref", type=int, default=500, help="timestep at which the modulation is exact (default 500)")
     p.add_argument("--caption-channels", type=int, default=4096, help="text-encoder width (4096 for T5-XXL)")
     p.add_argument("--max-length", type=int, default=120, help="caption tokens (120 in PixArt-alpha)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new cross-attention and caption layers")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)
 
 
@@ -33,10 +36,13 @@ def run(args) -> None:
     from pixart.models.reparam import dit_to_pixart, infer_dit_config
 
     state = unwrap_state_dict(read_state_dict(args.src), args.src)
-    dit = load_into(DiT(infer_dit_config(state, args.num_heads)), state, args.src)
+    dit = load_into(DiT(infer_dit_config(state, args.num_heads, args.num_classes, args.src)), state, args.src)
+    del state  # the DiT holds its own copy; XL is 2.7 GB
     pixart = dit_to_pixart(dit, global_init=args.global_init, t_ref=args.t_ref,
                            caption_channels=args.caption_channels, model_max_length=args.max_length, seed=args.seed)
     provenance = {"source": str(args.src), "global_init": args.global_init, "t_ref": args.t_ref, "seed": args.seed}
     save_checkpoint(args.out, pixart.config, pixart.state_dict(),
-                    extra={"reparam.json": json.dumps(provenance, indent=2)})
-    print(f"wrote {args.out} ({pixart.config.depth} blocks, width {pixart.config.hidden_size})")
+                    extra={"reparam.json": json.dumps(provenance, indent=2)}, overwrite=args.overwrite,
+                    sources=(args.src,))
+    print(f"wrote {args.out}: {pixart.config.depth} blocks, width {pixart.config.hidden_size}, "
+          f"{pixart.config.num_heads} heads, from a DiT of {dit.config.num_classes} classes + null")

@@ -46,9 +46,9 @@ def run(args) -> None:
         torch.save(dit.state_dict(), out / "dit.pt")
     for label, argv in (
         ("reparameterize DiT -> PixArt", ["convert-dit", str(out / "dit.pt"), "--out", str(out / "pixart"),
-                                         "--caption-channels", "32"]),
+                                         "--caption-channels", "32", "--overwrite"]),
         ("export a diffusers pipeline", ["export-diffusers", str(out / "pixart"), "--out", str(out / "export"),
-                                        "--text-encoder", str(t5), "--vae", str(vae)]),
+                                        "--text-encoder", str(t5), "--vae", str(vae), "--overwrite"]),
     ):
         with step(label):
             if main(argv) != 0:

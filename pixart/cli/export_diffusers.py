@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--text-encoder", help="T5 encoder path or hub id, e.g. DeepFloyd/t5-v1_1-xxl")
     p.add_argument("--tokenizer", help="T5 tokenizer path or hub id (default: --text-encoder)")
     p.add_argument("--vae", help="AutoencoderKL path or hub id, e.g. stabilityai/sd-vae-ft-ema")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)
 
 
@@ -36,6 +37,6 @@ def run(args) -> None:
         if not (args.text_encoder and args.vae):
             raise PixArtError("a pipeline export needs both --text-encoder and --vae (and optionally --tokenizer)")
         parts = PipelineParts(args.text_encoder, args.tokenizer or args.text_encoder, args.vae)
-    export(load_model(args.ckpt, ema=ema).eval(), args.out, parts)
+    export(load_model(args.ckpt, ema=ema).eval(), args.out, parts, overwrite=args.overwrite, sources=(args.ckpt,))
     kind = "pipeline" if parts else "transformer"
     print(f"wrote diffusers {kind} to {args.out} ({'EMA' if ema else 'model'} weights)")

@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--num-heads", type=int, help="attention heads of an official file (default: by width)")
     p.add_argument("--input-size", type=int, help="latent side of an official file without pos_embed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)
 
 
@@ -29,5 +30,5 @@ def run(args) -> None:
         model = import_diffusers(args.src)
     else:
         model = import_official(args.src, args.num_heads, args.input_size)
-    save_checkpoint(args.out, model.config, model.state_dict())
+    save_checkpoint(args.out, model.config, model.state_dict(), overwrite=args.overwrite, sources=(args.src,))
     print(f"wrote {args.out}")

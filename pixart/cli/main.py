@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except PixArtError as e:
+    except (PixArtError, OSError) as e:  # bad input and unwritable outputs: one line, no traceback
         print(f"pixart {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

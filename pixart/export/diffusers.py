@@ -61,7 +61,7 @@ def to_diffusers_transformer(model: PixArt):
     return transformer.eval()
 
 
-def config_from_diffusers(dconfig: dict) -> ModelConfig:
+def config_from_diffusers(dconfig: dict, model_max_length: int = 120) -> ModelConfig:
     if dconfig.get("norm_type", "ada_norm_single") != "ada_norm_single":
         raise PixArtError(f"import: norm_type {dconfig['norm_type']!r} is not PixArt's adaLN-single")
     heads, head_dim = dconfig["num_attention_heads"], dconfig["attention_head_dim"]
@@ -74,6 +74,7 @@ def config_from_diffusers(dconfig: dict) -> ModelConfig:
         arch="pixart", input_size=sample_size, patch_size=dconfig["patch_size"], in_channels=in_channels,
         hidden_size=heads * head_dim, depth=dconfig["num_layers"], num_heads=heads,
         learn_sigma=out_channels == 2 * in_channels, caption_channels=dconfig["caption_channels"],
+        model_max_length=model_max_length,
         # diffusers' own defaults when the config leaves these out:
         micro_conditions=(sample_size == 128) if use_extra is None else bool(use_extra),
         pe_interpolation=float(scale if scale is not None else max(sample_size // 64, 1)),
@@ -89,7 +90,8 @@ class PipelineParts:
     vae: str
 
 
-def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None) -> Path:
+def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None,
+           overwrite: bool = False, sources: tuple = ()) -> Path:
     """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically."""
     transformer = to_diffusers_transformer(model)
     null = {"y_embedding": model.y_embedder.y_embedding.detach().float().contiguous()}
@@ -112,7 +114,7 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
             scheduler = make_scheduler("dpm-solver++", NoiseSchedule.linear())
         pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                        transformer=transformer, scheduler=scheduler)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite, sources) as tmp:
         if parts is None:
             transformer.save_pretrained(tmp / "transformer")
         else:
@@ -135,16 +137,20 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
     from diffusers import PixArtTransformer2DModel
 
     folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        raise PixArtError(f"{folder}: already a pixart checkpoint folder, nothing to import")
     root = folder if (folder / "config.json").is_file() else folder / "transformer"
     if not (root / "config.json").is_file():
         raise PixArtError(f"{folder}: not a diffusers PixArt folder (no config.json or transformer/config.json)")
     try:
-        transformer = PixArtTransformer2DModel.from_pretrained(root)
+        transformer = PixArtTransformer2DModel.from_pretrained(root, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise PixArtError(f"{root}: cannot load ({str(e).splitlines()[0]})") from None
-    torch.manual_seed(seed)
-    model = PixArt(config_from_diffusers(dict(transformer.config)))
-    state = from_diffusers(transformer.state_dict())
     null = load_null_caption(root.parent)  # we write it beside `transformer/`
+    config = config_from_diffusers(dict(transformer.config), 120 if null is None else null.shape[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PixArt(config)
+    state = from_diffusers(transformer.state_dict())
     state["y_embedder.y_embedding"] = null if null is not None else model.y_embedder.y_embedding
     return load_into(model, state, str(root))

@@ -11,7 +11,8 @@ from pixart.models import ModelConfig, PixArt
 from pixart.models.reparam import DEFAULT_HEADS
 
 
-def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: int | None = None) -> ModelConfig:
+def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: int | None = None,
+                        source: str = "state dict") -> ModelConfig:
     try:
         patch_w = state["x_embedder.proj.weight"]
         hidden, in_channels, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[2]
@@ -20,8 +21,8 @@ def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: i
         max_length, caption_channels = state["y_embedder.y_embedding"].shape
         mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / hidden
         state["t_block.1.weight"]
-    except (KeyError, ValueError) as e:
-        raise PixArtError(f"not a PixArt state dict (missing {e})") from None
+    except (KeyError, ValueError, IndexError) as e:
+        raise PixArtError(f"{source}: not a PixArt state dict (missing {e})") from None
     micro = "csize_embedder.mlp.0.weight" in state
     if input_size is None:
         if "pos_embed" in state:  # official files keep the buffer for their training resolution
@@ -30,7 +31,7 @@ def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: i
             input_size = 128 if micro else 32
     if num_heads is None:
         if hidden not in DEFAULT_HEADS:
-            raise PixArtError(f"hidden size {hidden} is not a standard size; pass --num-heads")
+            raise PixArtError(f"{source}: hidden size {hidden} is not a standard size; pass --num-heads")
         num_heads = DEFAULT_HEADS[hidden]
     return ModelConfig(
         arch="pixart", input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
@@ -42,6 +43,6 @@ def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: i
 
 
 def import_official(path: str, num_heads: int | None = None, input_size: int | None = None) -> PixArt:
-    state = unwrap_state_dict(read_state_dict(path), path, prefer_ema=False)
+    state = unwrap_state_dict(read_state_dict(path), path)
     state.pop("pos_embed", None)
-    return load_into(PixArt(infer_pixart_config(state, num_heads, input_size)), state, path)
+    return load_into(PixArt(infer_pixart_config(state, num_heads, input_size, path)), state, path)

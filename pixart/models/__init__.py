@@ -14,8 +14,7 @@ from pixart.models.pixart import PixArt
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 FAMILIES = {
     "PixArt": dict(arch="pixart"),
-    # PixArtMS defaults to the 1024 px stage: 128 latent side, positions interpolated by 2.
-    "PixArtMS": dict(arch="pixart", micro_conditions=True, input_size=128, pe_interpolation=2.0),
+    "PixArtMS": dict(arch="pixart", micro_conditions=True, input_size=128),  # the 1024 px stage
     "DiT": dict(arch="dit"),
 }
 MODEL_NAMES = [f"{family}-{size}/{patch}" for family in FAMILIES for size in SIZES for patch in (2, 4, 8)]
@@ -31,6 +30,8 @@ def model_config(name: str, **overrides) -> ModelConfig:
     except (ValueError, KeyError):
         raise PixArtError(f"unknown model name {name!r}; known: PixArt-XL/2, PixArtMS-XL/2, DiT-XL/2, and S/B/L sizes with /2, /4, /8") from None
     fields.update(overrides)
+    # PixArt's rule for new resolutions (lewei_scale / interpolation_scale): 1 up to 512 px, 2 at 1024 px.
+    fields.setdefault("pe_interpolation", float(max(fields.get("input_size", 32) // 64, 1)))
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:

@@ -77,7 +77,13 @@ class CrossAttention(nn.Module):
         head_dim = C // self.num_heads
         q = self.q_linear(x).view(B, N, self.num_heads, head_dim)
         k, v = self.kv_linear(cond).view(B, -1, 2, self.num_heads, head_dim).unbind(2)
-        return self.proj(attention(q, k, v, mask, self.backend).reshape(B, N, C))
+        if mask is None:
+            return self.proj(attention(q, k, v, None, self.backend).reshape(B, N, C))
+        # A caption with no tokens adds nothing. Softmax over zero keys is NaN in some CUDA
+        # kernels, so such rows attend to everything and their result is then zeroed.
+        empty = ~mask.any(dim=1)
+        out = self.proj(attention(q, k, v, mask | empty[:, None], self.backend).reshape(B, N, C))
+        return out.masked_fill(empty[:, None, None], 0)
 
 
 class PatchEmbed(nn.Module):
@@ -142,7 +148,7 @@ class SizeEmbedder(TimestepEmbedder):
     """PixArtMS micro-condition: each of k scalars embedded like a timestep, concatenated: (B, k) -> (B, k*D)."""
 
     def forward(self, s: torch.Tensor, batch: int) -> torch.Tensor:
-        s = s.reshape(s.shape[0], -1) if s.dim() > 0 else s.reshape(1, 1)
+        """s is (B, k), or (1, k) shared by the batch."""
         if s.shape[0] != batch:
             s = s.expand(batch, -1)
         return super().forward(s.reshape(-1)).reshape(batch, -1)

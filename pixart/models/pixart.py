@@ -126,8 +126,12 @@ class PixArt(nn.Module):
             return t
         if not data_info or "img_hw" not in data_info or "aspect_ratio" not in data_info:
             raise PixArtError("PixArtMS forward needs data_info with 'img_hw' and 'aspect_ratio'")
-        size = self.csize_embedder(data_info["img_hw"].to(t.device), batch)
-        ratio = self.ar_embedder(data_info["aspect_ratio"].to(t.device), batch)
+        hw, ratio = data_info["img_hw"].to(t.device), data_info["aspect_ratio"].to(t.device)
+        if hw.reshape(-1, 2).shape[0] not in (1, batch) or ratio.numel() not in (1, batch):
+            raise PixArtError(f"data_info: img_hw {tuple(hw.shape)} and aspect_ratio {tuple(ratio.shape)} "
+                              f"must be (B, 2) and (B, 1) for batch {batch}, or one value for all")
+        size = self.csize_embedder(hw.reshape(-1, 2), batch)
+        ratio = self.ar_embedder(ratio.reshape(-1, 1), batch)
         return t + torch.cat([size, ratio], dim=1).to(t.dtype)
 
     def forward(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None) -> torch.Tensor:
@@ -136,7 +140,9 @@ class PixArt(nn.Module):
         h, w = x.shape[-2] // p, x.shape[-1] // p
         if y.dim() == 4:  # the official code's (B, 1, L, C)
             y = y.squeeze(1)
-        mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if mask is None else mask.bool()
+        if mask is None:
+            mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+        mask = mask.reshape(mask.shape[0], -1).bool()  # the official code's (B, 1, 1, L) too
         x = self.x_embedder(x)
         x = x + self.pos_embed_for(h, w, x)
         t = self.timestep_condition(timestep, B, data_info)

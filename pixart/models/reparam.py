@@ -33,8 +33,10 @@ GLOBAL_INITS: tuple[str, ...] = ("mean", "block0", "zero")
 DEFAULT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT's S, B, L, XL
 
 
-def infer_dit_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> ModelConfig:
-    """DiT architecture from tensor shapes; only the head count is not in the shapes."""
+def infer_dit_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None,
+                     num_classes: int | None = None, source: str = "state dict") -> ModelConfig:
+    """DiT architecture from tensor shapes. Not in the shapes: the head count, and whether the
+    class table's last row is a null class (official DiTs have one: they train with label dropout)."""
     try:
         patch_w = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         hidden, in_channels, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[2]
@@ -45,19 +47,22 @@ def infer_dit_config(state_dict: dict[str, torch.Tensor], num_heads: int | None 
         tokens = state_dict["pos_embed"].shape[1]
         state_dict["blocks.0.adaLN_modulation.1.weight"]
     except (KeyError, ValueError, IndexError) as e:
-        raise PixArtError(f"not a DiT state dict (missing {e})") from None
+        raise PixArtError(f"{source}: not a DiT state dict (missing {e})") from None
     if num_heads is None:
         if hidden not in DEFAULT_HEADS:
-            raise PixArtError(f"hidden size {hidden} is not a standard DiT size; pass --num-heads")
+            raise PixArtError(f"{source}: hidden size {hidden} is not a standard DiT size; pass --num-heads")
         num_heads = DEFAULT_HEADS[hidden]
     grid = round(tokens**0.5)
     if out_channels not in (in_channels, 2 * in_channels):
-        raise PixArtError(f"not a DiT state dict: {out_channels} output channels for {in_channels} input channels")
+        raise PixArtError(f"{source}: not a DiT state dict: {out_channels} output channels for {in_channels} inputs")
+    if num_classes is None:
+        num_classes = num_embeddings - 1
+    if num_classes not in (num_embeddings - 1, num_embeddings):
+        raise PixArtError(f"{source}: num_classes={num_classes} does not fit a class table of {num_embeddings} rows")
     return ModelConfig(
         arch="dit", input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
         depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, learn_sigma=out_channels == 2 * in_channels,
-        # The official DiT keeps a null-class row iff it was trained with label dropout.
-        num_classes=num_embeddings - 1, class_dropout_prob=0.1,
+        num_classes=num_classes, class_dropout_prob=0.1 if num_embeddings > num_classes else 0.0,
     )
 
 
@@ -67,14 +72,27 @@ def pixart_config_from_dit(dit: ModelConfig, caption_channels: int = 4096, model
                        **{k: getattr(dit, k) for k in keep})
 
 
-def _global_mlp(weights: torch.Tensor, biases: torch.Tensor, init: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if init == "mean":
-        return weights.mean(0), biases.mean(0)
+def _global_mlp(layers: list, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared t_block's (weight, bias) in float64, one block at a time (XL's adaLN is 223M numbers)."""
+    if init not in GLOBAL_INITS:
+        raise PixArtError(f"unknown global init {init!r}; choose from {', '.join(GLOBAL_INITS)}")
+    first = layers[0]
     if init == "block0":
-        return weights[0], biases[0]
+        return first.weight.double(), first.bias.double()
     if init == "zero":
-        return torch.zeros_like(weights[0]), torch.zeros_like(biases[0])
-    raise PixArtError(f"unknown global init {init!r}; choose from {', '.join(GLOBAL_INITS)}")
+        return torch.zeros_like(first.weight, dtype=torch.float64), torch.zeros_like(first.bias, dtype=torch.float64)
+    weight, bias = torch.zeros_like(first.weight, dtype=torch.float64), torch.zeros_like(first.bias, dtype=torch.float64)
+    for layer in layers:
+        weight += layer.weight.double()
+        bias += layer.bias.double()
+    return weight / len(layers), bias / len(layers)
+
+
+def _null_condition(dit: DiT, timesteps: torch.Tensor) -> torch.Tensor:
+    """DiT's c(t) = t_emb(t) + y_emb(null class), in float64."""
+    t_embedder = copy.deepcopy(dit.t_embedder).double()
+    null = dit.y_embedder.embedding_table.weight[dit.config.num_classes].double()
+    return t_embedder(timesteps) + null
 
 
 @torch.no_grad()
@@ -84,35 +102,38 @@ def dit_to_pixart(dit: DiT, *, global_init: GlobalInit = "mean", t_ref: int = 50
 
     The new parts (caption projection, cross-attention, null caption) get PixArt's init
     from `seed`; the cross-attention output starts at zero, so captions change nothing yet.
+    The modulation is solved in float64; the weights are shared, not copied, until loaded.
     """
     cfg = dit.config
     if dit.y_embedder.embedding_table.num_embeddings <= cfg.num_classes:
         raise PixArtError("this DiT has no null-class embedding (trained without label dropout): nothing to fold")
-    torch.manual_seed(seed)
-    pixart = PixArt(pixart_config_from_dit(cfg, caption_channels, model_max_length))
+    if not 0 <= t_ref < 1000:
+        raise PixArtError(f"t_ref must be a timestep in [0, 1000), got {t_ref}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pixart = PixArt(pixart_config_from_dit(cfg, caption_channels, model_max_length))
 
-    src = copy.deepcopy(dit).double().eval()  # solve in float64, store in float32
     D = cfg.hidden_size
-    null = src.y_embedder.embedding_table.weight[cfg.num_classes]
-    c_ref = src.t_embedder(torch.tensor([t_ref]))[0] + null
+    c_ref = _null_condition(dit, torch.tensor([t_ref]))[0]
     s_ref = F.silu(c_ref)
-    weights = torch.stack([b.adaLN_modulation[1].weight for b in src.blocks])  # (N, 6D, D)
-    biases = torch.stack([b.adaLN_modulation[1].bias for b in src.blocks])  # (N, 6D)
-    w_g, b_g = _global_mlp(weights, biases, global_init)
-    tables = (weights @ s_ref + biases) - (w_g @ s_ref + b_g)  # (N, 6D): E_i
-    final_table = src.final_layer.adaLN_modulation[1](s_ref).view(2, D) - c_ref
+    layers = [b.adaLN_modulation[1] for b in dit.blocks]
+    w_g, b_g = _global_mlp(layers, global_init)
+    shared_ref = w_g @ s_ref + b_g
+    final = dit.final_layer.adaLN_modulation[1]
+    final_table = (final.weight.double() @ s_ref + final.bias.double()).view(2, D) - c_ref
 
-    new = {k: v.double() for k, v in pixart.state_dict().items()}
-    dit_sd = src.state_dict()
+    new = pixart.state_dict()
+    dit_sd = dit.state_dict()
     shared = ("x_embedder.", "t_embedder.", "final_layer.linear.")
     new.update({k: v for k, v in dit_sd.items() if k.startswith(shared)})
     new.update({k: v for k, v in dit_sd.items() if k.startswith("blocks.") and (".attn." in k or ".mlp." in k)})
-    new["t_embedder.mlp.2.bias"] = dit_sd["t_embedder.mlp.2.bias"] + null
+    null = dit.y_embedder.embedding_table.weight[cfg.num_classes].double()
+    new["t_embedder.mlp.2.bias"] = dit_sd["t_embedder.mlp.2.bias"].double() + null
     new["t_block.1.weight"], new["t_block.1.bias"] = w_g, b_g
-    for i in range(cfg.depth):
-        new[f"blocks.{i}.scale_shift_table"] = tables[i].view(6, D)
+    for i, layer in enumerate(layers):  # E_i: block i's modulation at t_ref, less the shared part
+        new[f"blocks.{i}.scale_shift_table"] = (layer.weight.double() @ s_ref + layer.bias.double() - shared_ref).view(6, D)
     new["final_layer.scale_shift_table"] = final_table
-    pixart.load_state_dict({k: v.float() for k, v in new.items()}, strict=True)
+    pixart.load_state_dict(new, strict=True)  # copies (and casts to float32) into PixArt's own tensors
     return pixart
 
 
@@ -121,21 +142,21 @@ def modulation_error(dit: DiT, pixart: PixArt, timesteps: torch.Tensor) -> tuple
     """Relative error of PixArt's modulation against DiT's null-class one, per timestep.
 
     Returns (blocks, final): ||S_pixart - S_dit|| / ||S_dit|| over all blocks' 6D vectors,
-    and the same for the final layer's (shift, scale).
+    and the same for the final layer's (shift, scale). Computed in float64, block by block.
     """
-    dit, pixart = copy.deepcopy(dit).double().eval(), copy.deepcopy(pixart).double().eval()
-    D, n = dit.config.hidden_size, len(timesteps)
-    null = torch.full((n,), dit.config.num_classes, dtype=torch.long)
-    c = dit.condition(timesteps, null)
-    ref_blocks = torch.stack([b.adaLN_modulation(c) for b in dit.blocks], 1)  # (T, N, 6D)
-    ref_final = dit.final_layer.adaLN_modulation(c)  # (T, 2D)
-    t = pixart.t_embedder(timesteps)
-    t0 = pixart.t_block(t)
-    tables = torch.stack([b.scale_shift_table.reshape(-1) for b in pixart.blocks])  # (N, 6D)
-    ours_blocks = tables[None] + t0[:, None]
-    ours_final = (pixart.final_layer.scale_shift_table[None] + t[:, None]).reshape(n, 2 * D)
-
-    def rel(a, b):
-        return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
-
-    return rel(ours_blocks, ref_blocks).float(), rel(ours_final, ref_final).float()
+    s = F.silu(_null_condition(dit, timesteps))  # (T, D)
+    t = copy.deepcopy(pixart.t_embedder).double()(timesteps)
+    t_block = pixart.t_block[1]
+    t0 = F.silu(t) @ t_block.weight.double().T + t_block.bias.double()  # (T, 6D)
+    err, ref = torch.zeros(len(timesteps), dtype=torch.float64), torch.zeros(len(timesteps), dtype=torch.float64)
+    for dit_block, block in zip(dit.blocks, pixart.blocks):
+        layer = dit_block.adaLN_modulation[1]
+        target = s @ layer.weight.double().T + layer.bias.double()
+        ours = block.scale_shift_table.double().reshape(-1) + t0
+        err += (ours - target).square().sum(1)
+        ref += target.square().sum(1)
+    final = dit.final_layer.adaLN_modulation[1]
+    target = s @ final.weight.double().T + final.bias.double()  # (T, 2D)
+    ours = (pixart.final_layer.scale_shift_table.double()[None] + t[:, None]).flatten(1)
+    final_err = (ours - target).norm(dim=1) / target.norm(dim=1)
+    return (err / ref).sqrt().float(), final_err.float()
