@@ -69,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dit", help="a DiT checkpoint (.pt/.pth/.safetensors); default: train a toy DiT-S/4")
     ap.add_argument("--num-heads", type=int)
-    ap.add_argument("--steps", type=int, default=300, help="toy DiT training steps")
+    ap.add_argument("--steps", type=int, default=400, help="toy DiT training steps")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(2)

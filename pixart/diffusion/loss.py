@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pixart.errors import PixArtError
+
 from .schedule import NoiseSchedule, _at
 
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -51,7 +53,7 @@ def diffusion_loss(model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, nois
     elif prediction_type == "v_prediction":
         target = schedule.v_target(x0, noise, t)
     else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose 'epsilon' or 'v_prediction'")
+        raise PixArtError(f"unknown prediction_type {prediction_type!r}; choose 'epsilon' or 'v_prediction'")
     mse = _mean_flat((pred - target) ** 2)
     if var_values is None:
         return LossTerms(loss=mse, mse=mse, vb=torch.zeros_like(mse))

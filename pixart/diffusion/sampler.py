@@ -6,6 +6,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pixart.errors import PixArtError
+
 from .guidance import classifier_free_guidance
 from .schedule import NoiseSchedule
 
@@ -25,7 +27,7 @@ def make_scheduler(name: str, schedule: NoiseSchedule, prediction_type: str = "e
     if name == "ddpm":
         return DDPMScheduler(**cfg, clip_sample=False, timestep_spacing="linspace",
                              variance_type="learned_range" if learn_sigma else "fixed_small")
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    raise PixArtError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 @torch.no_grad()
