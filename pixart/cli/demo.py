@@ -8,6 +8,7 @@ conversion as those parts land.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -19,8 +20,8 @@ PROMPTS = ["a red circle at the top left", "two blue squares on a gradient backg
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline at toy scale on a CPU",
-                       description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "))
+    p = sub.add_parser("demo", help="the whole pipeline at toy scale on a CPU", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)

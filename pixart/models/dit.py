@@ -20,6 +20,7 @@ from pixart.models.layers import (
     modulate,
     sincos_pos_embed,
     unpatchify,
+    xavier_init_,
 )
 
 
@@ -73,13 +74,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, adaLN-Zero (every block starts as the identity)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_init_(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

@@ -97,6 +97,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def xavier_init_(model: nn.Module) -> None:
+    """DiT's base init: xavier-uniform linears with zero bias, and patch convs like linears."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+
+
 def unpatchify(x: torch.Tensor, grid_h: int, grid_w: int, patch: int, channels: int) -> torch.Tensor:
     """Tokens (B, h*w, p*p*C) -> image (B, C, h*p, w*p)."""
     x = x.reshape(x.shape[0], grid_h, grid_w, patch, patch, channels)

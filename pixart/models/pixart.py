@@ -26,6 +26,7 @@ from pixart.models.layers import (
     modulate,
     sincos_pos_embed,
     unpatchify,
+    xavier_init_,
 )
 
 
@@ -87,13 +88,7 @@ class PixArt(nn.Module):
 
     def initialize_weights(self) -> None:
         """PixArt's init; the cross-attention output starts at zero so training starts from the DiT."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_init_(self)
         embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]]
         embedders += [self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
         if self.config.micro_conditions:
