@@ -14,7 +14,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
 
-class EncoderLoadError(PixArtError, ValueError):
+class EncoderLoadError(PixArtError):
     """A frozen encoder could not be loaded; the message is one line and names the source
     (a PixArtError, so the CLI prints it as one line instead of a traceback)."""
 
@@ -43,5 +43,5 @@ def load_error(what: str, path: str, subfolder: str | None, err: BaseException) 
 def resolve_dtype(name: str, allowed: tuple[str, ...], what: str) -> torch.dtype:
     """Map 'fp32'/'bf16'/'fp16' to torch dtypes, refusing names this component does not support."""
     if name not in allowed:
-        raise ValueError(f"{what}: dtype {name!r} not supported; use one of {allowed}")
+        raise PixArtError(f"{what}: dtype {name!r} not supported; use one of {allowed}")
     return DTYPES[name]

@@ -8,6 +8,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoConfig, AutoTokenizer, T5Config, T5EncoderModel
 
+from ..errors import PixArtError
 from .captions import clean_caption
 from .loading import EncoderLoadError, check_source, load_error, resolve_dtype
 
@@ -33,11 +34,11 @@ class TextEncoderConfig:
 
     def __post_init__(self) -> None:
         if self.dtype == "fp16":
-            raise ValueError("T5 text encoder: dtype 'fp16' is refused because T5 activations overflow "
+            raise PixArtError("T5 text encoder: dtype 'fp16' is refused because T5 activations overflow "
                              "in float16 (inf/NaN features); use 'bf16' or 'fp32'")
         resolve_dtype(self.dtype, ("bf16", "fp32"), "T5 text encoder")
         if self.max_length < 1:
-            raise ValueError(f"max_length must be positive, got {self.max_length}")
+            raise PixArtError(f"max_length must be positive, got {self.max_length}")
 
 
 class TextEncoder:
