@@ -1,0 +1,52 @@
+"""Turn a user's SHARDS argument into a list of shard URLs.
+
+Accepted everywhere a command takes SHARDS: a folder (its *.tar), a glob, a brace
+pattern (`data/shard-{000000..000099}.tar`), a webdataset URL (`pipe:...`, or an
+fsspec URL such as `s3://...`), or several of these. Local paths are checked up
+front, so a typo is one clear error before any work starts.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from pixart.errors import PixArtError
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec
+
+
+def resolve_shards(specs: str | os.PathLike | list) -> list[str]:
+    """Sorted, de-duplicated shard list; raises PixArtError naming a spec that matches nothing."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    shards: list[str] = []
+    for spec in map(str, specs):
+        if _is_url(spec):
+            shards.extend(braceexpand(spec))
+            continue
+        if Path(spec).is_dir():
+            found = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        else:
+            found = []
+            for pattern in braceexpand(spec):
+                if glob.has_magic(pattern):
+                    found.extend(sorted(glob.glob(pattern)))
+                elif Path(pattern).is_file():
+                    found.append(pattern)
+                else:
+                    raise PixArtError(f"{pattern}: no such shard")
+        if not found:
+            raise PixArtError(f"{spec}: no shards found")
+        shards.extend(found)
+    return list(dict.fromkeys(shards))
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name without `.tar`: the key for its sidecar outputs."""
+    name = url.rstrip("/").split("/")[-1].split()[-1]
+    return name[:-4] if name.endswith(".tar") else name
