@@ -4,9 +4,16 @@ A feature shard is a webdataset tar beside (never inside) the raw shard, same na
 one sample per raw sample keyed by the same `__key__`:
 
     KEY.features.safetensors   tensors, no pickle:
-        latent_mean, latent_std    (C, h, w)  the VAE posterior (or the pixel autoencoder's code, std 0)
-        text.<source>              (n, D)     text-encoder features of caption <source>, valid tokens only
-    KEY.json                   {"width", "height", "captions": {<source>: text}, ...raw metadata}
+        latent_mean, latent_std    (C, h, w)  fp32, the VAE posterior, unscaled (or the pixel
+                                              autoencoder's code, std 0)
+        text.<source>              (n, D)     text-encoder features of caption <source>, valid tokens
+                                              only (n = mask.sum()), in the manifest's dtype (bf16 default)
+    KEY.json                   {"width", "height": the source image's size (PixArt's img_hw),
+                                "target_hw": [h, w] the resized/cropped size that was encoded,
+                                "captions": {<source>: raw text before cleaning}, ...raw metadata}
+
+A sample whose caption <source> is missing has no `text.<source>`. The cache's settings
+(encoders, dtype, resolution or bucket table) are in `DIR/manifest.json` (pixart.data.manifest).
 
 Caption sources are names such as "txt" (the raw alt-text) or a captioner's name
 ("metadata", "llava"); the loader picks one by name or draws from a mix.

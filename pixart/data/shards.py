@@ -16,7 +16,7 @@ from braceexpand import braceexpand
 from pixart.errors import PixArtError
 
 
-def _is_url(spec: str) -> bool:
+def is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
 
 
@@ -26,7 +26,7 @@ def resolve_shards(specs: str | os.PathLike | list) -> list[str]:
         specs = [specs]
     shards: list[str] = []
     for spec in map(str, specs):
-        if _is_url(spec):
+        if is_url(spec):
             shards.extend(braceexpand(spec))
             continue
         if Path(spec).is_dir():

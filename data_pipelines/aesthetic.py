@@ -1,0 +1,197 @@
+"""Aesthetic scores for the stage-3 filter: one sidecar per shard, `<shard>.aesthetic.jsonl`.
+
+Each line is `{"__key__": ..., "score": ...}`; samples that cannot be read are left
+out, counted and reported. Two scorers:
+
+- `shapes`: the shapes world's own `aesthetic` from the sample's `.json` (1 clean, lower damaged);
+- `laion`: LAION's improved aesthetic predictor: an MLP on the L2-normalised CLIP image
+  embedding (ViT-L/14 in the original, 768-d; the head's input follows the CLIP model's
+  projection dim). Scores are about 1-10, 5 and up is the usual "aesthetic" cut.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pixart.errors import PixArtError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+SIDECAR = "{}.aesthetic.jsonl"
+SUMMARY = "aesthetic-summary.json"
+DEFAULT_THRESHOLD = {"shapes": 0.5, "laion": 5.0}
+HEAD_FILE = "aesthetic_head.safetensors"
+
+
+class ShapesScorer:
+    """The rendered quality recorded in the shapes world's metadata."""
+
+    name = "shapes"
+
+    def __call__(self, samples: list[dict]) -> list[float | None]:
+        out = []
+        for s in samples:
+            try:
+                out.append(float(json.loads(s["json"])["aesthetic"]))
+            except (KeyError, ValueError, TypeError):
+                out.append(None)
+        return out
+
+
+def aesthetic_head(dim: int = 768):
+    """LAION's improved-aesthetic-predictor MLP; its state-dict keys (`layers.N.*`) match the released weights."""
+    from torch import nn
+
+    class AestheticHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+        def forward(self, x):
+            return self.layers(x)
+
+    return AestheticHead()
+
+
+def _read_head(path: Path) -> dict:
+    import torch
+
+    if not path.is_file():
+        raise PixArtError(f"{path}: no aesthetic head (pass --head PATH)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:  # the released .pth is a plain state dict
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PixArtError(f"{path}: cannot read aesthetic head ({type(e).__name__})") from None
+    if "layers.0.weight" not in state:
+        raise PixArtError(f"{path}: not an aesthetic head (no layers.0.weight)")
+    return state
+
+
+class LaionScorer:
+    """CLIP image embedding -> L2 normalise -> MLP head, in batches."""
+
+    name = "laion"
+
+    def __init__(self, model: str | os.PathLike, head: str | os.PathLike | None = None, device: str = "cpu"):
+        import torch
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        model = Path(model)
+        if not (model / "config.json").is_file():
+            raise PixArtError(f"--model {model}: not a CLIP model folder (no config.json)")
+        self.clip = CLIPVisionModelWithProjection.from_pretrained(model).to(device).eval()
+        self.processor = CLIPImageProcessor.from_pretrained(model)
+        state = _read_head(Path(head) if head else model / HEAD_FILE)
+        dim = self.clip.config.projection_dim
+        if state["layers.0.weight"].shape[1] != dim:
+            raise PixArtError(f"aesthetic head takes {state['layers.0.weight'].shape[1]}-d embeddings, "
+                              f"the CLIP model at {model} makes {dim}-d ones")
+        self.head = aesthetic_head(dim)
+        self.head.load_state_dict(state)
+        self.head.to(device).eval()
+        self.device, self.torch = device, torch
+
+    def __call__(self, samples: list[dict]) -> list[float | None]:
+        from PIL import Image
+
+        images, where = [], []
+        for i, s in enumerate(samples):
+            ext = next((e for e in IMAGE_EXTS if e in s), None)
+            try:
+                images.append(Image.open(io.BytesIO(s[ext])).convert("RGB"))
+                where.append(i)
+            except Exception:  # no image, or not decodable: skipped and counted
+                pass
+        out: list[float | None] = [None] * len(samples)
+        if images:
+            with self.torch.no_grad():
+                pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+                emb = self.clip(pixel_values=pixels).image_embeds
+                scores = self.head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1).float().cpu().tolist()
+            for i, s in zip(where, scores):
+                out[i] = s
+        return out
+
+
+@dataclass
+class ShardResult:
+    name: str
+    samples: int = 0
+    kept: int = 0
+    skipped: int = 0
+    error: str | None = None  # a shard that broke off part-way (truncated tar)
+
+
+@dataclass
+class Summary:
+    scorer: str
+    threshold: float
+    shards: list[ShardResult] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.shards)
+
+    @property
+    def kept(self) -> int:
+        return sum(r.kept for r in self.shards)
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.skipped for r in self.shards)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.samples if self.samples else 0.0
+
+    def to_json(self) -> dict:
+        return {"scorer": self.scorer, "threshold": self.threshold, "samples": self.samples, "kept": self.kept,
+                "kept_fraction": self.kept_fraction, "skipped": self.skipped,
+                "shards": {r.name: {"samples": r.samples, "kept": r.kept, "skipped": r.skipped, "error": r.error}
+                           for r in self.shards}}
+
+
+def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable, threshold: float,
+                 batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Summary:
+    """Score every sample of every shard, write the sidecars and the summary; return the summary."""
+    from pixart.atomic import atomic_write
+    from pixart.data.shards import shard_name
+    from pixart.data.tars import TarDamage, iter_samples
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = Summary(scorer=scorer.name, threshold=threshold)
+    for url in shards:
+        result, lines, batch = ShardResult(shard_name(url)), [], []
+
+        def flush():
+            for sample, score in zip(batch, scorer(batch)):
+                if score is None:
+                    result.skipped += 1
+                    continue
+                lines.append(json.dumps({"__key__": sample["__key__"], "score": round(score, 6)}))
+                result.samples += 1
+                result.kept += score >= threshold
+            progress and progress(len(batch))
+            batch.clear()
+
+        damage = TarDamage()
+        for sample in iter_samples(url, damage):
+            batch.append(sample)
+            if len(batch) == batch_size:
+                flush()
+        flush()
+        result.error = damage.error or None
+        atomic_write(out / SIDECAR.format(result.name), "".join(line + "\n" for line in lines))
+        summary.shards.append(result)
+    atomic_write(out / SUMMARY, json.dumps(summary.to_json(), indent=2))
+    return summary

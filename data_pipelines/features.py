@@ -1,0 +1,333 @@
+"""`extract-features`: VAE latents and T5 features of raw shards, cached as sidecar shards.
+
+Training on cached features skips the two frozen encoders (T5-XXL alone is 4.7B parameters),
+so the cache must be right: `DIR/manifest.json` names what made it, finished shards are kept
+across kills (`DIR/.done/<shard>.json` + the tar renamed into place), and a cache is
+"complete" only when every shard is. Work is split by shard: over nodes by RANK/WORLD_SIZE
+(shard i to rank i % world) and over local worker processes (`workers`), each of which
+loads the encoders once.
+
+Text features are stored compactly: only the valid tokens (n, D), in the encoder's dtype
+(bf16 by default), instead of PixArt's padded (120, 4096) fp32 npz per image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from data_pipelines.features_encode import Job, ShardResult, encode_shard, load_encoders
+from pixart.atomic import atomic_write
+from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, file_sha256
+from pixart.data.shards import is_url, resolve_shards, shard_name
+from pixart.errors import PixArtError
+
+DONE = ".done"  # one record per finished shard: the ground truth the manifest is rebuilt from
+DEFAULT_RESOLUTION = 256
+
+
+@dataclass
+class FeatureConfig:
+    text_encoder: str
+    vae: str | None = None
+    pixel_autoencoder: int | None = None  # factor f of the space-to-depth autoencoder (toy demo)
+    captions: tuple[str, ...] = ("txt",)
+    captions_dir: str | None = None
+    resolution: int | None = None  # square side; default DEFAULT_RESOLUTION unless `buckets`
+    buckets: str | None = None  # aspect-bucket table name, e.g. "ms512"
+    batch_size: int = 16
+    workers: int = 1
+    dtype: str = "bf16"  # T5 compute and stored text dtype; latents are always fp32
+    max_length: int = 120
+    device: str = "cpu"
+    text_encoder_subfolder: str | None = None
+    tokenizer: str | None = None
+    vae_subfolder: str | None = None
+    local_files_only: bool = False
+
+
+@dataclass
+class Extraction:
+    manifest: Manifest
+    results: list[ShardResult] = field(default_factory=list)  # shards encoded by this call
+    seconds: float = 0.0
+
+
+def bucket_table(name: str) -> dict[str, tuple[int, int]]:
+    """PixArt's aspect-bucket table by name: "ASPECT_RATIO_512", or "ms<side>" / "<side>" for any
+    side (`pixart.data.buckets.table_for`), the same tables the raw-shard loader buckets with."""
+    from pixart.data.buckets import table_for
+
+    m = re.fullmatch(r"(?:aspect_ratio_|ms)?(\d+)", name.strip().lower())
+    if not m or int(m.group(1)) < 16:
+        raise PixArtError(f"--buckets {name!r}: unknown bucket table; use ASPECT_RATIO_512, ms256 or a side like 1024")
+    return {k: tuple(hw) for k, hw in table_for(int(m.group(1))).items()}
+
+
+def _encoder_info(cfg: FeatureConfig) -> dict:
+    """Ids, config hashes and sizes of both encoders from their configs alone (no weights loaded)."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig
+
+    from pixart.encoders.loading import check_source, load_error
+
+    def ident(p: str) -> str:
+        return str(Path(p).resolve()) if Path(p).exists() else p
+
+    te = check_source(cfg.text_encoder, "T5 text encoder")
+    try:
+        tcfg = AutoConfig.from_pretrained(te, subfolder=cfg.text_encoder_subfolder or "",
+                                          local_files_only=cfg.local_files_only).to_dict()
+    except Exception as e:
+        raise load_error("T5 text encoder", te, cfg.text_encoder_subfolder, e) from e
+    info = {"text_encoder": ident(te), "text_dim": int(tcfg["d_model"]),
+            "text_encoder_hash": config_hash(tcfg, ("transformers_version", "torch_dtype", "dtype"))}
+    if cfg.vae:
+        vae = check_source(cfg.vae, "VAE")
+        try:
+            vcfg = dict(AutoencoderKL.load_config(vae, subfolder=cfg.vae_subfolder,
+                                                  local_files_only=cfg.local_files_only))
+        except Exception as e:
+            raise load_error("VAE", vae, cfg.vae_subfolder, e) from e
+        info.update(image_encoder=ident(vae), image_encoder_hash=config_hash(vcfg),
+                    latent_channels=int(vcfg["latent_channels"]),
+                    downsample_factor=2 ** (len(vcfg["block_out_channels"]) - 1))
+    else:
+        f = cfg.pixel_autoencoder
+        info.update(image_encoder=f"pixel:{f}", image_encoder_hash=config_hash({"pixel_unshuffle": f}),
+                    latent_channels=3 * f * f, downsample_factor=f)
+    return info
+
+
+def _caption_files(urls: list[str], names: list[str], cfg: FeatureConfig) -> list[dict]:
+    """Per shard, {source: sidecar jsonl or None for "txt"}; a missing sidecar is an error up front."""
+    out = []
+    for url, name in zip(urls, names):
+        files: dict[str, str | None] = {}
+        for src in cfg.captions:
+            if src == "txt":
+                files[src] = None
+                continue
+            places = [Path(d) / f"{name}.{src}.jsonl" for d in
+                      ([cfg.captions_dir] if cfg.captions_dir else []) + ([] if is_url(url) else [Path(url).parent])]
+            found = next((p for p in places if p.is_file()), None)
+            if found is None:
+                raise PixArtError(f"captions {src!r}: no {name}.{src}.jsonl next to {url}"
+                                  + (f" or in {cfg.captions_dir}" if cfg.captions_dir else ""))
+            files[src] = str(found)
+        out.append(files)
+    return out
+
+
+def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], Manifest, Job, list[dict]]:
+    """Check everything that can be checked before any work: shards, names, captions, encoders."""
+    if bool(cfg.vae) == bool(cfg.pixel_autoencoder):
+        raise PixArtError("give exactly one of --vae PATH or --pixel-autoencoder")
+    if cfg.resolution and cfg.buckets:
+        raise PixArtError("give --resolution or --buckets, not both")
+    if cfg.batch_size < 1 or cfg.workers < 1:
+        raise PixArtError("--batch-size and --workers must be positive")
+    if not cfg.captions:
+        raise PixArtError("--captions: name at least one caption source (e.g. txt)")
+    from pixart.encoders import TextEncoderConfig
+
+    tcfg = TextEncoderConfig(cfg.text_encoder, cfg.text_encoder_subfolder, cfg.tokenizer, None, cfg.max_length,
+                             cfg.dtype, cfg.device, local_files_only=cfg.local_files_only)  # validates dtype
+    urls = resolve_shards(shards)
+    names = [shard_name(u) for u in urls]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise PixArtError(f"two input shards are both named {dup}.tar; their feature shards would collide")
+    for url, name in zip(urls, names):
+        if not is_url(url) and Path(url).resolve() == (out / f"{name}.tar").resolve():
+            raise PixArtError(f"--out {out} would overwrite the input shard {url}")
+    captions = _caption_files(urls, names, cfg)
+    info = _encoder_info(cfg)
+    resolution = None if cfg.buckets else (cfg.resolution or DEFAULT_RESOLUTION)
+    table = bucket_table(cfg.buckets) if cfg.buckets else None
+    f = info["downsample_factor"]
+    sizes = [(resolution, resolution)] if resolution else list(table.values())
+    bad = next((s for s in sizes if s[0] % f or s[1] % f), None)
+    if bad:
+        raise PixArtError(f"image size {bad[0]}x{bad[1]} is not divisible by the autoencoder's factor {f}")
+    header = Manifest(dtype=cfg.dtype, max_length=cfg.max_length, resolution=resolution, buckets=cfg.buckets,
+                      caption_sources=list(cfg.captions), shards=[ShardEntry(n) for n in names], **info)
+    vae = ({"path": cfg.vae, "subfolder": cfg.vae_subfolder, "dtype": "fp32", "device": cfg.device,
+            "local_files_only": cfg.local_files_only} if cfg.vae else None)
+    job = Job(str(out), dataclasses.asdict(tcfg), vae, cfg.pixel_autoencoder, list(cfg.captions), resolution,
+              table, cfg.batch_size)
+    return urls, names, header, job, captions
+
+
+def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest, overwrite: bool,
+                 world: int) -> None:
+    """Resume only a cache made with the same settings; replace it only when asked."""
+    ours = {f"{n}.tar" for n in names} | {DONE, MANIFEST}
+    stale = None
+    if (out / MANIFEST).exists():
+        old = Manifest.load(out)
+        stale = next((k for k, v in header.settings().items() if old.settings().get(k) != v), None)
+        if stale and not overwrite:
+            raise PixArtError(f"--out {out} holds features made with {stale} {old.settings()[stale]} "
+                              f"(this run: {getattr(header, stale)}); pass --overwrite or choose another --out")
+    elif out.is_dir():
+        stale = next((p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")), None)
+        if stale and not overwrite:
+            raise PixArtError(f"--out {out} is not empty and is not a feature cache; pass --overwrite to replace it")
+    if stale and overwrite:
+        if world > 1:
+            raise PixArtError("--overwrite with WORLD_SIZE > 1 would race between ranks; empty --out first")
+        inside = next((u for u in urls if not is_url(u) and out.resolve() in Path(u).resolve().parents), None)
+        if inside:
+            raise PixArtError(f"--out {out} holds the input shard {inside}; --overwrite would delete it")
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (out / DONE).mkdir(parents=True, exist_ok=True)
+
+
+def _entry(out: Path, name: str) -> ShardEntry:
+    """A shard counts as done only with its record and a tar of the recorded size."""
+    rec, tar = out / DONE / f"{name}.json", out / f"{name}.tar"
+    try:
+        r = json.loads(rec.read_text())
+        if tar.stat().st_size == r["bytes"]:
+            return ShardEntry(name, r["count"], r["sha256"], True, r["skipped"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return ShardEntry(name)
+
+
+def _refresh(out: Path, header: Manifest) -> Manifest:
+    m = dataclasses.replace(header, shards=[_entry(out, s.name) for s in header.shards])
+    m.save(out)
+    return m
+
+
+def _commit(out: Path, res: ShardResult) -> None:
+    tar = out / f"{res.name}.tar"
+    rec = {"count": res.count, "sha256": file_sha256(tar), "bytes": tar.stat().st_size, "skipped": res.skipped,
+           **{k: v for k, v in dataclasses.asdict(res).items() if k not in ("name", "count", "skipped")}}
+    atomic_write(out / DONE / f"{res.name}.json", json.dumps(rec))
+
+
+_WORKER: tuple | None = None  # (job with this worker's device, progress queue), set once per process
+
+
+def _init_worker(job: Job, progress_q, slots) -> None:
+    """Pick this worker's GPU (worker i -> cuda:i mod count) and load the encoders once."""
+    global _WORKER
+    slot = slots.get()
+    for part in (job.text_encoder, job.vae or {}):
+        if part.get("device") == "cuda":
+            import torch
+            part["device"] = f"cuda:{slot % max(1, torch.cuda.device_count())}"
+    load_encoders(job)
+    _WORKER = job, progress_q
+
+
+def _work(url: str, name: str, captions: dict) -> ShardResult:
+    job, progress_q = _WORKER
+    return encode_shard(url, name, job, captions, progress=progress_q.put)
+
+
+def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwrite: bool = False,
+                     rank: int | None = None, world: int | None = None, progress: bool = True,
+                     on_shard: Callable[[Manifest], None] | None = None) -> Extraction:
+    """Encode this rank's unfinished shards into `out`; returns the manifest as it stands after."""
+    t0 = time.perf_counter()
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    if not 0 <= rank < world:
+        raise PixArtError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
+    out = Path(out)
+    urls, names, header, job, captions = _plan(shards, out, cfg)
+    _prepare_out(out, urls, names, header, overwrite, world)
+    manifest = _refresh(out, header)
+    done = {s.name for s in manifest.shards if s.complete}
+    todo = [i for i in range(len(urls)) if i % world == rank and names[i] not in done]
+    for i in todo:  # a killed run's half-written tar is never trusted
+        (out / f".{names[i]}.tar.tmp").unlink(missing_ok=True)
+    results: list[ShardResult] = []
+    bar = tqdm(desc=f"features {len(todo)} shards", unit="img", disable=not progress)
+
+    def finish(res: ShardResult) -> None:
+        nonlocal manifest
+        _commit(out, res)
+        results.append(res)
+        manifest = _refresh(out, header)
+        bar.set_postfix(shards=f"{manifest.done}/{len(names)}", skipped=sum(len(r.skipped) for r in results))
+        if on_shard:
+            on_shard(manifest)
+
+    try:
+        workers = min(cfg.workers, len(todo))
+        if workers <= 1:
+            if todo:
+                load_encoders(job)
+            for i in todo:
+                finish(encode_shard(urls[i], names[i], job, captions[i], progress=bar.update))
+        else:
+            _run_pool(workers, job, [(urls[i], names[i], captions[i]) for i in todo], bar, finish)
+    finally:
+        bar.close()
+    return Extraction(manifest, results, time.perf_counter() - t0)
+
+
+def _run_pool(workers: int, job: Job, tasks: list, bar, finish) -> None:
+    # forkserver: a fresh interpreter (no CUDA or thread-pool state inherited, as with spawn) that
+    # imports torch/diffusers/transformers once and forks each worker from there; spawn elsewhere
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["data_pipelines.features", "pixart.encoders"])
+    else:
+        ctx = mp.get_context("spawn")
+    progress_q, slots = ctx.Queue(), ctx.Queue()
+    for s in range(workers):
+        slots.put(s)
+    job = dataclasses.replace(job, threads=max(1, (os.cpu_count() or 1) // workers))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(job, progress_q, slots)) as pool:
+        pending = {pool.submit(_work, url, name, caps) for url, name, caps in tasks}
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                while not progress_q.empty():
+                    bar.update(progress_q.get())
+                for fut in finished:
+                    finish(fut.result())
+            while not progress_q.empty():
+                bar.update(progress_q.get())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def pixart_text_bytes(dim: int = 4096, max_length: int = 120) -> int:
+    """Bytes of one caption in PixArt's cache layout: an npz of the padded fp32 (1, L, D) features
+    and the int64 (1, L) mask, as its extract_features tool saves them (exact, via numpy)."""
+    import io
+
+    import numpy as np
+    buf = io.BytesIO()
+    np.savez(buf, caption_feature=np.zeros((1, max_length, dim), np.float32),
+             attention_mask=np.zeros((1, max_length), np.int64))
+    return buf.getbuffer().nbytes
+
+
+def ours_text_bytes(tokens: int, dim: int, element_size: int = 2, sources: int = 1) -> int:
+    """Bytes of `tokens` valid tokens per caption in our layout, safetensors header included."""
+    import torch
+    from safetensors.torch import save
+    dtype = {2: torch.bfloat16, 4: torch.float32}[element_size]
+    return len(save({f"text.s{i}": torch.zeros(tokens, dim, dtype=dtype) for i in range(sources)}))

@@ -1,0 +1,207 @@
+"""One shard's worth of feature extraction: decode, resize/crop, encode in batches, write.
+
+Runs in the main process or in a spawned worker; either way the encoders are built once per
+process (`load_encoders`) and reused for every shard it is given.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pixart.data.tars import ShardWriter, TarDamage, iter_samples
+from pixart.data.buckets import nearest_bucket, resize_crop
+from pixart.data.schema import FEATURES_EXT, FeatureSample
+from pixart.errors import PixArtError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+META_DROP = ("annotations",)  # heavy raw metadata stays in the raw shard
+
+
+@dataclass
+class Job:
+    """What every worker needs to know; plain data so it pickles into spawned processes."""
+    out: str
+    text_encoder: dict  # TextEncoderConfig fields
+    vae: dict | None  # VAEConfig fields, or None for the pixel autoencoder
+    pixel_factor: int | None
+    caption_sources: list[str]
+    resolution: int | None
+    buckets: dict[str, tuple[int, int]] | None  # ratio key -> (h, w), as in pixart.data.buckets
+    batch_size: int
+    threads: int = 0
+
+
+@dataclass
+class ShardResult:
+    name: str
+    count: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    missing_captions: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)  # valid tokens written, per source
+    text_bytes: int = 0  # bytes of text tensors (payload, no headers)
+    feature_bytes: int = 0  # bytes of the .features.safetensors files
+    damaged: str = ""
+    seconds: float = 0.0
+
+
+_ENC: dict = {}  # this process's encoders, keyed by their settings: loaded once, reused per shard
+
+
+def load_encoders(job: Job) -> tuple:
+    """(image autoencoder, text encoder) for `job`, built on first use in this process."""
+    key = json.dumps([job.text_encoder, job.vae, job.pixel_factor], sort_keys=True)
+    if key not in _ENC:
+        from pixart.encoders import ImageAutoencoder, PixelAutoencoder, TextEncoder, TextEncoderConfig, VAEConfig
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        ae = ImageAutoencoder(VAEConfig(**job.vae)) if job.vae else PixelAutoencoder(job.pixel_factor)
+        _ENC.clear()  # one set at a time: T5-XXL is 9 GB
+        _ENC[key] = ae, TextEncoder(TextEncoderConfig(**job.text_encoder))
+    return _ENC[key]
+
+
+@torch.no_grad()
+def encode_text(te, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`TextEncoder.encode` without the padding past the batch's longest caption: T5 cost grows
+    with length and alt-texts are ~15 of 120 tokens. Valid tokens match the padded run to float
+    rounding (masked keys add exact zeros; only the summation blocking changes)."""
+    ids, mask = te.tokenize(captions)
+    n = max(1, int(mask.sum(1).max()))
+    ids, mask = ids[:, :n].to(te.config.device), mask[:, :n].to(te.config.device)
+    return te.model(input_ids=ids, attention_mask=mask).last_hidden_state.to(te.dtype), mask
+
+
+def read_captions(path: str | None) -> dict[str, str]:
+    """A sidecar `<shard>.<captioner>.jsonl`: one {"__key__", "caption"} per line."""
+    if path is None:
+        return {}
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    out[row["__key__"]] = row["caption"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise PixArtError(f"{path}:{n}: not a caption line ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _decode(sample: dict) -> tuple[Image.Image, dict]:
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError("no image")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            im.load()
+            img = im.convert("RGB")
+    except Exception as e:
+        raise ValueError(f"bad image: {type(e).__name__}: {e}") from None
+    meta = {}
+    if "json" in sample:
+        try:
+            meta = {k: v for k, v in json.loads(sample["json"]).items() if k not in META_DROP}
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"bad json: {e}") from None
+    return img, meta
+
+
+class Pending(NamedTuple):
+    pos: int  # index in the raw shard: output keeps input order
+    key: str
+    pixels: torch.Tensor  # (3, h, w) uint8, resized and cropped
+    meta: dict
+
+
+def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | None],
+                 progress: Callable[[int], None] | None = None) -> ShardResult:
+    """Write `job.out/<name>.tar` whole (temp file, then rename); return counts for the manifest.
+
+    Samples are batched per target size (bucket); at most `4 * batch_size` wait for a batch, the
+    oldest group going first when that fills, so memory stays bounded and the output, written in
+    input order as it becomes ready, needs only a short reorder buffer."""
+    ae, te = load_encoders(job)
+    t0, res = time.perf_counter(), ShardResult(name)
+    sidecars = {src: read_captions(p) for src, p in caption_files.items()}
+    pending: dict[tuple[int, int], list[Pending]] = {}
+    ready: dict[int, dict | None] = {}  # pos -> sample to write (None: skipped)
+    next_pos = 0
+    writer = ShardWriter(Path(job.out) / f"{name}.tar")
+
+    def flush(items: list[Pending]) -> None:
+        dist = ae.encode(torch.stack([it.pixels for it in items]).float() / 127.5 - 1)
+        texts: list[dict] = [{} for _ in items]
+        for src in job.caption_sources:
+            idx = [i for i, it in enumerate(items) if src in it.meta["captions"]]
+            if not idx:
+                continue
+            feats, mask = encode_text(te, [items[i].meta["captions"][src] for i in idx])
+            for j, i in enumerate(idx):
+                n = int(mask[j].sum())
+                texts[i][src] = feats[j, :n].clone()
+                res.tokens[src] = res.tokens.get(src, 0) + n
+        for it, mean, std, text in zip(items, dist.mean, dist.std, texts):
+            sample = FeatureSample(it.key, mean.clone(), std.clone(), text, it.meta).to_wds()
+            res.text_bytes += sum(t.numel() * t.element_size() for t in text.values())
+            res.feature_bytes += len(sample[FEATURES_EXT])
+            ready[it.pos] = sample
+        if progress:
+            progress(len(items))
+
+    def drain() -> None:
+        nonlocal next_pos
+        while next_pos in ready:
+            sample = ready.pop(next_pos)
+            if sample is not None:
+                writer.write(sample)
+            next_pos += 1
+
+    try:
+        damage = TarDamage()
+        for pos, sample in enumerate(iter_samples(url, damage)):
+            key = sample["__key__"]
+            try:
+                img, meta = _decode(sample)
+            except ValueError as e:
+                res.skipped.append({"key": key, "reason": str(e)})
+                ready[pos] = None
+                drain()
+                continue
+            caps = {}
+            for src in job.caption_sources:
+                text = sample["txt"].decode("utf-8", "replace") if src == "txt" and "txt" in sample \
+                    else sidecars.get(src, {}).get(key)
+                if text is None:
+                    res.missing_captions[src] = res.missing_captions.get(src, 0) + 1
+                else:
+                    caps[src] = text
+            w, h = img.size
+            size = (job.resolution, job.resolution) if job.resolution else nearest_bucket(h, w, job.buckets)[1]
+            meta.update(width=w, height=h, target_hw=list(size), captions=caps)
+            pixels = torch.from_numpy(np.asarray(resize_crop(img, size)).copy()).permute(2, 0, 1)
+            pending.setdefault(size, []).append(Pending(pos, key, pixels, meta))
+            if len(pending[size]) == job.batch_size:
+                flush(pending.pop(size))
+            elif sum(map(len, pending.values())) >= 4 * job.batch_size:
+                flush(pending.pop(min(pending, key=lambda s: pending[s][0].pos)))
+            drain()
+        for size in sorted(pending, key=lambda s: pending[s][0].pos):
+            flush(pending[size])
+        drain()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    res.count, res.damaged = writer.count, damage.error
+    if damage.error:  # what was read is kept; the rest of the shard is lost, and said so
+        res.skipped.append({"key": "", "reason": f"shard damaged after {damage.after} samples: {damage.error}"})
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,49 @@
+"""`pixart data score-aesthetic`: per-shard aesthetic scores as sidecars, and the kept fraction at a threshold."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "score-aesthetic",
+        help="aesthetic scores of shard samples as sidecar files",
+        description="Write DIR/<shard>.aesthetic.jsonl (one {\"__key__\", \"score\"} per sample) for every shard "
+        "and DIR/aesthetic-summary.json, and report the fraction kept at --threshold. Unreadable samples are "
+        "skipped and counted. Scorers: 'shapes' reads the shapes world's metadata; 'laion' is LAION's "
+        "improved aesthetic predictor (CLIP image embedding -> MLP).",
+    )
+    p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
+    p.add_argument("--out", required=True, help="folder for the sidecar files")
+    p.add_argument("--scorer", choices=("shapes", "laion"), default="shapes")
+    p.add_argument("--model", help="laion: CLIP model folder (CLIPVisionModelWithProjection + CLIPImageProcessor)")
+    p.add_argument("--head", help="laion: MLP head weights (default: MODEL/aesthetic_head.safetensors; "
+                   "a .pth state dict is read with weights_only)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep samples scoring at least this (default 0.5 for shapes, 5.0 for laion)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    from tqdm import tqdm
+
+    from data_pipelines.aesthetic import DEFAULT_THRESHOLD, LaionScorer, ShapesScorer, score_shards
+    from pixart.data.shards import resolve_shards
+    from pixart.errors import PixArtError
+
+    shards = resolve_shards(args.shards)
+    if args.batch_size < 1:
+        raise PixArtError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.scorer == "laion":
+        if not args.model:
+            raise PixArtError("--scorer laion needs --model PATH (a CLIP model folder)")
+        scorer = LaionScorer(args.model, args.head, device=args.device)
+    else:
+        scorer = ShapesScorer()
+    threshold = DEFAULT_THRESHOLD[args.scorer] if args.threshold is None else args.threshold
+    with tqdm(unit="img", desc="score-aesthetic") as bar:
+        s = score_shards(shards, args.out, scorer, threshold, batch_size=args.batch_size, progress=bar.update)
+    broken = [r for r in s.shards if r.error]
+    print(f"{s.samples} samples scored in {len(s.shards)} shards, {s.skipped} skipped (unreadable); "
+          f"kept {s.kept} ({s.kept_fraction:.1%}) at {args.scorer} >= {threshold}" +
+          (f"; {len(broken)} shards broke off early: {', '.join(r.name for r in broken)}" if broken else ""))

@@ -1,0 +1,141 @@
+"""The feature cache's manifest: what made the cache, which shards are done, and a content hash.
+
+`DIR/manifest.json` lets training refuse a stale or half-built cache with one line instead
+of silently training on features from another encoder, resolution or dtype. It is rewritten
+atomically after every finished shard and says `complete` only when every shard is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pixart.atomic import atomic_write
+from pixart.errors import PixArtError
+
+MANIFEST = "manifest.json"
+VERSION = 1
+# Fields of the manifest a training config may name to be checked (others in `expected` are ignored).
+CHECKED = ("image_encoder", "image_encoder_hash", "text_encoder", "text_encoder_hash", "dtype", "max_length",
+           "resolution", "buckets", "caption_sources", "latent_channels", "downsample_factor", "text_dim")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(cfg: dict, drop: tuple[str, ...] = ()) -> str:
+    """Short hash of a model config, without keys that name versions or paths rather than the model."""
+    keep = {k: v for k, v in cfg.items() if k not in drop and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ShardEntry:
+    name: str  # the raw shard's name; the feature tar is DIR/<name>.tar
+    count: int = 0
+    sha256: str = ""
+    complete: bool = False
+    skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}] of samples left out
+
+
+@dataclass
+class Manifest:
+    image_encoder: str  # local path or hub id of the VAE, or "pixel:<factor>"
+    image_encoder_hash: str
+    text_encoder: str
+    text_encoder_hash: str
+    dtype: str  # text features' dtype as stored ("bf16"/"fp32"); latents are fp32
+    max_length: int
+    resolution: int | None
+    buckets: str | None
+    caption_sources: list[str]
+    latent_channels: int
+    downsample_factor: int
+    text_dim: int
+    shards: list[ShardEntry] = field(default_factory=list)
+    version: int = VERSION
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.shards if s.complete)
+
+    @property
+    def done(self) -> int:
+        return sum(s.complete for s in self.shards)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.shards) and self.done == len(self.shards)
+
+    @property
+    def content_hash(self) -> str:
+        """Hash over the finished shards' names and tar hashes: equal caches have equal hashes."""
+        lines = sorted(f"{s.name} {s.sha256}" for s in self.shards if s.complete)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def settings(self) -> dict:
+        """Everything that decides what the features are (not which shards are done)."""
+        return {k: getattr(self, k) for k in CHECKED}
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d.update(count=self.count, complete=self.complete, content_hash=self.content_hash)
+        return json.dumps(d, indent=1)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        return atomic_write(Path(folder) / MANIFEST, self.to_json())
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        try:
+            d = json.loads(path.read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            d = {k: v for k, v in d.items() if k in names}
+            d["shards"] = [ShardEntry(**s) for s in d.get("shards", [])]
+            m = cls(**d)
+            m.folder = str(folder)  # for messages; not saved
+            return m
+        except FileNotFoundError:
+            raise PixArtError(f"{path}: no feature manifest; run extract-features first") from None
+        except (ValueError, TypeError) as e:
+            raise PixArtError(f"{path}: not a feature manifest ({e})") from None
+
+    def check(self, expected, where: str | os.PathLike | None = None) -> "Manifest":
+        """Raise PixArtError naming the first field of `expected` (a dict or a dataclass; fields the
+        manifest does not record are ignored) that differs, or when the cache is unfinished."""
+        if dataclasses.is_dataclass(expected):
+            expected = dataclasses.asdict(expected)
+        where = str(where or getattr(self, "folder", None) or "feature cache")
+        where = where if where.endswith(MANIFEST) else f"{where}/{MANIFEST}"
+        for key, want in expected.items():
+            if key not in CHECKED:
+                continue
+            have = getattr(self, key)
+            if key == "caption_sources":
+                want = [want] if isinstance(want, str) else list(want)
+                missing = [s for s in want if s not in have]
+                if missing:
+                    raise PixArtError(f"{where}: caption source {missing[0]!r} not in cache {have}")
+            elif want != have and not (key.endswith("encoder") and _same_path(want, have)):
+                raise PixArtError(f"{where}: {key} {have} != config {want}")
+        if not self.complete:
+            raise PixArtError(f"{where} is incomplete: {self.done} of {len(self.shards)} shards done; "
+                              "rerun extract-features to finish")
+        return self
+
+
+def _same_path(a, b) -> bool:
+    """Encoder ids are paths or hub ids; two spellings of one local folder are the same encoder."""
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except (TypeError, OSError):
+        return False

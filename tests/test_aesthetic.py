@@ -1,0 +1,140 @@
+"""`score-aesthetic`: sidecar schema, kept fraction, skipped samples, and the LAION predictor on a tiny CLIP."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines.aesthetic import LaionScorer, aesthetic_head
+from data_pipelines.shapes import write_shapes
+from pixart.errors import PixArtError
+
+
+def run_cli(*argv):
+    """`pixart data score-aesthetic ...` in-process, through the real entry point."""
+    from pixart.cli.main import main
+
+    return main(["data", "score-aesthetic", *map(str, argv)])
+
+
+def sidecar(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes(out, 60, seed=0, resolution=32, shard_size=25)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=24)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    head = aesthetic_head(24)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.5)
+    save_file(head.state_dict(), path / "aesthetic_head.safetensors")
+    return path
+
+
+def test_shapes_scores_are_the_metadata_and_kept_fraction_matches(tmp_path, shapes, capsys):
+    assert run_cli(shapes, "--out", tmp_path / "s", "--threshold", 0.6) == 0
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == ["aesthetic-summary.json"] + [f"shapes-00000{i}.aesthetic.jsonl" for i in range(3)]
+    import webdataset as wds
+
+    truth = {s["__key__"]: json.loads(s["json"])["aesthetic"]
+             for s in wds.WebDataset(str(shapes / "shapes-{000000..000002}.tar"), shardshuffle=False)}
+    rows = [r for i in range(3) for r in sidecar(tmp_path / "s" / f"shapes-00000{i}.aesthetic.jsonl")]
+    assert all(set(r) == {"__key__", "score"} for r in rows)
+    assert {r["__key__"]: r["score"] for r in rows} == truth and len(rows) == 60
+    summary = json.loads((tmp_path / "s" / "aesthetic-summary.json").read_text())
+    kept = sum(v >= 0.6 for v in truth.values())
+    assert summary["kept"] == kept and summary["samples"] == 60 and summary["skipped"] == 0
+    assert summary["kept_fraction"] == pytest.approx(kept / 60) and 0 < kept < 60
+    assert f"kept {kept} ({kept / 60:.1%})" in capsys.readouterr().out
+
+
+def _shard(path, samples):
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False) as tw:
+        for s in samples:
+            tw.write(s)
+
+
+def _png(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_laion_scorer_is_clip_embedding_then_mlp(tmp_path, clip):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    _shard(tmp_path / "web-000000.tar", [
+        {"__key__": "a", "png": _png(0)}, {"__key__": "b", "jpg": b"not an image"}, {"__key__": "c", "png": _png(1)},
+        {"__key__": "d", "txt": b"no image at all"}])
+    assert run_cli(tmp_path / "web-000000.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", clip,
+                   "--threshold", 0, "--batch-size", 3) == 0
+    rows = sidecar(tmp_path / "o" / "web-000000.aesthetic.jsonl")
+    assert [r["__key__"] for r in rows] == ["a", "c"]
+    summary = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
+    assert summary["skipped"] == 2 and summary["samples"] == 2 and summary["scorer"] == "laion"
+
+    model, proc = CLIPVisionModelWithProjection.from_pretrained(clip).eval(), CLIPImageProcessor.from_pretrained(clip)
+    head = aesthetic_head(24).eval()
+    from safetensors.torch import load_file
+    head.load_state_dict(load_file(clip / "aesthetic_head.safetensors"))
+    with torch.no_grad():
+        emb = model(**proc(images=[Image.open(io.BytesIO(_png(0)))], return_tensors="pt")).image_embeds
+        want = head(emb / emb.norm(dim=-1, keepdim=True)).item()
+    assert rows[0]["score"] == pytest.approx(want, abs=1e-4)
+    assert rows[0]["score"] != pytest.approx(rows[1]["score"])
+
+
+def test_head_must_match_the_clip_projection(tmp_path, clip):
+    from safetensors.torch import save_file
+
+    save_file(aesthetic_head(768).state_dict(), tmp_path / "head.safetensors")
+    with pytest.raises(PixArtError, match="takes 768-d embeddings"):
+        LaionScorer(clip, tmp_path / "head.safetensors")
+    torch.save(aesthetic_head(24).state_dict(), tmp_path / "head.pth")  # the released format
+    assert LaionScorer(clip, tmp_path / "head.pth").head.layers[0].in_features == 24
+
+
+def test_unreadable_metadata_and_broken_shards_are_counted(tmp_path, shapes, capsys):
+    _shard(tmp_path / "odd-000000.tar", [
+        {"__key__": "x", "json": b'{"aesthetic": 0.9}'}, {"__key__": "y", "json": b"{broken"},
+        {"__key__": "z", "png": _png(2)}])
+    data = (shapes / "shapes-000000.tar").read_bytes()
+    (tmp_path / "cut-000000.tar").write_bytes(data[: len(data) // 2 + 100])  # mid-member, as a killed copy
+    assert run_cli(tmp_path / "odd-000000.tar", tmp_path / "cut-000000.tar", "--out", tmp_path / "o") == 0
+    assert sidecar(tmp_path / "o" / "odd-000000.aesthetic.jsonl") == [{"__key__": "x", "score": 0.9}]
+    summary = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
+    assert summary["shards"]["odd-000000"]["skipped"] == 2
+    assert summary["shards"]["cut-000000"]["error"] and 0 < summary["shards"]["cut-000000"]["samples"] < 25
+    assert "broke off early: cut-000000" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_one_line(tmp_path, capsys):
+    assert run_cli(tmp_path / "nothing-*.tar", "--out", tmp_path / "o") == 2
+    assert run_cli(tmp_path, "--out", tmp_path / "o") == 2  # a folder without shards
+    (tmp_path / "a.tar").write_bytes(b"")
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion") == 2
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", tmp_path) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 4 and all(e.startswith("pixart data: error:") for e in errs)
+    assert "needs --model" in errs[2] and "not a CLIP model folder" in errs[3]

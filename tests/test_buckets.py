@@ -1,0 +1,50 @@
+"""Aspect-ratio bucket tables, nearest bucket, resize-crop."""
+import numpy as np
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
+from PIL import Image
+
+from pixart.data.buckets import (ASPECT_RATIO_256, ASPECT_RATIO_512, ASPECT_RATIO_1024, nearest_bucket,
+                                 resize_crop, scaled_table, table_for)
+
+
+def test_pixart_tables_have_40_ratios_from_quarter_to_four():
+    for side, table in ((1024, ASPECT_RATIO_1024), (512, ASPECT_RATIO_512), (256, ASPECT_RATIO_256)):
+        ratios = [float(k) for k in table]
+        assert len(table) == 40 and ratios == sorted(ratios) and ratios[0] == 0.25 and ratios[-1] == 4.0
+        assert table["1.0"] == (side, side)
+        for key, (h, w) in table.items():
+            assert abs(h / w - float(key)) < 0.02 and h % (side // 16) == 0 and w % (side // 16) == 0
+            assert 0.9 * side ** 2 < h * w < 1.06 * side ** 2  # about the same pixel count everywhere
+    # diffusers' inference table is a subset: its numbers are reused, not retyped.
+    assert all(ASPECT_RATIO_1024[k] == (int(h), int(w)) for k, (h, w) in ASPECT_RATIO_1024_BIN.items())
+    assert all(ASPECT_RATIO_512[k] == (h // 2, w // 2) for k, (h, w) in ASPECT_RATIO_1024.items())
+
+
+def test_nearest_bucket():
+    assert nearest_bucket(1024, 1024, ASPECT_RATIO_1024) == ("1.0", (1024, 1024))
+    assert nearest_bucket(600, 1000, ASPECT_RATIO_1024) == ("0.6", (768, 1280))
+    assert nearest_bucket(100, 1000, ASPECT_RATIO_512) == ("0.25", (256, 1024))  # beyond the table: the end
+    assert nearest_bucket(5000, 1000, ASPECT_RATIO_256)[0] == "4.0"
+
+
+def test_scaled_tables_for_small_sides():
+    for side in (32, 64, 128):
+        t = scaled_table(ASPECT_RATIO_1024, side, multiple=16)
+        sizes = list(t.values())
+        assert len(set(sizes)) == len(sizes) and t["1.0"] == (side, side)  # duplicates collapsed
+        assert all(h % 16 == 0 and w % 16 == 0 for h, w in sizes)
+        assert all(abs(h / w - float(k)) < 0.01 for k, (h, w) in t.items())  # keyed by the real ratio
+        assert min(float(k) for k in t) == 0.25 and max(float(k) for k in t) == 4.0
+    assert 4 < len(scaled_table(ASPECT_RATIO_1024, 32)) < len(scaled_table(ASPECT_RATIO_1024, 128)) < 40
+    assert table_for(512) is ASPECT_RATIO_512 and table_for(64) == scaled_table(ASPECT_RATIO_1024, 64)
+
+
+def test_resize_crop_covers_then_centers():
+    rgb = np.zeros((100, 300, 3), dtype=np.uint8)
+    rgb[:, 100:200] = 255  # a white middle third
+    out = resize_crop(Image.fromarray(rgb), (64, 64))
+    assert out.size == (64, 64)
+    a = np.asarray(out)
+    assert a[:, 8:56].min() > 200  # the centre is the white band, scaled to cover the height
+    tall = resize_crop(Image.fromarray(rgb), (96, 32))
+    assert tall.size == (32, 96)

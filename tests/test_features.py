@@ -1,0 +1,208 @@
+"""extract-features on tiny raw shards with the tiny T5/VAE: round trip, resume, workers, refusals, size."""
+import argparse
+import io
+import json
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from data_pipelines.features import (FeatureConfig, bucket_table, extract_features, ours_text_bytes,
+                                     pixart_text_bytes)
+from pixart.cli import extract_features as cli
+from pixart.data.buckets import nearest_bucket
+from pixart.data.manifest import Manifest, file_sha256
+from pixart.data.schema import FeatureSample
+from pixart.encoders import TextEncoder, TextEncoderConfig, make_tiny_t5, make_tiny_vae
+from pixart.errors import PixArtError
+
+CAPTIONS = ["a photo of a cat sitting on a red chair", "two dogs playing in the snow at night",
+            "green hills under a blue sky with white clouds", "the city skyline at sunset, digital art",
+            "a close up of a bowl of fruit on a wooden table"]
+
+
+def _png(w, h, seed):
+    g = torch.Generator().manual_seed(seed)
+    px = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    return {"t5": str(make_tiny_t5(root / "t5")), "vae": str(make_tiny_vae(root / "vae"))}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """3 shards x 4 samples, sizes vary; shard 1 has a corrupt png; shard 0 has a `meta` sidecar."""
+    root = tmp_path_factory.mktemp("raw")
+    for s in range(3):
+        with wds.TarWriter(str(root / f"shard-{s:06d}.tar")) as w:
+            for i in range(4):
+                k = s * 4 + i
+                img = b"\x89PNG broken" if (s, i) == (1, 2) else _png(48 if i % 2 else 32, 32, k)
+                w.write({"__key__": f"{k:06d}", "png": img, "txt": CAPTIONS[k % 5].encode(),
+                         "json": json.dumps({"width": 48, "height": 32, "label": k}).encode()})
+        with open(root / f"shard-{s:06d}.meta.jsonl", "w") as f:
+            for i in range(4):
+                f.write(json.dumps({"__key__": f"{s * 4 + i:06d}", "caption": f"dense caption number {i} " * 3}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Byte-identical outputs need equal thread counts per process (a conv's float rounding depends
+    on it); spawned workers here get 1 each (2 cores / 2 workers), so the main process does too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ref(enc, raw, tmp_path_factory):
+    """The reference cache: all shards, one process, both caption sources."""
+    out = tmp_path_factory.mktemp("ref") / "f"
+    return out, extract_features(raw, out, _cfg(enc), progress=False)
+
+
+def _cfg(enc, **kw):
+    return FeatureConfig(**{"text_encoder": enc["t5"], "vae": enc["vae"], "resolution": 32, "batch_size": 3,
+                            "captions": ("txt", "meta"), **kw})
+
+
+def _read(path):
+    return [FeatureSample.from_wds(s) for s in wds.WebDataset(str(path), shardshuffle=False)]
+
+
+def _hashes(folder):
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir())}
+
+
+def test_round_trip_shapes_dtype_and_inputs_untouched(enc, raw, ref, tmp_path):
+    before = _hashes(raw)
+    out, ex = ref
+    extract_features(raw, tmp_path / "again", _cfg(enc), progress=False)
+    assert _hashes(raw) == before
+    m = Manifest.load(out)
+    assert m.complete and m.count == 11 and len(m.shards) == 3 and m.content_hash == ex.manifest.content_hash
+    assert Manifest.load(tmp_path / "again").content_hash == m.content_hash  # deterministic
+    assert m.shards[1].skipped[0]["key"] == "000006" and "bad image" in m.shards[1].skipped[0]["reason"]
+    te = TextEncoder(TextEncoderConfig(enc["t5"]))
+    samples = _read(out / "shard-000000.tar")
+    assert [s.key for s in samples] == ["000000", "000001", "000002", "000003"]
+    for s in samples:
+        assert s.latent_mean.shape == s.latent_std.shape == (4, 16, 16) and s.latent_mean.dtype == torch.float32
+        assert set(s.text) == {"txt", "meta"} and s.meta["captions"]["txt"] == CAPTIONS[int(s.key) % 5]
+        n = int(te.tokenize([s.meta["captions"]["txt"]])[1].sum())
+        assert s.text["txt"].shape == (n, 32) and s.text["txt"].dtype == torch.bfloat16
+        full, mask = te.encode([s.meta["captions"]["txt"]])  # padded to 120 as at sampling time
+        torch.testing.assert_close(s.text["txt"], full[0, :n], atol=0.02, rtol=0.02)  # bf16 rounding
+        assert s.meta["label"] == int(s.key) and s.meta["target_hw"] == [32, 32]
+        assert s.meta["width"] in (32, 48)
+    assert [s.key for s in _read(out / "shard-000001.tar")] == ["000004", "000005", "000007"]
+    assert _read(out / "shard-000001.tar")[0].text["meta"].shape[1] == 32
+
+
+def test_pixel_autoencoder_and_buckets(enc, raw, tmp_path):
+    cfg = _cfg(enc, vae=None, pixel_autoencoder=2, resolution=None, buckets="ms32", dtype="fp32",
+               captions=("txt",))
+    extract_features(raw / "shard-000000.tar", tmp_path / "p", cfg, progress=False)
+    samples = _read(tmp_path / "p" / "shard-000000.tar")
+    table = bucket_table("ms32")
+    for s in samples:
+        h, w = nearest_bucket(32, s.meta["width"], table)[1]
+        assert s.meta["target_hw"] == [h, w] and s.latent_mean.shape == (12, h // 2, w // 2)
+        assert s.text["txt"].dtype == torch.float32 and not s.latent_std.any()
+    assert samples[0].latent_mean.shape != samples[1].latent_mean.shape  # 32x32 and 48x32 sources
+    assert [s.key for s in samples] == ["000000", "000001", "000002", "000003"]  # input order kept
+    m = Manifest.load(tmp_path / "p")
+    assert (m.image_encoder, m.latent_channels, m.buckets, m.resolution) == ("pixel:2", 12, "ms32", None)
+
+
+def test_kill_then_resume_every_key_once(enc, raw, ref, tmp_path):
+    out, states = tmp_path / "r", []
+
+    def die_after_first(m):
+        states.append((m.done, m.complete, Manifest.load(out).complete))
+        if m.done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(raw, out, _cfg(enc), progress=False, on_shard=die_after_first)
+    (out / ".shard-000001.tar.tmp").write_bytes(b"half a tar")  # as a kill mid-shard leaves it
+    with pytest.raises(PixArtError, match=r"incomplete: 1 of 3 shards done; rerun extract-features"):
+        Manifest.load(out).check({})
+    ex = extract_features(raw, out, _cfg(enc), progress=False, on_shard=lambda m: states.append(
+        (m.done, m.complete, Manifest.load(out).complete)))
+    assert [r.name for r in ex.results] == ["shard-000001", "shard-000002"]
+    assert states == [(1, False, False), (2, False, False), (3, True, True)]
+    keys = [s.key for p in sorted(out.glob("*.tar")) for s in _read(p)]
+    assert keys == sorted(set(keys)) and len(keys) == 11
+    assert not list(out.glob(".*.tmp"))
+    again = extract_features(raw, out, _cfg(enc), progress=False)  # nothing left to do
+    assert again.results == [] and again.manifest.content_hash == ex.manifest.content_hash
+    assert ex.manifest.content_hash == ref[1].manifest.content_hash  # same bytes as an unbroken run
+
+
+def test_ranks_split_shards(enc, raw, ref, tmp_path):
+    a = extract_features(raw, tmp_path / "n", _cfg(enc), rank=0, world=2, progress=False)
+    assert [r.name for r in a.results] == ["shard-000000", "shard-000002"] and not a.manifest.complete
+    b = extract_features(raw, tmp_path / "n", _cfg(enc), rank=1, world=2, progress=False)
+    assert [r.name for r in b.results] == ["shard-000001"] and b.manifest.complete
+    assert b.manifest.content_hash == ref[1].manifest.content_hash
+
+
+def test_two_workers_equal_one(enc, raw, ref, tmp_path):
+    two = extract_features(raw, tmp_path / "w2", _cfg(enc, workers=2), progress=False)
+    assert len(two.results) == 3 and two.manifest.complete
+    assert [s.sha256 for s in two.manifest.shards] == [s.sha256 for s in ref[1].manifest.shards]
+
+
+def test_refusals_before_any_work(enc, raw, tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(PixArtError, match="T5 text encoder.*does not exist"):
+        extract_features(raw, out, _cfg(enc, text_encoder=str(tmp_path / "nope")), progress=False)
+    with pytest.raises(PixArtError, match="VAE.*does not exist"):
+        extract_features(raw, out, _cfg(enc, vae=str(tmp_path / "nope")), progress=False)
+    with pytest.raises(PixArtError, match="no shards found"):
+        extract_features(tmp_path, out, _cfg(enc), progress=False)
+    with pytest.raises(PixArtError, match="llava.jsonl"):
+        extract_features(raw, out, _cfg(enc, captions=("txt", "llava")), progress=False)
+    with pytest.raises(PixArtError, match="would overwrite the input"):
+        extract_features(raw, raw, _cfg(enc), progress=False)
+    assert not out.exists()
+    extract_features(raw / "shard-000002.tar", out, _cfg(enc), progress=False)
+    with pytest.raises(PixArtError, match="made with resolution 32 .this run: 64.; pass --overwrite"):
+        extract_features(raw / "shard-000002.tar", out, _cfg(enc, resolution=64), progress=False)
+    with pytest.raises(PixArtError, match=r"manifest.json: resolution 32 != config 512"):
+        Manifest.load(out).check({"resolution": 512, "dtype": "bf16", "learning_rate": 1e-4})
+    ex = extract_features(raw / "shard-000002.tar", out, _cfg(enc, resolution=64), overwrite=True, progress=False)
+    assert ex.manifest.resolution == 64 and ex.manifest.complete
+
+
+def test_cli(enc, raw, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["extract-features", str(raw / "shard-00000{0,2}.tar"), "--out", str(tmp_path / "c"),
+                              "--pixel-autoencoder", "--text-encoder", enc["t5"], "--resolution", "32",
+                              "--captions", "txt,meta"])
+    args.run(args)
+    assert "encoded 8 samples in 2 shards" in capsys.readouterr().out
+    assert Manifest.load(tmp_path / "c").caption_sources == ["txt", "meta"]
+
+
+def test_bytes_per_sample_goal(ref):
+    """Our text features (valid tokens, bf16) vs PixArt's padded fp32 npz, at the tiny width and at 4096."""
+    out, ex = ref
+    n = sum(r.count for r in ex.results)
+    tokens = sum(r.tokens["txt"] for r in ex.results) / n
+    ours = sum(ours_text_bytes(len(s.text["txt"]), 32) for p in out.glob("*.tar") for s in _read(p)) / n
+    assert ours <= pixart_text_bytes(32) / 3
+    assert pixart_text_bytes(4096) > 120 * 4096 * 4 == 1_966_080
+    assert ours_text_bytes(round(tokens), 4096) <= pixart_text_bytes(4096) / 3
+    assert ours_text_bytes(79, 4096) <= pixart_text_bytes(4096) / 3 < ours_text_bytes(81, 4096)
