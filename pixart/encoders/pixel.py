@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PixArtError
-from .vae import LatentDist
+from .vae import LatentDist, sample_latents
 
 __all__ = ["PixelAutoencoder"]
 
@@ -49,9 +49,7 @@ class PixelAutoencoder:
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std * noise in model space (std is 0 here, so z == mean * scale)."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                            device=generator.device if generator is not None else mean.device)
-        return (mean + std * noise.to(mean.device) - self.shift_factor) * self.scale_factor
+        return sample_latents(mean, std, self.shift_factor, self.scale_factor, generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

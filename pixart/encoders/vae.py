@@ -25,6 +25,14 @@ class VAEConfig:
         resolve_dtype(self.dtype, ("fp32", "bf16", "fp16"), "VAE")
 
 
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, shift: float, scale: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = mean + std * noise, mapped to model space: (z - shift) * scale."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                        device=generator.device if generator is not None else mean.device)
+    return (mean + std * noise.to(mean.device) - shift) * scale
+
+
 @dataclass
 class LatentDist:
     """Posterior N(mean, std^2), unscaled, (B, C, h, w) each. PixArt caches both, not one sample,
@@ -73,9 +81,7 @@ class ImageAutoencoder:
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw z = mean + std * noise and map to model space: (z - shift) * scale."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                            device=generator.device if generator is not None else mean.device)
-        return (mean + std * noise.to(mean.device) - self.shift_factor) * self.scale_factor
+        return sample_latents(mean, std, self.shift_factor, self.scale_factor, generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
