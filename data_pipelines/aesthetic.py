@@ -164,14 +164,15 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
                  batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Summary:
     """Score every sample of every shard, write the sidecars and the summary; return the summary."""
     from pixart.atomic import atomic_write
-    from pixart.data.shards import shard_name
+    from pixart.data.shards import check_unique_names
     from pixart.data.tars import TarDamage, iter_samples
 
+    names = check_unique_names(shards)  # one sidecar per name: a second shard would overwrite the first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = Summary(scorer=scorer.name, threshold=threshold)
-    for url in shards:
-        result, lines, batch = ShardResult(shard_name(url)), [], []
+    for url, name in zip(shards, names):
+        result, lines, batch = ShardResult(name), [], []
 
         def flush():
             for sample, score in zip(batch, scorer(batch)):

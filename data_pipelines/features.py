@@ -9,6 +9,9 @@ loads the encoders once.
 
 Text features are stored compactly: only the valid tokens (n, D), in the encoder's dtype
 (bf16 by default), instead of PixArt's padded (120, 4096) fp32 npz per image.
+
+A finished shard is reused only while its input is the one it was made from (`_input_id`), and
+an input tar that breaks off early is not finished (a rerun retries it) unless `accept_damaged`.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from tqdm import tqdm
 from data_pipelines.features_encode import Job, ShardResult, encode_shard, load_encoders
 from pixart.atomic import atomic_write
 from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, file_sha256
-from pixart.data.shards import is_url, resolve_shards, shard_name
+from pixart.data.shards import check_unique_names, is_url, resolve_shards
 from pixart.errors import PixArtError
 
 DONE = ".done"  # one record per finished shard: the ground truth the manifest is rebuilt from
@@ -45,7 +48,7 @@ class FeatureConfig:
     captions_dir: str | None = None
     resolution: int | None = None  # square side; default DEFAULT_RESOLUTION unless `buckets`
     buckets: str | None = None  # aspect-bucket table name, e.g. "ms512"
-    batch_size: int = 16
+    batch_size: int = 16  # recorded: a caption's features depend on its batch's padding at float rounding
     workers: int = 1
     dtype: str = "bf16"  # T5 compute and stored text dtype; latents are always fp32
     max_length: int = 120
@@ -54,12 +57,14 @@ class FeatureConfig:
     tokenizer: str | None = None
     vae_subfolder: str | None = None
     local_files_only: bool = False
+    accept_damaged: bool = False  # keep what a broken-off input tar yielded and mark it complete
 
 
 @dataclass
 class Extraction:
     manifest: Manifest
-    results: list[ShardResult] = field(default_factory=list)  # shards encoded by this call
+    results: list[ShardResult] = field(default_factory=list)  # shards encoded and kept by this call
+    damaged: list[ShardResult] = field(default_factory=list)  # broken-off inputs left unfinished (retry)
     seconds: float = 0.0
 
 
@@ -101,11 +106,13 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
             raise load_error("VAE", vae, cfg.vae_subfolder, e) from e
         info.update(image_encoder=ident(vae), image_encoder_hash=config_hash(vcfg),
                     latent_channels=int(vcfg["latent_channels"]),
+                    scaling_factor=float(vcfg.get("scaling_factor", 0.18215)),  # AutoencoderKL's default
+                    shift_factor=float(vcfg.get("shift_factor") or 0.0),
                     downsample_factor=2 ** (len(vcfg["block_out_channels"]) - 1))
     else:
         f = cfg.pixel_autoencoder
         info.update(image_encoder=f"pixel:{f}", image_encoder_hash=config_hash({"pixel_unshuffle": f}),
-                    latent_channels=3 * f * f, downsample_factor=f)
+                    latent_channels=3 * f * f, downsample_factor=f, scaling_factor=1.0, shift_factor=0.0)
     return info
 
 
@@ -144,10 +151,7 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
     tcfg = TextEncoderConfig(cfg.text_encoder, cfg.text_encoder_subfolder, cfg.tokenizer, None, cfg.max_length,
                              cfg.dtype, cfg.device, local_files_only=cfg.local_files_only)  # validates dtype
     urls = resolve_shards(shards)
-    names = [shard_name(u) for u in urls]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise PixArtError(f"two input shards are both named {dup}.tar; their feature shards would collide")
+    names = check_unique_names(urls)
     for url, name in zip(urls, names):
         if not is_url(url) and Path(url).resolve() == (out / f"{name}.tar").resolve():
             raise PixArtError(f"--out {out} would overwrite the input shard {url}")
@@ -161,25 +165,34 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
     if bad:
         raise PixArtError(f"image size {bad[0]}x{bad[1]} is not divisible by the autoencoder's factor {f}")
     header = Manifest(dtype=cfg.dtype, max_length=cfg.max_length, resolution=resolution, buckets=cfg.buckets,
-                      caption_sources=list(cfg.captions), shards=[ShardEntry(n) for n in names], **info)
+                      caption_sources=list(cfg.captions), batch_size=cfg.batch_size,
+                      shards=[ShardEntry(n) for n in names], **info)
     vae = ({"path": cfg.vae, "subfolder": cfg.vae_subfolder, "dtype": "fp32", "device": cfg.device,
             "local_files_only": cfg.local_files_only} if cfg.vae else None)
     job = Job(str(out), dataclasses.asdict(tcfg), vae, cfg.pixel_autoencoder, list(cfg.captions), resolution,
-              table, cfg.batch_size)
+              table, cfg.batch_size, accept_damaged=cfg.accept_damaged)
     return urls, names, header, job, captions
 
 
 def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest, overwrite: bool,
-                 world: int) -> None:
-    """Resume only a cache made with the same settings; replace it only when asked."""
+                 world: int) -> list[str]:
+    """Resume only a cache made with the same settings; replace it only when asked. Returns the
+    names of the shards the cache already lists, which a run on a subset of shards keeps."""
     ours = {f"{n}.tar" for n in names} | {DONE, MANIFEST}
-    stale = None
+    stale, known = None, []
     if (out / MANIFEST).exists():
-        old = Manifest.load(out)
-        stale = next((k for k, v in header.settings().items() if old.settings().get(k) != v), None)
-        if stale and not overwrite:
-            raise PixArtError(f"--out {out} holds features made with {stale} {old.settings()[stale]} "
-                              f"(this run: {getattr(header, stale)}); pass --overwrite or choose another --out")
+        try:
+            old = Manifest.load(out)
+        except PixArtError:  # an older version or a broken file: only --overwrite replaces it
+            if not overwrite:
+                raise
+            old, stale = None, MANIFEST
+        if old is not None:
+            known = [s.name for s in old.shards]
+            stale = next((k for k, v in header.settings().items() if old.settings().get(k) != v), None)
+            if stale and not overwrite:
+                raise PixArtError(f"--out {out} holds features made with {stale} {old.settings()[stale]} "
+                                  f"(this run: {getattr(header, stale)}); pass --overwrite or choose another --out")
     elif out.is_dir():
         stale = next((p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")), None)
         if stale and not overwrite:
@@ -192,7 +205,37 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
             raise PixArtError(f"--out {out} holds the input shard {inside}; --overwrite would delete it")
         for p in out.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+        known = []
     (out / DONE).mkdir(parents=True, exist_ok=True)
+    return known + [p.name[:-5] for p in (out / DONE).glob("*.json") if not p.name.startswith(".")]
+
+
+def _input_id(url: str) -> dict:
+    """What identifies an input shard on resume. Local files: size and mtime_ns, checked on every
+    run for free; the record also keeps the sha256 (one extra read per encoded shard), so a copy
+    with a new mtime but the same bytes is recognised without re-encoding. URLs: the URL only;
+    a remote shard that changes under the same URL is not noticed."""
+    if is_url(url):
+        return {"url": url}
+    st = os.stat(url)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _drop_if_input_changed(out: Path, name: str, url: str) -> None:
+    """Forget a finished shard whose input is not the one it was encoded from (regenerated data)."""
+    path = out / DONE / f"{name}.json"
+    try:
+        rec = json.loads(path.read_text())
+        was = rec["input"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no (readable) record: the shard is not done anyway
+    now = _input_id(url)
+    if all(was.get(k) == v for k, v in now.items()):
+        return
+    if not is_url(url) and was.get("bytes") == now["bytes"] and was.get("sha256") == file_sha256(url):
+        atomic_write(path, json.dumps({**rec, "input": {**now, "sha256": was["sha256"]}}))  # same bytes, new mtime
+        return
+    path.unlink(missing_ok=True)
 
 
 def _entry(out: Path, name: str) -> ShardEntry:
@@ -201,7 +244,7 @@ def _entry(out: Path, name: str) -> ShardEntry:
     try:
         r = json.loads(rec.read_text())
         if tar.stat().st_size == r["bytes"]:
-            return ShardEntry(name, r["count"], r["sha256"], True, r["skipped"])
+            return ShardEntry(name, r["count"], r["sha256"], True, r["skipped"], r["buckets"], r["damaged"])
     except (OSError, ValueError, KeyError):
         pass
     return ShardEntry(name)
@@ -213,10 +256,13 @@ def _refresh(out: Path, header: Manifest) -> Manifest:
     return m
 
 
-def _commit(out: Path, res: ShardResult) -> None:
+def _commit(out: Path, res: ShardResult, url: str) -> None:
+    """The shard's record; no timings, so identical runs leave byte-identical records."""
     tar = out / f"{res.name}.tar"
+    made_from = _input_id(url) if is_url(url) else {**_input_id(url), "sha256": file_sha256(url)}
     rec = {"count": res.count, "sha256": file_sha256(tar), "bytes": tar.stat().st_size, "skipped": res.skipped,
-           **{k: v for k, v in dataclasses.asdict(res).items() if k not in ("name", "count", "skipped")}}
+           "input": made_from, **{k: v for k, v in dataclasses.asdict(res).items()
+                                  if k not in ("name", "count", "skipped", "seconds")}}
     atomic_write(out / DONE / f"{res.name}.json", json.dumps(rec))
 
 
@@ -251,18 +297,28 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
         raise PixArtError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
     out = Path(out)
     urls, names, header, job, captions = _plan(shards, out, cfg)
-    _prepare_out(out, urls, names, header, overwrite, world)
+    known = _prepare_out(out, urls, names, header, overwrite, world)
+    # the manifest describes the whole folder: shards of earlier runs on other subsets stay listed
+    header = dataclasses.replace(header, shards=[ShardEntry(n) for n in sorted(set(names) | set(known))])
+    mine = [i for i in range(len(urls)) if i % world == rank]
+    for i in mine:
+        _drop_if_input_changed(out, names[i], urls[i])
     manifest = _refresh(out, header)
     done = {s.name for s in manifest.shards if s.complete}
-    todo = [i for i in range(len(urls)) if i % world == rank and names[i] not in done]
+    todo = [i for i in mine if names[i] not in done]
+    url_of = dict(zip(names, urls))
     for i in todo:  # a killed run's half-written tar is never trusted
         (out / f".{names[i]}.tar.tmp").unlink(missing_ok=True)
     results: list[ShardResult] = []
+    damaged: list[ShardResult] = []
     bar = tqdm(desc=f"features {len(todo)} shards", unit="img", disable=not progress)
 
     def finish(res: ShardResult) -> None:
         nonlocal manifest
-        _commit(out, res)
+        if res.damaged and not cfg.accept_damaged:  # no record: the shard stays unfinished
+            damaged.append(res)
+            return
+        _commit(out, res, url_of[res.name])
         results.append(res)
         manifest = _refresh(out, header)
         bar.set_postfix(shards=f"{manifest.done}/{len(names)}", skipped=sum(len(r.skipped) for r in results))
@@ -280,7 +336,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
             _run_pool(workers, job, [(urls[i], names[i], captions[i]) for i in todo], bar, finish)
     finally:
         bar.close()
-    return Extraction(manifest, results, time.perf_counter() - t0)
+    return Extraction(manifest, results, damaged, time.perf_counter() - t0)
 
 
 def _run_pool(workers: int, job: Job, tasks: list, bar, finish) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class Job:
     buckets: dict[str, tuple[int, int]] | None  # ratio key -> (h, w), as in pixart.data.buckets
     batch_size: int
     threads: int = 0
+    accept_damaged: bool = False  # keep what a broken-off input tar yielded instead of retrying it
 
 
 @dataclass
@@ -48,7 +50,8 @@ class ShardResult:
     tokens: dict[str, int] = field(default_factory=dict)  # valid tokens written, per source
     text_bytes: int = 0  # bytes of text tensors (payload, no headers)
     feature_bytes: int = 0  # bytes of the .features.safetensors files
-    damaged: str = ""
+    buckets: dict[str, int] = field(default_factory=dict)  # "HxW" of target_hw -> samples written
+    damaged: str = ""  # why the input tar broke off early; "" when it was read to the end
     seconds: float = 0.0
 
 
@@ -93,6 +96,12 @@ def read_captions(path: str | None) -> dict[str, str]:
                 except (ValueError, KeyError, TypeError) as e:
                     raise PixArtError(f"{path}:{n}: not a caption line ({type(e).__name__}: {e})") from None
     return out
+
+
+def stable_reason(text: str) -> str:
+    """One line, and `<_io.BytesIO object at 0x7f..>` -> `<_io.BytesIO>`: reasons land in .done
+    records and the manifest, which must be byte-identical across runs, and in one-line reports."""
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", " ".join(text.split()))
 
 
 def _decode(sample: dict) -> tuple[Image.Image, dict]:
@@ -153,6 +162,8 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
             res.text_bytes += sum(t.numel() * t.element_size() for t in text.values())
             res.feature_bytes += len(sample[FEATURES_EXT])
             ready[it.pos] = sample
+            hw = f"{it.meta['target_hw'][0]}x{it.meta['target_hw'][1]}"
+            res.buckets[hw] = res.buckets.get(hw, 0) + 1
         if progress:
             progress(len(items))
 
@@ -171,7 +182,7 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
             try:
                 img, meta = _decode(sample)
             except ValueError as e:
-                res.skipped.append({"key": key, "reason": str(e)})
+                res.skipped.append({"key": key, "reason": stable_reason(str(e))})
                 ready[pos] = None
                 drain()
                 continue
@@ -196,12 +207,15 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
         for size in sorted(pending, key=lambda s: pending[s][0].pos):
             flush(pending[size])
         drain()
-        writer.close()
+        if damage.error:
+            res.damaged = stable_reason(f"{damage.error}, after {damage.after} samples")
+        if damage.error and not job.accept_damaged:
+            writer.abort()  # no tar, no record: a rerun retries the shard (a flaky read, a finished copy)
+        else:
+            writer.close()
     except BaseException:
         writer.abort()
         raise
-    res.count, res.damaged = writer.count, damage.error
-    if damage.error:  # what was read is kept; the rest of the shard is lost, and said so
-        res.skipped.append({"key": "", "reason": f"shard damaged after {damage.after} samples: {damage.error}"})
+    res.count = writer.count
     res.seconds = time.perf_counter() - t0
     return res

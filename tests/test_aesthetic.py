@@ -138,3 +138,12 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     errs = capsys.readouterr().err.strip().splitlines()
     assert len(errs) == 4 and all(e.startswith("pixart data: error:") for e in errs)
     assert "needs --model" in errs[2] and "not a CLIP model folder" in errs[3]
+
+
+def test_two_shards_of_one_name_are_refused(tmp_path, shapes, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "shapes-000000.tar").write_bytes((shapes / "shapes-000000.tar").read_bytes())
+    assert run_cli(shapes / "shapes-000000.tar", tmp_path / "b", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "both named shapes-000000.tar" in err and str(tmp_path / "b" / "shapes-000000.tar") in err
+    assert not (tmp_path / "o").exists()  # refused before any sidecar was written

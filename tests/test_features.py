@@ -7,6 +7,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from safetensors.torch import load as load_tensors
 
 from data_pipelines.features import (FeatureConfig, bucket_table, extract_features, ours_text_bytes,
                                      pixart_text_bytes)
@@ -92,6 +93,11 @@ def test_round_trip_shapes_dtype_and_inputs_untouched(enc, raw, ref, tmp_path):
     assert m.complete and m.count == 11 and len(m.shards) == 3 and m.content_hash == ex.manifest.content_hash
     assert Manifest.load(tmp_path / "again").content_hash == m.content_hash  # deterministic
     assert m.shards[1].skipped[0]["key"] == "000006" and "bad image" in m.shards[1].skipped[0]["reason"]
+    assert "0x" not in m.shards[1].skipped[0]["reason"]  # no object reprs: records are byte-stable
+    for name in ["manifest.json"] + [f".done/shard-00000{i}.json" for i in range(3)]:
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    assert (m.scaling_factor, m.shift_factor, m.batch_size) == (0.18215, 0.0, 3)  # the tiny VAE's config
+    assert [s.buckets for s in m.shards] == [{"32x32": 4}, {"32x32": 3}, {"32x32": 4}]
     te = TextEncoder(TextEncoderConfig(enc["t5"]))
     samples = _read(out / "shard-000000.tar")
     assert [s.key for s in samples] == ["000000", "000001", "000002", "000003"]
@@ -118,10 +124,18 @@ def test_pixel_autoencoder_and_buckets(enc, raw, tmp_path):
         h, w = nearest_bucket(32, s.meta["width"], table)[1]
         assert s.meta["target_hw"] == [h, w] and s.latent_mean.shape == (12, h // 2, w // 2)
         assert s.text["txt"].dtype == torch.float32 and not s.latent_std.any()
+    raw_samples = list(wds.WebDataset(str(tmp_path / "p" / "shard-000000.tar"), shardshuffle=False))
+    assert all("latent_std" not in load_tensors(r["features.safetensors"]) for r in raw_samples)  # all zero
     assert samples[0].latent_mean.shape != samples[1].latent_mean.shape  # 32x32 and 48x32 sources
     assert [s.key for s in samples] == ["000000", "000001", "000002", "000003"]  # input order kept
     m = Manifest.load(tmp_path / "p")
     assert (m.image_encoder, m.latent_channels, m.buckets, m.resolution) == ("pixel:2", 12, "ms32", None)
+    assert (m.scaling_factor, m.shift_factor) == (1.0, 0.0)
+    want = {}
+    for s in samples:
+        hw = "{}x{}".format(*s.meta["target_hw"])
+        want[hw] = want.get(hw, 0) + 1
+    assert m.shards[0].buckets == want and len(want) == 2
 
 
 def test_kill_then_resume_every_key_once(enc, raw, ref, tmp_path):
@@ -180,7 +194,11 @@ def test_refusals_before_any_work(enc, raw, tmp_path):
     with pytest.raises(PixArtError, match="made with resolution 32 .this run: 64.; pass --overwrite"):
         extract_features(raw / "shard-000002.tar", out, _cfg(enc, resolution=64), progress=False)
     with pytest.raises(PixArtError, match=r"manifest.json: resolution 32 != config 512"):
-        Manifest.load(out).check({"resolution": 512, "dtype": "bf16", "learning_rate": 1e-4})
+        Manifest.load(out).check({"resolution": 512, "dtype": "bf16"})
+    with pytest.raises(PixArtError, match=r"unknown cache setting 'learning_rate'"):
+        Manifest.load(out).check({"resolution": 32, "learning_rate": 1e-4})
+    with pytest.raises(PixArtError, match=r"made with batch_size 3 .this run: 2."):
+        extract_features(raw / "shard-000002.tar", out, _cfg(enc, batch_size=2), progress=False)
     ex = extract_features(raw / "shard-000002.tar", out, _cfg(enc, resolution=64), overwrite=True, progress=False)
     assert ex.manifest.resolution == 64 and ex.manifest.complete
 
@@ -206,3 +224,64 @@ def test_bytes_per_sample_goal(ref):
     assert pixart_text_bytes(4096) > 120 * 4096 * 4 == 1_966_080
     assert ours_text_bytes(round(tokens), 4096) <= pixart_text_bytes(4096) / 3
     assert ours_text_bytes(79, 4096) <= pixart_text_bytes(4096) / 3 < ours_text_bytes(81, 4096)
+    assert ours_text_bytes(120, 4096) / pixart_text_bytes(4096) == pytest.approx(1 / 2, abs=1e-3)  # not 1/3
+
+
+def _cfg_txt(enc, **kw):
+    return _cfg(enc, captions=("txt",), **kw)
+
+
+def test_changed_input_is_encoded_again(enc, raw, tmp_path):
+    """Same shard name, other content (a world regenerated with another seed): the cache follows."""
+    src = tmp_path / "in" / "shard-000000.tar"
+    src.parent.mkdir()
+    src.write_bytes((raw / "shard-000000.tar").read_bytes())
+    first = extract_features(src, tmp_path / "f", _cfg_txt(enc), progress=False)
+    with wds.TarWriter(str(src)) as w:  # same keys and captions, other pixels
+        for k in range(4):
+            w.write({"__key__": f"{k:06d}", "png": _png(32, 32, 100 + k), "txt": CAPTIONS[k].encode()})
+    again = extract_features(src, tmp_path / "f", _cfg_txt(enc), progress=False)
+    assert [r.name for r in again.results] == ["shard-000000"] and again.manifest.complete
+    assert again.manifest.shards[0].sha256 != first.manifest.shards[0].sha256
+    data = src.read_bytes()
+    src.unlink()
+    src.write_bytes(data)  # a copy: new mtime, same bytes -> recognised by its sha256, not re-encoded
+    assert extract_features(src, tmp_path / "f", _cfg_txt(enc), progress=False).results == []
+
+
+def test_a_subset_run_keeps_the_shards_already_there(enc, raw, tmp_path):
+    extract_features(raw / "shard-000000.tar", tmp_path / "f", _cfg_txt(enc), progress=False)
+    ex = extract_features(raw / "shard-000002.tar", tmp_path / "f", _cfg_txt(enc), progress=False)
+    assert [r.name for r in ex.results] == ["shard-000002"]
+    m = Manifest.load(tmp_path / "f")
+    assert [s.name for s in m.shards] == ["shard-000000", "shard-000002"] and m.complete and m.count == 8
+
+
+def test_damaged_input_shards_are_retried_unless_accepted(enc, raw, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    data = (raw / "shard-000000.tar").read_bytes()
+    (src / "cut-000000.tar").write_bytes(data[: len(data) // 2 + 100])  # a killed copy
+    (src / "junk-000000.tar").write_bytes(b"garbage, not a tar" * 64)
+    (src / "shard-000002.tar").write_bytes((raw / "shard-000002.tar").read_bytes())
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    argv = ["extract-features", str(src), "--out", str(tmp_path / "c"), "--pixel-autoencoder",
+            "--text-encoder", enc["t5"], "--resolution", "32"]
+    args = parser.parse_args(argv)
+    args.run(args)
+    out = capsys.readouterr().out
+    assert "encoded 4 samples in 1 shards (0 skipped)" in out and "1 of 3 shards done;" in out
+    assert "2 shards damaged: cut-000000 (" in out and "junk-000000 (ReadError" in out
+    assert out.rstrip().endswith("rerun to retry, or --accept-damaged to keep what was read")
+    assert out.count("\n") == 1  # one line, however long tarfile's message
+    m = Manifest.load(tmp_path / "c")
+    assert not m.complete and not (tmp_path / "c" / "cut-000000.tar").exists()
+    args = parser.parse_args(argv + ["--accept-damaged"])
+    args.run(args)
+    out = capsys.readouterr().out
+    assert "2 shards damaged, kept as read: cut-000000 (" in out and ", complete;" in out
+    m = Manifest.load(tmp_path / "c")
+    cut = next(s for s in m.shards if s.name == "cut-000000")
+    assert m.complete and cut.damaged.endswith(f"after {cut.count} samples") and 0 < cut.count < 4
+    assert not cut.skipped and next(s for s in m.shards if s.name == "junk-000000").count == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data_pipelines.shapes import ShapesConfig, draw_scene, render_scene
-from pixart.eval.judge import ATTRIBUTES, VERSION, Judge, JudgeTrainConfig, judgeable, match
+from pixart.eval.judge import ATTRIBUTES, VERSION, Judge, JudgeTrainConfig, describe, judgeable, match
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,10 @@ def judge():
 @pytest.mark.parametrize("damaged", [0.0, 1.0])
 def test_self_accuracy_on_fresh_renders(judge, resolution, damaged):
     acc = judge.self_accuracy(resolution, n=150, seed=7, damaged_fraction=damaged)
-    assert acc["objects"] > 100
+    assert acc["objects"] > 100 and acc["judged"] == acc["objects"] <= acc["prompted"]
+    assert acc["judged_fraction"] == acc["judged"] / acc["prompted"]
+    if resolution == 128:
+        assert acc["judged_fraction"] == 1.0  # every object is at least 8 px at 128 px
     for attr in ATTRIBUTES:
         assert acc[attr] >= 0.98, (attr, acc)
 
@@ -101,3 +104,16 @@ def test_training_is_deterministic():
     cfg = JudgeTrainConfig(scenes=30, epochs=1)
     a, b = Judge.train(cfg).net.state_dict(), Judge.train(cfg).net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_score_says_how_many_objects_were_judged(judge):
+    """At 32 px small objects are too small to judge: the accuracy covers only the large ones."""
+    images, specs = zip(*(render_scene(np.random.default_rng([5, i]), ShapesConfig(resolution=32)) for i in range(30)))
+    acc = judge.score(images, list(specs))
+    prompted = sum(len(s["objects"]) for s in specs)
+    judged = sum(judgeable(o, s["width"], s["height"]) for s in specs for o in s["objects"])
+    assert (acc["prompted"], acc["judged"], acc["objects"]) == (prompted, judged, judged) and 0 < judged < prompted
+    assert acc["judged_fraction"] == pytest.approx(judged / prompted)
+    line = describe(acc)
+    assert line.startswith(f"object {acc['object']:.1%} of {judged} judged objects") and f"of {prompted} prompted" in line
+    assert f"{prompted - judged} too small to judge" in line

@@ -60,6 +60,28 @@ def keys_of(batches):
     return [b["keys"] for b in batches]
 
 
+def epoch_share(loader, epoch, role=0):
+    """The keys of one epoch's share of the loader's slot for `role`, in reading order."""
+    from pixart.data.loader_stream import BucketStream
+    keys = []
+    for pos, raw in BucketStream(loader.plan, loader.decoder, 1, role)._samples((epoch, 0, 0)):
+        if pos[0] > epoch:
+            return keys
+        keys.append(raw["__key__"])
+
+
+def write_manifest(folder, shards, scaling=1.0, shift=0.0, done=None, text_dim=8, downsample=8):
+    """A manifest.json for feature shards: {shard name: (count, {"HxW" pixel size: samples})}."""
+    done = len(shards) if done is None else done
+    entries = [{"name": name, "count": n, "complete": i < done, "buckets": buckets}
+               for i, (name, (n, buckets)) in enumerate(shards.items())]
+    m = {"image_encoder": "vae", "image_encoder_hash": "h", "text_encoder": "t5", "text_encoder_hash": "h",
+         "dtype": "fp32", "max_length": 8, "resolution": None, "buckets": None, "caption_sources": ["txt"],
+         "latent_channels": 4, "downsample_factor": downsample, "scaling_factor": scaling, "shift_factor": shift,
+         "text_dim": text_dim, "batch_size": 4, "shards": entries, "version": 2}
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
 def test_feature_batch_fields(feats):
     b = take(Loader(LoaderConfig(str(feats), batch_size=2, seed=1)), 1)[0]
     B, L = 2, b["y"].shape[1]
@@ -83,17 +105,8 @@ def test_two_ranks_three_uneven_shards_cover_each_epoch(feats):
     # Same bucket (shape) at every step on both ranks.
     for a, b in zip(per_rank[0][0], per_rank[1][0]):
         assert a["bucket"] == b["bucket"] and a["latents"].shape == b["latents"].shape
-    # Epoch 0: read each rank's stream one sample at a time to see its whole epoch-0 share.
-    from pixart.data.loader_stream import BucketStream
-    shares = []
-    for _, loader in per_rank:
-        s = BucketStream(loader.plan, loader.decoder, loader.schedule, 1, 1, 0)
-        keys = []
-        for pos, raw in s._samples((0, 0, 0)):
-            if pos[0] > 0:
-                break
-            keys.append(raw["__key__"])
-        shares.append(keys)
+    # Epoch 0: each rank's whole epoch-0 share, sample by sample.
+    shares = [epoch_share(loader, 0) for _, loader in per_rank]
     assert not set(shares[0]) & set(shares[1])
     assert len(shares[0]) + len(shares[1]) == 16 and len(set(shares[0]) | set(shares[1])) == 16
     assert abs(len(shares[0]) - len(shares[1])) <= 3  # balanced within a shard's size difference
@@ -146,24 +159,24 @@ def test_deterministic_and_seed_dependent(feats):
 
 
 def test_starving_bucket_reported(tmp_path, caplog):
-    shapes = [(4, 4)] * 9 + [(4, 8)]  # one lonely 4x8 sample: cannot fill a batch of 2 per rank
+    shapes = [(4, 8)] + [(4, 4)] * 9  # one lonely 4x8 sample: cannot fill a batch of 2 per rank
     write_features(tmp_path / "a.tar", [f"k{i}" for i in range(10)], shapes)
     with caplog.at_level(logging.WARNING, logger="pixart.data"):
         loader = Loader(LoaderConfig(str(tmp_path), batch_size=2))
     assert loader.stats.starving == {"4x8": 1}
     assert "4x8" in caplog.text and "starving" in caplog.text
-    batches = take(loader, 6)
+    batches = take(loader, 20)  # five epochs: the sample is counted once, not once per epoch
     assert {b["bucket"] for b in batches} == {"4x4"}
     assert loader.stats.skipped.get("unscheduled bucket 4x8") == 1
 
 
 def test_starving_raw_bucket_merged(tmp_path):
-    sizes = [(32, 32)] * 6 + [(32, 64)]  # the single wide image joins the nearest bucket
+    sizes = [(32, 64)] + [(32, 32)] * 6  # the single wide image joins the nearest bucket
     write_raw(tmp_path / "a.tar", [f"k{i}" for i in range(7)], sizes)
     loader = Loader(LoaderConfig(str(tmp_path), batch_size=2, buckets=64))
     assert loader.stats.merged == {"0.5": "1.0"} and loader.stats.starving == {}
     batches = take(loader, 4)
-    assert "k6" in sum(keys_of(batches), []) and all(b["pixels"].shape[-2:] == (64, 64) for b in batches)
+    assert "k0" in sum(keys_of(batches), []) and all(b["pixels"].shape[-2:] == (64, 64) for b in batches)
 
 
 def test_corrupt_samples_skipped_and_counted(tmp_path):
@@ -181,10 +194,10 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
         cut = tar.getmembers()[9].offset  # exactly at a header: tarfile alone would not notice
     (tmp_path / "d.tar").write_bytes((tmp_path / "d.tar").read_bytes()[:cut])
     loader = Loader(LoaderConfig(str(tmp_path), batch_size=4, resolution=32))
-    keys = sum(keys_of(take(loader, 12)), [])
+    keys = sum(keys_of(take(loader, 30)), [])  # about four epochs: each bad sample is counted once
     st = loader.stats
-    assert st.skipped.get("bad image", 0) >= 1 and st.skipped.get("missing caption", 0) >= 1
-    assert {u[-5:] for u in st.damaged_shards} == {"c.tar", "d.tar"}
+    assert st.skipped.get("bad image") == 1 and st.skipped.get("missing caption") == 1
+    assert st.damaged_shards == {str(tmp_path / "c.tar"): 1, str(tmp_path / "d.tar"): 1}
     assert "bad_img" not in keys and "no_cap" not in keys and any(k.startswith("c") for k in keys)
 
 
@@ -255,8 +268,10 @@ def test_resume_in_another_setup_restarts_the_epoch(feats, caplog):
 def _gloo_rank(rank, shards, init, out):
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        batches = take(Loader(LoaderConfig(shards, batch_size=2, seed=4)), 6)  # rank/world from the group
-        mine = [(b["bucket"], b["keys"]) for b in batches]
+        # rank/world from the group; the ranks' own scans would differ: rank 0's counts are broadcast
+        loader = Loader(LoaderConfig(shards, batch_size=2, seed=4, scan_samples=None if rank else 9))
+        batches = take(loader, 6)
+        mine = [(b["bucket"], b["keys"]) for b in batches], loader.state_dict()["schedule"]
         both = [None, None]
         torch.distributed.all_gather_object(both, mine)
         if rank == 0:
@@ -270,7 +285,117 @@ def test_real_two_process_gloo(feats, tmp_path):
     out = ctx.SimpleQueue()
     torch.multiprocessing.start_processes(_gloo_rank, args=(str(feats), f"file://{tmp_path}/store", out),
                                           nprocs=2, join=True, start_method="spawn")
-    r0, r1 = out.get()
+    (r0, h0), (r1, h1) = out.get()
+    assert h0 == h1  # one schedule
     assert [b for b, _ in r0] == [b for b, _ in r1]  # same bucket each step
     first = [k for _, ks in r0[:3] for k in ks], [k for _, ks in r1[:3] for k in ks]
     assert not set(first[0]) & set(first[1])  # ranks read different samples
+
+
+def _feature_cache(folder, sizes, shapes, **manifest):
+    """Feature shards named like raw shards (web-00000i.tar) with a manifest of pixel-size buckets."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for s, n in enumerate(sizes):
+        name = f"web-{s:06d}"
+        shp = [shapes[(s + i) % len(shapes)] for i in range(n)]
+        write_features(folder / f"{name}.tar", [f"{name}_{i:03d}" for i in range(n)], shp, seed=s)
+        buckets = {}
+        for h, w in shp:
+            buckets[f"{h * 8}x{w * 8}"] = buckets.get(f"{h * 8}x{w * 8}", 0) + 1
+        entries[name] = (n, buckets)
+    write_manifest(folder, entries, **manifest)
+    return folder
+
+
+def test_manifest_gives_scale_shift_and_buckets(tmp_path, monkeypatch, caplog):
+    cache = _feature_cache(tmp_path / "c", [6, 6], [(4, 4), (4, 6)], scaling=0.5, shift=0.25)
+    import pixart.data.loader as loader_mod
+    monkeypatch.setattr(loader_mod, "scan_buckets", lambda *a, **k: pytest.fail("scanned despite the manifest"))
+    loader = Loader(LoaderConfig(str(cache), batch_size=2, seed=1))
+    assert loader.decoder.latent_scale == 0.5 and loader.decoder.latent_shift == 0.25
+    assert loader.stats.populations == {"4x4": 6, "4x6": 6}  # pixel sizes / downsample_factor 8
+    got = take(loader, 3)
+    same = take(Loader(LoaderConfig(str(cache), batch_size=2, seed=1, latent_scale=0.5, latent_shift=0.25)), 3)
+    plain = take(Loader(LoaderConfig(str(cache), batch_size=2, seed=1, latent_scale=1.0, latent_shift=0.0)), 3)
+    for a, b, c in zip(got, same, plain):
+        assert torch.equal(a["latents"], b["latents"])
+        assert torch.allclose(a["latents"], (c["latents"] - 0.25) * 0.5, atol=1e-6)
+    # Bare feature shards (no manifest) are scanned and read, with a warning.
+    monkeypatch.undo()
+    (tmp_path / "bare").mkdir()
+    write_features(tmp_path / "bare" / "x.tar", [f"x{i}" for i in range(4)], [(4, 4)] * 4)
+    with caplog.at_level(logging.WARNING, logger="pixart.data"):
+        bare = Loader(LoaderConfig(str(tmp_path / "bare"), batch_size=2))
+    assert "without a manifest.json" in caplog.text and bare.decoder.latent_scale == 1.0
+
+
+def test_manifest_refuses_incomplete_mixed_or_unexpected_caches(tmp_path):
+    part = _feature_cache(tmp_path / "part", [4, 4, 4], [(4, 4)], done=1)
+    with pytest.raises(PixArtError, match=f"{part}.*is incomplete: 1 of 3 shards done; rerun extract-features"):
+        Loader(LoaderConfig(str(part), batch_size=2))
+    a = _feature_cache(tmp_path / "a", [4], [(4, 4)])
+    b = _feature_cache(tmp_path / "b", [4], [(4, 4)], text_dim=16)
+    with pytest.raises(PixArtError, match="differ in text_dim"):
+        Loader(LoaderConfig([str(a), str(b)], batch_size=2))
+    with pytest.raises(PixArtError, match="text_dim 8 != config 16"):
+        Loader(LoaderConfig(str(a), batch_size=2, expected={"text_dim": 16}))
+    Loader(LoaderConfig(str(a), batch_size=2, expected={"text_dim": 8, "latent_channels": 4}))
+
+
+def test_resume_with_another_schedule_is_detected(feats, caplog):
+    first = Loader(LoaderConfig(str(feats), batch_size=2, seed=0))
+    take(first, 3)
+    state = first.state_dict()
+    assert "schedule" in state
+    other = Loader(LoaderConfig(str(feats), batch_size=2, seed=0, scan_samples=9))  # other bucket counts
+    with caplog.at_level(logging.WARNING, logger="pixart.data"):
+        other.load_state_dict(state)
+    assert "exact data position lost" in caplog.text and "schedule" in caplog.text
+    assert other.stats.read == 0 and len(take(other, 2)) == 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_buckets_clustered_by_shard_two_ranks(tmp_path, seed):
+    """Shard a all 4x4, shard b all 4x6, two ranks: nobody crashes, reads far ahead or overfills."""
+    write_features(tmp_path / "a.tar", [f"a{i}" for i in range(40)], [(4, 4)] * 40)
+    write_features(tmp_path / "b.tar", [f"b{i}" for i in range(40)], [(4, 6)] * 40, seed=1)
+    runs = []
+    for rank in range(2):
+        loader = Loader(LoaderConfig(str(tmp_path), batch_size=2, seed=seed, rank=rank, world_size=2))
+        batches = []
+        for b in itertools.islice(iter(loader), 40):  # two epochs
+            batches.append(b)
+            buffered = sum(len(q) for w in loader.state_dict()["workers"].values() for q in w["buffered"].values())
+            assert buffered <= loader.buffer_size
+        runs.append(batches)
+        st = loader.stats
+        assert st.read <= 1.35 * st.used, (st.read, st.used)  # was ~5x, or a crash
+    assert [b["bucket"] for b in runs[0]] == [b["bucket"] for b in runs[1]]
+    assert {b["bucket"] for b in runs[0]} == {"4x4", "4x6"}
+    for b in runs[0] + runs[1]:
+        assert {k[0] for k in b["keys"]} == {"a" if b["bucket"] == "4x4" else "b"}
+
+
+def test_default_buffer_is_bounded_in_samples(tmp_path):
+    for s, shape in enumerate([(2, 2), (2, 3), (3, 2)]):
+        write_features(tmp_path / f"s{s}.tar", [f"s{s}_{i}" for i in range(50)], [shape] * 50, seed=s)
+    assert Loader(LoaderConfig(str(tmp_path), batch_size=50)).buffer_size == 512  # not 4 * 50 * 3
+    assert Loader(LoaderConfig(str(tmp_path), batch_size=2)).buffer_size == 24
+
+
+def test_aesthetic_selection(tmp_path, caplog):
+    cache = _feature_cache(tmp_path / "c", [10, 10], [(4, 4)])
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    for s in range(2):  # sample i scores i; sample 0 has no score
+        rows = [{"__key__": f"web-{s:06d}_{i:03d}", "score": float(i)} for i in range(1, 10)]
+        (scores / f"web-{s:06d}.aesthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.INFO, logger="pixart.data"):
+        loader = Loader(LoaderConfig(str(cache), batch_size=2, seed=0, scores_dir=str(scores), min_score=5.0))
+    assert "keeps 10 of 20 samples (50.0%)" in caplog.text
+    keys = sum(keys_of(take(loader, 15)), [])  # three epochs of 5 batches
+    assert sorted(set(keys)) == sorted(f"web-00000{s}_00{i}" for s in range(2) for i in range(5, 10))
+    assert loader.stats.skipped == {"below min_score": 8, "no score": 2}  # each once
+    with pytest.raises(PixArtError, match="min_score needs scores_dir"):
+        LoaderConfig(str(cache), min_score=5.0)

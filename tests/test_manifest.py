@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from pixart.atomic import atomic_write
-from pixart.data.manifest import Manifest, ShardEntry, config_hash
+from pixart.data.manifest import CHECKED, Manifest, ShardEntry, config_hash, find_manifest
 from pixart.errors import PixArtError
 
 
@@ -13,7 +13,8 @@ def _manifest(done=(True, True, True), **kw):
     base = dict(image_encoder="stabilityai/sd-vae-ft-ema", image_encoder_hash="aa", text_encoder="/models/t5",
                 text_encoder_hash="bb", dtype="bf16", max_length=120, resolution=256, buckets=None,
                 caption_sources=["txt", "llava"], latent_channels=4, downsample_factor=8, text_dim=4096,
-                shards=[ShardEntry(f"s{i}", 10, f"{i:064x}", d) for i, d in enumerate(done)])
+                scaling_factor=0.18215, shift_factor=0.0, batch_size=16,
+                shards=[ShardEntry(f"s{i}", 10, f"{i:064x}", d, buckets={"256x256": 10}) for i, d in enumerate(done)])
     return Manifest(**{**base, **kw})
 
 
@@ -28,7 +29,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_check_names_first_mismatch():
     m = _manifest()
-    m.check({"resolution": 256, "dtype": "bf16", "caption_sources": ["llava"], "lr": 1e-4})
+    m.check({"resolution": 256, "dtype": "bf16", "caption_sources": ["llava"], "scaling_factor": 0.18215})
     with pytest.raises(PixArtError, match=r"^feature cache DIR/manifest.json: resolution 256 != config 512$"):
         m.check({"resolution": 512, "dtype": "fp32"}, where="feature cache DIR")
     with pytest.raises(PixArtError, match="dtype bf16 != config fp32"):
@@ -63,3 +64,27 @@ def test_content_hash_tracks_shards_and_load_errors(tmp_path):
     atomic_write(tmp_path / "manifest.json", "{not json")
     with pytest.raises(PixArtError, match="not a feature manifest"):
         Manifest.load(tmp_path)
+
+
+def test_unknown_setting_is_refused_by_name():
+    m = _manifest()
+    with pytest.raises(PixArtError, match=r"manifest.json: unknown cache setting 'image_size'; known: image_encoder, "):
+        m.check({"resolution": 256, "image_size": 256})
+    with pytest.raises(PixArtError, match="unknown cache setting 'lr'"):
+        m.check({"lr": 1e-4})
+    assert "batch_size" not in CHECKED  # a training config's batch_size is another thing
+
+
+def test_loader_fields_round_trip_and_old_versions_are_refused(tmp_path):
+    assert find_manifest(tmp_path) is None  # raw shards, no cache
+    m = _manifest()
+    m.save(tmp_path)
+    back = find_manifest(tmp_path)
+    assert back == m and back.complete
+    assert (back.scaling_factor, back.shift_factor, back.text_dim, back.latent_channels) == (0.18215, 0.0, 4096, 4)
+    assert (back.shards[0].name, back.shards[0].count, back.shards[0].buckets) == ("s0", 10, {"256x256": 10})
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    atomic_write(tmp_path / "manifest.json", json.dumps({**d, "version": 1}))
+    for read in (Manifest.load, find_manifest):
+        with pytest.raises(PixArtError, match=r"manifest.json: feature manifest version 1, .*rerun extract-features"):
+            read(tmp_path)

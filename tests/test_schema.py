@@ -27,3 +27,16 @@ def test_feature_sample_round_trips_through_a_real_tar(tmp_path):
     assert back.text.keys() == sample.text.keys()
     assert all(torch.equal(back.text[k], v) and back.text[k].dtype == torch.bfloat16 for k, v in sample.text.items())
     assert json.loads(io.BytesIO(raw["json"]).read()) == sample.meta
+
+
+def test_all_zero_std_is_not_stored_and_reads_back_as_zeros():
+    mean = torch.randn(12, 4, 4)
+    zero = FeatureSample("k", mean, torch.zeros_like(mean), {"txt": torch.randn(2, 8)}).to_wds()
+    none = FeatureSample("k", mean, None, {"txt": torch.randn(2, 8)}).to_wds()
+    full = FeatureSample("k", mean, torch.rand(12, 4, 4), {"txt": torch.randn(2, 8)}).to_wds()
+    assert len(full[FEATURES_EXT]) - len(zero[FEATURES_EXT]) >= mean.numel() * 4
+    assert len(none[FEATURES_EXT]) == len(zero[FEATURES_EXT])
+    for wds_sample in (zero, none):
+        back = FeatureSample.from_wds(wds_sample)
+        assert torch.equal(back.latent_mean, mean) and back.latent_std.shape == mean.shape
+        assert back.latent_std.dtype == torch.float32 and not back.latent_std.any()

@@ -38,3 +38,11 @@ def test_missing_shards_are_one_clear_error(shard_dir, tmp_path):
 def test_shard_name():
     assert shard_name("/data/sam-000001.tar") == "sam-000001"
     assert shard_name("pipe:curl -s https://h/x/s-01.tar") == "s-01"
+
+
+def test_duplicate_shard_names_are_refused_naming_both():
+    from pixart.data.shards import check_unique_names
+
+    assert check_unique_names(["/a/s-0.tar", "/a/s-1.tar"]) == ["s-0", "s-1"]
+    with pytest.raises(PixArtError, match=r"both named s-0\.tar: /a/s-0\.tar and /b/s-0\.tar"):
+        check_unique_names(["/a/s-0.tar", "/a/s-1.tar", "/b/s-0.tar"])

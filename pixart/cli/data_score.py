@@ -28,10 +28,11 @@ def run(args) -> None:
     from tqdm import tqdm
 
     from data_pipelines.aesthetic import DEFAULT_THRESHOLD, LaionScorer, ShapesScorer, score_shards
-    from pixart.data.shards import resolve_shards
+    from pixart.data.shards import check_unique_names, resolve_shards
     from pixart.errors import PixArtError
 
     shards = resolve_shards(args.shards)
+    check_unique_names(shards)  # before loading any model
     if args.batch_size < 1:
         raise PixArtError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.scorer == "laion":

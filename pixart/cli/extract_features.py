@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="T5 compute and stored text dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+    p.add_argument("--accept-damaged", action="store_true",
+                   help="keep what a truncated or unreadable input shard yielded and mark it done (the damage "
+                   "is recorded); by default such a shard stays unfinished and a rerun retries it")
     p.set_defaults(run=run)
 
 
@@ -49,15 +52,28 @@ def run(args) -> None:
         dtype=args.dtype, max_length=args.max_length,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         text_encoder_subfolder=args.text_encoder_subfolder, tokenizer=args.tokenizer,
-        vae_subfolder=args.vae_subfolder)
+        vae_subfolder=args.vae_subfolder, accept_damaged=args.accept_damaged)
     ex = extract_features(args.shards, args.out, cfg, overwrite=args.overwrite)
     m, n = ex.manifest, sum(r.count for r in ex.results)
-    skipped = sum(len(r.skipped) for r in ex.results)
+    skipped = sum(len(r.skipped) for r in ex.results)  # samples, never shards
+    kept = [r for r in ex.results if r.damaged]
     missing = {}
     for r in ex.results:
         for src, k in r.missing_captions.items():
             missing[src] = missing.get(src, 0) + k
-    state = "complete" if m.complete else f"{m.done} of {len(m.shards)} shards done (other ranks may still run)"
+    state = "complete" if m.complete else f"{m.done} of {len(m.shards)} shards done" + (
+        "" if ex.damaged else " (other ranks may still run)")
     print(f"encoded {n} samples in {len(ex.results)} shards ({skipped} skipped) in {ex.seconds:.1f}s; "
           f"{args.out}: {m.count} samples, {state}"
-          + (f"; samples without caption {missing}" if missing else ""))
+          + (f"; samples without caption {missing}" if missing else "")
+          + (f"; {_shards(ex.damaged)} damaged: {_damage(ex.damaged)}; rerun to retry, or --accept-damaged "
+             "to keep what was read" if ex.damaged else "")
+          + (f"; {_shards(kept)} damaged, kept as read: {_damage(kept)}" if kept else ""))
+
+
+def _shards(results) -> str:
+    return f"{len(results)} shard{'s' * (len(results) != 1)}"
+
+
+def _damage(results) -> str:
+    return ", ".join(f"{r.name} ({r.damaged})" for r in results)

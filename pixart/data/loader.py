@@ -7,6 +7,11 @@ DataLoader workers. The rules (distribution, buckets, resume) are in `loader_str
         ...
         save_json(loader.state_dict())     # per rank; load_state_dict() resumes at that sample
 
+Feature shards are checked against their folder's `manifest.json` (complete, one VAE and text
+encoder across folders, `expected` settings); it gives the VAE's scale/shift and the per-shard
+bucket counts (else the shards are scanned). Shards without a manifest are read with a warning.
+With `scores_dir`, samples scored below `min_score` (or unscored) are skipped.
+
 Feature batches: latents (B, C, h, w) = (mean + std * noise - latent_shift) * latent_scale with
 noise seeded by (seed, epoch, key); y (B, L, D) caption features padded to the batch's longest
 caption; mask (B, L); keys; captions (text, when the metadata has it); data_info {img_hw (B, 2)
@@ -17,21 +22,28 @@ encoded in the main process into the feature-batch fields (latents are then VAE-
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..errors import PixArtError
 from .buckets import Table, table_for
-from .loader_samples import Decoder, detect_kind, scan_buckets, stable_seed
-from .loader_stream import BucketDataset, Plan, Schedule
-from .shards import resolve_shards
+from .loader_samples import Decoder, Scores, detect_kind, scan_buckets, stable_seed
+from .loader_stream import BucketDataset, Plan
+from .manifest import Manifest, find_manifest
+from .shards import is_url, resolve_shards, shard_name
 
 log = logging.getLogger("pixart.data")
-STATE_VERSION = 1
+STATE_VERSION = 1  # older states lack the schedule hash: they resume as from another setup
+MAX_BUFFER = 512  # default read-ahead bound in samples: ~0.5 GB per worker with 120 x 4096 bf16 T5 features
 
 
 @dataclass
@@ -44,15 +56,18 @@ class LoaderConfig:
     bucket_multiple: int = 16                # raw: scaled-table sizes are multiples of this
     resolution: int | tuple[int, int] = 256  # raw, without buckets: every image resized-cropped to this
     caption: str | dict[str, float] = "txt"  # a caption source, or a mix {source: probability}
-    latent_scale: float = 1.0                # features: the VAE's scaling factor (0.18215 for SD) to get model space
-    latent_shift: float = 0.0
+    latent_scale: float | None = None        # features: the VAE's scaling factor; None: the manifest's, else 1.0
+    latent_shift: float | None = None        # None: the manifest's shift factor, else 0.0
     latent_downsample: int = 8               # features without width/height metadata: pixels per latent cell
     num_workers: int = 0
     rank: int | None = None                  # None: torch.distributed if initialised, else $RANK
     world_size: int | None = None            # None: torch.distributed if initialised, else $WORLD_SIZE
-    buffer_size: int | None = None           # samples buffered per worker before repeating; None: 4 * batch * buckets
-    scan_samples: int | None = None          # bucket populations from the first N samples (None: all)
-    bucket_weights: dict[str, float] | None = None  # known populations (e.g. a manifest): skips the scan
+    buffer_size: int | None = None           # samples buffered per worker, at most; None: min(4 * batch * buckets,
+                                             # 512), at least 2 * batch (512 T5 samples are ~0.5 GB)
+    scan_samples: int | None = None          # no manifest: bucket counts from the first N samples (None: all)
+    expected: dict | None = None             # features: settings the manifests must match (Manifest.check)
+    scores_dir: str | None = None            # aesthetic selection: DIR/<shard>.aesthetic.jsonl; unscored are skipped
+    min_score: float | None = None           # with scores_dir: skip samples scored below this
     pin_memory: bool = False
 
     def __post_init__(self) -> None:
@@ -62,6 +77,8 @@ class LoaderConfig:
             raise PixArtError(f"kind must be auto, raw or features, got {self.kind!r}")
         if self.num_workers < 0:
             raise PixArtError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.min_score is not None and not self.scores_dir:
+            raise PixArtError("min_score needs scores_dir (the folder of <shard>.aesthetic.jsonl sidecars)")
 
 
 @dataclass
@@ -71,10 +88,12 @@ class LoaderStats:
     used: int = 0
     batches: int = 0
     repeated: int = 0                                         # samples repeated to complete a batch
-    skipped: dict[str, int] = field(default_factory=dict)    # reason -> samples (corrupt, missing caption...)
-    damaged_shards: dict[str, int] = field(default_factory=dict)
-    populations: dict[str, int] = field(default_factory=dict)  # bucket -> samples in the scan
-    starving: dict[str, int] = field(default_factory=dict)     # bucket -> samples, too few for a batch per rank
+    dropped: int = 0                                          # read but unused: no batch left in the epoch
+    skipped: dict[str, int] = field(default_factory=dict)    # reason -> samples (corrupt, missing caption...),
+                                                              # each once: counted in the first epoch read
+    damaged_shards: dict[str, int] = field(default_factory=dict)  # url -> 1
+    populations: dict[str, int] = field(default_factory=dict)  # bucket -> kept samples (manifest or scan)
+    starving: dict[str, int] = field(default_factory=dict)     # bucket -> samples, too few for a batch per reader
     merged: dict[str, str] = field(default_factory=dict)       # raw: starving bucket -> bucket it joined
 
 
@@ -97,6 +116,13 @@ def _caption_mix(caption: str | dict[str, float]) -> dict[str, float]:
         raise PixArtError(f"caption: give a source name or {{source: probability}} with a positive sum, "
                           f"got {caption!r}")
     return {k: p for k, p in mix.items() if p > 0}
+
+
+def _remapped(counts: dict, remap: dict[str, str]) -> dict:
+    out: dict = {}
+    for b, n in counts.items():
+        out[remap.get(b, b)] = out.get(remap.get(b, b), 0) + n
+    return out
 
 
 def _merge_starving(counts: dict[str, int], need: int) -> dict[str, str]:
@@ -128,54 +154,136 @@ class Loader:
         if kind == "raw" and c.buckets is not None:
             table = dict(c.buckets) if isinstance(c.buckets, dict) else table_for(int(c.buckets), c.bucket_multiple)
         res = (c.resolution, c.resolution) if isinstance(c.resolution, int) else tuple(c.resolution)
-        self.decoder = Decoder(kind, c.seed, _caption_mix(c.caption), table, res, None,
-                               c.latent_scale, c.latent_shift, c.latent_downsample)
-        self.stats_static = self._plan_buckets(shards)
-        pops = self.stats_static.populations
-        live = sorted(b for b in pops if b not in self.stats_static.starving)
-        self.schedule = Schedule(live, [float(pops[b]) for b in live], c.seed)
-        self.plan = Plan(shards, c.seed, self.rank, self.world_size, c.num_workers)
-        self.buffer_size = c.buffer_size or 4 * c.batch_size * len(live)
+        scores = Scores(c.scores_dir, c.min_score) if c.scores_dir else None
+        self.decoder = d = Decoder(kind, c.seed, _caption_mix(c.caption), table, res, None,
+                                   latent_downsample=c.latent_downsample, scores=scores)
+        inputs = self._shared(lambda: self._inputs(shards))
+        d.latent_scale = c.latent_scale if c.latent_scale is not None else inputs["scale"]
+        d.latent_shift = c.latent_shift if c.latent_shift is not None else inputs["shift"]
+        if kind == "features":
+            log.info("latents = (latent - %g) * %g", d.latent_shift, d.latent_scale)
+        if scores is not None:
+            kept, total = inputs["kept"]
+            log.info("aesthetic selection (min_score %s): keeps %d of %d samples (%.1f%%)", c.min_score, kept, total,
+                     100 * kept / max(total, 1))
+        self.stats_static, counts = self._plan_buckets(inputs["counts"])
+        live = sorted(b for b in self.stats_static.populations if b not in self.stats_static.starving)
+        matrix = np.array([[n.get(b, 0) for b in live] for n in counts], dtype=np.float64).reshape(len(shards), -1)
+        self.plan = Plan(shards, matrix, live, c.seed, self.rank, self.world_size, c.num_workers, c.batch_size)
+        self.schedule_hash = hashlib.blake2b(json.dumps([live, np.round(matrix, 6).tolist()]).encode(),
+                                             digest_size=8).hexdigest()
+        self.buffer_size = c.buffer_size or max(2 * c.batch_size, min(4 * c.batch_size * len(live), MAX_BUFFER))
         self.step = 0
         self._states: dict[int, dict] = {}
 
-    def _plan_buckets(self, shards: list[str]) -> LoaderStats:
+    def _shared(self, compute):
+        """compute() on rank 0, broadcast to the process group (ranks must agree on the schedule);
+        locally without a group or when the config names rank/world itself."""
+        c, dist = self.config, torch.distributed
+        if c.rank is not None or c.world_size is not None or not (dist.is_available() and dist.is_initialized()):
+            return compute()
+        box, error = [None], None
+        if dist.get_rank() == 0:
+            try:
+                box[0] = compute()
+            except Exception as e:  # the other ranks raise it too instead of waiting
+                box[0], error = {"error": str(e)}, e
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if "error" in box[0]:
+            raise PixArtError(f"rank 0: {box[0]['error']}")
+        return box[0]
+
+    def _manifests(self, shards: list[str]) -> dict[str, Manifest | None]:
+        """Feature shards: each folder's manifest, checked (complete, `expected`, one encoder setup)."""
+        folders = {url: (None if url.startswith("pipe:") else url.rsplit("/", 1)[0] if is_url(url)
+                         else str(Path(url).parent)) for url in shards}
+        found: dict[str, Manifest | None] = {}
+        for folder in dict.fromkeys(folders.values()):
+            m = found[folder] = find_manifest(folder) if folder is not None else None
+            if m is None:
+                log.warning("%s: feature shards without a manifest.json: not checked, buckets scanned",
+                            folder or "pipe: shards")
+                continue
+            m.check(self.config.expected or {}, folder)
+        same = ("text_dim", "latent_channels", "scaling_factor", "shift_factor")
+        known = [(f, m) for f, m in found.items() if m is not None]
+        for f, m in known[1:]:
+            diff = [k for k in same if getattr(m, k) != getattr(known[0][1], k)]
+            if diff:
+                raise PixArtError(f"{f} and {known[0][0]}: feature caches differ in {diff[0]} "
+                                  f"({getattr(m, diff[0])} != {getattr(known[0][1], diff[0])}); train on one setup")
+        return {url: found[f] for url, f in folders.items()}
+
+    def _inputs(self, shards: list[str]) -> dict:
+        """What the schedule is made from: per-shard bucket counts (of the kept samples), the VAE's
+        scale/shift, and (kept, total) samples of the aesthetic selection."""
+        d = self.decoder
+        manifests = self._manifests(shards) if d.kind == "features" else {}
+        ms = [m for m in manifests.values() if m is not None]
+        counts: list[Counter | None] = [None] * len(shards)
+        kept = total = 0
+        for i, url in enumerate(shards):
+            m = manifests.get(url)
+            entry = next((e for e in m.shards if e.name == shard_name(url)), None) if m else None
+            if entry is None or not entry.buckets:
+                continue
+            f = max(1, int(m.downsample_factor))
+            frac = 1.0
+            if d.scores is not None:
+                k = min(d.scores.kept(url), entry.count)
+                kept, total, frac = kept + k, total + entry.count, k / max(entry.count, 1)
+            counts[i] = Counter()
+            for key, n in entry.buckets.items():  # encoded (pixel) size -> latent cells, the loader's key
+                h, w = (int(x) for x in key.split("x"))
+                counts[i][f"{h // f}x{w // f}"] += n * frac
+        todo = [i for i, n in enumerate(counts) if n is None]
+        if todo:
+            found, seen, got = scan_buckets([shards[i] for i in todo], d, self.config.scan_samples)
+            kept, total = kept + got, total + seen
+            log.info("scanned %d samples of %d shards for bucket counts", seen, len(todo))
+            full = [n for n in found if n is not None]
+            mean = Counter({b: n / max(len(full), 1) for b, n in sum(full, Counter()).items()})
+            for i, n in zip(todo, found):
+                counts[i] = n if n is not None else mean  # past scan_samples: the scanned shards' mean
+        return {"counts": [dict(n) for n in counts], "kept": (kept, total),
+                "scale": float(ms[0].scaling_factor) if ms else 1.0,
+                "shift": float(ms[0].shift_factor) if ms else 0.0}
+
+    def _plan_buckets(self, shard_counts: list[dict]) -> tuple[LoaderStats, list[dict]]:
+        """Populations, starving buckets (raw: merged into neighbours), per-shard counts after merging."""
         c, d = self.config, self.decoder
-        if c.bucket_weights:
-            counts = {str(k): int(v) for k, v in c.bucket_weights.items() if v > 0}
-        else:
-            found, seen = scan_buckets(shards, d, c.scan_samples)
-            counts = dict(found)
-            log.info("scanned %d samples of %d shards: %d buckets", seen, len(shards), len(counts))
+        counts: Counter = sum((Counter(n) for n in shard_counts), Counter())
+        counts = {b: round(n) for b, n in counts.items() if n > 0}
         if not counts:
-            raise PixArtError(f"{c.shards!r}: no readable sample in {len(shards)} shard(s)")
-        need = c.batch_size * self.world_size
+            raise PixArtError(f"{c.shards!r}: no readable sample in {len(shard_counts)} shard(s)")
+        need = c.batch_size * self.world_size * max(1, c.num_workers)
+        readers = f"batch {c.batch_size} x {self.world_size} ranks x {max(1, c.num_workers)} workers"
         starving = {b: n for b, n in counts.items() if n < need}
         stats = LoaderStats(populations=counts, starving=starving)
         if d.kind == "raw" and d.table is not None:
             stats.merged = _merge_starving(counts, need)
             d.remap = stats.merged
-            pops: dict[str, int] = {}
-            for b, n in counts.items():
-                pops[d.remap.get(b, b)] = pops.get(d.remap.get(b, b), 0) + n
-            stats.populations = pops
-            stats.starving = {b: n for b, n in pops.items() if n < need}
+            shard_counts = [_remapped(n, d.remap) for n in shard_counts]
+            stats.populations = _remapped(counts, d.remap)
+            stats.starving = {b: n for b, n in stats.populations.items() if n < need}
             for small, target in stats.merged.items():
-                log.warning("bucket %s: %d samples, fewer than batch %d x %d ranks: merged into bucket %s",
-                            small, counts[small], c.batch_size, self.world_size, target)
+                log.warning("bucket %s: %d samples, fewer than %s: merged into bucket %s",
+                            small, counts[small], readers, target)
         for b, n in stats.starving.items():
-            log.warning("bucket %s: %d samples, fewer than batch %d x %d ranks: starving, its samples are "
-                        "skipped (counted as 'unscheduled bucket %s')", b, n, c.batch_size, self.world_size, b)
+            log.warning("bucket %s: %d samples, fewer than %s: starving, its samples are skipped (counted as "
+                        "'unscheduled bucket %s')", b, n, readers, b)
         if all(b in stats.starving for b in stats.populations):
             raise PixArtError(f"{c.shards!r}: {sum(counts.values())} samples cannot fill one batch of "
-                              f"{c.batch_size} per rank on {self.world_size} rank(s) in any bucket")
-        return stats
+                              f"{c.batch_size} per reader on {self.world_size} rank(s) x "
+                              f"{max(1, c.num_workers)} worker(s) in any bucket")
+        return stats, shard_counts
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self):
         c = self.config
-        ds = BucketDataset(self.plan, self.decoder, self.schedule, c.batch_size, self.buffer_size,
-                           dict(self._states), self.step)
+        ds = BucketDataset(self.plan, self.decoder, self.buffer_size, dict(self._states), self.step)
         dl = DataLoader(ds, batch_size=None, num_workers=c.num_workers, pin_memory=c.pin_memory,
                         persistent_workers=False)
         for batch in dl:
@@ -206,13 +314,12 @@ class Loader:
         s = self.stats_static
         out = LoaderStats(populations=dict(s.populations), starving=dict(s.starving), merged=dict(s.merged))
         for st in self._states.values():
-            w = st["stats"]
-            for name in ("read", "used", "batches", "repeated"):
-                setattr(out, name, getattr(out, name) + w[name])
-            for k, v in w["skipped"].items():
+            w = st.get("stats", {})
+            for name in ("read", "used", "batches", "repeated", "dropped"):
+                setattr(out, name, getattr(out, name) + w.get(name, 0))
+            for k, v in w.get("skipped", {}).items():
                 out.skipped[k] = out.skipped.get(k, 0) + v
-            for k, v in w["damaged_shards"].items():
-                out.damaged_shards[k] = out.damaged_shards.get(k, 0) + v
+            out.damaged_shards.update(dict.fromkeys(w.get("damaged_shards", {}), 1))
         return out
 
     @property
@@ -223,7 +330,7 @@ class Loader:
     def _signature(self) -> dict:
         return {"seed": self.config.seed, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": max(1, self.config.num_workers), "batch_size": self.config.batch_size,
-                "shards": len(self.plan.shards), "buckets": self.schedule.buckets}
+                "shards": len(self.plan.shards), "buckets": self.plan.buckets, "schedule": self.schedule_hash}
 
     def state_dict(self) -> dict:
         """Small and JSON-serialisable; one per rank (each rank reads its own share)."""
@@ -231,8 +338,9 @@ class Loader:
                 "workers": {str(k): v for k, v in sorted(self._states.items())}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume exactly when rank, world size, workers, batch size and data match; otherwise
-        (an elastic restart) warn and restart each worker at the oldest saved epoch's start."""
+        """Resume exactly when rank, world size, workers, batch size and the bucket schedule's inputs
+        (per-shard bucket counts) match; otherwise (an elastic restart, another schedule) warn and
+        restart each worker at the oldest saved epoch's start."""
         if state.get("version") != STATE_VERSION:
             raise PixArtError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         self.step = int(state["step"])
@@ -245,6 +353,5 @@ class Loader:
         log.warning("loader state is from another setup %s: exact data position lost, restarting epoch %d",
                     mismatch, epoch)
         W = max(1, self.config.num_workers)
-        self._states = {r: {"step": self.step + (r - self.step) % W, "epoch": epoch, "last": None, "buffered": {},
-                            "stats": {"read": 0, "used": 0, "batches": 0, "repeated": 0, "skipped": {},
-                                      "damaged_shards": {}}} for r in range(W)}
+        self._states = {r: {"step": self.step + (r - self.step) % W, "epoch": epoch, "counted": epoch}
+                        for r in range(W)}

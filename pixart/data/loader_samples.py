@@ -12,6 +12,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from PIL import Image
 
 from .buckets import Table, nearest_bucket, resize_crop
 from .schema import FEATURES_EXT, FeatureSample
+from .shards import shard_name
 from .tars import read_tar
 
 log = logging.getLogger("pixart.data")
@@ -52,6 +54,47 @@ class Item:
     ratio: float               # the bucket's aspect ratio h / w
 
 
+class Scores:
+    """Aesthetic selection (stage 3): a sample is kept when `DIR/<shard>.aesthetic.jsonl` (written by
+    `pixart data score-aesthetic`, named after the raw shard, which feature shards share) scores it
+    at least `min_score` (any score when None). One shard's scores are held at a time."""
+
+    def __init__(self, folder: str, min_score: float | None):
+        self.folder, self.min_score = str(folder), min_score
+        self._url, self._scores = None, {}
+
+    def __getstate__(self) -> dict:  # pickled into DataLoader workers without the cache
+        return {"folder": self.folder, "min_score": self.min_score}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"], state["min_score"])
+
+    def path(self, url: str) -> Path:
+        return Path(self.folder) / f"{shard_name(url)}.aesthetic.jsonl"
+
+    def of(self, url: str) -> dict[str, float]:
+        """key -> score of the shard's sidecar ({} when it has none)."""
+        if url != self._url:
+            scores = {}
+            if self.path(url).is_file():
+                for line in self.path(url).read_text().splitlines():
+                    row = json.loads(line) if line.strip() else {}
+                    if isinstance(row.get("score"), (int, float)):
+                        scores[str(row.get("__key__"))] = float(row["score"])
+            self._url, self._scores = url, scores
+        return self._scores
+
+    def kept(self, url: str) -> int:
+        return sum(self.min_score is None or s >= self.min_score for s in self.of(url).values())
+
+    def reject(self, raw: dict) -> str | None:
+        """Why the sample is left out, or None to keep it."""
+        score = self.of(raw.get("__url__", "")).get(raw["__key__"])
+        if score is None:
+            return "no score"
+        return "below min_score" if self.min_score is not None and score < self.min_score else None
+
+
 @dataclass
 class Decoder:
     """Turns a raw tar sample into an Item. Pickled into every DataLoader worker."""
@@ -64,6 +107,15 @@ class Decoder:
     latent_scale: float = 1.0
     latent_shift: float = 0.0
     latent_downsample: int = 8         # features without width/height metadata: pixels per latent cell
+    scores: Scores | None = None       # aesthetic selection
+
+    def reject(self, raw: dict) -> str | None:
+        return self.scores.reject(raw) if self.scores is not None else None
+
+    def bucket(self, raw: dict) -> str:
+        """The sample's bucket after merging."""
+        b = self.bucket_of(raw)
+        return (self.remap or {}).get(b, b)
 
     def bucket_of(self, raw: dict) -> str:
         """The sample's bucket before merging, read cheaply (metadata or file headers)."""
@@ -147,23 +199,28 @@ class Decoder:
         return Item(fs.key, f"{h}x{w}", latent, caption if isinstance(caption, str) else "", y, hw, h / w)
 
 
-def scan_buckets(shards: list[str], decoder: Decoder, limit: int | None = None) -> tuple[Counter, int]:
-    """Bucket populations over the shards (the first `limit` samples), and how many were read.
-
-    Every rank scans the same sorted shards, so every rank computes the same counts.
-    """
-    counts: Counter = Counter()
-    seen = 0
+def scan_buckets(shards: list[str], decoder: Decoder, limit: int | None = None
+                 ) -> tuple[list[Counter | None], int, int]:
+    """Per-shard bucket populations of the samples the decoder keeps (None for a shard not read
+    whole within the first `limit` samples), the samples read and those kept."""
+    counts: list[Counter | None] = []
+    seen = kept = 0
     for url in shards:
+        c: Counter | None = Counter()
         for raw in read_tar(url, on_error=lambda u, e: log.warning("scan: %s: damaged shard (%s)", u, e)):
             if limit is not None and seen >= limit:
-                return counts, seen
+                c = None
+                break
             seen += 1
+            if decoder.reject(raw):
+                continue
+            kept += 1
             try:
-                counts[decoder.bucket_of(raw)] += 1
+                c[decoder.bucket_of(raw)] += 1
             except Exception:
                 pass  # a bad sample; counted when the stream reaches it
-    return counts, seen
+        counts.append(c)
+    return counts, seen, kept
 
 
 def detect_kind(shards: list[str]) -> str:

@@ -1,33 +1,38 @@
 """The loader's streaming half: who reads what, which bucket each step uses, and the resumable
 per-worker stream of batches.
 
-Distribution rule (per epoch, the same on every rank): the shards are shuffled with
-(seed, epoch). With S = world_size * num_workers reading slots, the first n - n % S shards of
-that order go whole to the slots, round-robin; the last n % S shards are split by sample index
-(sample i of the j-th of them goes to slot (i + j) % S). So every slot reads the same amount of
-data up to one shard's size difference, no slot is ever empty when n < S, every sample is read
-exactly once per epoch, and each slot's stream runs on into the next epoch without a break:
-every rank yields one batch per step forever, so no rank waits on another at an epoch's end.
+Reading slots: S = world_size * num_workers; DataLoader worker k of rank r is slot r * W + k and
+serves the global steps t with t % W == k (its "role"), so step t is served on every rank by the
+slots of role t % W.
 
-Bucket rule: the bucket of global step t is a function of (seed, t) alone, so all ranks (and
-the worker serving step t on each rank) use the same bucket and shapes always agree. It walks
-a golden-ratio (Weyl) sequence through the buckets' cumulative weights: each bucket's share of
-steps follows its population with an error that stays bounded, unlike independent draws whose
-error grows with the step count and makes buffers drift.
+Distribution rule (per epoch, the same on every rank): the shards are shuffled with (seed, epoch).
+The first n - n % S shards of that order go whole to the slots, round-robin; the last n % S are
+split by sample index (sample i of the j-th of them goes to slot (i + j) % S). When buckets sit in
+few shards, whole shards would leave slots without a bucket the others have: if that costs a role more
+than half its epoch's batches, the epoch splits every shard instead (each slot then reads all
+bytes: correct, slower). Every sample is read by exactly one slot per epoch, and no slot is empty.
 
-Each slot keeps one FIFO per bucket and reads until the step's bucket holds a batch. When its
-buffers hold `buffer_size` samples it stops reading ahead and completes the batch by repeating
-that bucket's buffered samples (counted as `repeated`), so memory stays bounded.
+Bucket rule: from the per-shard bucket counts (manifest or scan, the same on every rank), each
+slot's epoch share is known (split shards: their count / S). Role k's epoch e holds
+floor(min over ranks of that share / batch) batches of each bucket, so every rank can serve every
+step of it; the batches are spread evenly through the epoch (exact counts, random phases from
+(seed, epoch, role)). All ranks compute the same list, so they agree on every step's bucket.
 
-Resume: a slot's state is its read position (epoch, unit, sample), the positions of the samples
-in its buffers, its next step and its counters; the stream re-reads from the oldest buffered
+A slot keeps one FIFO per bucket and reads its share until the step's bucket holds a batch. A
+sample whose bucket has no batch left in the epoch is dropped without decoding (not buffered). The buffers never hold
+more than `buffer_size` samples: when full, a bucket with samples completes its batch by repeating
+them (counted as `repeated`), an empty one evicts the oldest sample of the fullest bucket (counted
+as `dropped`). At the epoch's last step the rest of the share is skipped; a slot that runs out of a
+bucket early (estimated split counts, a stale manifest) repeats, or borrows from its next epoch.
+
+Resume: a slot's state is its (epoch, step index in the epoch), its read position, the positions
+of the samples in its buffers and its counters; the stream re-reads from the oldest buffered
 position to restore the buffers exactly, so batches after a resume equal an uninterrupted run's.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -41,48 +46,74 @@ from .loader_samples import BadSample, Decoder, Item, read_tar, stable_seed
 
 log = logging.getLogger("pixart.data")
 Pos = tuple[int, int, int]  # (epoch, unit, sample index within the unit's shard)
-_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 @dataclass
 class Plan:
-    """Which shards (whole, or a sample-index share) each reading slot gets in each epoch."""
+    """Which shards each reading slot reads in each epoch, and each role's bucket per step."""
     shards: list[str]
+    counts: np.ndarray          # (shards, buckets): samples per shard and bucket (estimates allowed)
+    buckets: list[str]          # the scheduled buckets, columns of `counts`
     seed: int
     rank: int
     world_size: int
     num_workers: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        self._epochs: dict[int, tuple] = {}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_epochs"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _epochs={})
 
     @property
     def slots(self) -> int:
         return self.world_size * max(1, self.num_workers)
 
+    def _batches(self, shares: np.ndarray) -> np.ndarray:
+        """(roles, buckets) batches per epoch from the slots' (S, buckets) shares."""
+        W = max(1, self.num_workers)
+        per_role = shares.reshape(self.world_size, W, -1).min(axis=0)  # slot r * W + k: rank r, role k
+        return np.floor(per_role / self.batch_size + 1e-9).astype(np.int64)
+
+    def _epoch(self, epoch: int) -> tuple:
+        """(shard order, shards kept whole, batches per role and bucket), cached."""
+        if epoch not in self._epochs:
+            order = np.random.default_rng(stable_seed(self.seed, "shards", epoch)).permutation(len(self.shards))
+            n, S = len(order), self.slots
+            whole = n - n % S
+            shares = np.zeros((S, len(self.buckets)))
+            np.add.at(shares, np.arange(whole) % S, self.counts[order[:whole]])
+            shares += self.counts[order[whole:]].sum(axis=0) / S
+            batches = self._batches(shares)
+            split = self._batches(np.broadcast_to(self.counts.sum(axis=0) / S, shares.shape))
+            if whole and (batches.sum(axis=1) < split.sum(axis=1) / 2).any():
+                if not self._epochs:
+                    log.warning("buckets are clustered by shard: whole shards would leave %d of %d batches; "
+                                "epochs like %d split every shard over the %d reading slots (each reads all "
+                                "bytes)", batches.sum(), split.sum(), epoch, S)
+                whole, batches = 0, split
+            if len(self._epochs) > 4:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = (order, whole, batches)
+        return self._epochs[epoch]
+
     def units(self, epoch: int, slot: int) -> list[tuple[int, int | None]]:
         """(shard index, split phase or None for a whole shard), in reading order."""
-        order = np.random.default_rng(stable_seed(self.seed, "shards", epoch)).permutation(len(self.shards))
-        n, s = len(order), self.slots
-        whole = n - n % s
-        return [(int(order[j]), None) for j in range(slot, whole, s)] + \
-               [(int(order[j]), j) for j in range(whole, n)]
+        order, whole, _ = self._epoch(epoch)
+        return [(int(order[j]), None) for j in range(slot, whole, self.slots)] + \
+               [(int(order[j]), j) for j in range(whole, len(order))]
 
-
-@dataclass
-class Schedule:
-    """Bucket of each global step, from (seed, step) alone: the same on every rank and worker."""
-    buckets: list[str]
-    weights: list[float]
-    seed: int
-
-    def __post_init__(self) -> None:
-        order = np.random.default_rng(stable_seed(self.seed, "bucket-order")).permutation(len(self.buckets))
-        self._order = [self.buckets[i] for i in order]
-        w = np.array([self.weights[i] for i in order], dtype=np.float64)
-        self._cum = np.cumsum(w / w.sum())
-        self._phase = np.random.default_rng(stable_seed(self.seed, "bucket-phase")).random()
-
-    def __call__(self, step: int) -> str:
-        u = (self._phase + step * _GOLDEN) % 1.0
-        return self._order[min(int(np.searchsorted(self._cum, u, side="right")), len(self._order) - 1)]
+    def schedule(self, epoch: int, role: int) -> list[str]:
+        """Role's bucket for each of its steps in the epoch: exact counts, evenly spread."""
+        n = self._epoch(epoch)[2][role]
+        phase = np.random.default_rng(stable_seed(self.seed, "buckets", epoch, role)).random(len(n))
+        times = np.concatenate([(np.arange(k) + phase[b]) / k for b, k in enumerate(n) if k] or [np.zeros(0)])
+        which = np.concatenate([np.full(k, b) for b, k in enumerate(n) if k] or [np.zeros(0, dtype=np.int64)])
+        return [self.buckets[b] for b in which[np.argsort(times, kind="stable")]]
 
 
 @dataclass
@@ -92,42 +123,52 @@ class SlotStats:
     used: int = 0
     batches: int = 0
     repeated: int = 0
-    skipped: Counter = field(default_factory=Counter)   # reason -> samples
-    damaged_shards: Counter = field(default_factory=Counter)  # url -> times
-
-
-def _log_skip(stats: SlotStats, reason: str, key: str) -> None:
-    n = sum(stats.skipped.values())
-    if n <= 10 or n % 1000 == 0:
-        log.warning("skipped sample %s: %s (%d skipped so far in this worker)", key, reason, n)
+    dropped: int = 0                                    # read, never used: surplus, evicted, epoch end
+    skipped: Counter = field(default_factory=Counter)   # reason -> samples, in the slot's first epoch only
+    damaged_shards: Counter = field(default_factory=Counter)  # url -> 1: each damaged shard once
 
 
 class BucketStream:
     """One slot's infinite stream of (step, bucket, items), resumable from `state()`."""
 
-    def __init__(self, plan: Plan, decoder: Decoder, schedule: Schedule, batch_size: int,
-                 buffer_size: int, role: int, state: dict | None = None):
-        self.plan, self.decoder, self.schedule = plan, decoder, schedule
-        self.batch_size, self.buffer_size, self.role = batch_size, buffer_size, role
+    def __init__(self, plan: Plan, decoder: Decoder, buffer_size: int, role: int, state: dict | None = None):
+        self.plan, self.decoder, self.buffer_size, self.role = plan, decoder, buffer_size, role
         self.slot = plan.rank * max(1, plan.num_workers) + role
-        self.buffers: dict[str, deque[tuple[Pos, Item]]] = {b: deque() for b in schedule.buckets}
+        self.buffers: dict[str, deque[tuple[Pos, Item]]] = {b: deque() for b in plan.buckets}
         self.stats = SlotStats()
-        self.step = role
+        self.step, self.epoch, self.index = role, 0, 0
+        self.counted = 0            # the epoch whose skips are counted: each bad sample once
         self.last: Pos | None = None
-        self.epoch = 0
+        self._peek: tuple[Pos, dict] | None = None
         self._replaying = False
         self._raw: Iterator[tuple[Pos, dict]] | None = None
         if state:
-            self._restore(state)  # sets _raw when it re-reads buffered samples
+            self._restore(state)
         if self._raw is None:
-            start = (self.epoch, 0, 0) if self.last is None else (self.last[0], self.last[1], self.last[2] + 1)
-            self._raw = self._samples(start)
+            self._raw = self._samples(self._start())
+        self._enter(self.epoch)
+
+    def _start(self) -> Pos:
+        return (self.epoch, 0, 0) if self.last is None or self.last[0] < self.epoch else \
+            (self.last[0], self.last[1], self.last[2] + 1)
+
+    def _enter(self, epoch: int) -> None:
+        self.order = self.plan.schedule(epoch, self.role)
+        self.remaining = Counter(self.order[self.index:])
 
     # -- reading --------------------------------------------------------------------------------
     def _damaged(self, url: str, exc: Exception) -> None:
-        if not self._replaying:
-            self.stats.damaged_shards[url] += 1
+        if not self._replaying and url not in self.stats.damaged_shards:
+            self.stats.damaged_shards[url] = 1
             log.warning("%s: damaged shard, rest skipped (%s: %s)", url, type(exc).__name__, exc)
+
+    def _skip(self, pos: Pos, reason: str, key: str) -> None:
+        if pos[0] != self.counted:
+            return
+        self.stats.skipped[reason] += 1
+        n = sum(self.stats.skipped.values())
+        if n <= 10 or n % 1000 == 0:
+            log.warning("skipped sample %s: %s (%d skipped so far in this worker)", key, reason, n)
 
     def _samples(self, start: Pos) -> Iterator[tuple[Pos, dict]]:
         epoch, unit0, index0 = start
@@ -150,56 +191,97 @@ class BucketStream:
                                   f"sample for two epochs (fewer samples than ranks x workers?)")
             epoch, unit0, index0 = epoch + 1, 0, 0
 
-    def _read_one(self) -> None:
-        pos, raw = next(self._raw)
-        self.last, self.epoch = pos, pos[0]
+    def _read_one(self, borrow: bool) -> bool:
+        """Read the next sample into the buffers; False at the end of this epoch's share unless
+        `borrow` lets it read on into the next epochs."""
+        if self._peek is None:
+            self._peek = next(self._raw)
+        pos, raw = self._peek
+        if pos[0] > self.epoch and not borrow:
+            return False
+        if pos[0] > self.epoch + 2:
+            raise PixArtError(f"rank {self.plan.rank} worker {self.role}: bucket {self.order[self.index]} got no "
+                              f"sample in two epochs of this worker's shards although the bucket counts say it "
+                              f"has some; is the manifest stale?")
+        self._peek, self.last = None, pos
         self.stats.read += 1
+        key = raw.get("__key__", "?")
+        reason = self.decoder.reject(raw)
+        if reason:
+            self._skip(pos, reason, key)
+            return True
+        try:
+            bucket = self.decoder.bucket(raw)
+        except Exception:
+            bucket = None  # decode() says why
+        if bucket is not None and bucket not in self.buffers:
+            self._skip(pos, "unscheduled bucket " + bucket, key)
+            return True
+        if bucket is not None and pos[0] == self.epoch and self.remaining[bucket] * self.plan.batch_size \
+                <= len(self.buffers[bucket]):
+            self.stats.dropped += 1  # its epoch has no batch left for it
+            return True
         try:
             item = self.decoder.decode(raw, pos[0])
         except BadSample as e:
-            self.stats.skipped[str(e)] += 1
-            _log_skip(self.stats, str(e), raw.get("__key__", "?"))
-            return
-        if item.bucket not in self.buffers:
-            self.stats.skipped["unscheduled bucket " + item.bucket] += 1
-            return
+            self._skip(pos, str(e), key)
+            return True
         self.buffers[item.bucket].append((pos, item))
+        return True
+
+    def _evict(self) -> None:
+        q = max(self.buffers.values(), key=len)
+        q.popleft()
+        self.stats.dropped += 1
+
+    def _next_epoch(self) -> None:
+        for q in self.buffers.values():
+            while q and q[0][0][0] <= self.epoch:
+                q.popleft()
+                self.stats.dropped += 1
+        self.epoch, self.index = self.epoch + 1, 0
+        if self.last is None or self.last[0] < self.epoch:  # skip the rest of the old share
+            self._peek, self._raw = None, self._samples((self.epoch, 0, 0))
+        self._enter(self.epoch)
 
     # -- batches --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[int, str, list[Item], dict]]:
-        B, W = self.batch_size, max(1, self.plan.num_workers)
+        B, W = self.plan.batch_size, max(1, self.plan.num_workers)
         while True:
-            bucket = self.schedule(self.step)
-            buf, waited_from = self.buffers[bucket], self.epoch
+            while self.index >= len(self.order):
+                self._next_epoch()
+            bucket = self.order[self.index]
+            buf = self.buffers[bucket]
             while len(buf) < B:
-                if buf and sum(map(len, self.buffers.values())) >= self.buffer_size:
-                    break  # read-ahead limit: repeat what this bucket has
-                if not buf and self.epoch - waited_from >= 2:
-                    raise PixArtError(f"rank {self.plan.rank} worker {self.role}: bucket {bucket} got no sample in "
-                                      f"two epochs of this rank's shards; its samples sit in too few shards")
-                self._read_one()
+                if sum(map(len, self.buffers.values())) >= self.buffer_size:
+                    if buf:
+                        break  # read-ahead limit: repeat what this bucket has
+                    self._evict()
+                if not self._read_one(borrow=not buf):
+                    break  # this epoch's share is read: repeat
             items = [buf.popleft()[1] for _ in range(min(B, len(buf)))]
             self.stats.repeated += B - len(items)
             items += [items[i % len(items)] for i in range(B - len(items))]
             self.stats.used += len(items)
             self.stats.batches += 1
+            self.remaining[bucket] -= 1
+            self.index += 1
             step, self.step = self.step, self.step + W
             yield step, bucket, items, self.state()
 
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
-        s = self.stats
-        return {"step": self.step, "epoch": self.epoch, "last": list(self.last) if self.last else None,
+        return {"step": self.step, "epoch": self.epoch, "index": self.index, "counted": self.counted,
+                "last": list(self.last) if self.last else None,
                 "buffered": {b: [list(p) for p, _ in q] for b, q in self.buffers.items() if q},
-                "stats": {"read": s.read, "used": s.used, "batches": s.batches, "repeated": s.repeated,
-                          "skipped": dict(s.skipped), "damaged_shards": dict(s.damaged_shards)}}
+                "stats": {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self.stats).items()}}
 
     def _restore(self, state: dict) -> None:
         self.step, self.epoch = int(state["step"]), int(state.get("epoch", 0))
+        self.index, self.counted = int(state.get("index", 0)), int(state.get("counted", self.epoch))
         self.last = tuple(state["last"]) if state.get("last") else None
         st = state.get("stats", {})
-        self.stats = SlotStats(st.get("read", 0), st.get("used", 0), st.get("batches", 0), st.get("repeated", 0),
-                               Counter(st.get("skipped", {})), Counter(st.get("damaged_shards", {})))
+        self.stats = SlotStats(**{k: Counter(v) if isinstance(v, dict) else v for k, v in st.items()})
         wanted = {tuple(p): b for b, ps in state.get("buffered", {}).items() for p in ps}
         if not wanted or self.last is None:
             return
@@ -219,7 +301,8 @@ class BucketStream:
             if pos == self.last:
                 break
         self._replaying = False
-        self._raw = stream
+        if self.last[0] >= self.epoch:  # else the epoch moved on: its share starts afresh
+            self._raw = stream
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
@@ -256,11 +339,9 @@ def collate(items: list[Item], kind: str) -> dict:
 class BucketDataset(IterableDataset):
     """Yields whole batches; DataLoader worker k serves the steps t with t % W == its role."""
 
-    def __init__(self, plan: Plan, decoder: Decoder, schedule: Schedule, batch_size: int, buffer_size: int,
-                 states: dict[int, dict], start_step: int):
+    def __init__(self, plan: Plan, decoder: Decoder, buffer_size: int, states: dict[int, dict], start_step: int):
         super().__init__()
-        self.plan, self.decoder, self.schedule = plan, decoder, schedule
-        self.batch_size, self.buffer_size = batch_size, buffer_size
+        self.plan, self.decoder, self.buffer_size = plan, decoder, buffer_size
         self.states, self.start_step = states, start_step
 
     def __iter__(self):
@@ -268,8 +349,7 @@ class BucketDataset(IterableDataset):
         W = max(1, self.plan.num_workers)
         # The DataLoader asks worker 0 first; after a resume at step n, step n belongs to role n % W.
         role = ((info.id if info else 0) + self.start_step) % W
-        stream = BucketStream(self.plan, self.decoder, self.schedule, self.batch_size, self.buffer_size,
-                              role, self.states.get(role))
+        stream = BucketStream(self.plan, self.decoder, self.buffer_size, role, self.states.get(role))
         for step, bucket, items, state in stream:
             batch = collate(items, self.decoder.kind)
             batch.update(step=step, bucket=bucket, _state={"role": role, "state": state})

@@ -3,6 +3,10 @@
 `DIR/manifest.json` lets training refuse a stale or half-built cache with one line instead
 of silently training on features from another encoder, resolution or dtype. It is rewritten
 atomically after every finished shard and says `complete` only when every shard is.
+
+What a loader reads: `Manifest.load(folder)` (or `find_manifest(folder)`, None when there is no
+manifest), `complete`, `scaling_factor`/`shift_factor` (model latents = (latent - shift) * scale),
+`text_dim`, `latent_channels`, and per shard `name`, `count` and `buckets` ({"HxW": samples}).
 """
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ from pixart.atomic import atomic_write
 from pixart.errors import PixArtError
 
 MANIFEST = "manifest.json"
-VERSION = 1
-# Fields of the manifest a training config may name to be checked (others in `expected` are ignored).
+VERSION = 2  # 2: scaling/shift factor, batch size, per-shard buckets and damage
+# Fields of the manifest a training config may name to be checked; any other name is refused.
 CHECKED = ("image_encoder", "image_encoder_hash", "text_encoder", "text_encoder_hash", "dtype", "max_length",
-           "resolution", "buckets", "caption_sources", "latent_channels", "downsample_factor", "text_dim")
+           "resolution", "buckets", "caption_sources", "latent_channels", "downsample_factor", "text_dim",
+           "scaling_factor", "shift_factor")
+# What must match to resume a cache: text features depend on batch padding at float rounding.
+SETTINGS = CHECKED + ("batch_size",)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -44,6 +51,8 @@ class ShardEntry:
     sha256: str = ""
     complete: bool = False
     skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}] of samples left out
+    buckets: dict[str, int] = field(default_factory=dict)  # encoded size "HxW" (target_hw) -> samples
+    damaged: str = ""  # the input tar broke off (kept as read with --accept-damaged); "" when whole
 
 
 @dataclass
@@ -59,7 +68,10 @@ class Manifest:
     caption_sources: list[str]
     latent_channels: int
     downsample_factor: int
+    scaling_factor: float  # the VAE's (1.0 for the pixel autoencoder)
+    shift_factor: float  # the VAE's (0.0 for SD VAEs and the pixel autoencoder)
     text_dim: int
+    batch_size: int  # encoder batch: text features depend on batch padding at float rounding
     shards: list[ShardEntry] = field(default_factory=list)
     version: int = VERSION
 
@@ -83,7 +95,7 @@ class Manifest:
 
     def settings(self) -> dict:
         """Everything that decides what the features are (not which shards are done)."""
-        return {k: getattr(self, k) for k in CHECKED}
+        return {k: getattr(self, k) for k in SETTINGS}
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -98,6 +110,11 @@ class Manifest:
         path = Path(folder) / MANIFEST
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise TypeError("not a JSON object")
+            if d.get("version") != VERSION:
+                raise PixArtError(f"{path}: feature manifest version {d.get('version')}, this pixart reads "
+                                  f"version {VERSION}; rerun extract-features with --overwrite to rebuild the cache")
             names = {f.name for f in dataclasses.fields(cls)}
             d = {k: v for k, v in d.items() if k in names}
             d["shards"] = [ShardEntry(**s) for s in d.get("shards", [])]
@@ -106,19 +123,22 @@ class Manifest:
             return m
         except FileNotFoundError:
             raise PixArtError(f"{path}: no feature manifest; run extract-features first") from None
+        except PixArtError:
+            raise
         except (ValueError, TypeError) as e:
             raise PixArtError(f"{path}: not a feature manifest ({e})") from None
 
     def check(self, expected, where: str | os.PathLike | None = None) -> "Manifest":
-        """Raise PixArtError naming the first field of `expected` (a dict or a dataclass; fields the
-        manifest does not record are ignored) that differs, or when the cache is unfinished."""
+        """Raise PixArtError naming the first field of `expected` (a dict or a dataclass of CHECKED
+        names) that differs, or when the cache is unfinished. An unknown name is an error too: a
+        misspelt or misplaced setting would otherwise pass unchecked."""
         if dataclasses.is_dataclass(expected):
             expected = dataclasses.asdict(expected)
         where = str(where or getattr(self, "folder", None) or "feature cache")
         where = where if where.endswith(MANIFEST) else f"{where}/{MANIFEST}"
         for key, want in expected.items():
             if key not in CHECKED:
-                continue
+                raise PixArtError(f"{where}: unknown cache setting {key!r}; known: {', '.join(CHECKED)}")
             have = getattr(self, key)
             if key == "caption_sources":
                 want = [want] if isinstance(want, str) else list(want)
@@ -131,6 +151,11 @@ class Manifest:
             raise PixArtError(f"{where} is incomplete: {self.done} of {len(self.shards)} shards done; "
                               "rerun extract-features to finish")
         return self
+
+
+def find_manifest(folder: str | os.PathLike) -> Manifest | None:
+    """The folder's manifest, or None when it has none (raw shards); a broken or old one is an error."""
+    return Manifest.load(folder) if (Path(folder) / MANIFEST).is_file() else None
 
 
 def _same_path(a, b) -> bool:

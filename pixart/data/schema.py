@@ -5,7 +5,8 @@ one sample per raw sample keyed by the same `__key__`:
 
     KEY.features.safetensors   tensors, no pickle:
         latent_mean, latent_std    (C, h, w)  fp32, the VAE posterior, unscaled (or the pixel
-                                              autoencoder's code, std 0)
+                                              autoencoder's code); latent_std is left out when it
+                                              is all zero (the pixel autoencoder: 1/2 the latent bytes)
         text.<source>              (n, D)     text-encoder features of caption <source>, valid tokens
                                               only (n = mask.sum()), in the manifest's dtype (bf16 default)
     KEY.json                   {"width", "height": the source image's size (PixArt's img_hw),
@@ -35,12 +36,14 @@ TEXT_PREFIX = "text."
 class FeatureSample:
     key: str
     latent_mean: torch.Tensor
-    latent_std: torch.Tensor
+    latent_std: torch.Tensor | None  # None or all zero: not stored; read back as zeros
     text: dict[str, torch.Tensor]  # source -> (n, D)
     meta: dict = field(default_factory=dict)
 
     def to_wds(self) -> dict:
-        tensors = {"latent_mean": self.latent_mean, "latent_std": self.latent_std}
+        tensors = {"latent_mean": self.latent_mean}
+        if self.latent_std is not None and self.latent_std.any():  # an all-zero std carries no information
+            tensors["latent_std"] = self.latent_std
         tensors.update({TEXT_PREFIX + k: v for k, v in self.text.items()})
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         return {"__key__": self.key, FEATURES_EXT: save_tensors(tensors), "json": json.dumps(self.meta).encode()}
@@ -50,4 +53,6 @@ class FeatureSample:
         tensors = load_tensors(sample[FEATURES_EXT])
         text = {k[len(TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        return cls(sample["__key__"], tensors["latent_mean"], tensors["latent_std"], text, meta)
+        mean = tensors["latent_mean"]
+        std = tensors["latent_std"] if "latent_std" in tensors else torch.zeros_like(mean)
+        return cls(sample["__key__"], mean, std, text, meta)

@@ -50,3 +50,15 @@ def shard_name(url: str) -> str:
     """The shard's file name without `.tar`: the key for its sidecar outputs."""
     name = url.rstrip("/").split("/")[-1].split()[-1]
     return name[:-4] if name.endswith(".tar") else name
+
+
+def check_unique_names(urls: list[str]) -> list[str]:
+    """Each shard's name, refusing two shards of one name: their sidecar outputs would overwrite each other."""
+    seen: dict[str, str] = {}
+    for url in urls:
+        name = shard_name(url)
+        if name in seen:
+            raise PixArtError(f"two input shards are both named {name}.tar: {seen[name]} and {url}; "
+                              "their outputs would collide")
+        seen[name] = url
+    return list(seen)
