@@ -4,10 +4,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixart.cli import convert_dit, data, demo, evaluate, export_diffusers, extract_features, import_checkpoint
+from pixart.cli import (
+    convert_dit,
+    data,
+    demo,
+    evaluate,
+    export_diffusers,
+    extract_features,
+    import_checkpoint,
+    relabel,
+)
 from pixart.errors import PixArtError
 
-COMMANDS = (data, extract_features, convert_dit, import_checkpoint, export_diffusers, evaluate, demo)
+COMMANDS = (data, relabel, extract_features, convert_dit, import_checkpoint, export_diffusers, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,542 @@
+"""`pixart relabel`: caption every sample of some shards with one captioner; kill it any time, rerun it.
+
+For captioner NAME and input shard S, `DIR` holds
+    S.NAME.jsonl             the finished shard: a line per sample, in input order (renamed into place)
+    .S.NAME.jsonl.partial    work in progress: lines appended per batch and fsynced
+    .S.NAME.stats.json       the finished shard's counts and text statistics (written just before)
+    NAME-summary.json        the job's summary
+A line is {"__key__", "caption" (null when failed), "model", "prompt", "status": "ok" | "failed",
+"reason" and, for a rejected caption, "rejected" (when failed), "attempts"}; extract-features
+counts a failed sample as one without that caption. Input shards are only read.
+
+A rerun reads the partial (a torn last line is cut off), skips the keys it holds, and finishes the
+shard; finished shards are not touched. Shard i goes to global worker i % (WORLD_SIZE * workers),
+worker RANK * workers + j, so no two workers caption one shard; an exclusive lock on the partial
+keeps that true even under a misconfigured launch. Images are decoded and resized in DataLoader
+worker processes, so the captioner in the job worker's main thread does not wait on the CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import importlib
+import inspect
+import io
+import json
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data_pipelines.relabel import quality
+from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner
+from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
+from pixart.atomic import atomic_write
+from pixart.data.shards import check_unique_names, resolve_shards
+from pixart.errors import PixArtError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class RelabelConfig:
+    captioner: CaptionerConfig
+    batch_size: int = 8  # samples per captioner call; halved on GPU out-of-memory
+    workers: int = 1  # job processes on this node, each with its own captioner (one per GPU)
+    decode_workers: int = 2  # DataLoader processes per job worker that read, decode and resize
+    quality: quality.QualityConfig = field(default_factory=quality.QualityConfig)
+    progress: bool = True
+
+
+@dataclass
+class ShardRun:
+    """What one job worker did to one shard in this run."""
+    name: str
+    done: int = 0  # captioned ok
+    failed: int = 0
+    skipped: int = 0  # already in the partial from a killed run
+
+
+@dataclass
+class Relabeling:
+    shards: int  # in the job
+    todo: int  # this rank's unfinished shards at the start
+    runs: list[ShardRun]
+    seconds: float
+    summary: dict | None  # None when there was nothing to do
+    summary_path: Path | None = None
+
+    @property
+    def captioned(self) -> int:
+        return sum(r.done + r.failed for r in self.runs)
+
+
+# ---------------------------------------------------------------- captioners
+
+def label(name: str) -> str:
+    """The captioner's name in file names: NAME, or the callable's name of a `module:callable` spec."""
+    return name.rsplit(":", 1)[-1]
+
+
+def load_captioner(config: CaptionerConfig) -> Captioner:
+    """A registered captioner (`build_captioner`), or your own: `module:callable`, called with the config."""
+    if ":" not in config.name:
+        return build_captioner(config)
+    module, attr = config.name.rsplit(":", 1)
+    return getattr(importlib.import_module(module), attr)(config)
+
+
+def check_captioner(config: CaptionerConfig) -> None:
+    """Everything about the captioner that can fail before work starts, without loading a model."""
+    if ":" in config.name:
+        module, attr = config.name.rsplit(":", 1)
+        try:
+            getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise PixArtError(f"--captioner {config.name}: {type(e).__name__}: {e}") from None
+    elif config.name in VLM_NAMES:
+        from pixart.encoders.loading import check_source  # imports diffusers: VLMs only
+
+        if not config.model:
+            raise PixArtError(f"--captioner {config.name} needs --model PATH_OR_HUB_ID")
+        check_source(config.model, f"--captioner {config.name} --model")
+    elif config.name != "metadata":
+        build_captioner(config)  # its one-line error for an unknown name
+    if config.dtype not in ("bf16", "fp32", "fp16"):
+        raise PixArtError(f"--dtype {config.dtype!r}: use bf16 or fp32")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+class Batcher:
+    """Calls the captioner: halves the batch on out-of-memory (and keeps it halved), and isolates a
+    sample that makes a batch raise, so one bad sample fails alone."""
+
+    def __init__(self, captioner: Captioner, batch_size: int, log: Callable[[str], None] = print):
+        self.captioner, self.size, self.log = captioner, batch_size, log
+        self.takes_seed = "seed" in inspect.signature(captioner.caption).parameters
+
+    def _call(self, samples: list[dict], seed: int | None) -> list[str]:
+        texts = self.captioner.caption(samples, seed=seed) if seed is not None and self.takes_seed \
+            else self.captioner.caption(samples)
+        if len(texts) != len(samples):
+            raise RuntimeError(f"captioner returned {len(texts)} captions for {len(samples)} samples")
+        return list(texts)
+
+    def __call__(self, samples: list[dict], seed: int | None = None) -> list[str | BaseException]:
+        out: list[str | BaseException] = []
+        while len(out) < len(samples):
+            chunk = samples[len(out):len(out) + self.size]
+            try:
+                out += self._call(chunk, seed)
+            except Exception as e:
+                if _is_oom(e) and len(chunk) > 1:
+                    self.size = max(1, len(chunk) // 2)
+                    self.log(f"out of memory at batch {len(chunk)}; retrying with batch {self.size}")
+                    _empty_cache()
+                    continue
+                out += [self._one(s, seed) for s in chunk] if len(chunk) > 1 else [e]
+        return out
+
+    def _one(self, sample: dict, seed: int | None) -> str | BaseException:
+        try:
+            return self._call([sample], seed)[0]
+        except Exception as e:
+            return e
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reason(e: BaseException) -> str:
+    from data_pipelines.features_encode import stable_reason
+
+    what = "out of memory" if _is_oom(e) else "captioner error"
+    return stable_reason(f"{what}: {type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- reading shards (DataLoader workers)
+
+def _decode(sample: dict, image_size: int | None) -> dict:
+    """The captioner's view of a sample: PIL image (longest side <= image_size), json, txt; or an error."""
+    from PIL import Image
+
+    from data_pipelines.features_encode import stable_reason
+
+    out = {"__key__": sample["__key__"]}
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return {**out, "error": "bad image: the sample has no image"}
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            img = im.convert("RGB")
+        if image_size:
+            img.thumbnail((image_size, image_size), Image.BICUBIC)
+    except Exception as e:
+        return {**out, "error": stable_reason(f"bad image: {type(e).__name__}: {e}")}
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:
+        meta = None  # a captioner that needs it says so
+    return {**out, "image": img, "json": meta}
+
+
+def _shard_items(url: str, done: frozenset, image_size: int | None, worker: int = 0, workers: int = 1):
+    """Every `workers`-th sample of a shard from `worker` on, with its position; samples already
+    captioned pass undecoded (their alt-text still counts). Damage ends with one "__damage__" item."""
+    from pixart.data.tars import TarDamage, iter_samples
+
+    damage = TarDamage()
+    for pos, sample in enumerate(iter_samples(url, damage)):
+        if pos % workers != worker:
+            continue
+        txt = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
+        item = {"__key__": sample["__key__"], "done": True} if sample["__key__"] in done \
+            else _decode(sample, image_size)
+        yield {**item, "pos": pos, "txt": txt}
+    if damage.error and worker == 0:  # every worker saw it; one reports it
+        yield {"__damage__": f"{damage.error}, after {damage.after} samples"}
+
+
+def _keep(item):
+    return item
+
+
+class _Items(torch.utils.data.IterableDataset):
+    """A shard's items, split over DataLoader workers by position."""
+
+    def __init__(self, url: str, done: frozenset, image_size: int | None):
+        self.url, self.done, self.image_size = url, done, image_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        split = (info.id, info.num_workers) if info else ()
+        return _shard_items(self.url, self.done, self.image_size, *split)
+
+
+def _loader(url: str, done: frozenset, image_size: int | None, cfg: RelabelConfig):
+    if cfg.decode_workers < 1:
+        return _shard_items(url, done, image_size)
+    fork = "fork" if "fork" in mp.get_all_start_methods() else None  # cheap: the captioner's memory is shared
+    return torch.utils.data.DataLoader(_Items(url, done, image_size), batch_size=None, collate_fn=_keep,
+                                       num_workers=cfg.decode_workers, prefetch_factor=max(2, cfg.batch_size),
+                                       worker_init_fn=_die_with_parent, multiprocessing_context=fork)
+
+
+# ---------------------------------------------------------------- one shard
+
+def paths(out: Path, name: str, cap: str) -> tuple[Path, Path, Path]:
+    """(final, partial, stats) of shard `name` captioned by `cap`."""
+    return out / f"{name}.{cap}.jsonl", out / f".{name}.{cap}.jsonl.partial", out / f".{name}.{cap}.stats.json"
+
+
+def read_partial(f) -> dict[str, str]:
+    """key -> line of a partial file open in "a+b" mode; a torn last line is cut off so appends start clean."""
+    f.seek(0)
+    data, rows, end = f.read(), {}, 0
+    while (nl := data.find(b"\n", end)) >= 0:
+        try:
+            row = json.loads(data[end:nl])
+            key = row["__key__"]
+        except (ValueError, KeyError, TypeError):
+            break
+        rows.setdefault(key, data[end:nl].decode())
+        end = nl + 1
+    f.truncate(end)
+    return rows
+
+
+def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher: Batcher, cfg: RelabelConfig,
+                  progress: Callable[[int], None] = lambda n: None) -> ShardRun | None:
+    """Caption one shard's missing keys into its partial file, then write the finished file. None when
+    another worker or run finished it first."""
+    cap = label(cfg.captioner.name)
+    final, partial, stats_path = paths(out, name, cap)
+    if final.exists():
+        return None
+    with open(partial, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # one writer per shard, however the job was launched
+        if final.exists():  # finished while we waited for the lock
+            partial.unlink(missing_ok=True)
+            return None
+        for stale in [*out.glob(f".{final.name}.tmp-*"), *out.glob(f".{stats_path.name}.tmp-*")]:
+            stale.unlink(missing_ok=True)  # a kill during the final writes
+        rows = read_partial(f)
+        run, order, stats = ShardRun(name), {}, ShardStats()
+        base = {"model": captioner.model_id, "prompt": captioner.prompt}
+        batch: list[dict] = []
+
+        def write(new: list[dict]) -> None:  # a batch's lines are kept once fsync returns
+            for row in new:
+                rows[row["__key__"]] = json.dumps(row, ensure_ascii=False)
+                run.done, run.failed = run.done + (row["status"] == "ok"), run.failed + (row["status"] != "ok")
+            f.write("".join(rows[row["__key__"]] + "\n" for row in new).encode())
+            f.flush()
+            os.fsync(f.fileno())
+            progress(len(new))
+
+        def flush() -> None:
+            write(_caption_batch(batcher, batch, base, cfg))
+            batch.clear()
+
+        image_size = getattr(captioner, "image_size", None)
+        for item in _loader(url, frozenset(rows), image_size, cfg):
+            if "__damage__" in item:
+                stats.damaged = item["__damage__"]
+                continue
+            key = item["__key__"]
+            if key in order:  # a key twice in one shard: the first sample wins
+                continue
+            order[key] = item["pos"]
+            if item["txt"] is not None:
+                stats.alt_text.add(item["txt"])
+            if key in rows:
+                run.skipped += 1
+            elif "error" in item:
+                write([{"__key__": key, "caption": None, **base, "status": "failed", "reason": item["error"],
+                        "attempts": 0}])  # rare: a write of its own
+            else:
+                batch.append(item)
+                if len(batch) >= batcher.size:
+                    flush()
+        if batch:
+            flush()
+        keys = sorted(order, key=order.get)
+        body = "".join(rows[k] + "\n" for k in keys if k in rows)
+        for k in keys:
+            if k in rows:
+                stats.add_row(json.loads(rows[k]))
+        atomic_write(stats_path, json.dumps(stats.to_json()))
+        atomic_write(final, body)
+        partial.unlink()
+    return run
+
+
+
+def _caption_batch(batcher: Batcher, batch: list[dict], base: dict, cfg: RelabelConfig) -> list[dict]:
+    """A row per sample: captioned and checked; rejected captions are retried once with another seed."""
+    def row(item, caption, reason, attempts, rejected=None):
+        r = {"__key__": item["__key__"], "caption": caption if reason is None else None, **base,
+             "status": "ok" if reason is None else "failed"}
+        if reason is not None:
+            r["reason"] = reason
+            if rejected is not None:
+                r["rejected"] = rejected[:300]  # what the captioner said, for a look
+        return {**r, "attempts": attempts}
+
+    def judge(item, out, attempts):
+        if isinstance(out, BaseException):
+            return row(item, None, _reason(out), attempts)
+        return row(item, out, quality.check(out, cfg.quality), attempts, out)
+
+    rows = [judge(item, out, 1) for item, out in zip(batch, batcher(batch))]
+    again = [i for i, r in enumerate(rows) if r["status"] != "ok" and "rejected" in r]
+    if again:
+        outs = batcher([batch[i] for i in again], seed=cfg.captioner.seed + 1)
+        for i, out in zip(again, outs):
+            rows[i] = judge(batch[i], out, 2)
+    return rows
+
+
+# ---------------------------------------------------------------- the job
+
+def _die_with_parent(*_) -> None:
+    """Decode processes must not outlive their job worker (a killed job's orphans hang on full
+    queues): on Linux they get SIGKILL when their parent dies."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+
+
+def _watch(job_pid: int) -> None:
+    """A job worker dies within 0.1 s of the job's main process (its parent is the forkserver, so a
+    parent-death signal would not do). Until then it holds its shard's lock: a rerun waits for it."""
+    def loop():
+        while _alive(job_pid):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _on_device(cfg: RelabelConfig, slot: int) -> RelabelConfig:
+    """Worker j of this node on cuda:(j mod GPUs)."""
+    if cfg.captioner.device == "cuda" and cfg.workers > 1:
+        dev = f"cuda:{slot % max(1, torch.cuda.device_count())}"
+        cfg = dataclasses.replace(cfg, captioner=dataclasses.replace(cfg.captioner, device=dev))
+    return cfg
+
+
+def _worker(slot: int, tasks: list[tuple[str, str]], out: str, cfg: RelabelConfig, q, job_pid: int) -> None:
+    _watch(job_pid)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+        cfg = _on_device(cfg, slot)
+        captioner = load_captioner(cfg.captioner)
+        batcher = Batcher(captioner, cfg.batch_size, log=lambda m: q.put(("log", f"worker {slot}: {m}")))
+        for url, name in tasks:
+            run = caption_shard(url, name, Path(out), captioner, batcher, cfg, progress=lambda n: q.put(("n", n)))
+            if run is not None:
+                q.put(("shard", dataclasses.asdict(run)))
+        q.put(("exit", slot))
+    except BaseException as e:
+        q.put(("error", str(e) if isinstance(e, PixArtError) else None, traceback.format_exc()))
+
+
+def _run_workers(todo: list[list[tuple[str, str]]], out: Path, cfg: RelabelConfig, bar) -> list[ShardRun]:
+    """One process per local worker with work. forkserver: fresh interpreters (no CUDA or thread-pool
+    state inherited, as with spawn) forked from one that imported torch once; spawn elsewhere."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["data_pipelines.relabel.job"])
+    else:
+        ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = {j: ctx.Process(target=_worker, args=(j, tasks, str(out), cfg, q, os.getpid()), daemon=False)
+             for j, tasks in enumerate(todo) if tasks}
+    for p in procs.values():
+        p.start()
+    runs, running = [], set(procs)
+    try:
+        while running:
+            try:
+                msg = q.get(timeout=0.5)
+            except queue.Empty:
+                dead = [j for j in running if not procs[j].is_alive() and q.empty()]
+                if dead:
+                    raise RuntimeError(f"relabel worker {dead[0]} died (exit code {procs[dead[0]].exitcode})")
+                continue
+            if msg[0] == "n":
+                bar.update(msg[1])
+            elif msg[0] == "shard":
+                runs.append(ShardRun(**msg[1]))
+                bar.set_postfix(shards=len(runs))
+            elif msg[0] == "log":
+                bar.write(msg[1])
+            elif msg[0] == "exit":
+                running.discard(msg[1])
+            else:
+                if msg[1] is not None:
+                    raise PixArtError(msg[1])
+                raise RuntimeError(f"a relabel worker failed:\n{msg[2]}")
+    finally:
+        for p in procs.values():
+            if p.is_alive() and running:
+                p.terminate()
+            p.join()
+    return runs
+
+
+def _load_stats(path: Path) -> ShardStats | None:
+    try:
+        return ShardStats.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _model_prompt(out: Path, names: list[str], cap: str) -> tuple[str | None, str | None]:
+    """The model and prompt recorded in the first finished line of the job."""
+    for name in names:
+        final = paths(out, name, cap)[0]
+        if final.exists():
+            with open(final) as f:
+                line = f.readline()
+            if line.strip():
+                row = json.loads(line)
+                return row.get("model"), row.get("prompt")
+    return None, None
+
+
+def assign(shards: int, rank: int, world: int, workers: int) -> list[list[int]]:
+    """Shard indices of each local worker j: shard i goes to global worker i % (world * workers),
+    which is worker j of rank r when that is r * workers + j. Disjoint over all ranks and workers."""
+    return [list(range(rank * workers + j, shards, world * workers)) for j in range(workers)]
+
+
+def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None = None, world: int | None = None,
+            log: Callable[[str], None] = print) -> Relabeling:
+    """Caption this rank's unfinished shards into `out`; write and print the job summary."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    if not 0 <= rank < world:
+        raise PixArtError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
+    if cfg.batch_size < 1 or cfg.workers < 1:
+        raise PixArtError("--batch-size and --workers must be positive")
+    urls = resolve_shards(shards)
+    names = check_unique_names(urls)
+    check_captioner(cfg.captioner)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cap = label(cfg.captioner.name)
+
+    def finished(name: str) -> bool:
+        return paths(out, name, cap)[0].exists()
+
+    todo = [[(urls[i], names[i]) for i in mine if not finished(names[i])] for mine in assign(len(urls), rank, world,
+                                                                                          cfg.workers)]
+    for i in range(rank, len(urls), world):  # a kill between the final rename and removing the partial
+        if finished(names[i]):
+            paths(out, names[i], cap)[1].unlink(missing_ok=True)
+    n_todo = sum(map(len, todo))
+    if not n_todo:
+        left = sum(not finished(n) for n in names)
+        log(f"all {len(urls)} shards already captioned by {cap}; nothing to do" if not left else
+            f"rank {rank}: its shards are already captioned by {cap} ({left} of other ranks remain); nothing to do")
+        return Relabeling(len(urls), 0, [], time.perf_counter() - t0, None)
+
+    bar = tqdm(desc=f"relabel {cap}: {n_todo} shards", unit="caption", disable=not cfg.progress)
+    try:
+        if cfg.workers == 1:
+            captioner = load_captioner(cfg.captioner)
+            batcher = Batcher(captioner, cfg.batch_size, log=bar.write)
+            runs = []
+            for url, name in todo[0]:
+                run = caption_shard(url, name, out, captioner, batcher, cfg, progress=bar.update)
+                if run is not None:
+                    runs.append(run)
+                    bar.set_postfix(shards=len(runs))
+        else:
+            runs = _run_workers(todo, out, cfg, bar)
+    finally:
+        bar.close()
+    secs = time.perf_counter() - t0
+    run = {"done": sum(r.done for r in runs), "failed": sum(r.failed for r in runs),
+           "skipped": sum(r.skipped for r in runs), "shards": len(runs), "seconds": round(secs, 3)}
+    model, prompt = _model_prompt(out, names, cap)
+    summary = summarize(cap, model, prompt, {n: _load_stats(paths(out, n, cap)[2]) if finished(n) else None
+                                             for n in names}, run)
+    path = atomic_write(out / f"{cap}-summary.json", json.dumps(summary, indent=2) + "\n")
+    log(format_summary(summary) + f"\nsummary: {path}")
+    return Relabeling(len(urls), n_todo, runs, secs, summary, path)

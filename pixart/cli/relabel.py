@@ -1,0 +1,51 @@
+"""`pixart relabel`: dense captions for every sample of SHARDS, as sidecar jsonl files; resumable."""
+from __future__ import annotations
+
+import os
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "relabel", help="caption shards with a captioner (metadata or a VLM) into sidecar jsonl files",
+        description="Write DIR/<shard>.<captioner>.jsonl per input shard: one {__key__, caption, model, prompt, "
+        "status, reason, attempts} per sample, and DIR/<captioner>-summary.json (counts, caption length and "
+        "distinct words beside the alt-texts'). Kill it any time and run the same command again: finished "
+        "samples are kept, none is captioned twice. Shards are split over nodes by RANK/WORLD_SIZE and over "
+        "--workers local processes (shard i to worker i mod WORLD_SIZE*workers). extract-features "
+        "--captions NAME reads the output.")
+    p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
+    p.add_argument("--captioner", required=True,
+                   help="metadata (the shapes world's truth), a VLM: llava, llava-next, qwen2-vl, qwen2.5-vl, blip2; "
+                   "or module:callable building your own from a CaptionerConfig")
+    p.add_argument("--out", required=True, help="folder for the caption files")
+    p.add_argument("--model", help="VLM folder or hub id")
+    p.add_argument("--prompt", help="VLM prompt (default: PixArt-alpha's LLaVA prompt)")
+    p.add_argument("--workers", type=int, default=1, help="local job processes, e.g. one per GPU (default 1)")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="image-decoding processes per job worker (default: CPUs / workers, at most 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per captioner call; halved on OOM (default 8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--seed", type=int, default=0, help="phrasing / sampling seed; a retry uses seed + 1")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="VLM generation limit (default 160)")
+    p.add_argument("--max-words", type=int, default=150, help="longer captions are rejected (default 150)")
+    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers", help="VLM backend")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    import torch
+
+    from data_pipelines.relabel.captioner import PIXART_PROMPT, CaptionerConfig
+    from data_pipelines.relabel.job import RelabelConfig, relabel
+    from data_pipelines.relabel.quality import QualityConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    decode = args.decode_workers
+    if decode is None:
+        decode = max(1, min(8, (os.cpu_count() or 1) // max(1, args.workers)))
+    cap = CaptionerConfig(args.captioner, model=args.model, prompt=args.prompt or PIXART_PROMPT, device=device,
+                          dtype=args.dtype or ("bf16" if device.startswith("cuda") else "fp32"),
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend)
+    relabel(args.shards, args.out, RelabelConfig(cap, batch_size=args.batch_size, workers=args.workers,
+                                                 decode_workers=decode, quality=QualityConfig(max_words=args.max_words)))

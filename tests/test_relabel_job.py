@@ -1,0 +1,248 @@
+"""`pixart relabel`: outputs, bad input, OOM halving, quality retries, and SIGKILL-then-rerun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipelines.relabel.captioner import CaptionerConfig
+from data_pipelines.relabel.job import Batcher, RelabelConfig, assign, caption_shard, paths, relabel
+from data_pipelines.relabel.metadata import MetadataCaptioner
+from data_pipelines.shapes import ShapesConfig, make_sample, write_shapes
+from pixart.errors import PixArtError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slow_metadata(config):
+    """The metadata captioner, slowed down so a test can kill the job half-way (`--captioner
+    tests.test_relabel_job:slow_metadata`)."""
+    class Slow(MetadataCaptioner):
+        def caption(self, samples, seed=None):
+            time.sleep(0.015 * len(samples))
+            return super().caption(samples, seed)
+    return Slow(config)
+
+
+def _keys(tar) -> list[str]:
+    with tarfile.open(tar) as t:
+        return list(dict.fromkeys(m.name.split(".")[0] for m in t.getmembers()))
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """3 shapes shards x 16, a shard with a broken png / no json / bad json, and a truncated copy."""
+    root = tmp_path_factory.mktemp("world")
+    write_shapes(root / "shapes", count=48, seed=0, resolution=32, shard_size=16)
+    good = [make_sample(5, i, ShapesConfig(32)) for i in range(4)]
+    (root / "bad").mkdir()
+    with wds.TarWriter(str(root / "bad" / "bad-000000.tar")) as w:
+        w.write({**good[0], "__key__": "ok0"})
+        w.write({**good[1], "__key__": "brokenpng", "png": b"\x89PNG broken"})
+        w.write({k: v for k, v in {**good[2], "__key__": "nojson"}.items() if k != "json"})
+        w.write({**good[3], "__key__": "badjson", "json": b"{not json"})
+    data = (root / "shapes" / "shapes-000000.tar").read_bytes()
+    (root / "bad" / "cut-000000.tar").write_bytes(data[:len(data) // 2])
+    return root
+
+
+def _cfg(name="metadata", **kw):
+    return RelabelConfig(CaptionerConfig(name, device="cpu", dtype="fp32"), **{"batch_size": 4, "decode_workers": 1,
+                                                                              "progress": False, **kw})
+
+
+def test_outputs_bad_input_and_rerun(world, tmp_path):
+    out, logs = tmp_path / "cap", []
+    res = relabel([world / "shapes", world / "bad"], out, _cfg(), log=logs.append)
+    for tar in sorted((world / "shapes").glob("*.tar")):
+        rows = _rows(out / f"{tar.stem}.metadata.jsonl")
+        assert [r["__key__"] for r in rows] == _keys(tar)  # every key once, input order
+        assert all(r["status"] == "ok" and r["model"] == "shapes-metadata-v1" and r["attempts"] == 1 for r in rows)
+    bad = {r["__key__"]: r for r in _rows(out / "bad-000000.metadata.jsonl")}
+    assert bad["ok0"]["status"] == "ok" and bad["ok0"]["caption"]
+    assert bad["brokenpng"]["status"] == "failed" and bad["brokenpng"]["reason"].startswith("bad image")
+    assert bad["brokenpng"]["caption"] is None  # extract-features counts it as a missing caption
+    for k in ("nojson", "badjson"):
+        assert bad[k]["status"] == "failed" and "no usable metadata" in bad[k]["reason"]
+    cut = _rows(out / "cut-000000.metadata.jsonl")
+    assert 0 < len(cut) < 16 and all(r["status"] == "ok" for r in cut)
+    s = json.loads((out / "metadata-summary.json").read_text())
+    assert s["counts"] == {"done": 48 + 1 + len(cut), "failed": 3, "skipped": 0}
+    assert s["failure_reasons"] == {"bad image": 1, "captioner error": 2}
+    assert list(s["shards"]["damaged"]) == ["cut-000000"] and s["shards"]["finished"] == 5
+    assert res.captioned == 48 + 4 + len(cut) and "captions/s" in logs[0]
+    assert s["captions"]["distinct_mean"] > 5 * s["alt_text"]["distinct_mean"]
+    assert not list(out.glob(".*.partial"))
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    logs.clear()
+    again = relabel([world / "shapes", world / "bad"], out, _cfg(), log=logs.append)
+    assert again.summary is None and logs == ["all 5 shards already captioned by metadata; nothing to do"]
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_decode_in_workers_or_not_same_bytes(world, tmp_path):
+    for n in (0, 2):
+        relabel(world / "shapes", tmp_path / str(n), _cfg(decode_workers=n), log=lambda m: None)
+    for f in (tmp_path / "0").glob("*.jsonl"):
+        assert f.read_bytes() == (tmp_path / "2" / f.name).read_bytes()
+
+
+def test_assignment_is_disjoint_and_complete():
+    for n, world_size, workers in ((10, 1, 1), (10, 2, 3), (5, 3, 2), (1, 2, 2)):
+        got = [i for r in range(world_size) for mine in assign(n, r, world_size, workers) for i in mine]
+        assert sorted(got) == list(range(n))
+
+
+def test_clear_errors_before_work(world, tmp_path):
+    out = tmp_path / "never"
+    for name, model, match in (("gpt-9", None, "unknown captioner 'gpt-9'"),
+                               ("llava", None, "needs --model"),
+                               ("llava", str(tmp_path / "no" / "such" / "model"), "does not exist locally"),
+                               ("no_such_module:make", None, "no_such_module")):
+        cfg = RelabelConfig(CaptionerConfig(name, model=model), progress=False)
+        with pytest.raises(PixArtError, match=match):
+            relabel(world / "shapes", out, cfg)
+    assert not out.exists()
+
+
+class FakeVLM:
+    """Raises CUDA OOM above `limit` samples; refuses or loops on chosen keys (on every seed, or only
+    the first attempt)."""
+    name, model_id, prompt = "fake", "fake-vlm", "describe"
+
+    def __init__(self, limit=99, refuse_once=(), loop=()):
+        self.limit, self.refuse_once, self.loop, self.calls = limit, set(refuse_once), set(loop), []
+
+    def caption(self, samples, seed=None):
+        self.calls.append((len(samples), seed))
+        if len(samples) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        out = []
+        for s in samples:
+            if s["__key__"] in self.loop:
+                out.append("a red circle, " * 30)
+            elif s["__key__"] in self.refuse_once and seed is None:
+                out.append("I'm sorry, but I cannot describe images.")
+            else:
+                out.append(f"an image with the key {s['__key__']} and seed {seed}")
+        return out
+
+
+def test_oom_halves_the_batch(world, tmp_path):
+    fake, logs = FakeVLM(limit=2), []
+    tar = sorted((world / "shapes").glob("*.tar"))[0]
+    batcher = Batcher(fake, 8, log=logs.append)
+    run = caption_shard(str(tar), tar.stem, tmp_path, fake, batcher, _cfg("fake", batch_size=8))
+    rows = _rows(paths(tmp_path, tar.stem, "fake")[0])
+    assert run.done == 16 and [r["__key__"] for r in rows] == _keys(tar) and all(r["status"] == "ok" for r in rows)
+    assert batcher.size == 2 and logs == ["out of memory at batch 8; retrying with batch 4",
+                                          "out of memory at batch 4; retrying with batch 2"]
+    assert max(n for n, _ in fake.calls[3:]) == 2  # stays halved
+
+
+def test_quality_retry_then_failed(world, tmp_path):
+    tar = sorted((world / "shapes").glob("*.tar"))[1]
+    keys = _keys(tar)
+    fake = FakeVLM(refuse_once=keys[:2], loop=keys[2:3])
+    caption_shard(str(tar), tar.stem, tmp_path, fake, Batcher(fake, 4), _cfg("fake"))
+    rows = {r["__key__"]: r for r in _rows(paths(tmp_path, tar.stem, "fake")[0])}
+    for k in keys[:2]:  # refused, then fine with seed + 1
+        assert rows[k]["status"] == "ok" and rows[k]["attempts"] == 2 and rows[k]["caption"].endswith("seed 1")
+    loop = rows[keys[2]]
+    assert loop["status"] == "failed" and loop["reason"].startswith("repetition") and loop["attempts"] == 2
+    assert loop["caption"] is None and loop["rejected"].startswith("a red circle")
+    assert rows[keys[3]] == {"__key__": keys[3], "caption": f"an image with the key {keys[3]} and seed None",
+                             "model": "fake-vlm", "prompt": "describe", "status": "ok", "attempts": 1}
+
+
+def test_resume_from_torn_partial(world, tmp_path):
+    tar = sorted((world / "shapes").glob("*.tar"))[2]
+    keys = _keys(tar)
+    final, partial, _ = paths(tmp_path, tar.stem, "metadata")
+    kept = {"__key__": keys[5], "caption": "kept from the killed run", "model": "x", "prompt": None,
+            "status": "ok", "attempts": 1}
+    partial.write_text(json.dumps(kept) + "\n" + '{"__key__": "' + keys[6] + '", "capt')  # torn mid-line
+    cap = MetadataCaptioner()
+    run = caption_shard(str(tar), tar.stem, tmp_path, cap, Batcher(cap, 4), _cfg())
+    rows = _rows(final)
+    assert [r["__key__"] for r in rows] == keys and rows[5] == kept and run.skipped == 1 and run.done == 15
+    assert not partial.exists()
+
+
+def _pixart(*argv):
+    return [sys.executable, "-m", "pixart", "relabel", *map(str, argv)]
+
+
+def _lines(out: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in out.glob("*.jsonl")) + \
+        sum(p.read_bytes().count(b"\n") for p in out.glob(".*.partial"))
+
+
+def test_sigkill_at_any_moment_then_rerun(tmp_path):
+    """Kill -9 the CLI three times at growing amounts of work (once with 2 job workers), rerun:
+    every key exactly once, valid lines, the same bytes as an uninterrupted run."""
+    shards = tmp_path / "shards"
+    write_shapes(shards, count=96, seed=3, resolution=32, shard_size=24)
+    keys = sorted(k for t in shards.glob("*.tar") for k in _keys(t))
+    ref = tmp_path / "ref"
+    relabel(shards, ref, _cfg(), log=lambda m: None)
+    out = tmp_path / "out"
+    args = ["--captioner", "tests.test_relabel_job:slow_metadata", "--out", out, "--batch-size", 4, "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    kills = []
+    for at, workers in ((6, 1), (38, 2), (78, 1)):
+        p = subprocess.Popen(_pixart(shards, *args, "--workers", workers, "--decode-workers", 1), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while _lines(out) < at and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert p.poll() is None, p.stderr.read().decode()[-2000:]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills.append(_lines(out))
+        time.sleep(0.3)  # job workers notice within 0.1 s
+        n = _lines(out)
+        time.sleep(0.2)
+        assert _lines(out) == n  # no orphaned worker goes on writing
+    assert kills[0] < 96 and kills[-1] < 96, kills
+    resumed = sum(p.read_bytes().count(b"\n") for p in out.glob(".*.partial"))
+    done = subprocess.run(_pixart(shards, *args), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"skipped {resumed} (already captioned)" in done.stdout, done.stdout
+    rows = [r for f in sorted(out.glob("*.jsonl")) for r in _rows(f)]
+    got = [r["__key__"] for r in rows]
+    assert sorted(got) == keys and len(set(got)) == len(got) == 96  # every key, exactly once
+    assert not list(out.glob(".*.partial")) and not list(out.glob(".*.tmp-*"))
+    for f in ref.glob("*.jsonl"):
+        assert (out / f.name.replace(".metadata.", ".slow_metadata.")).read_bytes() == f.read_bytes()
+    print(f"killed after {kills} of 96 lines; rerun resumed {resumed}; 96 keys, 0 duplicates")
+
+
+def test_ranks_split_the_shards(world, tmp_path):
+    logs = []
+    a = relabel(world / "shapes", tmp_path, _cfg(), rank=0, world=2, log=logs.append)
+    assert sorted(r.name for r in a.runs) == ["shapes-000000", "shapes-000002"]
+    relabel(world / "shapes", tmp_path, _cfg(), rank=0, world=2, log=logs.append)
+    assert logs[-1] == "rank 0: its shards are already captioned by metadata (1 of other ranks remain); nothing to do"
+    b = relabel(world / "shapes", tmp_path, _cfg(), rank=1, world=2, log=logs.append)
+    assert [r.name for r in b.runs] == ["shapes-000001"] and b.summary["shards"]["finished"] == 3
+
+
+def test_extract_features_reads_the_output(world, tmp_path):
+    """failed lines have caption null: extract-features counts them as samples without that caption."""
+    from data_pipelines.features_encode import read_captions
+
+    relabel(world / "bad", tmp_path, _cfg(), log=lambda m: None)
+    caps = read_captions(str(tmp_path / "bad-000000.metadata.jsonl"))
+    assert caps["brokenpng"] is None and caps["ok0"].strip()
