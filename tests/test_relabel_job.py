@@ -170,7 +170,7 @@ def test_resume_from_torn_partial(world, tmp_path):
     tar = sorted((world / "shapes").glob("*.tar"))[2]
     keys = _keys(tar)
     final, partial, _ = paths(tmp_path, tar.stem, "metadata")
-    kept = {"__key__": keys[5], "caption": "kept from the killed run", "model": "x", "prompt": None,
+    kept = {"__key__": keys[5], "caption": "kept from the killed run", "model": "shapes-metadata-v1", "prompt": None,
             "status": "ok", "attempts": 1}
     partial.write_text(json.dumps(kept) + "\n" + '{"__key__": "' + keys[6] + '", "capt')  # torn mid-line
     cap = MetadataCaptioner()
@@ -246,3 +246,21 @@ def test_extract_features_reads_the_output(world, tmp_path):
     relabel(world / "bad", tmp_path, _cfg(), log=lambda m: None)
     caps = read_captions(str(tmp_path / "bad-000000.metadata.jsonl"))
     assert caps["brokenpng"] is None and caps["ok0"].strip()
+
+
+def test_another_model_into_the_same_output_is_refused(tmp_path):
+    from data_pipelines.relabel.captioner import CaptionerConfig
+    from data_pipelines.relabel.job import RelabelConfig, relabel
+    from data_pipelines.shapes import write_shapes
+    from pixart.errors import PixArtError
+
+    write_shapes(tmp_path / "s", count=12, seed=0, resolution=32, shard_size=3)
+    first = str(tmp_path / "s" / "shapes-00000{0..1}.tar")  # caption half the shards
+    relabel(first, tmp_path / "o", RelabelConfig(CaptionerConfig("metadata"), progress=False), log=lambda m: None)
+    for line in (tmp_path / "o" / "shapes-000000.metadata.jsonl").read_text().splitlines():
+        assert json.loads(line)["model"] == "shapes-metadata-v1"
+    path = tmp_path / "o" / "shapes-000000.metadata.jsonl"
+    path.write_text(path.read_text().replace("shapes-metadata-v1", "another-model"))
+    with pytest.raises(PixArtError, match="holds metadata captions by model 'another-model'.*use another --out"):
+        relabel(tmp_path / "s", tmp_path / "o", RelabelConfig(CaptionerConfig("metadata"), progress=False),
+                log=lambda m: None)

@@ -258,6 +258,21 @@ def read_partial(f) -> dict[str, str]:
     return rows
 
 
+def _check_same_source(out: Path, cap: str, rows: dict[str, str], base: dict) -> None:
+    """One output folder holds one captioner's captions from one model and prompt, never a mix."""
+    finished = next(iter(sorted(out.glob(f"*.{cap}.jsonl"))), None)
+    lines = list(rows.values())[:1]
+    if finished is not None:
+        with open(finished) as f:
+            lines.append(f.readline())
+    for line in filter(str.strip, lines):
+        old = json.loads(line)
+        if (old.get("model"), old.get("prompt")) != (base["model"], base["prompt"]):
+            raise PixArtError(f"{out}: holds {cap} captions by model {old.get('model')!r} with prompt "
+                              f"{old.get('prompt')!r}; this run uses {base['model']!r} with {base['prompt']!r}: "
+                              "use another --out")
+
+
 def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher: Batcher, cfg: RelabelConfig,
                   progress: Callable[[int], None] = lambda n: None) -> ShardRun | None:
     """Caption one shard's missing keys into its partial file, then write the finished file. None when
@@ -276,6 +291,7 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
         rows = read_partial(f)
         run, order, stats = ShardRun(name), {}, ShardStats()
         base = {"model": captioner.model_id, "prompt": captioner.prompt}
+        _check_same_source(out, cap, rows, base)
         batch: list[dict] = []
 
         def write(new: list[dict]) -> None:  # a batch's lines are kept once fsync returns
