@@ -96,3 +96,14 @@ def test_vllm_backend_without_vllm(monkeypatch, tiny_dir):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
     msg = _one_line_error(CaptionerConfig("llava", model=tiny_dir["llava"], backend="vllm"))
     assert VLLM_HINT in msg
+
+
+def test_the_retry_seed_samples_instead_of_repeating_greedy(tmp_path_factory):
+    path = make_tiny_vlm("llava", tmp_path_factory.mktemp("retry") / "llava")
+    cap = build_captioner(CaptionerConfig("llava", model=str(path), dtype="fp32", max_new_tokens=12))
+    images = [{"image": Image.new("RGB", (40, 40), (200, 30, 30))}]
+    greedy = cap.caption(images)
+    assert cap.caption(images) == greedy
+    retries = {cap.caption(images, seed=s)[0] for s in range(1, 5)}
+    assert cap.caption(images, seed=1) == cap.caption(images, seed=1)  # seeded: reproducible
+    assert retries - set(greedy)  # and not just the greedy text again

@@ -80,14 +80,21 @@ class VLMCaptioner:
         self.generation_config = gen
 
     @torch.inference_mode()
-    def caption(self, samples: list[dict]) -> list[str]:
+    def caption(self, samples: list[dict], seed: int | None = None) -> list[str]:
+        """Greedy captions; with a `seed` (the job's one retry of a rejected caption) seeded sampling
+        instead, since greedy decoding would only repeat the rejected text."""
         if not samples:
             return []
+        gen = self.generation_config
+        if seed is not None:
+            gen = copy.deepcopy(gen)
+            gen.do_sample, gen.temperature, gen.top_p = True, 0.7, 0.9
+            torch.manual_seed(seed)
         images = [s["image"].convert("RGB") for s in samples]
         inputs = self.processor(images=images, text=[self.text] * len(images), padding=True,
                                 return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.model.generate(**inputs, generation_config=self.generation_config)
+        out = self.model.generate(**inputs, generation_config=gen)
         if self.decoder_only:  # generate returns prompt + continuation
             out = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
