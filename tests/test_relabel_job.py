@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from data_pipelines.relabel.captioner import CaptionerConfig
-from data_pipelines.relabel.job import Batcher, RelabelConfig, assign, caption_shard, paths, relabel
+from data_pipelines.relabel.job import Batcher, RelabelConfig, _loader, _lock, assign, caption_shard, paths, relabel
 from data_pipelines.relabel.metadata import MetadataCaptioner
 from data_pipelines.shapes import ShapesConfig, make_sample, write_shapes
 from pixart.errors import PixArtError
@@ -75,20 +75,62 @@ def test_outputs_bad_input_and_rerun(world, tmp_path):
     assert bad["brokenpng"]["caption"] is None  # extract-features counts it as a missing caption
     for k in ("nojson", "badjson"):
         assert bad[k]["status"] == "failed" and "no usable metadata" in bad[k]["reason"]
-    cut = _rows(out / "cut-000000.metadata.jsonl")
+    assert not (out / "cut-000000.metadata.jsonl").exists()  # damaged: not finished, its partial kept
+    cut = _rows(paths(out, "cut-000000", "metadata")[1])
     assert 0 < len(cut) < 16 and all(r["status"] == "ok" for r in cut)
     s = json.loads((out / "metadata-summary.json").read_text())
-    assert s["counts"] == {"done": 48 + 1 + len(cut), "failed": 3, "skipped": 0}
+    assert s["counts"] == {"done": 48 + 1, "failed": 3, "skipped": 0}
     assert s["failure_reasons"] == {"bad image": 1, "captioner error": 2}
-    assert list(s["shards"]["damaged"]) == ["cut-000000"] and s["shards"]["finished"] == 5
+    assert list(s["shards"]["damaged"]) == ["cut-000000"] and s["shards"]["finished"] == 4
     assert res.captioned == 48 + 4 + len(cut) and "captions/s" in logs[0]
+    assert "1 shard damaged: cut-000000 (" in logs[0] and "rerun to retry" in logs[0]
     assert s["captions"]["distinct_mean"] > 5 * s["alt_text"]["distinct_mean"]
-    assert not list(out.glob(".*.partial"))
-    before = {p: p.read_bytes() for p in out.iterdir()}
+    assert [p.name for p in out.glob(".*.partial")] == [".cut-000000.metadata.jsonl.partial"]
+    before = {p: p.read_bytes() for p in out.iterdir() if p.name != "metadata-summary.json"}
+    again = relabel([world / "shapes", world / "bad"], out, _cfg(), log=logs.append)  # retries the damaged one
+    assert [(r.name, r.skipped, r.done, bool(r.damaged)) for r in again.runs] == [("cut-000000", len(cut), 0, True)]
+    assert {p: p.read_bytes() for p in out.iterdir() if p.name != "metadata-summary.json"} == before
     logs.clear()
-    again = relabel([world / "shapes", world / "bad"], out, _cfg(), log=logs.append)
-    assert again.summary is None and logs == ["all 5 shards already captioned by metadata; nothing to do"]
-    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    shapes = relabel(world / "shapes", out, _cfg(), log=logs.append)  # nothing to do: the summary is still written
+    assert logs == ["all 3 shards already captioned by metadata; nothing to do"] and shapes.runs == []
+    assert json.loads(shapes.summary_path.read_text())["shards"] == {"total": 3, "finished": 3, "damaged": {}}
+
+
+def test_damaged_shard_is_retried_until_whole(world, tmp_path):
+    """A cut tar stays unfinished; once the whole tar is back, a rerun finishes it with every key.
+    --accept-damaged finishes a cut tar with what was read."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    whole = (world / "shapes" / "shapes-000000.tar").read_bytes()
+    (src / "s-000000.tar").write_bytes(whole[:len(whole) // 2])
+    first = relabel(src, out, _cfg(), log=lambda m: None)
+    assert first.runs[0].damaged and not (out / "s-000000.metadata.jsonl").exists()
+    (src / "s-000000.tar").write_bytes(whole)
+    second = relabel(src, out, _cfg(), log=lambda m: None)
+    assert second.runs[0].skipped == first.runs[0].done and not second.runs[0].damaged
+    assert [r["__key__"] for r in _rows(out / "s-000000.metadata.jsonl")] == _keys(world / "shapes" / "shapes-000000.tar")
+    assert not list(out.glob(".*.partial")) and second.summary["shards"]["damaged"] == {}
+    (src / "s-000000.tar").write_bytes(whole[:len(whole) // 2])
+    kept = relabel(src, tmp_path / "kept", _cfg(accept_damaged=True), log=lambda m: None)
+    assert 0 < len(_rows(tmp_path / "kept" / "s-000000.metadata.jsonl")) < 16
+    assert list(kept.summary["shards"]["damaged_kept"]) == ["s-000000"]
+
+
+def crashing(config):
+    """A captioner that raises on every call."""
+    class Crash(MetadataCaptioner):
+        def caption(self, samples, seed=None):
+            raise ValueError("weights are garbage")
+    return Crash(config)
+
+
+def test_a_crashing_captioner_stops_the_job(world, tmp_path):
+    with pytest.raises(PixArtError, match="raised on every sample.*ValueError: weights are garbage"):
+        relabel(world / "shapes", tmp_path, _cfg("tests.test_relabel_job:crashing"), log=lambda m: None)
+    assert not list(tmp_path.glob("*.jsonl"))  # nothing marked failed for good; a rerun retries
+    fake = FakeVLM(limit=0)  # out of memory even at batch 1
+    with pytest.raises(PixArtError, match="out of memory at batch 1"):
+        Batcher(fake, 2, log=lambda m: None)([{"__key__": "a"}, {"__key__": "b"}])
 
 
 def test_decode_in_workers_or_not_same_bytes(world, tmp_path):
@@ -264,3 +306,50 @@ def test_another_model_into_the_same_output_is_refused(tmp_path):
     with pytest.raises(PixArtError, match="holds metadata captions by model 'another-model'.*use another --out"):
         relabel(tmp_path / "s", tmp_path / "o", RelabelConfig(CaptionerConfig("metadata"), progress=False),
                 log=lambda m: None)
+
+
+def _decode_workers() -> set[int]:
+    """Live (not zombie) DataLoader worker processes on this machine."""
+    got = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "comm").read_text().strip() == "pt_data_worker" \
+                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                got.add(int(d.name))
+        except OSError:
+            pass
+    return got
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_job_worker_killed_while_its_loader_starts(world, tmp_path):
+    """Kill -9 a job worker 0-5 ms after it starts its shard's decode processes: none outlives it
+    (holding the partial's lock), and a rerun finishes the shard."""
+    import random
+    import threading
+
+    tar = sorted((world / "shapes").glob("*.tar"))[0]
+    before = _decode_workers()
+    for t in range(40):  # the race hit ~3 in 40 before the fix (reviewer's repro)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with open(paths(tmp_path, tar.stem, "metadata")[1], "a+b") as f:
+                    _lock(f, "partial", print)  # as caption_shard holds it while its loader runs
+                    threading.Timer(random.uniform(0, 0.005), os.kill, (os.getpid(), signal.SIGKILL)).start()
+                    iter(_loader(str(tar), frozenset(), None, _cfg(decode_workers=2)))
+                    time.sleep(5)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    deadline = time.time() + 2
+    while _decode_workers() - before and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _decode_workers() - before
+    signal.alarm(20)  # a lock nobody releases would hang here
+    try:
+        cap = MetadataCaptioner()
+        caption_shard(str(tar), tar.stem, tmp_path, cap, Batcher(cap, 4), _cfg(decode_workers=2))
+    finally:
+        signal.alarm(0)
+    assert [r["__key__"] for r in _rows(paths(tmp_path, tar.stem, "metadata")[0])] == _keys(tar)

@@ -24,14 +24,9 @@ from data_pipelines.shapes import write_shapes  # noqa: E402
 
 
 def tiny_vlm_builder():
-    """`make_tiny_vlm(name, out_dir)` where the VLM module provides it, else None."""
-    try:
-        from data_pipelines.relabel.vlm import make_tiny_vlm
-    except ImportError:
-        try:
-            from data_pipelines.relabel.tiny_vlm import make_tiny_vlm
-        except ImportError:
-            return None
+    """`make_tiny_vlm(name, out_dir)`, the tiny random VLM builder."""
+    from data_pipelines.relabel.tiny_vlm import make_tiny_vlm
+
     return make_tiny_vlm
 
 

@@ -10,15 +10,20 @@ A line is {"__key__", "caption" (null when failed), "model", "prompt", "status":
 counts a failed sample as one without that caption. Input shards are only read.
 
 A rerun reads the partial (a torn last line is cut off), skips the keys it holds, and finishes the
-shard; finished shards are not touched. Shard i goes to global worker i % (WORLD_SIZE * workers),
-worker RANK * workers + j, so no two workers caption one shard; an exclusive lock on the partial
-keeps that true even under a misconfigured launch. Images are decoded and resized in DataLoader
+shard; finished shards are not touched. An input tar that breaks off early (or cannot be read) is
+not finished: its partial stays and a rerun retries it, unless `accept_damaged`. A captioner that
+raises on every sample of a batch stops the job (a rerun resumes). Shard i goes to global worker
+i % (WORLD_SIZE * workers), worker RANK * workers + j, so no two workers caption one shard; an
+exclusive POSIX record lock (lockf, not inherited by forked processes) on the partial keeps that
+true even under a misconfigured launch. Images are decoded and resized in DataLoader
 worker processes, so the captioner in the job worker's main thread does not wait on the CPU.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
+import functools
 import importlib
 import inspect
 import io
@@ -54,6 +59,7 @@ class RelabelConfig:
     decode_workers: int = 2  # DataLoader processes per job worker that read, decode and resize
     quality: quality.QualityConfig = field(default_factory=quality.QualityConfig)
     progress: bool = True
+    accept_damaged: bool = False  # finish a shard whose input tar broke off with what was read
 
 
 @dataclass
@@ -63,6 +69,7 @@ class ShardRun:
     done: int = 0  # captioned ok
     failed: int = 0
     skipped: int = 0  # already in the partial from a killed run
+    damaged: str = ""  # the input tar broke off; unless accept_damaged the shard stays unfinished
 
 
 @dataclass
@@ -71,7 +78,7 @@ class Relabeling:
     todo: int  # this rank's unfinished shards at the start
     runs: list[ShardRun]
     seconds: float
-    summary: dict | None  # None when there was nothing to do
+    summary: dict
     summary_path: Path | None = None
 
     @property
@@ -120,7 +127,9 @@ def _is_oom(e: BaseException) -> bool:
 
 class Batcher:
     """Calls the captioner: halves the batch on out-of-memory (and keeps it halved), and isolates a
-    sample that makes a batch raise, so one bad sample fails alone."""
+    sample that makes a batch raise, so one bad sample fails alone. When every sample of a batch
+    raises, also alone (or out of memory at batch 1), the captioner is broken, not the samples: a
+    PixArtError stops the job."""
 
     def __init__(self, captioner: Captioner, batch_size: int, log: Callable[[str], None] = print):
         self.captioner, self.size, self.log = captioner, batch_size, log
@@ -145,7 +154,16 @@ class Batcher:
                     self.log(f"out of memory at batch {len(chunk)}; retrying with batch {self.size}")
                     _empty_cache()
                     continue
-                out += [self._one(s, seed) for s in chunk] if len(chunk) > 1 else [e]
+                if _is_oom(e):
+                    raise PixArtError(f"out of memory at batch 1 ({type(e).__name__}: {e}); the captioner does not "
+                                      "fit this device: use a smaller model or more memory. Finished samples "
+                                      "are kept; a rerun resumes") from e
+                got = [self._one(s, seed) for s in chunk]
+                if all(isinstance(g, BaseException) for g in got):
+                    raise PixArtError(f"the captioner raised on every sample of a batch of {len(chunk)}, alone "
+                                      f"too: {type(e).__name__}: {e}; stopping. Finished samples are kept; "
+                                      "a rerun resumes") from e
+                out += got
         return out
 
     def _one(self, sample: dict, seed: int | None) -> str | BaseException:
@@ -232,7 +250,8 @@ def _loader(url: str, done: frozenset, image_size: int | None, cfg: RelabelConfi
     fork = "fork" if "fork" in mp.get_all_start_methods() else None  # cheap: the captioner's memory is shared
     return torch.utils.data.DataLoader(_Items(url, done, image_size), batch_size=None, collate_fn=_keep,
                                        num_workers=cfg.decode_workers, prefetch_factor=max(2, cfg.batch_size),
-                                       worker_init_fn=_die_with_parent, multiprocessing_context=fork)
+                                       worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+                                       multiprocessing_context=fork)
 
 
 # ---------------------------------------------------------------- one shard
@@ -273,16 +292,34 @@ def _check_same_source(out: Path, cap: str, rows: dict[str, str], base: dict) ->
                               "use another --out")
 
 
+def _lock(f, name: str, log: Callable[[str], None]) -> None:
+    """An exclusive lockf record lock on the open file: held by this process only (forked decode
+    processes do not inherit it), dropped when it dies. Says so when the wait passes a second."""
+    t0, said = time.monotonic(), False
+    while True:
+        try:
+            return fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        if not said and time.monotonic() - t0 > 1:
+            log(f"{name}: waiting for another process that holds its partial file's lock")
+            said = True
+        time.sleep(0.05)
+
+
 def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher: Batcher, cfg: RelabelConfig,
                   progress: Callable[[int], None] = lambda n: None) -> ShardRun | None:
     """Caption one shard's missing keys into its partial file, then write the finished file. None when
-    another worker or run finished it first."""
+    another worker or run finished it first. A damaged input tar leaves the partial (ShardRun.damaged)
+    unless cfg.accept_damaged."""
     cap = label(cfg.captioner.name)
     final, partial, stats_path = paths(out, name, cap)
-    if final.exists():
+    if final.exists():  # a kill between the final rename and removing the partial leaves one
+        partial.unlink(missing_ok=True)
         return None
     with open(partial, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # one writer per shard, however the job was launched
+        _lock(f, partial.name, batcher.log)  # one writer per shard, however the job was launched
         if final.exists():  # finished while we waited for the lock
             partial.unlink(missing_ok=True)
             return None
@@ -329,6 +366,9 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
                     flush()
         if batch:
             flush()
+        if stats.damaged and not cfg.accept_damaged:  # the partial stays: a rerun retries the shard
+            run.damaged = stats.damaged
+            return run
         keys = sorted(order, key=order.get)
         body = "".join(rows[k] + "\n" for k in keys if k in rows)
         for k in keys:
@@ -336,7 +376,7 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
                 stats.add_row(json.loads(rows[k]))
         atomic_write(stats_path, json.dumps(stats.to_json()))
         atomic_write(final, body)
-        partial.unlink()
+        partial.unlink(missing_ok=True)
     return run
 
 
@@ -368,10 +408,10 @@ def _caption_batch(batcher: Batcher, batch: list[dict], base: dict, cfg: Relabel
 
 # ---------------------------------------------------------------- the job
 
-def _die_with_parent(*_) -> None:
-    """Decode processes must not outlive their job worker (a killed job's orphans hang on full
-    queues): on Linux they get SIGKILL when their parent dies."""
-    parent = os.getppid()
+def _die_with_parent(parent: int, *_) -> None:
+    """Decode processes must not outlive their job worker `parent` (a killed job's orphans hang on
+    full queues): on Linux they get SIGKILL when it dies. `parent` is taken before the fork: one that
+    died in between is seen here as another parent pid."""
     try:
         import ctypes
 
@@ -520,39 +560,39 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     def finished(name: str) -> bool:
         return paths(out, name, cap)[0].exists()
 
-    todo = [[(urls[i], names[i]) for i in mine if not finished(names[i])] for mine in assign(len(urls), rank, world,
-                                                                                          cfg.workers)]
-    for i in range(rank, len(urls), world):  # a kill between the final rename and removing the partial
-        if finished(names[i]):
-            paths(out, names[i], cap)[1].unlink(missing_ok=True)
-    n_todo = sum(map(len, todo))
+    def todo_(name: str) -> bool:  # a finished shard's leftover partial: caption_shard removes it
+        final, partial, _ = paths(out, name, cap)
+        return not final.exists() or partial.exists()
+
+    todo = [[(urls[i], names[i]) for i in mine if todo_(names[i])] for mine in assign(len(urls), rank, world,
+                                                                                       cfg.workers)]
+    n_todo, runs = sum(map(len, todo)), []
     if not n_todo:
         left = sum(not finished(n) for n in names)
         log(f"all {len(urls)} shards already captioned by {cap}; nothing to do" if not left else
             f"rank {rank}: its shards are already captioned by {cap} ({left} of other ranks remain); nothing to do")
-        return Relabeling(len(urls), 0, [], time.perf_counter() - t0, None)
-
-    bar = tqdm(desc=f"relabel {cap}: {n_todo} shards", unit="caption", disable=not cfg.progress)
-    try:
-        if cfg.workers == 1:
-            captioner = load_captioner(cfg.captioner)
-            batcher = Batcher(captioner, cfg.batch_size, log=bar.write)
-            runs = []
-            for url, name in todo[0]:
-                run = caption_shard(url, name, out, captioner, batcher, cfg, progress=bar.update)
-                if run is not None:
-                    runs.append(run)
-                    bar.set_postfix(shards=len(runs))
-        else:
-            runs = _run_workers(todo, out, cfg, bar)
-    finally:
-        bar.close()
+    else:
+        bar = tqdm(desc=f"relabel {cap}: {n_todo} shards", unit="caption", disable=not cfg.progress)
+        try:
+            if cfg.workers == 1:
+                captioner = load_captioner(cfg.captioner)
+                batcher = Batcher(captioner, cfg.batch_size, log=bar.write)
+                for url, name in todo[0]:
+                    run = caption_shard(url, name, out, captioner, batcher, cfg, progress=bar.update)
+                    if run is not None:
+                        runs.append(run)
+                        bar.set_postfix(shards=len(runs))
+            else:
+                runs = _run_workers(todo, out, cfg, bar)
+        finally:
+            bar.close()
     secs = time.perf_counter() - t0
     run = {"done": sum(r.done for r in runs), "failed": sum(r.failed for r in runs),
            "skipped": sum(r.skipped for r in runs), "shards": len(runs), "seconds": round(secs, 3)}
     model, prompt = _model_prompt(out, names, cap)
     summary = summarize(cap, model, prompt, {n: _load_stats(paths(out, n, cap)[2]) if finished(n) else None
-                                             for n in names}, run)
+                                             for n in names}, run, {r.name: r.damaged for r in runs if r.damaged})
     path = atomic_write(out / f"{cap}-summary.json", json.dumps(summary, indent=2) + "\n")
-    log(format_summary(summary) + f"\nsummary: {path}")
+    if n_todo:
+        log(format_summary(summary) + f"\nsummary: {path}")
     return Relabeling(len(urls), n_todo, runs, secs, summary, path)

@@ -107,11 +107,12 @@ class ShardStats:
 
 
 def summarize(captioner: str, model: str, prompt: str | None, shards: dict[str, ShardStats | None],
-              run: dict) -> dict:
+              run: dict, damaged: dict[str, str] | None = None) -> dict:
     """The job summary: counts, caption vs alt-text statistics over every finished shard, this run's speed.
     `shards` maps every shard of the job to its stats (None while unfinished); `run` holds this run's
-    done/failed/skipped counts and seconds."""
-    total, damaged = ShardStats(), {}
+    done/failed/skipped counts and seconds; `damaged` the shards this run left unfinished because their
+    input tar broke off (name -> why)."""
+    total, kept = ShardStats(), {}
     for name, s in shards.items():
         if s is None:
             continue
@@ -120,11 +121,12 @@ def summarize(captioner: str, model: str, prompt: str | None, shards: dict[str, 
         total.captions.merge(s.captions)
         total.alt_text.merge(s.alt_text)
         if s.damaged:
-            damaged[name] = s.damaged
+            kept[name] = s.damaged
     secs = run.get("seconds", 0.0)
     return {
         "captioner": captioner, "model": model, "prompt": prompt,
-        "shards": {"total": len(shards), "finished": sum(s is not None for s in shards.values()), "damaged": damaged},
+        "shards": {"total": len(shards), "finished": sum(s is not None for s in shards.values()), "damaged": dict(damaged or {}),
+                   **({"damaged_kept": kept} if kept else {})},
         "counts": {"done": total.ok, "failed": total.failed, "skipped": run.get("skipped", 0)},
         "failure_reasons": dict(sorted(total.reasons.items())),
         "captions": total.captions.summary(), "alt_text": total.alt_text.summary(),
@@ -155,6 +157,10 @@ def format_summary(s: dict) -> str:
     if s["failure_reasons"]:
         lines.append("failed: " + ", ".join(f"{k} {v}" for k, v in s["failure_reasons"].items()))
     if s["shards"]["damaged"]:
-        lines.append("damaged input shards (captioned up to the damage): "
-                     + ", ".join(f"{k} ({v})" for k, v in s["shards"]["damaged"].items()))
+        d = s["shards"]["damaged"]
+        lines.append(f"{len(d)} shard{'s' * (len(d) != 1)} damaged: " + ", ".join(f"{k} ({v})" for k, v in d.items())
+                     + "; rerun to retry, or --accept-damaged to keep what was read")
+    if s["shards"].get("damaged_kept"):
+        lines.append("damaged input shards kept as read (--accept-damaged): "
+                     + ", ".join(f"{k} ({v})" for k, v in s["shards"]["damaged_kept"].items()))
     return "\n".join(lines)

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="phrasing / sampling seed; a retry uses seed + 1")
     p.add_argument("--max-new-tokens", type=int, default=160, help="VLM generation limit (default 160)")
     p.add_argument("--max-words", type=int, default=150, help="longer captions are rejected (default 150)")
+    p.add_argument("--accept-damaged", action="store_true",
+                   help="finish a shard whose input tar breaks off with the samples read (default: leave it "
+                   "unfinished and report it; a rerun retries it)")
     p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers", help="VLM backend")
     p.set_defaults(run=run)
 
@@ -48,4 +51,5 @@ def run(args) -> None:
                           dtype=args.dtype or ("bf16" if device.startswith("cuda") else "fp32"),
                           max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend)
     relabel(args.shards, args.out, RelabelConfig(cap, batch_size=args.batch_size, workers=args.workers,
-                                                 decode_workers=decode, quality=QualityConfig(max_words=args.max_words)))
+                                                 decode_workers=decode, quality=QualityConfig(max_words=args.max_words),
+                                                 accept_damaged=args.accept_damaged))
