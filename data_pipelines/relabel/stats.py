@@ -22,8 +22,13 @@ which who whom whose what where when while also very one each both all some any 
 CONTENT_WORDS = "distinct content words: lowercased alphabetic tokens minus a stopword list (not a noun count)"
 
 
+def words(text: str) -> list[str]:
+    """Lowercased alphabetic tokens: one tokenizer for both counts, so distinct <= words always."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
 def content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOPWORDS}
+    return {w for w in words(text) if w not in STOPWORDS}
 
 
 @dataclass
@@ -33,7 +38,7 @@ class TextStats:
     distinct: Counter = field(default_factory=Counter)
 
     def add(self, text: str) -> None:
-        self.words[len(text.split())] += 1
+        self.words[len(words(text))] += 1
         self.distinct[len(content_words(text))] += 1
 
     def merge(self, other: TextStats) -> TextStats:
@@ -145,8 +150,8 @@ def format_summary(s: dict) -> str:
         return "-" if x is None else f"{x:g}"
 
     lines = [f"{s['captioner']}: {s['shards']['finished']}/{s['shards']['total']} shards captioned; "
-             f"done {c['done']}, failed {c['failed']}, skipped {c['skipped']} (already captioned); "
-             f"this run {r.get('done', 0) + r.get('failed', 0)} samples in {r.get('seconds', 0):.1f}s"
+             f"in all: done {c['done']}, failed {c['failed']}; this run: skipped {c['skipped']} (already captioned), "
+             f"captioned {r.get('done', 0) + r.get('failed', 0)} samples in {r.get('seconds', 0):.1f}s"
              + (f", {r['captions_per_s']:g} captions/s" if r.get("captions_per_s") else ""),
              f"{'':34}{s['captioner'] + ' captions':>20}{'alt-text (.txt)':>18}",
              f"{'texts':34}{num(cap['texts']):>20}{num(alt['texts']):>18}"]
