@@ -10,7 +10,6 @@ out, counted and reported. Two scorers:
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from typing import Callable
 
 from pixart.errors import PixArtError
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 SIDECAR = "{}.aesthetic.jsonl"
 SUMMARY = "aesthetic-summary.json"
 DEFAULT_THRESHOLD = {"shapes": 0.5, "laion": 5.0}
@@ -101,15 +99,14 @@ class LaionScorer:
         self.device, self.torch = device, torch
 
     def __call__(self, samples: list[dict]) -> list[float | None]:
-        from PIL import Image
+        from pixart.data.tars import decode_image
 
         images, where = [], []
         for i, s in enumerate(samples):
-            ext = next((e for e in IMAGE_EXTS if e in s), None)
             try:
-                images.append(Image.open(io.BytesIO(s[ext])).convert("RGB"))
+                images.append(decode_image(s))
                 where.append(i)
-            except Exception:  # no image, or not decodable: skipped and counted
+            except ValueError:  # no image, or not decodable: skipped and counted
                 pass
         out: list[float | None] = [None] * len(samples)
         if images:

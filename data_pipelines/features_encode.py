@@ -5,9 +5,7 @@ process (`load_encoders`) and reused for every shard it is given.
 """
 from __future__ import annotations
 
-import io
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixart.data.tars import ShardWriter, TarDamage, iter_samples
+from pixart.data.tars import ShardWriter, TarDamage, decode_image, iter_samples, stable_reason
 from pixart.data.buckets import nearest_bucket, resize_crop
 from pixart.data.schema import FEATURES_EXT, FeatureSample
 from pixart.errors import PixArtError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 META_DROP = ("annotations",)  # heavy raw metadata stays in the raw shard
 
 
@@ -98,22 +95,8 @@ def read_captions(path: str | None) -> dict[str, str]:
     return out
 
 
-def stable_reason(text: str) -> str:
-    """One line, and `<_io.BytesIO object at 0x7f..>` -> `<_io.BytesIO>`: reasons land in .done
-    records and the manifest, which must be byte-identical across runs, and in one-line reports."""
-    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", " ".join(text.split()))
-
-
 def _decode(sample: dict) -> tuple[Image.Image, dict]:
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise ValueError("no image")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            im.load()
-            img = im.convert("RGB")
-    except Exception as e:
-        raise ValueError(f"bad image: {type(e).__name__}: {e}") from None
+    img = decode_image(sample)
     meta = {}
     if "json" in sample:
         try:

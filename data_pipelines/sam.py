@@ -16,13 +16,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pixart.data.tars import ShardWriter, TarDamage, iter_samples
+from pixart.data.tars import IMAGE_EXTS, ShardWriter, TarDamage, decode_image, iter_samples
 from pixart.atomic import atomic_write
 from pixart.data.shards import resolve_shards
 from pixart.errors import PixArtError
 
 REPORT = "sam_report.json"
-IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 @dataclass
@@ -62,8 +61,7 @@ def _scale_annotation(ann: dict, s: float, keep_masks: bool) -> dict:
 
 def convert(sample: dict, cfg: SamConfig) -> dict:
     """One SA-1B sample {"__key__", "jpg", "json"} -> output sample; BadSample says why not."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
+    if not any(e in sample for e in IMAGE_EXTS):
         raise BadSample("no image")
     if "json" not in sample:
         raise BadSample("no json")
@@ -72,11 +70,9 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
     except ValueError as e:
         raise BadSample(f"bad json: {e}") from None
     try:
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            im.load()
-            img = im.convert("RGB")
-    except Exception as e:  # PIL raises many types for broken files
-        raise BadSample(f"bad image: {type(e).__name__}: {e}") from None
+        img = decode_image(sample)
+    except ValueError as e:
+        raise BadSample(str(e)) from None
     w, h = img.size
     s = min(1.0, cfg.max_side / max(w, h))
     if s < 1:

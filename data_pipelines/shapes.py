@@ -31,6 +31,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pixart.atomic import atomic_write
+from pixart.data.tars import ShardWriter
 from pixart.errors import PixArtError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")  # distinct even at 8 px
@@ -253,18 +255,14 @@ def make_sample(seed: int, index: int, cfg: ShapesConfig) -> dict:
 
 
 def _write_shard(out_dir: str, shard: int, start: int, stop: int, seed: int, cfg: ShapesConfig) -> int:
-    """Write one whole shard under a temporary name, then rename it into place."""
-    from webdataset import TarWriter
-
-    final = Path(out_dir) / SHARD_PATTERN.format(shard)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    """Write one whole shard under a temporary name, then rename it into place (deterministic bytes)."""
+    writer = ShardWriter(Path(out_dir) / SHARD_PATTERN.format(shard))
     try:
-        with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0, user="pixart", group="pixart") as tw:
-            for i in range(start, stop):
-                tw.write(make_sample(seed, i, cfg))
-        os.replace(tmp, final)
+        for i in range(start, stop):
+            writer.write(make_sample(seed, i, cfg))
+        writer.close()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        writer.abort()
         raise
     return stop - start
 
@@ -304,10 +302,8 @@ def write_shapes(out_dir: str | os.PathLike, count: int, seed: int = 0, resoluti
     elif any(out.glob("shapes-*.tar")):
         raise PixArtError(f"--out {out} holds shards but no shapes.json; choose another --out")
     else:
-        tmp = out / ".shapes.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)
-    for stale in out.glob(".shapes-*.tar.tmp-*"):  # left by a killed run
+        atomic_write(path, json.dumps(manifest, indent=2))
+    for stale in out.glob(".shapes-*.tar.tmp*"):  # left by a killed run
         stale.unlink(missing_ok=True)
 
     jobs, shards = [], []

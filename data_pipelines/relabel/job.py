@@ -26,7 +26,6 @@ import fcntl
 import functools
 import importlib
 import inspect
-import io
 import json
 import multiprocessing as mp
 import os
@@ -46,9 +45,9 @@ from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConf
 from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
 from pixart.atomic import atomic_write
 from pixart.data.shards import check_unique_names, resolve_shards
+from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
 from pixart.errors import PixArtError
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -179,7 +178,6 @@ def _empty_cache() -> None:
 
 
 def _reason(e: BaseException) -> str:
-    from data_pipelines.features_encode import stable_reason
 
     what = "out of memory" if _is_oom(e) else "captioner error"
     return stable_reason(f"{what}: {type(e).__name__}: {e}")
@@ -191,19 +189,16 @@ def _decode(sample: dict, image_size: int | None) -> dict:
     """The captioner's view of a sample: PIL image (longest side <= image_size), json, txt; or an error."""
     from PIL import Image
 
-    from data_pipelines.features_encode import stable_reason
 
     out = {"__key__": sample["__key__"]}
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
+    if not any(e in sample for e in IMAGE_EXTS):
         return {**out, "error": "bad image: the sample has no image"}
     try:
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            img = im.convert("RGB")
-        if image_size:
-            img.thumbnail((image_size, image_size), Image.BICUBIC)
-    except Exception as e:
-        return {**out, "error": stable_reason(f"bad image: {type(e).__name__}: {e}")}
+        img = decode_image(sample)
+    except ValueError as e:
+        return {**out, "error": str(e)}
+    if image_size:
+        img.thumbnail((image_size, image_size), Image.BICUBIC)
     try:
         meta = json.loads(sample["json"]) if "json" in sample else None
     except ValueError:

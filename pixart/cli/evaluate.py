@@ -20,13 +20,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    import io
 
-    from PIL import Image
 
     from pixart.atomic import atomic_write
     from pixart.data.shards import resolve_shards
-    from pixart.data.tars import TarDamage, iter_samples
+    from pixart.data.tars import TarDamage, decode_image, iter_samples
     from pixart.errors import PixArtError
     from pixart.eval.judge import ATTRIBUTES, Judge, describe
 
@@ -34,10 +32,9 @@ def run(args) -> None:
     for url in resolve_shards(args.shards):
         damage = TarDamage()
         for sample in iter_samples(url, damage):
-            image = next((sample[e] for e in ("png", "jpg", "jpeg", "webp") if e in sample), None)
             try:
-                decoded, spec = Image.open(io.BytesIO(image)).convert("RGB"), json.loads(sample["json"])
-            except Exception:  # no image, undecodable, or no spec: counted, never fatal
+                decoded, spec = decode_image(sample), json.loads(sample["json"])
+            except (ValueError, KeyError):  # no image, undecodable, or no spec: counted, never fatal
                 skipped += 1
                 continue
             images.append(decoded)

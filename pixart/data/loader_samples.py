@@ -21,10 +21,9 @@ from PIL import Image
 from .buckets import Table, nearest_bucket, resize_crop
 from .schema import FEATURES_EXT, FeatureSample
 from .shards import shard_name
-from .tars import read_tar
+from .tars import IMAGE_EXTS, decode_image, read_tar
 
 log = logging.getLogger("pixart.data")
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 class BadSample(Exception):
@@ -167,10 +166,8 @@ class Decoder:
         texts.update({n: t for n, t in meta.get("captions", {}).items() if n not in texts and isinstance(t, str)})
         caption = texts[self._pick(texts, key, epoch)]
         try:
-            image = Image.open(io.BytesIO(raw[ext]))
-            image.load()
-            image = image.convert("RGB")
-        except Exception as e:
+            image = decode_image(raw)
+        except ValueError as e:
             raise BadSample("bad image") from e
         if self.table is None:
             bucket, size = "{}x{}".format(*self.resolution), self.resolution

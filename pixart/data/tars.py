@@ -20,6 +20,7 @@ from typing import Iterator
 
 import webdataset as wds
 
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
@@ -58,6 +59,28 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
         return
     if sample is not None:
         yield sample
+
+
+def stable_reason(text: str) -> str:
+    """One line, and `<_io.BytesIO object at 0x7f..>` -> `<_io.BytesIO>`: reasons land in .done
+    records and the manifest, which must be byte-identical across runs, and in one-line reports."""
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", " ".join(text.split()))
+
+
+def decode_image(sample: dict):
+    """The sample's image as a PIL RGB image. ValueError("no image") or ("bad image: ...") says why not;
+    PIL raises many types for broken files, so every decoding error is turned into one."""
+    from PIL import Image
+
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError("no image")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:
+        raise ValueError(stable_reason(f"bad image: {type(e).__name__}: {e}")) from None
 
 
 @dataclass

@@ -237,19 +237,13 @@ class Judge:
 
     def save(self, path) -> None:
         """Atomically: a killed write never leaves a half file under the cached name."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, tmp, metadata={"version": VERSION})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # a shared cache, readable as usual files are
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from pixart.atomic import atomic_write
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.net.state_dict().items()}
+        atomic_write(path, save(state, metadata={"version": VERSION}))
 
     @classmethod
     def load(cls, path) -> "Judge":
