@@ -60,6 +60,14 @@ class ShapesConfig:
     aspects: tuple[str, ...] = tuple(ASPECTS)
     backgrounds: tuple[str, ...] = BACKGROUNDS
     sizes: tuple[str, ...] = SIZES  # e.g. ("large",) where small objects would be too few pixels to judge
+    holdout: int = 0  # > 0: objects whose (shape, color, position) is `held_out` are never drawn
+
+
+def held_out(shape: str, color: str, position: str, every: int) -> bool:
+    """The held-out combinations: 1 in `every` (shape, color, position) triples, chosen so that every
+    pair of the three still occurs in training (for every >= 7: each pair misses at most 2 of its
+    6-9 completions). Prompts built from them test composition, never memory."""
+    return every > 0 and (SHAPES.index(shape) + COLORS.index(color) + POSITIONS.index(position)) % every == 0
 
 
 def image_size(resolution: int, aspect: float) -> tuple[int, int]:
@@ -98,11 +106,13 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig) -> dict:
         slack_x, slack_y = max(0.0, (x1 - x0) / 2 - r - margin), max(0.0, (y1 - y0) / 2 - r - margin)
         cx = (x0 + x1) / 2 + rng.uniform(-slack_x, slack_x)
         cy = (y0 + y1) / 2 + rng.uniform(-slack_y, slack_y)
-        shape = SHAPES[rng.integers(len(SHAPES))]
+        shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
+        while held_out(shape, color, POSITIONS[cell], cfg.holdout):  # redraw: a rejected color stays rare
+            shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
         xs, ys = zip(*_outline(shape, cx, cy, r))
         bbox = [max(0, math.floor(min(xs))), max(0, math.floor(min(ys))),
                 min(width, math.ceil(max(xs))), min(height, math.ceil(max(ys)))]
-        objects.append({"shape": shape, "color": COLORS[rng.integers(len(COLORS))], "size": size,
+        objects.append({"shape": shape, "color": color, "size": size,
                         "position": POSITIONS[cell], "bbox": bbox, "center": [round(cx, 3), round(cy, 3)],
                         "radius": round(r, 3)})
     damaged = bool(rng.random() < cfg.damaged_fraction)

@@ -13,10 +13,11 @@ from pixart.cli import (
     extract_features,
     import_checkpoint,
     relabel,
+    train,
 )
 from pixart.errors import PixArtError
 
-COMMANDS = (data, relabel, extract_features, convert_dit, import_checkpoint, export_diffusers, evaluate, demo)
+COMMANDS = (data, relabel, extract_features, train, convert_dit, import_checkpoint, export_diffusers, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,10 +14,11 @@ With `scores_dir`, samples scored below `min_score` (or unscored) are skipped.
 
 Feature batches: latents (B, C, h, w) = (mean + std * noise - latent_shift) * latent_scale with
 noise seeded by (seed, epoch, key); y (B, L, D) caption features padded to the batch's longest
-caption; mask (B, L); keys; captions (text, when the metadata has it); data_info {img_hw (B, 2)
-original height/width, aspect_ratio (B, 1) of the bucket}; bucket; step.
+caption; mask (B, L); keys; captions (text, when the metadata has it); labels (B,) the metadata's
+class `label` (-1 without one); data_info {img_hw (B, 2) original height/width, aspect_ratio (B, 1)
+of the bucket}; bucket; step.
 Raw batches: pixels (B, 3, H, W) in [-1, 1] (resized to cover the bucket, center-cropped);
-captions; keys; data_info; bucket; step. With encoders passed to `Loader`, raw batches are
+captions; keys; labels; data_info; bucket; step. With encoders passed to `Loader`, raw batches are
 encoded in the main process into the feature-batch fields (latents are then VAE-scaled).
 """
 from __future__ import annotations

@@ -51,6 +51,7 @@ class Item:
     y: torch.Tensor | None     # features: caption features (n, D)
     hw: tuple[int, int]        # original image (height, width)
     ratio: float               # the bucket's aspect ratio h / w
+    label: int = -1            # the metadata's class label (stage 1's class-conditional DiT); -1 when none
 
 
 class Scores:
@@ -176,7 +177,8 @@ class Decoder:
             bucket = (self.remap or {}).get(bucket, bucket)
             size = self.table[bucket]
         pixels = torch.from_numpy(np.asarray(resize_crop(image, size)).copy()).permute(2, 0, 1)
-        return Item(key, bucket, pixels, caption, None, (image.height, image.width), size[0] / size[1])
+        return Item(key, bucket, pixels, caption, None, (image.height, image.width), size[0] / size[1],
+                    int(meta.get("label", -1)))
 
     def _features(self, raw: dict, epoch: int) -> Item:
         fs = FeatureSample.from_wds(raw)
@@ -193,7 +195,8 @@ class Decoder:
         ds = self.latent_downsample
         hw = (int(fs.meta.get("height", h * ds)), int(fs.meta.get("width", w * ds)))
         caption = fs.meta.get("captions", {}).get(name, "")
-        return Item(fs.key, f"{h}x{w}", latent, caption if isinstance(caption, str) else "", y, hw, h / w)
+        return Item(fs.key, f"{h}x{w}", latent, caption if isinstance(caption, str) else "", y, hw, h / w,
+                    int(fs.meta.get("label", -1)))
 
 
 def scan_buckets(shards: list[str], decoder: Decoder, limit: int | None = None

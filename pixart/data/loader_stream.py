@@ -318,7 +318,8 @@ def collate(items: list[Item], kind: str) -> dict:
     """
     info = {"img_hw": torch.tensor([it.hw for it in items], dtype=torch.float32),
             "aspect_ratio": torch.tensor([[it.ratio] for it in items], dtype=torch.float32)}
-    batch = {"keys": [it.key for it in items], "captions": [it.caption for it in items], "data_info": info}
+    batch = {"keys": [it.key for it in items], "captions": [it.caption for it in items], "data_info": info,
+             "labels": torch.tensor([it.label for it in items], dtype=torch.long)}
     if kind == "raw":
         pixels = np.stack([it.x.numpy() for it in items]).astype(np.float32) / np.float32(127.5) - np.float32(1)
         batch["pixels"] = torch.from_numpy(pixels)

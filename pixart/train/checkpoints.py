@@ -1,0 +1,116 @@
+"""Training checkpoints in a run folder, written so that a kill at any moment leaves one that resumes.
+
+    RUN/checkpoints/step-000500/
+        config.json  model.safetensors  ema.safetensors   the consolidated folder: `sample`,
+                                                           `export-diffusers` and the next stage read it
+        trainer.json                                       step and what the run has logged
+        loader-rank{R}.json                                each rank's data position
+        deepspeed/state/...                                DeepSpeed's (sharded) optimizer state
+    RUN/checkpoints/latest                                 "step-000500", replaced atomically
+
+A checkpoint is written under `.step-000500.tmp` by all ranks and renamed by rank 0 only when
+complete; `latest` moves after that. A kill during a save leaves the temporary folder (removed
+on the next start) and `latest` on the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from pixart.atomic import atomic_write
+from pixart.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_state_dict
+from pixart.errors import PixArtError
+
+LATEST, TRAINER_FILE, DS_DIR, DS_TAG = "latest", "trainer.json", "deepspeed", "state"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names, or None before the first save."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / TRAINER_FILE).is_file():
+        raise PixArtError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def clean_partial(run_dir: str | os.PathLike) -> None:
+    """Remove checkpoints a kill left half-written (rank 0, before anything else)."""
+    root = Path(run_dir) / "checkpoints"
+    if _rank() == 0 and root.is_dir():
+        for tmp in root.glob(".step-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+
+
+def save(run_dir: Path, step: int, engine, model_config_json: str, model_state: dict | None, ema_state: dict | None,
+         loader_state: dict, trainer_state: dict, keep_last: int) -> Path:
+    """Every rank calls it; `model_state`/`ema_state` are the gathered tensors (rank 0's matter)."""
+    root = run_dir / "checkpoints"
+    name = step_name(step)
+    tmp, final = root / f".{name}.tmp", root / name
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
+    atomic_write(tmp / f"loader-rank{_rank()}.json", json.dumps(loader_state))
+    if _rank() == 0:
+        (tmp / CONFIG_FILE).write_text(model_config_json)
+        for file, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
+            if state is not None:
+                save_file({k: v.contiguous() for k, v in state.items()}, tmp / file, metadata={"format": "pt"})
+        (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    _barrier()
+    if _rank() == 0:
+        _fsync_tree(tmp)
+        if final.exists():  # a save of this step already landed (re-run after a crash): keep one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write(root / LATEST, name)
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(ckpt: Path, engine) -> tuple[dict, dict, dict | None]:
+    """Restore DeepSpeed's state into `engine`; returns (trainer state, this rank's loader state, EMA)."""
+    path, _ = engine.load_checkpoint(str(ckpt / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise PixArtError(f"{ckpt}: DeepSpeed could not load its state")
+    trainer = json.loads((ckpt / TRAINER_FILE).read_text())
+    loader_file = ckpt / f"loader-rank{_rank()}.json"
+    if not loader_file.is_file():
+        raise PixArtError(f"{loader_file}: missing; was the run saved with another world size?")
+    ema = read_state_dict(ckpt / EMA_FILE) if (ckpt / EMA_FILE).is_file() else None
+    return trainer, json.loads(loader_file.read_text()), ema
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file so the rename never publishes data still in the page cache."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

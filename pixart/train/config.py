@@ -1,0 +1,186 @@
+"""The stage config: one typed, validated record per training stage, read from YAML.
+
+    base: stage2.yaml            # optional: this file's keys are merged over the base's (recursively)
+    model: {init: runs/reparam, arch: {input_size: 16}}
+    data: {shards: feats/, batch_size: 32}
+
+`--set data.batch_size=8` overrides a key after inheritance (the value is parsed as YAML). An
+unknown key or a wrong type is one line naming it. `resolved_yaml()` is what a run writes into
+its folder: that file alone reruns the stage.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pixart.errors import PixArtError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    name: str = "PixArt-XL/2"  # used when there is no `init`
+    init: str | None = None  # a checkpoint folder (config.json + model.safetensors): the previous stage
+    init_ema: bool = False  # start from the init's EMA weights instead of its raw ones
+    arch: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields over the name's or the init's
+    grad_checkpointing: bool = False
+
+
+class DataSection(Section):
+    shards: str | list[str]
+    batch_size: int = Field(8, ge=1)  # per process and micro-step
+    caption: str | dict[str, float] = "txt"  # a caption source, or a mix {source: probability}
+    buckets: int | None = None  # raw shards: aspect buckets for this side
+    resolution: int = 256  # raw shards without buckets
+    num_workers: int = Field(1, ge=0)
+    scores_dir: str | None = None  # aesthetic subset: DIR/<shard>.aesthetic.jsonl
+    min_score: float | None = None
+    expected: dict[str, Any] | None = None  # feature manifest settings checked before step 1
+
+
+class EncodersSection(Section):
+    """Frozen encoders, for raw shards (features not pre-extracted) and for validation prompts."""
+    text_encoder: str | None = None  # None: the feature manifest's
+    vae: str | None = None  # an AutoencoderKL; None: the manifest's image encoder
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    max_length: int = 120
+
+
+class DiffusionSection(Section):
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # PixArt's is epsilon (with learned sigma)
+
+
+class OptimSection(Section):
+    # PixArt-alpha: AdamW lr 2e-5, weight decay 0.03, eps 1e-10, grad clip 0.01, 1000 warmup steps.
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.03, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-10
+    warmup_steps: int = Field(1000, ge=0)
+    grad_clip: float = Field(0.01, ge=0)  # 0: no clipping
+    grad_accum: int = Field(1, ge=1)
+
+
+class TrainSection(Section):
+    max_steps: int = Field(1000, ge=1)  # optimizer steps
+    seed: int = 0
+    caption_dropout: float = Field(0.1, ge=0, le=1)  # captions (or class labels) replaced by the null one
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(1000, ge=1)
+    keep_last: int = Field(2, ge=1)  # checkpoints kept (the newest)
+    peak_tflops: float | None = None  # per process, for the MFU estimate; None: known GPUs only
+
+
+class EmaSection(Section):
+    decay: float = Field(0.9999, ge=0, le=1)  # PixArt's ema_rate
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    config: str | None = None  # a DeepSpeed JSON merged under the keys this config sets
+
+
+class ValidationSection(Section):
+    every: int = Field(0, ge=0)  # steps; 0: only at the end
+    prompts: list[str] = Field(default_factory=list)  # PixArt stages
+    labels: list[int] = Field(default_factory=list)  # class-conditional stage
+    seed: int = 0
+    steps: int = Field(20, ge=1)
+    cfg: float = 4.5
+    sampler: Literal["dpm-solver++", "ddim", "ddpm"] = "dpm-solver++"
+    size: tuple[int, int] | None = None  # latent (h, w); None: the model's input_size square
+    ema: bool = True
+
+
+class TrainConfig(Section):
+    stage: str = "stage"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    encoders: EncodersSection = Field(default_factory=EncodersSection)
+    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    ema: EmaSection = Field(default_factory=EmaSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.deepspeed.precision != "fp32" and self.deepspeed.zero_stage == 0:
+            # Without ZeRO, DeepSpeed trains bf16/fp16 weights in place: no fp32 master copy.
+            raise ValueError(f"deepspeed.precision {self.deepspeed.precision} needs zero_stage >= 1 "
+                             "(DeepSpeed keeps fp32 master weights only under ZeRO)")
+        return self
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML at `path` merged over its `base:` chain; relative paths in `base` are the file's."""
+    if path in seen:
+        raise PixArtError(f"{path}: circular base: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise PixArtError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PixArtError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PixArtError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read((path.parent / base).resolve(), seen + (path,)), data)
+
+
+def apply_set(data: dict, assignment: str) -> dict:
+    """`a.b.c=value` (value parsed as YAML) into a nested dict."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise PixArtError(f"--set {assignment!r}: expected key=value, e.g. optim.lr=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = data
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise PixArtError(f"--set {key}: {p} is not a section")
+    node[leaf] = parsed
+    return data
+
+
+def parse_config(data: dict, source: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+        raise PixArtError(f"{source}: {where}: {kind}{got}") from None
+
+
+def load_train_config(path: str | os.PathLike, sets: list[str] = ()) -> TrainConfig:
+    """Read, inherit, override and validate a stage config."""
+    data = _read(Path(path).resolve())
+    for s in sets:
+        apply_set(data, s)
+    return parse_config(data, str(path))

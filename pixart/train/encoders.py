@@ -1,0 +1,45 @@
+"""The frozen encoders a stage needs: the feature cache's (for validation prompts and decoding) or
+the config's (raw shards encoded on the fly). Loaded by the same code as T5-XXL and the SD VAE."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pixart.data.manifest import Manifest, find_manifest
+from pixart.data.shards import is_url, resolve_shards
+from pixart.errors import PixArtError
+
+from .config import TrainConfig
+
+
+def cache_manifest(cfg: TrainConfig) -> Manifest | None:
+    """The manifest beside the first feature shard (None for raw shards or remote URLs)."""
+    shards = resolve_shards(cfg.data.shards)
+    if not shards or is_url(shards[0]):
+        return None
+    return find_manifest(Path(shards[0]).parent)
+
+
+def load_text_encoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu"):
+    from pixart.encoders.text import TextEncoder, TextEncoderConfig
+
+    path = cfg.encoders.text_encoder or (manifest.text_encoder if manifest else None)
+    if path is None:
+        raise PixArtError("encoders.text_encoder: needed (raw shards or validation prompts) and no feature manifest "
+                          "names one")
+    dtype = manifest.dtype if manifest and not cfg.encoders.text_encoder else cfg.encoders.dtype
+    max_length = manifest.max_length if manifest and not cfg.encoders.text_encoder else cfg.encoders.max_length
+    return TextEncoder(TextEncoderConfig(path=path, dtype=dtype, max_length=max_length, device=device))
+
+
+def load_autoencoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu"):
+    """The VAE, or the toy pixel autoencoder a cache names as `pixel:<factor>`."""
+    from pixart.encoders.pixel import PixelAutoencoder
+    from pixart.encoders.vae import ImageAutoencoder, VAEConfig
+
+    source = cfg.encoders.vae or (manifest.image_encoder if manifest else None)
+    if source is None:
+        raise PixArtError("encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
+    if source.startswith("pixel:"):
+        return PixelAutoencoder(int(source.split(":", 1)[1]), device=device)
+    scale = manifest.scaling_factor if manifest and not cfg.encoders.vae else None
+    return ImageAutoencoder(VAEConfig(path=source, device=device, scale_factor=scale))

@@ -1,0 +1,84 @@
+"""DeepSpeed set-up: the process group, the DeepSpeed config a stage config implies, and the engine.
+
+One process with no launcher gets a one-rank group of its own; under `torchrun` or the
+`deepspeed` launcher the ranks come from the environment. NCCL on GPUs, gloo on CPUs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from pixart.errors import PixArtError
+
+from .config import TrainConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> torch.device:
+    """Join (or, alone, create) the process group; returns this rank's device."""
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    cuda = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON: the user's file (if any) under the keys the stage config owns."""
+    ds: dict = {}
+    if cfg.deepspeed.config:
+        path = Path(cfg.deepspeed.config)
+        try:
+            ds = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise PixArtError(f"deepspeed.config {path}: cannot read DeepSpeed JSON ({e})") from None
+    precision = cfg.deepspeed.precision
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.data.batch_size,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        train_batch_size=cfg.data.batch_size * cfg.optim.grad_accum * world_size,
+        gradient_clipping=cfg.optim.grad_clip,
+        steps_per_print=10 ** 9,  # our own logging
+        wall_clock_breakdown=False,
+        bf16={"enabled": precision == "bf16"},
+        fp16={**ds.get("fp16", {}), "enabled": precision == "fp16"},
+    )
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.deepspeed.zero_stage}
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW: ZeRO only partitions its state
+    return ds
+
+
+def warmup_lambda(warmup_steps: int):
+    """PixArt's schedule: linear warmup from 0, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
+    """deepspeed.initialize with torch's AdamW (fused on GPUs) and the warmup schedule."""
+    import deepspeed
+
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **fused)
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(o.warmup_steps))  # noqa: E731
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size))
+    return engine, optimizer, scheduler

@@ -1,0 +1,290 @@
+"""One training stage on DeepSpeed: the loop, and what makes it resumable bit for bit.
+
+Determinism without saved RNG state: each sample's timestep, noise and caption drop come from a
+generator seeded by (seed, step, sample key), so they do not depend on how the global batch is
+split over ranks or on where a run was resumed. The data position is the loader's state; the
+optimizer, LR schedule and fp32 master weights are DeepSpeed's checkpoint; the EMA is saved whole.
+
+Fault injection for tests: PIXART_FAULT=after-step:N kills the process (SIGKILL) after step N
+(and its checkpoint, if one is due); mid-save:N kills it inside the save of step N.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from pixart.atomic import atomic_write
+from pixart.checkpoint import EMA_FILE, MODEL_FILE, load_config, load_into, read_state_dict
+from pixart.data.loader import Loader, LoaderConfig
+from pixart.data.loader_samples import stable_seed
+from pixart.diffusion import NoiseSchedule, diffusion_loss
+from pixart.errors import PixArtError
+from pixart.models import ModelConfig, model_config, model_from_config
+
+from . import checkpoints
+from .config import TrainConfig
+from .ema import EMA
+from .encoders import cache_manifest, load_autoencoder, load_text_encoder
+from .engine import build_engine, init_distributed
+from .master import frozen_state, gather, master_fragments, scatter_into
+from .monitor import Monitor, peak_flops, train_flops_per_sample
+
+log = logging.getLogger("pixart.train")
+DONE_FILE = "DONE.json"
+NEW_MODULES = ("csize_embedder.", "ar_embedder.")  # micro-conditions a stage may add (PixArtMS at 1024 px)
+
+
+def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, dict | None]:
+    """The architecture (the init's, with `model.arch` over it) and the init weights, if any."""
+    m = cfg.model
+    if m.init is None:
+        return model_config(m.name, **m.arch), None
+    base = load_config(m.init).to_dict()
+    unknown = sorted(set(m.arch) - set(base))
+    if unknown:
+        raise PixArtError(f"model.arch: unknown key {unknown[0]!r}")
+    path = Path(m.init) / (EMA_FILE if m.init_ema else MODEL_FILE)
+    return ModelConfig.from_dict({**base, **m.arch}, source="model.arch"), read_state_dict(path)
+
+
+def load_init(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Strict loading, except what a new stage legitimately changes: the fixed sin-cos `pos_embed`
+    (rebuilt for a new resolution) and micro-condition embedders the init did not have."""
+    own = model.state_dict()
+    state = dict(state)
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = own["pos_embed"]
+    for k in own:
+        if k.startswith(NEW_MODULES) and not any(s.startswith(k.split(".")[0] + ".") for s in state):
+            state[k] = own[k]
+    load_into(model, state, source)
+
+
+class NonFiniteLoss(PixArtError):
+    pass
+
+
+class Trainer:
+    """`Trainer(cfg, run_dir).run()` trains to `train.max_steps` (resuming from `run_dir`) and returns
+    the last checkpoint. `batches` replaces the shard loader (e.g. a fixed list in tests)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, batches: Iterable[dict] | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run_dir / "config.yaml", cfg.resolved_yaml())
+        checkpoints.clean_partial(self.run_dir)
+
+        self.model_config, init_state = resolve_model(cfg)
+        torch.manual_seed(cfg.train.seed)  # the same fresh init on every rank
+        model = model_from_config(self.model_config)
+        if init_state is not None:
+            load_init(model, init_state, f"model.init {cfg.model.init}")
+        model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        fp32_init = {k: v.detach().clone() for k, v in model.named_parameters()}
+        self.block_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
+
+        self.manifest = cache_manifest(cfg) if batches is None else None
+        self._check_manifest()
+        self.batches = batches if batches is not None else self._loader()
+        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.world)
+        self.fragments = master_fragments(self.engine.module)
+        # DeepSpeed builds bf16/fp16 masters from the low-precision copy: give them the exact fp32 init.
+        scatter_into(self.fragments, [f.view for f in self.fragments], fp32_init, "init")
+        self.ema = EMA(self.fragments, cfg.ema.decay)
+        self.schedule = NoiseSchedule.linear()
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+        self.step, self.samples = 0, 0
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _check_manifest(self) -> None:
+        """The cache must fit the model before step 1 (the loader checks `data.expected` itself)."""
+        m, mc = self.manifest, self.model_config
+        if m is None:
+            return
+        where = f"{Path(m.folder) if hasattr(m, 'folder') else 'feature cache'}/manifest.json"
+        if m.latent_channels != mc.in_channels:
+            raise PixArtError(f"{where}: latent_channels {m.latent_channels} != model in_channels {mc.in_channels}")
+        if mc.arch == "pixart" and m.text_dim != mc.caption_channels:
+            raise PixArtError(f"{where}: text_dim {m.text_dim} != model caption_channels {mc.caption_channels}")
+
+    def _loader(self) -> Loader:
+        d = self.cfg.data
+        raw = self.manifest is None
+        text = vae = None
+        if raw:  # frozen encoders in the training process (features not pre-extracted)
+            text = load_text_encoder(self.cfg, None, str(self.device)) if self.model_config.arch == "pixart" else None
+            vae = load_autoencoder(self.cfg, None, str(self.device))
+        return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=self.cfg.train.seed,
+                                   caption=d.caption, buckets=d.buckets, resolution=d.resolution,
+                                   num_workers=d.num_workers, scores_dir=d.scores_dir, min_score=d.min_score,
+                                   expected=d.expected), text_encoder=text, autoencoder=vae)
+
+    def _validator(self):
+        from .validation import Validator
+
+        v, arch = self.cfg.validation, self.model_config.arch
+        if not self.main or (arch == "pixart" and not v.prompts):
+            return None
+        manifest = self.manifest or cache_manifest(self.cfg)
+        text = load_text_encoder(self.cfg, manifest) if arch == "pixart" else None
+        return Validator(self.cfg, self.model_config, text, load_autoencoder(self.cfg, manifest), self.device)
+
+    # -- one step -------------------------------------------------------------------------------
+    def loss(self, batch: dict, step: int) -> torch.Tensor:
+        """The mean diffusion loss of this rank's micro-batch (per-sample noise seeded by key)."""
+        cfg, dev = self.cfg, self.device
+        x0 = batch["latents"].float()
+        B = x0.shape[0]
+        t, noise, drop = [], [], []
+        for key in batch["keys"]:
+            g = torch.Generator().manual_seed(stable_seed(cfg.train.seed, "train", step, key))
+            t.append(torch.randint(0, self.schedule.num_steps, (1,), generator=g))
+            noise.append(torch.randn(x0.shape[1:], generator=g))
+            drop.append(torch.rand(1, generator=g) < cfg.train.caption_dropout)
+        t, noise, drop = torch.cat(t).to(dev), torch.stack(noise).to(dev), torch.cat(drop).to(dev)
+        x0 = x0.to(dev)
+        xt = self.schedule.q_sample(x0, t, noise)
+        if self.model_config.arch == "dit":
+            labels = batch["labels"].to(dev)
+            if (labels < 0).any():
+                raise PixArtError(f"data: a class-conditional stage needs a `label` in every sample's metadata "
+                                  f"(sample {batch['keys'][int((labels < 0).nonzero()[0])]} has none)")
+            out = self.engine(xt.to(self.dtype), t, labels, force_drop_ids=drop)
+        else:
+            info = {k: v.to(dev) for k, v in batch["data_info"].items()} if "data_info" in batch else None
+            out = self.engine(xt.to(self.dtype), t, batch["y"].to(dev, self.dtype), mask=batch["mask"].to(dev),
+                              data_info=info, force_drop_ids=drop)
+        terms = diffusion_loss(out, x0, xt, t, noise, self.schedule, learn_sigma=self.model_config.learn_sigma,
+                               prediction_type=cfg.diffusion.prediction)
+        assert terms.loss.shape == (B,)
+        return terms.loss.mean()
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        dist.all_reduce(bad)
+        return bad.item() == 0
+
+    # -- saving ---------------------------------------------------------------------------------
+    def full_weights(self, ema: bool) -> dict | None:
+        """The whole fp32 model (or EMA) with its buffers, on rank 0 (None elsewhere). Collective."""
+        pieces = self.ema.shadow if ema else [f.view for f in self.fragments]
+        state = gather(self.fragments, pieces, to_rank0_only=True)
+        frozen = frozen_state(self.engine.module)
+        return {**state, **frozen} if self.main else None
+
+    def save(self, history: dict) -> Path:
+        self._fault("mid-save", self.step)
+        return checkpoints.save(self.run_dir, self.step, self.engine, self.model_config.to_json(),
+                                self.full_weights(ema=False), self.full_weights(ema=True),
+                                self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
+                                {"samples": self.samples, "stage": self.cfg.stage, **history},
+                                self.cfg.train.keep_last)
+
+    def _resume(self) -> None:
+        ckpt = checkpoints.latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return
+        trainer, loader_state, ema_state = checkpoints.load(ckpt, self.engine)
+        if ema_state is not None:
+            self.ema.load_full_state(ema_state, str(ckpt / EMA_FILE))
+        if loader_state and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(loader_state)
+        self.step, self.samples = int(trainer["step"]), int(trainer.get("samples", 0))
+        if self.main:
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def _fault(self, where: str, step: int) -> None:
+        if os.environ.get("PIXART_FAULT") == f"{where}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, max_steps: int | None = None) -> Path:
+        cfg = self.cfg
+        max_steps = max_steps or cfg.train.max_steps
+        self._resume()
+        monitor = Monitor(self.run_dir, self.step, self.main)
+        validator = self._validator()
+        peak = peak_flops(cfg.train.peak_tflops)
+        bar = tqdm(total=max_steps, initial=self.step, desc=cfg.stage, disable=not self.main, dynamic_ncols=True)
+        batches = iter(self.batches)
+        window_loss, window_steps, window_start, window_samples, tokens = 0.0, 0, time.time(), 0, 0
+        while self.step < max_steps:
+            for _ in range(cfg.optim.grad_accum):
+                batch = next(batches)
+                loss = self.loss(batch, self.step)
+                if not self._all_finite(loss):
+                    latest = checkpoints.latest_checkpoint(self.run_dir)
+                    raise NonFiniteLoss(f"step {self.step + 1}: the loss is {loss.item()} (not finite); stopped "
+                                        f"before the update. Last good checkpoint, intact: {latest or 'none yet'}")
+                self.engine.backward(loss)
+                self.engine.step()
+                window_loss += loss.item() / cfg.optim.grad_accum
+                n = batch["latents"].shape[0] * self.world
+                window_samples += n
+                tokens = math.prod(batch["latents"].shape[-2:]) // self.model_config.patch_size ** 2
+                text_tokens = batch["y"].shape[1] if "y" in batch else 0
+            self.step += 1
+            self.samples += n * cfg.optim.grad_accum
+            self.ema.update()
+            window_steps += 1
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == max_steps:
+                mean = torch.tensor([window_loss / window_steps], device=self.device)
+                dist.all_reduce(mean)
+                elapsed = time.time() - window_start
+                rate = window_samples / max(elapsed, 1e-9)
+                flops = train_flops_per_sample(self.block_params, self.model_config, tokens, text_tokens)
+                scalars = {"loss": mean.item() / self.world, "lr": self.scheduler.get_last_lr()[0],
+                           "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                           "samples_per_s": rate, "tokens_per_s": rate * tokens}
+                if peak:
+                    scalars["mfu"] = flops * rate / (peak * self.world)
+                monitor.log(self.step, scalars)
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+                window_loss, window_steps, window_start, window_samples = 0.0, 0, time.time(), 0
+            if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
+                self.save({})
+            every = cfg.validation.every
+            if (every and self.step % every == 0) or self.step == max_steps:
+                self._validate(validator, monitor)
+            self._fault("after-step", self.step)
+        bar.close()
+        final = checkpoints.latest_checkpoint(self.run_dir)
+        if self.main:
+            monitor.loss_curve(self.run_dir / "loss.png", cfg.stage)
+            atomic_write(self.run_dir / DONE_FILE, json.dumps({"checkpoint": str(final), "steps": self.step,
+                                                               "stage": cfg.stage}, indent=2))
+        monitor.close()
+        dist.barrier()
+        return final
+
+    def _validate(self, validator, monitor: Monitor) -> None:
+        weights = self.full_weights(ema=self.cfg.validation.ema)
+        if validator is not None:
+            out = self.run_dir / "samples" / f"{checkpoints.step_name(self.step)}.png"
+            validator.grid(weights, out)
+            monitor.image("validation", self.step, out)
+        dist.barrier()
+
+
+def is_done(run_dir: str | os.PathLike, max_steps: int) -> Path | None:
+    """The stage's final checkpoint when `run_dir` finished at least `max_steps`; else None."""
+    path = Path(run_dir) / DONE_FILE
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return Path(done["checkpoint"]) if done.get("steps", 0) >= max_steps else None

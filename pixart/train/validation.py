@@ -1,0 +1,99 @@
+"""Validation grids: fixed prompts (or class labels) and seeds, sampled from the gathered weights.
+
+Rank 0 samples with a plain fp32 copy of the model, so validation never runs through ZeRO's
+partitioned forward nor holds the training activations' memory. One row per prompt, one column
+per seed offset; the same noise every time, so grids from successive steps compare.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from pixart.checkpoint import load_into
+from pixart.diffusion import NoiseSchedule
+from pixart.diffusion.sampler import sample
+from pixart.models import ModelConfig, model_from_config
+
+from .config import TrainConfig
+
+
+class _LabelsAsCaptions(nn.Module):
+    """Lets the shared CFG sampler drive a class-conditional DiT: labels ride in a (B, 1, 1) 'caption'."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, t, y, mask=None, data_info=None):
+        return self.dit(x, t, y[:, 0, 0].long())
+
+
+class Validator:
+    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, text_encoder, autoencoder, device: torch.device,
+                 columns: int = 2):
+        self.cfg, self.model_config, self.autoencoder, self.device = cfg, model_config, autoencoder, device
+        v = cfg.validation
+        self.columns = columns
+        if model_config.arch == "dit":
+            labels = v.labels or list(range(min(4, model_config.num_classes)))
+            self.rows = len(labels)
+            self.y = torch.tensor(labels, dtype=torch.float32).repeat_interleave(columns)[:, None, None]
+            self.mask = None
+        else:
+            prompts = v.prompts or [""]
+            self.rows = len(prompts)
+            y, mask = text_encoder.encode(prompts)
+            self.y = y.float().cpu().repeat_interleave(columns, 0)
+            self.mask = mask.cpu().repeat_interleave(columns, 0)
+        h, w = v.size or (model_config.input_size, model_config.input_size)
+        g = torch.Generator().manual_seed(v.seed)
+        self.noise = torch.randn(self.rows * columns, model_config.in_channels, h, w, generator=g)
+        ds = getattr(autoencoder, "downsample_factor", 8)
+        n = self.noise.shape[0]
+        self.data_info = {"img_hw": torch.tensor([[h * ds, w * ds]], dtype=torch.float32).expand(n, 2),
+                          "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32).expand(n, 1)}
+
+    @torch.no_grad()
+    def images(self, state: dict[str, Tensor]) -> Tensor:
+        """Images (N, 3, H, W) in [-1, 1] from a full state dict (model or EMA weights)."""
+        model = load_into(model_from_config(self.model_config), state, "validation weights").to(self.device).eval()
+        if self.model_config.arch == "dit":
+            model, null = _LabelsAsCaptions(model), torch.full((1, 1), float(self.model_config.num_classes))
+        else:
+            null = model.y_embedder.y_embedding
+        v = self.cfg.validation
+        dev = self.device
+        latents = sample(model, self.noise.to(dev), self.y.to(dev), None if self.mask is None else self.mask.to(dev),
+                         null.to(dev), sampler=v.sampler, steps=v.steps, cfg_scale=v.cfg,
+                         schedule=NoiseSchedule.linear(),
+                         data_info={k: t.to(dev) for k, t in self.data_info.items()},
+                         prediction_type=self.cfg.diffusion.prediction)
+        return self.autoencoder.decode(latents.float()).cpu()
+
+    def grid(self, state: dict[str, Tensor], out: Path, scale: int = 2) -> Path:
+        """Write the grid PNG atomically (temp file, then rename)."""
+        save_grid(self.images(state), self.columns, out, scale)
+        return out
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def save_grid(images: Tensor | list[Image.Image], columns: int, out: Path, scale: int = 1) -> None:
+    pil = to_pil(images) if isinstance(images, Tensor) else images
+    w, h = pil[0].size
+    rows = -(-len(pil) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(pil):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    grid.save(tmp)
+    tmp.replace(out)
