@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch.distributed as dist
@@ -63,6 +64,12 @@ def clean_partial(run_dir: str | os.PathLike) -> None:
     _barrier()
 
 
+def fault_point(where: str, step: int) -> None:
+    """Tests' fault injection: PIXART_FAULT=<where>:<step> kills this process (SIGKILL) here."""
+    if os.environ.get("PIXART_FAULT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save(run_dir: Path, step: int, engine, model_config_json: str, model_state: dict | None, ema_state: dict | None,
          loader_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Every rank calls it; `model_state`/`ema_state` are the gathered tensors (rank 0's matter)."""
@@ -82,6 +89,7 @@ def save(run_dir: Path, step: int, engine, model_config_json: str, model_state: 
                 save_file({k: v.contiguous() for k, v in state.items()}, tmp / file, metadata={"format": "pt"})
         (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     _barrier()
+    fault_point("mid-save", step)
     if _rank() == 0:
         _fsync_tree(tmp)
         if final.exists():  # a save of this step already landed (re-run after a crash): keep one

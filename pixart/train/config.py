@@ -75,6 +75,7 @@ class TrainSection(Section):
     ckpt_every: int = Field(1000, ge=1)
     keep_last: int = Field(2, ge=1)  # checkpoints kept (the newest)
     peak_tflops: float | None = None  # per process, for the MFU estimate; None: known GPUs only
+    record_keys: bool = False  # log each step's sample keys to keys-rank<R>.jsonl (audits the data order)
 
 
 class EmaSection(Section):

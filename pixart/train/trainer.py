@@ -6,7 +6,8 @@ split over ranks or on where a run was resumed. The data position is the loader'
 optimizer, LR schedule and fp32 master weights are DeepSpeed's checkpoint; the EMA is saved whole.
 
 Fault injection for tests: PIXART_FAULT=after-step:N kills the process (SIGKILL) after step N
-(and its checkpoint, if one is due); mid-save:N kills it inside the save of step N.
+(and its checkpoint, if one is due); mid-save:N kills it inside the save of step N, after every
+file is written and before the rename.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Iterable
@@ -187,7 +187,6 @@ class Trainer:
         return {**state, **frozen} if self.main else None
 
     def save(self, history: dict) -> Path:
-        self._fault("mid-save", self.step)
         return checkpoints.save(self.run_dir, self.step, self.engine, self.model_config.to_json(),
                                 self.full_weights(ema=False), self.full_weights(ema=True),
                                 self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
@@ -207,24 +206,38 @@ class Trainer:
         if self.main:
             log.info("resumed from %s at step %d", ckpt, self.step)
 
-    def _fault(self, where: str, step: int) -> None:
-        if os.environ.get("PIXART_FAULT") == f"{where}:{step}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
     # -- the loop -------------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> Path:
         cfg = self.cfg
         max_steps = max_steps or cfg.train.max_steps
         self._resume()
         monitor = Monitor(self.run_dir, self.step, self.main)
-        validator = self._validator()
-        peak = peak_flops(cfg.train.peak_tflops)
         bar = tqdm(total=max_steps, initial=self.step, desc=cfg.stage, disable=not self.main, dynamic_ncols=True)
+        try:
+            self._loop(max_steps, monitor, bar)
+        finally:
+            bar.close()
+            monitor.close()
+        final = checkpoints.latest_checkpoint(self.run_dir)
+        data = self._data_report()
+        if self.main:
+            monitor.loss_curve(self.run_dir / "loss.png", cfg.stage)
+            atomic_write(self.run_dir / DONE_FILE, json.dumps({"checkpoint": str(final), "steps": self.step,
+                                                               "stage": cfg.stage, "data": data}, indent=2))
+        dist.barrier()
+        return final
+
+    def _loop(self, max_steps: int, monitor: Monitor, bar) -> None:
+        cfg = self.cfg
+        validator = self._validator()
         batches = iter(self.batches)
-        window_loss, window_steps, window_start, window_samples, tokens = 0.0, 0, time.time(), 0, 0
+        keys = _KeyLog(self.run_dir / f"keys-rank{self.rank}.jsonl", self.step) if cfg.train.record_keys else None
+        window = _Window()
         while self.step < max_steps:
             for _ in range(cfg.optim.grad_accum):
                 batch = next(batches)
+                if keys:
+                    keys.write(self.step + 1, batch["keys"])
                 loss = self.loss(batch, self.step)
                 if not self._all_finite(loss):
                     latest = checkpoints.latest_checkpoint(self.run_dir)
@@ -232,45 +245,51 @@ class Trainer:
                                         f"before the update. Last good checkpoint, intact: {latest or 'none yet'}")
                 self.engine.backward(loss)
                 self.engine.step()
-                window_loss += loss.item() / cfg.optim.grad_accum
-                n = batch["latents"].shape[0] * self.world
-                window_samples += n
-                tokens = math.prod(batch["latents"].shape[-2:]) // self.model_config.patch_size ** 2
-                text_tokens = batch["y"].shape[1] if "y" in batch else 0
+                window.add(batch, loss.item() / cfg.optim.grad_accum, self.world, self.model_config.patch_size)
             self.step += 1
-            self.samples += n * cfg.optim.grad_accum
+            self.samples += window.last_samples * cfg.optim.grad_accum
             self.ema.update()
-            window_steps += 1
+            window.steps += 1
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.step == max_steps:
-                mean = torch.tensor([window_loss / window_steps], device=self.device)
-                dist.all_reduce(mean)
-                elapsed = time.time() - window_start
-                rate = window_samples / max(elapsed, 1e-9)
-                flops = train_flops_per_sample(self.block_params, self.model_config, tokens, text_tokens)
-                scalars = {"loss": mean.item() / self.world, "lr": self.scheduler.get_last_lr()[0],
-                           "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                           "samples_per_s": rate, "tokens_per_s": rate * tokens}
-                if peak:
-                    scalars["mfu"] = flops * rate / (peak * self.world)
+                scalars = self._scalars(window)
                 monitor.log(self.step, scalars)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
-                window_loss, window_steps, window_start, window_samples = 0.0, 0, time.time(), 0
+                window = _Window()
             if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
                 self.save({})
-            every = cfg.validation.every
-            if (every and self.step % every == 0) or self.step == max_steps:
+            if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
                 self._validate(validator, monitor)
-            self._fault("after-step", self.step)
-        bar.close()
-        final = checkpoints.latest_checkpoint(self.run_dir)
-        if self.main:
-            monitor.loss_curve(self.run_dir / "loss.png", cfg.stage)
-            atomic_write(self.run_dir / DONE_FILE, json.dumps({"checkpoint": str(final), "steps": self.step,
-                                                               "stage": cfg.stage}, indent=2))
-        monitor.close()
-        dist.barrier()
-        return final
+            checkpoints.fault_point("after-step", self.step)
+
+    def _scalars(self, w: "_Window") -> dict[str, float]:
+        mean = torch.tensor([w.loss / w.steps], device=self.device)
+        dist.all_reduce(mean)
+        rate = w.samples / max(time.time() - w.start, 1e-9)
+        scalars = {"loss": mean.item() / self.world, "lr": self.scheduler.get_last_lr()[0],
+                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": rate, "tokens_per_s": rate * w.tokens}
+        peak = peak_flops(self.cfg.train.peak_tflops)
+        if peak:
+            flops = train_flops_per_sample(self.block_params, self.model_config, w.tokens, w.text_tokens)
+            scalars["mfu"] = flops * rate / (peak * self.world)
+        return scalars
+
+    def _data_report(self) -> dict:
+        """What the loaders skipped (corrupt samples, damaged shards), summed over ranks and printed."""
+        stats = getattr(self.batches, "stats", None)
+        mine = {"skipped": dict(stats.skipped), "damaged_shards": sorted(stats.damaged_shards)} if stats else {}
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        report = {"skipped": {}, "damaged_shards": []}
+        for r in every:
+            for reason, n in (r or {}).get("skipped", {}).items():
+                report["skipped"][reason] = report["skipped"].get(reason, 0) + n
+            report["damaged_shards"] += (r or {}).get("damaged_shards", [])
+        if self.main and (report["skipped"] or report["damaged_shards"]):
+            log.warning("data: skipped samples %s; damaged shards %s", report["skipped"] or "none",
+                        report["damaged_shards"] or "none")
+        return report
 
     def _validate(self, validator, monitor: Monitor) -> None:
         weights = self.full_weights(ema=self.cfg.validation.ema)
@@ -279,6 +298,35 @@ class Trainer:
             validator.grid(weights, out)
             monitor.image("validation", self.step, out)
         dist.barrier()
+
+
+class _Window:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.loss, self.steps, self.samples, self.start = 0.0, 0, 0, time.time()
+        self.tokens = self.text_tokens = self.last_samples = 0
+
+    def add(self, batch: dict, loss: float, world: int, patch: int) -> None:
+        self.loss += loss
+        self.last_samples = batch["latents"].shape[0] * world
+        self.samples += self.last_samples
+        self.tokens = math.prod(batch["latents"].shape[-2:]) // patch ** 2
+        self.text_tokens = batch["y"].shape[1] if "y" in batch else 0
+
+
+class _KeyLog:
+    """keys-rank<R>.jsonl: {"step", "keys"} per micro-batch, cut back to the resumed step on restart."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            atomic_write(path, "".join(r + "\n" for r in rows))
+
+    def write(self, step: int, keys: list[str]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "keys": list(keys)}) + "\n")
 
 
 def is_done(run_dir: str | os.PathLike, max_steps: int) -> Path | None:

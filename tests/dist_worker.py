@@ -1,0 +1,54 @@
+"""Runs one tiny training stage on fixed synthetic batches; launched by tests (alone or under torchrun).
+
+    python tests/dist_worker.py RUN_DIR ZERO_STAGE PRECISION GLOBAL_BATCH STEPS [LR]
+
+Every rank takes its contiguous slice of the same global batches, so any world size trains on the
+same data. Not a test module: pytest collects only test_*.py.
+"""
+import sys
+
+import torch
+
+from pixart.train.config import parse_config
+from pixart.train.trainer import Trainer
+
+
+def global_batches(n_steps: int, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for step in range(n_steps):
+        lengths = torch.randint(1, 6, (batch,), generator=g)
+        mask = (torch.arange(5)[None] < lengths[:, None]).long()
+        yield {"keys": [f"{step:04d}-{i:03d}" for i in range(batch)],
+               "latents": torch.randn(batch, 4, 8, 8, generator=g),
+               "y": torch.randn(batch, 5, 16, generator=g) * mask[..., None],
+               "mask": mask}
+
+
+def rank_slice(batches, rank: int, world: int):
+    for b in batches:
+        n = len(b["keys"]) // world
+        yield {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
+
+
+def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3):
+    return parse_config({
+        "stage": "equivalence",
+        "model": {"name": "PixArt-S/2", "arch": {"input_size": 8, "in_channels": 4, "depth": 2, "hidden_size": 64,
+                                                 "num_heads": 4, "caption_channels": 16, "model_max_length": 5}},
+        "data": {"shards": "unused", "batch_size": batch},
+        "optim": {"lr": lr, "warmup_steps": 2, "grad_clip": 1.0},
+        "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps},
+        "ema": {"decay": 0.9},
+        "deepspeed": {"zero_stage": zero, "precision": precision},
+    }, "dist_worker")
+
+
+if __name__ == "__main__":
+    run_dir, zero, precision, global_batch, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    lr = float(sys.argv[6]) if len(sys.argv) > 6 else 1e-3
+    cfg = config(zero, precision, global_batch // world, steps, lr)
+    Trainer(cfg, run_dir, batches=rank_slice(global_batches(steps, global_batch), rank, world)).run()

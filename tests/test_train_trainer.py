@@ -1,0 +1,183 @@
+"""The training stage end to end on a real (tiny) feature cache: resume, kills, NaN, damaged shards."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from data_pipelines.features import FeatureConfig, extract_features
+from data_pipelines.shapes import write_shapes
+from pixart.checkpoint import load_model
+from pixart.encoders.tiny import make_tiny_t5
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """32 one-object shapes at 32 px -> features (tiny T5, pixel autoencoder f=4: 48 x 8 x 8 latents)."""
+    root = tmp_path_factory.mktemp("train")
+    write_shapes(root / "raw", 32, seed=0, resolution=32, shard_size=8, max_objects=1, sizes=("large",))
+    t5 = make_tiny_t5(root / "t5")
+    extract_features(root / "raw", root / "feats", FeatureConfig(text_encoder=str(t5), pixel_autoencoder=4,
+                                                                  resolution=32, captions=("txt",)), progress=False)
+    return root
+
+
+def stage(cache: Path, tmp: Path, name="stage.yaml", **over) -> Path:
+    cfg = {
+        "stage": "toy",
+        "model": {"name": "PixArt-S/2", "arch": {"input_size": 8, "in_channels": 48, "depth": 2, "hidden_size": 48,
+                                                 "num_heads": 4, "caption_channels": 32, "learn_sigma": False}},
+        "data": {"shards": str(cache / "feats"), "batch_size": 4, "caption": "txt", "num_workers": 1},
+        "diffusion": {"prediction": "v_prediction"},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0},
+        "train": {"max_steps": 6, "log_every": 1, "ckpt_every": 2, "keep_last": 5, "record_keys": True},
+        "ema": {"decay": 0.9},
+        "deepspeed": {"zero_stage": 1, "precision": "fp32"},
+    }
+    for key, value in over.items():  # section=value replaces a section, section__key=value sets one key
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    path = tmp / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(config: Path, run_dir: Path, fault: str | None = None, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PIXART_FAULT", None)
+    if fault:
+        env["PIXART_FAULT"] = fault
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "pixart", "train", str(config), "--run-dir", str(run_dir), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def weights(run_dir: Path, step: int, file: str) -> dict:
+    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / file)
+
+
+def keys(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "keys-rank0.jsonl").read_text().splitlines()]
+
+
+def assert_same(a: Path, b: Path, step: int) -> None:
+    for file in ("model.safetensors", "ema.safetensors"):
+        wa, wb = weights(a, step, file), weights(b, step, file)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), file  # bitwise, fp32 on the CPU
+    assert keys(a) == keys(b)
+
+
+@pytest.fixture(scope="module")
+def straight(cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    r = train(stage(cache, tmp), tmp / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "run"
+
+
+def test_a_run_writes_what_it_promises(straight):
+    done = json.loads((straight / "DONE.json").read_text())
+    assert done["steps"] == 6 and done["checkpoint"].endswith("step-000006")
+    assert (straight / "checkpoints" / "latest").read_text() == "step-000006"
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= rows[0].keys()
+    assert rows[0]["lr"] == pytest.approx(1e-3) and all(r["loss"] > 0 for r in rows)
+    assert Image.open(straight / "loss.png").size[0] > 100
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((straight / "config.yaml").read_text())["optim"]["lr"] == 1e-3
+    model = load_model(straight / "checkpoints" / "step-000006", ema=True)  # what export-diffusers reads
+    assert model.config.in_channels == 48
+    assert [k["step"] for k in keys(straight)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_after_kill_is_exact(cache, straight, tmp_path):
+    config = stage(cache, tmp_path)
+    killed = train(config, tmp_path / "run", "after-step:3")
+    assert killed.returncode == -9
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000002"
+    resumed = train(config, tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    assert_same(straight, tmp_path / "run", 6)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 3's first pass cut from the log
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(cache, straight, tmp_path):
+    config = stage(cache, tmp_path)
+    killed = train(config, tmp_path / "run", "mid-save:4")
+    assert killed.returncode == -9
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-000002"
+    assert (ckpts / ".step-000004.tmp").is_dir() and not (ckpts / "step-000004").exists()
+    resumed = train(config, tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (ckpts / ".step-000004.tmp").exists()
+    assert_same(straight, tmp_path / "run", 6)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(cache, tmp_path):
+    run = tmp_path / "run"
+    config = stage(cache, tmp_path, optim__lr=1e20, optim__warmup_steps=0, optim__grad_clip=0.0)
+    r = train(config, run)
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert "the loss is" in line and "not finite" in line and "stopped before the update" in line
+    latest = (run / "checkpoints" / "latest").read_text() if (run / "checkpoints" / "latest").exists() else None
+    if latest:  # a checkpoint written before the blow-up is complete and loads
+        assert latest in line
+        load_model(run / "checkpoints" / latest)
+    assert not (run / "DONE.json").exists()
+
+
+def test_damaged_shard_mid_run_is_skipped_and_reported(cache, tmp_path):
+    import shutil
+
+    feats = tmp_path / "feats"
+    shutil.copytree(cache / "feats", feats)
+    shard = feats / "shapes-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] + b"\x00garbage" * 64)  # broken off mid-shard
+    config = stage(cache, tmp_path, data__shards=str(feats), train__max_steps=10)
+    r = train(config, tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    done = json.loads((tmp_path / "run" / "DONE.json").read_text())
+    assert done["steps"] == 10
+    assert any("shapes-000001" in s for s in done["data"]["damaged_shards"])
+    assert "damaged shards" in r.stderr
+
+
+def test_class_conditional_stage_trains_on_metadata_labels_and_draws_a_grid(cache, tmp_path):
+    config = stage(cache, tmp_path, model={"name": "DiT-S/2", "arch": {
+        "input_size": 8, "in_channels": 48, "depth": 2, "hidden_size": 48, "num_heads": 4, "num_classes": 48,
+        "learn_sigma": True}}, diffusion={"prediction": "epsilon"},
+        validation={"labels": [0, 9, 17], "steps": 3, "every": 3})
+    r = train(config, tmp_path / "run", None, "--max-steps", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    grid = Image.open(tmp_path / "run" / "samples" / "step-000003.png")
+    assert grid.size == (2 * 32 * 2, 3 * 32 * 2)  # 2 seeds x 3 labels of 32 px, drawn at 2x
+
+
+def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_path):
+    arch = {"input_size": 8, "in_channels": 48, "depth": 2, "hidden_size": 48, "num_heads": 4,
+            "caption_channels": 64}
+    r = train(stage(cache, tmp_path, model={"name": "PixArt-S/2", "arch": arch}), tmp_path / "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith("manifest.json: text_dim 32 != model caption_channels 64")
+    r = train(stage(cache, tmp_path, data__expected={"resolution": 64}), tmp_path / "run2")
+    assert r.returncode == 2 and "resolution" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run2" / "checkpoints").exists()
