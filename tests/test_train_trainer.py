@@ -11,23 +11,14 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from data_pipelines.features import FeatureConfig, extract_features
-from data_pipelines.shapes import write_shapes
 from pixart.checkpoint import load_model
-from pixart.encoders.tiny import make_tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """32 one-object shapes at 32 px -> features (tiny T5, pixel autoencoder f=4: 48 x 8 x 8 latents)."""
-    root = tmp_path_factory.mktemp("train")
-    write_shapes(root / "raw", 32, seed=0, resolution=32, shard_size=8, max_objects=1, sizes=("large",))
-    t5 = make_tiny_t5(root / "t5")
-    extract_features(root / "raw", root / "feats", FeatureConfig(text_encoder=str(t5), pixel_autoencoder=4,
-                                                                  resolution=32, captions=("txt",)), progress=False)
-    return root
+def cache(tiny_feature_cache):
+    return tiny_feature_cache
 
 
 def stage(cache: Path, tmp: Path, name="stage.yaml", **over) -> Path:

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
         "The architecture is read from the tensor shapes. Accepts a raw state dict, DiT's {'model', 'ema'} "
         "training checkpoints (EMA weights are used) or a .safetensors file.",
     )
-    p.add_argument("src", help="DiT checkpoint (.pt, .pth or .safetensors), e.g. DiT-XL-2-256x256.pt")
+    p.add_argument("src", help="DiT checkpoint (.pt, .pth or .safetensors), e.g. DiT-XL-2-256x256.pt, or a "
+                   "checkpoint folder of a class-conditional stage (its EMA weights are used)")
     p.add_argument("--out", required=True, help="output checkpoint folder (config.json + model.safetensors)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: DiT's for S/B/L/XL widths)")
     p.add_argument("--global-init", choices=("mean", "block0", "zero"), default="mean",
@@ -31,13 +32,21 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from pixart.checkpoint import load_into, read_state_dict, save_checkpoint, unwrap_state_dict
+    from pathlib import Path
+
+    from pixart.checkpoint import load_into, load_model, read_state_dict, save_checkpoint, unwrap_state_dict
+    from pixart.errors import PixArtError
     from pixart.models import DiT
     from pixart.models.reparam import dit_to_pixart, infer_dit_config
 
-    state = unwrap_state_dict(read_state_dict(args.src), args.src)
-    dit = load_into(DiT(infer_dit_config(state, args.num_heads, args.num_classes, args.src)), state, args.src)
-    del state  # the DiT holds its own copy; XL is 2.7 GB
+    if Path(args.src).is_dir():  # a stage-1 checkpoint folder
+        dit = load_model(args.src, ema=(Path(args.src) / "ema.safetensors").is_file())
+        if not isinstance(dit, DiT):
+            raise PixArtError(f"{args.src}: holds a {dit.config.arch} model, not a class-conditional DiT")
+    else:
+        state = unwrap_state_dict(read_state_dict(args.src), args.src)
+        dit = load_into(DiT(infer_dit_config(state, args.num_heads, args.num_classes, args.src)), state, args.src)
+        del state  # the DiT holds its own copy; XL is 2.7 GB
     pixart = dit_to_pixart(dit, global_init=args.global_init, t_ref=args.t_ref,
                            caption_channels=args.caption_channels, model_max_length=args.max_length, seed=args.seed)
     provenance = {"source": str(args.src), "global_init": args.global_init, "t_ref": args.t_ref, "seed": args.seed}

@@ -12,12 +12,13 @@ from pixart.cli import (
     export_diffusers,
     extract_features,
     import_checkpoint,
+    launch,
     relabel,
     train,
 )
 from pixart.errors import PixArtError
 
-COMMANDS = (data, relabel, extract_features, train, convert_dit, import_checkpoint, export_diffusers, evaluate, demo)
+COMMANDS = (data, relabel, extract_features, train, launch, convert_dit, import_checkpoint, export_diffusers, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,34 @@
+"""`pixart launch RECIPE`: PixArt's staged training, each stage starting from the previous one's output."""
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+A recipe lists steps: training stages (a stage config each; `init` names the step whose output
+starts it) and the DiT -> PixArt reparameterization. Every step writes RUN_DIR/<step>/. Rerun
+the same command after an interruption: finished steps are skipped and the interrupted one
+resumes from its last checkpoint. Under torchrun or the deepspeed launcher every rank runs it.
+
+examples:
+  pixart launch configs/pixart_xl2/recipe.yaml --run-dir runs/pixart-xl2
+  torchrun --nproc_per_node 8 -m pixart launch configs/pixart_xl2/recipe.yaml
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("launch", help="run a recipe's stages in order (skips finished ones)", description=__doc__,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML (e.g. configs/pixart_xl2/recipe.yaml)")
+    p.add_argument("--run-dir", default=None, help="folder for the steps' outputs (default: runs/<recipe name>)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    import logging
+
+    from pixart.train.recipe import launch
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    outputs = launch(args.recipe, args.run_dir)
+    for step, path in outputs.items():
+        print(f"{step}: {path}")

@@ -1,0 +1,133 @@
+"""Recipes: PixArt's training decomposition as a list of steps that `pixart launch` runs in order.
+
+    name: pixart-xl2
+    stages:
+      - {name: stage1, config: stage1_imagenet256.yaml}          # class-conditional DiT
+      - {name: reparam, reparam: {source: stage1}}               # or source: DiT-XL-2-256x256.pt
+      - {name: stage2, config: stage2_sam256.yaml, init: reparam}
+      - {name: stage3, config: stage3_aesthetic512.yaml, init: stage2}
+
+Each step writes RUN/<name>/; a training step's `init` (a previous step) becomes its `model.init`.
+A finished step is skipped (its DONE.json, or the reparameterized folder), an interrupted one
+resumes from its own checkpoints. Config paths are relative to the recipe file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from pixart.atomic import atomic_write
+from pixart.errors import PixArtError
+
+from .config import Section, load_train_config
+
+log = logging.getLogger("pixart.train")
+
+
+class Reparam(Section):
+    source: str  # a previous step's name, or a DiT checkpoint file (facebookresearch/DiT layout)
+    global_init: str = "mean"
+    t_ref: int = 500
+    caption_channels: int = 4096
+    max_length: int = 120
+    seed: int = 0
+
+
+class Step(Section):
+    name: str
+    config: str | None = None  # a stage config (pixart train)
+    init: str | None = None  # a previous step whose output starts this stage
+    set: list[str] = Field(default_factory=list)  # --set overrides for this stage
+    reparam: Reparam | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Step":
+        if (self.config is None) == (self.reparam is None):
+            raise ValueError(f"step {self.name!r}: give exactly one of `config` (a training stage) or `reparam`")
+        return self
+
+
+class Recipe(Section):
+    name: str
+    stages: list[Step]
+
+    @model_validator(mode="after")
+    def _order(self) -> "Recipe":
+        seen: set[str] = set()
+        for s in self.stages:
+            for ref in (s.init, s.reparam.source if s.reparam and not _looks_like_file(s.reparam.source) else None):
+                if ref is not None and ref not in seen:
+                    raise ValueError(f"step {s.name!r}: refers to {ref!r}, which is not an earlier step")
+            if s.name in seen:
+                raise ValueError(f"step name {s.name!r} is used twice")
+            seen.add(s.name)
+        return self
+
+
+def _looks_like_file(source: str) -> bool:
+    return Path(source).suffix in (".pt", ".pth", ".safetensors") or "/" in source
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise PixArtError(f"{path}: no such recipe file")
+    try:
+        return Recipe.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise PixArtError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise PixArtError(f"{path}: {where}: {kind}") from None
+
+
+def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Run the recipe's steps in order; returns {step: its output checkpoint folder}."""
+    from pixart.cli.main import main as cli
+
+    from .engine import init_distributed
+    from .trainer import Trainer, is_done
+
+    recipe_path = Path(recipe_path).resolve()
+    recipe = load_recipe(recipe_path)
+    root = Path(run_dir or Path("runs") / recipe.name)
+    init_distributed()
+    rank = dist.get_rank()
+    outputs: dict[str, str] = {}
+    for step in recipe.stages:
+        out = root / step.name
+        if step.reparam is not None:
+            r = step.reparam
+            target = out / "checkpoint"
+            src = outputs.get(r.source, r.source)
+            if (target / "config.json").is_file():
+                log.info("%s: done (%s), skipped", step.name, target)
+            elif rank == 0:
+                log.info("%s: reparameterizing %s", step.name, src)
+                argv = ["convert-dit", str(src), "--out", str(target), "--global-init", r.global_init,
+                        "--t-ref", str(r.t_ref), "--caption-channels", str(r.caption_channels),
+                        "--max-length", str(r.max_length), "--seed", str(r.seed), "--overwrite"]
+                if cli(argv) != 0:
+                    raise PixArtError(f"{step.name}: reparameterization of {src} failed")
+            dist.barrier()
+            outputs[step.name] = str(target)
+            continue
+        sets = list(step.set) + ([f"model.init={outputs[step.init]}"] if step.init else [])
+        cfg = load_train_config(recipe_path.parent / step.config, sets)
+        done = is_done(out, cfg.train.max_steps)
+        if done is not None:
+            log.info("%s: done (%s), skipped", step.name, done)
+            outputs[step.name] = str(done)
+            continue
+        outputs[step.name] = str(Trainer(cfg, out).run())
+    if rank == 0:
+        atomic_write(root / "launch.json", json.dumps({"recipe": str(recipe_path), "outputs": outputs}, indent=2))
+    return outputs

@@ -1,0 +1,86 @@
+"""Recipes and `pixart launch`: stages in order, each from the previous output; finished ones skipped."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pixart.checkpoint import load_config, load_model
+from pixart.errors import PixArtError
+from pixart.models import build_model
+from pixart.train.config import load_train_config
+from pixart.train.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = {"input_size": 8, "in_channels": 48, "depth": 2, "hidden_size": 48, "num_heads": 4}
+
+
+def toy_recipe(cache: Path, tmp: Path) -> Path:
+    common = {"data": {"shards": str(cache / "feats"), "batch_size": 4, "caption": "txt"},
+              "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0},
+              "train": {"max_steps": 2, "log_every": 1, "ckpt_every": 2}, "ema": {"decay": 0.9},
+              "deepspeed": {"zero_stage": 2, "precision": "fp32"}}
+    (tmp / "s1.yaml").write_text(yaml.safe_dump({**common, "stage": "s1", "model": {
+        "name": "DiT-S/2", "arch": {**ARCH, "num_classes": 48}}}))
+    (tmp / "s2.yaml").write_text(yaml.safe_dump({**common, "stage": "s2"}))
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump({"name": "toy", "stages": [
+        {"name": "s1", "config": "s1.yaml"},
+        {"name": "reparam", "reparam": {"source": "s1", "caption_channels": 32, "max_length": 120}},
+        {"name": "s2", "config": "s2.yaml", "init": "reparam", "set": ["train.max_steps=3"]}]}))
+    return tmp / "recipe.yaml"
+
+
+def launch(recipe: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PIXART_FAULT")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "pixart", "launch", str(recipe), "--run-dir", str(run_dir)],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_launch_runs_stages_in_order_and_skips_finished_ones(tiny_feature_cache, tmp_path):
+    recipe, run = toy_recipe(tiny_feature_cache, tmp_path), tmp_path / "run"
+    r = launch(recipe, run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outputs = json.loads((run / "launch.json").read_text())["outputs"]
+    assert list(outputs) == ["s1", "reparam", "s2"]
+    assert load_config(outputs["s1"]).arch == "dit"
+    assert load_config(outputs["reparam"]).arch == "pixart"
+    s2 = load_train_config(run / "s2" / "config.yaml")
+    assert s2.model.init == outputs["reparam"] and s2.train.max_steps == 3  # init and the step's --set
+    assert json.loads((run / "s2" / "DONE.json").read_text())["steps"] == 3
+    load_model(outputs["s2"], ema=True)
+    before = (run / "s2" / "checkpoints" / "step-000003" / "model.safetensors").stat().st_mtime_ns
+    again = launch(recipe, run)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("skipped") == 3
+    assert (run / "s2" / "checkpoints" / "step-000003" / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "config": "x.yaml", "init": "b"}], "refers to 'b', which is not an earlier step"),
+    ([{"name": "a", "config": "x.yaml", "reparam": {"source": "w.pt"}}], "exactly one of"),
+    ([{"name": "a", "config": "x.yaml"}, {"name": "a", "config": "y.yaml"}], "used twice"),
+    ([{"name": "a", "config": "x.yaml", "inti": "b"}], "stages.0.inti: unknown key"),
+])
+def test_bad_recipes_are_one_line(tmp_path, stages, message):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": stages}))
+    with pytest.raises(PixArtError, match=message):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_shipped_xl_recipes_and_configs_are_valid():
+    import torch
+
+    for recipe in sorted((ROOT / "configs" / "pixart_xl2").glob("recipe*.yaml")):
+        for step in load_recipe(recipe).stages:
+            if step.config:
+                cfg = load_train_config(recipe.parent / step.config)
+                assert (cfg.optim.lr, cfg.optim.weight_decay) == ((1e-4, 0.0) if "stage1" in step.name else (2e-5, 0.03))
+    stage4 = load_train_config(ROOT / "configs" / "pixart_xl2" / "stage4_aesthetic1024.yaml")
+    with torch.device("meta"):
+        model = build_model("PixArt-XL/2", **stage4.model.arch)
+    assert sum(p.numel() for p in model.parameters()) == 611_349_152  # PixArtMS-XL/2
+    assert json.loads((ROOT / stage4.deepspeed.config).read_text())["zero_optimization"]["stage"] == 3
