@@ -20,6 +20,7 @@ from pixart.errors import PixArtError
 from pixart.models import ModelConfig, model_from_config
 
 CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
+DIFFUSION_FILE = "diffusion.json"  # {"prediction_type"}: what the sampler must assume (trained checkpoints)
 StateDict = dict[str, torch.Tensor]
 
 
@@ -98,6 +99,17 @@ def load_config(ckpt_dir) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise PixArtError(f"{path}: invalid JSON ({e})") from None
     return ModelConfig.from_dict(data, source=str(path))
+
+
+def load_prediction_type(ckpt_dir) -> str:
+    """The objective the checkpoint was trained with ("epsilon" when it does not say: DiT, PixArt)."""
+    path = Path(ckpt_dir) / DIFFUSION_FILE
+    if not path.is_file():
+        return "epsilon"
+    try:
+        return str(json.loads(path.read_text())["prediction_type"])
+    except (ValueError, KeyError) as e:
+        raise PixArtError(f"{path}: invalid ({e})") from None
 
 
 def load_model(ckpt_dir, ema: bool = False) -> nn.Module:

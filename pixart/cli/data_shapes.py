@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+from data_pipelines.shapes import ASPECTS, SIZES
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "shapes",
@@ -19,6 +22,11 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--damaged-fraction", type=float, default=0.5, help="share of damaged, low-aesthetic images")
     p.add_argument("--workers", type=int, default=1, help="processes rendering shards in parallel")
+    p.add_argument("--max-objects", type=int, default=3, help="objects per image, 1 to this many (default 3)")
+    p.add_argument("--sizes", default="small,large", help="object sizes drawn (default small,large)")
+    p.add_argument("--aspects", default=",".join(ASPECTS), help=f"aspect ratios drawn (default {','.join(ASPECTS)})")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="k > 0: never draw the held-out (shape, color, position) triples, 1 in k (default 0)")
     p.set_defaults(run=run)
 
 
@@ -31,6 +39,15 @@ def run(args) -> None:
     check_args(args.count, args.resolution, args.shard_size)
     if not 0 <= args.damaged_fraction <= 1:
         raise PixArtError(f"--damaged-fraction must be in [0, 1], got {args.damaged_fraction}")
+    if not 1 <= args.max_objects <= 9:
+        raise PixArtError(f"--max-objects must be in 1..9 (one per grid cell), got {args.max_objects}")
+    if args.holdout < 0:
+        raise PixArtError(f"--holdout must be >= 0, got {args.holdout}")
+    sizes, aspects = tuple(args.sizes.split(",")), tuple(args.aspects.split(","))
+    for name, values, known in (("--sizes", sizes, SIZES), ("--aspects", aspects, tuple(ASPECTS))):
+        bad = [v for v in values if v not in known]
+        if bad:
+            raise PixArtError(f"{name}: unknown {bad[0]!r}; known: {', '.join(known)}")
     bars = []  # opened on the first progress, so an error in the folder check stays one line
 
     def progress(n):
@@ -41,7 +58,8 @@ def run(args) -> None:
     try:
         shards = write_shapes(args.out, args.count, seed=args.seed, resolution=args.resolution,
                               shard_size=args.shard_size, workers=args.workers, progress=progress,
-                              damaged_fraction=args.damaged_fraction)
+                              damaged_fraction=args.damaged_fraction, max_objects=args.max_objects, sizes=sizes,
+                              aspects=aspects, holdout=args.holdout)
     finally:
         for bar in bars:
             bar.close()

@@ -22,13 +22,14 @@ def add_parser(sub) -> None:
                    help="export the EMA weights (default: EMA when the checkpoint has them)")
     p.add_argument("--text-encoder", help="T5 encoder path or hub id, e.g. DeepFloyd/t5-v1_1-xxl")
     p.add_argument("--tokenizer", help="T5 tokenizer path or hub id (default: --text-encoder)")
-    p.add_argument("--vae", help="AutoencoderKL path or hub id, e.g. stabilityai/sd-vae-ft-ema")
+    p.add_argument("--vae", help="AutoencoderKL path or hub id, e.g. stabilityai/sd-vae-ft-ema; 'none' for a "
+                   "pixel-space model (the toy demo's): load it with from_pretrained(DIR, vae=None)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)
 
 
 def run(args) -> None:
-    from pixart.checkpoint import EMA_FILE, load_model
+    from pixart.checkpoint import EMA_FILE, load_model, load_prediction_type
     from pixart.export.diffusers import PipelineParts, export
 
     ema = args.ema if args.ema is not None else (Path(args.ckpt) / EMA_FILE).is_file()
@@ -36,7 +37,10 @@ def run(args) -> None:
     if args.text_encoder or args.vae or args.tokenizer:
         if not (args.text_encoder and args.vae):
             raise PixArtError("a pipeline export needs both --text-encoder and --vae (and optionally --tokenizer)")
-        parts = PipelineParts(args.text_encoder, args.tokenizer or args.text_encoder, args.vae)
-    export(load_model(args.ckpt, ema=ema).eval(), args.out, parts, overwrite=args.overwrite, sources=(args.ckpt,))
+        parts = PipelineParts(args.text_encoder, args.tokenizer or args.text_encoder,
+                              None if args.vae.lower() == "none" else args.vae)
+    prediction = load_prediction_type(args.ckpt)  # the training objective goes into the scheduler config
+    export(load_model(args.ckpt, ema=ema).eval(), args.out, parts, overwrite=args.overwrite, sources=(args.ckpt,),
+           prediction_type=prediction)
     kind = "pipeline" if parts else "transformer"
-    print(f"wrote diffusers {kind} to {args.out} ({'EMA' if ema else 'model'} weights)")
+    print(f"wrote diffusers {kind} to {args.out} ({'EMA' if ema else 'model'} weights, {prediction})")

@@ -87,12 +87,13 @@ class PipelineParts:
 
     text_encoder: str
     tokenizer: str
-    vae: str
+    vae: str | None  # None: a pixel-space model; load with from_pretrained(..., vae=None), decode yourself
 
 
 def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None,
-           overwrite: bool = False, sources: tuple = ()) -> Path:
-    """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically."""
+           overwrite: bool = False, sources: tuple = (), prediction_type: str = "epsilon") -> Path:
+    """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically.
+    The default scheduler is DPM-Solver++ for the model's `prediction_type`."""
     transformer = to_diffusers_transformer(model)
     null = {"y_embedding": model.y_embedder.y_embedding.detach().float().contiguous()}
     if parts is not None:
@@ -102,7 +103,7 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
 
         text = TextEncoder(TextEncoderConfig(parts.text_encoder, tokenizer_path=parts.tokenizer, dtype="fp32"))
         text_encoder, tokenizer = text.model, text.tokenizer
-        vae = ImageAutoencoder(VAEConfig(parts.vae)).vae
+        vae = ImageAutoencoder(VAEConfig(parts.vae)).vae if parts.vae else None
         if text_encoder.config.d_model != model.config.caption_channels:
             raise PixArtError(
                 f"export: text encoder {parts.text_encoder} has width {text_encoder.config.d_model}, "
@@ -111,7 +112,7 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
         if scheduler is None:
             from pixart.diffusion import NoiseSchedule, make_scheduler
 
-            scheduler = make_scheduler("dpm-solver++", NoiseSchedule.linear())
+            scheduler = make_scheduler("dpm-solver++", NoiseSchedule.linear(), prediction_type)
         pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                        transformer=transformer, scheduler=scheduler)
     with atomic_dir(out, overwrite, sources) as tmp:

@@ -194,13 +194,15 @@ class CaptionEmbedder(nn.Module):
         self.register_buffer("y_embedding", torch.randn(max_length, caption_channels) / caption_channels**0.5)
 
     def drop(self, y, mask, drop_ids: torch.Tensor):
+        drop_ids = drop_ids.bool()
+        if not drop_ids.any():  # keep trimmed captions short: padding to the null length costs attention
+            return y, mask
         null_len = self.y_embedding.shape[0]
         if y.shape[1] < null_len:  # pad short (trimmed) captions so the null caption fits
             y = F.pad(y, (0, 0, 0, null_len - y.shape[1]))
             mask = F.pad(mask, (0, null_len - mask.shape[1]), value=False)
         null_y = F.pad(self.y_embedding, (0, 0, 0, y.shape[1] - null_len)).to(y.dtype)
         null_mask = torch.arange(y.shape[1], device=y.device) < null_len
-        drop_ids = drop_ids.bool()
         y = torch.where(drop_ids[:, None, None], null_y, y)
         mask = torch.where(drop_ids[:, None], null_mask, mask)
         return y, mask

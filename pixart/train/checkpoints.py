@@ -2,7 +2,7 @@
 
     RUN/checkpoints/step-000500/
         config.json  model.safetensors  ema.safetensors   the consolidated folder: `sample`,
-                                                           `export-diffusers` and the next stage read it
+        diffusion.json                                     `export-diffusers` and the next stage read it
         trainer.json                                       step and what the run has logged
         loader-rank{R}.json                                each rank's data position
         deepspeed/state/...                                DeepSpeed's (sharded) optimizer state
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from pixart.atomic import atomic_write
-from pixart.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_state_dict
+from pixart.checkpoint import EMA_FILE, MODEL_FILE, read_state_dict
 from pixart.errors import PixArtError
 
 LATEST, TRAINER_FILE, DS_DIR, DS_TAG = "latest", "trainer.json", "deepspeed", "state"
@@ -70,9 +70,10 @@ def fault_point(where: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save(run_dir: Path, step: int, engine, model_config_json: str, model_state: dict | None, ema_state: dict | None,
+def save(run_dir: Path, step: int, engine, files: dict[str, str], model_state: dict | None, ema_state: dict | None,
          loader_state: dict, trainer_state: dict, keep_last: int) -> Path:
-    """Every rank calls it; `model_state`/`ema_state` are the gathered tensors (rank 0's matter)."""
+    """Every rank calls it; `files` are small text files (config.json...), `model_state`/`ema_state` the
+    gathered tensors (rank 0's matter)."""
     root = run_dir / "checkpoints"
     name = step_name(step)
     tmp, final = root / f".{name}.tmp", root / name
@@ -83,7 +84,8 @@ def save(run_dir: Path, step: int, engine, model_config_json: str, model_state: 
     engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
     atomic_write(tmp / f"loader-rank{_rank()}.json", json.dumps(loader_state))
     if _rank() == 0:
-        (tmp / CONFIG_FILE).write_text(model_config_json)
+        for file, text in files.items():
+            (tmp / file).write_text(text)
         for file, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
             if state is not None:
                 save_file({k: v.contiguous() for k, v in state.items()}, tmp / file, metadata={"format": "pt"})

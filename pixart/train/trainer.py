@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pixart.atomic import atomic_write
-from pixart.checkpoint import EMA_FILE, MODEL_FILE, load_config, load_into, read_state_dict
+from pixart.checkpoint import CONFIG_FILE, DIFFUSION_FILE, EMA_FILE, MODEL_FILE, load_config, load_into, read_state_dict
 from pixart.data.loader import Loader, LoaderConfig
 from pixart.data.loader_samples import stable_seed
 from pixart.diffusion import NoiseSchedule, diffusion_loss
@@ -187,7 +187,9 @@ class Trainer:
         return {**state, **frozen} if self.main else None
 
     def save(self, history: dict) -> Path:
-        return checkpoints.save(self.run_dir, self.step, self.engine, self.model_config.to_json(),
+        files = {CONFIG_FILE: self.model_config.to_json(),
+                 DIFFUSION_FILE: json.dumps({"prediction_type": self.cfg.diffusion.prediction}, indent=2)}
+        return checkpoints.save(self.run_dir, self.step, self.engine, files,
                                 self.full_weights(ema=False), self.full_weights(ema=True),
                                 self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
                                 {"samples": self.samples, "stage": self.cfg.stage, **history},

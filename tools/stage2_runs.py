@@ -1,0 +1,63 @@
+"""Stage-2 variants on a finished `pixart demo` folder, for the toy experiments (not a command).
+
+Each variant is the demo's stage-2 config with a few keys changed, trained to the same number of
+steps from the same seed, then scored on the demo's held-out prompts at stage 2's resolution with
+the repo's sampler. Runs land in OUT/<variant>/ and are skipped when finished (reruns are cheap).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | None) -> dict:
+    from pixart.checkpoint import load_model, load_prediction_type
+    from pixart.cli.demo import HOLDOUT, PIXEL_FACTOR
+    from pixart.encoders.pixel import PixelAutoencoder
+    from pixart.eval.heldout import heldout_specs, prompt_for, sample_prompts, score_heldout
+    from pixart.eval.judge import Judge
+    from pixart.train.config import load_train_config
+    from pixart.train.encoders import cache_manifest, load_text_encoder
+    from pixart.train.trainer import Trainer, is_done
+
+    config = demo / "configs" / "stage2.yaml"
+    if not config.is_file():
+        raise SystemExit(f"{config}: run `pixart demo --out {demo}` first")
+    cfg = load_train_config(config, sets + ([f"train.max_steps={steps}"] if steps else []) +
+                            ["validation.prompts=[]", f"train.ckpt_every={10 ** 9}"])
+    run_dir = out / "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    ckpt = is_done(run_dir, cfg.train.max_steps) or Trainer(cfg, run_dir).run()
+    model = load_model(ckpt, ema=True)
+    side = model.config.input_size * PIXEL_FACTOR
+    specs = heldout_specs(HOLDOUT)
+    prompts = [prompt_for(s, side, side) for s in specs]
+    images = sample_prompts(model, prompts, load_text_encoder(cfg, cache_manifest(cfg)), PixelAutoencoder(PIXEL_FACTOR),
+                            (model.config.input_size,) * 2, prediction_type=load_prediction_type(ckpt))
+    scores = score_heldout(Judge.load_or_train(), images, specs)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
+    return {"variant": name, "steps": cfg.train.max_steps, "final_loss": sum(tail) / len(tail),
+            "heldout": scores, "history": rows, "set": sets}
+
+
+def report(results: list[dict], out: Path, title: str) -> None:
+    from pixart.atomic import atomic_write
+    from pixart.train.monitor import save_loss_curve
+
+    save_loss_curve({r["variant"]: r["history"] for r in results}, out / f"{title}.png")
+    atomic_write(out / f"{title}.json", json.dumps([{k: v for k, v in r.items() if k != "history"} for r in results],
+                                                   indent=2))
+    print(f"\n{title} ({results[0]['steps']} stage-2 steps each, held-out prompts at stage-2 resolution)")
+    print(f"{'variant':28s} {'final loss':>10s} {'color':>7s} {'position':>9s} {'shape':>7s}")
+    for r in results:
+        h = r["heldout"]
+        print(f"{r['variant']:28s} {r['final_loss']:10.4f} {h['color']:7.1%} {h['position']:9.1%} {h['shape']:7.1%}")
+    print(f"wrote {out / (title + '.json')} and {out / (title + '.png')}")
+
+
+def reparam_arch(demo: Path) -> str:
+    """--set value that builds the reparameterized architecture from scratch (random init)."""
+    arch = json.loads((demo / "runs" / "reparam" / "checkpoint" / "config.json").read_text())
+    return "model.arch=" + yaml.safe_dump(arch, default_flow_style=True).strip()
