@@ -21,6 +21,7 @@ from pixart.models import ModelConfig, model_from_config
 
 CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
 DIFFUSION_FILE = "diffusion.json"  # {"prediction_type"}: what the sampler must assume (trained checkpoints)
+ENCODERS_FILE = "encoders.json"  # the text encoder and VAE it was trained with (trained checkpoints)
 StateDict = dict[str, torch.Tensor]
 
 

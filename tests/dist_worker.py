@@ -44,7 +44,8 @@ def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3):
 
 
 if __name__ == "__main__":
-    run_dir, zero, precision, global_batch, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    run_dir, zero, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    global_batch, steps = int(sys.argv[4]), int(sys.argv[5])
     import os
 
     world = int(os.environ.get("WORLD_SIZE", 1))

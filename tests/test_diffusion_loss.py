@@ -87,3 +87,22 @@ def test_perfect_predictions_and_plain_epsilon():
     assert torch.all(plain.vb == 0)
     with pytest.raises(ValueError, match="prediction_type"):
         diffusion_loss(out, x0, xt, t, noise, S, prediction_type="sample")
+
+
+def test_min_snr_weight_caps_low_noise_steps_in_x0_units():
+    from pixart.diffusion.loss import min_snr_weight
+
+    s = NoiseSchedule.linear()
+    t = torch.tensor([0, 100, 500, 999])
+    a = s.alphas_cumprod[t]
+    snr = a / (1 - a)
+    for pred, to_x0 in (("epsilon", snr), ("v_prediction", snr + 1)):
+        w = min_snr_weight(s, t, 5.0, pred).double()
+        # weight x (error in the target's units) == min(SNR, 5) x (error in x0 units)
+        assert torch.allclose(w * to_x0, snr.clamp(max=5.0), rtol=1e-5)
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    xt = s.q_sample(x0, t, noise)
+    out = torch.zeros(4, 3, 8, 8)
+    plain = diffusion_loss(out, x0, xt, t, noise, s, learn_sigma=False)
+    weighted = diffusion_loss(out, x0, xt, t, noise, s, learn_sigma=False, min_snr_gamma=5.0)
+    assert torch.allclose(weighted.loss, plain.loss * min_snr_weight(s, t, 5.0, "epsilon"))

@@ -78,7 +78,8 @@ def test_shipped_xl_recipes_and_configs_are_valid():
         for step in load_recipe(recipe).stages:
             if step.config:
                 cfg = load_train_config(recipe.parent / step.config)
-                assert (cfg.optim.lr, cfg.optim.weight_decay) == ((1e-4, 0.0) if "stage1" in step.name else (2e-5, 0.03))
+                expected = (1e-4, 0.0) if "stage1" in step.name else (2e-5, 0.03)  # DiT's, then PixArt's
+                assert (cfg.optim.lr, cfg.optim.weight_decay) == expected
     stage4 = load_train_config(ROOT / "configs" / "pixart_xl2" / "stage4_aesthetic1024.yaml")
     with torch.device("meta"):
         model = build_model("PixArt-XL/2", **stage4.model.arch)

@@ -172,3 +172,18 @@ def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_p
     r = train(stage(cache, tmp_path, data__expected={"resolution": 64}), tmp_path / "run2")
     assert r.returncode == 2 and "resolution" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(straight, tmp_path, capsys):
+    from pixart.cli.main import main
+
+    ckpt = straight / "checkpoints" / "step-000006"
+    enc = json.loads((ckpt / "encoders.json").read_text())
+    assert enc["image_encoder"] == "pixel:4" and enc["text_encoder"].endswith("t5")
+    assert json.loads((ckpt / "diffusion.json").read_text()) == {"prediction_type": "v_prediction"}
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(ckpt), "--prompt", "a red circle", "--prompt", "a blue star", "--columns", "2",
+                 "--steps", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (2 * 32 * 2, 2 * 32 * 2)
+    assert main(["sample", str(ckpt), "--out", str(out)]) == 2
+    assert "give at least one --prompt" in capsys.readouterr().err

@@ -16,11 +16,12 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     from pixart.checkpoint import load_model, load_prediction_type
     from pixart.cli.demo import HOLDOUT, PIXEL_FACTOR
     from pixart.encoders.pixel import PixelAutoencoder
-    from pixart.eval.heldout import heldout_specs, prompt_for, sample_prompts, score_heldout
+    from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout
     from pixart.eval.judge import Judge
     from pixart.train.config import load_train_config
     from pixart.train.encoders import cache_manifest, load_text_encoder
     from pixart.train.trainer import Trainer, is_done
+    from pixart.train.validation import sample_prompts
 
     config = demo / "configs" / "stage2.yaml"
     if not config.is_file():

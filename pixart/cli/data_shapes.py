@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from data_pipelines.shapes import ASPECTS, SIZES
+from data_pipelines.shapes import ASPECTS, BACKGROUNDS, SIZES
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-objects", type=int, default=3, help="objects per image, 1 to this many (default 3)")
     p.add_argument("--sizes", default="small,large", help="object sizes drawn (default small,large)")
     p.add_argument("--aspects", default=",".join(ASPECTS), help=f"aspect ratios drawn (default {','.join(ASPECTS)})")
+    p.add_argument("--backgrounds", default=",".join(BACKGROUNDS),
+                   help=f"backgrounds drawn (default {','.join(BACKGROUNDS)})")
     p.add_argument("--holdout", type=int, default=0,
                    help="k > 0: never draw the held-out (shape, color, position) triples, 1 in k (default 0)")
     p.set_defaults(run=run)
@@ -43,8 +45,9 @@ def run(args) -> None:
         raise PixArtError(f"--max-objects must be in 1..9 (one per grid cell), got {args.max_objects}")
     if args.holdout < 0:
         raise PixArtError(f"--holdout must be >= 0, got {args.holdout}")
-    sizes, aspects = tuple(args.sizes.split(",")), tuple(args.aspects.split(","))
-    for name, values, known in (("--sizes", sizes, SIZES), ("--aspects", aspects, tuple(ASPECTS))):
+    sizes, aspects, backgrounds = (tuple(v.split(",")) for v in (args.sizes, args.aspects, args.backgrounds))
+    for name, values, known in (("--sizes", sizes, SIZES), ("--aspects", aspects, tuple(ASPECTS)),
+                                ("--backgrounds", backgrounds, BACKGROUNDS)):
         bad = [v for v in values if v not in known]
         if bad:
             raise PixArtError(f"{name}: unknown {bad[0]!r}; known: {', '.join(known)}")
@@ -59,7 +62,7 @@ def run(args) -> None:
         shards = write_shapes(args.out, args.count, seed=args.seed, resolution=args.resolution,
                               shard_size=args.shard_size, workers=args.workers, progress=progress,
                               damaged_fraction=args.damaged_fraction, max_objects=args.max_objects, sizes=sizes,
-                              aspects=aspects, holdout=args.holdout)
+                              aspects=aspects, backgrounds=backgrounds, holdout=args.holdout)
     finally:
         for bar in bars:
             bar.close()

@@ -73,10 +73,10 @@ def make_data(out: Path, seed: int, scale: float) -> dict:
 
     d = out / "data"
     square, multi = max(64, int(SQUARE_COUNT * scale)), max(64, int(MULTI_COUNT * scale))
-    with step(f"shapes world: {square} square images at 32 px, {multi} multi-aspect at 64 px"):
+    with step(f"shapes world: {square} clean square images at 32 px, {multi} multi-aspect at 64 px"):
         cli("data", "shapes", "--out", d / "shapes32", "--count", square, "--seed", seed, "--resolution", 32,
             "--shard-size", 1000, "--max-objects", 1, "--sizes", "large", "--aspects", "1:1",
-            "--holdout", HOLDOUT, "--workers", 2)
+            "--backgrounds", "plain", "--damaged-fraction", 0, "--holdout", HOLDOUT, "--workers", 2)
         cli("data", "shapes", "--out", d / "shapes64", "--count", multi, "--seed", seed + 1, "--resolution", 64,
             "--shard-size", 500, "--max-objects", 1, "--sizes", "large", "--holdout", HOLDOUT, "--workers", 2)
     with step("relabel with dense captions (metadata captioner)"):
@@ -86,7 +86,8 @@ def make_data(out: Path, seed: int, scale: float) -> dict:
     with step("aesthetic scores of the 64 px world"):
         cli("data", "score-aesthetic", d / "shapes64", "--out", d / "scores64", "--scorer", "shapes")
     with step("tiny T5 (seeded) and features: pixel autoencoder, dense + alt-text captions"):
-        t5 = make_tiny_t5(out / "parts" / "t5", d_model=T5_WIDTH, seed=seed)
+        t5 = make_tiny_t5(out / "parts" / "t5", d_model=T5_WIDTH, seed=seed, corpus=caption_corpus(seed),
+                          vocab_size=256)
         common = ("--text-encoder", t5, "--pixel-autoencoder", "--pixel-factor", PIXEL_FACTOR,
                   "--max-length", MAX_TOKENS, "--workers", 2)
         cli("extract-features", d / "shapes32", "--out", out / "features" / "sq32", "--resolution", 32,
@@ -94,6 +95,20 @@ def make_data(out: Path, seed: int, scale: float) -> dict:
         cli("extract-features", d / "shapes64", "--out", out / "features" / "ms64", "--buckets", FINAL_SIDE,
             "--captions", "metadata", "--captions-dir", d / "captions64", *common)
     return {"t5": t5}
+
+
+def caption_corpus(seed: int, n: int = 300) -> list[str]:
+    """Dense captions of random scenes (metadata only, nothing drawn): what the tiny tokenizer learns its
+    pieces from, so color, shape and position words are whole tokens as in T5's vocabulary."""
+    import random
+
+    import numpy as np
+
+    from data_pipelines.relabel.metadata import describe
+    from data_pipelines.shapes import ShapesConfig, sample_scene
+
+    rng = np.random.default_rng([seed, 7])
+    return [describe(sample_scene(rng, ShapesConfig()), random.Random(i)) for i in range(n)]
 
 
 def write_configs(out: Path, seed: int, scale: float) -> Path:
@@ -114,12 +129,15 @@ def write_configs(out: Path, seed: int, scale: float) -> Path:
         data = yaml.safe_load(text)
         data["train"]["seed"] = seed
         data["train"]["max_steps"] = max(2, int(data["train"]["max_steps"] * scale))
+        if scale < 0.1:  # smoke runs: batches small enough for a few dozen images per bucket
+            data["data"]["batch_size"] = max(4, int(data["data"]["batch_size"] * scale * 10))
         if name != "stage1":
             data["validation"]["prompts"] = prompts
         if name in inits:
             data["model"]["init"] = str(inits[name])
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        inits.setdefault(f"stage{int(name[-1]) + 1}", out / "runs" / name / "checkpoints" / f"step-{data['train']['max_steps']:06d}")
+        final = out / "runs" / name / "checkpoints" / f"step-{data['train']['max_steps']:06d}"
+        inits.setdefault(f"stage{int(name[-1]) + 1}", final)
     shutil.copy(CONFIGS / "recipe.yaml", folder / "recipe.yaml")
     return folder / "recipe.yaml"
 
@@ -170,9 +188,9 @@ def pipeline_images(export_dir: Path, prompts: list[str], side: int, seed: int, 
         null = load_null_caption(export_dir)[None].expand(len(chunk), -1, -1)
         latents = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
                        negative_prompt_embeds=null, negative_prompt_attention_mask=torch.ones(null.shape[:2]),
-                       num_inference_steps=SAMPLE_STEPS, guidance_scale=CFG_SCALE, height=latent * pipe.vae_scale_factor,
-                       width=latent * pipe.vae_scale_factor, use_resolution_binning=False, output_type="latent",
-                       generator=generator).images
+                       num_inference_steps=SAMPLE_STEPS, guidance_scale=CFG_SCALE,
+                       height=latent * pipe.vae_scale_factor, width=latent * pipe.vae_scale_factor,
+                       use_resolution_binning=False, output_type="latent", generator=generator).images
         images += to_pil(decoder.decode(latents.float()))
     return images
 

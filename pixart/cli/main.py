@@ -14,11 +14,13 @@ from pixart.cli import (
     import_checkpoint,
     launch,
     relabel,
+    sample,
     train,
 )
 from pixart.errors import PixArtError
 
-COMMANDS = (data, relabel, extract_features, train, launch, convert_dit, import_checkpoint, export_diffusers, evaluate, demo)
+COMMANDS = (data, relabel, extract_features, train, launch, convert_dit, import_checkpoint, export_diffusers, sample,
+            evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pixart",
         description="Train, convert and export PixArt-alpha text-to-image diffusion transformers.",
     )
+    # The deepspeed launcher inserts --local_rank=N before the command; ranks come from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)

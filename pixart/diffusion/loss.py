@@ -42,9 +42,21 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
                        torch.where(x > 0.999, log(1 - cdf_min), log(cdf_plus - cdf_min)))
 
 
+def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float, prediction_type: PredictionType) -> Tensor:
+    """Min-SNR-gamma (Hang et al., 2023): caps the weight of low-noise steps so that the conflicting
+    objectives of different timesteps stop slowing convergence. In the target's own units: the x0-error
+    weight min(SNR, gamma) becomes min(SNR, gamma) / SNR for epsilon and / (SNR + 1) for v."""
+    a = schedule.alphas_cumprod.to(t.device)[t.long()]
+    snr = a / (1 - a)
+    capped = snr.clamp(max=gamma)
+    return (capped / snr if prediction_type == "epsilon" else capped / (snr + 1)).float()
+
+
 def diffusion_loss(model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, noise: Tensor, schedule: NoiseSchedule,
-                   learn_sigma: bool = True, prediction_type: PredictionType = "epsilon") -> LossTerms:
-    """DiT's default loss (MSE + unscaled vb). Computed in float32: the vb term takes logs of tiny variances."""
+                   learn_sigma: bool = True, prediction_type: PredictionType = "epsilon",
+                   min_snr_gamma: float | None = None) -> LossTerms:
+    """DiT's default loss (MSE + unscaled vb), the MSE optionally Min-SNR weighted. Computed in float32:
+    the vb term takes logs of tiny variances."""
     model_output, x0, xt, noise = (a.float() for a in (model_output, x0, xt, noise))
     C = x0.shape[1]
     pred, var_values = (model_output[:, :C], model_output[:, C:]) if learn_sigma else (model_output, None)
@@ -55,6 +67,8 @@ def diffusion_loss(model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, nois
     else:
         raise PixArtError(f"unknown prediction_type {prediction_type!r}; choose 'epsilon' or 'v_prediction'")
     mse = _mean_flat((pred - target) ** 2)
+    if min_snr_gamma is not None:
+        mse = mse * min_snr_weight(schedule, t, min_snr_gamma, prediction_type)
     if var_values is None:
         return LossTerms(loss=mse, mse=mse, vb=torch.zeros_like(mse))
 

@@ -23,13 +23,14 @@ _CORPUS = [
 ]
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended."""
+def _tiny_tokenizer(corpus: list[str] = (), vocab_size: int = 128) -> PreTrainedTokenizerFast:
+    """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended. Trained on
+    a few sentences plus `corpus` (a domain's captions give its words whole pieces, as T5's do)."""
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator(_CORPUS, trainers.UnigramTrainer(
-        vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+    tok.train_from_iterator(list(_CORPUS) + list(corpus), trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-&")))  # few <unk>s
     # Run to run, the trainer's float sums wobble and its fallback pieces (near-equal scores at
     # the bottom) come in hash-map order: round, flatten that bottom block, break ties by piece.
@@ -44,11 +45,11 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", model_max_length=512)
 
 
-def make_tiny_t5(out_dir: str | os.PathLike, d_model: int = 32, seed: int = 0,
-                 num_layers: int = 2, num_heads: int = 4) -> Path:
+def make_tiny_t5(out_dir: str | os.PathLike, d_model: int = 32, seed: int = 0, num_layers: int = 2,
+                 num_heads: int = 4, corpus: list[str] = (), vocab_size: int = 128) -> Path:
     """Save a tiny T5-v1.1-style encoder (gated-gelu, untied) and its tokenizer into `out_dir`."""
     out = Path(out_dir)
-    tokenizer = _tiny_tokenizer()
+    tokenizer = _tiny_tokenizer(corpus, vocab_size)
     cfg = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
                    num_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=8,
                    relative_attention_max_distance=32, feed_forward_proj="gated-gelu",

@@ -50,25 +50,3 @@ def score_heldout(judge, images, specs: list[dict]) -> dict:
             "position_any": scores["position"], "count": scores["count"], "object": scores["object"],
             "prompts": len(specs), "judged": scores["judged"]}
 
-
-def sample_prompts(model, prompts: list[str], text_encoder, decoder, latent_hw: tuple[int, int], *,
-                   prediction_type: str, steps: int = 20, cfg: float = 4.0, sampler: str = "ddim", seed: int = 0,
-                   batch: int = 27) -> list:
-    """PIL images for `prompts` from a PixArt model with the repo's sampler (the model's null caption
-    as the unconditional branch); one noise stream per call, so equal seeds compare models fairly."""
-    import torch
-
-    from pixart.diffusion import NoiseSchedule
-    from pixart.diffusion.sampler import sample
-    from pixart.train.validation import to_pil
-
-    model = model.eval()
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), model.config.in_channels, *latent_hw, generator=g)
-    images = []
-    for lo in range(0, len(prompts), batch):
-        y, mask = text_encoder.encode(prompts[lo:lo + batch])
-        latents = sample(model, noise[lo:lo + batch], y.float(), mask, model.y_embedder.y_embedding, sampler=sampler,
-                         steps=steps, cfg_scale=cfg, schedule=NoiseSchedule.linear(), prediction_type=prediction_type)
-        images += to_pil(decoder.decode(latents))
-    return images

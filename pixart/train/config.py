@@ -54,6 +54,7 @@ class EncodersSection(Section):
 
 class DiffusionSection(Section):
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # PixArt's is epsilon (with learned sigma)
+    min_snr_gamma: float | None = Field(None, gt=0)  # Min-SNR loss weighting (e.g. 5); None: PixArt's plain MSE
 
 
 class OptimSection(Section):
@@ -80,6 +81,7 @@ class TrainSection(Section):
 
 class EmaSection(Section):
     decay: float = Field(0.9999, ge=0, le=1)  # PixArt's ema_rate
+    warmup: bool = False  # decay min(decay, (1 + step) / (10 + step)): for short runs (the demo)
 
 
 class DeepSpeedSection(Section):

@@ -13,17 +13,22 @@ from .master import Fragment, gather, scatter_into
 
 
 class EMA:
-    def __init__(self, fragments: list[Fragment], decay: float):
-        self.fragments, self.decay = fragments, decay
+    def __init__(self, fragments: list[Fragment], decay: float, warmup: bool = False):
+        self.fragments, self.decay, self.warmup = fragments, decay, warmup
         self.shadow: list[Tensor | None] = [f.view.detach().clone() if f.view is not None else None for f in fragments]
 
+    def decay_at(self, step: int) -> float:
+        """The decay after `step` updates: fixed (PixArt), or with warmup min(decay, (1 + step) / (10 + step)),
+        so that a short run's EMA is not dominated by its init (zero-initialised output layers)."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
         """shadow = decay * shadow + (1 - decay) * weights, as PixArt's and DiT's update_ema."""
         pairs = [(s, f.view) for s, f in zip(self.shadow, self.fragments) if s is not None]
         if pairs:
             shadow, weights = zip(*pairs)
-            torch._foreach_lerp_(list(shadow), list(weights), 1.0 - self.decay)
+            torch._foreach_lerp_(list(shadow), list(weights), 1.0 - self.decay_at(step))
 
     def full_state(self, to_rank0_only: bool = True) -> dict[str, Tensor]:
         """The whole EMA as fp32 tensors named like the model's parameters (a collective call)."""

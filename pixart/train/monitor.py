@@ -94,7 +94,8 @@ def save_loss_curve(runs: dict[str, list[dict]], out: Path, key: str = "loss") -
             continue
         line = ax.plot(steps, values, alpha=0.25)[0]
         k = max(1, len(values) // 20)
-        smooth = [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+        windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
+        smooth = [sum(w) / len(w) for w in windows]
         ax.plot(steps, smooth, color=line.get_color(), label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(key)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pixart.atomic import atomic_write
-from pixart.checkpoint import CONFIG_FILE, DIFFUSION_FILE, EMA_FILE, MODEL_FILE, load_config, load_into, read_state_dict
+from pixart.checkpoint import (CONFIG_FILE, DIFFUSION_FILE, EMA_FILE, ENCODERS_FILE, MODEL_FILE, load_config, load_into,
+                               read_state_dict)
 from pixart.data.loader import Loader, LoaderConfig
 from pixart.data.loader_samples import stable_seed
 from pixart.diffusion import NoiseSchedule, diffusion_loss
@@ -104,7 +105,7 @@ class Trainer:
         self.fragments = master_fragments(self.engine.module)
         # DeepSpeed builds bf16/fp16 masters from the low-precision copy: give them the exact fp32 init.
         scatter_into(self.fragments, [f.view for f in self.fragments], fp32_init, "init")
-        self.ema = EMA(self.fragments, cfg.ema.decay)
+        self.ema = EMA(self.fragments, cfg.ema.decay, cfg.ema.warmup)
         self.schedule = NoiseSchedule.linear()
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
         self.step, self.samples = 0, 0
@@ -169,7 +170,7 @@ class Trainer:
             out = self.engine(xt.to(self.dtype), t, batch["y"].to(dev, self.dtype), mask=batch["mask"].to(dev),
                               data_info=info, force_drop_ids=drop)
         terms = diffusion_loss(out, x0, xt, t, noise, self.schedule, learn_sigma=self.model_config.learn_sigma,
-                               prediction_type=cfg.diffusion.prediction)
+                               prediction_type=cfg.diffusion.prediction, min_snr_gamma=cfg.diffusion.min_snr_gamma)
         assert terms.loss.shape == (B,)
         return terms.loss.mean()
 
@@ -188,12 +189,21 @@ class Trainer:
 
     def save(self, history: dict) -> Path:
         files = {CONFIG_FILE: self.model_config.to_json(),
-                 DIFFUSION_FILE: json.dumps({"prediction_type": self.cfg.diffusion.prediction}, indent=2)}
+                 DIFFUSION_FILE: json.dumps({"prediction_type": self.cfg.diffusion.prediction}, indent=2),
+                 ENCODERS_FILE: json.dumps(self._encoders(), indent=2)}
         return checkpoints.save(self.run_dir, self.step, self.engine, files,
                                 self.full_weights(ema=False), self.full_weights(ema=True),
                                 self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
                                 {"samples": self.samples, "stage": self.cfg.stage, **history},
                                 self.cfg.train.keep_last)
+
+    def _encoders(self) -> dict:
+        """What `pixart sample` needs to turn prompts into images with this checkpoint."""
+        m, e = self.manifest, self.cfg.encoders
+        return {"text_encoder": e.text_encoder or (m.text_encoder if m else None),
+                "max_length": e.max_length if e.text_encoder or not m else m.max_length,
+                "image_encoder": e.vae or (m.image_encoder if m else None),
+                "scaling_factor": m.scaling_factor if m and not e.vae else None}
 
     def _resume(self) -> None:
         ckpt = checkpoints.latest_checkpoint(self.run_dir)
@@ -250,7 +260,7 @@ class Trainer:
                 window.add(batch, loss.item() / cfg.optim.grad_accum, self.world, self.model_config.patch_size)
             self.step += 1
             self.samples += window.last_samples * cfg.optim.grad_accum
-            self.ema.update()
+            self.ema.update(self.step)
             window.steps += 1
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.step == max_steps:

@@ -79,6 +79,27 @@ class Validator:
         return out
 
 
+def sample_prompts(model, prompts: list[str], text_encoder, decoder, latent_hw: tuple[int, int], *,
+                   prediction_type: str, steps: int = 20, cfg: float = 4.0, sampler: str = "ddim", seed: int = 0,
+                   batch: int = 27) -> list:
+    """PIL images for `prompts` from a PixArt model with the repo's sampler (the model's null caption
+    as the unconditional branch); one noise stream per call, so equal seeds compare models fairly."""
+    model = model.eval()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), model.config.in_channels, *latent_hw, generator=g)
+    h, w = latent_hw
+    ds = getattr(decoder, "downsample_factor", 8)
+    info = {"img_hw": torch.tensor([[h * ds, w * ds]], dtype=torch.float32), "aspect_ratio": torch.tensor([[h / w]])}
+    images = []
+    for lo in range(0, len(prompts), batch):
+        y, mask = text_encoder.encode(prompts[lo:lo + batch])
+        latents = sample(model, noise[lo:lo + batch], y.float(), mask, model.y_embedder.y_embedding, sampler=sampler,
+                         steps=steps, cfg_scale=cfg, schedule=NoiseSchedule.linear(), prediction_type=prediction_type,
+                         data_info={k: v.expand(len(y), -1) for k, v in info.items()})
+        images += to_pil(decoder.decode(latents))
+    return images
+
+
 def to_pil(images: Tensor) -> list[Image.Image]:
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
