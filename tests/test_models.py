@@ -120,7 +120,7 @@ def test_dropped_captions_use_the_whole_null_caption():
     dropped = model(x, t, short, torch.ones(2, 6), force_drop_ids=torch.tensor([1, 0]))
     null = model.y_embedder.y_embedding[None]
     torch.testing.assert_close(dropped[:1], model(x[:1], t[:1], null), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dropped[1:], model(x[1:], t[1:], short[1:]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dropped[1:], model(x[1:], t[1:], short[1:]), rtol=1e-4, atol=1e-5)
 
 
 def test_training_mode_drops_captions_with_the_configured_probability():

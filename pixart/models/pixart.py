@@ -90,12 +90,16 @@ class PixArt(nn.Module):
         """PixArt's init; the cross-attention output starts at zero so training starts from the DiT."""
         xavier_init_(self)
         embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]]
-        embedders += [self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
         if self.config.micro_conditions:
             embedders += [self.csize_embedder.mlp[0], self.csize_embedder.mlp[2]]
             embedders += [self.ar_embedder.mlp[0], self.ar_embedder.mlp[2]]
         for layer in embedders:
             nn.init.normal_(layer.weight, std=0.02)
+        # The caption projection: PixArt's std 0.02 at XL's fan-ins (4096-d T5, width 1152), scaled by
+        # sqrt(fan-in) elsewhere so that narrow text encoders still give captions a signal (a 32-d toy T5
+        # at std 0.02 projects every caption to about the same 0.01-sized vector: no conditioning).
+        for layer, reference in ((self.y_embedder.y_proj.fc1, 4096), (self.y_embedder.y_proj.fc2, 1152)):
+            nn.init.normal_(layer.weight, std=0.02 * (reference / layer.in_features) ** 0.5)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)

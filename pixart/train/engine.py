@@ -27,12 +27,17 @@ def init_distributed() -> torch.device:
     """Join (or, alone, create) the process group; returns this rank's device."""
     import deepspeed
 
-    if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        alone = {} if "WORLD_SIZE" in os.environ else dict(  # no launcher: a group of one
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(alone)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        finally:  # child processes (a nested run) must not take our group of one for a launcher's
+            for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                if key in alone:
+                    os.environ.pop(key)  # LOCAL_RANK stays: DeepSpeed reads it later
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
