@@ -187,3 +187,13 @@ def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(str
     assert Image.open(out).size == (2 * 32 * 2, 2 * 32 * 2)
     assert main(["sample", str(ckpt), "--out", str(out)]) == 2
     assert "give at least one --prompt" in capsys.readouterr().err
+
+
+def test_raw_shards_are_encoded_by_frozen_encoders_in_the_training_process(cache, tmp_path):
+    config = stage(cache, tmp_path, data__shards=str(cache / "raw"), data__resolution=32, train__max_steps=2,
+                   encoders={"text_encoder": str(cache / "t5"), "vae": "pixel:4", "dtype": "fp32"})
+    r = train(config, tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert json.loads((ckpt / "encoders.json").read_text())["image_encoder"] == "pixel:4"
+    assert len(keys(tmp_path / "run")) == 2

@@ -27,7 +27,8 @@ from pixart.atomic import atomic_write
 from pixart.checkpoint import (CONFIG_FILE, DIFFUSION_FILE, EMA_FILE, ENCODERS_FILE, MODEL_FILE, load_config, load_into,
                                read_state_dict)
 from pixart.data.loader import Loader, LoaderConfig
-from pixart.data.loader_samples import stable_seed
+from pixart.data.loader_samples import detect_kind, stable_seed
+from pixart.data.shards import resolve_shards
 from pixart.diffusion import NoiseSchedule, diffusion_loss
 from pixart.errors import PixArtError
 from pixart.models import ModelConfig, model_config, model_from_config
@@ -116,7 +117,7 @@ class Trainer:
         m, mc = self.manifest, self.model_config
         if m is None:
             return
-        where = f"{Path(m.folder) if hasattr(m, 'folder') else 'feature cache'}/manifest.json"
+        where = f"{getattr(m, 'folder', 'feature cache')}/manifest.json"
         if m.latent_channels != mc.in_channels:
             raise PixArtError(f"{where}: latent_channels {m.latent_channels} != model in_channels {mc.in_channels}")
         if mc.arch == "pixart" and m.text_dim != mc.caption_channels:
@@ -124,9 +125,8 @@ class Trainer:
 
     def _loader(self) -> Loader:
         d = self.cfg.data
-        raw = self.manifest is None
         text = vae = None
-        if raw:  # frozen encoders in the training process (features not pre-extracted)
+        if detect_kind(resolve_shards(d.shards)) == "raw":  # frozen encoders in the training process
             text = load_text_encoder(self.cfg, None, str(self.device)) if self.model_config.arch == "pixart" else None
             vae = load_autoencoder(self.cfg, None, str(self.device))
         return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=self.cfg.train.seed,
