@@ -52,6 +52,8 @@ def run(args) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not 0 < args.scale <= 10:
+        raise PixArtError(f"--scale must be in (0, 10], got {args.scale}")
     out = Path(args.out).resolve()
     start = time.time()
     data = make_data(out, args.seed, args.scale)
