@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from pixart.cli import (
+    bench,
     convert_dit,
     data,
     demo,
@@ -20,7 +21,7 @@ from pixart.cli import (
 from pixart.errors import PixArtError
 
 COMMANDS = (data, relabel, extract_features, train, launch, convert_dit, import_checkpoint, export_diffusers, sample,
-            evaluate, demo)
+            bench, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

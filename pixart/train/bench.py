@@ -1,0 +1,154 @@
+"""The training-step benchmark behind `pixart bench`: one step (forward, loss, backward, AdamW) on
+cached-feature-shaped inputs, ours and optionally diffusers' `PixArtTransformer2DModel` with the
+same weights and inputs, timed in alternation in one process so machine noise hits both alike.
+
+MFU is against a peak measured in the same run: a large matmul in the step's precision (bf16 on a
+GPU, fp32 on a CPU), so the ratio says how close the step is to what this machine does.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from pixart.diffusion import NoiseSchedule, diffusion_loss
+from pixart.export.diffusers import to_diffusers_transformer
+from pixart.models import build_model
+
+from .monitor import train_flops_per_sample
+
+
+@dataclass
+class BenchConfig:
+    model: str = "PixArt-S/2"
+    resolution: int = 256  # pixels; latents are resolution / 8
+    batch: int = 2
+    tokens: int = 120  # caption length, a third of it padding
+    device: str = "cpu"
+    compare: str | None = None  # "diffusers"
+    iters: int = 10
+    warmup: int = 3
+
+
+@dataclass
+class StepResult:
+    median_s: float
+    min_s: float
+    img_per_s: float
+    tokens_per_s: float
+    tflops: float
+    mfu: float
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    peak_tflops: float
+    flops_per_img: float
+    peak_memory_gb: float
+    results: dict[str, StepResult] = field(default_factory=dict)
+    ratio: float | None = None  # ours / diffusers step time (< 1: ours is faster)
+
+
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Dense matmul throughput right now on this device (the MFU denominator)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        sync()
+    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e12
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # the process's peak RSS (KiB on Linux)
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    device = torch.device(cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    side = cfg.resolution // 8
+    ours = build_model(cfg.model, input_size=side, class_dropout_prob=0.0)
+    if ours.config.arch != "pixart" or ours.config.micro_conditions:
+        raise ValueError(f"bench: {cfg.model}: use a PixArt (not DiT or PixArtMS) model")
+    models = {"ours": ours}
+    if cfg.compare == "diffusers":
+        models["diffusers"] = to_diffusers_transformer(ours)
+    schedule = NoiseSchedule.linear()
+    B, C = cfg.batch, ours.config.in_channels
+    x0 = torch.randn(B, C, side, side, device=device)
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (B,), device=device)
+    xt = schedule.q_sample(x0, t, noise)
+    y = torch.randn(B, cfg.tokens, ours.config.caption_channels, device=device, dtype=dtype)
+    mask = torch.ones(B, cfg.tokens, device=device, dtype=torch.long)
+    mask[:, 2 * cfg.tokens // 3:] = 0
+
+    steps = {}
+    for name, model in models.items():
+        model.to(device).train()
+        fused = {"fused": True} if device.type == "cuda" else {}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.03, **fused)
+
+        def forward(model=model, name=name):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                if name == "ours":
+                    return model(xt, t, y, mask)
+                return model(xt, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask, return_dict=False)[0]
+
+        def step(model=model, opt=opt, forward=forward):
+            loss = diffusion_loss(forward(), x0, xt, t, noise, schedule, learn_sigma=ours.config.learn_sigma).loss
+            loss.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {name: [] for name in steps}
+    for i in range(cfg.warmup + cfg.iters):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if i >= cfg.warmup:
+                times[name].append(time.perf_counter() - start)
+    peak = measured_peak_tflops(device, dtype)
+    tokens = (side // ours.config.patch_size) ** 2
+    blocks = sum(p.numel() for n, p in ours.named_parameters() if n.startswith("blocks."))
+    flops = train_flops_per_sample(blocks, ours.config, tokens, cfg.tokens)
+    out = BenchResult(asdict(cfg), peak, flops, _peak_memory_gb(device))
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rate = B / med
+        out.results[name] = StepResult(med, min(ts), rate, rate * tokens, flops * rate / 1e12,
+                                       flops * rate / 1e12 / peak)
+    if "diffusers" in out.results:
+        out.ratio = out.results["ours"].median_s / out.results["diffusers"].median_s
+    return out
+
+
+def table(r: BenchResult) -> str:
+    c = r.config
+    lines = [f"{c['model']} {c['resolution']} px, batch {c['batch']}, {c['tokens']} caption tokens, {c['device']}, "
+             f"{c['iters']} alternating steps (forward, loss, backward, AdamW); peak {r.peak_tflops:.2f} TFLOP/s "
+             f"measured in this run",
+             f"{'':10s} {'step ms':>9s} {'img/s':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}"]
+    for name, s in r.results.items():
+        lines.append(f"{name:10s} {s.median_s * 1000:9.1f} {s.img_per_s:8.2f} {s.tokens_per_s:10.0f} "
+                     f"{s.tflops:8.3f} {s.mfu:6.1%}")
+    if r.ratio is not None:
+        lines.append(f"ratio ours/diffusers step time: {r.ratio:.3f} (< 1: ours is faster)")
+    lines.append(f"peak memory: {r.peak_memory_gb:.2f} GB ({'CUDA allocated' if c['device'] != 'cpu' else 'process RSS'})")
+    return "\n".join(lines)
