@@ -150,5 +150,6 @@ def table(r: BenchResult) -> str:
                      f"{s.tflops:8.3f} {s.mfu:6.1%}")
     if r.ratio is not None:
         lines.append(f"ratio ours/diffusers step time: {r.ratio:.3f} (< 1: ours is faster)")
-    lines.append(f"peak memory: {r.peak_memory_gb:.2f} GB ({'CUDA allocated' if c['device'] != 'cpu' else 'process RSS'})")
+    kind = "CUDA allocated" if c["device"] != "cpu" else "process RSS"
+    lines.append(f"peak memory: {r.peak_memory_gb:.2f} GB ({kind})")
     return "\n".join(lines)
