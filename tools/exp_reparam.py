@@ -7,21 +7,9 @@ curve and held-out alignment.
     pixart demo --out demo_out                       # once: data, features, stage 1, reparam
     python tools/exp_reparam.py --demo demo_out [--steps 600]
 """
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from stage2_runs import reparam_arch, report, run_variant
+from stage2_runs import main, reparam_arch
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", default="demo_out", help="a finished `pixart demo` folder")
-    p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: the demo's)")
-    a = p.parse_args()
-    demo = Path(a.demo).resolve()
-    out = demo / "experiments"
-    results = [run_variant(demo, out, "dense captions (relabeled)", ["data.caption=metadata"], a.steps),
-               run_variant(demo, out, "random init", ["data.caption=metadata", "model.init=null",
-                                                      reparam_arch(demo)], a.steps)]
-    report(results, out, "reparam")
+    main(__doc__, "reparam", lambda demo: [
+        ("dense captions (relabeled)", ["data.caption=metadata"]),
+        ("random init", ["data.caption=metadata", "model.init=null", reparam_arch(demo)])])

@@ -62,3 +62,16 @@ def reparam_arch(demo: Path) -> str:
     """--set value that builds the reparameterized architecture from scratch (random init)."""
     arch = json.loads((demo / "runs" / "reparam" / "checkpoint" / "config.json").read_text())
     return "model.arch=" + yaml.safe_dump(arch, default_flow_style=True).strip()
+
+
+def main(doc: str, title: str, variants) -> None:
+    """The experiments' shared command line: `variants(demo)` gives [(name, --set list)], baseline first."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", default="demo_out", help="a finished `pixart demo` folder")
+    p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: the demo's)")
+    a = p.parse_args()
+    demo = Path(a.demo).resolve()
+    out = demo / "experiments"
+    report([run_variant(demo, out, name, sets, a.steps) for name, sets in variants(demo)], out, title)
