@@ -170,15 +170,21 @@ def apply_set(data: dict, assignment: str) -> dict:
     return data
 
 
-def parse_config(data: dict, source: str) -> TrainConfig:
+def validated(model: type[BaseModel], data, source: str):
+    """`model.model_validate(data)` with the first problem as one line naming the key."""
     try:
-        return TrainConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "config"
         kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+        shown = err["type"] not in ("extra_forbidden", "missing", "value_error")
+        got = f" (got {err.get('input')!r})" if shown else ""
         raise PixArtError(f"{source}: {where}: {kind}{got}") from None
+
+
+def parse_config(data: dict, source: str) -> TrainConfig:
+    return validated(TrainConfig, data, source)
 
 
 def load_train_config(path: str | os.PathLike, sets: list[str] = ()) -> TrainConfig:

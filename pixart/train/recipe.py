@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from pixart.atomic import atomic_write
 from pixart.errors import PixArtError
 
-from .config import Section, load_train_config
+from .config import Section, load_train_config, validated
 
 log = logging.getLogger("pixart.train")
 
@@ -79,14 +79,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise PixArtError(f"{path}: no such recipe file")
     try:
-        return Recipe.model_validate(yaml.safe_load(path.read_text()) or {})
+        data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise PixArtError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise PixArtError(f"{path}: {where}: {kind}") from None
+    return validated(Recipe, data, str(path))
 
 
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
