@@ -44,6 +44,7 @@ class FeatureConfig:
     text_encoder: str
     vae: str | None = None
     pixel_autoencoder: int | None = None  # factor f of the space-to-depth autoencoder (toy demo)
+    pixel_scale: float = 1.0  # its scaling factor (model latents = pixels * scale), recorded like a VAE's
     captions: tuple[str, ...] = ("txt",)
     captions_dir: str | None = None
     resolution: int | None = None  # square side; default DEFAULT_RESOLUTION unless `buckets`
@@ -112,7 +113,8 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
     else:
         f = cfg.pixel_autoencoder
         info.update(image_encoder=f"pixel:{f}", image_encoder_hash=config_hash({"pixel_unshuffle": f}),
-                    latent_channels=3 * f * f, downsample_factor=f, scaling_factor=1.0, shift_factor=0.0)
+                    latent_channels=3 * f * f, downsample_factor=f, scaling_factor=float(cfg.pixel_scale),
+                    shift_factor=0.0)
     return info
 
 
@@ -142,6 +144,8 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
         raise PixArtError("give exactly one of --vae PATH or --pixel-autoencoder")
     if cfg.resolution and cfg.buckets:
         raise PixArtError("give --resolution or --buckets, not both")
+    if not cfg.pixel_scale > 0:
+        raise PixArtError(f"--pixel-scale must be positive, got {cfg.pixel_scale}")
     if cfg.batch_size < 1 or cfg.workers < 1:
         raise PixArtError("--batch-size and --workers must be positive")
     if not cfg.captions:

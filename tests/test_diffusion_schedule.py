@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -61,3 +62,20 @@ def test_x0_and_v_parameterisations_invert_q_sample():
     torch.testing.assert_close(S.eps_from_v(xt, t, v), noise, rtol=1e-5, atol=1e-5)
     a = S.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     torch.testing.assert_close(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+
+
+def test_timestep_sampling_uniform_is_randint_and_logit_normal_favours_the_middle():
+    def draw(kind, n=20000):
+        return torch.cat([S.sample_timestep(torch.Generator().manual_seed(i), kind) for i in range(n)])
+
+    g = torch.Generator().manual_seed(7)
+    assert S.sample_timestep(g, "uniform").item() == torch.randint(0, 1000, (1,),
+                                                                   generator=torch.Generator().manual_seed(7)).item()
+    uniform, logit = draw("uniform"), draw("logit_normal")
+    assert logit.dtype == torch.long and 0 <= int(logit.min()) and int(logit.max()) <= 999
+    # P(250 <= t < 750): 0.5 uniform; P(|N(0,1)| < logit(0.75) = 1.0986) = 0.728 logit-normal. 20k draws: se 0.003.
+    middle = lambda t: ((t >= 250) & (t < 750)).float().mean().item()  # noqa: E731
+    assert abs(middle(uniform) - 0.5) < 0.015 and abs(middle(logit) - 0.728) < 0.015
+    assert torch.equal(draw("logit_normal", 50), logit[:50])  # a function of the generator alone
+    with pytest.raises(ValueError, match="unknown timestep sampling 'cosine'"):
+        S.sample_timestep(g, "cosine")

@@ -115,7 +115,7 @@ def test_round_trip_shapes_dtype_and_inputs_untouched(enc, raw, ref, tmp_path):
 
 
 def test_pixel_autoencoder_and_buckets(enc, raw, tmp_path):
-    cfg = _cfg(enc, vae=None, pixel_autoencoder=2, resolution=None, buckets="ms32", dtype="fp32",
+    cfg = _cfg(enc, vae=None, pixel_autoencoder=2, pixel_scale=2.5, resolution=None, buckets="ms32", dtype="fp32",
                captions=("txt",))
     extract_features(raw / "shard-000000.tar", tmp_path / "p", cfg, progress=False)
     samples = _read(tmp_path / "p" / "shard-000000.tar")
@@ -130,7 +130,8 @@ def test_pixel_autoencoder_and_buckets(enc, raw, tmp_path):
     assert [s.key for s in samples] == ["000000", "000001", "000002", "000003"]  # input order kept
     m = Manifest.load(tmp_path / "p")
     assert (m.image_encoder, m.latent_channels, m.buckets, m.resolution) == ("pixel:2", 12, "ms32", None)
-    assert (m.scaling_factor, m.shift_factor) == (1.0, 0.0)
+    assert (m.scaling_factor, m.shift_factor) == (2.5, 0.0)  # stored latents stay raw pixels, as a VAE's mean
+    assert samples[0].latent_mean.abs().max() <= 1.0
     want = {}
     for s in samples:
         hw = "{}x{}".format(*s.meta["target_hw"])
@@ -285,3 +286,10 @@ def test_damaged_input_shards_are_retried_unless_accepted(enc, raw, tmp_path, ca
     cut = next(s for s in m.shards if s.name == "cut-000000")
     assert m.complete and cut.damaged.endswith(f"after {cut.count} samples") and 0 < cut.count < 4
     assert not cut.skipped and next(s for s in m.shards if s.name == "junk-000000").count == 0
+
+
+def test_pixel_scale_must_be_positive(enc, raw, tmp_path):
+    cfg = _cfg(enc, vae=None, pixel_autoencoder=2, pixel_scale=0.0)
+    with pytest.raises(PixArtError, match="--pixel-scale must be positive, got 0.0"):
+        extract_features(raw, tmp_path / "bad", cfg, progress=False)
+    assert not (tmp_path / "bad").exists()

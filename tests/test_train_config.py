@@ -43,6 +43,8 @@ def test_pixart_defaults_are_the_papers():
     ({"data": {"shards": "x"}}, ["deepspeed.zero_stage=0"], "needs zero_stage >= 1"),
     ({"data": {"shards": "x"}}, ["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
     ({"data": {"shards": "x"}}, ["optim"], "--set 'optim': expected key=value"),
+    ({"data": {"shards": "x"}}, ["diffusion.timesteps=cosine"],
+     "diffusion.timesteps: Input should be 'uniform' or 'logit_normal'"),
     ({"data": {"shards": "x"}, "stage": "s1"}, ["stage.x=1"], "--set stage.x: stage is not a section"),
 ])
 def test_bad_configs_are_one_line_naming_the_key(tmp_path, data, sets, message):

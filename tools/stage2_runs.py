@@ -15,11 +15,10 @@ import yaml
 def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | None) -> dict:
     from pixart.checkpoint import load_model, load_prediction_type
     from pixart.cli.demo import HOLDOUT, PIXEL_FACTOR
-    from pixart.encoders.pixel import PixelAutoencoder
     from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout
     from pixart.eval.judge import Judge
     from pixart.train.config import load_train_config
-    from pixart.train.encoders import cache_manifest, load_text_encoder
+    from pixart.train.encoders import cache_manifest, load_autoencoder, load_text_encoder
     from pixart.train.trainer import Trainer, is_done
     from pixart.train.validation import sample_prompts
 
@@ -34,7 +33,8 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     side = model.config.input_size * PIXEL_FACTOR
     specs = heldout_specs(HOLDOUT)
     prompts = [prompt_for(s, side, side) for s in specs]
-    images = sample_prompts(model, prompts, load_text_encoder(cfg, cache_manifest(cfg)), PixelAutoencoder(PIXEL_FACTOR),
+    manifest = cache_manifest(cfg)
+    images = sample_prompts(model, prompts, load_text_encoder(cfg, manifest), load_autoencoder(cfg, manifest),
                             (model.config.input_size,) * 2, prediction_type=load_prediction_type(ckpt))
     scores = score_heldout(Judge.load_or_train(), images, specs)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     enc.add_argument("--pixel-autoencoder", action="store_true",
                      help="space-to-depth pixel autoencoder instead of a VAE (the toy demo); see --pixel-factor")
     p.add_argument("--pixel-factor", type=int, default=2, help="pixels per latent cell per side (default 2)")
+    p.add_argument("--pixel-scale", type=float, default=1.0,
+                   help="the pixel autoencoder's scaling factor, as a VAE's: model latents = pixels * scale, chosen "
+                        "so they have about unit variance (default 1)")
     p.add_argument("--text-encoder", required=True, help="T5 encoder folder or hub id (with its tokenizer)")
     p.add_argument("--text-encoder-subfolder", help='e.g. "text_encoder" in a pipeline folder')
     p.add_argument("--tokenizer", help="tokenizer folder, when not beside the text encoder")
@@ -46,7 +49,7 @@ def run(args) -> None:
 
     cfg = FeatureConfig(
         text_encoder=args.text_encoder, vae=args.vae,
-        pixel_autoencoder=args.pixel_factor if args.pixel_autoencoder else None,
+        pixel_autoencoder=args.pixel_factor if args.pixel_autoencoder else None, pixel_scale=args.pixel_scale,
         captions=tuple(s.strip() for s in args.captions.split(",") if s.strip()), captions_dir=args.captions_dir,
         resolution=args.resolution, buckets=args.buckets, batch_size=args.batch_size, workers=args.workers,
         dtype=args.dtype, max_length=args.max_length,

@@ -56,7 +56,8 @@ def run(args) -> None:
                                        "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
                                        "size": args.size}}, "pixart sample")
     encoder = load_text_encoder(cfg, None) if model.config.arch == "pixart" else None
-    validator = Validator(cfg, model.config, encoder, load_autoencoder(cfg, None), torch.device("cpu"), args.columns)
+    decoder = load_autoencoder(cfg, None, scale=None if args.vae else enc.get("scaling_factor"))
+    validator = Validator(cfg, model.config, encoder, decoder, torch.device("cpu"), args.columns)
     validator.grid(model.state_dict(), Path(args.out))
     print(f"wrote {args.out}: {len(args.prompt) or len(args.label)} x {args.columns} images "
           f"({'EMA' if ema else 'model'} weights, {cfg.diffusion.prediction}, {args.sampler} {args.steps} steps, "

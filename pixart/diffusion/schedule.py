@@ -46,6 +46,16 @@ class NoiseSchedule:
     def num_steps(self) -> int:
         return self.betas.shape[0]
 
+    def sample_timestep(self, generator: torch.Generator, kind: str = "uniform") -> Tensor:
+        """One training timestep, shape (1,). "uniform" is DDPM's and PixArt's; "logit_normal" draws
+        t / T = sigmoid(N(0, 1)) (SD3's), putting the steps where layout is decided, away from both ends."""
+        if kind == "uniform":
+            return torch.randint(0, self.num_steps, (1,), generator=generator)
+        if kind == "logit_normal":
+            u = torch.sigmoid(torch.randn(1, generator=generator, dtype=torch.float64))
+            return (u * self.num_steps).long().clamp_(0, self.num_steps - 1)
+        raise ValueError(f"unknown timestep sampling {kind!r}: use 'uniform' or 'logit_normal'")
+
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps."""
         return _at(self.alphas_cumprod.sqrt(), t, x0) * x0 + _at((1 - self.alphas_cumprod).sqrt(), t, x0) * noise

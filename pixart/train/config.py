@@ -30,6 +30,7 @@ class ModelSection(Section):
     init_ema: bool = False  # start from the init's EMA weights instead of its raw ones
     arch: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields over the name's or the init's
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (dynamic shapes: no recompiles across buckets)
 
 
 class DataSection(Section):
@@ -55,6 +56,7 @@ class EncodersSection(Section):
 class DiffusionSection(Section):
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # PixArt's is epsilon (with learned sigma)
     min_snr_gamma: float | None = Field(None, gt=0)  # Min-SNR loss weighting (e.g. 5); None: PixArt's plain MSE
+    timesteps: Literal["uniform", "logit_normal"] = "uniform"  # how training draws t (uniform: PixArt's)
 
 
 class OptimSection(Section):

@@ -31,15 +31,16 @@ def load_text_encoder(cfg: TrainConfig, manifest: Manifest | None, device: str =
     return TextEncoder(TextEncoderConfig(path=path, dtype=dtype, max_length=max_length, device=device))
 
 
-def load_autoencoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu"):
-    """The VAE, or the toy pixel autoencoder a cache names as `pixel:<factor>`."""
+def load_autoencoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu", scale: float | None = None):
+    """The VAE, or the toy pixel autoencoder a cache names as `pixel:<factor>`. The scaling factor is the
+    cache's, else `scale` (a checkpoint's encoders.json), else the VAE's own (1 for the pixel one)."""
     from pixart.encoders.pixel import PixelAutoencoder
     from pixart.encoders.vae import ImageAutoencoder, VAEConfig
 
     source = cfg.encoders.vae or (manifest.image_encoder if manifest else None)
     if source is None:
         raise PixArtError("encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
+    scale = manifest.scaling_factor if manifest and not cfg.encoders.vae else scale
     if source.startswith("pixel:"):
-        return PixelAutoencoder(int(source.split(":", 1)[1]), device=device)
-    scale = manifest.scaling_factor if manifest and not cfg.encoders.vae else None
+        return PixelAutoencoder(int(source.split(":", 1)[1]), device=device, scale_factor=scale or 1.0)
     return ImageAutoencoder(VAEConfig(path=source, device=device, scale_factor=scale))

@@ -34,6 +34,7 @@ from pixart.errors import PixArtError
 from pixart.models import ModelConfig, model_config, model_from_config
 
 from . import checkpoints
+from .compile import compile_blocks
 from .config import TrainConfig
 from .ema import EMA
 from .encoders import cache_manifest, load_autoencoder, load_text_encoder
@@ -96,6 +97,8 @@ class Trainer:
         if init_state is not None:
             load_init(model, init_state, f"model.init {cfg.model.init}")
         model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        if cfg.model.compile:
+            log.info("torch.compile: %d blocks, dynamic shapes", compile_blocks(model))
         fp32_init = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.block_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
 
@@ -153,7 +156,7 @@ class Trainer:
         t, noise, drop = [], [], []
         for key in batch["keys"]:
             g = torch.Generator().manual_seed(stable_seed(cfg.train.seed, "train", step, key))
-            t.append(torch.randint(0, self.schedule.num_steps, (1,), generator=g))
+            t.append(self.schedule.sample_timestep(g, cfg.diffusion.timesteps))
             noise.append(torch.randn(x0.shape[1:], generator=g))
             drop.append(torch.rand(1, generator=g) < cfg.train.caption_dropout)
         t, noise, drop = torch.cat(t).to(dev), torch.stack(noise).to(dev), torch.cat(drop).to(dev)
