@@ -26,8 +26,8 @@ def _step(model, opt, hw, length, seed):
     return out.detach()
 
 
-@pytest.mark.parametrize("dynamic, new_graphs", [(True, 0), (False, 3)])
-def test_changing_bucket_does_not_recompile(dynamic, new_graphs):
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_changing_bucket_does_not_recompile(dynamic):
     torch._dynamo.reset()
     graphs = []
 
@@ -48,8 +48,11 @@ def test_changing_bucket_does_not_recompile(dynamic, new_graphs):
     assert warm >= 1
     for i, (hw, length) in enumerate(BUCKETS):
         _step(model, opt, hw, length, 10 + i)
-    # both blocks share one graph, and three other buckets with other caption lengths add none
-    assert len(graphs) - warm == new_graphs if dynamic else len(graphs) - warm >= new_graphs
+    added = len(graphs) - warm
+    if dynamic:  # both blocks share one graph, and three other buckets with other caption lengths add none
+        assert added == 0
+    else:
+        assert added >= 3
     assert list(model.state_dict()) == list(_model().state_dict())  # in place: checkpoint names unchanged
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """Compile each of `model.blocks` in place; returns how many were wrapped."""
     for block in model.blocks:
-        block.compile(backend=backend, mode=mode, dynamic=True)
+        block.compile(backend=backend, dynamic=True)
     return len(model.blocks)
