@@ -51,10 +51,7 @@ class Validator:
         h, w = v.size or (model_config.input_size, model_config.input_size)
         g = torch.Generator().manual_seed(v.seed)
         self.noise = torch.randn(self.rows * columns, model_config.in_channels, h, w, generator=g)
-        ds = getattr(autoencoder, "downsample_factor", 8)
-        n = self.noise.shape[0]
-        self.data_info = {"img_hw": torch.tensor([[h * ds, w * ds]], dtype=torch.float32).expand(n, 2),
-                          "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32).expand(n, 1)}
+        self.data_info = size_info((h, w), autoencoder, self.noise.shape[0])
 
     @torch.no_grad()
     def images(self, state: dict[str, Tensor]) -> Tensor:
@@ -79,6 +76,14 @@ class Validator:
         return out
 
 
+def size_info(latent_hw: tuple[int, int], decoder, n: int) -> dict[str, Tensor]:
+    """PixArtMS's micro-conditions for n images of latent size (h, w): pixel size and aspect ratio."""
+    h, w = latent_hw
+    ds = getattr(decoder, "downsample_factor", 8)
+    return {"img_hw": torch.tensor([[h * ds, w * ds]], dtype=torch.float32).expand(n, 2),
+            "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32).expand(n, 1)}
+
+
 def sample_prompts(model, prompts: list[str], text_encoder, decoder, latent_hw: tuple[int, int], *,
                    prediction_type: str, steps: int = 20, cfg: float = 4.0, sampler: str = "ddim", seed: int = 0,
                    batch: int = 27) -> list:
@@ -87,15 +92,12 @@ def sample_prompts(model, prompts: list[str], text_encoder, decoder, latent_hw: 
     model = model.eval()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), model.config.in_channels, *latent_hw, generator=g)
-    h, w = latent_hw
-    ds = getattr(decoder, "downsample_factor", 8)
-    info = {"img_hw": torch.tensor([[h * ds, w * ds]], dtype=torch.float32), "aspect_ratio": torch.tensor([[h / w]])}
     images = []
     for lo in range(0, len(prompts), batch):
         y, mask = text_encoder.encode(prompts[lo:lo + batch])
         latents = sample(model, noise[lo:lo + batch], y.float(), mask, model.y_embedder.y_embedding, sampler=sampler,
                          steps=steps, cfg_scale=cfg, schedule=NoiseSchedule.linear(), prediction_type=prediction_type,
-                         data_info={k: v.expand(len(y), -1) for k, v in info.items()})
+                         data_info=size_info(latent_hw, decoder, len(y)))
         images += to_pil(decoder.decode(latents))
     return images
 
