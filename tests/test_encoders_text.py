@@ -28,6 +28,16 @@ def test_tiny_t5_loads_with_plain_transformers(t5_dir):
     assert tok.unk_token_id not in tok("a zebra quiz, 42 x's!").input_ids  # whole alphabet covered
 
 
+def test_tiny_tokenizer_keeps_corpus_words_whole(tmp_path):
+    corpus = ["a red star in the top left corner", "a blue circle on the right side"]
+    tok = AutoTokenizer.from_pretrained(make_tiny_t5(tmp_path / "t5", d_model=D, corpus=corpus, vocab_size=256))
+    assert tok.tokenize("a red star on the left") == ["\u2581a", "\u2581red", "\u2581star", "\u2581on", "\u2581the",
+                                                      "\u2581left"]
+    assert len(tok.tokenize("zebra")) > 1  # an unseen word is spelled out, never <unk>
+    text = "A zebra, 42 x's!"
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
 def test_tiny_t5_is_deterministic(t5_dir, tmp_path):
     other = make_tiny_t5(tmp_path / "again", d_model=D, seed=0)
     a, b = T5EncoderModel.from_pretrained(t5_dir), T5EncoderModel.from_pretrained(other)

@@ -2,13 +2,15 @@
 `save_pretrained`, so tests and the toy demo go through exactly the production loading code."""
 from __future__ import annotations
 
-import json
+import math
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 __all__ = ["make_tiny_t5", "make_tiny_vae", "TINY_VAE_DOWNSAMPLE"]
@@ -24,21 +26,21 @@ _CORPUS = [
 
 
 def _tiny_tokenizer(corpus: list[str] = (), vocab_size: int = 128) -> PreTrainedTokenizerFast:
-    """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended. Trained on
-    a few sentences plus `corpus` (a domain's captions give its words whole pieces, as T5's do)."""
-    tok = Tokenizer(models.Unigram())
+    """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended. The pieces are
+    the corpus's most frequent words, whole, scored by frequency, plus single characters to spell the
+    rest: as in T5's 32k vocabulary, a domain's words ("red", "left") are one piece each. (Unigram
+    *training* on a few hundred sentences splits them into fragments: "re" + "d".) Deterministic."""
+    words = Counter(w for line in list(_CORPUS) + list(corpus) for w in re.findall(r"[A-Za-z]+", line))
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'-&()") | {"\u2581"})
+    budget = max(0, vocab_size - 3 - len(chars))
+    top = sorted(words.items(), key=lambda wc: (-wc[1], wc[0]))[:budget]
+    total = sum(words.values()) + 1
+    pieces = [("\u2581" + w, math.log(c / total)) for w, c in top]
+    floor = min((score for _, score in pieces), default=0.0) - 5.0  # a character costs more than any word
+    tok = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces
+                                   + [(c, floor) for c in chars], unk_id=2))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator(list(_CORPUS) + list(corpus), trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-&")))  # few <unk>s
-    # Run to run, the trainer's float sums wobble and its fallback pieces (near-equal scores at
-    # the bottom) come in hash-map order: round, flatten that bottom block, break ties by piece.
-    vocab = json.loads(tok.to_str())["model"]["vocab"]
-    floor = min(s for _, s in vocab[3:])
-    pieces = sorted(((p, round(floor if s < floor + 0.01 else s, 3)) for p, s in vocab[3:]),
-                    key=lambda ps: (-ps[1], ps[0]))
-    tok.model = models.Unigram([tuple(ps) for ps in vocab[:3]] + pieces, unk_id=2)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
