@@ -7,11 +7,12 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="training-step throughput (img/s, TFLOP/s, MFU), ours vs diffusers",
                        description=__doc__ + " One step is forward, diffusion loss, backward and AdamW on "
-                       "feature-shaped inputs. Rows: ours-padded (all caption tokens), ours (captions trimmed to "
-                       "the batch's longest, as the loader does), ours+compile (--compile); with --compare "
-                       "diffusers the same weights and inputs in PixArtTransformer2DModel, padded as its pipelines "
-                       "pad, are timed in alternation in this process. MFU counts useful FLOPs (no padding) "
-                       "against a matmul peak measured in the same run (bf16 on a GPU, fp32 on a CPU).",
+                       "feature-shaped inputs. Each row adds one optimization: ours-padded (all caption tokens, "
+                       "torch's default AdamW: the plain path), +trim (captions trimmed to the batch's longest, "
+                       "as the loader does), +fused-adamw (as the trainer steps), +compile (--compile). With "
+                       "--compare diffusers the same weights and inputs in PixArtTransformer2DModel, padded as its "
+                       "pipelines pad, with the default AdamW, are timed in alternation in this process. MFU counts "
+                       "useful FLOPs (no padding) against a matmul peak measured in the same run and precision.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="PixArt-S/2", help="a PixArt model name (default PixArt-S/2)")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels; latents are /8 (default 256)")
@@ -21,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compare", choices=("diffusers",), default=None, help="also time diffusers' model")
     p.add_argument("--compile", action="store_true",
                    help="also time ours with torch.compile'd blocks (compiling is in the warm-up steps)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="every row's precision: bf16 autocast over fp32 weights, or fp32 (default: bf16 on a GPU, "
+                        "fp32 on a CPU)")
     p.add_argument("--iters", type=int, default=10, help="timed steps per model (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
@@ -46,7 +50,8 @@ def run(args) -> None:
         raise PixArtError("--batch, --iters and --tokens must be positive, --warmup non-negative")
     try:
         result = run_bench(BenchConfig(args.model, args.resolution, args.batch, args.tokens, device, args.compare,
-                                       compile=args.compile, iters=args.iters, warmup=args.warmup))
+                                       compile=args.compile, precision=args.precision, iters=args.iters,
+                                       warmup=args.warmup))
     except ValueError as e:
         raise PixArtError(str(e)) from None
     print(table(result))

@@ -2,8 +2,9 @@
 cached-feature-shaped inputs, ours and optionally diffusers' `PixArtTransformer2DModel` with the
 same weights and inputs, timed in alternation in one process so machine noise hits both alike.
 
-MFU is against a peak measured in the same run: a large matmul in the step's precision (bf16 on a
-GPU, fp32 on a CPU), so the ratio says how close the step is to what this machine does.
+MFU is against a peak measured in the same run: a large matmul in the step's precision (bf16
+autocast over fp32 weights by default on a GPU, fp32 on a CPU), so it says how close the step is to
+what this machine does. Every row runs in that one precision.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class BenchConfig:
     device: str = "cpu"
     compare: str | None = None  # "diffusers"
     compile: bool = False  # also time ours with torch.compile'd blocks
+    precision: str | None = None  # "bf16" (autocast, fp32 master weights) or "fp32"; None: bf16 on GPUs, fp32 on CPUs
     iters: int = 10
     warmup: int = 3
 
@@ -77,21 +79,47 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # the process's peak RSS (KiB on Linux)
 
 
+# Each row adds one optimization to the row before. "+bf16-weights" (bf16 runs only) keeps the model in bf16
+# and fp32 master weights in the optimizer, as DeepSpeed's bf16 mode trains; the rows before it autocast
+# over fp32 weights, as accelerate's mixed precision does.
+ROWS = ("ours-padded", "+trim", "+fused-adamw", "+bf16-weights", "+compile")
+
+
+class MasterWeightAdamW:
+    """AdamW on fp32 copies of a bf16 model's weights: grads up-cast, the update copied back down."""
+
+    def __init__(self, params, **adam):
+        self.params = list(params)
+        self.master = [p.detach().float().clone().requires_grad_() for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, **adam)
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
 def run_bench(cfg: BenchConfig) -> BenchResult:
     device = torch.device(cfg.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"bench: precision must be bf16 or fp32, got {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(0)
     side = cfg.resolution // 8
     ours = build_model(cfg.model, input_size=side, class_dropout_prob=0.0)
     if ours.config.arch != "pixart" or ours.config.micro_conditions:
         raise ValueError(f"bench: {cfg.model}: use a PixArt (not DiT or PixArtMS) model")
-    # Each row adds one optimization to the one before, all on the same weights and inputs:
-    # "padded" feeds all cfg.tokens caption tokens (as diffusers' pipelines and scripts pad to max length),
-    # "ours" trims them to the batch's longest caption (what our loader does), "+compile" compiles blocks.
-    models = {"ours-padded": ours, "ours": copy.deepcopy(ours)}
-    if cfg.compile:
-        models["ours+compile"] = copy.deepcopy(ours)
-        compile_blocks(models["ours+compile"])
+    # Same weights and inputs in every row. "ours-padded" is the plain path: all cfg.tokens caption tokens
+    # (diffusers' pipelines and scripts pad to max length) and torch's default AdamW, as diffusers' row.
+    rows = [r for r in ROWS if (r != "+bf16-weights" or precision == "bf16") and (r != "+compile" or cfg.compile)]
+    models = {name: ours if i == 0 else copy.deepcopy(ours) for i, name in enumerate(rows)}
     if cfg.compare == "diffusers":
         models["diffusers"] = to_diffusers_transformer(ours)
     schedule = NoiseSchedule.linear()
@@ -107,17 +135,25 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
 
     steps = {}
     for name, model in models.items():
+        has = lambda opt, name=name: name in rows and opt in rows and rows.index(name) >= rows.index(opt)  # noqa: E731
         model.to(device).train()
-        fused = {"fused": True} if device.type == "cuda" else {}
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.03, **fused)
+        adam = dict(lr=1e-6, weight_decay=0.03) | ({"fused": True} if has("+fused-adamw") else {})
+        if has("+bf16-weights"):
+            model.to(torch.bfloat16)
+            opt = MasterWeightAdamW(model.parameters(), **adam)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), **adam)
+        if has("+compile"):
+            compile_blocks(model)
+        autocast = dtype != torch.float32 and not has("+bf16-weights")
 
-        def forward(model=model, name=name):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                if name == "ours-padded":
-                    return model(xt, t, y, mask)
-                if name.startswith("ours"):
-                    return model(xt, t, y[:, :longest], mask[:, :longest])
-                return model(xt, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask, return_dict=False)[0]
+        def forward(model=model, name=name, trim=has("+trim"), autocast=autocast):
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                if name == "diffusers":
+                    return model(xt, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,
+                                 return_dict=False)[0]
+                x = xt.to(next(model.parameters()).dtype)
+                return model(x, t, y[:, :longest], mask[:, :longest]) if trim else model(x, t, y, mask)
 
         def step(model=model, opt=opt, forward=forward):
             loss = diffusion_loss(forward(), x0, xt, t, noise, schedule, learn_sigma=ours.config.learn_sigma).loss
@@ -140,14 +176,14 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     tokens = (side // ours.config.patch_size) ** 2
     blocks = sum(p.numel() for n, p in ours.named_parameters() if n.startswith("blocks."))
     flops = train_flops_per_sample(blocks, ours.config, tokens, longest)  # useful work: padding is waste
-    out = BenchResult(asdict(cfg), peak, flops, _peak_memory_gb(device))
+    out = BenchResult(asdict(cfg) | {"precision": precision}, peak, flops, _peak_memory_gb(device))
     for name, ts in times.items():
         med = statistics.median(ts)
         rate = B / med
         out.results[name] = StepResult(med, min(ts), rate, rate * tokens, flops * rate / 1e12,
                                        flops * rate / 1e12 / peak)
     if "diffusers" in out.results:
-        fastest = min(v.median_s for k, v in out.results.items() if k.startswith("ours"))
+        fastest = min(v.median_s for k, v in out.results.items() if k != "diffusers")
         out.ratio = fastest / out.results["diffusers"].median_s
     return out
 
@@ -155,6 +191,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
 def table(r: BenchResult) -> str:
     c = r.config
     lines = [f"{c['model']} {c['resolution']} px, batch {c['batch']}, {c['tokens']} caption tokens, {c['device']}, "
+             f"{c['precision']}, "
              f"{c['iters']} alternating steps (forward, loss, backward, AdamW); peak {r.peak_tflops:.2f} TFLOP/s "
              f"measured in this run",
              f"{'':13s} {'step ms':>9s} {'img/s':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}"]
