@@ -147,8 +147,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         model(x, t, cond, force_drop_ids=torch.zeros(2)).square().mean().backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    for a, b in zip(grads(False), grads(True)):
-        torch.testing.assert_close(a, b)
+    plain = grads(False)
+    for partial in (True, 1):  # all blocks, or just the first
+        for a, b in zip(plain, grads(partial)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="grad_checkpointing: 9 blocks, but the model has"):
+        model.set_grad_checkpointing(9)
 
 
 def test_xformers_is_never_a_silent_fallback():

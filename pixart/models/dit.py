@@ -58,7 +58,7 @@ class DiT(nn.Module):
         super().__init__()
         check_attn_backend(config.attn_backend)
         self.config = config
-        self.grad_checkpointing = False
+        self.checkpointed_blocks = 0  # the first k blocks recompute their activations in backward
         D, p = config.hidden_size, config.patch_size
         self.x_embedder = PatchEmbed(p, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -85,8 +85,12 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.grad_checkpointing = enabled
+    def set_grad_checkpointing(self, blocks: bool | int = True) -> None:
+        """Checkpoint all blocks (True), none (False), or the first `blocks` of them."""
+        k = len(self.blocks) if blocks is True else int(blocks)
+        if not 0 <= k <= len(self.blocks):
+            raise ValueError(f"grad_checkpointing: {k} blocks, but the model has {len(self.blocks)}")
+        self.checkpointed_blocks = k
 
     def condition(self, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The vector c = t_emb + y_emb that every block's adaLN reads."""
@@ -96,8 +100,8 @@ class DiT(nn.Module):
         h, w = x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size
         x = self.x_embedder(x) + self.pos_embed
         c = self.condition(t, y, force_drop_ids)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if i < self.checkpointed_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)

@@ -68,7 +68,7 @@ class PixArt(nn.Module):
         super().__init__()
         check_attn_backend(config.attn_backend)
         self.config = config
-        self.grad_checkpointing = False
+        self.checkpointed_blocks = 0  # the first k blocks recompute their activations in backward
         D, p = config.hidden_size, config.patch_size
         self.base_size = config.input_size // p
         self.x_embedder = PatchEmbed(p, config.in_channels, D)
@@ -106,8 +106,12 @@ class PixArt(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.grad_checkpointing = enabled
+    def set_grad_checkpointing(self, blocks: bool | int = True) -> None:
+        """Checkpoint all blocks (True), none (False), or the first `blocks` of them."""
+        k = len(self.blocks) if blocks is True else int(blocks)
+        if not 0 <= k <= len(self.blocks):
+            raise ValueError(f"grad_checkpointing: {k} blocks, but the model has {len(self.blocks)}")
+        self.checkpointed_blocks = k
 
     def _pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         pe = sincos_pos_embed(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.pe_interpolation)
@@ -147,8 +151,8 @@ class PixArt(nn.Module):
         t = self.timestep_condition(timestep, B, data_info)
         t0 = self.t_block(t)
         y, mask = self.y_embedder(y.to(x.dtype), mask, self.training, force_drop_ids)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if i < self.checkpointed_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, t0, mask, use_reentrant=False)
             else:
                 x = block(x, y, t0, mask)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pixart.errors import PixArtError
 
@@ -29,7 +29,17 @@ class ModelSection(Section):
     init: str | None = None  # a checkpoint folder (config.json + model.safetensors): the previous stage
     init_ema: bool = False  # start from the init's EMA weights instead of its raw ones
     arch: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields over the name's or the init's
-    grad_checkpointing: bool = False
+    # Activation checkpointing: all blocks (true), none (false), the first N, or "auto": the fewest blocks
+    # whose activations, measured for one block at this batch shape, fit activation_memory_gb.
+    grad_checkpointing: bool | int | str = False
+    activation_memory_gb: float | None = Field(None, gt=0)  # None: free device memory x 0.9 - weights/optimizer
+
+    @field_validator("grad_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, v):
+        if isinstance(v, bool) or v == "auto" or (isinstance(v, int) and v >= 0):
+            return v
+        raise ValueError(f"expected true, false, a number of blocks or 'auto', got {v!r}")
     compile: bool = False  # torch.compile each block (dynamic shapes: no recompiles across buckets)
 
 

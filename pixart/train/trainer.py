@@ -33,7 +33,7 @@ from pixart.diffusion import NoiseSchedule, diffusion_loss
 from pixart.errors import PixArtError
 from pixart.models import ModelConfig, model_config, model_from_config
 
-from . import checkpoints
+from . import checkpoints, memory
 from .compile import compile_blocks
 from .config import TrainConfig
 from .ema import EMA
@@ -96,7 +96,8 @@ class Trainer:
         model = model_from_config(self.model_config)
         if init_state is not None:
             load_init(model, init_state, f"model.init {cfg.model.init}")
-        model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+        self._set_checkpointing(model)
         if cfg.model.compile:
             log.info("torch.compile: %d blocks, dynamic shapes", compile_blocks(model))
         fp32_init = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -111,10 +112,31 @@ class Trainer:
         scatter_into(self.fragments, [f.view for f in self.fragments], fp32_init, "init")
         self.ema = EMA(self.fragments, cfg.ema.decay, cfg.ema.warmup)
         self.schedule = NoiseSchedule.linear()
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
         self.step, self.samples = 0, 0
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _set_checkpointing(self, model) -> None:
+        """`model.grad_checkpointing`; "auto" measures one block at this run's batch shape (square buckets'
+        token count; buckets keep about the same area) and checkpoints the fewest blocks that fit."""
+        cfg, blocks = self.cfg, self.cfg.model.grad_checkpointing
+        if blocks == "auto":
+            if cfg.model.activation_memory_gb is not None:
+                budget = cfg.model.activation_memory_gb * memory.GiB
+            else:
+                params = sum(p.numel() for p in model.parameters())
+                budget = memory.free_memory_bytes(self.device) * 0.9 - memory.state_bytes(
+                    params, cfg.deepspeed.precision, cfg.deepspeed.zero_stage, self.world)
+            mc = self.model_config
+            plan = memory.plan_checkpointing(
+                model, batch=cfg.data.batch_size, tokens=(mc.input_size // mc.patch_size) ** 2,
+                caption_tokens=cfg.encoders.max_length, device=self.device, dtype=self.dtype, budget_bytes=budget)
+            log.info(plan.describe())
+            blocks = plan.blocks
+        try:
+            model.set_grad_checkpointing(blocks)
+        except ValueError as e:
+            raise PixArtError(f"model.{e}") from None
+
     def _check_manifest(self) -> None:
         """The cache must fit the model before step 1 (the loader checks `data.expected` itself)."""
         m, mc = self.manifest, self.model_config

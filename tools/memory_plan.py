@@ -1,0 +1,55 @@
+"""Predicted training memory of a PixArt model on one GPU, with and without activation checkpointing.
+
+Activations are measured, on this machine: the bytes one block saves for backward (pixart.train.memory),
+here on the CPU, whose flash attention also keeps O(N) per head as the GPU kernels do. States are counted:
+weights, grads, fp32 masters, AdamW moments and the fp32 EMA. It is a prediction, not a GPU measurement:
+allocator caching, kernel workspaces and fragmentation come on top (hence --usable).
+
+    python tools/memory_plan.py --model PixArt-XL/2 --resolution 1024 --gpu-gb 141
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pixart.models import build_model  # noqa: E402
+from pixart.train.memory import GiB, measure_block, state_bytes  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="PixArt-XL/2")
+    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (latents are /8)")
+    p.add_argument("--gpu-gb", type=float, default=141.0, help="the GPU's memory in GB (10^9 bytes)")
+    p.add_argument("--usable", type=float, default=0.9, help="fraction of it the plan may use (default 0.9)")
+    p.add_argument("--caption-tokens", type=int, default=120)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    side = args.resolution // 8
+    model = build_model(args.model, input_size=side)
+    tokens = (side // model.config.patch_size) ** 2
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    block, inp = measure_block(model, 1, tokens, args.caption_tokens, torch.device("cpu"), dtype)
+    params, depth = sum(p.numel() for p in model.parameters()), len(model.blocks)
+    states = state_bytes(params, args.precision, zero_stage=1, world=1)
+    budget = args.gpu_gb * 1e9 * args.usable
+    print(f"{args.model} at {args.resolution} px ({tokens} tokens, {args.caption_tokens} caption tokens), "
+          f"{args.precision}, one GPU of {args.gpu_gb:.0f} GB, {args.usable:.0%} usable")
+    print(f"states (weights, grads, fp32 masters, AdamW, EMA): {states / GiB:.1f} GiB for {params / 1e6:.0f}M params")
+    print(f"one block saves {block / GiB:.3f} GiB per image (its input {inp / GiB:.4f} GiB), measured")
+    for name, per_image in (("no checkpointing", depth * block),
+                            (f"{depth - 1} of {depth} blocks checkpointed", block + (depth - 1) * inp)):
+        batch = int((budget - states) // per_image)
+        print(f"  {name:32s} {per_image / GiB:7.3f} GiB per image -> largest batch {batch} "
+              f"({(states + batch * per_image) / GiB:.1f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
