@@ -36,7 +36,7 @@ def test_fewest_blocks_that_fit():
     assert blocks_to_checkpoint(4, 10, 1, budget_bytes=39) == 1  # 31
     assert blocks_to_checkpoint(4, 10, 1, budget_bytes=22) == 2  # 22
     assert blocks_to_checkpoint(4, 10, 1, budget_bytes=13) == 3  # 13; all 4 would keep one more input
-    with pytest.raises(PixArtError, match=r"need at least 0.00 GiB \(3 of 4 blocks checkpointed\)"):
+    with pytest.raises(PixArtError, match=r"need at least 0.00 GB \(3 of 4 blocks checkpointed\)"):
         blocks_to_checkpoint(4, 10, 1, budget_bytes=12)
 
 

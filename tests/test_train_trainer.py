@@ -221,18 +221,18 @@ def test_compiled_blocks_train_like_eager(cache, tmp_path):
 
 def test_auto_checkpointing_takes_the_fewest_blocks_that_fit(cache, tmp_path):
     from pixart.models import build_model
-    from pixart.train.memory import GiB, measure_block
+    from pixart.train.memory import GB, measure_block
 
     arch = yaml.safe_load(stage(cache, tmp_path).read_text())["model"]["arch"]
     block, inp = measure_block(build_model("PixArt-S/2", **arch), 4, 16, 120, torch.device("cpu"), torch.float32)
-    budget = (2 * block + block + inp) / 2 / GiB  # under 2 blocks, over 1 block + 1 input: checkpoint 1
+    budget = (2 * block + block + inp) / 2 / GB  # under 2 blocks, over 1 block + 1 input: checkpoint 1
     config = stage(cache, tmp_path, model__grad_checkpointing="auto", model__activation_memory_gb=budget,
                    train__max_steps=2)
     result = train(config, tmp_path / "auto")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "activation checkpointing: 1 of 2 blocks" in result.stderr + result.stdout
     config = stage(cache, tmp_path, "tight.yaml", model__grad_checkpointing="auto",
-                   model__activation_memory_gb=block / 2 / GiB)
+                   model__activation_memory_gb=block / 2 / GB)
     result = train(config, tmp_path / "tight")
     assert result.returncode != 0
     assert "model.grad_checkpointing auto: activations need at least" in result.stderr

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pixart.models import build_model  # noqa: E402
-from pixart.train.memory import GiB, measure_block, state_bytes  # noqa: E402
+from pixart.train.memory import GB, measure_block, state_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -39,16 +39,16 @@ def main() -> None:
     block, inp = measure_block(model, 1, tokens, args.caption_tokens, torch.device("cpu"), dtype)
     params, depth = sum(p.numel() for p in model.parameters()), len(model.blocks)
     states = state_bytes(params, args.precision, zero_stage=1, world=1)
-    budget = args.gpu_gb * 1e9 * args.usable
+    budget = args.gpu_gb * GB * args.usable
     print(f"{args.model} at {args.resolution} px ({tokens} tokens, {args.caption_tokens} caption tokens), "
           f"{args.precision}, one GPU of {args.gpu_gb:.0f} GB, {args.usable:.0%} usable")
-    print(f"states (weights, grads, fp32 masters, AdamW, EMA): {states / GiB:.1f} GiB for {params / 1e6:.0f}M params")
-    print(f"one block saves {block / GiB:.3f} GiB per image (its input {inp / GiB:.4f} GiB), measured")
+    print(f"states (weights, grads, fp32 masters, AdamW, EMA): {states / GB:.1f} GB for {params / 1e6:.0f}M params")
+    print(f"one block saves {block / GB:.3f} GB per image (its input {inp / GB:.4f} GB), measured")
     for name, per_image in (("no checkpointing", depth * block),
                             (f"{depth - 1} of {depth} blocks checkpointed", block + (depth - 1) * inp)):
         batch = int((budget - states) // per_image)
-        print(f"  {name:32s} {per_image / GiB:7.3f} GiB per image -> largest batch {batch} "
-              f"({(states + batch * per_image) / GiB:.1f} GiB)")
+        print(f"  {name:32s} {per_image / GB:7.3f} GB per image -> largest batch {batch} "
+              f"({(states + batch * per_image) / GB:.1f} GB)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from pixart.errors import PixArtError
 
-GiB = 2 ** 30
+GB = 1e9  # decimal, as GPU memory is quoted (141 GB)
 
 
 def saved_bytes(fn, *args, exclude=()) -> int:
@@ -44,8 +44,8 @@ def blocks_to_checkpoint(depth: int, block_bytes: int, input_bytes: int, budget_
         need = max(depth - k, 1) * block_bytes + k * input_bytes
         if need <= budget_bytes:
             return k
-    raise PixArtError(f"model.grad_checkpointing auto: activations need at least {need / GiB:.2f} GiB "
-                      f"({depth - 1} of {depth} blocks checkpointed), over the {budget_bytes / GiB:.2f} GiB "
+    raise PixArtError(f"model.grad_checkpointing auto: activations need at least {need / GB:.2f} GB "
+                      f"({depth - 1} of {depth} blocks checkpointed), over the {budget_bytes / GB:.2f} GB "
                       f"budget; lower data.batch_size or the resolution")
 
 
@@ -59,8 +59,8 @@ class CheckpointPlan:
 
     def describe(self) -> str:
         return (f"activation checkpointing: {self.blocks} of {self.depth} blocks (a block saves "
-                f"{self.block_bytes / GiB:.3f} GiB, its input {self.input_bytes / GiB:.3f} GiB; "
-                f"budget {self.budget_bytes / GiB:.2f} GiB)")
+                f"{self.block_bytes / GB:.3f} GB, its input {self.input_bytes / GB:.3f} GB; "
+                f"budget {self.budget_bytes / GB:.2f} GB)")
 
 
 def measure_block(model, batch: int, tokens: int, caption_tokens: int, device: torch.device,

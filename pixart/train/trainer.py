@@ -121,7 +121,7 @@ class Trainer:
         cfg, blocks = self.cfg, self.cfg.model.grad_checkpointing
         if blocks == "auto":
             if cfg.model.activation_memory_gb is not None:
-                budget = cfg.model.activation_memory_gb * memory.GiB
+                budget = cfg.model.activation_memory_gb * memory.GB
             else:
                 params = sum(p.numel() for p in model.parameters())
                 budget = memory.free_memory_bytes(self.device) * 0.9 - memory.state_bytes(
