@@ -9,9 +9,11 @@ def add_parser(sub) -> None:
                        description=__doc__ + " One step is forward, diffusion loss, backward and AdamW on "
                        "feature-shaped inputs. Each row adds one optimization: ours-padded (all caption tokens, "
                        "torch's default AdamW: the plain path), +trim (captions trimmed to the batch's longest, "
-                       "as the loader does), +fused-adamw (as the trainer steps), +compile (--compile). With "
-                       "--compare diffusers the same weights and inputs in PixArtTransformer2DModel, padded as its "
-                       "pipelines pad, with the default AdamW, are timed in alternation in this process. MFU counts "
+                       "as the loader does), +fused-adamw (as the trainer steps), +bf16-weights (bf16 runs: the model "
+                       "in bf16 with fp32 masters, as DeepSpeed's bf16 trains; earlier rows autocast), +compile "
+                       "(--compile). With --compare diffusers the same weights and inputs in "
+                       "PixArtTransformer2DModel, padded as its pipelines pad, with the default AdamW and autocast "
+                       "(an accelerate loop), are timed in alternation in this process. MFU counts "
                        "useful FLOPs (no padding) against a matmul peak measured in the same run and precision.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="PixArt-S/2", help="a PixArt model name (default PixArt-S/2)")
@@ -23,8 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time ours with torch.compile'd blocks (compiling is in the warm-up steps)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
-                   help="every row's precision: bf16 autocast over fp32 weights, or fp32 (default: bf16 on a GPU, "
-                        "fp32 on a CPU)")
+                   help="every row's precision (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--iters", type=int, default=10, help="timed steps per model (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")

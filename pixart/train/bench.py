@@ -33,7 +33,7 @@ class BenchConfig:
     device: str = "cpu"
     compare: str | None = None  # "diffusers"
     compile: bool = False  # also time ours with torch.compile'd blocks
-    precision: str | None = None  # "bf16" (autocast, fp32 master weights) or "fp32"; None: bf16 on GPUs, fp32 on CPUs
+    precision: str | None = None  # "bf16" or "fp32" for every row; None: bf16 on GPUs, fp32 on CPUs
     iters: int = 10
     warmup: int = 3
 
@@ -83,6 +83,11 @@ def _peak_memory_gb(device: torch.device) -> float:
 # and fp32 master weights in the optimizer, as DeepSpeed's bf16 mode trains; the rows before it autocast
 # over fp32 weights, as accelerate's mixed precision does.
 ROWS = ("ours-padded", "+trim", "+fused-adamw", "+bf16-weights", "+compile")
+
+
+def _has(row: str, optimization: str, rows: list[str]) -> bool:
+    """Whether `row` includes `optimization`: it is that optimization's row or a later one."""
+    return row in rows and optimization in rows and rows.index(row) >= rows.index(optimization)
 
 
 class MasterWeightAdamW:
@@ -135,19 +140,19 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
 
     steps = {}
     for name, model in models.items():
-        has = lambda opt, name=name: name in rows and opt in rows and rows.index(name) >= rows.index(opt)  # noqa: E731
         model.to(device).train()
-        adam = dict(lr=1e-6, weight_decay=0.03) | ({"fused": True} if has("+fused-adamw") else {})
-        if has("+bf16-weights"):
+        adam = dict(lr=1e-6, weight_decay=0.03) | ({"fused": True} if _has(name, "+fused-adamw", rows) else {})
+        bf16_weights = _has(name, "+bf16-weights", rows)
+        if bf16_weights:
             model.to(torch.bfloat16)
             opt = MasterWeightAdamW(model.parameters(), **adam)
         else:
             opt = torch.optim.AdamW(model.parameters(), **adam)
-        if has("+compile"):
+        if _has(name, "+compile", rows):
             compile_blocks(model)
-        autocast = dtype != torch.float32 and not has("+bf16-weights")
+        autocast = dtype != torch.float32 and not bf16_weights
 
-        def forward(model=model, name=name, trim=has("+trim"), autocast=autocast):
+        def forward(model=model, name=name, trim=_has(name, "+trim", rows), autocast=autocast):
             with torch.autocast(device.type, dtype=dtype, enabled=autocast):
                 if name == "diffusers":
                     return model(xt, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,

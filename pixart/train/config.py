@@ -33,6 +33,7 @@ class ModelSection(Section):
     # whose activations, measured for one block at this batch shape, fit activation_memory_gb.
     grad_checkpointing: bool | int | str = False
     activation_memory_gb: float | None = Field(None, gt=0)  # None: free device memory x 0.9 - weights/optimizer
+    compile: bool = False  # torch.compile each block (dynamic shapes: no recompiles across buckets)
 
     @field_validator("grad_checkpointing", mode="before")
     @classmethod
@@ -40,7 +41,6 @@ class ModelSection(Section):
         if isinstance(v, bool) or v == "auto" or (isinstance(v, int) and v >= 0):
             return v
         raise ValueError(f"expected true, false, a number of blocks or 'auto', got {v!r}")
-    compile: bool = False  # torch.compile each block (dynamic shapes: no recompiles across buckets)
 
 
 class DataSection(Section):
