@@ -31,14 +31,11 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     assert stage3_arch.input_size == 32  # 64 px over the pixel factor 2
     # Twice the tokens per side, the same position coordinates across the image (PixArt's pe_interpolation).
     span = [a.input_size / a.patch_size / a.pe_interpolation for a in (stage2_arch, stage3_arch)]
-    assert span == [4.0, 4.0] and pipe_scale(demo) == 2
+    assert span == [4.0, 4.0]
+    assert json.loads((demo / "export" / "transformer" / "config.json").read_text())["interpolation_scale"] == 2
     stage2 = load_train_config(demo / "configs" / "stage2.yaml")
     assert stage2.model.init == m["checkpoints"]["reparam"]
     assert load_train_config(demo / "configs" / "stage3.yaml").model.init == m["checkpoints"]["stage2"]
-
-
-def pipe_scale(demo):
-    return json.loads((demo / "export" / "transformer" / "config.json").read_text())["interpolation_scale"]
 
 
 def test_demo_export_loads_in_diffusers_with_the_training_objective(demo):
