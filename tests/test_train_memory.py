@@ -31,7 +31,7 @@ def test_one_measured_block_predicts_what_checkpointing_saves_in_the_whole_model
 
 
 def test_fewest_blocks_that_fit():
-    # depth 4, a block saves 10, its input 1: the peak is max(4 - k, 1) blocks + k inputs.
+    # depth 4, a block saves 10, its input 1: the peak is 4 - k blocks + k inputs (k < 4).
     assert blocks_to_checkpoint(4, 10, 1, budget_bytes=40) == 0
     assert blocks_to_checkpoint(4, 10, 1, budget_bytes=39) == 1  # 31
     assert blocks_to_checkpoint(4, 10, 1, budget_bytes=22) == 2  # 22

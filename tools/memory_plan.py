@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pixart.models import build_model  # noqa: E402
-from pixart.train.memory import GB, measure_block, state_bytes  # noqa: E402
+from pixart.train.memory import GB, measure_block, peak_activation_bytes, state_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -44,8 +44,9 @@ def main() -> None:
           f"{args.precision}, one GPU of {args.gpu_gb:.0f} GB, {args.usable:.0%} usable")
     print(f"states (weights, grads, fp32 masters, AdamW, EMA): {states / GB:.1f} GB for {params / 1e6:.0f}M params")
     print(f"one block saves {block / GB:.3f} GB per image (its input {inp / GB:.4f} GB), measured")
-    for name, per_image in (("no checkpointing", depth * block),
-                            (f"{depth - 1} of {depth} blocks checkpointed", block + (depth - 1) * inp)):
+    for k in (0, depth - 1):
+        per_image = peak_activation_bytes(depth, k, block, inp)
+        name = f"{k} of {depth} blocks checkpointed" if k else "no checkpointing"
         batch = int((budget - states) // per_image)
         print(f"  {name:32s} {per_image / GB:7.3f} GB per image -> largest batch {batch} "
               f"({(states + batch * per_image) / GB:.1f} GB)")

@@ -35,13 +35,18 @@ def saved_bytes(fn, *args, exclude=()) -> int:
     return total
 
 
+def peak_activation_bytes(depth: int, checkpointed: int, block_bytes: int, input_bytes: int) -> int:
+    """Activation peak with the first `checkpointed` of `depth` blocks checkpointed (fewer than all):
+    backward frees the other blocks' activations first, then rebuilds one checkpointed block at a time
+    from its kept input, so the peak is at the start: the other blocks plus the kept inputs."""
+    return (depth - checkpointed) * block_bytes + checkpointed * input_bytes
+
+
 def blocks_to_checkpoint(depth: int, block_bytes: int, input_bytes: int, budget_bytes: float) -> int:
-    """The fewest of `depth` blocks to checkpoint so that activations fit in `budget_bytes`. Checkpointing
-    the first k, backward first frees the other blocks' activations, then rebuilds one checkpointed block
-    at a time from its kept input: the peak is max(depth - k, 1) blocks plus k inputs, least at
-    k = depth - 1 (checkpointing the last block too would only keep one more input)."""
+    """The fewest of `depth` blocks to checkpoint so that activations fit in `budget_bytes`; at most
+    depth - 1 (checkpointing the last block too would only keep one more input)."""
     for k in range(depth):
-        need = max(depth - k, 1) * block_bytes + k * input_bytes
+        need = peak_activation_bytes(depth, k, block_bytes, input_bytes)
         if need <= budget_bytes:
             return k
     raise PixArtError(f"model.grad_checkpointing auto: activations need at least {need / GB:.2f} GB "

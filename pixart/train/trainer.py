@@ -30,6 +30,7 @@ from pixart.data.loader import Loader, LoaderConfig
 from pixart.data.loader_samples import detect_kind, stable_seed
 from pixart.data.shards import resolve_shards
 from pixart.diffusion import NoiseSchedule, diffusion_loss
+from pixart.encoders.loading import DTYPES
 from pixart.errors import PixArtError
 from pixart.models import ModelConfig, model_config, model_from_config
 
@@ -96,7 +97,7 @@ class Trainer:
         model = model_from_config(self.model_config)
         if init_state is not None:
             load_init(model, init_state, f"model.init {cfg.model.init}")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+        self.dtype = DTYPES[cfg.deepspeed.precision]
         self._set_checkpointing(model)
         if cfg.model.compile:
             log.info("torch.compile: %d blocks, dynamic shapes", compile_blocks(model))
