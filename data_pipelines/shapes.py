@@ -45,6 +45,7 @@ SIZES = ("small", "large")
 SIZE_FRACTION = {"small": 0.45, "large": 0.8}  # object side / cell side (the cell's shorter side)
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 BACKGROUNDS = ("plain", "gradient", "texture")
+BACKGROUND_LEVELS = (20.0, 235.0)  # brightness range (0-255) of the neutral backgrounds
 ASPECTS = {"1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "16:9": 16 / 9, "9:16": 9 / 16}
 NUM_CLASSES = len(SHAPES) * len(COLORS)
 SHARD_PATTERN = "shapes-{:06d}.tar"
@@ -61,6 +62,7 @@ class ShapesConfig:
     backgrounds: tuple[str, ...] = BACKGROUNDS
     sizes: tuple[str, ...] = SIZES  # e.g. ("large",) where small objects would be too few pixels to judge
     holdout: int = 0  # > 0: objects whose (shape, color, position) is `held_out` are never drawn
+    background_levels: tuple[float, float] = BACKGROUND_LEVELS
 
 
 def held_out(shape: str, color: str, position: str, every: int) -> bool:
@@ -148,10 +150,12 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 # ---------------------------------------------------------------- drawing
 
-def _background(rng: np.random.Generator, kind: str, width: int, height: int) -> np.ndarray:
-    """Neutral (low-chroma) float RGB background, (H, W, 3) in 0..255."""
+def _background(rng: np.random.Generator, kind: str, width: int, height: int,
+                levels: tuple[float, float] = BACKGROUND_LEVELS) -> np.ndarray:
+    """Neutral (low-chroma) float RGB background, (H, W, 3) in 0..255, its brightness within `levels`."""
     def neutral():
-        return rng.uniform(20, 235) + rng.uniform(-12, 12, size=3)
+        lo, hi = levels  # the same draw for any range: the default world's bytes never change
+        return lo + (hi - lo) * rng.uniform(0, 1) + rng.uniform(-12, 12, size=3)
     if kind == "plain":
         return np.broadcast_to(neutral(), (height, width, 3)).astype(np.float32)
     if kind == "gradient":
@@ -177,7 +181,8 @@ def _background(rng: np.random.Generator, kind: str, width: int, height: int) ->
     raise ValueError(f"unknown background {kind!r}")
 
 
-def draw_scene(scene: dict, rng: np.random.Generator, supersample: int = 4) -> Image.Image:
+def draw_scene(scene: dict, rng: np.random.Generator, supersample: int = 4,
+               background_levels: tuple[float, float] = BACKGROUND_LEVELS) -> Image.Image:
     """Pixels for a scene's metadata: objects composited over the background, then the damage."""
     w, h = scene["width"], scene["height"]
     s = supersample  # aliased 8-pixel shapes are ambiguous: damage comes after anti-aliasing
@@ -196,7 +201,8 @@ def draw_scene(scene: dict, rng: np.random.Generator, supersample: int = 4) -> I
     if s > 1:  # box-filtering premultiplied colour and coverage is exact anti-aliasing
         mask, paint = mask.resize((w, h), Image.BOX), paint.resize((w, h), Image.BOX)
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255
-    img = _background(rng, scene["background"], w, h) * (1 - alpha) + np.asarray(paint, dtype=np.float32)
+    background = _background(rng, scene["background"], w, h, background_levels)
+    img = background * (1 - alpha) + np.asarray(paint, dtype=np.float32)
     if scene["quality"] == "damaged":
         img = _damage(img, rng, 1.0 - scene["aesthetic"], min(w, h))
     return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
@@ -227,7 +233,7 @@ def render_scene(rng: np.random.Generator | int, cfg: ShapesConfig | None = None
     cfg = cfg or ShapesConfig()
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     scene = sample_scene(rng, cfg)
-    return draw_scene(scene, rng, cfg.supersample), scene
+    return draw_scene(scene, rng, cfg.supersample, cfg.background_levels), scene
 
 
 # ---------------------------------------------------------------- alt-text

@@ -2,7 +2,7 @@
 import numpy as np
 
 from data_pipelines.shapes import ShapesConfig, held_out, render_scene, sample_scene
-from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout, spread
+from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout, seen_specs, spread
 from pixart.eval.judge import Judge
 
 
@@ -15,6 +15,14 @@ def test_heldout_specs_are_exactly_the_worlds_missing_triples():
     assert not drawn & {(s["shape"], s["color"], s["position"]) for s in specs}
     pairs = {(c, p) for _, c, p in drawn}
     assert len(pairs) == 72  # every color-position pair still occurs in training
+
+
+def test_seen_specs_are_distinct_training_triples_fixed_by_seed():
+    specs = seen_specs(8, 54, seed=1)
+    triples = {(s["shape"], s["color"], s["position"]) for s in specs}
+    assert len(triples) == 54 and not any(held_out(*t, 8) for t in triples)
+    assert specs == seen_specs(8, 54, seed=1) and specs != seen_specs(8, 54, seed=2)
+    assert len(seen_specs(8, 10_000)) == 6 * 8 * 9 - len(heldout_specs(8))  # all of them, never more
 
 
 def test_prompts_name_the_object_and_are_stable():

@@ -1,8 +1,9 @@
 """Stage-2 variants on a finished `pixart demo` folder, for the toy experiments (not a command).
 
 Each variant is the demo's stage-2 config with a few keys changed, trained to the same number of
-steps from the same seed, then scored on the demo's held-out prompts at stage 2's resolution with
-the repo's sampler. Runs land in OUT/<variant>/ and are skipped when finished (reruns are cheap).
+steps from the same seed, then scored on the demo's held-out prompts at stage 2's resolution with the
+repo's sampler at the stage's validation steps and CFG. Runs land in OUT/<variant>/ and are skipped
+when finished (reruns are cheap).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     prompts = [prompt_for(s, side, side) for s in specs]
     manifest = cache_manifest(cfg)
     images = sample_prompts(model, prompts, load_text_encoder(cfg, manifest), load_autoencoder(cfg, manifest),
-                            (model.config.input_size,) * 2, prediction_type=load_prediction_type(ckpt))
+                            (model.config.input_size,) * 2, prediction_type=load_prediction_type(ckpt),
+                            steps=cfg.validation.steps, cfg=cfg.validation.cfg, sampler=cfg.validation.sampler)
     scores = score_heldout(Judge.load_or_train(), images, specs)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]

@@ -1,8 +1,8 @@
 """`pixart data shapes`: the synthetic shapes world as webdataset shards (deterministic per seed)."""
 from __future__ import annotations
 
-
-from data_pipelines.shapes import ASPECTS, BACKGROUNDS, SIZES
+from data_pipelines.shapes import ASPECTS, BACKGROUND_LEVELS, BACKGROUNDS, SIZES
+from pixart.errors import PixArtError
 
 
 def add_parser(sub) -> None:
@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--aspects", default=",".join(ASPECTS), help=f"aspect ratios drawn (default {','.join(ASPECTS)})")
     p.add_argument("--backgrounds", default=",".join(BACKGROUNDS),
                    help=f"backgrounds drawn (default {','.join(BACKGROUNDS)})")
+    levels = ",".join(f"{v:g}" for v in BACKGROUND_LEVELS)
+    p.add_argument("--background-levels", default=levels, metavar="LO,HI",
+                   help=f"brightness range (0-255) of the neutral backgrounds (default {levels})")
     p.add_argument("--holdout", type=int, default=0,
                    help="k > 0: never draw the held-out (shape, color, position) triples, 1 in k (default 0)")
     p.set_defaults(run=run)
@@ -36,7 +39,6 @@ def run(args) -> None:
     from tqdm import tqdm
 
     from data_pipelines.shapes import check_args, write_shapes
-    from pixart.errors import PixArtError
 
     check_args(args.count, args.resolution, args.shard_size)
     if not 0 <= args.damaged_fraction <= 1:
@@ -51,6 +53,7 @@ def run(args) -> None:
         bad = [v for v in values if v not in known]
         if bad:
             raise PixArtError(f"{name}: unknown {bad[0]!r}; known: {', '.join(known)}")
+    levels = _levels(args.background_levels)
     bars = []  # opened on the first progress, so an error in the folder check stays one line
 
     def progress(n):
@@ -62,8 +65,20 @@ def run(args) -> None:
         shards = write_shapes(args.out, args.count, seed=args.seed, resolution=args.resolution,
                               shard_size=args.shard_size, workers=args.workers, progress=progress,
                               damaged_fraction=args.damaged_fraction, max_objects=args.max_objects, sizes=sizes,
-                              aspects=aspects, backgrounds=backgrounds, holdout=args.holdout)
+                              aspects=aspects, backgrounds=backgrounds, holdout=args.holdout,
+                              background_levels=levels)
     finally:
         for bar in bars:
             bar.close()
     print(f"wrote {args.out}: {args.count} images in {len(shards)} shards")
+
+
+def _levels(text: str) -> tuple[float, float]:
+    """"LO,HI" -> (lo, hi) with 0 <= lo <= hi <= 255."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise PixArtError(f"--background-levels: expected LO,HI (two numbers), got {text!r}") from None
+    if not 0 <= lo <= hi <= 255:
+        raise PixArtError(f"--background-levels: need 0 <= LO <= HI <= 255, got {text!r}")
+    return lo, hi

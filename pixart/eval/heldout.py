@@ -21,6 +21,14 @@ def heldout_specs(every: int, size: str = "large") -> list[dict]:
             for s in SHAPES for c in COLORS for p in POSITIONS if held_out(s, c, p, every)]
 
 
+def seen_specs(every: int, n: int, seed: int = 0, size: str = "large") -> list[dict]:
+    """n distinct (shape, color, position) triples the training data does show, drawn by `seed`: prompts to
+    choose sampler settings on, so that the held-out prompts stay unseen by every choice."""
+    seen = [{"shape": s, "color": c, "position": p, "size": size}
+            for s in SHAPES for c in COLORS for p in POSITIONS if not held_out(s, c, p, every)]
+    return random.Random(seed).sample(seen, min(n, len(seen)))
+
+
 def prompt_for(spec: dict, width: int, height: int, seed: int = 0) -> str:
     """A dense caption of a clean, plain-background scene holding just `spec`."""
     meta = {"objects": [spec], "background": "plain", "quality": "clean", "aesthetic": 1.0,
