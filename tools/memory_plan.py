@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pixart.encoders.loading import DTYPES  # noqa: E402
 from pixart.models import build_model  # noqa: E402
 from pixart.train.memory import GB, measure_block, peak_activation_bytes, state_bytes  # noqa: E402
 
@@ -35,8 +36,7 @@ def main() -> None:
     side = args.resolution // 8
     model = build_model(args.model, input_size=side)
     tokens = (side // model.config.patch_size) ** 2
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    block, inp = measure_block(model, 1, tokens, args.caption_tokens, torch.device("cpu"), dtype)
+    block, inp = measure_block(model, 1, tokens, args.caption_tokens, torch.device("cpu"), DTYPES[args.precision])
     params, depth = sum(p.numel() for p in model.parameters()), len(model.blocks)
     states = state_bytes(params, args.precision, zero_stage=1, world=1)
     budget = args.gpu_gb * GB * args.usable

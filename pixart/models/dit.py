@@ -16,6 +16,7 @@ from pixart.models.layers import (
     PatchEmbed,
     TimestepEmbedder,
     check_attn_backend,
+    checkpointed_count,
     gelu_tanh,
     modulate,
     sincos_pos_embed,
@@ -87,10 +88,7 @@ class DiT(nn.Module):
 
     def set_grad_checkpointing(self, blocks: bool | int = True) -> None:
         """Checkpoint all blocks (True), none (False), or the first `blocks` of them."""
-        k = len(self.blocks) if blocks is True else int(blocks)
-        if not 0 <= k <= len(self.blocks):
-            raise ValueError(f"grad_checkpointing: {k} blocks, but the model has {len(self.blocks)}")
-        self.checkpointed_blocks = k
+        self.checkpointed_blocks = checkpointed_count(self.blocks, blocks)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The vector c = t_emb + y_emb that every block's adaLN reads."""

@@ -97,6 +97,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def checkpointed_count(blocks: nn.ModuleList, setting: bool | int) -> int:
+    """How many leading blocks `set_grad_checkpointing(setting)` means: all (True), none (False) or N."""
+    k = len(blocks) if setting is True else int(setting)
+    if not 0 <= k <= len(blocks):
+        raise ValueError(f"grad_checkpointing: {k} blocks, but the model has {len(blocks)}")
+    return k
+
+
 def xavier_init_(model: nn.Module) -> None:
     """DiT's base init: xavier-uniform linears with zero bias, and patch convs like linears."""
     for m in model.modules():

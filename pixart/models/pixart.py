@@ -22,6 +22,7 @@ from pixart.models.layers import (
     SizeEmbedder,
     TimestepEmbedder,
     check_attn_backend,
+    checkpointed_count,
     gelu_tanh,
     modulate,
     sincos_pos_embed,
@@ -108,10 +109,7 @@ class PixArt(nn.Module):
 
     def set_grad_checkpointing(self, blocks: bool | int = True) -> None:
         """Checkpoint all blocks (True), none (False), or the first `blocks` of them."""
-        k = len(self.blocks) if blocks is True else int(blocks)
-        if not 0 <= k <= len(self.blocks):
-            raise ValueError(f"grad_checkpointing: {k} blocks, but the model has {len(self.blocks)}")
-        self.checkpointed_blocks = k
+        self.checkpointed_blocks = checkpointed_count(self.blocks, blocks)
 
     def _pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
         pe = sincos_pos_embed(self.config.hidden_size, grid_h, grid_w, self.base_size, self.config.pe_interpolation)
