@@ -1,6 +1,8 @@
 """Runs one tiny training stage on fixed synthetic batches; launched by tests (alone or under torchrun).
 
-    python tests/dist_worker.py RUN_DIR ZERO_STAGE PRECISION GLOBAL_BATCH STEPS [LR]
+    python tests/dist_worker.py RUN_DIR ZERO_STAGE PRECISION GLOBAL_BATCH STEPS [LR [MODEL_FLAGS]]
+
+MODEL_FLAGS: comma-separated (possibly empty) boolean `model.` options to switch on, e.g. `compile,grad_checkpointing`.
 
 Every rank takes its contiguous slice of the same global batches, so any world size trains on the
 same data. Not a test module: pytest collects only test_*.py.
@@ -30,11 +32,12 @@ def rank_slice(batches, rank: int, world: int):
         yield {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
 
 
-def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3):
+def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, flags: tuple[str, ...] = ()):
     return parse_config({
         "stage": "equivalence",
-        "model": {"name": "PixArt-S/2", "arch": {"input_size": 8, "in_channels": 4, "depth": 2, "hidden_size": 64,
-                                                 "num_heads": 4, "caption_channels": 16, "model_max_length": 5}},
+        "model": {"name": "PixArt-S/2", **dict.fromkeys(flags, True),
+                  "arch": {"input_size": 8, "in_channels": 4, "depth": 2, "hidden_size": 64, "num_heads": 4,
+                           "caption_channels": 16, "model_max_length": 5}},
         "data": {"shards": "unused", "batch_size": batch},
         "optim": {"lr": lr, "warmup_steps": 2, "grad_clip": 1.0},
         "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps},
@@ -51,5 +54,6 @@ if __name__ == "__main__":
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     lr = float(sys.argv[6]) if len(sys.argv) > 6 else 1e-3
-    cfg = config(zero, precision, global_batch // world, steps, lr)
+    flags = tuple(filter(None, sys.argv[7].split(","))) if len(sys.argv) > 7 else ()
+    cfg = config(zero, precision, global_batch // world, steps, lr, flags)
     Trainer(cfg, run_dir, batches=rank_slice(global_batches(steps, global_batch), rank, world)).run()
