@@ -3,13 +3,16 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install
+.PHONY: demo test lint install
 
 demo: $(STAMP)
 	$(VENV)/bin/pixart demo --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 install: $(STAMP)
 

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurements of the throughput issue, in one script (run on a lent H200 from the repo root):
-#   bash benchmarks/gpu.sh > benchmarks/$(date +%F)-h200.txt 2>&1
-# Each `pixart bench` times diffusers' model and ours (one row per optimization, bf16) in alternation in one process.
+# The GPU measurements in one script, from the repo root on a machine with one GPU and pixart installed:
+#   bash benchmarks/gpu.sh benchmarks > benchmarks/$(date +%F)-h200.txt 2>&1
+# Each `pixart bench` times diffusers' model and ours (one row per optimization, bf16) in alternation in one
+# process; the memory plan's prediction for PixArt-XL/2 at 1024 px is then checked against one real step.
 set -euo pipefail
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-for res in 256 512; do
-  pixart bench --device cuda --model PixArt-XL/2 --resolution "$res" --batch 64 --compare diffusers --compile \
-    --iters 20 --warmup 5 --out "benchmarks/xl2-${res}.json"
-done
+out=${1:-benchmarks}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+pixart() { python3 -m pixart "$@"; }
+pixart bench --device cuda --model PixArt-XL/2 --resolution 256 --batch 64 --compare diffusers --compile \
+  --iters 10 --warmup 3 --out "$out/xl2-256.json"
+pixart bench --device cuda --model PixArt-XL/2 --resolution 512 --batch 32 --compare diffusers --compile \
+  --iters 10 --warmup 3 --out "$out/xl2-512.json"
+python3 tools/memory_plan.py --model PixArt-XL/2 --resolution 1024 --gpu-gb 141 --measure 16 --checkpoint 0
+python3 tools/memory_plan.py --model PixArt-XL/2 --resolution 1024 --gpu-gb 141 --measure 64 --checkpoint 27

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from pixart.errors import PixArtError
 
@@ -114,7 +114,7 @@ class LaionScorer:
                 pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
                 emb = self.clip(pixel_values=pixels).image_embeds
                 scores = self.head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1).float().cpu().tolist()
-            for i, s in zip(where, scores):
+            for i, s in zip(where, scores, strict=True):
                 out[i] = s
         return out
 
@@ -157,6 +157,20 @@ class Summary:
                            for r in self.shards}}
 
 
+def _score_batch(batch: list[dict], scorer: Callable, threshold: float, result: ShardResult, lines: list[str],
+                 progress: Callable[[int], None] | None) -> None:
+    """Score `batch` into `result` and `lines` (one sidecar line per scored sample), then empty it."""
+    for sample, score in zip(batch, scorer(batch), strict=True):
+        if score is None:
+            result.skipped += 1
+            continue
+        lines.append(json.dumps({"__key__": sample["__key__"], "score": round(score, 6)}))
+        result.samples += 1
+        result.kept += score >= threshold
+    progress and progress(len(batch))
+    batch.clear()
+
+
 def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable, threshold: float,
                  batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Summary:
     """Score every sample of every shard, write the sidecars and the summary; return the summary."""
@@ -168,26 +182,14 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = Summary(scorer=scorer.name, threshold=threshold)
-    for url, name in zip(shards, names):
+    for url, name in zip(shards, names, strict=True):
         result, lines, batch = ShardResult(name), [], []
-
-        def flush():
-            for sample, score in zip(batch, scorer(batch)):
-                if score is None:
-                    result.skipped += 1
-                    continue
-                lines.append(json.dumps({"__key__": sample["__key__"], "score": round(score, 6)}))
-                result.samples += 1
-                result.kept += score >= threshold
-            progress and progress(len(batch))
-            batch.clear()
-
         damage = TarDamage()
         for sample in iter_samples(url, damage):
             batch.append(sample)
             if len(batch) == batch_size:
-                flush()
-        flush()
+                _score_batch(batch, scorer, threshold, result, lines, progress)
+        _score_batch(batch, scorer, threshold, result, lines, progress)
         result.error = damage.error or None
         atomic_write(out / SIDECAR.format(result.name), "".join(line + "\n" for line in lines))
         summary.shards.append(result)

@@ -22,10 +22,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
@@ -67,6 +67,32 @@ class Extraction:
     results: list[ShardResult] = field(default_factory=list)  # shards encoded and kept by this call
     damaged: list[ShardResult] = field(default_factory=list)  # broken-off inputs left unfinished (retry)
     seconds: float = 0.0
+
+    def describe(self, out) -> str:
+        """One line: what was encoded, what the cache at `out` now holds, and what was damaged or missing."""
+        m, n = self.manifest, sum(r.count for r in self.results)
+        skipped = sum(len(r.skipped) for r in self.results)  # samples, never shards
+        kept = [r for r in self.results if r.damaged]
+        missing = {}
+        for r in self.results:
+            for src, k in r.missing_captions.items():
+                missing[src] = missing.get(src, 0) + k
+        state = "complete" if m.complete else f"{m.done} of {len(m.shards)} shards done" + (
+            "" if self.damaged else " (other ranks may still run)")
+        return (f"encoded {n} samples in {len(self.results)} shards ({skipped} skipped) in {self.seconds:.1f}s; "
+                f"{out}: {m.count} samples, {state}"
+                + (f"; samples without caption {missing}" if missing else "")
+                + (f"; {_shards(self.damaged)} damaged: {_damage(self.damaged)}; rerun to retry, or "
+                   "--accept-damaged to keep what was read" if self.damaged else "")
+                + (f"; {_shards(kept)} damaged, kept as read: {_damage(kept)}" if kept else ""))
+
+
+def _shards(results) -> str:
+    return f"{len(results)} shard{'s' * (len(results) != 1)}"
+
+
+def _damage(results) -> str:
+    return ", ".join(f"{r.name} ({r.damaged})" for r in results)
 
 
 def bucket_table(name: str) -> dict[str, tuple[int, int]]:
@@ -121,7 +147,7 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
 def _caption_files(urls: list[str], names: list[str], cfg: FeatureConfig) -> list[dict]:
     """Per shard, {source: sidecar jsonl or None for "txt"}; a missing sidecar is an error up front."""
     out = []
-    for url, name in zip(urls, names):
+    for url, name in zip(urls, names, strict=True):
         files: dict[str, str | None] = {}
         for src in cfg.captions:
             if src == "txt":
@@ -156,7 +182,7 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
                              cfg.dtype, cfg.device, local_files_only=cfg.local_files_only)  # validates dtype
     urls = resolve_shards(shards)
     names = check_unique_names(urls)
-    for url, name in zip(urls, names):
+    for url, name in zip(urls, names, strict=True):
         if not is_url(url) and Path(url).resolve() == (out / f"{name}.tar").resolve():
             raise PixArtError(f"--out {out} would overwrite the input shard {url}")
     captions = _caption_files(urls, names, cfg)
@@ -310,7 +336,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
     manifest = _refresh(out, header)
     done = {s.name for s in manifest.shards if s.complete}
     todo = [i for i in mine if names[i] not in done]
-    url_of = dict(zip(names, urls))
+    url_of = dict(zip(names, urls, strict=True))
     for i in todo:  # a killed run's half-written tar is never trusted
         (out / f".{names[i]}.tar.tmp").unlink(missing_ok=True)
     results: list[ShardResult] = []

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pixart.data.tars import ShardWriter, TarDamage, decode_image, iter_samples, stable_reason
 from pixart.data.buckets import nearest_bucket, resize_crop
 from pixart.data.schema import FEATURES_EXT, FeatureSample
+from pixart.data.tars import ShardWriter, TarDamage, decode_image, iter_samples, stable_reason
 from pixart.errors import PixArtError
 
 META_DROP = ("annotations",)  # heavy raw metadata stays in the raw shard
@@ -140,7 +141,7 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
                 n = int(mask[j].sum())
                 texts[i][src] = feats[j, :n].clone()
                 res.tokens[src] = res.tokens.get(src, 0) + n
-        for it, mean, std, text in zip(items, dist.mean, dist.std, texts):
+        for it, mean, std, text in zip(items, dist.mean, dist.std, texts, strict=True):
             sample = FeatureSample(it.key, mean.clone(), std.clone(), text, it.meta).to_wds()
             res.text_bytes += sum(t.numel() * t.element_size() for t in text.values())
             res.feature_bytes += len(sample[FEATURES_EXT])

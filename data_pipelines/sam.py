@@ -16,15 +16,15 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pixart.data.tars import IMAGE_EXTS, ShardWriter, TarDamage, decode_image, iter_samples
 from pixart.atomic import atomic_write
 from pixart.data.shards import resolve_shards
+from pixart.data.tars import IMAGE_EXTS, ShardWriter, TarDamage, decode_image, iter_samples
 from pixart.errors import PixArtError
 
 REPORT = "sam_report.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamConfig:
     max_side: int = 1024
     shard_size: int = 1000

@@ -24,9 +24,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -111,7 +111,7 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig) -> dict:
         shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
         while held_out(shape, color, POSITIONS[cell], cfg.holdout):  # redraw: a rejected color stays rare
             shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
-        xs, ys = zip(*_outline(shape, cx, cy, r))
+        xs, ys = zip(*_outline(shape, cx, cy, r), strict=True)
         bbox = [max(0, math.floor(min(xs))), max(0, math.floor(min(ys))),
                 min(width, math.ceil(max(xs))), min(height, math.ceil(max(ys)))]
         objects.append({"shape": shape, "color": color, "size": size,
@@ -138,7 +138,7 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(x, y + 0.25 * r) for x, y in ring(3, r, -math.pi / 2)]
     if shape == "star":
         outer, inner = ring(5, r, -math.pi / 2), ring(5, 0.5 * r, -math.pi / 2 + math.pi / 5)
-        return [p for pair in zip(outer, inner) for p in pair]
+        return [p for pair in zip(outer, inner, strict=True) for p in pair]
     if shape == "cross":  # a plus sign, arms 0.6 r wide
         a = 0.3 * r
         return [(cx + x, cy + y) for x, y in ((-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r),

@@ -19,7 +19,7 @@ def _umask() -> int:
 def _share(folder: Path) -> None:
     """mkdtemp makes 0700 folders and safetensors 0600 files: give them the usual umask modes."""
     mask = _umask()
-    for root, dirs, files in os.walk(folder):
+    for root, _, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)

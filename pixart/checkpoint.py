@@ -70,7 +70,8 @@ def load_into(model: nn.Module, state_dict: StateDict, source: str) -> nn.Module
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
         if keys:
             more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            shown = [f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}" if label == "wrong shapes" else k for k in keys[:3]]
+            shown = [f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}" if label == "wrong shapes"
+                     else k for k in keys[:3]]
             problems.append(f"{label}: {', '.join(shown)}{more}")
     if problems:
         raise PixArtError(f"{source}: does not fit the model: {'; '.join(problems)}")
@@ -85,7 +86,8 @@ def save_checkpoint(out_dir, config: ModelConfig, model_state: StateDict, ema_st
         (tmp / CONFIG_FILE).write_text(config.to_json())
         for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
             if state is not None:
-                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name, metadata={"format": "pt"})
+                tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+                save_file(tensors, tmp / name, metadata={"format": "pt"})
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
     return Path(out_dir)

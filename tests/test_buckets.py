@@ -3,8 +3,15 @@ import numpy as np
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
 from PIL import Image
 
-from pixart.data.buckets import (ASPECT_RATIO_256, ASPECT_RATIO_512, ASPECT_RATIO_1024, nearest_bucket,
-                                 resize_crop, scaled_table, table_for)
+from pixart.data.buckets import (
+    ASPECT_RATIO_256,
+    ASPECT_RATIO_512,
+    ASPECT_RATIO_1024,
+    nearest_bucket,
+    resize_crop,
+    scaled_table,
+    table_for,
+)
 
 
 def test_pixart_tables_have_40_ratios_from_quarter_to_four():

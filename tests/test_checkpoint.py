@@ -12,7 +12,8 @@ def test_save_and_load_round_trip_with_ema(tmp_path):
     model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
     ema = {k: v + 1 for k, v in model.state_dict().items()}
     save_checkpoint(tmp_path / "ck", model.config, model.state_dict(), ema)
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "ema.safetensors", "model.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["config.json", "ema.safetensors", "model.safetensors"]
     assert load_config(tmp_path / "ck") == model.config
     for ema_flag, expected in ((False, model.state_dict()), (True, ema)):
         loaded = load_model(tmp_path / "ck", ema=ema_flag).state_dict()
@@ -72,7 +73,8 @@ def test_wrong_model_state_dict_names_what_does_not_fit(tmp_path):
     a = build_model("PixArt-S/2", depth=2, input_size=8, caption_channels=16)
     b = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=8)
     save_checkpoint(tmp_path / "ck", a.config, b.state_dict())
-    with pytest.raises(PixArtError, match=r"does not fit the model: missing keys: blocks\.1\..*wrong shapes: y_embedder"):
+    wrong = r"does not fit the model: missing keys: blocks\.1\..*wrong shapes: y_embedder"
+    with pytest.raises(PixArtError, match=wrong):
         load_model(tmp_path / "ck")
 
 

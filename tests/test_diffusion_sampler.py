@@ -3,6 +3,7 @@
 and the probability-flow ODE maps x_T = z to mu + s (z - sqrt(a_T) mu) / sqrt(a_T s^2 + 1 - a_T) ≈ mu + s z."""
 import pytest
 import torch
+from tolerance import reordered, rounded
 from torch import nn
 
 from pixart.diffusion import NoiseSchedule, classifier_free_guidance, make_scheduler, sample
@@ -66,7 +67,8 @@ def test_ddpm_learned_sigma_uses_the_variance_channels():
         return _run(model, z, sampler="ddpm", steps=50, cfg_scale=1.0, generator=torch.Generator().manual_seed(2))
 
     # v = -1 selects the posterior variance, i.e. exactly what variance_type="fixed_small" adds.
-    torch.testing.assert_close(run(GaussianModel(var=-1.0)), run(GaussianModel()), rtol=1e-4, atol=1e-4)
+    learned, fixed_small = run(GaussianModel(var=-1.0)), run(GaussianModel())
+    torch.testing.assert_close(learned, fixed_small, **reordered(fixed_small))
     # v = +1 selects beta_t, which for Gaussian data gives the right marginal with few steps (measured over
     # 32k values and 4 seeds: mean 0.295-0.307, std 0.804-0.811); the posterior variance (v = -1) gives std 0.73.
     x = run(GaussianModel(var=1.0))
@@ -120,7 +122,7 @@ def test_make_scheduler_shares_the_schedule_and_rejects_unknown_names():
     for name in ["dpm-solver++", "ddim", "ddpm"]:
         sch = make_scheduler(name, S, "v_prediction")
         assert sch.config.prediction_type == "v_prediction" and sch.config.beta_schedule == "linear"
-        torch.testing.assert_close(sch.alphas_cumprod.double(), S.alphas_cumprod, rtol=1e-6, atol=0)
+        torch.testing.assert_close(sch.alphas_cumprod.double(), S.alphas_cumprod, rtol=rounded(roundings=1000), atol=0)
     with pytest.raises(ValueError, match=r"'euler'.*dpm-solver\+\+, ddim, ddpm"):
         make_scheduler("euler", S)
     with pytest.raises(ValueError, match="unknown sampler"):

@@ -5,8 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from pixart.encoders import (TINY_VAE_DOWNSAMPLE, EncoderLoadError, ImageAutoencoder, VAEConfig,
-                             make_tiny_vae)
+from pixart.encoders import TINY_VAE_DOWNSAMPLE, EncoderLoadError, ImageAutoencoder, VAEConfig, make_tiny_vae
 
 H = W = 32
 
@@ -31,8 +30,8 @@ def test_tiny_vae_loads_with_plain_diffusers_and_is_deterministic(vae_dir, tmp_p
     b = AutoencoderKL.from_pretrained(make_tiny_vae(tmp_path, seed=0))
     c = AutoencoderKL.from_pretrained(make_tiny_vae(tmp_path / "s1", seed=1))
     assert a.config.scaling_factor == pytest.approx(0.18215)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
 
 
 def test_encode_decode_shapes(ae, images):

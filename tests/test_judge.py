@@ -47,7 +47,8 @@ def test_predict_reads_a_hand_made_scene(judge):
 
 
 def test_score_is_low_for_the_wrong_images(judge):
-    images, specs = zip(*(render_scene(np.random.default_rng([99, i]), ShapesConfig(resolution=64)) for i in range(40)))
+    scenes = [render_scene(np.random.default_rng([99, i]), ShapesConfig(resolution=64)) for i in range(40)]
+    images, specs = zip(*scenes, strict=True)
     right, wrong = judge.score(images, list(specs)), judge.score(images[1:] + images[:1], list(specs))
     assert right["object"] >= 0.95 and wrong["object"] < 0.3 and wrong["count"] < 0.7
 
@@ -92,7 +93,7 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Judge, "train", classmethod(no_training))
     again = Judge.load_or_train(tmp_path, cfg)
-    for a, b in zip(first.net.state_dict().values(), again.net.state_dict().values()):
+    for a, b in zip(first.net.state_dict().values(), again.net.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     monkeypatch.undo()
     path.write_bytes(b"garbage")  # a corrupt cache is replaced, not trusted
@@ -108,12 +109,14 @@ def test_training_is_deterministic():
 
 def test_score_says_how_many_objects_were_judged(judge):
     """At 32 px small objects are too small to judge: the accuracy covers only the large ones."""
-    images, specs = zip(*(render_scene(np.random.default_rng([5, i]), ShapesConfig(resolution=32)) for i in range(30)))
+    scenes = [render_scene(np.random.default_rng([5, i]), ShapesConfig(resolution=32)) for i in range(30)]
+    images, specs = zip(*scenes, strict=True)
     acc = judge.score(images, list(specs))
     prompted = sum(len(s["objects"]) for s in specs)
     judged = sum(judgeable(o, s["width"], s["height"]) for s in specs for o in s["objects"])
     assert (acc["prompted"], acc["judged"], acc["objects"]) == (prompted, judged, judged) and 0 < judged < prompted
     assert acc["judged_fraction"] == pytest.approx(judged / prompted)
     line = describe(acc)
-    assert line.startswith(f"object {acc['object']:.1%} of {judged} judged objects") and f"of {prompted} prompted" in line
+    assert line.startswith(f"object {acc['object']:.1%} of {judged} judged objects")
+    assert f"of {prompted} prompted" in line
     assert f"{prompted - judged} too small to judge" in line

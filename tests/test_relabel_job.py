@@ -108,7 +108,8 @@ def test_damaged_shard_is_retried_until_whole(world, tmp_path):
     (src / "s-000000.tar").write_bytes(whole)
     second = relabel(src, out, _cfg(), log=lambda m: None)
     assert second.runs[0].skipped == first.runs[0].done and not second.runs[0].damaged
-    assert [r["__key__"] for r in _rows(out / "s-000000.metadata.jsonl")] == _keys(world / "shapes" / "shapes-000000.tar")
+    keys = [r["__key__"] for r in _rows(out / "s-000000.metadata.jsonl")]
+    assert keys == _keys(world / "shapes" / "shapes-000000.tar")
     assert not list(out.glob(".*.partial")) and second.summary["shards"]["damaged"] == {}
     (src / "s-000000.tar").write_bytes(whole[:len(whole) // 2])
     kept = relabel(src, tmp_path / "kept", _cfg(accept_damaged=True), log=lambda m: None)
@@ -330,7 +331,7 @@ def test_job_worker_killed_while_its_loader_starts(world, tmp_path):
 
     tar = sorted((world / "shapes").glob("*.tar"))[0]
     before = _decode_workers()
-    for t in range(40):  # the race hit ~3 in 40 before the fix (reviewer's repro)
+    for _ in range(40):  # the race hit ~3 in 40 before the fix (reviewer's repro)
         pid = os.fork()
         if pid == 0:
             try:

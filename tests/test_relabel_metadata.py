@@ -32,7 +32,7 @@ def _object_clause(caption: str, obj: dict) -> str:
 
 def test_names_everything(samples):
     cap = build_captioner(CaptionerConfig("metadata"))
-    for s, text in zip(samples, cap.caption(samples)):
+    for s, text in zip(samples, cap.caption(samples), strict=True):
         meta, low = s["json"], text.lower()
         for o in meta["objects"]:
             assert o["color"] in low and o["shape"] in low
@@ -51,7 +51,7 @@ def test_names_everything(samples):
 def test_position_and_size_stay_with_their_object(samples):
     """Each object's own clause carries its size and position words, not a neighbour's."""
     cap = MetadataCaptioner()
-    for s, text in zip(samples[:60], cap.caption(samples[:60])):
+    for s, text in zip(samples[:60], cap.caption(samples[:60]), strict=True):
         objs = s["json"]["objects"]
         if len({(o["color"], o["shape"]) for o in objs}) < len(objs):
             continue  # two look-alike objects: no way to tell the clauses apart
@@ -64,7 +64,7 @@ def test_deterministic_per_seed_and_varied(samples):
     a = MetadataCaptioner(CaptionerConfig("metadata", seed=0)).caption(samples)
     assert a == MetadataCaptioner(CaptionerConfig("metadata", seed=0)).caption(samples[::-1])[::-1]  # order-free
     b = MetadataCaptioner(CaptionerConfig("metadata", seed=1)).caption(samples)
-    assert sum(x != y for x, y in zip(a, b)) > 0.8 * len(a)
+    assert sum(x != y for x, y in zip(a, b, strict=True)) > 0.8 * len(a)
     assert MetadataCaptioner().caption(samples[:5], seed=1) == b[:5]  # a retry's seed
     openings = {" ".join(t.split()[:2]) for t in a}
     assert len(openings) >= 10, openings  # no single template

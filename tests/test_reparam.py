@@ -1,7 +1,8 @@
 import pytest
 import torch
-
 from conftest import perturb_
+from tolerance import reordered, rounded
+
 from pixart.errors import PixArtError
 from pixart.models import build_model
 from pixart.models.reparam import GLOBAL_INITS, dit_to_pixart, infer_dit_config, modulation_error
@@ -21,10 +22,11 @@ def test_converted_model_reproduces_dit_null_class_at_t500_for_any_caption(globa
     for caption in (torch.randn(3, 120, 16), torch.randn(3, 7, 16) * 10):
         out = pixart(x, t, caption)
         # float32 rounding: the two nets sum the same terms in a different order
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, ref, **reordered(ref))
     # away from t_ref one shared MLP cannot match every block: close, not equal
     t100 = torch.full((3,), 100)
-    assert not torch.allclose(pixart(x, t100, caption), dit(x, t100, torch.full((3,), 10)), rtol=1e-4, atol=1e-4)
+    ref100 = dit(x, t100, torch.full((3,), 10))
+    assert not torch.allclose(pixart(x, t100, caption), ref100, **reordered(ref100))  # more than rounding
 
 
 def test_modulation_is_exact_at_t_ref_and_mean_init_is_best_over_t():
@@ -33,7 +35,7 @@ def test_modulation_is_exact_at_t_ref_and_mean_init_is_best_over_t():
     errors = {}
     for init in GLOBAL_INITS:
         blocks, final = modulation_error(dit, dit_to_pixart(dit, global_init=init, caption_channels=16), t)
-        assert blocks[500] < 1e-6 and final[500] < 1e-6
+        assert blocks[500] < rounded() and final[500] < rounded()  # the tables: float64, then float32
         errors[init] = blocks.square().mean().item()
     assert errors["mean"] <= min(errors.values())
 
@@ -41,7 +43,7 @@ def test_modulation_is_exact_at_t_ref_and_mean_init_is_best_over_t():
 def test_t_ref_is_configurable():
     dit = trained_like_dit()
     blocks, _ = modulation_error(dit, dit_to_pixart(dit, t_ref=200, caption_channels=16), torch.tensor([200, 500]))
-    assert blocks[0] < 1e-6 < blocks[1]
+    assert blocks[0] < rounded() < blocks[1]
 
 
 def test_architecture_is_inferred_from_shapes():

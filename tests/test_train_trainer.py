@@ -10,6 +10,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from tolerance import adam_steps, reordered
 
 from pixart.checkpoint import load_model
 
@@ -212,11 +213,12 @@ def test_compiled_blocks_train_like_eager(cache, tmp_path):
     losses = {k: [json.loads(line)["loss"] for line in (v / "metrics.jsonl").read_text().splitlines()]
               for k, v in runs.items()}
     assert len(losses["eager"]) == 4
-    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-6)
+    eager = torch.tensor(losses["eager"])
+    torch.testing.assert_close(torch.tensor(losses["compiled"]), eager, **reordered(eager))
     want, got = weights(runs["eager"], 4, "model.safetensors"), weights(runs["compiled"], 4, "model.safetensors")
     assert want.keys() == got.keys()  # compiled in place: the checkpoint's names are the model's
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=2e-4, msg=k)
+        torch.testing.assert_close(got[k], want[k], **adam_steps(1e-3, 3.5), msg=k)  # warmup 2: 0.5 + 1 + 1 + 1
 
 
 def test_auto_checkpointing_takes_the_fewest_blocks_that_fit(cache, tmp_path):

@@ -6,6 +6,7 @@ weights, grads, fp32 masters, AdamW moments and the fp32 EMA. It is a prediction
 allocator caching, kernel workspaces and fragmentation come on top (hence --usable).
 
     python tools/memory_plan.py --model PixArt-XL/2 --resolution 1024 --gpu-gb 141
+    python tools/memory_plan.py --measure 16 --checkpoint 0    # on a GPU: one real step's peak beside it
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def main() -> None:
     p.add_argument("--usable", type=float, default=0.9, help="fraction of it the plan may use (default 0.9)")
     p.add_argument("--caption-tokens", type=int, default=120)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--measure", type=int, metavar="BATCH",
+                   help="on a CUDA device, also run one training step at this batch and print its peak memory")
+    p.add_argument("--checkpoint", type=int, default=0, help="blocks checkpointed in the --measure step")
     args = p.parse_args()
     torch.set_num_threads(2)
 
@@ -50,6 +54,40 @@ def main() -> None:
         batch = int((budget - states) // per_image)
         print(f"  {name:32s} {per_image / GB:7.3f} GB per image -> largest batch {batch} "
               f"({(states + batch * per_image) / GB:.1f} GB)")
+    if args.measure:
+        per_image = peak_activation_bytes(depth, args.checkpoint, block, inp)
+        print(f"batch {args.measure}, {args.checkpoint} blocks checkpointed: predicted "
+              f"{(states + args.measure * per_image) / GB:.1f} GB, measured {measure_step(args) / GB:.1f} GB "
+              f"(torch.cuda.max_memory_allocated)")
+
+
+def measure_step(args) -> float:
+    """Peak bytes of one training step on the GPU, in the states' layout the plan counts: model weights
+    and grads in the training dtype, fp32 masters and AdamW moments, an fp32 EMA copy."""
+    from pixart.diffusion import NoiseSchedule, diffusion_loss
+    from pixart.train.bench import MasterWeightAdamW
+
+    device, dtype, side = torch.device("cuda"), DTYPES[args.precision], args.resolution // 8
+    model = build_model(args.model, input_size=side).to(device, dtype).train()
+    model.set_grad_checkpointing(args.checkpoint)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-6) if dtype != torch.float32 \
+        else torch.optim.AdamW(model.parameters(), lr=1e-6)
+    ema = [p.detach().float().clone() for p in model.parameters()]  # noqa: F841  held, as the trainer's EMA
+    B, C, L = args.measure, model.config.in_channels, args.caption_tokens
+    x0 = torch.randn(B, C, side, side, device=device)
+    noise, t, schedule = torch.randn_like(x0), torch.randint(0, 1000, (B,), device=device), NoiseSchedule.linear()
+    xt = schedule.q_sample(x0, t, noise)
+    y = torch.randn(B, L, model.config.caption_channels, device=device, dtype=dtype)
+    mask = torch.ones(B, L, device=device, dtype=torch.long)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):  # the second step has the optimizer's states allocated
+        out = model(xt.to(dtype), t, y, mask)
+        loss = diffusion_loss(out, x0, xt, t, noise, schedule, learn_sigma=model.config.learn_sigma).loss
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 if __name__ == "__main__":

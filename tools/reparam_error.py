@@ -30,7 +30,8 @@ def toy_batch(batch: int, num_classes: int, side: int, gen: torch.Generator):
     angle = labels.float() / num_classes * 6.283
     cy, cx = 0.5 * angle.sin(), 0.5 * angle.cos()
     blob = torch.exp(-((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / 0.1)
-    channel_gain = torch.linspace(-1, 1, 4)[None, :, None, None] * (1 + labels.float()[:, None, None, None] / num_classes)
+    per_class = 1 + labels.float()[:, None, None, None] / num_classes
+    channel_gain = torch.linspace(-1, 1, 4)[None, :, None, None] * per_class
     return blob[:, None] * channel_gain + 0.05 * torch.randn(batch, 4, side, side, generator=gen), labels
 
 

@@ -15,7 +15,7 @@ import yaml
 
 def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | None) -> dict:
     from pixart.checkpoint import load_model, load_prediction_type
-    from pixart.cli.demo import HOLDOUT, PIXEL_FACTOR
+    from pixart.demo.pipeline import HOLDOUT, PIXEL_FACTOR
     from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout
     from pixart.eval.judge import Judge
     from pixart.train.config import load_train_config

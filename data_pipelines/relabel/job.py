@@ -49,7 +49,6 @@ from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
 from pixart.errors import PixArtError
 
 
-
 @dataclass
 class RelabelConfig:
     captioner: CaptionerConfig
@@ -392,11 +391,11 @@ def _caption_batch(batcher: Batcher, batch: list[dict], base: dict, cfg: Relabel
             return row(item, None, _reason(out), attempts)
         return row(item, out, quality.check(out, cfg.quality), attempts, out)
 
-    rows = [judge(item, out, 1) for item, out in zip(batch, batcher(batch))]
+    rows = [judge(item, out, 1) for item, out in zip(batch, batcher(batch), strict=True)]
     again = [i for i, r in enumerate(rows) if r["status"] != "ok" and "rejected" in r]
     if again:
         outs = batcher([batch[i] for i in again], seed=cfg.captioner.seed + 1)
-        for i, out in zip(again, outs):
+        for i, out in zip(again, outs, strict=True):
             rows[i] = judge(batch[i], out, 2)
     return rows
 
@@ -484,7 +483,7 @@ def _run_workers(todo: list[list[tuple[str, str]]], out: Path, cfg: RelabelConfi
             except queue.Empty:
                 dead = [j for j in running if not procs[j].is_alive() and q.empty()]
                 if dead:
-                    raise RuntimeError(f"relabel worker {dead[0]} died (exit code {procs[dead[0]].exitcode})")
+                    raise RuntimeError(f"relabel worker {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
                 continue
             if msg[0] == "n":
                 bar.update(msg[1])

@@ -55,7 +55,8 @@ def _join(items: list[str]) -> str:
 def background_phrase(rng: random.Random, kind: str) -> str:
     return rng.choice({
         "plain": ("a plain background", "a flat, uniform neutral background", "a solid plain background"),
-        "gradient": ("a gradient background", "a smoothly shaded neutral gradient", "a background with a soft gradient"),
+        "gradient": ("a gradient background", "a smoothly shaded neutral gradient",
+                     "a background with a soft gradient"),
         "texture": ("a textured background", "a patterned, textured neutral background",
                     "a background with a subtle texture"),
     }.get(kind, (f"a {kind} background",)))

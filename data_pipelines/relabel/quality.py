@@ -14,7 +14,8 @@ from dataclasses import dataclass
 # Phrases VLMs open a refusal or disclaimer with, at the start of a sentence among the first words,
 # so a caption that quotes a sign saying "I cannot wait" is not thrown away.
 REFUSAL = re.compile(
-    r"(?:^|[.!?]\s+)(i'?m sorry|i am sorry|sorry, but|i apologi[sz]e|i cannot|i can'?t|i can not|i'?m (?:not able|unable)"
+    r"(?:^|[.!?]\s+)(i'?m sorry|i am sorry|sorry, but|i apologi[sz]e|i cannot|i can'?t|i can not"
+    r"|i'?m (?:not able|unable)"
     r"|i am (?:not able|unable)|i do not have the ability|as an ai\b|as a language model|i'?m an ai\b)", re.I)
 
 

@@ -130,7 +130,8 @@ def summarize(captioner: str, model: str, prompt: str | None, shards: dict[str, 
     secs = run.get("seconds", 0.0)
     return {
         "captioner": captioner, "model": model, "prompt": prompt,
-        "shards": {"total": len(shards), "finished": sum(s is not None for s in shards.values()), "damaged": dict(damaged or {}),
+        "shards": {"total": len(shards), "finished": sum(s is not None for s in shards.values()),
+                   "damaged": dict(damaged or {}),
                    **({"damaged_kept": kept} if kept else {})},
         "counts": {"done": total.ok, "failed": total.failed, "skipped": run.get("skipped", 0)},
         "failure_reasons": dict(sorted(total.reasons.items())),

@@ -1,9 +1,6 @@
 """`pixart convert-dit`: a facebookresearch/DiT checkpoint -> a reparameterized PixArt checkpoint folder."""
 from __future__ import annotations
 
-import json
-
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -32,26 +29,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from pathlib import Path
+    from pixart.export.dit import ReparamConfig, convert_dit
 
-    from pixart.checkpoint import load_into, load_model, read_state_dict, save_checkpoint, unwrap_state_dict
-    from pixart.errors import PixArtError
-    from pixart.models import DiT
-    from pixart.models.reparam import dit_to_pixart, infer_dit_config
-
-    if Path(args.src).is_dir():  # a stage-1 checkpoint folder
-        dit = load_model(args.src, ema=(Path(args.src) / "ema.safetensors").is_file())
-        if not isinstance(dit, DiT):
-            raise PixArtError(f"{args.src}: holds a {dit.config.arch} model, not a class-conditional DiT")
-    else:
-        state = unwrap_state_dict(read_state_dict(args.src), args.src)
-        dit = load_into(DiT(infer_dit_config(state, args.num_heads, args.num_classes, args.src)), state, args.src)
-        del state  # the DiT holds its own copy; XL is 2.7 GB
-    pixart = dit_to_pixart(dit, global_init=args.global_init, t_ref=args.t_ref,
-                           caption_channels=args.caption_channels, model_max_length=args.max_length, seed=args.seed)
-    provenance = {"source": str(args.src), "global_init": args.global_init, "t_ref": args.t_ref, "seed": args.seed}
-    save_checkpoint(args.out, pixart.config, pixart.state_dict(),
-                    extra={"reparam.json": json.dumps(provenance, indent=2)}, overwrite=args.overwrite,
-                    sources=(args.src,))
-    print(f"wrote {args.out}: {pixart.config.depth} blocks, width {pixart.config.hidden_size}, "
-          f"{pixart.config.num_heads} heads, from a DiT of {dit.config.num_classes} classes + null")
+    cfg = ReparamConfig(global_init=args.global_init, t_ref=args.t_ref, caption_channels=args.caption_channels,
+                        max_length=args.max_length, seed=args.seed)
+    pixart = convert_dit(args.src, args.out, cfg, num_heads=args.num_heads, num_classes=args.num_classes,
+                         overwrite=args.overwrite)
+    c = pixart.config
+    print(f"wrote {args.out}: {c.depth} blocks, width {c.hidden_size}, {c.num_heads} heads")

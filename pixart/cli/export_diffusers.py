@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pixart.errors import PixArtError
 
@@ -29,18 +28,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from pixart.checkpoint import EMA_FILE, load_model, load_prediction_type
-    from pixart.export.diffusers import PipelineParts, export
+    from pixart.export.diffusers import PipelineParts, export_checkpoint
 
-    ema = args.ema if args.ema is not None else (Path(args.ckpt) / EMA_FILE).is_file()
     parts = None
     if args.text_encoder or args.vae or args.tokenizer:
         if not (args.text_encoder and args.vae):
             raise PixArtError("a pipeline export needs both --text-encoder and --vae (and optionally --tokenizer)")
         parts = PipelineParts(args.text_encoder, args.tokenizer or args.text_encoder,
                               None if args.vae.lower() == "none" else args.vae)
-    prediction = load_prediction_type(args.ckpt)  # the training objective goes into the scheduler config
-    export(load_model(args.ckpt, ema=ema).eval(), args.out, parts, overwrite=args.overwrite, sources=(args.ckpt,),
-           prediction_type=prediction)
+    _, ema, prediction = export_checkpoint(args.ckpt, args.out, parts, ema=args.ema, overwrite=args.overwrite)
     kind = "pipeline" if parts else "transformer"
     print(f"wrote diffusers {kind} to {args.out} ({'EMA' if ema else 'model'} weights, {prediction})")

@@ -57,26 +57,4 @@ def run(args) -> None:
         text_encoder_subfolder=args.text_encoder_subfolder, tokenizer=args.tokenizer,
         vae_subfolder=args.vae_subfolder, accept_damaged=args.accept_damaged)
     ex = extract_features(args.shards, args.out, cfg, overwrite=args.overwrite)
-    m, n = ex.manifest, sum(r.count for r in ex.results)
-    skipped = sum(len(r.skipped) for r in ex.results)  # samples, never shards
-    kept = [r for r in ex.results if r.damaged]
-    missing = {}
-    for r in ex.results:
-        for src, k in r.missing_captions.items():
-            missing[src] = missing.get(src, 0) + k
-    state = "complete" if m.complete else f"{m.done} of {len(m.shards)} shards done" + (
-        "" if ex.damaged else " (other ranks may still run)")
-    print(f"encoded {n} samples in {len(ex.results)} shards ({skipped} skipped) in {ex.seconds:.1f}s; "
-          f"{args.out}: {m.count} samples, {state}"
-          + (f"; samples without caption {missing}" if missing else "")
-          + (f"; {_shards(ex.damaged)} damaged: {_damage(ex.damaged)}; rerun to retry, or --accept-damaged "
-             "to keep what was read" if ex.damaged else "")
-          + (f"; {_shards(kept)} damaged, kept as read: {_damage(kept)}" if kept else ""))
-
-
-def _shards(results) -> str:
-    return f"{len(results)} shard{'s' * (len(results) != 1)}"
-
-
-def _damage(results) -> str:
-    return ", ".join(f"{r.name} ({r.damaged})" for r in results)
+    print(ex.describe(args.out))

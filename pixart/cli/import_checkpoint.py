@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "import",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pixart import __version__
 from pixart.cli import (
     bench,
     convert_dit,
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pixart",
         description="Train, convert and export PixArt-alpha text-to-image diffusion transformers.",
     )
+    parser.add_argument("--version", action="version", version=f"pixart {__version__}")
     # The deepspeed launcher inserts --local_rank=N before the command; ranks come from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

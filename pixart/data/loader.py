@@ -246,7 +246,7 @@ class Loader:
             log.info("scanned %d samples of %d shards for bucket counts", seen, len(todo))
             full = [n for n in found if n is not None]
             mean = Counter({b: n / max(len(full), 1) for b, n in sum(full, Counter()).items()})
-            for i, n in zip(todo, found):
+            for i, n in zip(todo, found, strict=True):
                 counts[i] = n if n is not None else mean  # past scan_samples: the scanned shards' mean
         return {"counts": [dict(n) for n in counts], "kept": (kept, total),
                 "scale": float(ms[0].scaling_factor) if ms else 1.0,

@@ -34,8 +34,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch

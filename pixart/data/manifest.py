@@ -106,7 +106,7 @@ class Manifest:
         return atomic_write(Path(folder) / MANIFEST, self.to_json())
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Manifest":
+    def load(cls, folder: str | os.PathLike) -> Manifest:
         path = Path(folder) / MANIFEST
         try:
             d = json.loads(path.read_text())
@@ -128,7 +128,7 @@ class Manifest:
         except (ValueError, TypeError) as e:
             raise PixArtError(f"{path}: not a feature manifest ({e})") from None
 
-    def check(self, expected, where: str | os.PathLike | None = None) -> "Manifest":
+    def check(self, expected, where: str | os.PathLike | None = None) -> Manifest:
         """Raise PixArtError naming the first field of `expected` (a dict or a dataclass of CHECKED
         names) that differs, or when the cache is unfinished. An unknown name is an error too: a
         misspelt or misplaced setting would otherwise pass unchecked."""

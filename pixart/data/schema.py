@@ -49,7 +49,7 @@ class FeatureSample:
         return {"__key__": self.key, FEATURES_EXT: save_tensors(tensors), "json": json.dumps(self.meta).encode()}
 
     @classmethod
-    def from_wds(cls, sample: dict) -> "FeatureSample":
+    def from_wds(cls, sample: dict) -> FeatureSample:
         tensors = load_tensors(sample[FEATURES_EXT])
         text = {k[len(TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
         meta = json.loads(sample["json"]) if "json" in sample else {}

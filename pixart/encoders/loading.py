@@ -36,7 +36,7 @@ def check_source(path: str | os.PathLike, what: str) -> str:
 def load_error(what: str, path: str, subfolder: str | None, err: BaseException) -> EncoderLoadError:
     """Wrap any loader exception as a one-line EncoderLoadError naming the source (hub ids fail this way offline)."""
     where = f"'{path}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
-    first = next((l.strip() for l in str(err).splitlines() if l.strip()), "")
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     return EncoderLoadError(f"{what}: failed to load from {where}: {type(err).__name__}: {first}")
 
 

@@ -51,7 +51,7 @@ def score_heldout(judge, images, specs: list[dict]) -> dict:
 
     scores = judge.score(images, [[s] for s in specs])
     strict = []
-    for found, spec, image in zip(judge.predict(list(images)), specs, images):
+    for found, spec, image in zip(judge.predict(list(images)), specs, images, strict=True):
         hits = match(found, [spec], image.width, image.height)
         strict.append(bool(hits["position"] and hits["position"][0] and hits["count"][0]))
     return {"color": scores["color"], "position": sum(strict) / len(strict), "shape": scores["shape"],

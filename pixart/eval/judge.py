@@ -41,8 +41,17 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from data_pipelines import shapes
-from data_pipelines.shapes import (COLORS, PALETTE, POSITIONS, SHAPES, SIZE_FRACTION, SIZES, ShapesConfig, cell_box,
-                                   render_scene)
+from data_pipelines.shapes import (
+    COLORS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    SIZE_FRACTION,
+    SIZES,
+    ShapesConfig,
+    cell_box,
+    render_scene,
+)
 
 VERSION = f"v1-w{shapes.VERSION}"
 ATTRIBUTES = ("position", "color", "shape", "size", "count", "object")
@@ -63,7 +72,7 @@ def judgeable(obj: dict, width: int, height: int) -> bool:
     return "size" not in obj or object_side(obj["size"], width, height) >= MIN_SIDE
 
 
-@dataclass
+@dataclass(frozen=True)
 class JudgeTrainConfig:
     scenes: int = 3000
     resolutions: tuple[int, ...] = (32, 48, 64, 96, 128)
@@ -134,7 +143,7 @@ def detect(image) -> list[dict]:
         bx0, by0, bx1, by1 = cell_box(w, h, cell)
         labels = _components(mask[by0:by1, bx0:bx1])
         ids, areas = np.unique(labels[labels > 0], return_counts=True)
-        for i, area in zip(ids, areas):
+        for i, area in zip(ids, areas, strict=True):
             ys, xs = np.nonzero(labels == i)
             x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
             # noise specks and the blurred rims of a neighbour's object are thin
@@ -182,7 +191,7 @@ class Judge:
     # ------------------------------------------------------------ training and cache
 
     @classmethod
-    def train(cls, cfg: JudgeTrainConfig = JudgeTrainConfig(), log=None) -> "Judge":
+    def train(cls, cfg: JudgeTrainConfig = JudgeTrainConfig(), log=None) -> Judge:
         """Train the shape net on blobs found in fresh renders; deterministic for a cfg (and torch build)."""
         start = time.time()
         crops, feats, labels = [], [], []
@@ -246,7 +255,7 @@ class Judge:
         atomic_write(path, save(state, metadata={"version": VERSION}))
 
     @classmethod
-    def load(cls, path) -> "Judge":
+    def load(cls, path) -> Judge:
         from safetensors.torch import load_file
 
         net = BlobNet()
@@ -254,7 +263,7 @@ class Judge:
         return cls(net)
 
     @classmethod
-    def load_or_train(cls, cache_dir=None, cfg: JudgeTrainConfig = JudgeTrainConfig(), log=None) -> "Judge":
+    def load_or_train(cls, cache_dir=None, cfg: JudgeTrainConfig = JudgeTrainConfig(), log=None) -> Judge:
         """The cached judge, training and caching it first if this machine has none."""
         path = cls.cache_path(cache_dir, cfg)
         if path.is_file():
@@ -278,7 +287,7 @@ class Judge:
             crops = torch.from_numpy(np.stack([d.pop("crop") for d in flat]))[:, None]
             shape, large = self.net(crops, torch.from_numpy(np.stack([d.pop("feats") for d in flat])))
             shape = shape.argmax(-1)
-            for d, s, z in zip(flat, shape.tolist(), (large.gather(1, shape[:, None])[:, 0] > 0).tolist()):
+            for d, s, z in zip(flat, shape.tolist(), (large.gather(1, shape[:, None])[:, 0] > 0).tolist(), strict=True):
                 d["shape"], d["size"] = SHAPES[s], SIZES[int(z)]
         return found[0] if single else found
 
@@ -295,7 +304,7 @@ class Judge:
         prompted = 0
         for lo in range(0, len(images), 64):
             batch = images[lo:lo + 64]
-            for found, spec, image in zip(self.predict(batch), specs[lo:lo + 64], batch):
+            for found, spec, image in zip(self.predict(batch), specs[lo:lo + 64], batch, strict=True):
                 h, w = _to_array(image).shape[:2]
                 prompted += len(spec["objects"] if isinstance(spec, dict) else spec)
                 for attr, ok in match(found, spec, w, h).items():
@@ -308,7 +317,8 @@ class Judge:
 
     def self_accuracy(self, resolution: int, n: int = 300, seed: int = 0, damaged_fraction: float = 0.5) -> dict:
         """Accuracy on n fresh renders at this resolution (never seen in training): the judge's own error bar."""
-        images, specs = zip(*_render_set(n, (resolution,), seed, tag=0xE7A1, damaged_fraction=damaged_fraction))
+        renders = _render_set(n, (resolution,), seed, tag=0xE7A1, damaged_fraction=damaged_fraction)
+        images, specs = zip(*renders, strict=True)
         return self.score(images, list(specs))
 
 

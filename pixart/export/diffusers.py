@@ -124,6 +124,19 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
     return Path(out)
 
 
+def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | None = None,
+                      ema: bool | None = None, overwrite: bool = False) -> tuple[Path, bool, str]:
+    """`export` of a checkpoint folder: its EMA weights when it has them (unless `ema` says), and the
+    prediction type it was trained with in the scheduler. Returns (out, ema used, prediction type)."""
+    from pixart.checkpoint import EMA_FILE, load_model, load_prediction_type
+
+    ema = (Path(ckpt) / EMA_FILE).is_file() if ema is None else ema
+    prediction = load_prediction_type(ckpt)
+    model = load_model(ckpt, ema=ema).eval()
+    export(model, out, parts, overwrite=overwrite, sources=(ckpt,), prediction_type=prediction)
+    return Path(out), ema, prediction
+
+
 def load_null_caption(folder: str | Path) -> torch.Tensor | None:
     path = Path(folder) / NULL_CAPTION_FILE
     return load_file(path)["y_embedding"] if path.is_file() else None

@@ -59,7 +59,7 @@ def to_diffusers(state: StateDict) -> StateDict:
             for fused, pieces in BLOCK_SPLITS:
                 if rest.startswith(fused):
                     suffix = rest[len(fused):]
-                    for piece, chunk in zip(pieces, value.chunk(len(pieces), dim=0)):
+                    for piece, chunk in zip(pieces, value.chunk(len(pieces), dim=0), strict=True):
                         out[f"transformer_blocks.{i}.{piece}{suffix}"] = chunk.clone()
                     break
             else:

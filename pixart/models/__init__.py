@@ -28,7 +28,8 @@ def model_config(name: str, **overrides) -> ModelConfig:
         depth, hidden, heads = SIZES[size]
         fields = dict(FAMILIES[family], depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
     except (ValueError, KeyError):
-        raise PixArtError(f"unknown model name {name!r}; known: PixArt-XL/2, PixArtMS-XL/2, DiT-XL/2, and S/B/L sizes with /2, /4, /8") from None
+        raise PixArtError(f"unknown model name {name!r}; known: PixArt-XL/2, PixArtMS-XL/2, DiT-XL/2, "
+                          "and S/B/L sizes with /2, /4, /8") from None
     fields.update(overrides)
     # PixArt's rule for new resolutions (lewei_scale / interpolation_scale): 1 up to 512 px, 2 at 1024 px.
     fields.setdefault("pe_interpolation", float(max(fields.get("input_size", 32) // 64, 1)))

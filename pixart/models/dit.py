@@ -5,7 +5,6 @@ Stage 1 of the recipe, and the source of the DiT -> PixArt reparameterization.
 from __future__ import annotations
 
 import torch
-from timm.layers import Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -13,11 +12,11 @@ from pixart.models.config import ModelConfig
 from pixart.models.layers import (
     Attention,
     LabelEmbedder,
+    Mlp,
     PatchEmbed,
     TimestepEmbedder,
     check_attn_backend,
     checkpointed_count,
-    gelu_tanh,
     modulate,
     sincos_pos_embed,
     unpatchify,
@@ -33,11 +32,12 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=gelu_tanh, drop=0)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 

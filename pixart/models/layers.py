@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import nn
 
 from pixart.errors import PixArtError
@@ -21,6 +20,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def gelu_tanh() -> nn.Module:
     return nn.GELU(approximate="tanh")
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU (tanh) -> Linear, with timm's `Mlp` parameter names (fc1, fc2) that DiT's and PixArt's
+    checkpoints use. Ours rather than timm's: importing timm pulls in torchvision, ~1.5 s per process."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = gelu_tanh()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 def attention(q, k, v, mask: torch.Tensor | None = None, backend: str = "sdpa") -> torch.Tensor:
@@ -44,7 +57,8 @@ def check_attn_backend(backend: str) -> None:
         try:
             import xformers.ops  # noqa: F401
         except ImportError as e:
-            raise PixArtError("attn_backend='xformers' but xformers is not installed: pip install 'pixart[xformers]'") from e
+            raise PixArtError("attn_backend='xformers' but xformers is not installed: "
+                              "pip install 'pixart[xformers]'") from e
 
 
 class Attention(nn.Module):
@@ -198,7 +212,7 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, caption_channels: int, dim: int, max_length: int, dropout_prob: float):
         super().__init__()
         self.dropout_prob = dropout_prob
-        self.y_proj = Mlp(caption_channels, dim, dim, act_layer=gelu_tanh, drop=0)
+        self.y_proj = Mlp(caption_channels, dim, dim)
         self.register_buffer("y_embedding", torch.randn(max_length, caption_channels) / caption_channels**0.5)
 
     def drop(self, y, mask, drop_ids: torch.Tensor):

@@ -8,7 +8,6 @@ and added to the timestep embedding, and positions are built for any H x W.
 from __future__ import annotations
 
 import torch
-from timm.layers import Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,12 +17,12 @@ from pixart.models.layers import (
     Attention,
     CaptionEmbedder,
     CrossAttention,
+    Mlp,
     PatchEmbed,
     SizeEmbedder,
     TimestepEmbedder,
     check_attn_backend,
     checkpointed_count,
-    gelu_tanh,
     modulate,
     sincos_pos_embed,
     unpatchify,
@@ -38,7 +37,7 @@ class PixArtBlock(nn.Module):
         self.attn = Attention(dim, num_heads, backend)
         self.cross_attn = CrossAttention(dim, num_heads, backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=gelu_tanh, drop=0)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -75,7 +74,8 @@ class PixArt(nn.Module):
         self.x_embedder = PatchEmbed(p, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-        self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.model_max_length, config.class_dropout_prob)
+        self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.model_max_length,
+                                          config.class_dropout_prob)
         if config.micro_conditions:
             self.csize_embedder = SizeEmbedder(D // 3)  # (height, width) -> 2D/3
             self.ar_embedder = SizeEmbedder(D // 3)  # aspect ratio -> D/3

@@ -81,7 +81,8 @@ def _global_mlp(layers: list, init: str) -> tuple[torch.Tensor, torch.Tensor]:
         return first.weight.double(), first.bias.double()
     if init == "zero":
         return torch.zeros_like(first.weight, dtype=torch.float64), torch.zeros_like(first.bias, dtype=torch.float64)
-    weight, bias = torch.zeros_like(first.weight, dtype=torch.float64), torch.zeros_like(first.bias, dtype=torch.float64)
+    weight = torch.zeros_like(first.weight, dtype=torch.float64)
+    bias = torch.zeros_like(first.bias, dtype=torch.float64)
     for layer in layers:
         weight += layer.weight.double()
         bias += layer.bias.double()
@@ -131,7 +132,8 @@ def dit_to_pixart(dit: DiT, *, global_init: GlobalInit = "mean", t_ref: int = 50
     new["t_embedder.mlp.2.bias"] = dit_sd["t_embedder.mlp.2.bias"].double() + null
     new["t_block.1.weight"], new["t_block.1.bias"] = w_g, b_g
     for i, layer in enumerate(layers):  # E_i: block i's modulation at t_ref, less the shared part
-        new[f"blocks.{i}.scale_shift_table"] = (layer.weight.double() @ s_ref + layer.bias.double() - shared_ref).view(6, D)
+        block_ref = layer.weight.double() @ s_ref + layer.bias.double()
+        new[f"blocks.{i}.scale_shift_table"] = (block_ref - shared_ref).view(6, D)
     new["final_layer.scale_shift_table"] = final_table
     pixart.load_state_dict(new, strict=True)  # copies (and casts to float32) into PixArt's own tensors
     return pixart
@@ -149,7 +151,7 @@ def modulation_error(dit: DiT, pixart: PixArt, timesteps: torch.Tensor) -> tuple
     t_block = pixart.t_block[1]
     t0 = F.silu(t) @ t_block.weight.double().T + t_block.bias.double()  # (T, 6D)
     err, ref = torch.zeros(len(timesteps), dtype=torch.float64), torch.zeros(len(timesteps), dtype=torch.float64)
-    for dit_block, block in zip(dit.blocks, pixart.blocks):
+    for dit_block, block in zip(dit.blocks, pixart.blocks, strict=True):
         layer = dit_block.adaLN_modulation[1]
         target = s @ layer.weight.double().T + layer.bias.double()
         ours = block.scale_shift_table.double().reshape(-1) + t0

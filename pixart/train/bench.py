@@ -99,7 +99,7 @@ class MasterWeightAdamW:
         self.opt = torch.optim.AdamW(self.master, **adam)
 
     def step(self) -> None:
-        for p, m in zip(self.params, self.master):
+        for p, m in zip(self.params, self.master, strict=True):
             m.grad = p.grad.float()
         self.opt.step()
         with torch.no_grad():
@@ -152,7 +152,9 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             compile_blocks(model)
         autocast = dtype != torch.float32 and not bf16_weights
 
-        def forward(model=model, name=name, trim=_has(name, "+trim", rows), autocast=autocast):
+        trim = _has(name, "+trim", rows)
+
+        def forward(model=model, name=name, trim=trim, autocast=autocast):
             with torch.autocast(device.type, dtype=dtype, enabled=autocast):
                 if name == "diffusers":
                     return model(xt, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,

@@ -127,7 +127,7 @@ class TrainConfig(Section):
     validation: ValidationSection = Field(default_factory=ValidationSection)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.deepspeed.precision != "fp32" and self.deepspeed.zero_stage == 0:
             # Without ZeRO, DeepSpeed trains bf16/fp16 weights in place: no fp32 master copy.
             raise ValueError(f"deepspeed.precision {self.deepspeed.precision} needs zero_stage >= 1 "

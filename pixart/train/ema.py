@@ -25,9 +25,9 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """shadow = decay * shadow + (1 - decay) * weights, as PixArt's and DiT's update_ema."""
-        pairs = [(s, f.view) for s, f in zip(self.shadow, self.fragments) if s is not None]
+        pairs = [(s, f.view) for s, f in zip(self.shadow, self.fragments, strict=True) if s is not None]
         if pairs:
-            shadow, weights = zip(*pairs)
+            shadow, weights = zip(*pairs, strict=True)
             torch._foreach_lerp_(list(shadow), list(weights), 1.0 - self.decay_at(step))
 
     def full_state(self, to_rank0_only: bool = True) -> dict[str, Tensor]:

@@ -79,7 +79,7 @@ def gather(fragments: list[Fragment], pieces: list[Tensor | None], to_rank0_only
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = {}
-    for frag, piece in zip(fragments, pieces):
+    for frag, piece in zip(fragments, pieces, strict=True):
         device = piece.device if piece is not None else _device()
         full = torch.zeros(frag.numel, dtype=torch.float32, device=device)
         if frag.owner and piece is not None:
@@ -94,7 +94,7 @@ def gather(fragments: list[Fragment], pieces: list[Tensor | None], to_rank0_only
 @torch.no_grad()
 def scatter_into(fragments: list[Fragment], pieces: list[Tensor | None], full: dict[str, Tensor], source: str) -> None:
     """Copy this rank's slice of each full tensor into `pieces` (the inverse of `gather`)."""
-    for frag, piece in zip(fragments, pieces):
+    for frag, piece in zip(fragments, pieces, strict=True):
         if piece is None:
             continue
         if frag.name not in full or full[frag.name].numel() != frag.numel:

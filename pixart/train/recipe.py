@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch.distributed as dist
 import yaml
@@ -31,8 +32,9 @@ log = logging.getLogger("pixart.train")
 
 
 class Reparam(Section):
+    """`pixart.export.dit.ReparamConfig`'s fields, plus where the DiT comes from."""
     source: str  # a previous step's name, or a DiT checkpoint file (facebookresearch/DiT layout)
-    global_init: str = "mean"
+    global_init: Literal["mean", "block0", "zero"] = "mean"
     t_ref: int = 500
     caption_channels: int = 4096
     max_length: int = 120
@@ -47,7 +49,7 @@ class Step(Section):
     reparam: Reparam | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Step":
+    def _one_kind(self) -> Step:
         if (self.config is None) == (self.reparam is None):
             raise ValueError(f"step {self.name!r}: give exactly one of `config` (a training stage) or `reparam`")
         return self
@@ -58,7 +60,7 @@ class Recipe(Section):
     stages: list[Step]
 
     @model_validator(mode="after")
-    def _order(self) -> "Recipe":
+    def _order(self) -> Recipe:
         seen: set[str] = set()
         for s in self.stages:
             for ref in (s.init, s.reparam.source if s.reparam and not _looks_like_file(s.reparam.source) else None):
@@ -87,7 +89,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Run the recipe's steps in order; returns {step: its output checkpoint folder}."""
-    from pixart.cli.main import main as cli
+    from pixart.export.dit import ReparamConfig, convert_dit
 
     from .engine import init_distributed
     from .trainer import Trainer, is_done
@@ -108,11 +110,7 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
                 log.info("%s: done (%s), skipped", step.name, target)
             elif rank == 0:
                 log.info("%s: reparameterizing %s", step.name, src)
-                argv = ["convert-dit", str(src), "--out", str(target), "--global-init", r.global_init,
-                        "--t-ref", str(r.t_ref), "--caption-channels", str(r.caption_channels),
-                        "--max-length", str(r.max_length), "--seed", str(r.seed), "--overwrite"]
-                if cli(argv) != 0:
-                    raise PixArtError(f"{step.name}: reparameterization of {src} failed")
+                convert_dit(src, target, ReparamConfig(**r.model_dump(exclude={"source"})), overwrite=True)
             dist.barrier()
             outputs[step.name] = str(target)
             continue

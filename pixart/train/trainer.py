@@ -16,16 +16,24 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from pixart.atomic import atomic_write
-from pixart.checkpoint import (CONFIG_FILE, DIFFUSION_FILE, EMA_FILE, ENCODERS_FILE, MODEL_FILE, load_config, load_into,
-                               read_state_dict)
+from pixart.checkpoint import (
+    CONFIG_FILE,
+    DIFFUSION_FILE,
+    EMA_FILE,
+    ENCODERS_FILE,
+    MODEL_FILE,
+    load_config,
+    load_into,
+    read_state_dict,
+)
 from pixart.data.loader import Loader, LoaderConfig
 from pixart.data.loader_samples import detect_kind, stable_seed
 from pixart.data.shards import resolve_shards
@@ -300,7 +308,7 @@ class Trainer:
                 self._validate(validator, monitor)
             checkpoints.fault_point("after-step", self.step)
 
-    def _scalars(self, w: "_Window") -> dict[str, float]:
+    def _scalars(self, w: _Window) -> dict[str, float]:
         mean = torch.tensor([w.loss / w.steps], device=self.device)
         dist.all_reduce(mean)
         rate = w.samples / max(time.time() - w.start, 1e-9)
