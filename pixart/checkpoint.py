@@ -22,6 +22,7 @@ from pixart.models import ModelConfig, model_from_config
 CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
 DIFFUSION_FILE = "diffusion.json"  # {"prediction_type"}: what the sampler must assume (trained checkpoints)
 ENCODERS_FILE = "encoders.json"  # the text encoder and VAE it was trained with (trained checkpoints)
+STUDENT_FILE = "student.json"  # {"start_timestep", "teacher"}: a one-step distilled student (pixart distill)
 StateDict = dict[str, torch.Tensor]
 
 
@@ -113,6 +114,17 @@ def load_prediction_type(ckpt_dir) -> str:
         return str(json.loads(path.read_text())["prediction_type"])
     except (ValueError, KeyError) as e:
         raise PixArtError(f"{path}: invalid ({e})") from None
+
+
+def load_student(folder) -> dict | None:
+    """A folder's student.json ({"start_timestep", ...}: a one-step distilled student's checkpoint or export)."""
+    path = Path(folder) / STUDENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PixArtError(f"{path}: invalid JSON ({e})") from None
 
 
 def load_model(ckpt_dir, ema: bool = False) -> nn.Module:

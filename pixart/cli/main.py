@@ -10,6 +10,7 @@ from pixart.cli import (
     convert_dit,
     data,
     demo,
+    distill,
     evaluate,
     export_diffusers,
     extract_features,
@@ -21,8 +22,8 @@ from pixart.cli import (
 )
 from pixart.errors import PixArtError
 
-COMMANDS = (data, relabel, extract_features, train, launch, convert_dit, import_checkpoint, export_diffusers, sample,
-            bench, evaluate, demo)
+COMMANDS = (data, relabel, extract_features, train, launch, distill, convert_dit, import_checkpoint, export_diffusers,
+            sample, bench, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

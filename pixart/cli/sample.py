@@ -7,7 +7,9 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="images from a checkpoint (PNG grid)", description=__doc__ + (
         " The text encoder and VAE are the ones the checkpoint was trained with (its encoders.json), "
-        "unless given. One row per prompt (or class label), one column per seed."),
+        "unless given. One row per prompt (or class label), one column per seed. A distilled one-step student "
+        "(its student.json) samples in one step from its start timestep; --steps, --cfg and --sampler are then "
+        "unused."),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors])")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -32,7 +34,7 @@ def run(args) -> None:
 
     import torch
 
-    from pixart.checkpoint import EMA_FILE, ENCODERS_FILE, load_model, load_prediction_type
+    from pixart.checkpoint import EMA_FILE, ENCODERS_FILE, load_model, load_prediction_type, load_student
     from pixart.errors import PixArtError
     from pixart.train.config import parse_config
     from pixart.train.encoders import load_autoencoder, load_text_encoder
@@ -50,15 +52,18 @@ def run(args) -> None:
     if vae is None or (model.config.arch == "pixart" and text is None):
         raise PixArtError(f"{ckpt}: no {ENCODERS_FILE} names the encoders; pass --text-encoder and --vae")
     encoders = {"text_encoder": text, "max_length": enc.get("max_length") or 120, "dtype": "fp32", "vae": vae}
+    student = load_student(ckpt)
     cfg = parse_config({"data": {"shards": "-"}, "encoders": encoders,
                         "diffusion": {"prediction": load_prediction_type(ckpt)},
                         "validation": {"prompts": args.prompt, "labels": args.label, "seed": args.seed,
                                        "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
-                                       "size": args.size}}, "pixart sample")
+                                       "size": args.size,
+                                       "one_step": student["start_timestep"] if student else None}}, "pixart sample")
     encoder = load_text_encoder(cfg, None) if model.config.arch == "pixart" else None
     decoder = load_autoencoder(cfg, None, scale=None if args.vae else enc.get("scaling_factor"))
     validator = Validator(cfg, model.config, encoder, decoder, torch.device("cpu"), args.columns)
     validator.grid(model.state_dict(), Path(args.out))
+    how = (f"one step from t={student['start_timestep']} (a distilled student)" if student
+           else f"{args.sampler} {args.steps} steps, CFG {args.cfg}")
     print(f"wrote {args.out}: {len(args.prompt) or len(args.label)} x {args.columns} images "
-          f"({'EMA' if ema else 'model'} weights, {cfg.diffusion.prediction}, {args.sampler} {args.steps} steps, "
-          f"CFG {args.cfg})")
+          f"({'EMA' if ema else 'model'} weights, {cfg.diffusion.prediction}, {how})")

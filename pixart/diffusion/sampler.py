@@ -52,3 +52,14 @@ def sample(model, noise: Tensor, y: Tensor, mask: Tensor | None, null_y: Tensor,
         else:
             x = sched.step(out[:, :C], t, x).prev_sample
     return x
+
+
+@torch.no_grad()
+def sample_one_step(model, noise: Tensor, y: Tensor, mask: Tensor | None, *, timestep: int, schedule: NoiseSchedule,
+                    prediction_type: str = "epsilon", data_info: dict[str, Tensor] | None = None) -> Tensor:
+    """A one-step (distilled) student's latents: pure noise labelled `timestep`, one forward, its x_0. This is what
+    diffusers' PixArtAlphaPipeline returns for num_inference_steps=1 (the scheduler's pred_original_sample)."""
+    t = torch.full((noise.shape[0],), timestep, device=noise.device, dtype=torch.long)
+    mask = torch.ones(y.shape[:2], device=y.device, dtype=torch.long) if mask is None else mask
+    out = model(noise, t, y, mask=mask, data_info=data_info)
+    return schedule.predict_x0(noise, t, out[:, :noise.shape[1]].float(), prediction_type)

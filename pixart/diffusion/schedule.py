@@ -70,6 +70,15 @@ class NoiseSchedule:
     def eps_from_v(self, xt: Tensor, t: Tensor, v: Tensor) -> Tensor:
         return _at(self.alphas_cumprod.sqrt(), t, xt) * v + _at((1 - self.alphas_cumprod).sqrt(), t, xt) * xt
 
+    def predict_x0(self, xt: Tensor, t: Tensor, pred: Tensor, prediction_type: str) -> Tensor:
+        """x_0 from a model's prediction in its own parameterisation (eps, or v: x_0 = sqrt(a_t) x_t - sqrt(1 - a_t) v),
+        what diffusers' schedulers return as `pred_original_sample`."""
+        if prediction_type == "epsilon":
+            return self.predict_x0_from_eps(xt, t, pred)
+        if prediction_type == "v_prediction":
+            return _at(self.alphas_cumprod.sqrt(), t, xt) * xt - _at((1 - self.alphas_cumprod).sqrt(), t, xt) * pred
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose 'epsilon' or 'v_prediction'")
+
     def posterior_mean_variance(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         ac, ac_prev = self.alphas_cumprod, self.alphas_cumprod_prev

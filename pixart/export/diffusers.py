@@ -10,6 +10,7 @@ trained on as "unconditional".
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.atomic import atomic_dir
-from pixart.checkpoint import load_into
+from pixart.checkpoint import STUDENT_FILE, load_into
 from pixart.errors import PixArtError
 from pixart.export.keymap import from_diffusers, to_diffusers
 from pixart.models import ModelConfig, PixArt
@@ -90,10 +91,22 @@ class PipelineParts:
     vae: str | None  # None: a pixel-space model; load with from_pretrained(..., vae=None), decode yourself
 
 
+def one_step_scheduler(prediction_type: str):
+    """A one-step student's scheduler, as the released PixArt-DMD ships: DDPM, whose step returns the
+    pred_original_sample that PixArtAlphaPipeline takes for num_inference_steps=1 (DPM-Solver's does not);
+    without clipping, since latents are not confined to [-1, 1]."""
+    from pixart.diffusion import NoiseSchedule, make_scheduler
+
+    return make_scheduler("ddpm", NoiseSchedule.linear(), prediction_type)
+
+
 def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None,
-           overwrite: bool = False, sources: tuple = (), prediction_type: str = "epsilon") -> Path:
+           overwrite: bool = False, sources: tuple = (), prediction_type: str = "epsilon",
+           student: dict | None = None) -> Path:
     """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically.
-    The default scheduler is DPM-Solver++ for the model's `prediction_type`."""
+    The default scheduler is DPM-Solver++ for the model's `prediction_type`; a one-step `student`
+    ({"start_timestep"}) gets a DDPM scheduler and `out/student.json`, the call that samples it:
+    pipe(prompt, num_inference_steps=1, timesteps=[start], guidance_scale=1)."""
     transformer = to_diffusers_transformer(model)
     null = {"y_embedding": model.y_embedder.y_embedding.detach().float().contiguous()}
     if parts is not None:
@@ -109,7 +122,9 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
                 f"export: text encoder {parts.text_encoder} has width {text_encoder.config.d_model}, "
                 f"the model expects caption_channels={model.config.caption_channels}"
             )
-        if scheduler is None:
+        if scheduler is None and student is not None:
+            scheduler = one_step_scheduler(prediction_type)
+        elif scheduler is None:
             from pixart.diffusion import NoiseSchedule, make_scheduler
 
             scheduler = make_scheduler("dpm-solver++", NoiseSchedule.linear(), prediction_type)
@@ -121,6 +136,9 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
         else:
             pipeline.save_pretrained(tmp)
         save_file(null, tmp / NULL_CAPTION_FILE)
+        if student is not None:
+            call = {"num_inference_steps": 1, "timesteps": [student["start_timestep"]], "guidance_scale": 1.0}
+            (tmp / STUDENT_FILE).write_text(json.dumps({**student, "call": call}, indent=2))
     return Path(out)
 
 
@@ -128,12 +146,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
                       ema: bool | None = None, overwrite: bool = False) -> tuple[Path, bool, str]:
     """`export` of a checkpoint folder: its EMA weights when it has them (unless `ema` says), and the
     prediction type it was trained with in the scheduler. Returns (out, ema used, prediction type)."""
-    from pixart.checkpoint import EMA_FILE, load_model, load_prediction_type
+    from pixart.checkpoint import EMA_FILE, load_model, load_prediction_type, load_student
 
     ema = (Path(ckpt) / EMA_FILE).is_file() if ema is None else ema
     prediction = load_prediction_type(ckpt)
     model = load_model(ckpt, ema=ema).eval()
-    export(model, out, parts, overwrite=overwrite, sources=(ckpt,), prediction_type=prediction)
+    export(model, out, parts, overwrite=overwrite, sources=(ckpt,), prediction_type=prediction,
+           student=load_student(ckpt))
     return Path(out), ema, prediction
 
 

@@ -5,7 +5,8 @@
         diffusion.json                                     `export-diffusers` and the next stage read it
         trainer.json                                       step and what the run has logged
         loader-rank{R}.json                                each rank's data position
-        deepspeed/state/...                                DeepSpeed's (sharded) optimizer state
+        deepspeed/state/...                                DeepSpeed's (sharded) optimizer state (one folder
+                                                           per engine: distillation has generator/, fake/)
     RUN/checkpoints/latest                                 "step-000500", replaced atomically
 
 A checkpoint is written under `.step-000500.tmp` by all ranks and renamed by rank 0 only when
@@ -70,10 +71,10 @@ def fault_point(where: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save(run_dir: Path, step: int, engine, files: dict[str, str], model_state: dict | None, ema_state: dict | None,
-         loader_state: dict, trainer_state: dict, keep_last: int) -> Path:
-    """Every rank calls it; `files` are small text files (config.json...), `model_state`/`ema_state` the
-    gathered tensors (rank 0's matter)."""
+def save(run_dir: Path, step: int, engines: dict, files: dict[str, str], model_state: dict | None,
+         ema_state: dict | None, loader_state: dict, trainer_state: dict, keep_last: int) -> Path:
+    """Every rank calls it; `engines` {tag: DeepSpeed engine} (a stage has one, `DS_TAG`; distillation two),
+    `files` small text files (config.json...), `model_state`/`ema_state` the gathered tensors (rank 0's matter)."""
     root = run_dir / "checkpoints"
     name = step_name(step)
     tmp, final = root / f".{name}.tmp", root / name
@@ -81,7 +82,8 @@ def save(run_dir: Path, step: int, engine, files: dict[str, str], model_state: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
+    for tag, engine in engines.items():
+        engine.save_checkpoint(str(tmp / DS_DIR), tag=tag, save_latest=False)
     atomic_write(tmp / f"loader-rank{_rank()}.json", json.dumps(loader_state))
     if _rank() == 0:
         for file, text in files.items():
@@ -104,12 +106,14 @@ def save(run_dir: Path, step: int, engine, files: dict[str, str], model_state: d
     return final
 
 
-def load(ckpt: Path, engine) -> tuple[dict, dict, dict | None]:
-    """Restore DeepSpeed's state into `engine`; returns (trainer state, this rank's loader state, EMA)."""
-    path, _ = engine.load_checkpoint(str(ckpt / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise PixArtError(f"{ckpt}: DeepSpeed could not load its state")
+def load(ckpt: Path, engines: dict) -> tuple[dict, dict, dict | None]:
+    """Restore DeepSpeed's state into each of `engines` {tag: engine}; returns (trainer state, this rank's
+    loader state, EMA)."""
+    for tag, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(ckpt / DS_DIR), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise PixArtError(f"{ckpt}: DeepSpeed could not load its state ({DS_DIR}/{tag})")
     trainer = json.loads((ckpt / TRAINER_FILE).read_text())
     loader_file = ckpt / f"loader-rank{_rank()}.json"
     if not loader_file.is_file():

@@ -112,6 +112,9 @@ class ValidationSection(Section):
     sampler: Literal["dpm-solver++", "ddim", "ddpm"] = "dpm-solver++"
     size: tuple[int, int] | None = None  # latent (h, w); None: the model's input_size square
     ema: bool = True
+    # A one-step (distilled) student: pure noise labelled with this timestep, one forward, its x0 (steps, cfg and
+    # sampler unused). None: the sampler above.
+    one_step: int | None = Field(None, ge=1, le=999)
 
 
 class TrainConfig(Section):
@@ -188,11 +191,14 @@ def validated(model: type[BaseModel], data, source: str):
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        where = "".join(f"{p}: " for p in [".".join(str(p) for p in err["loc"])] if p)  # none: a whole-config rule
+        if err["type"] == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+            kind = str(err["ctx"]["error"])
+        else:
+            kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         shown = err["type"] not in ("extra_forbidden", "missing", "value_error")
         got = f" (got {err.get('input')!r})" if shown else ""
-        raise PixArtError(f"{source}: {where}: {kind}{got}") from None
+        raise PixArtError(f"{source}: {where}{kind}{got}") from None
 
 
 def parse_config(data: dict, source: str) -> TrainConfig:

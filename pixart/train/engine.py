@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pixart.errors import PixArtError
+from pixart.models import DiT, PixArt
 
 from .config import TrainConfig
 
@@ -85,11 +86,13 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     from deepspeed.utils import set_z3_leaf_modules
 
     o = cfg.optim
-    if cfg.deepspeed.zero_stage == 3:
-        set_z3_leaf_modules(model, [type(model.blocks[0])])
+    if cfg.deepspeed.zero_stage == 3:  # the blocks of every DiT or PixArt inside `model` (a wrapper's too)
+        set_z3_leaf_modules(model, list({type(m.blocks[0]) for m in model.modules() if isinstance(m, (DiT, PixArt))}))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(o.warmup_steps))  # noqa: E731
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size))
+    if world_size == 1 and cfg.deepspeed.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # one rank: its "all-reduce" would only copy every gradient twice
     return engine, optimizer, scheduler

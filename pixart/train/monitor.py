@@ -69,10 +69,12 @@ class Monitor:
 
             self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 
-    def loss_curve(self, out: Path, title: str) -> None:
+    def loss_curve(self, out: Path, title: str, keys: tuple[str, ...] = ()) -> None:
+        """The run's loss against step; with `keys`, one line per logged scalar of those names instead."""
         if not self.enabled or not self.history:
             return
-        save_loss_curve({title: self.history}, out)
+        runs = {k: [{"step": r["step"], "loss": r[k]} for r in self.history if k in r] for k in keys}
+        save_loss_curve(runs or {title: self.history}, out)
 
     def close(self) -> None:
         if self.writer is not None:

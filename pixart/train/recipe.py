@@ -6,8 +6,10 @@
       - {name: reparam, reparam: {source: stage1}}               # or source: DiT-XL-2-256x256.pt
       - {name: stage2, config: stage2_sam256.yaml, init: reparam}
       - {name: stage3, config: stage3_aesthetic512.yaml, init: stage2}
+      - {name: dmd, distill: dmd512.yaml, init: stage3}          # one-step DMD student (pixart distill)
 
-Each step writes RUN/<name>/; a training step's `init` (a previous step) becomes its `model.init`.
+Each step writes RUN/<name>/; a training step's `init` (a previous step) becomes its `model.init`, a
+distillation step's its `teacher.init`.
 A finished step is skipped (its DONE.json, or the reparameterized folder), an interrupted one
 resumes from its own checkpoints. Config paths are relative to the recipe file.
 """
@@ -44,14 +46,16 @@ class Reparam(Section):
 class Step(Section):
     name: str
     config: str | None = None  # a stage config (pixart train)
-    init: str | None = None  # a previous step whose output starts this stage
+    distill: str | None = None  # a distillation config (pixart distill)
+    init: str | None = None  # a previous step whose output starts this stage (or is the teacher)
     set: list[str] = Field(default_factory=list)  # --set overrides for this stage
     reparam: Reparam | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Step:
-        if (self.config is None) == (self.reparam is None):
-            raise ValueError(f"step {self.name!r}: give exactly one of `config` (a training stage) or `reparam`")
+        if [self.config, self.distill, self.reparam].count(None) != 2:
+            raise ValueError(f"step {self.name!r}: give exactly one of `config` (a training stage), `distill` or "
+                             "`reparam`")
         return self
 
 
@@ -114,14 +118,21 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
             dist.barrier()
             outputs[step.name] = str(target)
             continue
-        sets = list(step.set) + ([f"model.init={outputs[step.init]}"] if step.init else [])
-        cfg = load_train_config(recipe_path.parent / step.config, sets)
+        init_key = "teacher.init" if step.distill else "model.init"
+        sets = list(step.set) + ([f"{init_key}={outputs[step.init]}"] if step.init else [])
+        if step.distill:
+            from pixart.distill.config import load_distill_config
+            from pixart.distill.trainer import DistillTrainer
+
+            cfg, kind = load_distill_config(recipe_path.parent / step.distill, sets), DistillTrainer
+        else:
+            cfg, kind = load_train_config(recipe_path.parent / step.config, sets), Trainer
         done = is_done(out, cfg.train.max_steps)
         if done is not None:
             log.info("%s: done (%s), skipped", step.name, done)
             outputs[step.name] = str(done)
             continue
-        outputs[step.name] = str(Trainer(cfg, out).run())
+        outputs[step.name] = str(kind(cfg, out).run())
     if rank == 0:
         atomic_write(root / "launch.json", json.dumps({"recipe": str(recipe_path), "outputs": outputs}, indent=2))
     return outputs

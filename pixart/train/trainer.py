@@ -158,15 +158,7 @@ class Trainer:
             raise PixArtError(f"{where}: text_dim {m.text_dim} != model caption_channels {mc.caption_channels}")
 
     def _loader(self) -> Loader:
-        d = self.cfg.data
-        text = vae = None
-        if detect_kind(resolve_shards(d.shards)) == "raw":  # frozen encoders in the training process
-            text = load_text_encoder(self.cfg, None, str(self.device)) if self.model_config.arch == "pixart" else None
-            vae = load_autoencoder(self.cfg, None, str(self.device))
-        return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=self.cfg.train.seed,
-                                   caption=d.caption, buckets=d.buckets, resolution=d.resolution,
-                                   num_workers=d.num_workers, scores_dir=d.scores_dir, min_score=d.min_score,
-                                   expected=d.expected), text_encoder=text, autoencoder=vae)
+        return build_loader(self.cfg, self.model_config.arch, self.device)
 
     def _validator(self):
         from .validation import Validator
@@ -209,9 +201,7 @@ class Trainer:
         return terms.loss.mean()
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-        dist.all_reduce(bad)
-        return bad.item() == 0
+        return all_finite(loss, self.device)
 
     # -- saving ---------------------------------------------------------------------------------
     def full_weights(self, ema: bool) -> dict | None:
@@ -225,25 +215,20 @@ class Trainer:
         files = {CONFIG_FILE: self.model_config.to_json(),
                  DIFFUSION_FILE: json.dumps({"prediction_type": self.cfg.diffusion.prediction}, indent=2),
                  ENCODERS_FILE: json.dumps(self._encoders(), indent=2)}
-        return checkpoints.save(self.run_dir, self.step, self.engine, files,
+        return checkpoints.save(self.run_dir, self.step, {checkpoints.DS_TAG: self.engine}, files,
                                 self.full_weights(ema=False), self.full_weights(ema=True),
                                 self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
                                 {"samples": self.samples, "stage": self.cfg.stage, **history},
                                 self.cfg.train.keep_last)
 
     def _encoders(self) -> dict:
-        """What `pixart sample` needs to turn prompts into images with this checkpoint."""
-        m, e = self.manifest, self.cfg.encoders
-        return {"text_encoder": e.text_encoder or (m.text_encoder if m else None),
-                "max_length": e.max_length if e.text_encoder or not m else m.max_length,
-                "image_encoder": e.vae or (m.image_encoder if m else None),
-                "scaling_factor": m.scaling_factor if m and not e.vae else None}
+        return encoders_record(self.cfg, self.manifest)
 
     def _resume(self) -> None:
         ckpt = checkpoints.latest_checkpoint(self.run_dir)
         if ckpt is None:
             return
-        trainer, loader_state, ema_state = checkpoints.load(ckpt, self.engine)
+        trainer, loader_state, ema_state = checkpoints.load(ckpt, {checkpoints.DS_TAG: self.engine})
         if ema_state is not None:
             self.ema.load_full_state(ema_state, str(ckpt / EMA_FILE))
         if loader_state and hasattr(self.batches, "load_state_dict"):
@@ -322,20 +307,7 @@ class Trainer:
         return scalars
 
     def _data_report(self) -> dict:
-        """What the loaders skipped (corrupt samples, damaged shards), summed over ranks and printed."""
-        stats = getattr(self.batches, "stats", None)
-        mine = {"skipped": dict(stats.skipped), "damaged_shards": sorted(stats.damaged_shards)} if stats else {}
-        every = [None] * self.world
-        dist.all_gather_object(every, mine)
-        report = {"skipped": {}, "damaged_shards": []}
-        for r in every:
-            for reason, n in (r or {}).get("skipped", {}).items():
-                report["skipped"][reason] = report["skipped"].get(reason, 0) + n
-            report["damaged_shards"] += (r or {}).get("damaged_shards", [])
-        if self.main and (report["skipped"] or report["damaged_shards"]):
-            log.warning("data: skipped samples %s; damaged shards %s", report["skipped"] or "none",
-                        report["damaged_shards"] or "none")
-        return report
+        return data_report(self.batches, self.world, self.main)
 
     def _validate(self, validator, monitor: Monitor) -> None:
         weights = self.full_weights(ema=self.cfg.validation.ema)
@@ -344,6 +316,53 @@ class Trainer:
             validator.grid(weights, out)
             monitor.image("validation", self.step, out)
         dist.barrier()
+
+
+def build_loader(cfg, arch: str, device: torch.device) -> Loader:
+    """The shard loader of a stage (or distillation) config: feature shards, or raw shards encoded by the
+    frozen encoders in the training process."""
+    d = cfg.data
+    text = vae = None
+    if detect_kind(resolve_shards(d.shards)) == "raw":
+        text = load_text_encoder(cfg, None, str(device)) if arch == "pixart" else None
+        vae = load_autoencoder(cfg, None, str(device))
+    return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=cfg.train.seed, caption=d.caption,
+                               buckets=d.buckets, resolution=d.resolution, num_workers=d.num_workers,
+                               scores_dir=d.scores_dir, min_score=d.min_score, expected=d.expected),
+                  text_encoder=text, autoencoder=vae)
+
+
+def encoders_record(cfg, manifest) -> dict:
+    """What `pixart sample` needs to turn prompts into images with a checkpoint (its encoders.json)."""
+    m, e = manifest, cfg.encoders
+    return {"text_encoder": e.text_encoder or (m.text_encoder if m else None),
+            "max_length": e.max_length if e.text_encoder or not m else m.max_length,
+            "image_encoder": e.vae or (m.image_encoder if m else None),
+            "scaling_factor": m.scaling_factor if m and not e.vae else None}
+
+
+def all_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    """Whether the loss is finite on every rank (a collective: every rank stops together)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def data_report(batches, world: int, main: bool) -> dict:
+    """What the loaders skipped (corrupt samples, damaged shards), summed over ranks and printed."""
+    stats = getattr(batches, "stats", None)
+    mine = {"skipped": dict(stats.skipped), "damaged_shards": sorted(stats.damaged_shards)} if stats else {}
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    report = {"skipped": {}, "damaged_shards": []}
+    for r in every:
+        for reason, n in (r or {}).get("skipped", {}).items():
+            report["skipped"][reason] = report["skipped"].get(reason, 0) + n
+        report["damaged_shards"] += (r or {}).get("damaged_shards", [])
+    if main and (report["skipped"] or report["damaged_shards"]):
+        log.warning("data: skipped samples %s; damaged shards %s", report["skipped"] or "none",
+                    report["damaged_shards"] or "none")
+    return report
 
 
 class _Window:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pixart.checkpoint import load_into
 from pixart.diffusion import NoiseSchedule
-from pixart.diffusion.sampler import sample
+from pixart.diffusion.sampler import sample, sample_one_step
 from pixart.models import ModelConfig, model_from_config
 
 from .config import TrainConfig
@@ -63,11 +63,15 @@ class Validator:
             null = model.y_embedder.y_embedding
         v = self.cfg.validation
         dev = self.device
-        latents = sample(model, self.noise.to(dev), self.y.to(dev), None if self.mask is None else self.mask.to(dev),
-                         null.to(dev), sampler=v.sampler, steps=v.steps, cfg_scale=v.cfg,
-                         schedule=NoiseSchedule.linear(),
-                         data_info={k: t.to(dev) for k, t in self.data_info.items()},
-                         prediction_type=self.cfg.diffusion.prediction)
+        noise, y, info = self.noise.to(dev), self.y.to(dev), {k: t.to(dev) for k, t in self.data_info.items()}
+        mask = None if self.mask is None else self.mask.to(dev)
+        if v.one_step:
+            latents = sample_one_step(model, noise, y, mask, timestep=v.one_step, schedule=NoiseSchedule.linear(),
+                                      prediction_type=self.cfg.diffusion.prediction, data_info=info)
+        else:
+            latents = sample(model, noise, y, mask, null.to(dev), sampler=v.sampler, steps=v.steps, cfg_scale=v.cfg,
+                             schedule=NoiseSchedule.linear(), data_info=info,
+                             prediction_type=self.cfg.diffusion.prediction)
         return self.autoencoder.decode(latents.float()).cpu()
 
     def grid(self, state: dict[str, Tensor], out: Path, scale: int = 2) -> Path:

@@ -1,0 +1,1 @@
+"""DMD one-step distillation: a generator and a fake score trained beside the frozen teacher."""

@@ -1,0 +1,31 @@
+"""Runs a tiny DMD distillation on fixed synthetic batches; launched by tests (alone or under torchrun).
+
+    python tests/dist_distill_worker.py RUN_DIR TEACHER_DIR ZERO_STAGE GLOBAL_BATCH STEPS
+
+Every rank takes its contiguous slice of the same global batches (tests/dist_worker.py), so any world size
+distills on the same data. The GAN head and two fake updates per generator update are on. Not a test module.
+"""
+import os
+import sys
+
+from dist_worker import global_batches, rank_slice
+
+from pixart.distill.config import parse_distill_config
+from pixart.distill.trainer import DistillTrainer
+
+if __name__ == "__main__":
+    run_dir, teacher, zero = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    global_batch, steps = int(sys.argv[4]), int(sys.argv[5])
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cfg = parse_distill_config({
+        "teacher": {"init": teacher},
+        "data": {"shards": "unused", "batch_size": global_batch // world},
+        "fake": {"updates_per_generator": 2},
+        "gan": {"generator_weight": 1e-2},
+        "optim": {"lr": 1e-3, "grad_clip": 1.0},
+        "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps},
+        "ema": {"decay": 0.9},
+        "deepspeed": {"zero_stage": zero, "precision": "fp32"},
+    }, "dist_distill_worker")
+    batches = global_batches(steps * 2, global_batch)  # one batch per fake update (the generator's is reused)
+    DistillTrainer(cfg, run_dir, batches=rank_slice(batches, rank, world)).run()
