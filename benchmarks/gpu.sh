@@ -14,3 +14,5 @@ pixart bench --device cuda --model PixArt-XL/2 --resolution 512 --batch 32 --com
   --iters 10 --warmup 3 --out "$out/xl2-512.json"
 python3 tools/memory_plan.py --model PixArt-XL/2 --resolution 1024 --gpu-gb 141 --measure 16 --checkpoint 0
 python3 tools/memory_plan.py --model PixArt-XL/2 --resolution 1024 --gpu-gb 141 --measure 64 --checkpoint 27
+# pixart distill's three networks (generator, fake score, frozen teacher) at 512 px: the plan against two real steps
+python3 tools/memory_plan.py --dmd --model PixArt-XL/2 --resolution 512 --world 1 --gpu-gb 141 --measure 16

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from pixart.checkpoint import load_config
+from pixart.checkpoint import load_config, load_student
 from pixart.cli.main import main
 from pixart.train.config import load_train_config
 
@@ -22,8 +22,8 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
         assert 0.0 <= m["heldout"][k] <= 1.0
     assert m["heldout"]["prompts"] == 9 and m["resolution"] == 64
     assert set(m["judge_self_accuracy"]) == {"color", "position", "shape"}
-    assert list(m["checkpoints"]) == ["stage1", "reparam", "stage2", "stage3"]
-    for png in ("heldout", "stage1", "stage2", "stage3", "loss"):
+    assert list(m["checkpoints"]) == ["stage1", "reparam", "stage2", "stage3", "dmd"]
+    for png in ("heldout", "stage1", "stage2", "stage3", "loss", "dmd", "dmd_loss"):
         assert Image.open(demo / "report" / f"{png}.png").size[0] > 0
     assert Image.open(demo / "report" / "heldout.png").size == (9 * 64 * 2, 64 * 2)
     assert load_config(m["checkpoints"]["stage1"]).arch == "dit"
@@ -50,3 +50,32 @@ def test_demo_rerun_skips_finished_work(demo, capsys):
     before = {p: p.stat().st_mtime_ns for p in (demo / "runs").rglob("model.safetensors")}
     assert main(["demo", "--out", str(demo), "--scale", "0.01"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (demo / "runs").rglob("model.safetensors")} == before
+
+
+def test_demo_distills_a_one_step_student_and_reports_it(demo):
+    m = json.loads((demo / "report" / "metrics.json").read_text())["dmd"]
+    assert set(m["heldout"]) >= {"color", "position", "shape"} and m["heldout"]["prompts"] == 9
+    assert m["teacher_heldout"]["color"] == json.loads((demo / "report" / "metrics.json").read_text())["heldout"][
+        "color"]
+    for batch in (1, 16):
+        for who in ("teacher", "student"):
+            assert m["latency"][f"{who}_batch{batch}"]["denoise_s"] > 0
+        assert m["latency"][f"speedup_denoise_batch{batch}"] > 1  # one forward against 20 guided steps
+    d = m["diversity"]
+    assert d["student_over_teacher"] == d["student"] / d["teacher"] and d["data"] > 0
+    assert Image.open(demo / "report" / "dmd.png").size == (8 * 64 * 2, 6 * 64 * 2)  # 4 teacher + 4 student
+    assert load_student(demo / "export-dmd")["call"]["timesteps"] == [400]
+
+
+def test_the_timed_denoiser_is_the_pipelines_own_computation(demo):
+    """The latency's "denoising alone" runs the pipeline's components in its loop: bitwise its output."""
+    import torch
+
+    from pixart.demo.drawer import Drawer
+
+    for folder, steps, cfg, timesteps in (("export", 3, 1.5, None), ("export-dmd", 1, 1.0, [400])):
+        drawer = Drawer(demo / folder, steps, cfg, timesteps)
+        embeds, mask = drawer.encode(["a red circle", "a blue square in the top left corner"])
+        noise = torch.randn(2, 12, 32, 32, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(drawer.denoise_alone(embeds, mask, noise),
+                           drawer.denoise(embeds, mask, torch.Generator().manual_seed(3)))

@@ -163,10 +163,17 @@ def small_teacher(tmp_path_factory):
     return folder
 
 
-def test_two_ranks_on_zero2_match_one_process(small_teacher, tmp_path):
-    """Both engines, the GAN head and the update ratio over gloo: only the order of reductions differs."""
-    one = dist_run(tmp_path / "one", small_teacher, zero=0, nproc=1)
-    two = dist_run(tmp_path / "two", small_teacher, zero=2, nproc=2)
+@pytest.fixture(scope="module")
+def one_process(small_teacher, tmp_path_factory):
+    return dist_run(tmp_path_factory.mktemp("dmd_one") / "run", small_teacher, zero=0, nproc=1)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_match_one_process(small_teacher, one_process, tmp_path, zero):
+    """Both engines, the GAN head (through the frozen fake score's partitioned weights under ZeRO-3) and the
+    update ratio over gloo: only the order of reductions differs."""
+    one = one_process
+    two = dist_run(tmp_path / "two", small_teacher, zero=zero, nproc=2)
     rows1, rows2 = metrics(one), metrics(two)
     for key in ("dm", "fake", "gan_g", "gan_d"):
         a, b = [r[key] for r in rows1], [r[key] for r in rows2]
@@ -206,6 +213,14 @@ def test_update_ratio_steps_the_fake_score_n_times_per_generator_update(small_te
     assert turns[1][1] == turns[0][1] and len({k for _, k in turns}) == 6  # f0 reuses g's batch; f1, f2 fresh
     assert len(consumed) == 6
     assert trainer.engines[GENERATOR].global_steps == 2 and trainer.engines[FAKE].global_steps == 6
+    # the real score is frozen: no gradients, no optimizer state, weights as loaded
+    from pixart.checkpoint import load_model
+
+    assert all(not p.requires_grad and p.grad is None for p in trainer.teacher.parameters())
+    loaded = load_model(small_teacher).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in trainer.teacher.state_dict().items())
+    optimized = {id(p) for e in trainer.engines.values() for g in e.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in trainer.teacher.parameters()}
 
 
 def test_regression_pairs_are_drawn_once_by_the_teacher_and_reused(tiny_feature_cache, teacher, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixart.demo.evaluate import pipeline_images  # noqa: E402
+from pixart.demo.drawer import Drawer  # noqa: E402
 from pixart.demo.pipeline import FINAL_SIDE, HOLDOUT, SAMPLE_STEPS  # noqa: E402
 from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout, seen_specs  # noqa: E402
 from pixart.eval.judge import Judge  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> None:
     for cfg in args.cfg:
         for name, specs in groups.items():
             prompts = [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs]
-            images = pipeline_images(export, prompts, FINAL_SIDE, seed=0, cfg=cfg, steps=args.steps)
+            images = Drawer(export, args.steps, cfg).images(prompts, seed=0)
             r = score_heldout(judge, images, specs)
             print(f"{cfg:>5} {name:>9} {r['color']:>6.2f} {r['position']:>9.2f} {r['shape']:>6.2f}", flush=True)
 

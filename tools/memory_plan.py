@@ -7,6 +7,7 @@ allocator caching, kernel workspaces and fragmentation come on top (hence --usab
 
     python tools/memory_plan.py --model PixArt-XL/2 --resolution 1024 --gpu-gb 141
     python tools/memory_plan.py --measure 16 --checkpoint 0    # on a GPU: one real step's peak beside it
+    python tools/memory_plan.py --dmd --resolution 512 --world 8 --gpu-gb 80   # DMD's three networks per GPU
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def main() -> None:
     p.add_argument("--measure", type=int, metavar="BATCH",
                    help="on a CUDA device, also run one training step at this batch and print its peak memory")
     p.add_argument("--checkpoint", type=int, default=0, help="blocks checkpointed in the --measure step")
+    p.add_argument("--dmd", action="store_true", help="pixart distill's three networks instead of one stage")
+    p.add_argument("--world", type=int, default=1, help="GPUs the trainable states shard over (--dmd)")
+    p.add_argument("--zero", type=int, default=2, help="ZeRO stage (--dmd, default 2)")
     args = p.parse_args()
     torch.set_num_threads(2)
 
@@ -42,6 +46,8 @@ def main() -> None:
     tokens = (side // model.config.patch_size) ** 2
     block, inp = measure_block(model, 1, tokens, args.caption_tokens, torch.device("cpu"), DTYPES[args.precision])
     params, depth = sum(p.numel() for p in model.parameters()), len(model.blocks)
+    if args.dmd:
+        return dmd_plan(args, params, depth, block, inp)
     states = state_bytes(params, args.precision, zero_stage=1, world=1)
     budget = args.gpu_gb * GB * args.usable
     print(f"{args.model} at {args.resolution} px ({tokens} tokens, {args.caption_tokens} caption tokens), "
@@ -59,6 +65,77 @@ def main() -> None:
         print(f"batch {args.measure}, {args.checkpoint} blocks checkpointed: predicted "
               f"{(states + args.measure * per_image) / GB:.1f} GB, measured {measure_step(args) / GB:.1f} GB "
               f"(torch.cuda.max_memory_allocated)")
+
+
+def dmd_states(params: int, precision: str, zero: int, world: int) -> float:
+    """Generator (with its EMA) and fake score as a stage's states each (the fake has no EMA), plus the
+    frozen teacher in the training dtype, unsharded."""
+    one = state_bytes(params, precision, zero, world)
+    ema = params * 4 / (world if zero >= 3 else 1)
+    return 2 * one - ema + params * DTYPES[precision].itemsize
+
+
+def dmd_plan(args, params: int, depth: int, block: int, inp: int) -> None:
+    """Per GPU: the states, and the activations of the larger turn (the generator's backward and the fake
+    score's are sequential; the teacher's and the fake score's no-grad forwards keep nothing)."""
+    states = dmd_states(params, args.precision, args.zero, args.world)
+    budget = args.gpu_gb * GB * args.usable
+    print(f"pixart distill, {args.model} at {args.resolution} px, {args.precision}, ZeRO-{args.zero} over "
+          f"{args.world} GPU(s) of {args.gpu_gb:.0f} GB, {args.usable:.0%} usable")
+    print(f"states: generator + fake score (weights, grads, fp32 masters, AdamW; EMA of the generator) + frozen "
+          f"teacher = {states / GB:.1f} GB per GPU")
+    for k in (0, depth - 1):
+        per_image = peak_activation_bytes(depth, k, block, inp)
+        name = f"{k} of {depth} blocks checkpointed" if k else "no checkpointing"
+        batch = int((budget - states) // per_image)
+        print(f"  {name:32s} {per_image / GB:7.3f} GB per image -> largest batch per GPU {batch} "
+              f"({(states + batch * per_image) / GB:.1f} GB); the GAN's fake turn takes 3x its batch")
+    if args.measure:
+        per_image = peak_activation_bytes(depth, args.checkpoint, block, inp)
+        one_gpu = dmd_states(params, args.precision, 0, 1)
+        print(f"one GPU, batch {args.measure}, {args.checkpoint} blocks checkpointed: predicted "
+              f"{(one_gpu + args.measure * per_image) / GB:.1f} GB, measured {measure_dmd_step(args) / GB:.1f} GB")
+
+
+def measure_dmd_step(args) -> float:
+    """Peak bytes of two DMD steps on one GPU (no sharding): the generator's turn (DM with the teacher at CFG
+    and the fake score, no grad) and the fake score's denoising turn, each network with fp32 masters."""
+    from pixart.diffusion import NoiseSchedule, classifier_free_guidance, diffusion_loss
+    from pixart.distill.losses import dm_loss
+    from pixart.train.bench import MasterWeightAdamW
+
+    device, dtype, side = torch.device("cuda"), DTYPES[args.precision], args.resolution // 8
+    nets = [build_model(args.model, input_size=side).to(device, dtype) for _ in range(3)]
+    teacher, generator, fake = nets
+    teacher.requires_grad_(False).eval()
+    for net in (generator, fake):
+        net.set_grad_checkpointing(args.checkpoint)
+    opts = [MasterWeightAdamW(net.parameters(), lr=1e-6) for net in (generator, fake)]
+    ema = [p.detach().float().clone() for p in generator.parameters()]  # noqa: F841  held, as the EMA
+    B, C, L, S = args.measure, generator.config.in_channels, args.caption_tokens, NoiseSchedule.linear()
+    y = torch.randn(B, L, generator.config.caption_channels, device=device, dtype=dtype)
+    mask = torch.ones(B, L, device=device, dtype=torch.long)
+    t0 = torch.full((B,), 400, device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):
+        z = torch.randn(B, C, side, side, device=device)
+        x = S.predict_x0(z, t0, generator(z.to(dtype), t0, y, mask)[:, :C].float(), "epsilon")
+        t, n = torch.randint(1, 999, (B,), device=device), torch.randn_like(x)
+        xt = S.q_sample(x.detach(), t, n)
+        with torch.no_grad():
+            real = classifier_free_guidance(teacher, xt.to(dtype), t, y, mask, teacher.y_embedder.y_embedding, 3.0)
+            x0_fake = fake(xt.to(dtype), t, y, mask)[:, :C]
+        dm_loss(x, S.predict_x0(xt, t, real.float(), "epsilon"), S.predict_x0(xt, t, x0_fake.float(),
+                                                                              "epsilon")).backward()
+        opts[0].step()
+        opts[0].zero_grad()
+        xt = S.q_sample(x.detach(), t, n)
+        out = fake(xt.to(dtype), t, y, mask)
+        diffusion_loss(out, x.detach(), xt, t, n, S).loss.mean().backward()
+        opts[1].step()
+        opts[1].zero_grad()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def measure_step(args) -> float:

@@ -5,7 +5,9 @@ import json
 import shutil
 from pathlib import Path
 
-from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, MAX_TOKENS, PIXEL_FACTOR, PIXEL_SCALE, SAMPLE_STEPS
+from .dmd import evaluate_student
+from .drawer import Drawer
+from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, SAMPLE_STEPS
 from .steps import step
 
 
@@ -36,47 +38,37 @@ def evaluate(out: Path, seed: int, scale: float = 1.0) -> dict:
     if scale < 1:
         specs = spread(specs, max(9, int(len(specs) * scale)))
     prompts = [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs]
+    teacher = Drawer(out / "export", SAMPLE_STEPS, CFG_SCALE)
     with step(f"sample {len(prompts)} held-out prompts through PixArtAlphaPipeline"):
-        images = pipeline_images(out / "export", prompts, FINAL_SIDE, seed)
+        images = teacher.images(prompts, seed)
         save_grid(images, 9, out / "report" / "heldout.png", scale=2)
     with step("judge the held-out samples"):
         judge = Judge.load_or_train()
         own = judge.self_accuracy(FINAL_SIDE)
-    return {"heldout": score_heldout(judge, images, specs),
-            "judge_self_accuracy": {k: own[k] for k in ("color", "position", "shape")},
-            "resolution": FINAL_SIDE, "sampler": f"pipeline scheduler, {SAMPLE_STEPS} steps, CFG {CFG_SCALE}"}
+    metrics = {"heldout": score_heldout(judge, images, specs),
+               "judge_self_accuracy": {k: own[k] for k in ("color", "position", "shape")},
+               "resolution": FINAL_SIDE, "sampler": f"pipeline scheduler, {SAMPLE_STEPS} steps, CFG {CFG_SCALE}"}
+    if (out / "export-dmd").is_dir():
+        metrics["dmd"] = evaluate_student(out, teacher, seed, judge, metrics["heldout"], scale)
+    return metrics
 
 
-def pipeline_images(export_dir: Path, prompts: list[str], side: int, seed: int, cfg: float = CFG_SCALE,
-                    steps: int = SAMPLE_STEPS, batch: int = 16):
-    """PIL images for `prompts` from an exported pixel-space pipeline (loaded with vae=None; its
-    latents are decoded by the pixel autoencoder). The unconditional branch is the model's own null
-    caption, as the official sampler uses (diffusers would encode "")."""
-    import torch
-    from diffusers import PixArtAlphaPipeline
-
-    from pixart.encoders.pixel import PixelAutoencoder
-    from pixart.export.diffusers import load_null_caption
-    from pixart.train.validation import to_pil
-
-    pipe = PixArtAlphaPipeline.from_pretrained(export_dir, vae=None)
-    pipe.set_progress_bar_config(disable=True)
-    decoder = PixelAutoencoder(PIXEL_FACTOR, scale_factor=PIXEL_SCALE)
-    latent = side // PIXEL_FACTOR
-    images = []
-    generator = torch.Generator().manual_seed(seed)
-    for lo in range(0, len(prompts), batch):
-        chunk = prompts[lo:lo + batch]
-        embeds, mask, _, _ = pipe.encode_prompt(chunk, do_classifier_free_guidance=False, clean_caption=False,
-                                                max_sequence_length=MAX_TOKENS)
-        null = load_null_caption(export_dir)[None].expand(len(chunk), -1, -1)
-        latents = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
-                       negative_prompt_embeds=null, negative_prompt_attention_mask=torch.ones(null.shape[:2]),
-                       num_inference_steps=steps, guidance_scale=cfg,
-                       height=latent * pipe.vae_scale_factor, width=latent * pipe.vae_scale_factor,
-                       use_resolution_binning=False, output_type="latent", generator=generator).images
-        images += to_pil(decoder.decode(latents.float()))
-    return images
+def training_rates(out: Path, matmul_gflops: float) -> dict:
+    """Per stage: wall seconds, mean samples/s and, for the diffusion stages, the model's FLOPs per second and
+    their share of this machine's fp32 matmul rate (the `mfu` the runs log against it)."""
+    rates = {}
+    for stage in ("stage1", "stage2", "stage3", "dmd"):
+        path = out / "runs" / stage / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][1:]  # not the warm-up
+        if not rows:
+            continue
+        rates[stage] = {"samples_per_s": round(sum(r["samples_per_s"] for r in rows) / len(rows), 1)}
+        if all("mfu" in r for r in rows):
+            mfu = sum(r["mfu"] for r in rows) / len(rows)
+            rates[stage].update(of_matmul_peak=round(mfu, 3), model_gflops=round(mfu * matmul_gflops, 1))
+    return rates
 
 
 def report(out: Path, outputs: dict, metrics: dict) -> None:
@@ -87,6 +79,8 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     runs = {}
+    if (out / "runs" / "dmd" / "loss.png").is_file():  # its losses (dm, fake, ...) have their own curve
+        shutil.copy(out / "runs" / "dmd" / "loss.png", rep / "dmd_loss.png")
     for stage in ("stage1", "stage2", "stage3"):
         grids = sorted((out / "runs" / stage / "samples").glob("step-*.png"))
         if grids:
@@ -95,11 +89,24 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
         if rows.is_file():
             runs[stage] = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
     save_loss_curve(runs, rep / "loss.png")
+    metrics["training"] = training_rates(out, metrics["machine"]["fp32_matmul_gflops"])
     metrics["checkpoints"] = outputs
     atomic_write(rep / "metrics.json", json.dumps(metrics, indent=2))
+    for stage, r in metrics["training"].items():
+        share = f", {r['model_gflops']:.0f} model GFLOP/s = {r['of_matmul_peak']:.0%} of the matmul peak" \
+            if "model_gflops" in r else ""
+        print(f"{stage}: {r['samples_per_s']:.0f} samples/s{share}")
     h = metrics["heldout"]
     print(f"held-out ({h['prompts']} prompts never seen in training): color {h['color']:.1%}, "
           f"position {h['position']:.1%}, shape {h['shape']:.1%}; judge's own accuracy "
           f"{metrics['judge_self_accuracy']}; {metrics['seconds']:.0f} s on a CPU doing "
           f"{metrics['machine']['fp32_matmul_gflops']:.0f} fp32 GFLOP/s")
-    print(f"report: {rep}/metrics.json, heldout.png, stage1-3.png, loss.png; export: {out / 'export'}")
+    if "dmd" in metrics:
+        d = metrics["dmd"]
+        lat = d["latency"]
+        print(f"one-step student (DMD): color {d['heldout']['color']:.1%}, position {d['heldout']['position']:.1%}, "
+              f"shape {d['heldout']['shape']:.1%}; denoising {lat['speedup_denoise_batch1']:.0f}x faster than the "
+              f"teacher at batch 1 ({lat['speedup_end_to_end_batch1']:.1f}x end to end); diversity "
+              f"{d['diversity']['student_over_teacher']:.2f}x the teacher's")
+    print(f"report: {rep}/metrics.json, heldout.png, dmd.png, stage1-3.png, loss.png, dmd_loss.png; "
+          f"exports: {out / 'export'}, {out / 'export-dmd'}")

@@ -5,10 +5,11 @@
  3. scores aesthetics and extracts features: a tiny T5 (real T5 classes, seeded, with a
     `tokenizers` tokenizer) and a pixel-space autoencoder;
  4-7. launches configs/demo/recipe.yaml: stage 1 class-conditional DiT -> reparameterize ->
-    stage 2 alignment -> stage 3 at 64 px with aspect buckets on the clean (high-aesthetic) half;
- 8. exports stage 3 to diffusers (DIR/export, a PixArtAlphaPipeline folder without VAE);
- 9. samples the held-out prompts through that pipeline;
-10. scores them with the judge: DIR/report/metrics.json.
+    stage 2 alignment -> stage 3 at 64 px with aspect buckets on the clean (high-aesthetic) half, then
+ 8. distills stage 3 into a one-step student (DMD, `pixart distill` as a recipe step);
+ 9. exports both to diffusers (DIR/export and DIR/export-dmd, PixArtAlphaPipeline folders without VAE);
+10. samples the held-out prompts through those pipelines, the teacher at 20 steps and the student at one;
+11. scores them with the judge, times both, measures their diversity: DIR/report/metrics.json.
 
 Rerunning resumes: finished steps are kept, an interrupted stage resumes from its checkpoint.
 """
@@ -58,11 +59,13 @@ def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
     machine = machine_reference()
     start = time.time()
     t5 = make_data(out, seed, scale)
-    recipe = write_configs(out, seed, scale)
-    with step("staged training: stage 1 DiT -> reparameterize -> stage 2 -> stage 3"):
+    recipe = write_configs(out, seed, scale, machine["fp32_matmul_gflops"] / 1000)
+    with step("staged training: stage 1 DiT -> reparameterize -> stage 2 -> stage 3 -> DMD one-step student"):
         outputs = launch(recipe, out / "runs")
-    with step("export stage 3 to diffusers"):
-        export_checkpoint(outputs["stage3"], out / "export", PipelineParts(str(t5), str(t5), None), overwrite=True)
+    with step("export stage 3 and the one-step student to diffusers"):
+        parts = PipelineParts(str(t5), str(t5), None)
+        export_checkpoint(outputs["stage3"], out / "export", parts, overwrite=True)
+        export_checkpoint(outputs["dmd"], out / "export-dmd", parts, overwrite=True)
     metrics = evaluate(out, seed, scale)
     metrics["seconds"] = round(time.time() - start, 1)
     metrics["machine"] = machine
@@ -130,32 +133,35 @@ def caption_corpus(seed: int, n: int = 300) -> list[str]:
     return [describe(sample_scene(rng, ShapesConfig()), random.Random(i)) for i in range(n)]
 
 
-def write_configs(out: Path, seed: int, scale: float) -> Path:
+def write_configs(out: Path, seed: int, scale: float, peak_tflops: float | None = None) -> Path:
     """DIR/configs/<stage>.yaml: the shipped demo configs with DIR's paths, resolved (each reruns with
-    `pixart train`), and the recipe that chains them."""
+    `pixart train`), and the recipe that chains them. `peak_tflops`, this machine's measured matmul rate,
+    makes the stages log their model FLOPs' share of it (`mfu`)."""
     import yaml
 
+    from pixart.distill.config import load_distill_config
     from pixart.eval.heldout import heldout_specs, prompt_for, spread
     from pixart.train.config import load_train_config
 
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in spread(heldout_specs(HOLDOUT), 4)]
-    inits = {"stage2": out / "runs" / "reparam" / "checkpoint"}
-    for name in ("stage1", "stage2", "stage3"):
-        cfg = load_train_config(CONFIGS / f"{name}.yaml")
+    inits = {"reparam": out / "runs" / "reparam" / "checkpoint"}
+    for name, previous in (("stage1", None), ("stage2", "reparam"), ("stage3", "stage2"), ("dmd", "stage3")):
+        cfg = (load_distill_config if name == "dmd" else load_train_config)(CONFIGS / f"{name}.yaml")
         text = cfg.resolved_yaml().replace("demo_out/", f"{out}/")
         data = yaml.safe_load(text)
         data["train"]["seed"] = seed
+        if peak_tflops and name != "dmd":
+            data["train"]["peak_tflops"] = round(peak_tflops, 4)
         data["train"]["max_steps"] = max(2, int(data["train"]["max_steps"] * scale))
         if scale < 0.1:  # smoke runs: batches small enough for a few dozen images per bucket
             data["data"]["batch_size"] = max(4, int(data["data"]["batch_size"] * scale * 10))
         if name != "stage1":
             data["validation"]["prompts"] = prompts
-        if name in inits:
-            data["model"]["init"] = str(inits[name])
+        if previous:  # what the recipe hands this step (the launch sets the same)
+            data["teacher" if name == "dmd" else "model"]["init"] = str(inits[previous])
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        final = out / "runs" / name / "checkpoints" / f"step-{data['train']['max_steps']:06d}"
-        inits.setdefault(f"stage{int(name[-1]) + 1}", final)
+        inits[name] = out / "runs" / name / "checkpoints" / f"step-{data['train']['max_steps']:06d}"
     shutil.copy(CONFIGS / "recipe.yaml", folder / "recipe.yaml")
     return folder / "recipe.yaml"

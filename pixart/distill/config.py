@@ -45,6 +45,7 @@ class StudentSection(Section):
     # The student maps pure noise labelled with this timestep to x0 in one forward (PixArt-DMD: 400; at 999 the
     # eps -> x0 conversion divides by sqrt(a_999) = 0.006 and amplifies every error 150x).
     start_timestep: int = Field(400, ge=1, le=T - 1)
+    grad_checkpointing: bool | int = False  # the generator's and the fake score's blocks: all, none or the first N
 
 
 class DMSection(Section):

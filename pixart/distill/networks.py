@@ -2,7 +2,6 @@
 PixArt with DMD2's GAN head on its middle block's output."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from pixart.models import PixArt
@@ -47,7 +46,3 @@ class FakeScore(nn.Module):
             self._capture = False
         features, self._features = self._features, None
         return out, self.head(features)
-
-    @torch.no_grad()
-    def logits(self, x, t, y, mask=None, data_info=None) -> Tensor:
-        return self(x, t, y, mask, data_info, gan=True)[1]

@@ -103,6 +103,11 @@ class DistillTrainer:
         fake = FakeScore(load_into(model_from_config(self.model_config), teacher_state, source),
                          gan=cfg.gan.generator_weight > 0)
         del teacher_state
+        for model in (generator, fake.model):
+            try:
+                model.set_grad_checkpointing(cfg.student.grad_checkpointing)
+            except ValueError as e:
+                raise PixArtError(f"student.{e}") from None
         fp32 = {GENERATOR: dict(generator.named_parameters()), FAKE: dict(fake.named_parameters())}
         fp32 = {k: {n: p.detach().clone() for n, p in v.items()} for k, v in fp32.items()}
 
@@ -306,17 +311,9 @@ class DistillTrainer:
                                 self.full_weights(ema=True), loader, {"stage": cfg.stage}, cfg.train.keep_last)
 
     def _resume(self) -> None:
-        ckpt = checkpoints.latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return
-        trainer, loader_state, ema_state = checkpoints.load(ckpt, self.engines)
-        if ema_state is not None:
-            self.ema.load_full_state(ema_state, str(ckpt / EMA_FILE))
-        if loader_state and hasattr(self.batches, "load_state_dict"):
-            self.batches.load_state_dict(loader_state)
-        self.step = int(trainer["step"])
-        if self.main:
-            log.info("resumed from %s at step %d", ckpt, self.step)
+        state = checkpoints.restore(self.run_dir, self.engines, self.ema, self.batches)
+        if state is not None:
+            self.step = int(state["step"])
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> Path:

@@ -16,6 +16,7 @@ on the next start) and `latest` on the previous checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from pixart.checkpoint import EMA_FILE, MODEL_FILE, read_state_dict
 from pixart.errors import PixArtError
 
 LATEST, TRAINER_FILE, DS_DIR, DS_TAG = "latest", "trainer.json", "deepspeed", "state"
+log = logging.getLogger("pixart.train")
 
 
 def _rank() -> int:
@@ -106,20 +108,30 @@ def save(run_dir: Path, step: int, engines: dict, files: dict[str, str], model_s
     return final
 
 
-def load(ckpt: Path, engines: dict) -> tuple[dict, dict, dict | None]:
-    """Restore DeepSpeed's state into each of `engines` {tag: engine}; returns (trainer state, this rank's
-    loader state, EMA)."""
+def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | None:
+    """Resume from the run's latest checkpoint, if any: DeepSpeed's state into each of `engines` {tag: engine},
+    the EMA, and this rank's data position into `batches` (when it keeps one). Returns the trainer state
+    (`step`, ...) or None before the first save."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
     for tag, engine in engines.items():
         path, _ = engine.load_checkpoint(str(ckpt / DS_DIR), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
             raise PixArtError(f"{ckpt}: DeepSpeed could not load its state ({DS_DIR}/{tag})")
-    trainer = json.loads((ckpt / TRAINER_FILE).read_text())
+    if (ckpt / EMA_FILE).is_file():
+        ema.load_full_state(read_state_dict(ckpt / EMA_FILE), str(ckpt / EMA_FILE))
     loader_file = ckpt / f"loader-rank{_rank()}.json"
     if not loader_file.is_file():
         raise PixArtError(f"{loader_file}: missing; was the run saved with another world size?")
-    ema = read_state_dict(ckpt / EMA_FILE) if (ckpt / EMA_FILE).is_file() else None
-    return trainer, json.loads(loader_file.read_text()), ema
+    loader_state = json.loads(loader_file.read_text())
+    if loader_state and hasattr(batches, "load_state_dict"):
+        batches.load_state_dict(loader_state)
+    trainer = json.loads((ckpt / TRAINER_FILE).read_text())
+    if _rank() == 0:
+        log.info("resumed from %s at step %d", ckpt, trainer["step"])
+    return trainer
 
 
 def _fsync_tree(folder: Path) -> None:

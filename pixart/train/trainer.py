@@ -225,17 +225,9 @@ class Trainer:
         return encoders_record(self.cfg, self.manifest)
 
     def _resume(self) -> None:
-        ckpt = checkpoints.latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return
-        trainer, loader_state, ema_state = checkpoints.load(ckpt, {checkpoints.DS_TAG: self.engine})
-        if ema_state is not None:
-            self.ema.load_full_state(ema_state, str(ckpt / EMA_FILE))
-        if loader_state and hasattr(self.batches, "load_state_dict"):
-            self.batches.load_state_dict(loader_state)
-        self.step, self.samples = int(trainer["step"]), int(trainer.get("samples", 0))
-        if self.main:
-            log.info("resumed from %s at step %d", ckpt, self.step)
+        state = checkpoints.restore(self.run_dir, {checkpoints.DS_TAG: self.engine}, self.ema, self.batches)
+        if state is not None:
+            self.step, self.samples = int(state["step"]), int(state.get("samples", 0))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> Path:
