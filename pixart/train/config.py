@@ -191,7 +191,8 @@ def validated(model: type[BaseModel], data, source: str):
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = "".join(f"{p}: " for p in [".".join(str(p) for p in err["loc"])] if p)  # none: a whole-config rule
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"{loc}: " if loc else ""  # no location: a rule over the whole config, whose message names the keys
         if err["type"] == "value_error":  # our own validators' messages, without pydantic's "Value error, "
             kind = str(err["ctx"]["error"])
         else:
