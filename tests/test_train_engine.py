@@ -41,3 +41,21 @@ def test_warmup_is_linear_then_flat():
     f = warmup_lambda(4)
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_lambda(0)(0) == 1.0
+
+
+def test_a_group_of_one_does_not_build_the_shared_memory_op(tmp_path):
+    """DeepSpeed compiles its CPU shared-memory all-reduce op when it starts its backend (about a minute on a
+    fresh 2-core machine); a process with no launcher is a group of one and has no peer to share with."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from pixart.train.engine import init_distributed; init_distributed(); "
+            "import deepspeed.comm.comm as c; print('shm op:', c.cdb.shm_comm_op)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "shm op: None" in r.stdout and not any(tmp_path.iterdir())  # nothing compiled into the fresh cache

@@ -33,6 +33,8 @@ def init_distributed() -> torch.device:
         alone = {} if "WORLD_SIZE" in os.environ else dict(  # no launcher: a group of one
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.update(alone)
+        if os.environ["WORLD_SIZE"] == "1":  # one rank shares memory with no one: skip compiling DeepSpeed's
+            _skip_shm_op()  # CPU shared-memory all-reduce op (about a minute on a fresh 2-core machine)
         try:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         finally:  # child processes (a nested run) must not take our group of one for a launcher's
@@ -44,6 +46,14 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def _skip_shm_op() -> None:
+    import importlib
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # `import ... as` would give `torch`: the package
+    if hasattr(backend, "build_shm_op"):  # binds that name to the torch library
+        backend.build_shm_op = lambda: None
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
