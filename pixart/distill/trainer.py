@@ -108,8 +108,8 @@ class DistillTrainer:
                 model.set_grad_checkpointing(cfg.student.grad_checkpointing)
             except ValueError as e:
                 raise PixArtError(f"student.{e}") from None
-        fp32 = {GENERATOR: dict(generator.named_parameters()), FAKE: dict(fake.named_parameters())}
-        fp32 = {k: {n: p.detach().clone() for n, p in v.items()} for k, v in fp32.items()}
+        fp32 = {tag: {n: p.detach().clone() for n, p in net.named_parameters()}  # DeepSpeed's masters start here
+                for tag, net in ((GENERATOR, generator), (FAKE, fake))}
 
         self.manifest = cache_manifest(cfg) if batches is None else None
         self.batches = batches if batches is not None else build_loader(cfg, "pixart", self.device)
