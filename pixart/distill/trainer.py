@@ -89,10 +89,7 @@ class DistillTrainer:
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / "config.yaml", cfg.resolved_yaml())
-        checkpoints.clean_partial(self.run_dir)
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())
         self.dtype = DTYPES[cfg.deepspeed.precision]
 
         source = f"teacher.init {cfg.teacher.init}"

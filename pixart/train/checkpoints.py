@@ -67,6 +67,15 @@ def clean_partial(run_dir: str | os.PathLike) -> None:
     _barrier()
 
 
+def open_run(run_dir: Path, resolved_yaml: str) -> None:
+    """Rank 0 makes the run folder and writes the resolved config (that file alone reruns the run); every rank
+    then waits while the checkpoints a kill left half-written are removed."""
+    if _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", resolved_yaml)
+    clean_partial(run_dir)
+
+
 def fault_point(where: str, step: int) -> None:
     """Tests' fault injection: PIXART_FAULT=<where>:<step> kills this process (SIGKILL) here."""
     if os.environ.get("PIXART_FAULT") == f"{where}:{step}":

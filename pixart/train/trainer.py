@@ -95,10 +95,7 @@ class Trainer:
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / "config.yaml", cfg.resolved_yaml())
-        checkpoints.clean_partial(self.run_dir)
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())
 
         self.model_config, init_state = resolve_model(cfg)
         torch.manual_seed(cfg.train.seed)  # the same fresh init on every rank
