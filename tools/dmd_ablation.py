@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pixart.checkpoint import load_student  # noqa: E402
 from pixart.demo.dmd import DIVERSITY_PROMPTS, DIVERSITY_SEEDS, spread_per_prompt  # noqa: E402
 from pixart.demo.drawer import Drawer  # noqa: E402
 from pixart.demo.pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, SAMPLE_STEPS  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "pixart", "export-diffusers", str(final), "--out", str(run / "export"),
                         "--text-encoder", str(demo / "parts" / "t5"), "--vae", "none", "--overwrite"],
                        check=True, capture_output=True, text=True)
-        student = Drawer(run / "export", 1, 1.0, [json.loads((final / "student.json").read_text())["start_timestep"]])
+        student = Drawer(run / "export", 1, 1.0, [load_student(final)["start_timestep"]])
         scores = score_heldout(judge, student.images(prompts, 0), specs)
         spread = spread_per_prompt(student.images(repeated, 1), DIVERSITY_SEEDS) / teacher_spread
         results[name] = {"sets": sets, **{k: scores[k] for k in ("color", "position", "shape")},

@@ -191,7 +191,8 @@ class DistillTrainer:
             terms["dm"] = (cfg.dm.weight, losses.dm_loss(x, x0_real, x0_fake))
         if cfg.regression.weight:
             terms["regression"] = (cfg.regression.weight, losses.regression_loss(
-                x, batch["target"].to(self.device), cfg.regression.kind, self.lpips, self._decode))
+                x, batch["target"].to(self.device), cfg.regression.kind, self.lpips,
+                self.decoder.decode if self.decoder else None))
         if cfg.gan.generator_weight:
             d = self._draws(batch["keys"], "gan-g", x.shape[1:], (0, cfg.gan.max_timestep - 1))
             xt = self.schedule.q_sample(x, d["t"], d["noise"])
@@ -283,9 +284,6 @@ class DistillTrainer:
                        seed=cfg.train.seed, device=self.device, dtype=self.dtype, out=path)
         dist.barrier()
         self.pairs = load_pairs(self.run_dir)
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder.decode(latents)
 
     # -- saving and resuming -----------------------------------------------------------------------------
     def full_weights(self, ema: bool) -> dict | None:
