@@ -36,3 +36,45 @@ def tiny_feature_cache(tmp_path_factory):
     extract_features(root / "raw", root / "feats", FeatureConfig(text_encoder=str(t5), pixel_autoencoder=4,
                                                                   resolution=32, captions=("txt",)), progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_concept_setup(tmp_path_factory):
+    """A tiny trained-looking PixArt checkpoint folder (encoders.json: a tiny T5 and pixel:2), three concept images
+    with masks and captions, and a varied caption corpus: ROOT/ckpt, ROOT/images, ROOT/captions.txt."""
+    import json
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from pixart.checkpoint import save_checkpoint
+    from pixart.encoders.tiny import make_tiny_t5
+    from pixart.models import ModelConfig, model_from_config
+
+    root = tmp_path_factory.mktemp("concept")
+    words = ("a red blue green circle square star in the top left right bottom center large small photo of on "
+             "plain background image shape").split()
+    t5 = make_tiny_t5(root / "t5", corpus=[" ".join(words)])
+    cfg = ModelConfig(arch="pixart", input_size=8, patch_size=2, in_channels=12, hidden_size=32, depth=2,
+                      num_heads=2, learn_sigma=False, caption_channels=32, model_max_length=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = perturb_(model_from_config(cfg), 0.1)
+    save_checkpoint(root / "ckpt", cfg, model.state_dict(), extra={
+        "encoders.json": json.dumps({"text_encoder": str(t5), "image_encoder": "pixel:2", "max_length": 16,
+                                     "scaling_factor": 1.0}),
+        "diffusion.json": json.dumps({"prediction_type": "v_prediction"})})
+    (root / "images" / "masks").mkdir(parents=True)
+    for i in range(3):
+        image = np.full((16, 16, 3), 128, np.uint8)
+        image[4:12, 2 + i:10 + i] = (120, 125, 0)
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:12, 2 + i:10 + i] = 255
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "images" / "masks" / f"{i}.png")
+        (root / "images" / f"{i}.txt").write_text(f"a photo of a zork on the {('left', 'center', 'right')[i]}")
+    rng = random.Random(0)
+    (root / "captions.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
+                                                 for _ in range(300)))
+    return root

@@ -23,7 +23,7 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     assert m["heldout"]["prompts"] == 9 and m["resolution"] == 64
     assert set(m["judge_self_accuracy"]) == {"color", "position", "shape"}
     assert list(m["checkpoints"]) == ["stage1", "reparam", "stage2", "stage3", "dmd"]
-    for png in ("heldout", "stage1", "stage2", "stage3", "loss", "dmd", "dmd_loss"):
+    for png in ("heldout", "stage1", "stage2", "stage3", "loss", "dmd", "dmd_loss", "perfusion", "perfusion_loss"):
         assert Image.open(demo / "report" / f"{png}.png").size[0] > 0
     assert Image.open(demo / "report" / "heldout.png").size == (9 * 64 * 2, 64 * 2)
     assert load_config(m["checkpoints"]["stage1"]).arch == "dit"
@@ -47,9 +47,10 @@ def test_demo_export_loads_in_diffusers_with_the_training_objective(demo):
 
 
 def test_demo_rerun_skips_finished_work(demo, capsys):
-    before = {p: p.stat().st_mtime_ns for p in (demo / "runs").rglob("model.safetensors")}
+    kept = [*(demo / "runs").rglob("model.safetensors"), demo / "concepts" / "zorb.safetensors"]
+    before = {p: p.stat().st_mtime_ns for p in kept}
     assert main(["demo", "--out", str(demo), "--scale", "0.01"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (demo / "runs").rglob("model.safetensors")} == before
+    assert {p: p.stat().st_mtime_ns for p in kept} == before
 
 
 def test_demo_distills_a_one_step_student_and_reports_it(demo):
@@ -67,6 +68,25 @@ def test_demo_distills_a_one_step_student_and_reports_it(demo):
     assert load_student(demo / "export-dmd")["call"]["timesteps"] == [400]
 
 
+def test_demo_personalizes_its_final_model_and_reports_it(demo):
+    from pixart.personalize.concept import Concept
+
+    m = json.loads((demo / "report" / "metrics.json").read_text())
+    p = m["perfusion"]
+    concept = Concept.load(demo / "concepts" / "zorb.safetensors")
+    assert (concept.name, concept.super_word) == ("zorb", "circle") == (p["concept"]["name"], p["concept"]["super"])
+    assert p["bytes"] == (demo / "concepts" / "zorb.safetensors").stat().st_size
+    assert p["train_seconds"] > 0 and p["steps"] == 10
+    assert p["text_alignment"]["prompts"] == 6  # one per cell the training images never showed
+    assert not set(p["text_alignment"]["positions"]) & set(p["concept"]["train_positions"])
+    for k in ("fidelity", "fidelity_base_super_word", "fidelity_base_new_word"):
+        assert 0 <= p[k] <= 1
+    assert 0 <= p["leakage"]["max_change"] <= 1
+    # the training images (6), then 6 samples: one row of six each, at 2x
+    assert Image.open(demo / "report" / "perfusion.png").size == (6 * 64 * 2, 2 * 64 * 2)
+    assert len(list((demo / "data" / "concept").glob("*.png"))) == 6
+
+
 def test_the_timed_denoiser_is_the_pipelines_own_computation(demo):
     """The latency's "denoising alone" runs the pipeline's components in its loop: bitwise its output."""
     import torch
@@ -79,3 +99,17 @@ def test_the_timed_denoiser_is_the_pipelines_own_computation(demo):
         noise = torch.randn(2, 12, 32, 32, generator=torch.Generator().manual_seed(3))
         assert torch.equal(drawer.denoise_alone(embeds, mask, noise),
                            drawer.denoise(embeds, mask, torch.Generator().manual_seed(3)))
+
+
+def test_the_pareto_tool_sweeps_the_demos_concept(demo):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "perfusion_pareto.py"
+    run = subprocess.run([sys.executable, str(tool), "--demo", str(demo), "--betas", "0.6", "0.9", "--taus", "0.15"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads((demo / "report" / "perfusion_pareto.json").read_text())
+    assert [(r["beta"], r["tau"]) for r in rows] == [(0.6, 0.15), (0.9, 0.15)]
+    assert all(0 <= r["fidelity"] <= 1 and 0 <= r["position"] <= 1 for r in rows)
+    assert Image.open(demo / "report" / "perfusion_pareto.png").size[0] > 0 and "fidelity" in run.stdout

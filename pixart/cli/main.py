@@ -16,6 +16,7 @@ from pixart.cli import (
     extract_features,
     import_checkpoint,
     launch,
+    personalize,
     relabel,
     sample,
     train,
@@ -23,7 +24,7 @@ from pixart.cli import (
 from pixart.errors import PixArtError
 
 COMMANDS = (data, relabel, extract_features, train, launch, distill, convert_dit, import_checkpoint, export_diffusers,
-            sample, bench, evaluate, demo)
+            personalize, sample, bench, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,13 @@ def add_parser(sub) -> None:
                    help="the EMA weights (default: EMA when the checkpoint has them)")
     p.add_argument("--text-encoder", help="T5 folder or hub id (default: the checkpoint's encoders.json)")
     p.add_argument("--vae", help="AutoencoderKL folder or hub id, or pixel:F (default: encoders.json)")
+    p.add_argument("--concept", action="append", default=[], metavar="FILE",
+                   help="a Perfusion concept file (`pixart personalize`); prompts name it by its word (repeatable)")
+    p.add_argument("--beta", type=float, help="concept gate bias (default: each file's, 0.7; lower = stronger)")
+    p.add_argument("--tau", type=float, help="concept gate temperature (default: each file's, 0.15)")
+    p.add_argument("--global-lock", action="store_true",
+                   help="keys from the prompt with each concept's super-category word (Perfusion's global locking)")
+    p.add_argument("--covariance", help="the base model's covariance file (default: the one beside CKPT)")
     p.set_defaults(run=run)
 
 
@@ -61,9 +68,50 @@ def run(args) -> None:
                                        "one_step": student["start_timestep"] if student else None}}, "pixart sample")
     encoder = load_text_encoder(cfg, None) if model.config.arch == "pixart" else None
     decoder = load_autoencoder(cfg, None, scale=None if args.vae else enc.get("scaling_factor"))
+    concepts = concept_setup(args, ckpt, model, encoder) if args.concept else []
     validator = Validator(cfg, model.config, encoder, decoder, torch.device("cpu"), args.columns)
+    if concepts:
+        validator.prepare = concepts_context(args, concepts, ckpt, model, encoder)
     validator.grid(model.state_dict(), Path(args.out))
     how = (f"one step from t={student['start_timestep']} (a distilled student)" if student
            else f"{args.sampler} {args.steps} steps, CFG {args.cfg}")
+    if concepts:
+        how += f", concepts {', '.join(c.name for c in concepts)}" + (" (global lock)" if args.global_lock else "")
     print(f"wrote {args.out}: {len(args.prompt) or len(args.label)} x {args.columns} images "
           f"({'EMA' if ema else 'model'} weights, {cfg.diffusion.prediction}, {how})")
+
+
+def concept_setup(args, ckpt, model, encoder) -> list:
+    """Load the concept files, refuse them on another base model, and teach the text encoder their words."""
+    from pixart.errors import PixArtError
+    from pixart.personalize.concept import Concept, pixart_identity
+    from pixart.personalize.tokens import add_concept_token, set_embedding
+
+    if encoder is None:
+        raise PixArtError("--concept needs a PixArt checkpoint (a DiT has no text cross-attention)")
+    concepts = [Concept.load(f) for f in args.concept]
+    identity = pixart_identity(model)
+    for c in concepts:
+        c.check_base(identity, str(ckpt))
+        set_embedding(encoder.model, add_concept_token(encoder.tokenizer, encoder.model, c.name), c.embedding)
+    return concepts
+
+
+def concepts_context(args, concepts, ckpt, base, encoder):
+    """What the validator samples in: each fresh model gets the concepts, and global locking's key captions."""
+    from contextlib import nullcontext
+
+    from pixart.personalize.apply import apply_concepts, concept_c_inv, global_lock
+    from pixart.personalize.tokens import as_super
+
+    c_inv = concept_c_inv(ckpt, base, args.covariance)
+    super_y = None
+    if args.global_lock:
+        y, _ = encoder.encode([as_super(p, {c.name: c.super_word for c in concepts}) for p in args.prompt])
+        super_y = y.float().repeat_interleave(args.columns, 0)
+
+    def prepare(model):
+        apply_concepts(model, concepts, c_inv, beta=args.beta, tau=args.tau, check=False)
+        return global_lock(model, super_y) if super_y is not None else nullcontext()
+
+    return prepare

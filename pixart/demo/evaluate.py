@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .dmd import evaluate_student
 from .drawer import Drawer
+from .perfusion import evaluate_concept
 from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, SAMPLE_STEPS
 from .steps import step
 
@@ -27,7 +28,7 @@ def machine_reference() -> dict:
             "processor": name.group(1).strip() if name else "unknown"}
 
 
-def evaluate(out: Path, seed: int, scale: float = 1.0) -> dict:
+def evaluate(out: Path, seed: int, scale: float = 1.0, concept: dict | None = None) -> dict:
     """Held-out prompts through the exported PixArtAlphaPipeline, scored by the judge (all of them;
     a smoke run with --scale < 1 draws an even spread of at least 9)."""
     from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout, spread
@@ -50,6 +51,8 @@ def evaluate(out: Path, seed: int, scale: float = 1.0) -> dict:
                "resolution": FINAL_SIDE, "sampler": f"pipeline scheduler, {SAMPLE_STEPS} steps, CFG {CFG_SCALE}"}
     if (out / "export-dmd").is_dir():
         metrics["dmd"] = evaluate_student(out, teacher, seed, judge, metrics["heldout"], scale)
+    if concept is not None:
+        metrics["perfusion"] = evaluate_concept(out, Path(concept["base_checkpoint"]), seed, judge, concept, scale)
     return metrics
 
 
@@ -79,8 +82,9 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     runs = {}
-    if (out / "runs" / "dmd" / "loss.png").is_file():  # its losses (dm, fake, ...) have their own curve
-        shutil.copy(out / "runs" / "dmd" / "loss.png", rep / "dmd_loss.png")
+    for run, name in (("dmd", "dmd_loss.png"), ("perfusion", "perfusion_loss.png")):  # losses of their own
+        if (out / "runs" / run / "loss.png").is_file():
+            shutil.copy(out / "runs" / run / "loss.png", rep / name)
     for stage in ("stage1", "stage2", "stage3"):
         grids = sorted((out / "runs" / stage / "samples").glob("step-*.png"))
         if grids:
@@ -108,5 +112,12 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
               f"shape {d['heldout']['shape']:.1%}; denoising {lat['speedup_denoise_batch1']:.0f}x faster than the "
               f"teacher at batch 1 ({lat['speedup_end_to_end_batch1']:.1f}x end to end); diversity "
               f"{d['diversity']['student_over_teacher']:.2f}x the teacher's")
-    print(f"report: {rep}/metrics.json, heldout.png, dmd.png, stage1-3.png, loss.png, dmd_loss.png; "
-          f"exports: {out / 'export'}, {out / 'export-dmd'}")
+    if "perfusion" in metrics:
+        p = metrics["perfusion"]
+        print(f"concept '{p['concept']['name']}' (Perfusion, {p['bytes']:,} bytes, trained in "
+              f"{p['train_seconds']:.0f} s): "
+              f"fidelity {p['fidelity']:.0%} (the base model: {p['fidelity_base_super_word']:.0%}), position on new "
+              f"placements {p['text_alignment']['position']:.0%} (the base model with '{p['concept']['super']}': "
+              f"{p['text_alignment']['base_super_word_position']:.0%}), leakage {p['leakage']['max_change']:.2f}")
+    print(f"report: {rep}/metrics.json, heldout.png, dmd.png, perfusion.png, stage1-3.png, loss.png, dmd_loss.png, "
+          f"perfusion_loss.png; exports: {out / 'export'}, {out / 'export-dmd'}; concept: {out / 'concepts'}")

@@ -8,8 +8,9 @@
     stage 2 alignment -> stage 3 at 64 px with aspect buckets on the clean (high-aesthetic) half, then
  8. distills stage 3 into a one-step student (DMD, `pixart distill` as a recipe step);
  9. exports both to diffusers (DIR/export and DIR/export-dmd, PixArtAlphaPipeline folders without VAE);
-10. samples the held-out prompts through those pipelines, the teacher at 20 steps and the student at one;
-11. scores them with the judge, times both, measures their diversity: DIR/report/metrics.json.
+10. personalizes stage 3 with a concept it cannot draw (Perfusion, `pixart personalize`): DIR/concepts/zorb.safetensors;
+11. samples the held-out prompts through those pipelines, the teacher at 20 steps and the student at one;
+12. scores them with the judge, times both, measures their diversity, judges the concept: DIR/report/metrics.json.
 
 Rerunning resumes: finished steps are kept, an interrupted stage resumes from its checkpoint.
 """
@@ -52,6 +53,7 @@ def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
     from pixart.train.recipe import launch
 
     from .evaluate import evaluate, machine_reference, report
+    from .perfusion import personalize
 
     if not 0 < scale <= 10:
         raise PixArtError(f"--scale must be in (0, 10], got {scale}")
@@ -66,7 +68,8 @@ def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
         parts = PipelineParts(str(t5), str(t5), None)
         export_checkpoint(outputs["stage3"], out / "export", parts, overwrite=True)
         export_checkpoint(outputs["dmd"], out / "export-dmd", parts, overwrite=True)
-    metrics = evaluate(out, seed, scale)
+    concept = personalize(out, outputs["stage3"], seed, scale)
+    metrics = evaluate(out, seed, scale, concept)
     metrics["seconds"] = round(time.time() - start, 1)
     metrics["machine"] = machine
     report(out, outputs, metrics)

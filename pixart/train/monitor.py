@@ -104,6 +104,13 @@ def save_loss_curve(runs: dict[str, list[dict]], out: Path, key: str = "loss") -
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> None:
+    """A matplotlib figure to PNG, atomically (temp file, then rename), and closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp)

@@ -6,6 +6,7 @@ per seed offset; the same noise every time, so grids from successive steps compa
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ class Validator:
         g = torch.Generator().manual_seed(v.seed)
         self.noise = torch.randn(self.rows * columns, model_config.in_channels, h, w, generator=g)
         self.data_info = size_info((h, w), autoencoder, self.noise.shape[0])
+        self.prepare = None  # model -> context manager to sample in (e.g. concepts applied to it)
 
     @torch.no_grad()
     def images(self, state: dict[str, Tensor]) -> Tensor:
@@ -63,6 +65,10 @@ class Validator:
             null = model.y_embedder.y_embedding
         v = self.cfg.validation
         dev = self.device
+        with self.prepare(model) if self.prepare else nullcontext():
+            return self._sample(model, null, v, dev)
+
+    def _sample(self, model, null, v, dev) -> Tensor:
         noise, y, info = self.noise.to(dev), self.y.to(dev), {k: t.to(dev) for k, t in self.data_info.items()}
         mask = None if self.mask is None else self.mask.to(dev)
         if v.one_step:

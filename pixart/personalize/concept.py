@@ -1,0 +1,94 @@
+"""The concept file: one safetensors file of a few tensors and a few strings (no pickle).
+
+For PixArt-XL/2 in fp16: the value targets (28 x 1152), i* and i_super (1152 each) and the token embedding
+(4096) are 38,656 numbers, 77,312 bytes. The locked key targets are not stored: each block's is W_K i_super.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from pixart.atomic import atomic_write
+from pixart.errors import PixArtError
+
+FORMAT = "pixart-perfusion-1"
+TENSORS = ("value_targets", "i_star", "i_super", "embedding")
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Concept:
+    name: str  # the word prompts use for it; it becomes one new token of the tokenizer
+    super_word: str  # the super-category word its keys are locked to (one token)
+    value_targets: torch.Tensor  # (depth, D): o*_V per block
+    i_star: torch.Tensor  # (D,): EMA of the concept token's encoding after the caption projection
+    i_super: torch.Tensor  # (D,): the super-category word's encoding; o*_K = W_K i_super in every block
+    embedding: torch.Tensor  # (text_dim,): the concept token's input embedding in the text encoder
+    base_model: str  # `model_identity` of the model it was trained on
+    beta: float = 0.7  # the inference gate's defaults (Perfusion's ports: 0.7 and 0.15)
+    tau: float = 0.15
+
+    def save(self, path: str | os.PathLike, dtype: str = "fp16") -> int:
+        """Write atomically; returns the file's size in bytes."""
+        tensors = {k: getattr(self, k).detach().to("cpu", DTYPES[dtype]).contiguous() for k in TENSORS}
+        data = save(tensors, metadata=self.metadata())
+        atomic_write(path, data)
+        return len(data)
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": FORMAT, "name": self.name, "super": self.super_word, "base_model": self.base_model,
+                "beta": repr(self.beta), "tau": repr(self.tau)}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Concept:
+        path = Path(path)
+        if not path.is_file():
+            raise PixArtError(f"{path}: no such concept file")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                missing = [k for k in TENSORS if k not in f.keys()]
+                tensors = {k: f.get_tensor(k).float() for k in TENSORS if k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise PixArtError(f"{path}: not a safetensors concept file ({e})") from None
+        if meta.get("format") != FORMAT or missing:
+            raise PixArtError(f"{path}: not a {FORMAT} concept file (format {meta.get('format')!r}, "
+                              f"missing {missing or 'nothing'})")
+        return cls(meta["name"], meta["super"], base_model=meta["base_model"], beta=float(meta["beta"]),
+                   tau=float(meta["tau"]), **tensors)
+
+    def check_base(self, identity: str, source: str) -> None:
+        if identity != self.base_model:
+            raise PixArtError(f"concept {self.name!r} was trained on base model {self.base_model}, "
+                              f"but {source} is {identity}: a concept only works on its own base model")
+
+
+def model_identity(caption_proj: list[torch.Tensor], kv_weights: list[torch.Tensor]) -> str:
+    """A hash of what a concept depends on: the caption projection and every block's K/V weights, rounded to
+    bf16 so that an fp32 checkpoint and its bf16 copy agree. The same for our model and its diffusers export."""
+    h = hashlib.sha256()
+    for t in list(caption_proj) + list(kv_weights):
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def pixart_identity(model) -> str:
+    proj = model.y_embedder.y_proj
+    kv = [getattr(b.cross_attn.kv_linear, "linear", b.cross_attn.kv_linear).weight for b in model.blocks]  # edited?
+    return model_identity([proj.fc1.weight, proj.fc2.weight], kv)
+
+
+def concept_bytes(depth: int, hidden: int, text_dim: int, dtype: str = "fp16") -> int:
+    """The size of a concept file for a model of this shape (read it off a model built on the meta device)."""
+    c = Concept("concept", "thing", torch.zeros(depth, hidden), torch.zeros(hidden), torch.zeros(hidden),
+                torch.zeros(text_dim), "sha256:" + "0" * 16)
+    tensors = {k: getattr(c, k).to(DTYPES[dtype]) for k in TENSORS}
+    return len(save(tensors, metadata=c.metadata()))

@@ -1,0 +1,90 @@
+"""C: the uncentered second moment of caption tokens as the K/V projections see them (after the caption
+projection), over a caption corpus; one per base model, saved beside it and reused by every concept.
+
+Perfusion's ports sum e e^T over the caption tokens of ~100K captions and invert without a ridge; ours counts the
+real (unpadded) tokens, EOS included. `sim(e)` does not change when C is scaled, so the normalisation is moot.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from tqdm import tqdm
+
+from pixart.atomic import atomic_write
+from pixart.errors import PixArtError
+
+
+def read_captions(source: str, limit: int = 100_000) -> list[str]:
+    """Captions from a text file (one per line) or a relabeling job's output folder (`*.jsonl`, `caption`)."""
+    path = Path(source)
+    if path.is_file():
+        captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif path.is_dir():
+        captions = []
+        for f in sorted(path.glob("*.jsonl")):
+            for line in f.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("status", "ok") == "ok" and row.get("caption"):
+                    captions.append(row["caption"])
+    else:
+        raise PixArtError(f"--captions {source}: no such file or folder")
+    if not captions:
+        raise PixArtError(f"--captions {source}: no captions found")
+    return captions[:limit]
+
+
+@torch.no_grad()
+def estimate_covariance(model, text_encoder, captions: list[str], batch: int = 64) -> tuple[torch.Tensor, int]:
+    """(C (D, D) float64, tokens counted)."""
+    proj = model.y_embedder.y_proj
+    dim = proj.fc2.out_features
+    total, count = torch.zeros(dim, dim, dtype=torch.float64), 0
+    for lo in tqdm(range(0, len(captions), batch), desc="covariance", unit="batch", leave=False):
+        feats, mask = text_encoder.encode(captions[lo:lo + batch])
+        e = proj(feats.to(proj.fc1.weight.dtype))[mask.bool()].double().cpu()
+        total += e.T @ e
+        count += e.shape[0]
+    return total / count, count
+
+
+def read_c_inv(path: str | os.PathLike) -> torch.Tensor:
+    """C^-1 (float64) from a covariance file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixArtError(f"{path}: no such covariance file")
+    try:
+        c = load_file(path)["C"].double()
+    except Exception as e:
+        raise PixArtError(f"{path}: not a covariance file ({type(e).__name__}: {e})") from None
+    return torch.linalg.inv(c)
+
+
+def covariance_path(ckpt: Path, identity: str) -> Path:
+    return Path(ckpt) / f"perfusion-covariance-{identity.removeprefix('sha256:')}.safetensors"
+
+
+def load_or_estimate(ckpt: Path, identity: str, model, text_encoder, captions: str | None,
+                     path: Path | None = None) -> torch.Tensor:
+    """C^-1 (float64) for this base model: from `path`, or the file beside the checkpoint, or estimated from
+    `captions` and saved there."""
+    path = Path(path) if path else covariance_path(ckpt, identity)
+    if path.is_file():
+        return read_c_inv(path)
+    if captions is None:
+        raise PixArtError(f"{path}: no covariance for this base model yet; pass --captions (a text file or a "
+                          "relabeling job's output) to estimate it")
+    texts = read_captions(captions)
+    c, tokens = estimate_covariance(model, text_encoder, texts)
+    rank = int(torch.linalg.matrix_rank(c))
+    if rank < c.shape[0]:
+        raise PixArtError(f"--captions {captions}: the caption tokens span {rank} of {c.shape[0]} dimensions, "
+                          "so C cannot be inverted; give more (and more varied) captions")
+    atomic_write(path, save({"C": c.contiguous()}, metadata={"base_model": identity, "captions": str(len(texts)),
+                                                             "tokens": str(tokens)}))
+    print(f"covariance: {len(texts)} captions, {tokens} tokens, condition number "
+          f"{torch.linalg.cond(c).item():.3g}: {path}")
+    return torch.linalg.inv(c)

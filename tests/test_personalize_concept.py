@@ -1,0 +1,68 @@
+"""The concept file: round trip, size for PixArt-XL/2 (shapes read off a meta-device model), base-model identity."""
+import pytest
+import torch
+
+from pixart.errors import PixArtError
+from pixart.personalize.concept import Concept, concept_bytes, model_identity
+
+
+def _concept(depth=3, dim=8, text=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Concept("zork", "circle", torch.randn(depth, dim, generator=g), torch.randn(dim, generator=g),
+                   torch.randn(dim, generator=g), torch.randn(text, generator=g), "sha256:0123456789abcdef",
+                   beta=0.65, tau=0.2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_round_trip(tmp_path, precision):
+    c = _concept()
+    size = c.save(tmp_path / "c.safetensors", precision)
+    assert size == (tmp_path / "c.safetensors").stat().st_size
+    back = Concept.load(tmp_path / "c.safetensors")
+    assert (back.name, back.super_word, back.base_model, back.beta, back.tau) == \
+        ("zork", "circle", c.base_model, 0.65, 0.2)
+    for key in ("value_targets", "i_star", "i_super", "embedding"):
+        want = getattr(c, key)
+        got = getattr(back, key)
+        if precision == "fp32":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want.half().float(), rtol=0, atol=0)
+    assert not list(tmp_path.glob(".*"))  # no temp file left
+
+
+def test_pixart_xl2_concept_is_at_most_100_kb():
+    """PixArt-XL/2 (depth 28, width 1152) with T5-v1.1-XXL (d_model 4096): 38,656 numbers, fp16."""
+    from pixart.models import model_from_config
+    from pixart.models.config import ModelConfig
+
+    with torch.device("meta"):
+        xl = model_from_config(ModelConfig(arch="pixart"))  # the defaults are PixArt-XL/2's
+    depth, hidden = len(xl.blocks), xl.config.hidden_size
+    assert (depth, hidden, xl.config.caption_channels) == (28, 1152, 4096)
+    size = concept_bytes(depth, hidden, xl.config.caption_channels)
+    assert 77_312 < size <= 100_000  # the tensors alone are 77,312 B; the rest is the header
+    assert concept_bytes(depth, hidden, 4096, "fp32") > 100_000  # why the file is stored in fp16
+
+
+def test_unreadable_or_foreign_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(PixArtError, match="bad.safetensors: not a safetensors concept file"):
+        Concept.load(bad)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(PixArtError, match="not a pixart-perfusion-1 concept file"):
+        Concept.load(tmp_path / "other.safetensors")
+
+
+def test_identity_sees_the_weights_it_depends_on_up_to_bf16():
+    w = [torch.randn(4, 4), torch.randn(8, 4)]
+    same = model_identity(w[:1], w[1:])
+    assert model_identity([w[0].bfloat16().float()], w[1:]) == same
+    changed = w[1].clone()
+    changed[0, 0] += 0.1
+    assert model_identity(w[:1], [changed]) != same
+    with pytest.raises(PixArtError, match="trained on base model .* but other.pt is"):
+        _concept().check_base(same, "other.pt")

@@ -1,0 +1,85 @@
+"""`pixart personalize` on a tiny checkpoint: what trains, what stays frozen, resume, and bad input."""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixart.errors import PixArtError
+from pixart.personalize.trainer import ConceptTrainer, PersonalizeConfig
+
+
+def _cfg(root, tmp_path, **kw):
+    base = dict(ckpt=str(root / "ckpt"), data=str(root / "images"), concept="zork", super_word="circle",
+                out=str(tmp_path / "zork.safetensors"), captions=str(root / "captions.txt"), steps=4, batch=2,
+                save_every=2)
+    return PersonalizeConfig(**{**base, **kw})
+
+
+def test_only_the_concept_trains_and_everything_else_stays_bitwise(tiny_concept_setup, tmp_path):
+    trainer = ConceptTrainer(_cfg(tiny_concept_setup, tmp_path))
+    model_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    t5_before = {k: v.clone() for k, v in trainer.text.model.state_dict().items()}
+    init = trainer.initial_state()
+    concept, facts = trainer.train(log=lambda *_: None)
+    assert all(torch.equal(v, model_before[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.model.blocks[0].cross_attn.kv_linear.__class__.__name__ == "Linear"  # the edit is removed
+    assert all(torch.equal(v, t5_before[k]) for k, v in trainer.text.model.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.model.parameters())
+    # the concept's own parameters moved, and its keys stay locked to the super word's encoding
+    assert not torch.allclose(concept.value_targets, init["value_targets"], atol=1e-3)
+    assert not torch.allclose(concept.embedding, init["embedding"], atol=1e-4)
+    torch.testing.assert_close(concept.i_super, init["i_super"].half().float(), rtol=0, atol=0)
+    assert facts["bytes"] == (tmp_path / "zork.safetensors").stat().st_size
+    assert (tmp_path / "zork.safetensors.run" / "loss.png").is_file()
+    # Perfusion's init: the embedding starts as the super word's row
+    assert torch.equal(init["embedding"], trainer.text.model.get_input_embeddings().weight[trainer.super_id])
+
+
+def test_a_rerun_resumes_bitwise(tiny_concept_setup, tmp_path):
+    root = tiny_concept_setup
+    whole = tmp_path / "whole"
+    ConceptTrainer(_cfg(root, whole, steps=4)).train(log=lambda *_: None)
+    split = tmp_path / "split"
+    ConceptTrainer(_cfg(root, split, steps=2)).train(log=lambda *_: None)  # stopped after step 2 ...
+    lines = []
+    ConceptTrainer(_cfg(root, split, steps=4)).train(log=lines.append)  # ... rerun to 4
+    assert any("resuming 'zork' from step 2" in line for line in lines)
+    a = load_file(whole / "zork.safetensors.run" / "state.safetensors")
+    b = load_file(split / "zork.safetensors.run" / "state.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("adam.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_the_covariance_is_saved_beside_the_checkpoint_and_reused(tiny_concept_setup, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(tiny_concept_setup, root)
+    ConceptTrainer(_cfg(root, tmp_path, steps=1))
+    saved = list((root / "ckpt").glob("perfusion-covariance-*.safetensors"))
+    assert len(saved) == 1
+    c = load_file(saved[0])["C"]
+    assert c.shape == (32, 32) and torch.allclose(c, c.T)
+    assert torch.linalg.eigvalsh(c).min() > 0  # an uncentered second moment of enough tokens: positive definite
+    ConceptTrainer(_cfg(root, tmp_path, steps=1, captions=None))  # no corpus needed any more
+    (root / "ckpt" / saved[0].name).unlink()
+    with pytest.raises(PixArtError, match="no covariance for this base model yet; pass --captions"):
+        ConceptTrainer(_cfg(root, tmp_path, steps=1, captions=None))
+
+
+def test_bad_input_gives_one_line_each(tiny_concept_setup, tmp_path):
+    root = tiny_concept_setup
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PixArtError, match="--data .*empty: no images found"):
+        ConceptTrainer(_cfg(root, tmp_path, data=str(tmp_path / "empty")))
+    with pytest.raises(PixArtError, match=r"--super 'zebracircle': the tokenizer splits it into \d+ pieces"):
+        ConceptTrainer(_cfg(root, tmp_path, super_word="zebracircle"))
+    images = tmp_path / "images"
+    shutil.copytree(root / "images", images)
+    (images / "masks" / "1.png").write_bytes(b"garbage")
+    with pytest.raises(PixArtError, match=r"masks/1.png: cannot read mask"):
+        ConceptTrainer(_cfg(root, tmp_path, data=str(images)))
+    with pytest.raises(PixArtError, match="--out .*: a concept file ends in .safetensors"):
+        _cfg(root, tmp_path, out=str(tmp_path / "c.pt"))
+    with pytest.raises(PixArtError, match="--concept .circle. is already a word of the tokenizer"):
+        ConceptTrainer(_cfg(root, tmp_path, concept="circle"))
