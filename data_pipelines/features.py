@@ -32,6 +32,7 @@ from tqdm import tqdm
 from data_pipelines.features_encode import Job, ShardResult, encode_shard, load_encoders
 from pixart.atomic import atomic_write
 from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, file_sha256
+from pixart.data.remote import remote_identity
 from pixart.data.shards import check_unique_names, is_url, resolve_shards
 from pixart.errors import PixArtError
 
@@ -243,10 +244,10 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
 def _input_id(url: str) -> dict:
     """What identifies an input shard on resume. Local files: size and mtime_ns, checked on every
     run for free; the record also keeps the sha256 (one extra read per encoded shard), so a copy
-    with a new mtime but the same bytes is recognised without re-encoding. URLs: the URL only;
-    a remote shard that changes under the same URL is not noticed."""
+    with a new mtime but the same bytes is recognised without re-encoding. URLs: the URL with its
+    ETag (or size and modification time), so a shard changed under the same URL is re-encoded."""
     if is_url(url):
-        return {"url": url}
+        return remote_identity(url)
     st = os.stat(url)
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 

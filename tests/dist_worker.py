@@ -3,10 +3,13 @@
     python tests/dist_worker.py RUN_DIR ZERO_STAGE PRECISION GLOBAL_BATCH STEPS [LR [MODEL_FLAGS]]
 
 MODEL_FLAGS: comma-separated (possibly empty) boolean `model.` options to switch on, e.g. `compile,grad_checkpointing`.
+DIST_WORKER_TRAIN (environment, JSON): `train.` settings merged over the defaults, e.g. {"ckpt_every": 5}.
 
 Every rank takes its contiguous slice of the same global batches, so any world size trains on the
 same data. Not a test module: pytest collects only test_*.py.
 """
+import json
+import os
 import sys
 
 import torch
@@ -40,7 +43,8 @@ def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, 
                            "caption_channels": 16, "model_max_length": 5}},
         "data": {"shards": "unused", "batch_size": batch},
         "optim": {"lr": lr, "warmup_steps": 2, "grad_clip": 1.0},
-        "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps},
+        "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps,
+                  **json.loads(os.environ.get("DIST_WORKER_TRAIN", "{}"))},
         "ema": {"decay": 0.9},
         "deepspeed": {"zero_stage": zero, "precision": precision},
     }, "dist_worker")
@@ -49,7 +53,6 @@ def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, 
 if __name__ == "__main__":
     run_dir, zero, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     global_batch, steps = int(sys.argv[4]), int(sys.argv[5])
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))

@@ -1,9 +1,10 @@
 """Turn a user's SHARDS argument into a list of shard URLs.
 
 Accepted everywhere a command takes SHARDS: a folder (its *.tar), a glob, a brace
-pattern (`data/shard-{000000..000099}.tar`), a webdataset URL (`pipe:...`, or an
-fsspec URL such as `s3://...`), or several of these. Local paths are checked up
-front, so a typo is one clear error before any work starts.
+pattern (`data/shard-{000000..000099}.tar`), a URL (`http(s)://...`, `pipe:...`, or an
+fsspec URL: `s3://bucket/prefix/` lists the prefix's *.tar, and globs list too), or
+several of these. Local paths are checked up front, so a typo is one clear error
+before any work starts.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from pixart.errors import PixArtError
+
+from .remote import is_fsspec, list_shards
 
 
 def is_url(spec: str) -> bool:
@@ -27,7 +30,13 @@ def resolve_shards(specs: str | os.PathLike | list) -> list[str]:
     shards: list[str] = []
     for spec in map(str, specs):
         if is_url(spec):
-            shards.extend(braceexpand(spec))
+            found = []
+            for url in braceexpand(spec):
+                listed = is_fsspec(url) and (url.endswith("/") or glob.has_magic(url))
+                found.extend(list_shards(url) if listed else [url])
+            if not found:
+                raise PixArtError(f"{spec}: no shards found")
+            shards.extend(found)
             continue
         if Path(spec).is_dir():
             found = sorted(str(p) for p in Path(spec).glob("*.tar"))

@@ -2,8 +2,9 @@
 
 Reading groups members into samples by key as webdataset does (`dir/key.ext`; the
 extension is everything after the first dot of the file name) and works on local
-paths, `pipe:` and fsspec URLs. A truncated or unreadable tar ends its shard: the
-samples read before the damage are kept and the damage is reported, never raised.
+paths, `pipe:`, http(s) (reconnecting where a dropped connection stopped: `remote.py`)
+and fsspec URLs. A truncated or unreadable tar ends its shard: the samples read before
+the damage are kept and the damage is reported, never raised.
 tarfile alone ends quietly at a cut that falls on a header, so local shards must
 also show their end-of-archive block. Writing gives byte-identical tars for
 identical samples (mtime 0, no owner), and a shard appears under its name only whole.
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
+from .remote import open_shard
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -28,7 +29,7 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
     """Samples of one tar, in file order. Damage ends the shard and calls on_error(url, exc)."""
     sample: dict | None = None
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_shard(url)
         seekable = getattr(stream, "seekable", lambda: False)()  # local files: ~8x faster than stream mode
         try:
             with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:

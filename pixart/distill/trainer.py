@@ -86,7 +86,7 @@ class DistillTrainer:
         if cfg.optim.grad_accum != 1:
             raise PixArtError("optim.grad_accum: distillation updates on one batch at a time; raise data.batch_size")
         self.model_config, self.prediction, teacher_state = load_teacher(cfg)
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml())

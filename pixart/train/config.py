@@ -89,6 +89,10 @@ class TrainSection(Section):
     keep_last: int = Field(2, ge=1)  # checkpoints kept (the newest)
     peak_tflops: float | None = None  # per process, for the MFU estimate; None: known GPUs only
     record_keys: bool = False  # log each step's sample keys to keys-rank<R>.jsonl (audits the data order)
+    # How long a rank waits in a collective for the others before it gives up: a lost node stops the run in this
+    # time, not PyTorch's 30 minutes. 10 minutes outlasts every legitimate wait we have (rank 0 writing an XL
+    # checkpoint with its optimizer state, ~7 GB, or drawing a validation grid, while the others wait).
+    collective_timeout_s: float = Field(600, gt=0)
 
 
 class EmaSection(Section):

@@ -24,8 +24,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> torch.device:
-    """Join (or, alone, create) the process group; returns this rank's device."""
+def init_distributed(timeout_s: float = 600) -> torch.device:
+    """Join (or, alone, create) the process group, whose collectives give up after `timeout_s` (a lost node);
+    returns this rank's device. Joining waits as long: torchrun's agents have already met when it starts."""
+    from datetime import timedelta
+
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -36,7 +39,8 @@ def init_distributed() -> torch.device:
         if os.environ["WORLD_SIZE"] == "1":  # one rank shares memory with no one: skip compiling DeepSpeed's
             _skip_shm_op()  # CPU shared-memory all-reduce op (about a minute on a fresh 2-core machine)
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                       timeout=timedelta(seconds=timeout_s))
         finally:  # child processes (a nested run) must not take our group of one for a launcher's
             for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 if key in alone:

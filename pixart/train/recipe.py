@@ -62,6 +62,7 @@ class Step(Section):
 class Recipe(Section):
     name: str
     stages: list[Step]
+    collective_timeout_s: float = Field(600, gt=0)  # the launch's process group (train.collective_timeout_s)
 
     @model_validator(mode="after")
     def _order(self) -> Recipe:
@@ -101,7 +102,7 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     recipe_path = Path(recipe_path).resolve()
     recipe = load_recipe(recipe_path)
     root = Path(run_dir or Path("runs") / recipe.name)
-    init_distributed()
+    init_distributed(recipe.collective_timeout_s)
     rank = dist.get_rank()
     outputs: dict[str, str] = {}
     for step in recipe.stages:

@@ -50,6 +50,7 @@ from .encoders import cache_manifest, load_autoencoder, load_text_encoder
 from .engine import build_engine, init_distributed
 from .master import frozen_state, gather, master_fragments, scatter_into
 from .monitor import Monitor, peak_flops, train_flops_per_sample
+from .watchdog import StepWatchdog
 
 log = logging.getLogger("pixart.train")
 DONE_FILE = "DONE.json"
@@ -86,13 +87,34 @@ class NonFiniteLoss(PixArtError):
     pass
 
 
+class PeerLost(PixArtError):
+    pass
+
+
+_COMM_FAILURES = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+
+def is_comm_failure(e: RuntimeError) -> bool:
+    """A collective that failed for want of a peer: torch's DistError, or the backend's own RuntimeError (gloo
+    raises a plain one, "[.../gloo/transport/tcp/...] Timed out waiting 600000ms for recv operation")."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in _COMM_FAILURES)
+
+
+def peer_lost_message(e: Exception, rank: int, step: int, run_dir: Path) -> str:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    latest = checkpoints.latest_checkpoint(run_dir)
+    return (f"rank {rank}: a collective failed during step {step + 1}, so another rank or node is gone "
+            f"({type(e).__name__}: {reason}). Last good checkpoint: {latest or 'none yet'}; rerun every node "
+            "to resume from it")
+
+
 class Trainer:
     """`Trainer(cfg, run_dir).run()` trains to `train.max_steps` (resuming from `run_dir`) and returns
     the last checkpoint. `batches` replaces the shard loader (e.g. a fixed list in tests)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, batches: Iterable[dict] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml())
@@ -233,8 +255,17 @@ class Trainer:
         self._resume()
         monitor = Monitor(self.run_dir, self.step, self.main)
         bar = tqdm(total=max_steps, initial=self.step, desc=cfg.stage, disable=not self.main, dynamic_ncols=True)
+        def stalled() -> str:
+            return peer_lost_message(TimeoutError(f"no step finished in {watchdog.limit:.0f} s"), self.rank,
+                                     self.step, self.run_dir)
+
         try:
-            self._loop(max_steps, monitor, bar)
+            with StepWatchdog(cfg.train.collective_timeout_s, stalled) as watchdog:
+                self._loop(max_steps, monitor, bar, watchdog)
+        except RuntimeError as e:  # a peer died or froze: say so in one line, and where to resume from
+            if not is_comm_failure(e):
+                raise
+            raise PeerLost(peer_lost_message(e, self.rank, self.step, self.run_dir)) from None
         finally:
             bar.close()
             monitor.close()
@@ -247,7 +278,7 @@ class Trainer:
         dist.barrier()
         return final
 
-    def _loop(self, max_steps: int, monitor: Monitor, bar) -> None:
+    def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
         cfg = self.cfg
         validator = self._validator()
         batches = iter(self.batches)
@@ -281,6 +312,7 @@ class Trainer:
             if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
                 self._validate(validator, monitor)
             checkpoints.fault_point("after-step", self.step)
+            watchdog.beat()
 
     def _scalars(self, w: _Window) -> dict[str, float]:
         mean = torch.tensor([w.loss / w.steps], device=self.device)

@@ -1,0 +1,154 @@
+"""Remote shards: over HTTP(S) surviving a dropped connection, and from object storage through fsspec (s3://).
+
+A shard is read as one byte stream. When the connection drops (reset, timeout, a short body), the reader
+reconnects with `Range: bytes=<offset>-` and goes on from the byte it reached, so the tar reader never sees the
+cut: the sample it was reading comes out whole. After `attempts` failed reconnects (with exponential backoff) it
+gives up with an error that names the shard and the byte; the tar reader then ends the shard there and reports
+the damage, keeping every sample read before it.
+"""
+from __future__ import annotations
+
+import http.client
+import io
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import fsspec
+
+from pixart.errors import PixArtError
+
+TRANSIENT = (ConnectionError, TimeoutError, http.client.IncompleteRead, http.client.RemoteDisconnected,
+             urllib.error.URLError, OSError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5  # reconnects per shard before it is given up
+    backoff_s: float = 0.5  # the first wait; doubled each time
+    timeout_s: float = 30.0  # per socket operation
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+def is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+class RetryingHTTPReader(io.RawIOBase):
+    """A forward-only binary stream of `url`'s body that reconnects where it stopped."""
+
+    def __init__(self, url: str, policy: RetryPolicy = DEFAULT_POLICY):
+        super().__init__()
+        self.url, self.policy = url, policy
+        self.offset, self.size, self.reconnects = 0, None, 0
+        self._response = None
+        self._connect()
+
+    def _connect(self) -> None:
+        headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
+        response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
+                                          timeout=self.policy.timeout_s)
+        if self.offset and response.status != 206:  # the server ignored the range: skip to where we were
+            skipped = 0
+            while skipped < self.offset:
+                chunk = response.read(min(1 << 20, self.offset - skipped))
+                if not chunk:
+                    raise ConnectionError(f"{self.url}: body ended at byte {skipped}, before {self.offset}")
+                skipped += len(chunk)
+        if self.size is None:
+            length = response.headers.get("Content-Length")
+            self.size = int(length) if length is not None else None
+        self._response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        failures = 0
+        while True:
+            try:
+                if self._response is None:
+                    self._connect()
+                n = self._response.readinto(buffer)
+                if n == 0 and self.size is not None and self.offset < self.size:
+                    raise http.client.IncompleteRead(b"", self.size - self.offset)
+                self.offset += n
+                return n
+            except TRANSIENT as e:
+                self._drop()
+                if failures >= self.policy.attempts:
+                    raise ConnectionError(f"{self.url}: gave up at byte {self.offset} after {failures} reconnects "
+                                          f"({type(e).__name__}: {e})") from None
+                time.sleep(self.policy.backoff_s * 2 ** failures)
+                failures += 1
+                self.reconnects += 1
+
+    def _drop(self) -> None:
+        if self._response is not None:
+            try:
+                self._response.close()
+            except OSError:
+                pass
+        self._response = None
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_http(url: str, policy: RetryPolicy | None = None) -> io.BufferedReader:
+    return io.BufferedReader(RetryingHTTPReader(url, policy or DEFAULT_POLICY), buffer_size=1 << 20)
+
+
+def is_fsspec(url: str) -> bool:
+    """An object-store URL (s3://, gs://, ...) that fsspec opens; http(s) and pipe: are read by us and webdataset."""
+    return "://" in url and not is_http(url) and not url.startswith(("pipe:", "file://"))
+
+
+def open_shard(url: str):
+    """A binary stream of the shard: http(s) reconnecting, fsspec URLs (s3fs retries its own reads), or
+    webdataset's `gopen` (local paths, `pipe:`)."""
+    if is_http(url):
+        return open_http(url)
+    if is_fsspec(url):
+        return fsspec.open(url, "rb").open()
+    import webdataset as wds
+
+    return wds.gopen(url, "rb")
+
+
+def list_shards(url: str) -> list[str]:
+    """The *.tar under an object-store prefix (`s3://bucket/prefix/`), or matching a glob, as full URLs."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as e:  # fsspec names the package: "Please install s3fs to access S3"
+        raise PixArtError(f"{url}: {e}") from None
+    found = fs.glob(path) if any(c in path for c in "*?[") else fs.ls(path, detail=False)
+    scheme = url.split("://", 1)[0]
+    return sorted(f"{scheme}://{p}" for p in found if p.endswith(".tar"))
+
+
+def remote_identity(url: str) -> dict:
+    """What identifies a remote shard's bytes without reading them: its ETag (object stores, most HTTP servers),
+    else its size and modification time; `pipe:` commands only by their text. A changed shard under the same URL
+    then gets a new identity, so a feature cache re-encodes it."""
+    if is_http(url):
+        request = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(request, timeout=DEFAULT_POLICY.timeout_s) as response:
+            h = response.headers
+            return _identity(url, h.get("ETag"), h.get("Content-Length"), h.get("Last-Modified"))
+    if is_fsspec(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+        return _identity(url, info.get("ETag") or info.get("etag"), info.get("size"),
+                         info.get("LastModified") or info.get("mtime"))
+    return {"url": url}
+
+
+def _identity(url: str, etag, size, modified) -> dict:
+    if etag:
+        return {"url": url, "etag": str(etag).strip('"')}
+    return {"url": url, "bytes": int(size) if size is not None else None, "modified": str(modified)}

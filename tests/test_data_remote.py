@@ -1,0 +1,178 @@
+"""Remote shards from real servers on 127.0.0.1: an HTTP server with Range and ETag (as object stores and CDNs
+serve them, RFC 9110 §14 and §8.8.3), with a hook that cuts connections mid-shard; and moto's standalone S3
+server, which speaks the S3 wire protocol to s3fs."""
+import hashlib
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pixart.data import remote
+from pixart.data.shards import resolve_shards
+from pixart.data.tars import TarDamage, iter_samples
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """Serves a folder with `Range: bytes=N-`; `cuts` is a list: each request pops one entry and, when it is a
+    number, sends only that many bytes of its body and drops the connection."""
+
+    cuts: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.do_GET(head=True)
+
+    def do_GET(self, head=False):
+        path = self.translate_path(self.path)
+        try:
+            data = open(path, "rb").read()
+        except OSError:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        self.end_headers()
+        if head:
+            return
+        cut = self.cuts.pop(0) if self.cuts else None
+        self.wfile.write(body if cut is None else body[:cut])
+        if cut is not None:
+            self.close_connection = True
+
+
+@pytest.fixture
+def server(tmp_path):
+    from data_pipelines.shapes import write_shapes
+
+    write_shapes(tmp_path / "shards", 24, seed=0, resolution=32, shard_size=12, workers=1)
+    RangeHandler.cuts = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(tmp_path / "shards")))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", tmp_path / "shards"
+    httpd.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(remote, "DEFAULT_POLICY", remote.RetryPolicy(attempts=3, backoff_s=0.01, timeout_s=5))
+
+
+def _keys(url):
+    damage = TarDamage()
+    return [s["__key__"] for s in iter_samples(url, damage)], damage
+
+
+def test_http_brace_patterns_read_like_local_files(server):
+    base, folder = server
+    urls = resolve_shards(f"{base}/shapes-{{000000..000001}}.tar")
+    assert urls == [f"{base}/shapes-000000.tar", f"{base}/shapes-000001.tar"]
+    for url, local in zip(urls, sorted(folder.glob("*.tar")), strict=True):
+        got, damage = _keys(url)
+        want, _ = _keys(str(local))
+        assert got == want and len(got) == 12 and not damage.error
+
+
+def test_a_dropped_connection_resumes_at_the_byte_it_reached(server):
+    base, folder = server
+    url = f"{base}/shapes-000000.tar"
+    size = (folder / "shapes-000000.tar").stat().st_size
+    RangeHandler.cuts = [size // 3, size // 3]  # two cuts mid-shard, then whole
+    got, damage = _keys(url)
+    assert len(got) == 12 and not damage.error
+    want = {s["__key__"]: s for s in iter_samples(str(folder / "shapes-000000.tar"))}
+    for s in iter_samples(url):  # every member's bytes arrive intact
+        assert all(s[k] == want[s["__key__"]][k] for k in want[s["__key__"]] if k not in ("__url__",))
+
+
+def test_a_shard_that_keeps_failing_ends_there_and_keeps_what_came_before(server):
+    base, folder = server
+    size = (folder / "shapes-000000.tar").stat().st_size
+    RangeHandler.cuts = [size // 2] + [0] * 10  # the reconnects all die at once
+    got, damage = _keys(f"{base}/shapes-000000.tar")
+    assert 0 < len(got) < 12
+    assert "gave up at byte" in damage.error and damage.after == len(got)
+
+
+def test_a_missing_shard_is_reported(server):
+    base, _ = server
+    got, damage = _keys(f"{base}/nope.tar")
+    assert got == [] and "404" in damage.error
+
+
+def test_a_changed_remote_shard_gets_a_new_identity(server):
+    base, folder = server
+    url = f"{base}/shapes-000000.tar"
+    before = remote.remote_identity(url)
+    assert before["etag"] == hashlib.md5((folder / "shapes-000000.tar").read_bytes()).hexdigest()
+    assert remote.remote_identity(url) == before
+    (folder / "shapes-000000.tar").write_bytes((folder / "shapes-000001.tar").read_bytes())
+    assert remote.remote_identity(url) != before
+
+
+def test_a_feature_cache_of_http_shards_re_encodes_a_changed_shard(server, tiny_feature_cache):
+    import json
+
+    from data_pipelines.features import FeatureConfig, extract_features
+
+    base, folder = server
+    cfg = FeatureConfig(text_encoder=str(tiny_feature_cache / "t5"), pixel_autoencoder=4, resolution=32,
+                        captions=("txt",))
+    out = folder.parent / "feats"
+    extract_features(f"{base}/shapes-{{000000..000001}}.tar", out, cfg, progress=False)
+    record = json.loads((out / ".done" / "shapes-000000.json").read_text())
+    assert record["input"]["etag"] and record["count"] == 12
+    (folder / "shapes-000000.tar").write_bytes((folder / "shapes-000001.tar").read_bytes())
+    extract_features(f"{base}/shapes-{{000000..000001}}.tar", out, cfg, progress=False)
+    again = json.loads((out / ".done" / "shapes-000000.json").read_text())
+    assert again["input"]["etag"] != record["input"]["etag"] and again["sha256"] != record["sha256"]
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """moto's standalone server on 127.0.0.1 holding bucket `data` with shapes/shapes-00000{0,1}.tar."""
+    moto_server = pytest.importorskip("moto.server")
+    from data_pipelines.shapes import write_shapes
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    import fsspec
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("data")
+    write_shapes(tmp_path / "shards", 24, seed=0, resolution=32, shard_size=12, workers=1)
+    for p in sorted((tmp_path / "shards").glob("*.tar")):
+        fs.put(str(p), f"data/shapes/{p.name}")
+    yield tmp_path / "shards"
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_s3_prefixes_globs_and_brace_patterns(s3):
+    want = ["s3://data/shapes/shapes-000000.tar", "s3://data/shapes/shapes-000001.tar"]
+    assert resolve_shards("s3://data/shapes/") == want
+    assert resolve_shards("s3://data/shapes/*.tar") == want
+    assert resolve_shards("s3://data/shapes/shapes-{000000..000001}.tar") == want
+    for url, local in zip(want, sorted(s3.glob("*.tar")), strict=True):
+        got, damage = _keys(url)
+        assert got == _keys(str(local))[0] and len(got) == 12 and not damage.error
+    identity = remote.remote_identity(want[0])
+    assert identity["etag"] == hashlib.md5((s3 / "shapes-000000.tar").read_bytes()).hexdigest()
