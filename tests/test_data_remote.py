@@ -176,3 +176,27 @@ def test_s3_prefixes_globs_and_brace_patterns(s3):
         assert got == _keys(str(local))[0] and len(got) == 12 and not damage.error
     identity = remote.remote_identity(want[0])
     assert identity["etag"] == hashlib.md5((s3 / "shapes-000000.tar").read_bytes()).hexdigest()
+
+
+def test_the_shard_cache_fills_once_then_serves_and_stays_bounded(server, tmp_path, monkeypatch):
+    base, folder = server
+    cache = tmp_path / "cache"
+    size = (folder / "shapes-000000.tar").stat().st_size
+    monkeypatch.setenv(remote.CACHE_ENV, str(cache))
+    monkeypatch.setenv(remote.CACHE_GB_ENV, str(1.5 * size / 2**30))  # room for one shard, not two
+    gets = []
+    monkeypatch.setattr(RangeHandler, "log_message", lambda self, fmt, *a: gets.append(a[0]) if a else None)
+    url = f"{base}/shapes-000000.tar"
+    first, _ = _keys(url)
+    assert [p.stat().st_size for p in cache.iterdir()] == [size]  # filled, whole
+    reads = len([g for g in gets if g.startswith("GET")])
+    second, damage = _keys(url)
+    assert second == first and not damage.error
+    assert len([g for g in gets if g.startswith("GET")]) == reads  # the second epoch read the cache
+    _keys(f"{base}/shapes-000001.tar")
+    assert len(list(cache.iterdir())) == 1 and "shapes-000001" in next(cache.iterdir()).name  # the older went
+    RangeHandler.cuts = [size // 2] + [0] * 10  # a read that fails leaves no partial copy
+    (folder / "shapes-000000.tar").write_bytes((folder / "shapes-000000.tar").read_bytes())
+    monkeypatch.setattr(remote, "remote_identity", lambda u: {"url": u, "etag": "new"})
+    _keys(url)
+    assert all(not p.name.startswith(".") for p in cache.iterdir())

@@ -8,12 +8,16 @@ the damage, keeping every sample read before it.
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
+import json
+import os
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 
@@ -108,9 +112,107 @@ def is_fsspec(url: str) -> bool:
     return "://" in url and not is_http(url) and not url.startswith(("pipe:", "file://"))
 
 
+CACHE_ENV, CACHE_GB_ENV = "PIXART_SHARD_CACHE", "PIXART_SHARD_CACHE_GB"
+
+
+class ShardCache:
+    """A size-bounded folder of remote shards, keyed by URL and ETag (or size and mtime). The first read of a
+    shard fills it, whole or not at all; later reads come from it; the least recently read go first when it is
+    full. Set by `data.shard_cache` in a stage config, or by PIXART_SHARD_CACHE (and PIXART_SHARD_CACHE_GB,
+    default 50) for any command, so loader workers inherit it."""
+
+    def __init__(self, folder: str | os.PathLike, max_gb: float = 50.0):
+        self.folder, self.max_bytes = Path(folder), int(max_gb * 2**30)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_env(cls) -> ShardCache | None:
+        folder = os.environ.get(CACHE_ENV)
+        return cls(folder, float(os.environ.get(CACHE_GB_ENV, 50))) if folder else None
+
+    def path(self, url: str) -> Path:
+        key = hashlib.sha256(json.dumps(remote_identity(url), sort_keys=True).encode()).hexdigest()[:24]
+        return self.folder / f"{key}-{url.rstrip('/').split('/')[-1]}"
+
+    def open(self, url: str, opener):
+        path = self.path(url)
+        if path.is_file():
+            os.utime(path)  # most recently read
+            return open(path, "rb")
+        return _Filling(opener(url), path, self)
+
+    def evict(self, keep: Path) -> None:
+        files = sorted((p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")),
+                       key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for p in files:
+            if total <= self.max_bytes:
+                break
+            if p != keep:
+                total -= p.stat().st_size
+                p.unlink(missing_ok=True)
+
+
+class _Filling(io.RawIOBase):
+    """Reads the remote stream and copies it into the cache; the copy is renamed into place only when the
+    stream ended, so an interrupted read leaves nothing behind."""
+
+    def __init__(self, stream, target: Path, cache: ShardCache):
+        super().__init__()
+        self.stream, self.target, self.cache = stream, target, cache
+        self.tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        self.copy = open(self.tmp, "wb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        if not data:
+            self._finish()
+            return 0
+        buffer[:len(data)] = data
+        self.copy.write(data)
+        return len(data)
+
+    def _finish(self) -> None:
+        if not self.copy.closed:
+            self.copy.close()
+            os.replace(self.tmp, self.target)
+            self.cache.evict(keep=self.target)
+
+    def close(self) -> None:
+        if not self.copy.closed:
+            self._drain(64 << 10)  # a tar reader stops at the end-of-archive block, before the record padding
+        if not self.copy.closed:  # stopped early (or damaged): drop the partial copy
+            self.copy.close()
+            self.tmp.unlink(missing_ok=True)
+        self.stream.close()
+        super().close()
+
+    def _drain(self, limit: int) -> None:
+        try:
+            while limit > 0:
+                data = self.stream.read(min(limit, 1 << 14))
+                if not data:
+                    self._finish()
+                    return
+                self.copy.write(data)
+                limit -= len(data)
+        except OSError:
+            pass
+
+
 def open_shard(url: str):
     """A binary stream of the shard: http(s) reconnecting, fsspec URLs (s3fs retries its own reads), or
-    webdataset's `gopen` (local paths, `pipe:`)."""
+    webdataset's `gopen` (local paths, `pipe:`); remote shards through the shard cache when one is set."""
+    cache = ShardCache.from_env() if is_http(url) or is_fsspec(url) else None
+    if cache is not None:
+        return io.BufferedReader(cache.open(url, _open_remote), buffer_size=1 << 20)
+    return _open_remote(url)
+
+
+def _open_remote(url: str):
     if is_http(url):
         return open_http(url)
     if is_fsspec(url):

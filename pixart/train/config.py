@@ -53,6 +53,8 @@ class DataSection(Section):
     scores_dir: str | None = None  # aesthetic subset: DIR/<shard>.aesthetic.jsonl
     min_score: float | None = None
     expected: dict[str, Any] | None = None  # feature manifest settings checked before step 1
+    shard_cache: str | None = None  # a local folder keeping remote shards after their first read (per node)
+    shard_cache_gb: float = Field(50, gt=0)  # its bound; the least recently read shards go first
 
 
 class EncodersSection(Section):

@@ -36,6 +36,7 @@ from pixart.checkpoint import (
 )
 from pixart.data.loader import Loader, LoaderConfig
 from pixart.data.loader_samples import detect_kind, stable_seed
+from pixart.data.remote import CACHE_ENV, CACHE_GB_ENV
 from pixart.data.shards import resolve_shards
 from pixart.diffusion import NoiseSchedule, diffusion_loss
 from pixart.encoders.loading import DTYPES
@@ -343,6 +344,8 @@ def build_loader(cfg, arch: str, device: torch.device) -> Loader:
     """The shard loader of a stage (or distillation) config: feature shards, or raw shards encoded by the
     frozen encoders in the training process."""
     d = cfg.data
+    if d.shard_cache:  # through the environment, so that loader workers (and any subprocess) read it too
+        os.environ.update({CACHE_ENV: str(d.shard_cache), CACHE_GB_ENV: str(d.shard_cache_gb)})
     text = vae = None
     if detect_kind(resolve_shards(d.shards)) == "raw":
         text = load_text_encoder(cfg, None, str(device)) if arch == "pixart" else None
