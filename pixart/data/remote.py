@@ -139,7 +139,7 @@ class ShardCache:
         if path.is_file():
             os.utime(path)  # most recently read
             return open(path, "rb")
-        return _Filling(opener(url), path, self)
+        return io.BufferedReader(_Filling(opener(url), path, self), buffer_size=1 << 20)
 
     def evict(self, keep: Path) -> None:
         files = sorted((p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")),
@@ -208,7 +208,7 @@ def open_shard(url: str):
     webdataset's `gopen` (local paths, `pipe:`); remote shards through the shard cache when one is set."""
     cache = ShardCache.from_env() if is_http(url) or is_fsspec(url) else None
     if cache is not None:
-        return io.BufferedReader(cache.open(url, _open_remote), buffer_size=1 << 20)
+        return cache.open(url, _open_remote)
     return _open_remote(url)
 
 
