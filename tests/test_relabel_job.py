@@ -228,8 +228,15 @@ def _pixart(*argv):
 
 
 def _lines(out: Path) -> int:
-    return sum(p.read_bytes().count(b"\n") for p in out.glob("*.jsonl")) + \
-        sum(p.read_bytes().count(b"\n") for p in out.glob(".*.partial"))
+    """Lines written so far, read while the job writes: a `.partial` renamed into place between the listing and
+    the read is counted under its final name on the next poll."""
+    def count(p: Path) -> int:
+        try:
+            return p.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    return sum(count(p) for p in out.glob("*.jsonl")) + sum(count(p) for p in out.glob(".*.partial"))
 
 
 def test_sigkill_at_any_moment_then_rerun(tmp_path):
