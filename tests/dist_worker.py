@@ -4,11 +4,14 @@
 
 MODEL_FLAGS: comma-separated (possibly empty) boolean `model.` options to switch on, e.g. `compile,grad_checkpointing`.
 DIST_WORKER_TRAIN (environment, JSON): `train.` settings merged over the defaults, e.g. {"ckpt_every": 5}.
+DIST_WORKER_FAULT (environment, JSON): {"rank": R, "at": "after-step:N"} kills rank R with SIGKILL there, in the
+first attempt only (an elastic restart, TORCHELASTIC_RESTART_COUNT > 0, runs clean).
 
 Every rank takes its contiguous slice of the same global batches, so any world size trains on the
 same data. Not a test module: pytest collects only test_*.py.
 """
 import json
+import logging
 import os
 import sys
 
@@ -35,6 +38,34 @@ def rank_slice(batches, rank: int, world: int):
         yield {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
 
 
+class ResumableBatches:
+    """This rank's slice of the global batches, saving and restoring its position as the shard loader does,
+    so a resumed run reads the batches an uninterrupted one would."""
+
+    def __init__(self, n_steps: int, batch: int, rank: int, world: int):
+        self.n_steps, self.batch, self.rank, self.world = n_steps, batch, rank, world
+        self.taken = 0
+
+    def __iter__(self):
+        batches = rank_slice(global_batches(self.n_steps, self.batch), self.rank, self.world)
+        for i, b in enumerate(batches):
+            if i >= self.taken:
+                self.taken += 1
+                yield b
+
+    def state_dict(self) -> dict:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.taken = state["taken"]
+
+
+def inject_fault(rank: int) -> None:
+    fault = json.loads(os.environ.get("DIST_WORKER_FAULT", "{}"))
+    if fault.get("rank") == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.environ["PIXART_FAULT"] = fault["at"]
+
+
 def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, flags: tuple[str, ...] = ()):
     return parse_config({
         "stage": "equivalence",
@@ -51,6 +82,7 @@ def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, 
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # "resumed from ..." shows in the output
     run_dir, zero, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     global_batch, steps = int(sys.argv[4]), int(sys.argv[5])
 
@@ -59,4 +91,5 @@ if __name__ == "__main__":
     lr = float(sys.argv[6]) if len(sys.argv) > 6 else 1e-3
     flags = tuple(filter(None, sys.argv[7].split(","))) if len(sys.argv) > 7 else ()
     cfg = config(zero, precision, global_batch // world, steps, lr, flags)
-    Trainer(cfg, run_dir, batches=rank_slice(global_batches(steps, global_batch), rank, world)).run()
+    inject_fault(rank)
+    Trainer(cfg, run_dir, batches=ResumableBatches(steps, global_batch, rank, world)).run()

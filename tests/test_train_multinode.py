@@ -2,36 +2,58 @@
 (static rendezvous, as on a cluster without etcd), one process each, over gloo, one shared run folder (the shared
 filesystem). They train the same tiny stage as one process, to the same losses within float32 reordering of the
 gradient all-reduce (tests/tolerance.py `reordered`)."""
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from test_train_distributed import GLOBAL_BATCH, ROOT, STEPS, WEIGHTS, WORKER, _port, final, losses, run
 from tolerance import approx, reordered
 
 
-def launch_nodes(run_dir, zero: int, nodes: int = 2) -> list[subprocess.CompletedProcess]:
+def worker_env(train: dict | None = None, fault: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(ROOT)
+    env.update(PYTHONPATH=str(ROOT), DIST_WORKER_TRAIN=json.dumps(train or {}),
+               DIST_WORKER_FAULT=json.dumps(fault or {}))
+    return env
+
+
+def launch_nodes(run_dir, zero: int, steps: int = STEPS, train: dict | None = None, fault: dict | None = None,
+                 restarts: int = 0, nodes: int = 2) -> list[subprocess.CompletedProcess]:
+    """One torchrun per node, all on 127.0.0.1; each node's output is returned as its stdout. With `restarts`,
+    an elastic launch: c10d rendezvous, and a rendezvous store of its own per attempt (the shared one keeps the
+    previous attempt's gloo addresses: pytorch/pytorch#135712)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     port = _port()
-    args = [str(WORKER), str(run_dir), str(zero), "fp32", str(GLOBAL_BATCH), str(STEPS), "1e-3", ""]
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-                               "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-                               "--master_port", str(port), *args],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(nodes)]
-    done = []
+    args = [str(WORKER), str(run_dir), str(zero), "fp32", str(GLOBAL_BATCH), str(steps), "1e-3", ""]
+    env = worker_env(train, fault)
+    if restarts:
+        rendezvous = ["--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                      f"127.0.0.1:{port}", "--rdzv-id", "test"]
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    logs = [run_dir / f"node{rank}.log" for rank in range(nodes)]
+    procs = []
+    for rank, log in enumerate(logs):
+        if not restarts:
+            rendezvous = ["--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        with open(log, "w") as f:  # a file, not a pipe: a pipe left unread would fill and block the node
+            procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                                           "--nproc_per_node", "1", *rendezvous, *args],
+                                          env=env, stdout=f, stderr=subprocess.STDOUT))
     for p in procs:
-        out, err = p.communicate(timeout=600)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
+        p.wait(timeout=600)
+    return [subprocess.CompletedProcess(p.args, p.returncode, log.read_text(), "")
+            for p, log in zip(procs, logs, strict=True)]
 
 
 def test_two_nodes_match_one_process(tmp_path):
     single = run(tmp_path / "single", zero=0, nproc=1)
     nodes = launch_nodes(tmp_path / "shared" / "run", zero=2)
-    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stdout[-2000:] + nodes[1].stdout[-2000:]
     two = tmp_path / "shared" / "run"
     assert len(losses(two)) == STEPS
     assert losses(two) == approx(losses(single), reordered(losses(single)))
@@ -43,15 +65,12 @@ def test_two_nodes_match_one_process(tmp_path):
 def test_a_lost_node_stops_the_other_within_the_collective_timeout(tmp_path):
     """Node 1 freezes (SIGSTOP: its sockets stay open, as when a machine drops off the network) after the first
     checkpoint; node 0 waits `train.collective_timeout_s` in its next collective, then exits with one line."""
-    import json
     import time
 
     import psutil
 
     timeout = 15
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), DIST_WORKER_TRAIN=json.dumps({"ckpt_every": 5,
-                                                                   "collective_timeout_s": timeout}))
+    env = worker_env({"ckpt_every": 5, "collective_timeout_s": timeout})
     run_dir, port = tmp_path / "run", _port()
     args = [str(WORKER), str(run_dir), "2", "fp32", str(GLOBAL_BATCH), "100000", "1e-3", ""]
     logs = [open(tmp_path / f"node{rank}.log", "w") for rank in range(2)]  # pipes would fill and block
@@ -87,3 +106,57 @@ def test_a_lost_node_stops_the_other_within_the_collective_timeout(tmp_path):
     assert "Last good checkpoint: " in lines[0] and "/checkpoints/step-0000" in lines[0], lines[0]
     assert timeout - 1 <= waited <= timeout + 60, waited  # the configured bound, not PyTorch's 30 minutes
 
+
+
+RESUME_STEPS, RESUME_TRAIN = 12, {"ckpt_every": 4, "record_keys": True, "collective_timeout_s": 30}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    nodes = launch_nodes(run_dir, zero=2, steps=RESUME_STEPS, train=RESUME_TRAIN)
+    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stdout[-3000:]
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Bitwise the same weights, EMA and optimizer-visible data order (each rank's keys per step)."""
+    last = f"checkpoints/step-{RESUME_STEPS:06d}"
+    for file in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(reference / last / file), load_file(run_dir / last / file)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{file} {k}"
+    for rank in range(2):
+        keys = (run_dir / f"keys-rank{rank}.jsonl").read_text()
+        assert keys == (reference / f"keys-rank{rank}.jsonl").read_text()
+        assert len(keys.splitlines()) == RESUME_STEPS
+
+
+def test_rerunning_both_nodes_after_one_was_killed_resumes_bitwise(uninterrupted, tmp_path):
+    """Node 1's worker is killed (SIGKILL) after step 6, past the step-4 checkpoint; node 0 stops with one line
+    naming that checkpoint; the same two commands run again resume from it and end where an uninterrupted run
+    ends, bitwise in fp32."""
+    run_dir = tmp_path / "run"
+    broken = launch_nodes(run_dir, zero=2, steps=RESUME_STEPS, train=RESUME_TRAIN,
+                          fault={"rank": 1, "at": "after-step:6"})
+    assert [n.returncode != 0 for n in broken] == [True, True]
+    lines = [line for line in broken[0].stdout.splitlines() if "a collective failed during step" in line]
+    assert len(lines) == 1 and "checkpoints/step-000004" in lines[0], broken[0].stdout[-3000:]
+    rerun = launch_nodes(run_dir, zero=2, steps=RESUME_STEPS, train=RESUME_TRAIN)
+    assert [n.returncode for n in rerun] == [0, 0], rerun[0].stdout[-3000:]
+    assert "resumed from " + str(run_dir / "checkpoints/step-000004") in rerun[0].stdout  # not from scratch,
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_an_elastic_restart_resumes_from_the_last_checkpoint_by_itself(uninterrupted, tmp_path):
+    """Two nodes under `torchrun --max-restarts 1`: node 1's worker is killed (SIGKILL) after step 6; both agents
+    restart their workers, which resume from the step-4 checkpoint and end bitwise where an uninterrupted run
+    ends. One command per node, run once."""
+    run_dir = tmp_path / "run"
+    nodes = launch_nodes(run_dir, zero=2, steps=RESUME_STEPS, train=RESUME_TRAIN, restarts=1,
+                         fault={"rank": 1, "at": "after-step:6"})
+    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stdout[-3000:] + nodes[1].stdout[-3000:]
+    assert "a collective failed during step 7" in nodes[0].stdout  # the first attempt did fail
+    assert "resumed from " + str(run_dir / "checkpoints/step-000004") in nodes[0].stdout
+    assert_same_run(run_dir, uninterrupted)
