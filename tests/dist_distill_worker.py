@@ -3,12 +3,14 @@
     python tests/dist_distill_worker.py RUN_DIR TEACHER_DIR ZERO_STAGE GLOBAL_BATCH STEPS
 
 Every rank takes its contiguous slice of the same global batches (tests/dist_worker.py), so any world size
-distills on the same data. The GAN head and two fake updates per generator update are on. Not a test module.
+distills on the same data. The GAN head and two fake updates per generator update are on. DIST_WORKER_TRAIN and
+DIST_WORKER_FAULT (environment) as in tests/dist_worker.py. Not a test module.
 """
+import json
 import os
 import sys
 
-from dist_worker import global_batches, rank_slice
+from dist_worker import global_batches, inject_fault, rank_slice
 
 from pixart.distill.config import parse_distill_config
 from pixart.distill.trainer import DistillTrainer
@@ -23,9 +25,11 @@ if __name__ == "__main__":
         "fake": {"updates_per_generator": 2},
         "gan": {"generator_weight": 1e-2},
         "optim": {"lr": 1e-3, "grad_clip": 1.0},
-        "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps},
+        "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps,
+                  **json.loads(os.environ.get("DIST_WORKER_TRAIN", "{}"))},
         "ema": {"decay": 0.9},
         "deepspeed": {"zero_stage": zero, "precision": "fp32"},
     }, "dist_distill_worker")
+    inject_fault(rank)
     batches = global_batches(steps * 2, global_batch)  # one batch per fake update (the generator's is reused)
     DistillTrainer(cfg, run_dir, batches=rank_slice(batches, rank, world)).run()

@@ -133,10 +133,11 @@ def test_resume_after_kill_is_exact(straight, tiny_feature_cache, teacher, tmp_p
     assert [r["fake"] for r in metrics(straight)] == [r["fake"] for r in metrics(tmp_path / "run")]
 
 
-def dist_run(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3, batch: int = 4) -> Path:
+def dist_launch(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3, batch: int = 4,
+                env_extra: dict | None = None) -> subprocess.CompletedProcess:
     worker = ROOT / "tests" / "dist_distill_worker.py"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env_extra or {}))
     args = [str(worker), str(run_dir), str(teacher), str(zero), str(batch), str(steps)]
     if nproc > 1:
         import socket
@@ -148,7 +149,11 @@ def dist_run(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3
                str(port), *args]
     else:
         cmd = [sys.executable, *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def dist_run(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3, batch: int = 4) -> Path:
+    r = dist_launch(run_dir, teacher, zero, nproc, steps, batch)
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
@@ -182,6 +187,18 @@ def test_two_ranks_match_one_process(small_teacher, one_process, tmp_path, zero)
         a, b = load_file(ckpt(one, 3) / file), load_file(ckpt(two, 3) / file)
         for k in a:
             torch.testing.assert_close(b[k], a[k], **adam_steps(1e-3, 3), msg=f"{file} {k}")
+
+
+def test_a_lost_rank_stops_the_other_with_one_line(small_teacher, tmp_path):
+    """Rank 1 is killed (SIGKILL) after step 3; rank 0's next collective fails and it stops with the trainer's
+    one line naming the step-2 checkpoint, as `pixart train` does."""
+    r = dist_launch(tmp_path / "run", small_teacher, zero=2, nproc=2, steps=6,
+                    env_extra={"DIST_WORKER_TRAIN": json.dumps({"ckpt_every": 2, "collective_timeout_s": 20}),
+                               "DIST_WORKER_FAULT": json.dumps({"rank": 1, "at": "after-step:3"})})
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if "rank 0: a collective failed during step 4" in line]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert str(tmp_path / "run" / "checkpoints" / "step-000002") in lines[0]
 
 
 def test_update_ratio_steps_the_fake_score_n_times_per_generator_update(small_teacher, tmp_path):

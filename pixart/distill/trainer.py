@@ -47,6 +47,7 @@ from pixart.train.engine import build_engine, init_distributed
 from pixart.train.master import frozen_state, gather, master_fragments, scatter_into
 from pixart.train.monitor import Monitor
 from pixart.train.trainer import DONE_FILE, NonFiniteLoss, all_finite, build_loader, data_report, encoders_record
+from pixart.train.watchdog import StepWatchdog, watching_peers
 
 from . import losses
 from .config import DistillConfig
@@ -317,30 +318,10 @@ class DistillTrainer:
         self._resume()
         self._regression_setup()
         monitor = Monitor(self.run_dir, self.step, self.main)
-        validator = self._validator()
         bar = tqdm(total=max_steps, initial=self.step, desc=cfg.stage, disable=not self.main, dynamic_ncols=True)
-        batches = iter(self.batches)
-        sums: dict[str, float] = {}
-        count, start = 0, time.time()
         try:
-            while self.step < max_steps:
-                scalars = self.train_step(batches)
-                self.step += 1
-                self.ema.update(self.step)
-                bar.update(1)
-                count += 1
-                for k, v in scalars.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if self.step % cfg.train.log_every == 0 or self.step == max_steps:
-                    row = self._scalars(sums, count, time.time() - start)
-                    monitor.log(self.step, row)
-                    bar.set_postfix(dm=f"{row.get('dm', 0):.4f}", fake=f"{row['fake']:.4f}")
-                    sums, count, start = {}, 0, time.time()
-                if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
-                    self.save()
-                if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
-                    self._validate(validator, monitor)
-                checkpoints.fault_point("after-step", self.step)
+            with watching_peers(cfg.train.collective_timeout_s, self.rank, self.run_dir, lambda: self.step) as dog:
+                self._loop(max_steps, monitor, bar, dog)
         finally:
             bar.close()
             monitor.close()
@@ -352,6 +333,32 @@ class DistillTrainer:
                                                                "stage": cfg.stage, "data": data}, indent=2))
         dist.barrier()
         return final
+
+    def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
+        cfg = self.cfg
+        validator = self._validator()
+        batches = iter(self.batches)
+        sums: dict[str, float] = {}
+        count, start = 0, time.time()
+        while self.step < max_steps:
+            scalars = self.train_step(batches)
+            self.step += 1
+            self.ema.update(self.step)
+            bar.update(1)
+            count += 1
+            for k, v in scalars.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if self.step % cfg.train.log_every == 0 or self.step == max_steps:
+                row = self._scalars(sums, count, time.time() - start)
+                monitor.log(self.step, row)
+                bar.set_postfix(dm=f"{row.get('dm', 0):.4f}", fake=f"{row['fake']:.4f}")
+                sums, count, start = {}, 0, time.time()
+            if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
+                self.save()
+            if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
+                self._validate(validator, monitor)
+            checkpoints.fault_point("after-step", self.step)
+            watchdog.beat()
 
     def _scalars(self, sums: dict[str, float], count: int, seconds: float) -> dict[str, float]:
         """Means over the window (and over ranks), learning rates and gradient norms, samples per second."""

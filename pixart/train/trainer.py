@@ -51,7 +51,7 @@ from .encoders import cache_manifest, load_autoencoder, load_text_encoder
 from .engine import build_engine, init_distributed
 from .master import frozen_state, gather, master_fragments, scatter_into
 from .monitor import Monitor, peak_flops, train_flops_per_sample
-from .watchdog import StepWatchdog
+from .watchdog import StepWatchdog, watching_peers
 
 log = logging.getLogger("pixart.train")
 DONE_FILE = "DONE.json"
@@ -86,27 +86,6 @@ def load_init(model: torch.nn.Module, state: dict, source: str) -> None:
 
 class NonFiniteLoss(PixArtError):
     pass
-
-
-class PeerLost(PixArtError):
-    pass
-
-
-_COMM_FAILURES = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
-
-
-def is_comm_failure(e: RuntimeError) -> bool:
-    """A collective that failed for want of a peer: torch's DistError, or the backend's own RuntimeError (gloo
-    raises a plain one, "[.../gloo/transport/tcp/...] Timed out waiting 600000ms for recv operation")."""
-    return isinstance(e, dist.DistError) or any(s in str(e) for s in _COMM_FAILURES)
-
-
-def peer_lost_message(e: Exception, rank: int, step: int, run_dir: Path) -> str:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    latest = checkpoints.latest_checkpoint(run_dir)
-    return (f"rank {rank}: a collective failed during step {step + 1}, so another rank or node is gone "
-            f"({type(e).__name__}: {reason}). Last good checkpoint: {latest or 'none yet'}; rerun every node "
-            "to resume from it")
 
 
 class Trainer:
@@ -256,17 +235,9 @@ class Trainer:
         self._resume()
         monitor = Monitor(self.run_dir, self.step, self.main)
         bar = tqdm(total=max_steps, initial=self.step, desc=cfg.stage, disable=not self.main, dynamic_ncols=True)
-        def stalled() -> str:
-            return peer_lost_message(TimeoutError(f"no step finished in {watchdog.limit:.0f} s"), self.rank,
-                                     self.step, self.run_dir)
-
         try:
-            with StepWatchdog(cfg.train.collective_timeout_s, stalled) as watchdog:
-                self._loop(max_steps, monitor, bar, watchdog)
-        except RuntimeError as e:  # a peer died or froze: say so in one line, and where to resume from
-            if not is_comm_failure(e):
-                raise
-            raise PeerLost(peer_lost_message(e, self.rank, self.step, self.run_dir)) from None
+            with watching_peers(cfg.train.collective_timeout_s, self.rank, self.run_dir, lambda: self.step) as dog:
+                self._loop(max_steps, monitor, bar, dog)
         finally:
             bar.close()
             monitor.close()

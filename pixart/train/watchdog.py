@@ -1,4 +1,4 @@
-"""A bound on how long a rank waits for the others, wherever it waits.
+"""A bound on how long a rank waits for the others, wherever it waits, and one line when a peer is lost.
 
 The process group's timeout ends most waits on a lost node with an error. Some waits have no timeout of their own
 (an async op's `wait()` inside DeepSpeed, a backend stuck in a syscall), so a thread also watches the steps: when
@@ -11,7 +11,52 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pixart.errors import PixArtError
+
+from . import checkpoints
+
+
+class PeerLost(PixArtError):
+    pass
+
+
+_COMM_FAILURES = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+
+def is_comm_failure(e: RuntimeError) -> bool:
+    """A collective that failed for want of a peer: torch's DistError, or the backend's own RuntimeError (gloo
+    raises a plain one, "[.../gloo/transport/tcp/...] Timed out waiting 600000ms for recv operation")."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in _COMM_FAILURES)
+
+
+def peer_lost_message(e: Exception, rank: int, step: int, run_dir: Path) -> str:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    latest = checkpoints.latest_checkpoint(run_dir)
+    return (f"rank {rank}: a collective failed during step {step + 1}, so another rank or node is gone "
+            f"({type(e).__name__}: {reason}). Last good checkpoint: {latest or 'none yet'}; rerun every node "
+            "to resume from it")
+
+
+@contextmanager
+def watching_peers(timeout_s: float, rank: int, run_dir: Path, step: Callable[[], int]) -> Iterator[StepWatchdog]:
+    """A training loop's guard: a failed collective becomes PeerLost, and a wait with no timeout of its own ends
+    after `timeout_s` plus a grace (the watchdog, which the loop beats once per step); `step()` is the steps done."""
+    def stalled() -> str:
+        return peer_lost_message(TimeoutError(f"no step finished in {watchdog.limit:.0f} s"), rank, step(), run_dir)
+
+    try:
+        with StepWatchdog(timeout_s, stalled) as watchdog:
+            yield watchdog
+    except RuntimeError as e:
+        if not is_comm_failure(e):
+            raise
+        raise PeerLost(peer_lost_message(e, rank, step(), run_dir)) from None
 
 
 class StepWatchdog:
