@@ -331,6 +331,19 @@ def test_manifest_gives_scale_shift_and_buckets(tmp_path, monkeypatch, caplog):
     assert "without a manifest.json" in caplog.text and bare.decoder.latent_scale == 1.0
 
 
+def test_a_shard_that_breaks_off_counts_its_unread_samples_as_skipped(tmp_path):
+    """A feature shard cut after its 3rd sample (as a remote read that kept failing ends it): the manifest says
+    it holds 8, so 5 are counted as skipped (the partial 4th among them), once, however many epochs run."""
+    cache = _feature_cache(tmp_path / "c", [8, 8], [(4, 4)])
+    with tarfile.open(cache / "web-000000.tar") as tar:
+        cut = [m for m in tar.getmembers() if m.name.startswith("web-000000_003")][1].offset  # mid-sample 4
+    (cache / "web-000000.tar").write_bytes((cache / "web-000000.tar").read_bytes()[:cut])
+    loader = Loader(LoaderConfig(str(cache), batch_size=2))
+    take(loader, 20)  # over three epochs of the 11 readable samples
+    assert loader.stats.skipped == {"unread: the shard broke off": 5}
+    assert loader.stats.damaged_shards == {str(cache / "web-000000.tar"): 1}
+
+
 def test_manifest_refuses_incomplete_mixed_or_unexpected_caches(tmp_path):
     part = _feature_cache(tmp_path / "part", [4, 4, 4], [(4, 4)], done=1)
     with pytest.raises(PixArtError, match=f"{part}.*is incomplete: 1 of 3 shards done; rerun extract-features"):

@@ -46,6 +46,7 @@ from .loader_samples import BadSample, Decoder, Item, read_tar, stable_seed
 
 log = logging.getLogger("pixart.data")
 Pos = tuple[int, int, int]  # (epoch, unit, sample index within the unit's shard)
+UNREAD = "unread: the shard broke off"
 
 
 @dataclass
@@ -162,6 +163,15 @@ class BucketStream:
             self.stats.damaged_shards[url] = 1
             log.warning("%s: damaged shard, rest skipped (%s: %s)", url, type(exc).__name__, exc)
 
+    def _count_unread(self, epoch: int, shard: int, read: int, split: bool) -> None:
+        """A shard that broke off (a cut file, a connection that stayed down): the samples the schedule expected
+        past the break are skipped, and counted (exact with a manifest; a scan counts only what it could read)."""
+        unread = max(0, round(self.plan.counts[shard].sum()) - read)
+        if split:
+            unread = round(unread / self.plan.slots)
+        if unread and epoch == self.counted and not self._replaying:
+            self.stats.skipped[UNREAD] += unread
+
     def _skip(self, pos: Pos, reason: str, key: str) -> None:
         if pos[0] != self.counted:
             return
@@ -178,13 +188,19 @@ class BucketStream:
             for u, (shard, phase) in enumerate(self.plan.units(epoch, self.slot)):
                 if u < unit0:
                     continue
-                for i, raw in enumerate(read_tar(self.plan.shards[shard], self._damaged)):
+                damage: list[tuple[str, Exception]] = []
+                read, on_error = 0, (lambda url, exc, seen=damage: seen.append((url, exc)))
+                for i, raw in enumerate(read_tar(self.plan.shards[shard], on_error)):
+                    read = i + 1
                     if u == unit0 and i < index0:
                         continue
                     if phase is not None and (i + phase) % self.plan.slots != self.slot:
                         continue
                     got = True
                     yield (epoch, u, i), raw
+                if damage:
+                    self._damaged(*damage[0])
+                    self._count_unread(epoch, shard, read, phase is not None)
             empty = 0 if got else empty + 1
             if empty >= 2:
                 raise PixArtError(f"rank {self.plan.rank} worker {self.role}: its share of the shards held no "
