@@ -3,13 +3,18 @@
 SA-1B ships ~11M photos at ~1500x2250 with ~100 RLE masks each. Training at <= 1024 px
 needs neither the full pixels nor (for text-to-image) the masks, so we shrink both:
 images to `max_side`, annotations to their boxes and scores scaled to the new size.
-Damaged inputs are skipped and listed in `DIR/sam_report.json`, never fatal.
+Every coordinate in an SA-1B json (bbox, point_coords, area, crop_box, the RLE's `size`) is in the
+frame its `image.width` x `image.height` names, whatever size the jpg was stored at, so that frame,
+not the decoded jpg, is what gets scaled to the output size, one factor per axis.
+Members are paired by name (`sam_tar.py`). Damaged inputs are skipped and listed in
+`DIR/sam_report.json`, never fatal.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,8 +23,10 @@ from tqdm import tqdm
 
 from pixart.atomic import atomic_write
 from pixart.data.shards import resolve_shards
-from pixart.data.tars import IMAGE_EXTS, ShardWriter, TarDamage, decode_image, iter_samples
+from pixart.data.tars import IMAGE_EXTS, ShardWriter, decode_image
 from pixart.errors import PixArtError
+
+from .sam_tar import TarRead, read_pairs
 
 REPORT = "sam_report.json"
 
@@ -31,6 +38,7 @@ class SamConfig:
     keep_masks: bool = False  # keep the RLE masks (at the original size, as `segmentation.size` says)
     quality: int = 95
     prefix: str = "sam"
+    hold_mb: float = 256  # members of a streamed tar waiting for their pair, in memory; past it, on disk in --out
 
 
 @dataclass
@@ -38,6 +46,8 @@ class SamReport:
     written: int = 0
     shards: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"source", "key", "reason"}
+    unpaired: int = 0  # of the skipped: a jpg without its json or a json without its jpg
+    spilled: int = 0  # members that waited for their pair on disk (streams past `hold_mb`)
     damaged: list[dict] = field(default_factory=list)  # {"source", "error", "after"}: tars read up to the damage
 
 
@@ -45,18 +55,58 @@ class BadSample(Exception):
     pass
 
 
-def _scale_annotation(ann: dict, s: float, keep_masks: bool) -> dict:
-    """Boxes, areas and points in the resized image's pixels; the RLE mask dropped unless asked."""
+@dataclass(frozen=True)
+class Frame:
+    """From the json's frame to the output image: a factor per axis (rounding the output's sides makes
+    them differ: 1500x2250 -> 683x1024), and the output's sides to clamp to."""
+    sx: float
+    sy: float
+    width: int
+    height: int
+
+    def _xy(self, x: float, y: float) -> tuple[float, float]:
+        return min(max(x * self.sx, 0.0), self.width), min(max(y * self.sy, 0.0), self.height)
+
+    def point(self, x: float, y: float) -> list[float]:
+        return [round(v, 2) for v in self._xy(x, y)]
+
+    def box(self, xywh: list[float]) -> list[float]:
+        """An XYWH box (SA-1B's bbox and crop_box), clamped to the image."""
+        x0, y0 = self._xy(xywh[0], xywh[1])
+        x1, y1 = self._xy(xywh[0] + xywh[2], xywh[1] + xywh[3])
+        return [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)]
+
+
+def _scale_annotation(ann: dict, f: Frame, keep_masks: bool) -> dict:
+    """Boxes, areas and points in the output image's pixels; the RLE mask (in the json's frame, as its
+    `size` says) dropped unless asked."""
     out = {k: v for k, v in ann.items() if keep_masks or k != "segmentation"}
     if "bbox" in ann:
-        out["bbox"] = [round(v * s, 2) for v in ann["bbox"]]
+        out["bbox"] = f.box(ann["bbox"])
     if "area" in ann:
-        out["area"] = round(ann["area"] * s * s, 2)
+        out["area"] = round(ann["area"] * f.sx * f.sy, 2)
     if "crop_box" in ann:
-        out["crop_box"] = [round(v * s, 2) for v in ann["crop_box"]]
+        out["crop_box"] = f.box(ann["crop_box"])
     if "point_coords" in ann:
-        out["point_coords"] = [[round(v * s, 2) for v in p] for p in ann["point_coords"]]
+        out["point_coords"] = [f.point(*p) for p in ann["point_coords"]]
     return out
+
+
+def _json_frame(meta: dict) -> tuple[int, int]:
+    """The json's `image.width` x `image.height`: the frame of all its coordinates."""
+    image = meta.get("image") if isinstance(meta, dict) else None
+    try:
+        w, h = int(image["width"]), int(image["height"])
+    except (TypeError, KeyError, ValueError):
+        raise BadSample("json has no image.width/height") from None
+    if w < 1 or h < 1:
+        raise BadSample(f"json frame {w}x{h} is empty")
+    return w, h
+
+
+def _same_aspect(w: int, h: int, fw: int, fh: int, tol: float = 1.0) -> bool:
+    """Could a w x h jpg be the fw x fh frame resized by one factor, each side rounded within `tol` px?"""
+    return max((w - tol) / fw, (h - tol) / fh) <= min((w + tol) / fw, (h + tol) / fh)
 
 
 def convert(sample: dict, cfg: SamConfig) -> dict:
@@ -69,20 +119,25 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
         meta = json.loads(sample["json"])
     except ValueError as e:
         raise BadSample(f"bad json: {e}") from None
+    fw, fh = _json_frame(meta)
     try:
         img = decode_image(sample)
     except ValueError as e:
         raise BadSample(str(e)) from None
     w, h = img.size
+    if not _same_aspect(w, h, fw, fh):
+        raise BadSample(f"aspect mismatch: jpg {w}x{h}, json frame {fw}x{fh}")
     s = min(1.0, cfg.max_side / max(w, h))
     if s < 1:
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
     nw, nh = img.size
+    frame = Frame(nw / fw, nh / fh, nw, nh)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=cfg.quality)
-    info = dict(meta.get("image", {}))
-    info.update(width=nw, height=nh, orig_width=w, orig_height=h, scale=round(nw / w, 6))
-    anns = [_scale_annotation(a, nw / w, cfg.keep_masks) for a in meta.get("annotations", [])]
+    info = dict(meta["image"])
+    info.update(width=nw, height=nh, orig_width=fw, orig_height=fh,
+                scale_x=round(frame.sx, 6), scale_y=round(frame.sy, 6))
+    anns = [_scale_annotation(a, frame, cfg.keep_masks) for a in meta.get("annotations", [])]
     out_meta = {"width": nw, "height": nh, "image": info, "num_annotations": len(anns), "annotations": anns}
     return {"__key__": sample["__key__"], "jpg": buf.getvalue(), "json": json.dumps(out_meta).encode()}
 
@@ -96,22 +151,24 @@ def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> No
         raise PixArtError(f"--out {out} already holds {prefix} shards; pass --overwrite to replace them")
     for p in old + list(out.glob(f".{prefix}-*.tar.tmp")):
         p.unlink()
+    for p in out.glob(".sam-spill-*"):  # left by a killed run
+        shutil.rmtree(p, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
 def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig(),
            overwrite: bool = False, progress: bool = True) -> SamReport:
     """Convert every sample of `srcs` into `out/<prefix>-NNNNNN.tar` shards of `shard_size` samples."""
-    if cfg.max_side < 1 or cfg.shard_size < 1:
-        raise PixArtError("--max-side and --shard-size must be positive")
+    if cfg.max_side < 1 or cfg.shard_size < 1 or cfg.hold_mb < 0:
+        raise PixArtError("--max-side and --shard-size must be positive, --hold-mb not negative")
     srcs, out = resolve_shards(srcs), Path(out)
     _prepare_out(out, srcs, overwrite, cfg.prefix)
     report, writer = SamReport(), None
     bar = tqdm(desc="sam", unit="img", disable=not progress)
     try:
         for src in srcs:
-            damage = TarDamage()
-            for sample in iter_samples(src, damage):
+            read = TarRead()
+            for sample in read_pairs(src, read, int(cfg.hold_mb * 2**20), out):
                 bar.update(1)
                 try:
                     converted = convert(sample, cfg)
@@ -126,9 +183,13 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
                 if writer.count == cfg.shard_size:
                     report.shards.append(writer.close().name)
                     writer = None
-            if damage.error:
-                report.damaged.append({"source": src, "error": damage.error, "after": damage.after})
-                tqdm.write(f"sam: {src} is damaged after {damage.after} samples ({damage.error}); going on")
+            for key, reason in read.unpaired:
+                report.skipped.append({"source": src, "key": key, "reason": reason})
+            report.unpaired += len(read.unpaired)
+            report.spilled += read.spilled
+            if read.error:
+                report.damaged.append({"source": src, "error": read.error, "after": read.after})
+                tqdm.write(f"sam: {src} is damaged after {read.after} samples ({read.error}); going on")
         if writer is not None:
             report.shards.append(writer.close().name)
             writer = None

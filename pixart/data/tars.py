@@ -34,24 +34,17 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
         try:
             with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
                 for member in tar:
-                    m = _KEY_EXT.match(member.name) if member.isfile() else None
-                    if m is None:
+                    split = member_key(member)
+                    if split is None:
                         continue
-                    key, ext = m.groups()
+                    key, ext = split
                     if sample is not None and sample["__key__"] != key:
                         yield sample
                         sample = None
                     if sample is None:
                         sample = {"__key__": key, "__url__": url}
                     sample[ext] = tar.extractfile(member).read()
-                # tarfile ends quietly at a cut or garbled header: insist on the end-of-archive block.
-                if seekable:
-                    tar.fileobj.seek(tar.offset)
-                    end = tar.fileobj.read(512)
-                    if len(end) < 512 or any(end):
-                        raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}")
-                elif tar.fileobj.tell() < tar.offset + 512:
-                    raise tarfile.ReadError(f"truncated at byte {tar.offset}")
+                check_archive_end(tar, seekable)
         finally:
             stream.close()
     except Exception as e:  # truncated, unreadable or missing shard: the partial sample is dropped
@@ -60,6 +53,24 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
         return
     if sample is not None:
         yield sample
+
+
+def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, ext) of a regular file `dir/key.ext`, split as webdataset does; None for anything else."""
+    m = _KEY_EXT.match(member.name) if member.isfile() else None
+    return None if m is None else (m.group(1), m.group(2))
+
+
+def check_archive_end(tar: tarfile.TarFile, seekable: bool) -> None:
+    """Raise ReadError unless the end-of-archive block follows the last member: tarfile ends quietly
+    at a cut or garbled header. Call it once iterating `tar` has ended."""
+    if seekable:
+        tar.fileobj.seek(tar.offset)
+        end = tar.fileobj.read(512)
+        if len(end) < 512 or any(end):
+            raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}")
+    elif tar.fileobj.tell() < tar.offset + 512:
+        raise tarfile.ReadError(f"truncated at byte {tar.offset}")
 
 
 def stable_reason(text: str) -> str:
