@@ -13,18 +13,40 @@ from typing import Protocol
 from pixart.errors import PixArtError
 
 PIXART_PROMPT = "Describe this image and its style in a very detailed manner"  # PixArt-alpha's LLaVA prompt
+QWEN_NAMES = ("qwen2-vl", "qwen2.5-vl")
+QWEN_MAX_PIXELS = 1024 * 28 * 28
+"""Default pixel bound of Qwen2-VL/2.5-VL images: at most 1024 visual tokens (a token is 28x28 px, 14 px
+patches merged 2x2; the Qwen2-VL docs' low-memory setting). Checkpoints ship 12,845,056 (16,384 tokens)."""
 
 
 @dataclass
 class CaptionerConfig:
     name: str
     model: str | None = None  # local path or hub id (VLMs)
-    prompt: str = PIXART_PROMPT
+    prompt: str | None = None  # None: PIXART_PROMPT; "": no prompt, the image alone
     device: str = "cpu"
     dtype: str = "bf16"
     max_new_tokens: int = 160
     seed: int = 0
     backend: str = "transformers"  # or "vllm" where installed
+    image_size: int | None = None  # longest image side before the processor; None: the checkpoint's own, 0: as decoded
+    min_pixels: int | None = None  # Qwen2-VL/2.5-VL resize bounds; None: the checkpoint's minimum
+    max_pixels: int | None = None  # ...; None: QWEN_MAX_PIXELS
+
+    def __post_init__(self):
+        """Bad sizes fail here, before any model loads, naming the flag that set them."""
+        if self.image_size is not None and self.image_size < 0:
+            raise PixArtError(f"--image-size {self.image_size}: use a positive number of pixels, or 0 for full size")
+        for flag, value in (("--min-pixels", self.min_pixels), ("--max-pixels", self.max_pixels)):
+            if value is None:
+                continue
+            if value < 1:
+                raise PixArtError(f"{flag} {value}: must be positive")
+            if self.name in ("metadata", *VLM_NAMES) and self.name not in QWEN_NAMES:
+                raise PixArtError(f"{flag} applies to {' and '.join(QWEN_NAMES)} only, not {self.name}")
+        low, high = self.min_pixels, self.max_pixels or QWEN_MAX_PIXELS
+        if low is not None and low > high:
+            raise PixArtError(f"--min-pixels {low} is above --max-pixels {high}")
 
 
 class Captioner(Protocol):

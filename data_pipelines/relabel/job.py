@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class ShardRun:
     failed: int = 0
     skipped: int = 0  # already in the partial from a killed run
     damaged: str = ""  # the input tar broke off; unless accept_damaged the shard stays unfinished
+    visual_tokens: dict[int, int] = field(default_factory=dict)  # VLMs: visual tokens per image -> images
 
 
 @dataclass
@@ -360,6 +362,7 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
                     flush()
         if batch:
             flush()
+        run.visual_tokens = _take_visual_tokens(captioner)
         if stats.damaged and not cfg.accept_damaged:  # the partial stays: a rerun retries the shard
             run.damaged = stats.damaged
             return run
@@ -373,6 +376,16 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
         partial.unlink(missing_ok=True)
     return run
 
+
+
+def _take_visual_tokens(captioner: Captioner) -> dict[int, int]:
+    """The VLM's visual-token histogram since the last take (for the summary), cleared; {} for others."""
+    counts = getattr(captioner, "visual_tokens", None)
+    if counts is None:
+        return {}
+    taken = dict(counts)
+    counts.clear()
+    return taken
 
 
 def _caption_batch(batcher: Batcher, batch: list[dict], base: dict, cfg: RelabelConfig) -> list[dict]:
@@ -584,8 +597,12 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     run = {"done": sum(r.done for r in runs), "failed": sum(r.failed for r in runs),
            "skipped": sum(r.skipped for r in runs), "shards": len(runs), "seconds": round(secs, 3)}
     model, prompt = _model_prompt(out, names, cap)
+    tokens = Counter()
+    for r in runs:
+        tokens.update(r.visual_tokens)
     summary = summarize(cap, model, prompt, {n: _load_stats(paths(out, n, cap)[2]) if finished(n) else None
-                                             for n in names}, run, {r.name: r.damaged for r in runs if r.damaged})
+                                             for n in names}, run, {r.name: r.damaged for r in runs if r.damaged},
+                        visual_tokens=tokens)
     path = atomic_write(out / f"{cap}-summary.json", json.dumps(summary, indent=2) + "\n")
     if n_todo:
         log(format_summary(summary) + f"\nsummary: {path}")

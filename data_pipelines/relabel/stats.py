@@ -112,11 +112,12 @@ class ShardStats:
 
 
 def summarize(captioner: str, model: str, prompt: str | None, shards: dict[str, ShardStats | None],
-              run: dict, damaged: dict[str, str] | None = None) -> dict:
+              run: dict, damaged: dict[str, str] | None = None, visual_tokens: Counter | None = None) -> dict:
     """The job summary: counts, caption vs alt-text statistics over every finished shard, this run's speed.
     `shards` maps every shard of the job to its stats (None while unfinished); `run` holds this run's
     done/failed/skipped counts and seconds; `damaged` the shards this run left unfinished because their
-    input tar broke off (name -> why)."""
+    input tar broke off (name -> why); `visual_tokens` a VLM's images per visual-token count this run,
+    reported beside its captions/s (what a family and its preprocessing cost)."""
     total, kept = ShardStats(), {}
     for name, s in shards.items():
         if s is None:
@@ -128,6 +129,7 @@ def summarize(captioner: str, model: str, prompt: str | None, shards: dict[str, 
         if s.damaged:
             kept[name] = s.damaged
     secs = run.get("seconds", 0.0)
+    speed = round((run.get("done", 0) + run.get("failed", 0)) / secs, 1) if secs else None
     return {
         "captioner": captioner, "model": model, "prompt": prompt,
         "shards": {"total": len(shards), "finished": sum(s is not None for s in shards.values()),
@@ -137,9 +139,14 @@ def summarize(captioner: str, model: str, prompt: str | None, shards: dict[str, 
         "failure_reasons": dict(sorted(total.reasons.items())),
         "captions": total.captions.summary(), "alt_text": total.alt_text.summary(),
         "distinct_words": CONTENT_WORDS,
-        "this_run": {**run, "captions_per_s": round((run.get("done", 0) + run.get("failed", 0)) / secs, 1)
-                     if secs else None},
+        "this_run": {**run, "captions_per_s": speed},
+        **({"vlm": {"family": captioner, "visual_tokens_per_image": _token_stats(visual_tokens),
+                    "captions_per_s": speed}} if visual_tokens else {}),
     }
+
+
+def _token_stats(h: Counter) -> dict:
+    return {"images": sum(h.values()), "mean": _mean(h), "median": _median(h), "min": min(h), "max": max(h)}
 
 
 def format_summary(s: dict) -> str:
@@ -160,6 +167,10 @@ def format_summary(s: dict) -> str:
                        ("distinct_mean", "distinct content words, mean"),
                        ("distinct_median", "distinct content words, median")):
         lines.append(f"{label:34}{num(cap[key]):>20}{num(alt[key]):>18}")
+    if "vlm" in s:
+        v, t = s["vlm"], s["vlm"]["visual_tokens_per_image"]
+        lines.append(f"{v['family']}: {t['mean']:g} visual tokens per image (min {t['min']}, max {t['max']}), "
+                     f"{num(v['captions_per_s'])} captions/s")
     if s["failure_reasons"]:
         lines.append("failed: " + ", ".join(f"{k} {v}" for k, v in s["failure_reasons"].items()))
     if s["shards"]["damaged"]:

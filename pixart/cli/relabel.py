@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from data_pipelines.relabel.captioner import QWEN_MAX_PIXELS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -19,7 +21,21 @@ def add_parser(sub) -> None:
                    "or module:callable building your own from a CaptionerConfig")
     p.add_argument("--out", required=True, help="folder for the caption files")
     p.add_argument("--model", help="VLM folder or hub id")
-    p.add_argument("--prompt", help="VLM prompt (default: PixArt-alpha's LLaVA prompt)")
+    p.add_argument("--prompt",
+                   help="VLM prompt, written in each checkpoint's own chat format (default: PixArt-alpha's "
+                   "\"Describe this image and its style in a very detailed manner\"). --prompt \"\" sends no "
+                   "prompt: the image alone, i.e. BLIP-2's plain captioning (given a prompt, BLIP-2 is asked "
+                   "\"Question: ... Answer:\")")
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="longest side, in pixels, that decoded images are shrunk to before the VLM's processor "
+                   "(default: the checkpoint's working resolution, e.g. 336 for LLaVA-1.5, 1024 for Qwen2-VL; "
+                   "0: as decoded)")
+    p.add_argument("--min-pixels", type=int, default=None, metavar="N",
+                   help="qwen2-vl, qwen2.5-vl: smallest image area after resizing; a visual token covers 28x28 px "
+                   "(default: the checkpoint's)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help=f"qwen2-vl, qwen2.5-vl: largest image area after resizing (default {QWEN_MAX_PIXELS:,}: "
+                   "at most 1024 visual tokens per image)")
     p.add_argument("--workers", type=int, default=1, help="local job processes, e.g. one per GPU (default 1)")
     p.add_argument("--decode-workers", type=int, default=None,
                    help="image-decoding processes per job worker (default: CPUs / workers, at most 8)")
@@ -36,10 +52,20 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def captioner_config(args, device: str):
+    """The CaptionerConfig the flags ask for. --prompt stays None when absent (the default prompt)
+    and "" when given empty (no prompt)."""
+    from data_pipelines.relabel.captioner import CaptionerConfig
+
+    return CaptionerConfig(args.captioner, model=args.model, prompt=args.prompt, device=device,
+                           dtype=args.dtype or ("bf16" if device.startswith("cuda") else "fp32"),
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
+                           image_size=args.image_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+
+
 def run(args) -> None:
     import torch
 
-    from data_pipelines.relabel.captioner import PIXART_PROMPT, CaptionerConfig
     from data_pipelines.relabel.job import RelabelConfig, relabel
     from data_pipelines.relabel.quality import QualityConfig
 
@@ -47,9 +73,7 @@ def run(args) -> None:
     decode = args.decode_workers
     if decode is None:
         decode = max(1, min(8, (os.cpu_count() or 1) // max(1, args.workers)))
-    cap = CaptionerConfig(args.captioner, model=args.model, prompt=args.prompt or PIXART_PROMPT, device=device,
-                          dtype=args.dtype or ("bf16" if device.startswith("cuda") else "fp32"),
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend)
+    cap = captioner_config(args, device)
     relabel(args.shards, args.out, RelabelConfig(cap, batch_size=args.batch_size, workers=args.workers,
                                                  decode_workers=decode, quality=QualityConfig(max_words=args.max_words),
                                                  accept_damaged=args.accept_damaged))
