@@ -26,11 +26,6 @@ STUDENT_FILE = "student.json"  # {"start_timestep", "teacher"}: a one-step disti
 StateDict = dict[str, torch.Tensor]
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Tensors from a .safetensors, or from a torch pickle without running any of its code."""
     path = Path(path)
@@ -43,7 +38,18 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PixArtError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
+        raise PixArtError(f"{path}: not a readable checkpoint ({_unreadable_reason(e)})") from None
+
+
+def _unreadable_reason(e: Exception) -> str:
+    """Why torch or safetensors refused a file, in one line. torch's own text for a pickle holding more than
+    tensors advises loading it with weights_only=False, i.e. running its code: we never pass that on."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    unpickler = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    if unpickler is not None:
+        what = unpickler.removeprefix("WeightsUnpickler error:").split(". ")[0].strip()
+        return f"it holds objects other than tensors, which are never unpickled: {what}"
+    return next((line for line in lines if "weights_only" not in line), type(e).__name__)
 
 
 def unwrap_state_dict(obj, source: str) -> StateDict:

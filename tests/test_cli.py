@@ -47,7 +47,7 @@ def test_convert_dit_accepts_safetensors_and_raw_state_dicts(tmp_path, dit_file)
 
 
 @pytest.mark.parametrize("case,message", [
-    ("truncated", "DiT-S-2.pt: cannot read checkpoint"),
+    ("truncated", "DiT-S-2.pt: not a readable checkpoint"),
     ("wrong_model", "not a DiT state dict"),
     ("bad_heads", "num_heads=7 does not divide hidden_size=384"),
 ])

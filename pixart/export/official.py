@@ -5,6 +5,8 @@ strict load; the only official extra is the fixed `pos_embed`, which we derive.
 """
 from __future__ import annotations
 
+import torch
+
 from pixart.checkpoint import load_into, read_state_dict, unwrap_state_dict
 from pixart.errors import PixArtError
 from pixart.models import ModelConfig, PixArt
@@ -43,6 +45,14 @@ def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: i
 
 
 def import_official(path: str, num_heads: int | None = None, input_size: int | None = None) -> PixArt:
+    """The file's model at the resolution its `pos_embed` was made for (the table itself is derived again, and
+    must equal the file's: it is fixed, never trained)."""
     state = unwrap_state_dict(read_state_dict(path), path)
-    state.pop("pos_embed", None)
-    return load_into(PixArt(infer_pixart_config(state, num_heads, input_size, path)), state, path)
+    model = PixArt(infer_pixart_config(state, num_heads, input_size, path))
+    table = state.pop("pos_embed", None)
+    if table is not None and (table.shape != model.pos_embed.shape or
+                              not torch.allclose(table.float(), model.pos_embed.float(), atol=1e-4)):
+        raise PixArtError(f"{path}: pos_embed {tuple(table.shape)} is not PixArt's sin-cos table for "
+                          f"{model.config.input_size * 8} px (lewei_scale {model.config.pe_interpolation:g}); "
+                          "pass --input-size to say its latent side")
+    return load_into(model, state, path)

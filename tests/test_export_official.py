@@ -1,0 +1,62 @@
+"""`pixart import` of official PixArt-alpha `.pth` files: the resolution comes from the file's `pos_embed`.
+
+The reference table is the official code's, restated here from PixArt-alpha/PixArt-alpha
+diffusion/model/nets/PixArt.py (`get_2d_sincos_pos_embed`, called in `initialize_weights` with
+`base_size = input_size // patch_size` and the model's `lewei_scale`): positions
+`arange(G) / (G / base_size) / lewei_scale`, sin then cos of pos x 10000^(-2i/(D/2)), the h half first.
+The buffer is registered persistent there, so every official `.pth` carries it.
+"""
+import numpy as np
+import pytest
+import torch
+from conftest import perturb_
+
+from pixart.errors import PixArtError
+from pixart.export.official import import_official
+from pixart.models import build_model
+
+TINY = dict(depth=1, hidden_size=64, num_heads=4, caption_channels=16, model_max_length=8)
+
+
+def official_pos_embed(dim: int, grid: int, base_size: int, lewei_scale: float) -> np.ndarray:
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    coords = np.arange(grid, dtype=np.float32) / (grid / base_size) / lewei_scale
+    w, h = np.meshgrid(coords, coords)  # w first, as the official code
+    return np.concatenate([one_axis(dim // 2, w), one_axis(dim // 2, h)], axis=1)
+
+
+def official_file(tmp_path, pixels: int, lewei_scale: float = 1.0):
+    """An official-layout checkpoint ({'state_dict': ...}) trained at `pixels`, pos_embed included."""
+    latent, patch = pixels // 8, 2
+    model = perturb_(build_model("PixArt-S/2", input_size=latent, **TINY))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    table = official_pos_embed(64, latent // patch, latent // patch, lewei_scale)
+    state["pos_embed"] = torch.from_numpy(table).float()[None]
+    path = tmp_path / f"PixArt-tiny-{pixels}.pth"
+    torch.save({"state_dict": state}, path)
+    return path, model
+
+
+@pytest.mark.parametrize("pixels", [256, 512])
+def test_an_official_file_imports_at_the_resolution_its_pos_embed_records(tmp_path, pixels):
+    path, original = official_file(tmp_path, pixels)
+    model = import_official(str(path), num_heads=4)
+    assert model.config.input_size == pixels // 8 and model.config.pe_interpolation == 1.0
+    file_table = torch.load(path, weights_only=True)["state_dict"]["pos_embed"]
+    torch.testing.assert_close(model.pos_embed.float(), file_table, atol=1e-6, rtol=0)
+    if pixels == 512:  # 32 x 32 patches at positions 0 ... 31, not 0, 0.5, ..., 15.5 (a 256 px table stretched)
+        stretched = official_pos_embed(64, 32, 16, 1.0)
+        assert not np.allclose(model.pos_embed[0].numpy(), stretched, atol=1e-3)
+    x, t = torch.randn(1, 4, pixels // 8, pixels // 8), torch.tensor([500])
+    y, mask = torch.randn(1, 8, 16), torch.ones(1, 8, dtype=torch.long)
+    torch.testing.assert_close(model(x, t, y, mask), original(x, t, y, mask), atol=0, rtol=0)
+
+
+def test_a_pos_embed_that_is_no_pixart_table_is_refused(tmp_path):
+    path, _ = official_file(tmp_path, 512, lewei_scale=2.0)  # a 512 px grid made with 1024 px's lewei_scale
+    with pytest.raises(PixArtError, match=r"PixArt-tiny-512.pth: pos_embed \(1, 1024, 64\) is not PixArt's"):
+        import_official(str(path), num_heads=4)
