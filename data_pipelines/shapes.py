@@ -11,6 +11,11 @@ captions and the judge scores generations against.
 Objects stay inside their cell with a margin, so they never touch: position is exact
 and the judge can look at one cell at a time.
 
+With `two_object_fraction` > 0 a scene holds exactly two objects (in two cells) with that
+probability, else one: the world for teaching attribute binding ("a red star on the left and a
+blue circle on the right"). `pair_holdout` keeps `held_out_pair`s of objects out of every scene,
+for prompts that test composition of two objects.
+
 A sample's `label` (for the class-conditional DiT stage) is the largest object's
 `SHAPES.index(shape) * len(COLORS) + COLORS.index(color)` (large before small, the
 first object on ties): `NUM_CLASSES` = 48 classes.
@@ -63,6 +68,12 @@ class ShapesConfig:
     sizes: tuple[str, ...] = SIZES  # e.g. ("large",) where small objects would be too few pixels to judge
     holdout: int = 0  # > 0: objects whose (shape, color, position) is `held_out` are never drawn
     background_levels: tuple[float, float] = BACKGROUND_LEVELS
+    two_object_fraction: float = 0.0  # > 0: two objects with this probability, else one (replaces 1..max_objects)
+    pair_holdout: int = 0  # > 0: no scene holds two objects whose (shape, color)s are a `held_out_pair`
+
+
+# options added after VERSION 2's shards: `shapes.json` records them only when on, so older folders still resume
+_LATER_OPTIONS = {"two_object_fraction": 0.0, "pair_holdout": 0}
 
 
 def held_out(shape: str, color: str, position: str, every: int) -> bool:
@@ -70,6 +81,16 @@ def held_out(shape: str, color: str, position: str, every: int) -> bool:
     pair of the three still occurs in training (for every >= 7: each pair misses at most 2 of its
     6-9 completions). Prompts built from them test composition, never memory."""
     return every > 0 and (SHAPES.index(shape) + COLORS.index(color) + POSITIONS.index(position)) % every == 0
+
+
+def held_out_pair(a: tuple[str, str], b: tuple[str, str], every: int) -> bool:
+    """The held-out pairs of objects, a and b as (shape, color), unordered, positions free: about 1 in
+    `every` pairs of two colors (126 of 1008 for every = 8), by the sum of the four indices. Pairs of one
+    color are never held out (a swap of colors would not show). Every object still occurs with most
+    partners (at least 42 of 48 for every = 8), and with every color and every shape beside it."""
+    (sa, ca), (sb, cb) = a, b
+    index = SHAPES.index(sa) + COLORS.index(ca) + SHAPES.index(sb) + COLORS.index(cb)
+    return every > 0 and ca != cb and index % every == 0
 
 
 def image_size(resolution: int, aspect: float) -> tuple[int, int]:
@@ -98,9 +119,8 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig) -> dict:
     """The scene's metadata (the `.json`), without the pixels."""
     aspect = cfg.aspects[rng.integers(len(cfg.aspects))]
     width, height = image_size(cfg.resolution, ASPECTS[aspect])
-    n = int(rng.integers(1, cfg.max_objects + 1))
     objects = []
-    for cell in rng.choice(len(POSITIONS), size=n, replace=False):
+    for cell in rng.choice(len(POSITIONS), size=_object_count(rng, cfg), replace=False):
         x0, y0, x1, y1 = cell_box(width, height, int(cell))
         size = cfg.sizes[rng.integers(len(cfg.sizes))]
         side = min(x1 - x0, y1 - y0)
@@ -108,9 +128,7 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig) -> dict:
         slack_x, slack_y = max(0.0, (x1 - x0) / 2 - r - margin), max(0.0, (y1 - y0) / 2 - r - margin)
         cx = (x0 + x1) / 2 + rng.uniform(-slack_x, slack_x)
         cy = (y0 + y1) / 2 + rng.uniform(-slack_y, slack_y)
-        shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
-        while held_out(shape, color, POSITIONS[cell], cfg.holdout):  # redraw: a rejected color stays rare
-            shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
+        shape, color = _draw_kind(rng, cfg, POSITIONS[cell], objects)
         xs, ys = zip(*_outline(shape, cx, cy, r), strict=True)
         bbox = [max(0, math.floor(min(xs))), max(0, math.floor(min(ys))),
                 min(width, math.ceil(max(xs))), min(height, math.ceil(max(ys)))]
@@ -122,6 +140,26 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig) -> dict:
     return {"objects": objects, "background": cfg.backgrounds[rng.integers(len(cfg.backgrounds))],
             "width": width, "height": height, "quality": "damaged" if damaged else "clean",
             "aesthetic": round(1.0 - severity, 3), "label": class_label(objects)}
+
+
+def _object_count(rng: np.random.Generator, cfg: ShapesConfig) -> int:
+    """1..max_objects uniformly; with `two_object_fraction`, 2 with that probability, else 1."""
+    if cfg.two_object_fraction > 0:
+        return 2 if rng.random() < cfg.two_object_fraction else 1
+    return int(rng.integers(1, cfg.max_objects + 1))
+
+
+def _draw_kind(rng: np.random.Generator, cfg: ShapesConfig, position: str, others: list[dict]) -> tuple[str, str]:
+    """(shape, color) for an object at `position`, redrawn while it is a held-out triple or makes a held-out
+    pair with an object already in the scene (redrawn, not skipped: a rejected combination stays rare)."""
+    def rejected(shape, color):
+        return held_out(shape, color, position, cfg.holdout) or any(
+            held_out_pair((shape, color), (o["shape"], o["color"]), cfg.pair_holdout) for o in others)
+
+    shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
+    while rejected(shape, color):
+        shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
+    return shape, color
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -305,7 +343,8 @@ def write_shapes(out_dir: str | os.PathLike, count: int, seed: int = 0, resoluti
     if out.exists() and not out.is_dir():
         raise PixArtError(f"--out {out} is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"version": VERSION, "seed": seed, "count": count, "shard_size": shard_size, "config": asdict(cfg)}
+    config = {k: v for k, v in asdict(cfg).items() if k not in _LATER_OPTIONS or v != _LATER_OPTIONS[k]}
+    manifest = {"version": VERSION, "seed": seed, "count": count, "shard_size": shard_size, "config": config}
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back
     path = out / "shapes.json"
     if path.exists():

@@ -1,4 +1,5 @@
 """The shapes world: deterministic real shards, truthful metadata, sparse alt-text, resumable writes."""
+import hashlib
 import io
 import json
 import tarfile
@@ -20,7 +21,9 @@ from data_pipelines.shapes import (
     ShapesConfig,
     cell_box,
     class_label,
+    held_out_pair,
     render_scene,
+    sample_scene,
     write_shapes,
 )
 from pixart.errors import PixArtError
@@ -144,6 +147,55 @@ def test_background_levels_bound_the_background_and_keep_the_default_world():
     assert 20 + 215 * np.random.default_rng(7).uniform(0, 1) == old
 
 
+def world_digest(cfg, n=200):
+    """Every scene's metadata and the generator's state after it (what the pixels are drawn from)."""
+    h = hashlib.sha256()
+    for i in range(n):
+        rng = np.random.default_rng([11, i])
+        h.update(json.dumps(sample_scene(rng, cfg), sort_keys=True).encode() + rng.bytes(8))
+    return h.hexdigest()
+
+
+def test_two_object_options_off_keep_the_default_world(tmp_path):
+    """Digests of the world before the two-object options existed (commit 8da9614): the same draws, so
+    the same bytes, and `shapes.json` is unchanged, so folders written before still resume."""
+    assert world_digest(ShapesConfig()) == "59fe02e73e935ee70196a4e22b33fe918a94f8511edd9d65e5c408dd8df85b9a"
+    assert world_digest(ShapesConfig(holdout=7)) == "9a1e81eb2ca3ec79942fdc4a46b063835d0b37b52c2f4fad983c50bc06dab36d"
+    write_shapes(tmp_path / "off", 2, resolution=32)
+    write_shapes(tmp_path / "on", 2, resolution=32, two_object_fraction=0.5, pair_holdout=8)
+    off, on = (json.loads((tmp_path / d / "shapes.json").read_text())["config"] for d in ("off", "on"))
+    assert "two_object_fraction" not in off and "pair_holdout" not in off
+    assert on["two_object_fraction"] == 0.5 and on["pair_holdout"] == 8
+
+
+def test_held_out_pairs_leave_every_object_many_partners():
+    kinds = [(s, c) for s in SHAPES for c in COLORS]
+    pairs = [(a, b) for i, a in enumerate(kinds) for b in kinds[i:]]
+    held = [(a, b) for a, b in pairs if held_out_pair(a, b, 8)]
+    assert len(pairs) == 1176 and len(held) == 126  # of 1008 pairs of two colors: about 1 in 8
+    assert all(held_out_pair(b, a, 8) for a, b in held) and not any(held_out_pair(a, b, 0) for a, b in pairs)
+    assert not any(a[1] == b[1] for a, b in held)  # one color twice is never held out: no swap would show
+    for a in kinds:
+        partners = [b for b in kinds if not held_out_pair(a, b, 8)]
+        assert len(partners) >= 42
+        assert {c for _, c in partners} == set(COLORS) and {s for s, _ in partners} == set(SHAPES)
+
+
+def test_two_object_fraction_draws_two_objects_and_no_held_out_pair():
+    cfg = ShapesConfig(resolution=32, sizes=("large",), two_object_fraction=0.3, pair_holdout=8)
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, cfg) for _ in range(2000)]
+    counts = [len(s["objects"]) for s in scenes]
+    assert set(counts) == {1, 2} and abs(np.mean([n == 2 for n in counts]) - 0.3) < 0.04
+    pairs = [s["objects"] for s in scenes if len(s["objects"]) == 2]
+    assert all(a["position"] != b["position"] for a, b in pairs)
+    assert not any(held_out_pair((a["shape"], a["color"]), (b["shape"], b["color"]), 8) for a, b in pairs)
+    in_pairs = {(o["shape"], o["color"]) for p in pairs for o in p}
+    assert len(in_pairs) == len(SHAPES) * len(COLORS)  # every object still occurs beside another
+    assert {len(s["objects"]) for s in (sample_scene(rng, ShapesConfig(two_object_fraction=1.0)) for _ in range(50))} \
+        == {2}
+
+
 def run_cli(*argv):
     """`pixart data shapes ...` in-process, through the real entry point."""
     from pixart.cli.main import main
@@ -154,10 +206,15 @@ def run_cli(*argv):
 def test_cli_writes_shards_and_rejects_bad_args(tmp_path, capsys):
     assert run_cli("--out", tmp_path / "o", "--count", 5, "--resolution", 32) == 0
     assert len(read(tmp_path / "o")) == 5
+    assert run_cli("--out", tmp_path / "two", "--count", 20, "--resolution", 32, "--two-object-fraction", 1,
+                   "--pair-holdout", 8) == 0
+    assert {len(json.loads(s["json"])["objects"]) for s in read(tmp_path / "two")} == {2}
     for bad, message in ((["--count", 0], "--count must be at least 1"),
                          (["--count", 3, "--resolution", 40], "--resolution must be a multiple of 16"),
                          (["--count", 3, "--background-levels", "200,100"], "--background-levels: need 0 <= LO"),
-                         (["--count", 3, "--background-levels", "gray"], "--background-levels: expected LO,HI")):
+                         (["--count", 3, "--background-levels", "gray"], "--background-levels: expected LO,HI"),
+                         (["--count", 3, "--two-object-fraction", 1.5], "--two-object-fraction must be in [0, 1]"),
+                         (["--count", 3, "--pair-holdout", -1], "--pair-holdout must be >= 0")):
         capsys.readouterr()
         assert run_cli("--out", tmp_path / "bad", *bad) == 2
         err = capsys.readouterr().err.strip()

@@ -32,6 +32,11 @@ def add_parser(sub) -> None:
                    help=f"brightness range (0-255) of the neutral backgrounds (default {levels})")
     p.add_argument("--holdout", type=int, default=0,
                    help="k > 0: never draw the held-out (shape, color, position) triples, 1 in k (default 0)")
+    p.add_argument("--two-object-fraction", type=float, default=0.0, metavar="F",
+                   help="F > 0: each image holds two objects with probability F, else one "
+                   "(replaces --max-objects; default 0)")
+    p.add_argument("--pair-holdout", type=int, default=0, metavar="K",
+                   help="K > 0: no image holds a held-out pair of (shape, color) objects, about 1 in K (default 0)")
     p.set_defaults(run=run)
 
 
@@ -47,6 +52,10 @@ def run(args) -> None:
         raise PixArtError(f"--max-objects must be in 1..9 (one per grid cell), got {args.max_objects}")
     if args.holdout < 0:
         raise PixArtError(f"--holdout must be >= 0, got {args.holdout}")
+    if not 0 <= args.two_object_fraction <= 1:
+        raise PixArtError(f"--two-object-fraction must be in [0, 1], got {args.two_object_fraction}")
+    if args.pair_holdout < 0:
+        raise PixArtError(f"--pair-holdout must be >= 0, got {args.pair_holdout}")
     sizes, aspects, backgrounds = (tuple(v.split(",")) for v in (args.sizes, args.aspects, args.backgrounds))
     for name, values, known in (("--sizes", sizes, SIZES), ("--aspects", aspects, tuple(ASPECTS)),
                                 ("--backgrounds", backgrounds, BACKGROUNDS)):
@@ -66,7 +75,8 @@ def run(args) -> None:
                               shard_size=args.shard_size, workers=args.workers, progress=progress,
                               damaged_fraction=args.damaged_fraction, max_objects=args.max_objects, sizes=sizes,
                               aspects=aspects, backgrounds=backgrounds, holdout=args.holdout,
-                              background_levels=levels)
+                              background_levels=levels, two_object_fraction=args.two_object_fraction,
+                              pair_holdout=args.pair_holdout)
     finally:
         for bar in bars:
             bar.close()
