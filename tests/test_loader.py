@@ -413,3 +413,19 @@ def test_aesthetic_selection(tmp_path, caplog):
     assert loader.stats.skipped == {"below min_score": 8, "no score": 2}  # each once
     with pytest.raises(PixArtError, match="min_score needs scores_dir"):
         LoaderConfig(str(cache), min_score=5.0)
+
+
+def test_caption_mix_draws_each_source_at_its_probability(tmp_path):
+    """Issue 19: over 600 draws each source's share is within 4 binomial standard deviations of its
+    configured probability (a uniform or first-source draw is 8+ away)."""
+    mix, lengths = {"txt": 0.2, "metadata": 0.5, "metadata-short": 0.3}, {"txt": 2, "metadata": 9, "metadata-short": 5}
+    with wds.TarWriter(str(tmp_path / "m.tar")) as tw:
+        for i in range(600):
+            tw.write(FeatureSample(f"k{i:03d}", torch.zeros(4, 2, 2), torch.zeros(4, 2, 2),
+                                   {n: torch.zeros(k, 8) for n, k in lengths.items()}).to_wds())
+    loader = Loader(LoaderConfig(str(tmp_path), batch_size=20, caption=mix))
+    drawn = torch.cat([b["mask"].sum(1) for b in take(loader, 30)]).tolist()
+    assert len(drawn) == 600
+    for name, p in mix.items():
+        k, sd = drawn.count(lengths[name]), (600 * p * (1 - p)) ** 0.5
+        assert abs(k - 600 * p) <= 4 * sd, (name, k, 600 * p)

@@ -1,11 +1,12 @@
-"""The shapes world's dense captioner: complete, varied, deterministic per seed."""
+"""The shapes world's captioners, dense and short: complete, varied, deterministic per seed."""
 import json
 import re
 
 import pytest
 
 from data_pipelines.relabel.captioner import CaptionerConfig, build_captioner
-from data_pipelines.relabel.metadata import MetadataCaptioner
+from data_pipelines.relabel.metadata import MetadataCaptioner, ShortCaptioner
+from data_pipelines.relabel.quality import check
 from data_pipelines.shapes import ShapesConfig, make_sample
 
 SIZE = {"small": r"\b(small|little)\b", "large": r"\b(large|big)\b"}
@@ -78,3 +79,56 @@ def test_deterministic_per_seed_and_varied(samples):
 def test_unusable_metadata_raises(meta, why):
     with pytest.raises(ValueError, match=why):
         MetadataCaptioner().caption([{"__key__": "k", "json": meta}])
+
+
+def test_short_names_each_object_in_a_few_words_and_nothing_else(samples):
+    cap = build_captioner(CaptionerConfig("metadata-short"))
+    assert isinstance(cap, ShortCaptioner) and cap.model_id != MetadataCaptioner.model_id
+    for s, text in zip(samples, cap.caption(samples), strict=True):
+        objs, low = s["json"]["objects"], text.lower()
+        for o in objs:
+            assert o["color"] in low and o["shape"] in low, (text, o)
+            for word in o["position"].split():
+                assert re.search(VERT.get(word, rf"\b{word}\b" if word != "center" else r"\b(center|middle)\b"),
+                                 low), (text, o)
+        assert not re.search(r"background|plain|gradient|textur|clean|crisp|degraded|noisy|image|picture|scene|\.",
+                             low), text
+        assert len(text.split()) <= 9 * len(objs) and check(text) is None, text  # few words, a healthy caption
+
+
+def test_short_is_deterministic_per_seed_varied_and_sometimes_sized(samples):
+    a = ShortCaptioner(CaptionerConfig("metadata-short", seed=0)).caption(samples)
+    assert a == ShortCaptioner(CaptionerConfig("metadata-short", seed=0)).caption(samples[::-1])[::-1]
+    b = ShortCaptioner(CaptionerConfig("metadata-short", seed=1)).caption(samples)
+    assert sum(x != y for x, y in zip(a, b, strict=True)) > 0.6 * len(a)
+    forms = {":" if ":" in t else "," if "," in t else "a" if t.startswith(("a ", "an ")) else "-" for t in a}
+    assert forms == {":", ",", "a", "-"}  # "top left: red circle", "red circle, top left", "a red circle in ..."
+    sized = sum(bool(re.search(r"\b(small|little|large|big)\b", t)) for t in a)
+    assert 0.15 * len(a) < sized < 0.85 * len(a)  # size sometimes, not always
+
+
+def test_short_and_dense_captions_are_both_encoded_and_mixed(tmp_path):
+    """The job writes `<shard>.metadata-short.jsonl` beside the dense file; extract-features encodes both
+    sources; the loader's mix draws each."""
+    from data_pipelines.features import FeatureConfig, extract_features
+    from data_pipelines.relabel.job import RelabelConfig, relabel
+    from data_pipelines.shapes import write_shapes
+    from pixart.data.loader import Loader, LoaderConfig
+    from pixart.encoders import make_tiny_t5
+
+    shards = tmp_path / "shapes"
+    write_shapes(shards, count=8, seed=0, resolution=32, shard_size=8)
+    texts = {}
+    for name in ("metadata", "metadata-short"):
+        relabel(shards, shards, RelabelConfig(CaptionerConfig(name), decode_workers=0, progress=False),
+                log=lambda m: None)
+        rows = [json.loads(line) for line in (shards / f"shapes-000000.{name}.jsonl").read_text().splitlines()]
+        texts[name] = {r["caption"] for r in rows if r["status"] == "ok"}
+        assert len(texts[name]) == 8
+    cfg = FeatureConfig(str(make_tiny_t5(tmp_path / "t5")), pixel_autoencoder=2, resolution=32,
+                        captions=("metadata", "metadata-short"), dtype="fp32", batch_size=8, local_files_only=True)
+    extract_features(shards, tmp_path / "f", cfg, progress=False)
+    loader = Loader(LoaderConfig(str(tmp_path / "f"), batch_size=4, caption={"metadata": 0.5, "metadata-short": 0.5}))
+    drawn = [c for _, batch in zip(range(8), loader, strict=False) for c in batch["captions"]]
+    assert set(drawn) <= texts["metadata"] | texts["metadata-short"]
+    assert set(drawn) & texts["metadata"] and set(drawn) & texts["metadata-short"]

@@ -42,7 +42,7 @@ class CaptionerConfig:
                 continue
             if value < 1:
                 raise PixArtError(f"{flag} {value}: must be positive")
-            if self.name in ("metadata", *VLM_NAMES) and self.name not in QWEN_NAMES:
+            if self.name in (*METADATA_NAMES, *VLM_NAMES) and self.name not in QWEN_NAMES:
                 raise PixArtError(f"{flag} applies to {' and '.join(QWEN_NAMES)} only, not {self.name}")
         low, high = self.min_pixels, self.max_pixels or QWEN_MAX_PIXELS
         if low is not None and low > high:
@@ -59,15 +59,16 @@ class Captioner(Protocol):
 
 def build_captioner(config: CaptionerConfig) -> Captioner:
     """The captioner named in `config`, loaded; one clear error for an unknown name or a missing model."""
-    if config.name == "metadata":
-        from data_pipelines.relabel.metadata import MetadataCaptioner
+    if config.name in METADATA_NAMES:
+        from data_pipelines.relabel.metadata import MetadataCaptioner, ShortCaptioner
 
-        return MetadataCaptioner(config)
+        return (MetadataCaptioner if config.name == "metadata" else ShortCaptioner)(config)
     if config.name in VLM_NAMES:
         from data_pipelines.relabel.vlm import load_vlm_captioner
 
         return load_vlm_captioner(config)
-    raise PixArtError(f"unknown captioner {config.name!r}; choose from metadata, {', '.join(VLM_NAMES)}")
+    raise PixArtError(f"unknown captioner {config.name!r}; choose from {', '.join(METADATA_NAMES + VLM_NAMES)}")
 
 
+METADATA_NAMES = ("metadata", "metadata-short")  # the shapes world's truth: dense, and as users write
 VLM_NAMES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "blip2")

@@ -1,4 +1,4 @@
-"""`metadata`: the shapes world's dense captioner, written from each sample's truth (`.json`).
+"""`metadata` and `metadata-short`: the shapes world's captioners, written from each sample's truth (`.json`).
 
 It stands in for LLaVA on SAM: every object's color, size, shape and position, the background, the
 image's format and its style (a clean render, or degraded by noise, blur or JPEG, by how much from
@@ -6,6 +6,11 @@ image's format and its style (a clean render, or degraded by noise, blur or JPEG
 stage 2 learns the attributes rather than one template; the same seed gives the same caption in any
 process and order. Color and shape names are always the world's own words: those are what prompts
 use and what the judge scores.
+
+`metadata-short` writes what a user would type instead ("red circle, top left"): a few words per
+object, sometimes its size, no background or style. PixArt-Σ trains on long and short captions
+mixed, so that short prompts in other word orders are followed too (issue 19); the loader draws
+`{"metadata": p, "metadata-short": 1 - p}`.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from data_pipelines.relabel.captioner import CaptionerConfig
 from pixart.data.loader_samples import stable_seed
 
 TEMPLATES_VERSION = 1  # part of model_id: captions from other templates are told apart
+SHORT_VERSION = 1  # the same for metadata-short
 COUNTS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SIZE_WORDS = {"small": ("small", "little", "small"), "large": ("large", "big", "large")}
 UPPER = {"top": "upper", "bottom": "lower"}
@@ -33,15 +39,16 @@ def position_phrase(rng: random.Random, position: str) -> str:
     return rng.choice((f"on the {position}", f"on the {position} side", f"at the middle {position}"))
 
 
-def _a(word: str) -> str:
+def article(word: str) -> str:
+    """"a red" / "an orange"."""
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def object_phrase(rng: random.Random, obj: dict) -> str:
     size, color, shape = rng.choice(SIZE_WORDS[obj["size"]]), obj["color"], obj["shape"]
     where = position_phrase(rng, obj["position"])
-    return rng.choice((f"{_a(size)} {color} {shape} {where}", f"{_a(color)} {shape}, {size}, {where}",
-                       f"{where}, {_a(size)} {color} {shape}", f"{_a(size)} {shape} in {color} {where}"))
+    return rng.choice((f"{article(size)} {color} {shape} {where}", f"{article(color)} {shape}, {size}, {where}",
+                       f"{where}, {article(size)} {color} {shape}", f"{article(size)} {shape} in {color} {where}"))
 
 
 def _join(items: list[str]) -> str:
@@ -92,7 +99,7 @@ def describe(meta: dict, rng: random.Random) -> str:
     bg = background_phrase(rng, meta.get("background", "plain"))
     fmt = format_word(meta)
     image = rng.choice(("image", "picture", "scene"))
-    opener = f"{_a(fmt)} {image}" if fmt else f"an {image}"
+    opener = f"{article(fmt)} {image}" if fmt else f"an {image}"
     scene = rng.choice((
         f"{opener} of {count} on {bg}: {things}.",
         f"{things}, on {bg}.",
@@ -103,6 +110,52 @@ def describe(meta: dict, rng: random.Random) -> str:
     scene = scene[0].upper() + scene[1:]
     style = style_sentence(rng, meta)
     return f"{scene} {style}" if rng.random() < 0.7 else f"{style} {scene}"
+
+
+# ---------------------------------------------------------------- metadata-short
+
+def short_place(rng: random.Random, position: str) -> str:
+    """The bare words a user types for a cell: "top left" / "upper left", "center" / "middle", "top"."""
+    parts = position.split()
+    if position == "center":
+        return rng.choice(("center", "middle"))
+    if len(parts) == 2:
+        return rng.choice((position, f"{UPPER[parts[0]]} {parts[1]}"))
+    return position
+
+
+def short_where(rng: random.Random, position: str) -> str:
+    """The cell with its preposition: "in the top left", "at the top", "on the left", "in the middle"."""
+    if position in UPPER:
+        return f"at the {position}"
+    if position in ("left", "right"):
+        return f"on the {position}"
+    return f"{rng.choice(('in', 'at')) if ' ' in position else 'in'} the {short_place(rng, position)}"
+
+
+def short_thing(rng: random.Random, obj: dict) -> str:
+    """"red circle", or with its size about a third of the time: "big red circle"."""
+    size = f"{rng.choice(SIZE_WORDS[obj['size']])} " if rng.random() < 0.35 else ""
+    return f"{size}{obj['color']} {obj['shape']}"
+
+
+SHORT_FORMS = ("{a_thing} {where}", "{thing} {where}", "{thing}, {place}", "{place}: {thing}")
+"""One form per caption, as one user writes all of a prompt alike; the punctuated forms are joined by ";"."""
+
+
+def describe_short(meta: dict, rng: random.Random) -> str:
+    """A short caption as a user writes it: a few words per object, no background or style sentence."""
+    objects = list(meta["objects"])
+    rng.shuffle(objects)
+    form = rng.choice(SHORT_FORMS)
+    items = []
+    for o in objects:
+        thing = short_thing(rng, o)
+        items.append(form.format(thing=thing, a_thing=article(thing), where=short_where(rng, o["position"]),
+                                 place=short_place(rng, o["position"])))
+    if any(c in form for c in ",:") or len(items) == 1:
+        return "; ".join(items)
+    return ", ".join(items[:-1]) + rng.choice((" and ", ", ")) + items[-1]
 
 
 def check_metadata(meta) -> None:
@@ -125,9 +178,10 @@ class MetadataCaptioner:
     name = "metadata"
     model_id = f"shapes-metadata-v{TEMPLATES_VERSION}"
     prompt = None  # nothing is prompted
+    write = staticmethod(describe)
 
     def __init__(self, config: CaptionerConfig | None = None):
-        self.seed = (config or CaptionerConfig("metadata")).seed
+        self.seed = (config or CaptionerConfig(self.name)).seed
 
     def caption(self, samples: list[dict], seed: int | None = None) -> list[str]:
         """A caption per sample; `seed` (a retry's) replaces the configured one. Raises ValueError
@@ -135,4 +189,11 @@ class MetadataCaptioner:
         for s in samples:
             check_metadata(s.get("json"))
         seed = self.seed if seed is None else seed
-        return [describe(s["json"], random.Random(stable_seed(seed, s["__key__"]))) for s in samples]
+        return [self.write(s["json"], random.Random(stable_seed(seed, s["__key__"]))) for s in samples]
+
+
+class ShortCaptioner(MetadataCaptioner):
+    """`metadata-short`: user-style captions, beside the dense ones under their own name."""
+    name = "metadata-short"
+    model_id = f"shapes-metadata-short-v{SHORT_VERSION}"
+    write = staticmethod(describe_short)

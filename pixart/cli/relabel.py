@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
         "--captions NAME reads the output.")
     p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
     p.add_argument("--captioner", required=True,
-                   help="metadata (the shapes world's truth), a VLM: llava, llava-next, qwen2-vl, qwen2.5-vl, blip2; "
+                   help="metadata (the shapes world's truth as dense captions), metadata-short (the same as a user "
+                   "would type it), a VLM: llava, llava-next, qwen2-vl, qwen2.5-vl, blip2; "
                    "or module:callable building your own from a CaptionerConfig")
     p.add_argument("--out", required=True, help="folder for the caption files")
     p.add_argument("--model", help="VLM folder or hub id")
