@@ -13,9 +13,10 @@ from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-__all__ = ["make_tiny_t5", "make_tiny_vae", "TINY_VAE_DOWNSAMPLE"]
+__all__ = ["make_tiny_t5", "make_tiny_vae", "sentinel_tokens", "TINY_VAE_DOWNSAMPLE", "TINY_T5_SENTINELS"]
 
 TINY_VAE_DOWNSAMPLE = 2  # 2 down blocks -> H/2 x W/2 latents (the SD VAE uses 4 blocks -> 8x)
+TINY_T5_SENTINELS = 32  # T5 has 100 <extra_id_N>; a 64-token span-corruption input uses 3, a 120-token one 6
 
 _CORPUS = [
     "a photo of a cat sitting on a red chair", "an astronaut riding a horse on the moon",
@@ -25,11 +26,21 @@ _CORPUS = [
 ]
 
 
-def _tiny_tokenizer(corpus: list[str] = (), vocab_size: int = 128) -> PreTrainedTokenizerFast:
+def sentinel_tokens(n: int) -> list[str]:
+    """T5's span-corruption sentinels `<extra_id_0>` ... `<extra_id_{n-1}>`, in that order."""
+    return [f"<extra_id_{i}>" for i in range(n)]
+
+
+def _tiny_tokenizer(corpus: list[str] = (), vocab_size: int = 128,
+                    sentinels: int = TINY_T5_SENTINELS) -> PreTrainedTokenizerFast:
     """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended. The pieces are
     the corpus's most frequent words, whole, scored by frequency, plus single characters to spell the
     rest: as in T5's 32k vocabulary, a domain's words ("red", "left") are one piece each. (Unigram
-    *training* on a few hundred sentences splits them into fragments: "re" + "d".) Deterministic."""
+    *training* on a few hundred sentences splits them into fragments: "re" + "d".) Deterministic.
+
+    `vocab_size` counts these pieces; the `sentinels` come on top, as T5's 100 extra ids come on top of
+    its 32,000 pieces, and in T5's order: the vocabulary's last id is `<extra_id_0>`, the one before it
+    `<extra_id_1>`, and so on. They are special tokens (never split, dropped by skip_special_tokens)."""
     words = Counter(w for line in list(_CORPUS) + list(corpus) for w in re.findall(r"[A-Za-z]+", line))
     chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'-&()") | {"\u2581"})
     budget = max(0, vocab_size - 3 - len(chars))
@@ -37,21 +48,26 @@ def _tiny_tokenizer(corpus: list[str] = (), vocab_size: int = 128) -> PreTrained
     total = sum(words.values()) + 1
     pieces = [("\u2581" + w, math.log(c / total)) for w, c in top]
     floor = min((score for _, score in pieces), default=0.0) - 5.0  # a character costs more than any word
+    extra = sentinel_tokens(sentinels)
     tok = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces
-                                   + [(c, floor) for c in chars], unk_id=2))
+                                   + [(c, floor) for c in chars] + [(t, 0.0) for t in reversed(extra)], unk_id=2))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    # (transformers 5 stores additional_special_tokens as `extra_special_tokens`; the ids are the same.)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=512)
+                                   unk_token="<unk>", model_max_length=512, additional_special_tokens=extra)
 
 
 def make_tiny_t5(out_dir: str | os.PathLike, d_model: int = 32, seed: int = 0, num_layers: int = 2,
-                 num_heads: int = 4, corpus: list[str] = (), vocab_size: int = 128) -> Path:
-    """Save a tiny T5-v1.1-style encoder (gated-gelu, untied) and its tokenizer into `out_dir`."""
+                 num_heads: int = 4, corpus: list[str] = (), vocab_size: int = 128,
+                 sentinels: int = TINY_T5_SENTINELS) -> Path:
+    """Save a tiny T5-v1.1-style encoder (gated-gelu, untied) and its tokenizer into `out_dir`: `vocab_size`
+    word and character pieces plus `sentinels` `<extra_id_N>` tokens at the end, for span-corruption
+    pretraining (`pixart.encoders.pretrain`). The weights are random until pretrained."""
     out = Path(out_dir)
-    tokenizer = _tiny_tokenizer(corpus, vocab_size)
+    tokenizer = _tiny_tokenizer(corpus, vocab_size, sentinels)
     cfg = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
                    num_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=8,
                    relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
