@@ -22,8 +22,15 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
         assert 0.0 <= m["heldout"][k] <= 1.0
     assert m["heldout"]["prompts"] == 9 and m["resolution"] == 64
     assert set(m["judge_self_accuracy"]) == {"color", "position", "shape"}
+    phrasings = m["heldout_phrasings"]
+    assert len(phrasings["kinds"]) >= 6 and phrasings["prompts"] == 3 * len(phrasings["kinds"])
+    assert all(0.0 <= phrasings["mean"][k] <= 1.0 for k in ("color", "position", "shape"))
+    two = m["two_objects"]
+    assert two["prompts"] == 9 and all(0.0 <= two[k] <= 1.0 for k in ("both_right", "swapped", "missing"))
+    assert " and " in two["example"] or ";" in two["example"]  # two objects named
     assert list(m["checkpoints"]) == ["stage1", "reparam", "stage2", "stage3", "dmd"]
-    for png in ("heldout", "stage1", "stage2", "stage3", "loss", "dmd", "dmd_loss", "perfusion", "perfusion_loss"):
+    for png in ("heldout", "heldout_phrasings", "two_objects", "stage1", "stage2", "stage3", "loss", "dmd", "dmd_loss",
+                "perfusion", "perfusion_loss"):
         assert Image.open(demo / "report" / f"{png}.png").size[0] > 0
     assert Image.open(demo / "report" / "heldout.png").size == (9 * 64 * 2, 64 * 2)
     assert load_config(m["checkpoints"]["stage1"]).arch == "dit"

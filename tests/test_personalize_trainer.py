@@ -83,3 +83,20 @@ def test_bad_input_gives_one_line_each(tiny_concept_setup, tmp_path):
         _cfg(root, tmp_path, out=str(tmp_path / "c.pt"))
     with pytest.raises(PixArtError, match="--concept .circle. is already a word of the tokenizer"):
         ConceptTrainer(_cfg(root, tmp_path, concept="circle"))
+
+
+def test_the_caption_corpus_reads_one_captioners_files_by_glob(tmp_path):
+    """A relabeling job's folder holds each captioner's `<shard>.<captioner>.jsonl`; C must come from the one the
+    model was trained on, so `DIR/*.metadata.jsonl` reads only those (the folder reads all)."""
+    import json
+
+    from pixart.personalize.covariance import read_captions
+
+    for captioner, caption in (("metadata", "a dense caption of a red circle"), ("metadata-short", "red circle")):
+        rows = [{"__key__": "k0", "caption": caption, "status": "ok"},
+                {"__key__": "k1", "caption": "", "status": "failed"}]
+        (tmp_path / f"shapes-000000.{captioner}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_captions(str(tmp_path / "*.metadata.jsonl")) == ["a dense caption of a red circle"]
+    assert sorted(read_captions(str(tmp_path))) == ["a dense caption of a red circle", "red circle"]
+    with pytest.raises(PixArtError, match=r"--captions .*\*.llava.jsonl: no such file or folder"):
+        read_captions(str(tmp_path / "*.llava.jsonl"))

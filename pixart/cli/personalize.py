@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--super", dest="super_word", required=True,
                    help="its super-category word (one token the model knows), e.g. mug")
     p.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
-    p.add_argument("--captions", help="caption corpus for C (a text file, one per line, or a relabeling job's "
-                   "output folder); needed the first time for a base model")
+    p.add_argument("--captions", help="caption corpus for C (a text file, one per line, a relabeling job's output "
+                   "folder, or a glob of one captioner's files: 'DIR/*.llava.jsonl'); needed the first time for a "
+                   "base model")
     p.add_argument("--covariance", help="a covariance file to use instead of the one beside the checkpoint")
     p.add_argument("--steps", type=int, default=400, help="training steps (default 400, Perfusion's)")
     p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")

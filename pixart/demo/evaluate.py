@@ -8,7 +8,7 @@ from pathlib import Path
 from .dmd import evaluate_student
 from .drawer import Drawer
 from .perfusion import evaluate_concept
-from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, SAMPLE_STEPS
+from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, PAIR_HOLDOUT, PHRASING_SPECS, SAMPLE_STEPS, TWO_OBJECT_PROMPTS
 from .steps import step
 
 
@@ -49,11 +49,49 @@ def evaluate(out: Path, seed: int, scale: float = 1.0, concept: dict | None = No
     metrics = {"heldout": score_heldout(judge, images, specs),
                "judge_self_accuracy": {k: own[k] for k in ("color", "position", "shape")},
                "resolution": FINAL_SIDE, "sampler": f"pipeline scheduler, {SAMPLE_STEPS} steps, CFG {CFG_SCALE}"}
+    metrics["heldout_phrasings"] = evaluate_phrasings(out, teacher, judge, seed, scale)
+    metrics["two_objects"] = evaluate_two_objects(out, teacher, judge, seed, scale)
     if (out / "export-dmd").is_dir():
         metrics["dmd"] = evaluate_student(out, teacher, seed, judge, metrics["heldout"], scale)
     if concept is not None:
         metrics["perfusion"] = evaluate_concept(out, Path(concept["base_checkpoint"]), seed, judge, concept, scale)
     return metrics
+
+
+def evaluate_phrasings(out: Path, teacher: Drawer, judge, seed: int, scale: float) -> dict:
+    """The held-out triples worded as users write them, in kinds no training caption uses
+    (`pixart.eval.phrasings`): color, position and shape per kind, and their mean over kinds."""
+    from pixart.eval.heldout import heldout_specs, score_heldout, spread
+    from pixart.eval.phrasings import KINDS, phrasings
+    from pixart.train.validation import save_grid
+
+    specs = spread(heldout_specs(HOLDOUT), PHRASING_SPECS if scale >= 1 else 3)
+    prompts = [phrasings(s, kind, seed) for kind in KINDS for s in specs]
+    with step(f"sample {len(specs)} held-out triples in {len(KINDS)} user phrasings ({len(prompts)} prompts)"):
+        images = teacher.images(prompts, seed)
+        save_grid(images, len(specs), out / "report" / "heldout_phrasings.png", scale=2)
+    n = len(specs)
+    kinds = {kind: {k: v for k, v in score_heldout(judge, images[i * n:(i + 1) * n], specs).items()
+                    if k in ("color", "position", "shape")}
+             for i, kind in enumerate(KINDS)}
+    mean = {k: sum(r[k] for r in kinds.values()) / len(kinds) for k in ("color", "position", "shape")}
+    return {"mean": mean, "kinds": kinds, "examples": {kind: phrasings(specs[0], kind, seed) for kind in KINDS},
+            "prompts": len(prompts)}
+
+
+def evaluate_two_objects(out: Path, teacher: Drawer, judge, seed: int, scale: float) -> dict:
+    """Two objects whose pairing training never showed (`pixart.eval.two_objects`), in the captioner's phrasing:
+    both right, attribute swaps, missing objects."""
+    from pixart.eval.heldout import spread
+    from pixart.eval.two_objects import pair_prompt, score_two_objects, two_object_specs
+    from pixart.train.validation import save_grid
+
+    pairs = spread(two_object_specs(PAIR_HOLDOUT, HOLDOUT), TWO_OBJECT_PROMPTS if scale >= 1 else 9)
+    prompts = [pair_prompt(p, FINAL_SIDE, FINAL_SIDE, seed) for p in pairs]
+    with step(f"sample {len(prompts)} held-out two-object prompts"):
+        images = teacher.images(prompts, seed)
+        save_grid(images, 9, out / "report" / "two_objects.png", scale=2)
+    return {**score_two_objects(judge, images, pairs), "example": prompts[0]}
 
 
 def training_rates(out: Path, matmul_gflops: float) -> dict:
@@ -105,6 +143,10 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
           f"position {h['position']:.1%}, shape {h['shape']:.1%}; judge's own accuracy "
           f"{metrics['judge_self_accuracy']}; {metrics['seconds']:.0f} s on a CPU doing "
           f"{metrics['machine']['fp32_matmul_gflops']:.0f} fp32 GFLOP/s")
+    ph, two = metrics["heldout_phrasings"]["mean"], metrics["two_objects"]
+    print(f"held-out triples in user phrasings ({len(metrics['heldout_phrasings']['kinds'])} kinds): color "
+          f"{ph['color']:.1%}, position {ph['position']:.1%}; two objects never paired in training: both right "
+          f"{two['both_right']:.1%}, attribute swaps {two['swapped']:.1%}, missing {two['missing']:.1%}")
     if "dmd" in metrics:
         d = metrics["dmd"]
         lat = d["latency"]
@@ -119,5 +161,6 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
               f"fidelity {p['fidelity']:.0%} (the base model: {p['fidelity_base_super_word']:.0%}), position on new "
               f"placements {p['text_alignment']['position']:.0%} (the base model with '{p['concept']['super']}': "
               f"{p['text_alignment']['base_super_word_position']:.0%}), leakage {p['leakage']['max_change']:.2f}")
-    print(f"report: {rep}/metrics.json, heldout.png, dmd.png, perfusion.png, stage1-3.png, loss.png, dmd_loss.png, "
+    print(f"report: {rep}/metrics.json, heldout.png, heldout_phrasings.png, two_objects.png, dmd.png, perfusion.png, "
+          f"stage1-3.png, loss.png, dmd_loss.png, "
           f"perfusion_loss.png; exports: {out / 'export'}, {out / 'export-dmd'}; concept: {out / 'concepts'}")

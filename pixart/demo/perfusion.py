@@ -115,8 +115,9 @@ def personalize(out: Path, ckpt: Path, seed: int, scale: float, **settings) -> d
     if concept_file.is_file() and facts_file.is_file():
         return json.loads(facts_file.read_text())
     data = write_concept_images(out / "data" / "concept", seed)
+    dense = out / "data" / "captions64" / "*.metadata.jsonl"  # the dense captioner's, not the short ones
     cfg = PersonalizeConfig(str(ckpt), str(data), NAME, SUPER, str(concept_file),
-                            captions=str(out / "data" / "captions64"), steps=max(10, int(STEPS * scale)),
+                            captions=str(dense), steps=max(10, int(STEPS * scale)),
                             batch=BATCH, seed=seed, run_dir=str(facts_file.parent), **{**SETTINGS, **settings})
     concept_file.parent.mkdir(parents=True, exist_ok=True)
     with step(f"personalize: teach it a '{NAME}' (an olive {SUPER}) from {IMAGES} images"):

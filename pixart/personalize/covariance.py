@@ -19,19 +19,23 @@ from pixart.errors import PixArtError
 
 
 def read_captions(source: str, limit: int = 100_000) -> list[str]:
-    """Captions from a text file (one per line) or a relabeling job's output folder (`*.jsonl`, `caption`)."""
+    """Captions from a text file (one per line), a relabeling job's output folder (every `*.jsonl`, `caption`)
+    or a glob of its files (`DIR/*.llava.jsonl`: one captioner's, where the job wrote several)."""
     path = Path(source)
-    if path.is_file():
-        captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    elif path.is_dir():
-        captions = []
-        for f in sorted(path.glob("*.jsonl")):
-            for line in f.read_text().splitlines():
-                row = json.loads(line)
-                if row.get("status", "ok") == "ok" and row.get("caption"):
-                    captions.append(row["caption"])
-    else:
+    files = [path] if path.is_file() else sorted(path.glob("*.jsonl")) if path.is_dir() else \
+        sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else []
+    if not files:
         raise PixArtError(f"--captions {source}: no such file or folder")
+    captions = []
+    for f in files:
+        lines = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        if f.suffix != ".jsonl":
+            captions += lines
+            continue
+        for line in lines:
+            row = json.loads(line)
+            if row.get("status", "ok") == "ok" and row.get("caption"):
+                captions.append(row["caption"])
     if not captions:
         raise PixArtError(f"--captions {source}: no captions found")
     return captions[:limit]
