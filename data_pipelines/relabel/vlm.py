@@ -316,8 +316,9 @@ def load_vlm_captioner(config: CaptionerConfig) -> Captioner:
     variant = prompt_variant(family, path, model_config)
     try:
         processor = transformers.AutoProcessor.from_pretrained(path)
-        if _pixel_bounds(config):
-            bound_pixels(processor.image_processor, _pixel_bounds(config))
+        bounds = _pixel_bounds(config)
+        if bounds:
+            bound_pixels(processor.image_processor, bounds)
         if variant == "llava-1.5":
             processor.image_processor = pad_to_square(processor.image_processor)
         if config.backend == "vllm":

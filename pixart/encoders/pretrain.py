@@ -184,16 +184,22 @@ def _seq2seq(encoder: T5EncoderModel, decoder_layers: int | None) -> T5ForCondit
     return model
 
 
+def _batch(chunks, rng: np.random.Generator, raw_length: int, sentinels: list[int], eos: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a batch of chunks, each corrupted with a fresh mask (drawn after its chunk: `chunks`
+    may be a generator that draws from the same `rng`)."""
+    pairs = [corrupt(c, random_spans_noise_mask(raw_length, rng), sentinels, eos) for c in chunks]
+    return (torch.from_numpy(np.stack([p[0] for p in pairs])).long(),
+            torch.from_numpy(np.stack([p[1] for p in pairs])).long())
+
+
 def _train(model, opt, sched, chunks: Iterator[np.ndarray], rng: np.random.Generator, raw_length: int,
            sentinels: list[int], eos: int, batch_size: int, steps: int, losses: list[float], progress: bool) -> float:
     """The training loop; appends each step's loss to `losses` and returns the seconds it took."""
     t0 = time.perf_counter()
     with tqdm(total=steps, desc="pretrain T5 (span corruption)", unit="step", disable=not progress) as bar:
         for _ in range(steps):
-            pairs = [corrupt(c, random_spans_noise_mask(raw_length, rng), sentinels, eos)
-                     for c in (next(chunks) for _ in range(batch_size))]
-            inputs = torch.from_numpy(np.stack([p[0] for p in pairs])).long()
-            targets = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
+            inputs, targets = _batch((next(chunks) for _ in range(batch_size)), rng, raw_length, sentinels, eos)
             loss = model(input_ids=inputs, labels=targets).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -217,11 +223,10 @@ def _heldout_loss(model, token_lists: list[list[int]], raw_length: int, sentinel
     chunks = stream[: len(stream) // raw_length * raw_length].reshape(-1, raw_length)[:max_chunks]
     if not len(chunks):
         return None
-    pairs = [corrupt(c, random_spans_noise_mask(raw_length, rng), sentinels, eos) for c in chunks]
+    inputs, targets = _batch(chunks, rng, raw_length, sentinels, eos)
     was = model.training
     model.eval()
-    loss = model(input_ids=torch.from_numpy(np.stack([p[0] for p in pairs])).long(),
-                 labels=torch.from_numpy(np.stack([p[1] for p in pairs])).long()).loss.item()
+    loss = model(input_ids=inputs, labels=targets).loss.item()
     model.train(was)
     return loss
 
