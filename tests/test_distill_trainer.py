@@ -133,11 +133,11 @@ def test_resume_after_kill_is_exact(straight, tiny_feature_cache, teacher, tmp_p
     assert [r["fake"] for r in metrics(straight)] == [r["fake"] for r in metrics(tmp_path / "run")]
 
 
-def dist_launch(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3, batch: int = 4,
-                env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def dist_launch(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3,
+                batch: int = 4) -> subprocess.CompletedProcess:
     worker = ROOT / "tests" / "dist_distill_worker.py"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env_extra or {}))
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
     args = [str(worker), str(run_dir), str(teacher), str(zero), str(batch), str(steps)]
     if nproc > 1:
         import socket
@@ -191,13 +191,27 @@ def test_two_ranks_match_one_process(small_teacher, one_process, tmp_path, zero)
 
 def test_a_lost_rank_stops_the_other_with_one_line(small_teacher, tmp_path):
     """Rank 1 is killed (SIGKILL) after step 3; rank 0's next collective fails and it stops with the trainer's
-    one line naming the step-2 checkpoint, as `pixart train` does."""
-    r = dist_launch(tmp_path / "run", small_teacher, zero=2, nproc=2, steps=6,
-                    env_extra={"DIST_WORKER_TRAIN": json.dumps({"ckpt_every": 2, "collective_timeout_s": 20}),
-                               "DIST_WORKER_FAULT": json.dumps({"rank": 1, "at": "after-step:3"})})
-    assert r.returncode != 0
-    lines = [line for line in r.stderr.splitlines() if "rank 0: a collective failed during step 4" in line]
-    assert len(lines) == 1, r.stderr[-3000:]
+    one line naming the step-2 checkpoint, as `pixart train` does. Two nodes of one rank each: on one node
+    torchrun's agent would SIGTERM rank 0 as soon as rank 1 died, before rank 0 saw anything."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+               DIST_WORKER_TRAIN=json.dumps({"ckpt_every": 2, "collective_timeout_s": 20}),
+               DIST_WORKER_FAULT=json.dumps({"rank": 1, "at": "after-step:3"}))
+    args = [str(ROOT / "tests" / "dist_distill_worker.py"), str(tmp_path / "run"), str(small_teacher), "2", "4", "6"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    nodes = [subprocess.Popen([*launch, "--node_rank", str(n), *args], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE if n == 0 else subprocess.DEVNULL, text=True)
+             for n in range(2)]
+    err = [node.communicate(timeout=600)[1] for node in nodes][0]
+    assert [node.returncode != 0 for node in nodes] == [True, True]
+    lines = [line for line in err.splitlines() if "rank 0: a collective failed during step 4" in line]
+    assert len(lines) == 1, err[-3000:]
     assert str(tmp_path / "run" / "checkpoints" / "step-000002") in lines[0]
 
 
