@@ -106,6 +106,42 @@ def test_a_shard_that_keeps_failing_ends_there_and_keeps_what_came_before(server
     assert "gave up at byte" in damage.error and damage.after == len(got)
 
 
+def test_gzipped_and_cut_shards_over_http(server):
+    """Plain tars are read in tarfile's file mode through ForwardSeeking; a gzipped one (told by its magic, not
+    the ustar one) in stream mode; a shard cut at a header, which tarfile ends quietly, is still reported."""
+    import gzip
+    import tarfile
+
+    base, folder = server
+    plain = folder / "shapes-000000.tar"
+    (folder / "zipped.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    got, damage = _keys(f"{base}/zipped.tar.gz")
+    assert got == _keys(str(plain))[0] and not damage.error
+    with tarfile.open(plain) as tar:
+        members = tar.getmembers()
+    (folder / "cut.tar").write_bytes(plain.read_bytes()[:members[9].offset])  # three whole samples (png, json, txt)
+    got, damage = _keys(f"{base}/cut.tar")
+    assert got == _keys(str(folder / "cut.tar"))[0] and len(got) == 2  # the last may be partial: dropped
+    assert "no end-of-archive block" in damage.error
+
+
+def test_forward_seeking_skips_ahead_and_goes_back_only_into_its_last_read():
+    import io
+
+    class Unseekable(io.BytesIO):
+        def seekable(self):
+            return False
+
+    f = remote.ForwardSeeking(Unseekable(bytes(range(100))))
+    assert f.read(10) == bytes(range(10)) and f.tell() == 10
+    assert f.seek(40) == 40 and f.read(5) == bytes(range(40, 45))
+    f.seek(-3, io.SEEK_CUR)
+    assert f.read(6) == bytes(range(42, 48))  # two bytes given again, then four new ones
+    with pytest.raises(io.UnsupportedOperation, match="cannot seek back to byte 43"):
+        f.seek(43)
+    assert f.seek(200) == 100 and f.read(1) == b""
+
+
 def test_a_missing_shard_is_reported(server):
     base, _ = server
     got, damage = _keys(f"{base}/nope.tar")

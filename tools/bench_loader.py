@@ -81,11 +81,14 @@ class SendfileHandler(SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile) -> None:
         outputfile.flush()
         offset, size = source.tell(), os.fstat(source.fileno()).st_size
-        while offset < size:
-            sent = os.sendfile(self.connection.fileno(), source.fileno(), offset, size - offset)
-            if not sent:
-                break
-            offset += sent
+        try:
+            while offset < size:
+                sent = os.sendfile(self.connection.fileno(), source.fileno(), offset, size - offset)
+                if not sent:
+                    break
+                offset += sent
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the tar reader stops at the end-of-archive block and hangs up before the record's padding
 
 
 def _serve_http(port: int, folder: str) -> None:

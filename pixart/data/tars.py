@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .remote import open_shard
+from .remote import ForwardSeeking, open_shard
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -31,8 +31,11 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
     try:
         stream = open_shard(url)
         seekable = getattr(stream, "seekable", lambda: False)()  # local files: ~8x faster than stream mode
+        mode = "r:*" if seekable else "r|*"
+        if not seekable and is_plain_tar(stream):  # http(s): read in file mode too, without seeking back
+            stream, seekable, mode = ForwardSeeking(stream), True, "r:"
         try:
-            with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
+            with tarfile.open(fileobj=stream, mode=mode) as tar:
                 for member in tar:
                     split = member_key(member)
                     if split is None:
@@ -53,6 +56,13 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
         return
     if sample is not None:
         yield sample
+
+
+def is_plain_tar(stream) -> bool:
+    """An uncompressed tar, told by the ustar magic (POSIX.1-1988, at byte 257 of its first header) in the bytes
+    the stream has buffered; streams that cannot peek are read in stream mode, which also unpacks gz, bz2, xz."""
+    peek = getattr(stream, "peek", None)
+    return peek is not None and peek(512)[257:262] == b"ustar"
 
 
 def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
