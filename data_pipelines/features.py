@@ -45,6 +45,7 @@ class FeatureConfig:
     text_encoder: str
     vae: str | None = None
     pixel_autoencoder: int | None = None  # factor f of the space-to-depth autoencoder (toy demo)
+    pixel_lowpass: int | None = None  # its k x k lowest DCT frequencies per f x f block kept (None: all pixels)
     pixel_scale: float = 1.0  # its scaling factor (model latents = pixels * scale), recorded like a VAE's
     captions: tuple[str, ...] = ("txt",)
     captions_dir: str | None = None
@@ -138,10 +139,13 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
                     shift_factor=float(vcfg.get("shift_factor") or 0.0),
                     downsample_factor=2 ** (len(vcfg["block_out_channels"]) - 1))
     else:
-        f = cfg.pixel_autoencoder
-        info.update(image_encoder=f"pixel:{f}", image_encoder_hash=config_hash({"pixel_unshuffle": f}),
-                    latent_channels=3 * f * f, downsample_factor=f, scaling_factor=float(cfg.pixel_scale),
-                    shift_factor=0.0)
+        from pixart.encoders.pixel import PixelAutoencoder
+
+        ae = PixelAutoencoder(cfg.pixel_autoencoder, lowpass=cfg.pixel_lowpass)
+        settings = {"pixel_unshuffle": ae.factor, **({"dct_lowpass": ae.lowpass} if ae.lowpass else {})}
+        info.update(image_encoder=ae.id, image_encoder_hash=config_hash(settings),
+                    latent_channels=ae.latent_channels, downsample_factor=ae.factor,
+                    scaling_factor=float(cfg.pixel_scale), shift_factor=0.0)
     return info
 
 
@@ -200,7 +204,8 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
                       shards=[ShardEntry(n) for n in names], **info)
     vae = ({"path": cfg.vae, "subfolder": cfg.vae_subfolder, "dtype": "fp32", "device": cfg.device,
             "local_files_only": cfg.local_files_only} if cfg.vae else None)
-    job = Job(str(out), dataclasses.asdict(tcfg), vae, cfg.pixel_autoencoder, list(cfg.captions), resolution,
+    pixel = None if cfg.vae else info["image_encoder"]
+    job = Job(str(out), dataclasses.asdict(tcfg), vae, pixel, list(cfg.captions), resolution,
               table, cfg.batch_size, accept_damaged=cfg.accept_damaged)
     return urls, names, header, job, captions
 

@@ -30,7 +30,7 @@ class Job:
     out: str
     text_encoder: dict  # TextEncoderConfig fields
     vae: dict | None  # VAEConfig fields, or None for the pixel autoencoder
-    pixel_factor: int | None
+    pixel: str | None  # the pixel autoencoder's id, pixel:F[:K]
     caption_sources: list[str]
     resolution: int | None
     buckets: dict[str, tuple[int, int]] | None  # ratio key -> (h, w), as in pixart.data.buckets
@@ -58,12 +58,12 @@ _ENC: dict = {}  # this process's encoders, keyed by their settings: loaded once
 
 def load_encoders(job: Job) -> tuple:
     """(image autoencoder, text encoder) for `job`, built on first use in this process."""
-    key = json.dumps([job.text_encoder, job.vae, job.pixel_factor], sort_keys=True)
+    key = json.dumps([job.text_encoder, job.vae, job.pixel], sort_keys=True)
     if key not in _ENC:
         from pixart.encoders import ImageAutoencoder, PixelAutoencoder, TextEncoder, TextEncoderConfig, VAEConfig
         if job.threads:
             torch.set_num_threads(job.threads)
-        ae = ImageAutoencoder(VAEConfig(**job.vae)) if job.vae else PixelAutoencoder(job.pixel_factor)
+        ae = ImageAutoencoder(VAEConfig(**job.vae)) if job.vae else PixelAutoencoder.from_id(job.pixel)
         _ENC.clear()  # one set at a time: T5-XXL is 9 GB
         _ENC[key] = ae, TextEncoder(TextEncoderConfig(**job.text_encoder))
     return _ENC[key]

@@ -1,7 +1,9 @@
 """extract-features on tiny raw shards with the tiny T5/VAE: round trip, resume, workers, refusals, size."""
 import argparse
+import dataclasses
 import io
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -137,6 +139,25 @@ def test_pixel_autoencoder_and_buckets(enc, raw, tmp_path):
         hw = "{}x{}".format(*s.meta["target_hw"])
         want[hw] = want.get(hw, 0) + 1
     assert m.shards[0].buckets == want and len(want) == 2
+
+
+def test_a_lowpassed_pixel_cache_names_its_frequencies_and_trains_from_them(enc, raw, tmp_path):
+    from pixart.train.encoders import load_autoencoder
+
+    cfg = _cfg(enc, vae=None, pixel_autoencoder=8, pixel_lowpass=4, pixel_scale=3.0, resolution=32, dtype="fp32",
+               captions=("txt",))
+    extract_features(raw / "shard-000000.tar", tmp_path / "p", cfg, progress=False)
+    m = Manifest.load(tmp_path / "p")
+    assert (m.image_encoder, m.latent_channels, m.downsample_factor) == ("pixel:8:4", 48, 8)
+    ae = load_autoencoder(SimpleNamespace(encoders=SimpleNamespace(vae=None)), m)
+    assert (ae.id, ae.scale_factor, ae.latent_channels) == ("pixel:8:4", 3.0, 48)
+    extract_features(raw / "shard-000000.tar", tmp_path / "full", dataclasses.replace(cfg, pixel_lowpass=None),
+                     progress=False)
+    assert Manifest.load(tmp_path / "full").image_encoder_hash != m.image_encoder_hash  # a cache of other latents
+    for s, full in zip(_read(tmp_path / "p" / "shard-000000.tar"), _read(tmp_path / "full" / "shard-000000.tar"),
+                       strict=True):  # the same pixels, projected onto the 48 kept frequencies
+        assert s.latent_mean.shape == (48, 4, 4) and full.latent_mean.shape == (192, 4, 4)
+        assert torch.allclose(s.latent_mean, torch.einsum("kd,dhw->khw", ae.basis, full.latent_mean), atol=1e-5)
 
 
 def test_kill_then_resume_every_key_once(enc, raw, ref, tmp_path):

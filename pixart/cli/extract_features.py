@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     enc.add_argument("--pixel-autoencoder", action="store_true",
                      help="space-to-depth pixel autoencoder instead of a VAE (the toy demo); see --pixel-factor")
     p.add_argument("--pixel-factor", type=int, default=2, help="pixels per latent cell per side (default 2)")
+    p.add_argument("--pixel-lowpass", type=int, metavar="K",
+                   help="keep only each block's K x K lowest DCT frequencies per color: 3 K^2 channels (default: "
+                        "all pixels, 3 F^2)")
     p.add_argument("--pixel-scale", type=float, default=1.0,
                    help="the pixel autoencoder's scaling factor, as a VAE's: model latents = pixels * scale, chosen "
                         "so they have about unit variance (default 1)")
@@ -50,6 +53,7 @@ def run(args) -> None:
     cfg = FeatureConfig(
         text_encoder=args.text_encoder, vae=args.vae,
         pixel_autoencoder=args.pixel_factor if args.pixel_autoencoder else None, pixel_scale=args.pixel_scale,
+        pixel_lowpass=args.pixel_lowpass,
         captions=tuple(s.strip() for s in args.captions.split(",") if s.strip()), captions_dir=args.captions_dir,
         resolution=args.resolution, buckets=args.buckets, batch_size=args.batch_size, workers=args.workers,
         dtype=args.dtype, max_length=args.max_length,

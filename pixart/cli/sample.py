@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="the EMA weights (default: EMA when the checkpoint has them)")
     p.add_argument("--text-encoder", help="T5 folder or hub id (default: the checkpoint's encoders.json)")
-    p.add_argument("--vae", help="AutoencoderKL folder or hub id, or pixel:F (default: encoders.json)")
+    p.add_argument("--vae", help="AutoencoderKL folder or hub id, or pixel:F[:K] (default: encoders.json)")
     p.add_argument("--concept", action="append", default=[], metavar="FILE",
                    help="a Perfusion concept file (`pixart personalize`); prompts name it by its word (repeatable)")
     p.add_argument("--beta", type=float, help="concept gate bias (default: each file's, 0.7; lower = stronger)")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import FINAL_SIDE, MAX_TOKENS, PIXEL_FACTOR, PIXEL_SCALE
+from .pipeline import FINAL_SIDE, MAX_TOKENS, PIXEL_FACTOR, pixel_autoencoder
 
 
 class Drawer:
@@ -15,14 +15,13 @@ class Drawer:
     def __init__(self, export_dir: Path, steps: int, cfg: float, timesteps: list[int] | None = None):
         from diffusers import PixArtAlphaPipeline
 
-        from pixart.encoders.pixel import PixelAutoencoder
         from pixart.export.diffusers import load_null_caption
 
         self.pipe = PixArtAlphaPipeline.from_pretrained(export_dir, vae=None)
         self.pipe.set_progress_bar_config(disable=True)
         self.null = load_null_caption(export_dir)
         self.steps, self.cfg, self.timesteps = steps, cfg, timesteps
-        self.decoder = PixelAutoencoder(PIXEL_FACTOR, scale_factor=PIXEL_SCALE)
+        self.decoder = pixel_autoencoder()
         self.latent = FINAL_SIDE // PIXEL_FACTOR
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, SAMPLE_STEPS
+from .pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, PIXEL_FACTOR, SAMPLE_STEPS
 from .steps import step
 
 NAME, SUPER = "zorb", "circle"
@@ -133,13 +133,12 @@ class ConceptBench:
 
     def __init__(self, out: Path, ckpt: Path, seed: int, seeds: int = SEEDS):
         from pixart.checkpoint import load_model, load_prediction_type
-        from pixart.encoders.pixel import PixelAutoencoder
         from pixart.encoders.text import TextEncoder, TextEncoderConfig
         from pixart.personalize.apply import concept_c_inv
         from pixart.personalize.concept import Concept
         from pixart.personalize.tokens import add_concept_token, set_embedding
 
-        from .pipeline import MAX_TOKENS, PIXEL_FACTOR, PIXEL_SCALE
+        from .pipeline import MAX_TOKENS, pixel_autoencoder
 
         self.concept = Concept.load(out / "concepts" / f"{NAME}.safetensors")
         self.model = load_model(ckpt, ema=True).eval()
@@ -148,7 +147,7 @@ class ConceptBench:
         self.text = TextEncoder(TextEncoderConfig(str(out / "parts" / "t5"), max_length=MAX_TOKENS, dtype="fp32"))
         set_embedding(self.text.model, add_concept_token(self.text.tokenizer, self.text.model, NAME),
                       self.concept.embedding)
-        self.decoder = PixelAutoencoder(PIXEL_FACTOR, scale_factor=PIXEL_SCALE)
+        self.decoder = pixel_autoencoder()
         self.seed = seed
         self.positions = [p for p in NEW_POSITIONS for _ in range(seeds)]
         self.concept_prompts = [caption(p, NAME, 1000 + i) for i, p in enumerate(self.positions)]
@@ -164,7 +163,7 @@ class ConceptBench:
             apply_concepts(self.model, [self.concept], self.c_inv, beta=beta, tau=tau, check=False)
         try:
             with torch.no_grad():
-                return sample_prompts(self.model, prompts, self.text, self.decoder, (FINAL_SIDE // 2,) * 2,
+                return sample_prompts(self.model, prompts, self.text, self.decoder, (FINAL_SIDE // PIXEL_FACTOR,) * 2,
                                       prediction_type=self.prediction, steps=SAMPLE_STEPS, cfg=CFG_SCALE,
                                       sampler="ddim", seed=self.seed + 5)
         finally:

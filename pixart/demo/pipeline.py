@@ -40,13 +40,17 @@ SQUARE_COUNT, MULTI_COUNT = 8000, 3000  # images of the 32 px square world and t
 # Captions are at most 53 tiny-T5 tokens. The null caption (every token valid) has the model's caption length, and
 # a batch with one dropped caption pads every caption to it: at 200 tokens for 16 image tokens, the caption path
 # was two thirds of the model's FLOPs; at 64, a third.
-PIXEL_FACTOR, T5_WIDTH, MAX_TOKENS = 2, 32, 64
+T5_WIDTH, MAX_TOKENS = 32, 64
 T5_PRETRAIN_STEPS = 0  # > 0: span corruption, batch 64 of 3,000 captions (400: 39 s on one core); it lost
 # user phrasings at 400 (docs/experiments.md), so the demo's T5 stays random
-# The pixel autoencoder's scaling factor (the role of SD's 0.18215): one object on a mid-gray background
-# has a pixel std of ~0.16, so 6 gives the model unit-variance latents; at 1 the object is lost in the
-# noise at most timesteps.
-PIXEL_SCALE = 6.0
+# The pixel autoencoder: space-to-depth, a latent cell is 2 x 2 px. Its scaling factor (the role of SD's 0.18215):
+# one object on a mid-gray background has a pixel std of ~0.16, so 6 gives the model unit-variance latents; at 1 the
+# object is lost in the noise at most timesteps. A token of 8 x 8 px then holds 192 numbers, more than the model's
+# width of 128, so the model cannot hold, nor remove, all of a token's noise: the samples' grain. PIXEL_LOWPASS = 4
+# with PIXEL_FACTOR = 8 (each 8 x 8 px block's 4 x 4 lowest DCT frequencies, 48 channels, scale 3, patch 1) removed
+# the grain and drew the held-out triples as well, but Perfusion's concept came out a red-and-green patchwork
+# (docs/experiments.md, 2026-12-04): a switch, with stage1.yaml's and stage3.yaml's latent sizes.
+PIXEL_FACTOR, PIXEL_LOWPASS, PIXEL_SCALE = 2, None, 6.0
 # CFG 1.5 was chosen on 162 prompts of *seen* triples (`python tools/cfg_sweep.py`), never on the held-out
 # ones: stronger guidance breaks this small model's objects into several blobs (strict position on the seen
 # prompts: 0.88 at 1.5, 0.70 at 4), weaker loses color.
@@ -124,7 +128,8 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
     pretrained = ", span-corruption pretrained on captions" if T5_PRETRAIN_STEPS else ""
     with step(f"tiny T5 (seeded{pretrained}) and features: pixel autoencoder, dense, short and alt-text captions"):
         t5 = tiny_text_encoder(out / "parts" / "t5", seed, scale)
-        common = {"text_encoder": str(t5), "pixel_autoencoder": PIXEL_FACTOR, "pixel_scale": PIXEL_SCALE,
+        common = {"text_encoder": str(t5), "pixel_autoencoder": PIXEL_FACTOR, "pixel_lowpass": PIXEL_LOWPASS,
+                  "pixel_scale": PIXEL_SCALE,
                   "max_length": MAX_TOKENS, "workers": 2, "device": "cuda" if torch.cuda.is_available() else "cpu"}
         for shards, features, sizing in (
                 ("shapes32", "sq32", {"resolution": 32, "captions": (*CAPTIONERS, "txt")}),
@@ -134,6 +139,13 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
             ex = extract_features([str(d / shards)], out / "features" / features, cfg)
             print(f"   {ex.describe(out / 'features' / features)}")
     return t5
+
+
+def pixel_autoencoder():
+    """The demo's image "autoencoder", as its feature cache names it."""
+    from pixart.encoders.pixel import PixelAutoencoder
+
+    return PixelAutoencoder(PIXEL_FACTOR, scale_factor=PIXEL_SCALE, lowpass=PIXEL_LOWPASS)
 
 
 def tiny_text_encoder(folder: Path, seed: int, scale: float) -> Path:

@@ -32,7 +32,7 @@ def load_text_encoder(cfg: TrainConfig, manifest: Manifest | None, device: str =
 
 
 def load_autoencoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu", scale: float | None = None):
-    """The VAE, or the toy pixel autoencoder a cache names as `pixel:<factor>`. The scaling factor is the
+    """The VAE, or the toy pixel autoencoder a cache names as `pixel:<factor>[:<lowpass>]`. The scaling factor is the
     cache's, else `scale` (a checkpoint's encoders.json), else the VAE's own (1 for the pixel one)."""
     from pixart.encoders.pixel import PixelAutoencoder
     from pixart.encoders.vae import ImageAutoencoder, VAEConfig
@@ -42,5 +42,5 @@ def load_autoencoder(cfg: TrainConfig, manifest: Manifest | None, device: str = 
         raise PixArtError("encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
     scale = manifest.scaling_factor if manifest and not cfg.encoders.vae else scale
     if source.startswith("pixel:"):
-        return PixelAutoencoder(int(source.split(":", 1)[1]), device=device, scale_factor=scale or 1.0)
+        return PixelAutoencoder.from_id(source, device=device, scale_factor=scale or 1.0)
     return ImageAutoencoder(VAEConfig(path=source, device=device, scale_factor=scale))
