@@ -35,7 +35,8 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     assert Image.open(demo / "report" / "heldout.png").size == (9 * 64 * 2, 64 * 2)
     assert load_config(m["checkpoints"]["stage1"]).arch == "dit"
     stage2_arch, stage3_arch = (load_config(m["checkpoints"][s]) for s in ("stage2", "stage3"))
-    assert stage3_arch.input_size == 32  # 64 px over the pixel factor 2
+    assert (stage3_arch.input_size, stage3_arch.patch_size, stage3_arch.in_channels) == (8, 1, 48)  # 64 px / 8
+    assert json.loads((demo / "features" / "ms64" / "manifest.json").read_text())["image_encoder"] == "pixel:8:4"
     # Twice the tokens per side, the same position coordinates across the image (PixArt's pe_interpolation).
     span = [a.input_size / a.patch_size / a.pe_interpolation for a in (stage2_arch, stage3_arch)]
     assert span == [4.0, 4.0]
@@ -50,7 +51,7 @@ def test_demo_export_loads_in_diffusers_with_the_training_objective(demo):
 
     pipe = PixArtAlphaPipeline.from_pretrained(demo / "export", vae=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert pipe.transformer.config.sample_size == 32
+    assert pipe.transformer.config.sample_size == 8
 
 
 def test_demo_rerun_skips_finished_work(demo, capsys):
@@ -103,7 +104,7 @@ def test_the_timed_denoiser_is_the_pipelines_own_computation(demo):
     for folder, steps, cfg, timesteps in (("export", 3, 1.5, None), ("export-dmd", 1, 1.0, [400])):
         drawer = Drawer(demo / folder, steps, cfg, timesteps)
         embeds, mask = drawer.encode(["a red circle", "a blue square in the top left corner"])
-        noise = torch.randn(2, 12, 32, 32, generator=torch.Generator().manual_seed(3))
+        noise = torch.randn(2, 48, 8, 8, generator=torch.Generator().manual_seed(3))
         assert torch.equal(drawer.denoise_alone(embeds, mask, noise),
                            drawer.denoise(embeds, mask, torch.Generator().manual_seed(3)))
 

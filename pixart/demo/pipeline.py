@@ -43,14 +43,13 @@ SQUARE_COUNT, MULTI_COUNT = 8000, 3000  # images of the 32 px square world and t
 T5_WIDTH, MAX_TOKENS = 32, 64
 T5_PRETRAIN_STEPS = 0  # > 0: span corruption, batch 64 of 3,000 captions (400: 39 s on one core); it lost
 # user phrasings at 400 (docs/experiments.md), so the demo's T5 stays random
-# The pixel autoencoder: space-to-depth, a latent cell is 2 x 2 px. Its scaling factor (the role of SD's 0.18215):
-# one object on a mid-gray background has a pixel std of ~0.16, so 6 gives the model unit-variance latents; at 1 the
-# object is lost in the noise at most timesteps. A token of 8 x 8 px then holds 192 numbers, more than the model's
-# width of 128, so the model cannot hold, nor remove, all of a token's noise: the samples' grain. PIXEL_LOWPASS = 4
-# with PIXEL_FACTOR = 8 (each 8 x 8 px block's 4 x 4 lowest DCT frequencies, 48 channels, scale 3, patch 1) removed
-# the grain and drew the held-out triples as well, but Perfusion's concept came out a red-and-green patchwork
-# (docs/experiments.md, 2026-12-04): a switch, with stage1.yaml's and stage3.yaml's latent sizes.
-PIXEL_FACTOR, PIXEL_LOWPASS, PIXEL_SCALE = 2, None, 6.0
+# The pixel autoencoder: a latent cell is an 8 x 8 px block, of which the 4 x 4 lowest DCT frequencies per color are
+# kept (48 channels; the judge still names every shape of round-tripped images), as a VAE keeps a token narrower than
+# the model. As raw pixels (2 x 2 px cells, scale 6) a token of 8 x 8 px was 192 numbers for a model 128 wide, which
+# could not hold, so not remove, its noise: grainy backgrounds (docs/experiments.md, 2026-12-04). The scaling factor
+# (the role of SD's 0.18215) gives unit variance: the kept coefficients' std is ~0.34. configs/demo/stage1.yaml and
+# stage3.yaml give the model the matching latent sizes (32 px / 8 = 4, 64 px / 8 = 8) and 48 input channels.
+PIXEL_FACTOR, PIXEL_LOWPASS, PIXEL_SCALE = 8, 4, 3.0
 # CFG 1.5 was chosen on 162 prompts of *seen* triples (`python tools/cfg_sweep.py`), never on the held-out
 # ones: stronger guidance breaks this small model's objects into several blobs (strict position on the seen
 # prompts: 0.88 at 1.5, 0.70 at 4), weaker loses color.
