@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import FINAL_SIDE, MAX_TOKENS, PIXEL_FACTOR, pixel_autoencoder
+from .pipeline import FINAL_SIDE, MAX_TOKENS, pixel_autoencoder
 
 
 class Drawer:
@@ -22,7 +22,7 @@ class Drawer:
         self.null = load_null_caption(export_dir)
         self.steps, self.cfg, self.timesteps = steps, cfg, timesteps
         self.decoder = pixel_autoencoder()
-        self.latent = FINAL_SIDE // PIXEL_FACTOR
+        self.latent = FINAL_SIDE // self.decoder.downsample_factor
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, clean_caption=False,

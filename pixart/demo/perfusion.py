@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, PIXEL_FACTOR, SAMPLE_STEPS
+from .pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, SAMPLE_STEPS
 from .steps import step
 
 NAME, SUPER = "zorb", "circle"
@@ -163,7 +163,8 @@ class ConceptBench:
             apply_concepts(self.model, [self.concept], self.c_inv, beta=beta, tau=tau, check=False)
         try:
             with torch.no_grad():
-                return sample_prompts(self.model, prompts, self.text, self.decoder, (FINAL_SIDE // PIXEL_FACTOR,) * 2,
+                side = FINAL_SIDE // self.decoder.downsample_factor
+                return sample_prompts(self.model, prompts, self.text, self.decoder, (side, side),
                                       prediction_type=self.prediction, steps=SAMPLE_STEPS, cfg=CFG_SCALE,
                                       sampler="ddim", seed=self.seed + 5)
         finally:

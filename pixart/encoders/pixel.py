@@ -34,14 +34,8 @@ def lowpass_basis(factor: int, lowpass: int) -> torch.Tensor:
     frequency pair (u, v), lowest u + v first, the three colors' 2-D DCT basis functions."""
     d = dct_matrix(factor)
     pairs = sorted(((u, v) for u in range(lowpass) for v in range(lowpass)), key=lambda p: (p[0] + p[1], p))
-    rows = []
-    for u, v in pairs:
-        block = torch.outer(d[u], d[v]).flatten()
-        for c in range(3):
-            row = torch.zeros(3, factor * factor, dtype=torch.float64)
-            row[c] = block
-            rows.append(row.flatten())
-    return torch.stack(rows).float()
+    colors = torch.eye(3, dtype=torch.float64)
+    return torch.cat([torch.kron(colors, torch.outer(d[u], d[v]).flatten()[None]) for u, v in pairs]).float()
 
 
 class PixelAutoencoder:
