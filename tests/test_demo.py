@@ -33,6 +33,7 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
                 "perfusion", "perfusion_loss"):
         assert Image.open(demo / "report" / f"{png}.png").size[0] > 0
     assert Image.open(demo / "report" / "heldout.png").size == (9 * 64 * 2, 64 * 2)
+    assert Image.open(demo / "report" / "stage3.png").size[0] == 2 * 64 * 2  # two columns at stage 3's own 64 px
     assert load_config(m["checkpoints"]["stage1"]).arch == "dit"
     stage2_arch, stage3_arch = (load_config(m["checkpoints"][s]) for s in ("stage2", "stage3"))
     assert (stage3_arch.input_size, stage3_arch.patch_size, stage3_arch.in_channels) == (8, 1, 48)  # 64 px / 8
@@ -43,7 +44,10 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     assert json.loads((demo / "export" / "transformer" / "config.json").read_text())["interpolation_scale"] == 2
     stage2 = load_train_config(demo / "configs" / "stage2.yaml")
     assert stage2.model.init == m["checkpoints"]["reparam"]
-    assert load_train_config(demo / "configs" / "stage3.yaml").model.init == m["checkpoints"]["stage2"]
+    stage3 = load_train_config(demo / "configs" / "stage3.yaml")
+    assert stage3.model.init == m["checkpoints"]["stage2"]
+    # dense captions beside short, user-style ones, as PixArt-Sigma trains (issue 19)
+    assert stage2.data.caption == stage3.data.caption == {"metadata": 0.7, "metadata-short": 0.3}
 
 
 def test_demo_export_loads_in_diffusers_with_the_training_objective(demo):
@@ -121,3 +125,20 @@ def test_the_pareto_tool_sweeps_the_demos_concept(demo):
     assert [(r["beta"], r["tau"]) for r in rows] == [(0.6, 0.15), (0.9, 0.15)]
     assert all(0 <= r["fidelity"] <= 1 and 0 <= r["position"] <= 1 for r in rows)
     assert Image.open(demo / "report" / "perfusion_pareto.png").size[0] > 0 and "fidelity" in run.stdout
+
+
+def test_the_shape_probe_denoises_noised_scenes_from_each_start(demo, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "shape_probe.py"
+    grid = tmp_path / "probe.png"
+    run = subprocess.run([sys.executable, str(tool), "--demo", str(demo), "--scenes", "4", "--starts", "1000", "100",
+                          "--grid", str(grid)], capture_output=True, text=True, check=True)
+    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    assert [r[-5] if r[0] != "no" else "none" for r in rows] == ["none", "1000", "100"]
+    assert [int(r[-4]) for r in rows] == [0, 20, 2]  # of the pipeline's 20 steps all, then those at t <= 100 (100, 50)
+    assert float(rows[0][-1]) == 1.0  # the judge names every shape the pixel autoencoder kept
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[-3:])
+    assert Image.open(grid).size == (4 * 64 * 2, 3 * 64 * 2)  # the scenes, then a row per start

@@ -30,11 +30,11 @@ from .steps import step
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 HOLDOUT = 8  # 1 in 8 (shape, color, position) triples never drawn in training
 # Scenes of two objects (binding colors and shapes to places) with this probability, 126 of the 1008 pairs of two
-# colors never drawn together: off, as a pretrained T5 and a caption mix are, until they beat the one-object
-# recipe everywhere (docs/experiments.md, 2026-12-04: 0.3 gave two held-out objects both right 0.11-0.14 but cost
-# the concept and the student). The held-out pairs are prompted either way.
+# colors never drawn together: off, as a pretrained T5 is, until they beat the one-object recipe everywhere
+# (docs/experiments.md, 2026-12-04: 0.3 gave two held-out objects both right 0.11-0.14 but cost the concept and the
+# student). The held-out pairs are prompted either way.
 TWO_OBJECT_FRACTION, PAIR_HOLDOUT = 0.0, 8
-CAPTIONERS = ("metadata", "metadata-short")  # dense captions, and short ones as users write (for a caption mix)
+CAPTIONERS = ("metadata", "metadata-short")  # dense captions, and short ones as users write (stages 2-3 mix them)
 PHRASING_SPECS, TWO_OBJECT_PROMPTS = 18, 36  # held-out triples worded each user way; held-out pairs
 SQUARE_COUNT, MULTI_COUNT = 8000, 3000  # images of the 32 px square world and the 64 px multi-aspect world
 # Captions are at most 53 tiny-T5 tokens. The null caption (every token valid) has the model's caption length, and

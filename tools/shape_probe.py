@@ -1,0 +1,85 @@
+"""Where a finished demo's model loses shape: clean one-object scenes noised to a start timestep, then denoised
+from there with their own captions by the exported pipeline's loop (SDEdit), judged for color, position and shape.
+
+A start of 1000 is sampling from noise. The first row is the scenes round-tripped through the pixel autoencoder
+without noise: what the latent space itself keeps.
+
+    python tools/shape_probe.py --demo demo_out --starts 1000 800 600 400 300 200 100
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipelines.shapes import ShapesConfig, render_scene  # noqa: E402
+from pixart.demo.drawer import Drawer  # noqa: E402
+from pixart.demo.pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, SAMPLE_STEPS  # noqa: E402
+from pixart.eval.heldout import prompt_for  # noqa: E402
+from pixart.eval.judge import Judge  # noqa: E402
+from pixart.train.validation import save_grid, to_pil  # noqa: E402
+
+
+def scenes(count: int, seed: int) -> tuple[list, list[dict]]:
+    """One large object on a plain background, square, undamaged: as the held-out prompts ask."""
+    cfg = ShapesConfig(resolution=FINAL_SIDE, max_objects=1, damaged_fraction=0.0, aspects=("1:1",),
+                       backgrounds=("plain",), sizes=("large",), background_levels=BACKGROUND_LEVELS)
+    images, specs = [], []
+    for i in range(count):
+        image, scene = render_scene(seed + i, cfg)
+        images.append(image)
+        specs.append({k: scene["objects"][0][k] for k in ("shape", "color", "position", "size")})
+    return images, specs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", default="demo_out", help="a finished `pixart demo` folder (default demo_out)")
+    p.add_argument("--starts", type=int, nargs="+", default=[1000, 800, 600, 400, 300, 200, 100],
+                   help="timesteps the scenes are noised to")
+    p.add_argument("--scenes", type=int, default=48)
+    p.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps over the whole schedule")
+    p.add_argument("--cfg", type=float, default=CFG_SCALE)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--grid", type=Path, help="PNG: the scenes, then 8 of them from each start")
+    args = p.parse_args()
+    judge = Judge.load_or_train()
+    drawer = Drawer(Path(args.demo) / "export", args.steps, args.cfg)
+    images, specs = scenes(args.scenes, args.seed)
+    pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+    dist = drawer.decoder.encode(pixels.float() / 127.5 - 1)
+    clean = drawer.decoder.sample_latents(dist.mean, dist.std)
+    embeds, mask = drawer.encode([prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs])
+    sched = drawer.pipe.scheduler
+    assert sched.init_noise_sigma == 1.0, "the probe hands the noised latents to the loop as they are"
+
+    def judged(latents) -> tuple[list, dict]:
+        out = to_pil(drawer.decoder.decode(latents.float()))
+        return out, judge.score(out, [[s] for s in specs])
+
+    print(f"{'start t':>8} {'steps':>6} {'color':>6} {'position':>9} {'shape':>6}")
+    _, s = judged(clean)
+    print(f"{'no noise':>8} {0:6d} {s['color']:6.2f} {s['position']:9.2f} {s['shape']:6.2f}", flush=True)
+    rows = images[:8]
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    for start in args.starts:
+        sched.set_timesteps(args.steps)
+        drawer.timesteps = [int(t) for t in sched.timesteps if t <= start]
+        if not drawer.timesteps:
+            raise SystemExit(f"--starts: no sampler step at or below t={start}")
+        noised = sched.add_noise(clean, noise, torch.tensor([drawer.timesteps[0]]))
+        out, s = judged(drawer.denoise_alone(embeds, mask, noised))
+        print(f"{start:8d} {len(drawer.timesteps):6d} {s['color']:6.2f} {s['position']:9.2f} {s['shape']:6.2f}",
+              flush=True)
+        rows += out[:8]
+    if args.grid:
+        save_grid(rows, min(8, len(images)), args.grid, scale=2)
+
+
+if __name__ == "__main__":
+    main()
