@@ -142,3 +142,15 @@ def test_the_shape_probe_denoises_noised_scenes_from_each_start(demo, tmp_path):
     assert float(rows[0][-1]) == 1.0  # the judge names every shape the pixel autoencoder kept
     assert all(0 <= float(v) <= 1 for r in rows for v in r[-3:])
     assert Image.open(grid).size == (4 * 64 * 2, 3 * 64 * 2)  # the scenes, then a row per start
+
+
+def test_the_shape_probe_names_a_folder_without_an_export(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "shape_probe.py"
+    run = subprocess.run([sys.executable, str(tool), "--demo", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines() == [f"--demo: {tmp_path / 'export'} is not an exported pipeline; run "
+                                               f"`pixart demo --out {tmp_path}` first"]

@@ -48,8 +48,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--grid", type=Path, help="PNG: the scenes, then 8 of them from each start")
     args = p.parse_args()
+    export = Path(args.demo) / "export"
+    if not (export / "model_index.json").is_file():
+        raise SystemExit(f"--demo: {export} is not an exported pipeline; run `pixart demo --out {args.demo}` first")
     judge = Judge.load_or_train()
-    drawer = Drawer(Path(args.demo) / "export", args.steps, args.cfg)
+    drawer = Drawer(export, args.steps, args.cfg)
     images, specs = scenes(args.scenes, args.seed)
     pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
     dist = drawer.decoder.encode(pixels.float() / 127.5 - 1)
