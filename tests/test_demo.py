@@ -140,6 +140,7 @@ def test_the_shape_probe_denoises_noised_scenes_from_each_start(demo, tmp_path):
     assert [r[-5] if r[0] != "no" else "none" for r in rows] == ["none", "1000", "100"]
     assert [int(r[-4]) for r in rows] == [0, 20, 2]  # of the pipeline's 20 steps all, then those at t <= 100 (100, 50)
     assert float(rows[0][-1]) == 1.0  # the judge names every shape the pixel autoencoder kept
+    assert [float(v) for v in rows[2][-3:-1]] == [1.0, 1.0]  # from t=100, as little noise as that, color and place stay
     assert all(0 <= float(v) <= 1 for r in rows for v in r[-3:])
     assert Image.open(grid).size == (4 * 64 * 2, 3 * 64 * 2)  # the scenes, then a row per start
 

@@ -41,24 +41,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default="demo_out", help="a finished `pixart demo` folder (default demo_out)")
     p.add_argument("--starts", type=int, nargs="+", default=[1000, 800, 600, 400, 300, 200, 100],
-                   help="timesteps the scenes are noised to")
-    p.add_argument("--scenes", type=int, default=48)
+                   help="start timesteps: scenes are noised to the first sampler step at or below each (1000: 999)")
+    p.add_argument("--scenes", type=int, default=48, help="how many scenes (default 48)")
     p.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps over the whole schedule")
-    p.add_argument("--cfg", type=float, default=CFG_SCALE)
-    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--cfg", type=float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE}, the demo's)")
+    p.add_argument("--seed", type=int, default=1000, help="picks the scenes; the noise is seeded 0")
     p.add_argument("--grid", type=Path, help="PNG: the scenes, then 8 of them from each start")
     args = p.parse_args()
     export = Path(args.demo) / "export"
     if not (export / "model_index.json").is_file():
         raise SystemExit(f"--demo: {export} is not an exported pipeline; run `pixart demo --out {args.demo}` first")
-    judge = Judge.load_or_train()
+    if args.scenes < 1:
+        raise SystemExit(f"--scenes: must be at least 1, got {args.scenes}")
     drawer = Drawer(export, args.steps, args.cfg)
+    sched = drawer.pipe.scheduler
+    sched.set_timesteps(args.steps)
+    if min(args.starts) < int(sched.timesteps.min()):
+        raise SystemExit(f"--starts: no sampler step at or below t={min(args.starts)} (the last is "
+                         f"{int(sched.timesteps.min())})")
+    judge = Judge.load_or_train()
     images, specs = scenes(args.scenes, args.seed)
     pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
     dist = drawer.decoder.encode(pixels.float() / 127.5 - 1)
     clean = drawer.decoder.sample_latents(dist.mean, dist.std)
     embeds, mask = drawer.encode([prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs])
-    sched = drawer.pipe.scheduler
     assert sched.init_noise_sigma == 1.0, "the probe hands the noised latents to the loop as they are"
 
     def judged(latents) -> tuple[list, dict]:
@@ -73,8 +79,6 @@ def main() -> None:
     for start in args.starts:
         sched.set_timesteps(args.steps)
         drawer.timesteps = [int(t) for t in sched.timesteps if t <= start]
-        if not drawer.timesteps:
-            raise SystemExit(f"--starts: no sampler step at or below t={start}")
         noised = sched.add_noise(clean, noise, torch.tensor([drawer.timesteps[0]]))
         out, s = judged(drawer.denoise_alone(embeds, mask, noised))
         print(f"{start:8d} {len(drawer.timesteps):6d} {s['color']:6.2f} {s['position']:9.2f} {s['shape']:6.2f}",
