@@ -56,9 +56,9 @@ def main() -> None:
     drawer = Drawer(export, args.steps, args.cfg)
     sched = drawer.pipe.scheduler
     sched.set_timesteps(args.steps)
-    if min(args.starts) < int(sched.timesteps.min()):
-        raise SystemExit(f"--starts: no sampler step at or below t={min(args.starts)} (the last is "
-                         f"{int(sched.timesteps.min())})")
+    schedule = [int(t) for t in sched.timesteps]  # high to low
+    if min(args.starts) < schedule[-1]:
+        raise SystemExit(f"--starts: no sampler step at or below t={min(args.starts)} (the last is {schedule[-1]})")
     judge = Judge.load_or_train()
     images, specs = scenes(args.scenes, args.seed)
     pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
@@ -67,23 +67,20 @@ def main() -> None:
     embeds, mask = drawer.encode([prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs])
     assert sched.init_noise_sigma == 1.0, "the probe hands the noised latents to the loop as they are"
 
-    def judged(latents) -> tuple[list, dict]:
+    def judged(label, steps: int, latents) -> list:
         out = to_pil(drawer.decoder.decode(latents.float()))
-        return out, judge.score(out, [[s] for s in specs])
+        s = judge.score(out, [[spec] for spec in specs])
+        print(f"{label:>8} {steps:6d} {s['color']:6.2f} {s['position']:9.2f} {s['shape']:6.2f}", flush=True)
+        return out
 
     print(f"{'start t':>8} {'steps':>6} {'color':>6} {'position':>9} {'shape':>6}")
-    _, s = judged(clean)
-    print(f"{'no noise':>8} {0:6d} {s['color']:6.2f} {s['position']:9.2f} {s['shape']:6.2f}", flush=True)
+    judged("no noise", 0, clean)
     rows = images[:8]
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     for start in args.starts:
-        sched.set_timesteps(args.steps)
-        drawer.timesteps = [int(t) for t in sched.timesteps if t <= start]
+        drawer.timesteps = [t for t in schedule if t <= start]
         noised = sched.add_noise(clean, noise, torch.tensor([drawer.timesteps[0]]))
-        out, s = judged(drawer.denoise_alone(embeds, mask, noised))
-        print(f"{start:8d} {len(drawer.timesteps):6d} {s['color']:6.2f} {s['position']:9.2f} {s['shape']:6.2f}",
-              flush=True)
-        rows += out[:8]
+        rows += judged(start, len(drawer.timesteps), drawer.denoise_alone(embeds, mask, noised))[:8]
     if args.grid:
         save_grid(rows, min(8, len(images)), args.grid, scale=2)
 
