@@ -13,15 +13,17 @@ import itertools
 import multiprocessing
 import os
 import socket
+import statistics
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from tqdm import tqdm
 
 from pixart.data.loader import Loader, LoaderConfig
 from pixart.data.remote import open_shard
@@ -160,23 +162,31 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--sources", nargs="+", choices=("local", "http", "s3"), default=["local"],
                    help="where the shards are read from (default local)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure every source and worker count this many times, interleaved, and report the "
+                   "median: the machine's speed drifts within a run (default 3)")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         t = time.perf_counter()
         write_shards(Path(tmp), a.samples, a.shards, a.latent, a.tokens, a.dim)
         size = sum(f.stat().st_size for f in Path(tmp).glob("*.tar")) / 2**20
         sample_bytes = size * 2**20 / a.samples
         print(f"{a.samples} samples in {a.shards} shards, {size:.0f} MiB, written in {time.perf_counter() - t:.1f} s")
-        for source in a.sources:
-            with serve(Path(tmp), source) as shards:
-                first = shards[0] if isinstance(shards, list) else resolve_shards(shards)[0]
-                rate = stream_rate(first)
-                print(f"{source:5s} one stream, no loader: {rate:,.0f} MiB/s = {rate * 2**20 / sample_bytes:,.0f} "
-                      "samples/s")
-                for w in a.workers:
-                    rate = bench(shards, a.batch, w, a.steps, a.warmup)
-                    print(f"{source:5s} workers={w} batch={a.batch} latent={a.latent} tokens<={a.tokens}x{a.dim}: "
-                          f"{rate:,.0f} samples/s")
+        specs = {source: servers.enter_context(serve(Path(tmp), source)) for source in a.sources}
+        for source, shards in specs.items():
+            first = shards[0] if isinstance(shards, list) else resolve_shards(shards)[0]
+            rate = stream_rate(first)
+            print(f"{source:5s} one stream, no loader: {rate:,.0f} MiB/s = {rate * 2**20 / sample_bytes:,.0f} samples/s")
+        rates = {(source, w): [] for source in specs for w in a.workers}
+        for _ in tqdm(range(a.rounds), desc="rounds", leave=False):
+            for (source, w), got in rates.items():
+                got.append(bench(specs[source], a.batch, w, a.steps, a.warmup))
+        for (source, w), got in rates.items():
+            median = statistics.median(got)
+            local = rates.get(("local", w))
+            ratio = f" ({median / statistics.median(local):.2f}x local)" if local and source != "local" else ""
+            print(f"{source:5s} workers={w} batch={a.batch} latent={a.latent} tokens<={a.tokens}x{a.dim}: "
+                  f"{median:,.0f} samples/s{ratio}, median of {', '.join(f'{r:,.0f}' for r in got)}")
 
 
 if __name__ == "__main__":
