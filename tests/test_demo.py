@@ -133,16 +133,24 @@ def test_the_shape_probe_denoises_noised_scenes_from_each_start(demo, tmp_path):
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "shape_probe.py"
-    grid = tmp_path / "probe.png"
+    grid, x0_grid = tmp_path / "probe.png", tmp_path / "x0.png"
     run = subprocess.run([sys.executable, str(tool), "--demo", str(demo), "--scenes", "4", "--starts", "1000", "100",
-                          "--grid", str(grid)], capture_output=True, text=True, check=True)
-    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+                          "--grid", str(grid), "--x0", str(x0_grid)], capture_output=True, text=True, check=True)
+    probe, x0_table = run.stdout.split("\n\n")
+    rows = [line.split() for line in probe.splitlines()[1:]]
     assert [r[-5] if r[0] != "no" else "none" for r in rows] == ["none", "1000", "100"]
     assert [int(r[-4]) for r in rows] == [0, 20, 2]  # of the pipeline's 20 steps all, then those at t <= 100 (100, 50)
     assert float(rows[0][-1]) == 1.0  # the judge names every shape the pixel autoencoder kept
     assert [float(v) for v in rows[2][-3:-1]] == [1.0, 1.0]  # from t=100, as little noise as that, color and place stay
     assert all(0 <= float(v) <= 1 for r in rows for v in r[-3:])
     assert Image.open(grid).size == (4 * 64 * 2, 3 * 64 * 2)  # the scenes, then a row per start
+    header, *x0_rows = x0_table.splitlines()
+    assert header.split()[-7:] == ["true", "shape", "changed", "color", "changed", "null", "caption"]
+    errors = {int(r.split()[0]): [float(v) for v in r.split()[1:]] for r in x0_rows}
+    assert list(errors) == [999, 100] and all(len(v) == 4 for v in errors.values())
+    # x0 from pure noise misses the scene by about its variance; from t=100 the scene is nearly all there
+    assert errors[100][0] < 0.25 * errors[999][0]
+    assert Image.open(x0_grid).size == (4 * 64 * 2, 3 * 64 * 2)
 
 
 def test_the_shape_probe_names_a_folder_without_an_export(tmp_path):

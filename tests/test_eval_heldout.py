@@ -32,6 +32,18 @@ def test_prompts_name_the_object_and_are_stable():
     assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2]
 
 
+def test_a_prompt_worded_as_another_differs_only_in_the_object_words():
+    spec = {"shape": "star", "color": "orange", "position": "top", "size": "large"}
+    text = prompt_for(spec, 64, 64).split()
+    for key, value in (("shape", "circle"), ("color", "red")):
+        other = prompt_for({**spec, key: value}, 64, 64, worded_as=spec).split()
+        changed = [(a, b) for a, b in zip(text, other, strict=True) if a != b]
+        # the word itself, and its article where "an orange" becomes "a red"
+        assert changed in ([(spec[key] + ",", value + ",")], [(spec[key], value)], [("an", "a"), (spec[key], value)])
+    assert prompt_for({**spec, "shape": "circle"}, 64, 64) != prompt_for({**spec, "shape": "circle"}, 64, 64,
+                                                                         worded_as=spec)
+
+
 def test_strict_position_needs_exactly_the_prompted_object():
     judge = Judge.load_or_train()
     rng = np.random.default_rng(1)

@@ -2,9 +2,10 @@
 servers on 127.0.0.1 (an HTTP server; moto's S3 server, when moto is installed), side by side.
 
 Writes synthetic feature shards (FeatureSample.to_wds + webdataset.TarWriter) into a temporary
-folder, then times batches after a warm-up. Example:
+folder, then times batches after a warm-up, every source and worker count once per round, and prints
+the medians and each remote source's ratio to local files. Example:
     python tools/bench_loader.py --samples 2048 --latent 32 --tokens 120 --dim 4096 --workers 0 2
-    python tools/bench_loader.py --sources local http s3 --workers 2
+    python tools/bench_loader.py --samples 2048 --steps 60 --rounds 4 --sources local http s3
 """
 from __future__ import annotations
 
@@ -166,6 +167,8 @@ def main() -> None:
                    help="measure every source and worker count this many times, interleaved, and report the "
                    "median: the machine's speed drifts within a run (default 3)")
     a = p.parse_args()
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         t = time.perf_counter()
         write_shards(Path(tmp), a.samples, a.shards, a.latent, a.tokens, a.dim)
@@ -176,7 +179,8 @@ def main() -> None:
         for source, shards in specs.items():
             first = shards[0] if isinstance(shards, list) else resolve_shards(shards)[0]
             rate = stream_rate(first)
-            print(f"{source:5s} one stream, no loader: {rate:,.0f} MiB/s = {rate * 2**20 / sample_bytes:,.0f} samples/s")
+            per_s = rate * 2**20 / sample_bytes
+            print(f"{source:5s} one stream, no loader: {rate:,.0f} MiB/s = {per_s:,.0f} samples/s")
         rates = {(source, w): [] for source in specs for w in a.workers}
         for _ in tqdm(range(a.rounds), desc="rounds", leave=False):
             for (source, w), got in rates.items():

@@ -4,7 +4,11 @@ from there with their own captions by the exported pipeline's loop (SDEdit), jud
 A start of 1000 is sampling from noise. The first row is the scenes round-tripped through the pixel autoencoder
 without noise: what the latent space itself keeps.
 
-    python tools/shape_probe.py --demo demo_out --starts 1000 800 600 400 300 200 100
+With --x0, also what the model reads from the caption: its one-forward estimate of the clean scene at each start,
+as mean squared error in latent space with the true caption, with the shape word or the color word changed (the
+same wording otherwise), and with the null caption; and a PNG of those estimates under the true caption.
+
+    python tools/shape_probe.py --demo demo_out --starts 1000 800 600 400 300 200 100 --x0 x0.png
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipelines.shapes import ShapesConfig, render_scene  # noqa: E402
+from data_pipelines.shapes import COLORS, SHAPES, ShapesConfig, render_scene  # noqa: E402
 from pixart.demo.drawer import Drawer  # noqa: E402
 from pixart.demo.pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, SAMPLE_STEPS  # noqa: E402
 from pixart.eval.heldout import prompt_for  # noqa: E402
@@ -37,6 +41,44 @@ def scenes(count: int, seed: int) -> tuple[list, list[dict]]:
     return images, specs
 
 
+def changed(spec: dict, key: str, values: tuple) -> dict:
+    """`spec` with its shape or color replaced by the next one of `values`."""
+    return {**spec, key: values[(values.index(spec[key]) + 1) % len(values)]}
+
+
+@torch.no_grad()
+def x0_estimates(drawer: Drawer, specs: list[dict], clean, noise, starts: list[int]):
+    """Per start t, the model's x0 estimate under the true caption, and the x0 MSE under each caption variant."""
+    captions = {"true": [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs],
+                "shape changed": [prompt_for(changed(s, "shape", SHAPES), FINAL_SIDE, FINAL_SIDE, worded_as=s)
+                                  for s in specs],
+                "color changed": [prompt_for(changed(s, "color", COLORS), FINAL_SIDE, FINAL_SIDE, worded_as=s)
+                                  for s in specs]}
+    texts = {k: drawer.encode(v) for k, v in captions.items()}
+    null = drawer.null[None].expand(len(specs), -1, -1)
+    texts["null caption"] = (null, torch.ones(null.shape[:2]))
+    from diffusers import DDIMScheduler
+
+    # diffusers' own x0 from a model output, for any prediction type (DDIM's step computes it first)
+    ddim = DDIMScheduler.from_config(drawer.pipe.scheduler.config, clip_sample=False)
+    ddim.set_timesteps(ddim.config.num_train_timesteps)
+    estimates, table = [], []
+    for start in starts:
+        t = min(start, ddim.config.num_train_timesteps - 1)
+        noised = ddim.add_noise(clean, noise, torch.tensor([t]))
+        row = []
+        for name, (embeds, mask) in texts.items():
+            out = drawer.pipe.transformer(noised, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                          timestep=torch.full((len(noised),), t), return_dict=False,
+                                          added_cond_kwargs={"resolution": None, "aspect_ratio": None})[0]
+            x0 = ddim.step(out[:, :clean.shape[1]], t, noised).pred_original_sample
+            row.append(float(((x0 - clean) ** 2).mean()))
+            if name == "true":
+                estimates.append(x0)
+        table.append((t, row))
+    return list(texts), table, estimates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default="demo_out", help="a finished `pixart demo` folder (default demo_out)")
@@ -47,6 +89,9 @@ def main() -> None:
     p.add_argument("--cfg", type=float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE}, the demo's)")
     p.add_argument("--seed", type=int, default=1000, help="picks the scenes; the noise is seeded 0")
     p.add_argument("--grid", type=Path, help="PNG: the scenes, then 8 of them from each start")
+    p.add_argument("--x0", type=Path, metavar="PNG",
+                   help="also the x0 estimates' error under changed captions, and a PNG: the scenes, then 8 of "
+                   "their x0 estimates per start")
     args = p.parse_args()
     export = Path(args.demo) / "export"
     if not (export / "model_index.json").is_file():
@@ -83,6 +128,13 @@ def main() -> None:
         rows += judged(start, len(drawer.timesteps), drawer.denoise_alone(embeds, mask, noised))[:8]
     if args.grid:
         save_grid(rows, min(8, len(images)), args.grid, scale=2)
+    if args.x0:
+        names, table, estimates = x0_estimates(drawer, specs, clean, noise, args.starts)
+        print(f"\nx0 error (latent MSE) {'t':>5} " + " ".join(f"{n:>13}" for n in names))
+        for t, row in table:
+            print(f"{'':>20} {t:5d} " + " ".join(f"{v:13.4f}" for v in row))
+        x0_rows = images[:8] + [im for x0 in estimates for im in to_pil(drawer.decoder.decode(x0[:8].float()))]
+        save_grid(x0_rows, min(8, len(images)), args.x0, scale=2)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,13 @@ def seen_specs(every: int, n: int, seed: int = 0, size: str = "large") -> list[d
     return random.Random(seed).sample(seen, min(n, len(seen)))
 
 
-def prompt_for(spec: dict, width: int, height: int, seed: int = 0) -> str:
-    """A dense caption of a clean, plain-background scene holding just `spec`."""
+def prompt_for(spec: dict, width: int, height: int, seed: int = 0, worded_as: dict | None = None) -> str:
+    """A dense caption of a clean, plain-background scene holding just `spec`. `worded_as`: the spec whose wording
+    (template and word choices) to use, so that two captions differ only in the words that name the object."""
     meta = {"objects": [spec], "background": "plain", "quality": "clean", "aesthetic": 1.0,
             "width": width, "height": height}
-    return describe(meta, random.Random(stable_seed(seed, spec["shape"], spec["color"], spec["position"])))
+    like = worded_as or spec
+    return describe(meta, random.Random(stable_seed(seed, like["shape"], like["color"], like["position"])))
 
 
 def spread(specs: list[dict], n: int) -> list[dict]:
