@@ -49,6 +49,8 @@ def changed(spec: dict, key: str, values: tuple) -> dict:
 @torch.no_grad()
 def x0_estimates(drawer: Drawer, specs: list[dict], clean, noise, starts: list[int]):
     """Per start t, the model's x0 estimate under the true caption, and the x0 MSE under each caption variant."""
+    from diffusers import DDIMScheduler
+
     captions = {"true": [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs],
                 "shape changed": [prompt_for(changed(s, "shape", SHAPES), FINAL_SIDE, FINAL_SIDE, worded_as=s)
                                   for s in specs],
@@ -57,8 +59,6 @@ def x0_estimates(drawer: Drawer, specs: list[dict], clean, noise, starts: list[i
     texts = {k: drawer.encode(v) for k, v in captions.items()}
     null = drawer.null[None].expand(len(specs), -1, -1)
     texts["null caption"] = (null, torch.ones(null.shape[:2]))
-    from diffusers import DDIMScheduler
-
     # diffusers' own x0 from a model output, for any prediction type (DDIM's step computes it first)
     ddim = DDIMScheduler.from_config(drawer.pipe.scheduler.config, clip_sample=False)
     ddim.set_timesteps(ddim.config.num_train_timesteps)
