@@ -168,23 +168,23 @@ def main() -> None:
                    "median: the machine's speed drifts within a run (default 3)")
     a = p.parse_args()
     if a.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {a.rounds}")
+        raise SystemExit(f"--rounds: must be at least 1, got {a.rounds}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         t = time.perf_counter()
         write_shards(Path(tmp), a.samples, a.shards, a.latent, a.tokens, a.dim)
         size = sum(f.stat().st_size for f in Path(tmp).glob("*.tar")) / 2**20
         sample_bytes = size * 2**20 / a.samples
         print(f"{a.samples} samples in {a.shards} shards, {size:.0f} MiB, written in {time.perf_counter() - t:.1f} s")
-        specs = {source: servers.enter_context(serve(Path(tmp), source)) for source in a.sources}
-        for source, shards in specs.items():
+        shards_by_source = {source: servers.enter_context(serve(Path(tmp), source)) for source in a.sources}
+        for source, shards in shards_by_source.items():  # measured once: what one stream gives, for scale
             first = shards[0] if isinstance(shards, list) else resolve_shards(shards)[0]
             rate = stream_rate(first)
             per_s = rate * 2**20 / sample_bytes
             print(f"{source:5s} one stream, no loader: {rate:,.0f} MiB/s = {per_s:,.0f} samples/s")
-        rates = {(source, w): [] for source in specs for w in a.workers}
+        rates = {(source, w): [] for source in shards_by_source for w in a.workers}
         for _ in tqdm(range(a.rounds), desc="rounds", leave=False):
             for (source, w), got in rates.items():
-                got.append(bench(specs[source], a.batch, w, a.steps, a.warmup))
+                got.append(bench(shards_by_source[source], a.batch, w, a.steps, a.warmup))
         for (source, w), got in rates.items():
             median = statistics.median(got)
             local = rates.get(("local", w))

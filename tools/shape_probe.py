@@ -8,7 +8,7 @@ With --x0, also what the model reads from the caption: its one-forward estimate 
 as mean squared error in latent space with the true caption, with the shape word or the color word changed (the
 same wording otherwise), and with the null caption; and a PNG of those estimates under the true caption.
 
-    python tools/shape_probe.py --demo demo_out --starts 1000 800 600 400 300 200 100 --x0 x0.png
+    python tools/shape_probe.py --demo demo_out --starts 1000 800 600 400 200 --x0 x0.png
 """
 from __future__ import annotations
 
@@ -90,8 +90,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1000, help="picks the scenes; the noise is seeded 0")
     p.add_argument("--grid", type=Path, help="PNG: the scenes, then 8 of them from each start")
     p.add_argument("--x0", type=Path, metavar="PNG",
-                   help="also the x0 estimates' error under changed captions, and a PNG: the scenes, then 8 of "
-                   "their x0 estimates per start")
+                   help="also the model's one-forward x0 estimate from each start (noised to exactly that t, "
+                   "at most 999; unguided, so --cfg and --steps do not apply): its error under the true, "
+                   "shape-changed, color-changed and null captions, and a PNG of the scenes, then 8 of their "
+                   "estimates under the true caption per start")
     args = p.parse_args()
     export = Path(args.demo) / "export"
     if not (export / "model_index.json").is_file():
@@ -132,7 +134,7 @@ def main() -> None:
         names, table, estimates = x0_estimates(drawer, specs, clean, noise, args.starts)
         print(f"\nx0 error (latent MSE) {'t':>5} " + " ".join(f"{n:>13}" for n in names))
         for t, row in table:
-            print(f"{'':>20} {t:5d} " + " ".join(f"{v:13.4f}" for v in row))
+            print(f"{'':>21} {t:5d} " + " ".join(f"{v:13.4f}" for v in row))
         x0_rows = images[:8] + [im for x0 in estimates for im in to_pil(drawer.decoder.decode(x0[:8].float()))]
         save_grid(x0_rows, min(8, len(images)), args.x0, scale=2)
 

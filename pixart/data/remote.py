@@ -35,9 +35,9 @@ class RetryPolicy:
 
 
 DEFAULT_POLICY = RetryPolicy()
-# Bytes a remote shard is read ahead by. 4 MiB against 1 MiB: the loader bench's HTTP rate went from 0.76-0.78x to
-# 0.81-0.82x of local files with 0 workers, 0.74-0.76x to 0.85x with 2 (docs/benchmarks.md); 8 and 16 MiB did
-# not do better.
+# Bytes a remote shard (and a shard cache's copy of it) is read ahead by. 4 MiB against 1 MiB, two alternated runs
+# each: the loader bench's HTTP rate went from 0.76-0.78x to 0.81-0.82x of local files with 0 workers, 0.74-0.76x
+# to 0.85x with 2 (docs/benchmarks.md); in single runs 8 and 16 MiB did not do better.
 READ_BUFFER = 4 << 20
 
 
