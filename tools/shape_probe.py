@@ -47,16 +47,16 @@ def changed(spec: dict, key: str, values: tuple) -> dict:
 
 
 @torch.no_grad()
-def x0_estimates(drawer: Drawer, specs: list[dict], clean, noise, starts: list[int]):
-    """Per start t, the model's x0 estimate under the true caption, and the x0 MSE under each caption variant."""
+def x0_estimates(drawer: Drawer, specs: list[dict], true_text: tuple, clean, noise, starts: list[int]):
+    """Per start t, the model's x0 estimate under the true caption (`true_text`: its embeddings and mask), and the
+    x0 MSE under each caption variant."""
     from diffusers import DDIMScheduler
 
-    captions = {"true": [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs],
-                "shape changed": [prompt_for(changed(s, "shape", SHAPES), FINAL_SIDE, FINAL_SIDE, worded_as=s)
+    captions = {"shape changed": [prompt_for(changed(s, "shape", SHAPES), FINAL_SIDE, FINAL_SIDE, worded_as=s)
                                   for s in specs],
                 "color changed": [prompt_for(changed(s, "color", COLORS), FINAL_SIDE, FINAL_SIDE, worded_as=s)
                                   for s in specs]}
-    texts = {k: drawer.encode(v) for k, v in captions.items()}
+    texts = {"true": true_text, **{k: drawer.encode(v) for k, v in captions.items()}}
     null = drawer.null[None].expand(len(specs), -1, -1)
     texts["null caption"] = (null, torch.ones(null.shape[:2]))
     # diffusers' own x0 from a model output, for any prediction type (DDIM's step computes it first)
@@ -68,10 +68,7 @@ def x0_estimates(drawer: Drawer, specs: list[dict], clean, noise, starts: list[i
         noised = ddim.add_noise(clean, noise, torch.tensor([t]))
         row = []
         for name, (embeds, mask) in texts.items():
-            out = drawer.pipe.transformer(noised, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                                          timestep=torch.full((len(noised),), t), return_dict=False,
-                                          added_cond_kwargs={"resolution": None, "aspect_ratio": None})[0]
-            x0 = ddim.step(out[:, :clean.shape[1]], t, noised).pred_original_sample
+            x0 = ddim.step(drawer.predict(noised, torch.tensor(t), embeds, mask), t, noised).pred_original_sample
             row.append(float(((x0 - clean) ** 2).mean()))
             if name == "true":
                 estimates.append(x0)
@@ -131,7 +128,7 @@ def main() -> None:
     if args.grid:
         save_grid(rows, min(8, len(images)), args.grid, scale=2)
     if args.x0:
-        names, table, estimates = x0_estimates(drawer, specs, clean, noise, args.starts)
+        names, table, estimates = x0_estimates(drawer, specs, (embeds, mask), clean, noise, args.starts)
         print(f"\nx0 error (latent MSE) {'t':>5} " + " ".join(f"{n:>13}" for n in names))
         for t, row in table:
             print(f"{'':>21} {t:5d} " + " ".join(f"{v:13.4f}" for v in row))

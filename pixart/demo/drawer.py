@@ -41,11 +41,18 @@ class Drawer:
                          height=side, width=side, use_resolution_binning=False, output_type="latent",
                          generator=generator).images
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The transformer's output at timestep t, without the learned variance when there is one (not sampled)."""
+        no_micro = {"resolution": None, "aspect_ratio": None}
+        out = self.pipe.transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                    timestep=t.expand(len(x)), added_cond_kwargs=no_micro, return_dict=False)[0]
+        return out[:, :x.shape[1]]
+
     @torch.no_grad()
     def denoise_alone(self, embeds: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """`denoise` without the pipeline call's own per-call work: the pipeline's components and its loop (the
         transformer's forwards, classifier-free guidance, the scheduler's steps), for timing the denoiser."""
-        sched, transformer = self.pipe.scheduler, self.pipe.transformer
+        sched = self.pipe.scheduler
         guided = self.cfg > 1
         if guided:
             null = self.null[None].expand(len(embeds), -1, -1).to(embeds.dtype)
@@ -55,12 +62,8 @@ class Drawer:
         else:
             sched.set_timesteps(self.steps)
         latents = noise * sched.init_noise_sigma
-        no_micro = {"resolution": None, "aspect_ratio": None}
         for t in sched.timesteps:
-            x = torch.cat([latents, latents]) if guided else latents
-            out = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                              timestep=t.expand(len(x)), added_cond_kwargs=no_micro, return_dict=False)[0]
-            out = out[:, :latents.shape[1]]  # the learned variance, when there is one, is not sampled
+            out = self.predict(torch.cat([latents, latents]) if guided else latents, t, embeds, mask)
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + self.cfg * (cond - uncond)
