@@ -2,7 +2,8 @@
 
 Stage 2 from the same reparameterized checkpoint, same steps and seed, trained once on the
 relabeling job's dense captions and once on the shapes world's `.txt` alt-text (sparse, noisy,
-web-like); both scored by the judge on the held-out prompts.
+web-like); both scored by the judge on the held-out prompts, and in a world with two-object scenes
+(`TWO_OBJECT_FRACTION` in pixart/demo/pipeline.py) on every held-out pair of objects too.
 
     pixart demo --out demo_out                       # once: data, features, stage 1, reparam
     python tools/exp_captions.py --demo demo_out [--steps 600]

@@ -2,8 +2,9 @@
 
 Each variant is the demo's stage-2 config with a few keys changed, trained to the same number of
 steps from the same seed, then scored on the demo's held-out prompts at stage 2's resolution with the
-repo's sampler at the stage's validation steps and CFG. Runs land in OUT/<variant>/ and are skipped
-when finished (reruns are cheap).
+repo's sampler at the stage's validation steps and CFG. A demo whose world holds two-object scenes
+(`TWO_OBJECT_FRACTION` > 0 in pixart/demo/pipeline.py) is also scored on every held-out pair of objects
+(`pixart.eval.two_objects`). Runs land in OUT/<variant>/ and are skipped when finished (reruns are cheap).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import yaml
 
 def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | None) -> dict:
     from pixart.checkpoint import load_model, load_prediction_type
-    from pixart.demo.pipeline import HOLDOUT, PIXEL_FACTOR
+    from pixart.demo.pipeline import HOLDOUT, PAIR_HOLDOUT, PIXEL_FACTOR
     from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout
     from pixart.eval.judge import Judge
+    from pixart.eval.two_objects import pair_prompt, score_two_objects, two_object_specs
     from pixart.train.config import load_train_config
     from pixart.train.encoders import cache_manifest, load_autoencoder, load_text_encoder
     from pixart.train.trainer import Trainer, is_done
@@ -38,11 +40,26 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     images = sample_prompts(model, prompts, load_text_encoder(cfg, manifest), load_autoencoder(cfg, manifest),
                             (model.config.input_size,) * 2, prediction_type=load_prediction_type(ckpt),
                             steps=cfg.validation.steps, cfg=cfg.validation.cfg, sampler=cfg.validation.sampler)
-    scores = score_heldout(Judge.load_or_train(), images, specs)
+    judge = Judge.load_or_train()
+    scores = score_heldout(judge, images, specs)
+    two = None
+    if two_object_world(demo):
+        pairs = two_object_specs(PAIR_HOLDOUT, HOLDOUT)
+        images = sample_prompts(model, [pair_prompt(p, side, side) for p in pairs], load_text_encoder(cfg, manifest),
+                                load_autoencoder(cfg, manifest), (model.config.input_size,) * 2,
+                                prediction_type=load_prediction_type(ckpt), steps=cfg.validation.steps,
+                                cfg=cfg.validation.cfg, sampler=cfg.validation.sampler)
+        two = score_two_objects(judge, images, pairs)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
     return {"variant": name, "steps": cfg.train.max_steps, "final_loss": sum(tail) / len(tail),
-            "heldout": scores, "history": rows, "set": sets}
+            "heldout": scores, "two_objects": two, "history": rows, "set": sets}
+
+
+def two_object_world(demo: Path) -> bool:
+    """Whether the demo's stage-2 world was written with two-object scenes."""
+    world = json.loads((demo / "data" / "shapes32" / "shapes.json").read_text())
+    return world["config"].get("two_object_fraction", 0.0) > 0
 
 
 def report(results: list[dict], out: Path, title: str) -> None:
@@ -53,10 +70,13 @@ def report(results: list[dict], out: Path, title: str) -> None:
     atomic_write(out / f"{title}.json", json.dumps([{k: v for k, v in r.items() if k != "history"} for r in results],
                                                    indent=2))
     print(f"\n{title} ({results[0]['steps']} stage-2 steps each, held-out prompts at stage-2 resolution)")
-    print(f"{'variant':28s} {'final loss':>10s} {'color':>7s} {'position':>9s} {'shape':>7s}")
+    two = results[0]["two_objects"] is not None
+    print(f"{'variant':28s} {'final loss':>10s} {'color':>7s} {'position':>9s} {'shape':>7s}" +
+          (f" {'two: both right':>15s} {'swapped':>8s} {'missing':>8s}" if two else ""))
     for r in results:
-        h = r["heldout"]
-        print(f"{r['variant']:28s} {r['final_loss']:10.4f} {h['color']:7.1%} {h['position']:9.1%} {h['shape']:7.1%}")
+        h, t = r["heldout"], r["two_objects"]
+        print(f"{r['variant']:28s} {r['final_loss']:10.4f} {h['color']:7.1%} {h['position']:9.1%} {h['shape']:7.1%}" +
+              (f" {t['both_right']:15.1%} {t['swapped']:8.1%} {t['missing']:8.1%}" if two else ""))
     print(f"wrote {out / (title + '.json')} and {out / (title + '.png')}")
 
 
