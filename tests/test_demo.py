@@ -167,26 +167,33 @@ def test_the_shape_probe_names_a_folder_without_an_export(tmp_path):
 
 
 def test_the_caption_experiment_scores_held_out_pairs_in_a_two_object_world(demo, tmp_path):
-    """tools/exp_captions.py on a world written with two-object scenes also scores every held-out pair. The smoke
-    demo's world has one object per scene, so a copy of its record says otherwise; the scores' values are the
-    judge's (tested in test_eval_two_objects), here only their presence and count."""
+    """tools/exp_captions.py on a world written with two-object scenes also scores every pair that world held out.
+    The smoke demo's world has one object per scene, so a copy of its record says otherwise (and holds out other
+    pairs than the demo's constant); the scores' values are the judge's (tested in test_eval_two_objects), here
+    only their presence and count."""
     import shutil
     import subprocess
     import sys
     from pathlib import Path
 
-    from pixart.demo.pipeline import PAIR_HOLDOUT
     from pixart.eval.two_objects import held_out_pairs
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        from stage2_runs import held_out_pair_world
+    finally:
+        sys.path.remove(str(tools))
+    assert held_out_pair_world(demo) is None and held_out_pair_world(tmp_path) is None  # one object; no record
 
     (tmp_path / "configs").mkdir()
     shutil.copy(demo / "configs" / "stage2.yaml", tmp_path / "configs")  # its paths still name the demo's features
     world = json.loads((demo / "data" / "shapes32" / "shapes.json").read_text())
-    world["config"]["two_object_fraction"] = 0.3
+    world["config"] |= {"two_object_fraction": 0.3, "pair_holdout": 5}
     (tmp_path / "data" / "shapes32").mkdir(parents=True)
     (tmp_path / "data" / "shapes32" / "shapes.json").write_text(json.dumps(world))
-    tool = Path(__file__).resolve().parents[1] / "tools" / "exp_captions.py"
-    run = subprocess.run([sys.executable, str(tool), "--demo", str(tmp_path), "--steps", "2"], capture_output=True,
-                         text=True)
+    run = subprocess.run([sys.executable, str(tools / "exp_captions.py"), "--demo", str(tmp_path), "--steps", "2"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     header, dense, sparse = [line for line in run.stdout.splitlines() if "%" in line or line.startswith("variant")]
     assert header.split()[-5:] == ["two:", "both", "right", "swapped", "missing"]
@@ -194,7 +201,7 @@ def test_the_caption_experiment_scores_held_out_pairs_in_a_two_object_world(demo
     assert all(len(re.findall(r"\d+\.\d%", row)) == 6 for row in (dense, sparse))
     for result in json.loads((tmp_path / "experiments" / "captions.json").read_text()):
         two = result["two_objects"]
-        assert two["prompts"] == len(held_out_pairs(PAIR_HOLDOUT))
+        assert two["prompts"] == len(held_out_pairs(5)) != len(held_out_pairs(8))
         assert all(0 <= two[k] <= 1 for k in ("both_right", "swapped", "missing"))
 
 
@@ -211,3 +218,24 @@ def test_the_t5_pretraining_corpus_describes_each_scene_twice():
         words = re.findall(r"[a-z]+", doc.lower())
         assert all(words.count(c) % 2 == 0 for c in COLORS), doc
         assert any(words.count(c) >= 2 for c in COLORS), doc
+        short = doc[len(caption) + 1:]
+        assert len(short) < len(caption), doc  # the short caption, not the dense one again
+
+
+def test_the_demos_t5_is_pretrained_again_after_a_run_without_pretraining(tmp_path, monkeypatch):
+    """The folder keeps its T5 only when its record says it was pretrained as asked: switching pretraining off and
+    on again must not find the first run's record beside a random T5 (which has no sentinels to pretrain with)."""
+    from transformers import AutoTokenizer
+
+    import pixart.demo.pipeline as pipeline
+    from pixart.encoders.pretrain import sentinel_ids
+
+    folder = tmp_path / "t5"
+    for steps in (10, 0, 10):
+        monkeypatch.setattr(pipeline, "T5_PRETRAIN_STEPS", steps)
+        pipeline.tiny_text_encoder(folder, seed=0, scale=1.0)
+        record = folder / "pretrain.json"
+        assert record.is_file() == bool(steps)
+        assert bool(sentinel_ids(AutoTokenizer.from_pretrained(folder))) == bool(steps)
+        if steps:
+            assert json.loads(record.read_text())["steps"] == steps

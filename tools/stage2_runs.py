@@ -3,7 +3,7 @@
 Each variant is the demo's stage-2 config with a few keys changed, trained to the same number of
 steps from the same seed, then scored on the demo's held-out prompts at stage 2's resolution with the
 repo's sampler at the stage's validation steps and CFG. A demo whose world holds two-object scenes
-(`TWO_OBJECT_FRACTION` > 0 in pixart/demo/pipeline.py) is also scored on every held-out pair of objects
+(`TWO_OBJECT_FRACTION` > 0 in pixart/demo/pipeline.py) is also scored on every pair of objects it held out
 (`pixart.eval.two_objects`). Runs land in OUT/<variant>/ and are skipped when finished (reruns are cheap).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 
 def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | None) -> dict:
     from pixart.checkpoint import load_model, load_prediction_type
-    from pixart.demo.pipeline import HOLDOUT, PAIR_HOLDOUT, PIXEL_FACTOR
+    from pixart.demo.pipeline import HOLDOUT, PIXEL_FACTOR
     from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout
     from pixart.eval.judge import Judge
     from pixart.eval.two_objects import pair_prompt, score_two_objects, two_object_specs
@@ -34,32 +34,35 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     ckpt = is_done(run_dir, cfg.train.max_steps) or Trainer(cfg, run_dir).run()
     model = load_model(ckpt, ema=True)
     side = model.config.input_size * PIXEL_FACTOR
-    specs = heldout_specs(HOLDOUT)
-    prompts = [prompt_for(s, side, side) for s in specs]
     manifest = cache_manifest(cfg)
-    images = sample_prompts(model, prompts, load_text_encoder(cfg, manifest), load_autoencoder(cfg, manifest),
-                            (model.config.input_size,) * 2, prediction_type=load_prediction_type(ckpt),
-                            steps=cfg.validation.steps, cfg=cfg.validation.cfg, sampler=cfg.validation.sampler)
+    text_encoder, autoencoder = load_text_encoder(cfg, manifest), load_autoencoder(cfg, manifest)
+
+    def draw(prompts: list[str]) -> list:
+        return sample_prompts(model, prompts, text_encoder, autoencoder, (model.config.input_size,) * 2,
+                              prediction_type=load_prediction_type(ckpt), steps=cfg.validation.steps,
+                              cfg=cfg.validation.cfg, sampler=cfg.validation.sampler)
+
     judge = Judge.load_or_train()
-    scores = score_heldout(judge, images, specs)
-    two = None
-    if two_object_world(demo):
-        pairs = two_object_specs(PAIR_HOLDOUT, HOLDOUT)
-        images = sample_prompts(model, [pair_prompt(p, side, side) for p in pairs], load_text_encoder(cfg, manifest),
-                                load_autoencoder(cfg, manifest), (model.config.input_size,) * 2,
-                                prediction_type=load_prediction_type(ckpt), steps=cfg.validation.steps,
-                                cfg=cfg.validation.cfg, sampler=cfg.validation.sampler)
-        two = score_two_objects(judge, images, pairs)
+    specs = heldout_specs(HOLDOUT)
+    scores = score_heldout(judge, draw([prompt_for(s, side, side) for s in specs]), specs)
+    two, world = None, held_out_pair_world(demo)
+    if world:
+        pairs = two_object_specs(world["pair_holdout"], world.get("holdout", 0))
+        two = score_two_objects(judge, draw([pair_prompt(p, side, side) for p in pairs]), pairs)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
     return {"variant": name, "steps": cfg.train.max_steps, "final_loss": sum(tail) / len(tail),
             "heldout": scores, "two_objects": two, "history": rows, "set": sets}
 
 
-def two_object_world(demo: Path) -> bool:
-    """Whether the demo's stage-2 world was written with two-object scenes."""
-    world = json.loads((demo / "data" / "shapes32" / "shapes.json").read_text())
-    return world["config"].get("two_object_fraction", 0.0) > 0
+def held_out_pair_world(demo: Path) -> dict | None:
+    """The stage-2 world's settings (`holdout`, `pair_holdout`) when it was written with two-object scenes and
+    held-out pairs to prompt; None for a one-object world (or a folder too old to record its world)."""
+    record = demo / "data" / "shapes32" / "shapes.json"
+    world = json.loads(record.read_text())["config"] if record.is_file() else {}
+    if world.get("two_object_fraction", 0.0) > 0 and world.get("pair_holdout", 0) > 0:
+        return world
+    return None
 
 
 def report(results: list[dict], out: Path, title: str) -> None:

@@ -149,7 +149,7 @@ def pixel_autoencoder():
 
 def tiny_text_encoder(folder: Path, seed: int, scale: float) -> Path:
     """The demo's T5: a tiny T5 whose tokenizer keeps the captions' words whole; with T5_PRETRAIN_STEPS, also
-    pretrained with T5's span corruption on dense and short captions (kept when a previous run did the same)."""
+    pretrained with T5's span corruption on documents of captions (kept when a previous run did the same)."""
     import json
 
     from pixart.encoders.pretrain import pretrain_t5
@@ -161,6 +161,7 @@ def tiny_text_encoder(folder: Path, seed: int, scale: float) -> Path:
     if record.is_file() and {k: json.loads(record.read_text()).get(k) for k in ("steps", "captions")} == {
             "steps": steps, "captions": len(corpus)}:
         return folder
+    record.unlink(missing_ok=True)  # make_tiny_t5 writes into the folder: a stale record would vouch for it
     # Sentinels only for pretraining: the random T5 stays the one the demo's numbers were measured with (its
     # random features decide a lot at this scale: the concept's fidelity ranged 0.46-0.92 over T5 draws).
     make_tiny_t5(folder, d_model=T5_WIDTH, seed=seed, corpus=caption_corpus(seed), vocab_size=256,
@@ -176,8 +177,9 @@ def caption_corpus(seed: int, n: int = 300, documents: bool = False) -> list[str
     from, so color, shape and position words are whole tokens as in T5's vocabulary. With `documents`, each item
     is one scene's dense caption and its short one: what the tiny T5 is pretrained on. In this world a scene's
     colors, shapes and places are independent draws, so in a caption alone span corruption can predict only the
-    grammar, and it learned to drop those words (docs/experiments.md); a second description of the same scene
-    makes a masked word readable from the other, as real text's repetitions do."""
+    grammar, and it learned to drop those words (docs/experiments.md). A second description of the same scene
+    lets a masked word be read from the other wherever a chunk holds both, as real text's repetitions do (a
+    document is about 60 tokens, a chunk 70, cut at random offsets)."""
     import random
 
     import numpy as np
