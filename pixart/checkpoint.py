@@ -23,6 +23,7 @@ CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.saf
 DIFFUSION_FILE = "diffusion.json"  # {"prediction_type"}: what the sampler must assume (trained checkpoints)
 ENCODERS_FILE = "encoders.json"  # the text encoder and VAE it was trained with (trained checkpoints)
 STUDENT_FILE = "student.json"  # {"start_timestep", "teacher"}: a one-step distilled student (pixart distill)
+LATEST_POINTER = "latest"  # RUN/checkpoints/latest: a text file naming the newest step folder
 StateDict = dict[str, torch.Tensor]
 
 
@@ -100,15 +101,33 @@ def save_checkpoint(out_dir, config: ModelConfig, model_state: StateDict, ema_st
     return Path(out_dir)
 
 
+def read_json(path: str | os.PathLike):
+    """A JSON file's contents, or a one-line error naming it: what a hand edit or a full disk leaves in a
+    checkpoint's or a run's records must not surface as a traceback."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PixArtError(f"{path}: not readable JSON ({e})") from None
+
+
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """`path`, or the step folder it names when it is a run's `checkpoints/latest` (a text file holding the
+    newest step's name), so the pointer works wherever a checkpoint folder does."""
+    path = Path(path)
+    if path.name != LATEST_POINTER or not path.is_file():
+        return path
+    target = path.parent / path.read_text().strip()
+    if not (target / CONFIG_FILE).is_file():
+        raise PixArtError(f"{path}: names {target.name!r}, which is not a checkpoint folder")
+    return target
+
+
 def load_config(ckpt_dir) -> ModelConfig:
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         raise PixArtError(f"{ckpt_dir}: not a checkpoint folder (no {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PixArtError(f"{path}: invalid JSON ({e})") from None
-    return ModelConfig.from_dict(data, source=str(path))
+    return ModelConfig.from_dict(read_json(path), source=str(path))
 
 
 def load_prediction_type(ckpt_dir) -> str:
@@ -125,12 +144,13 @@ def load_prediction_type(ckpt_dir) -> str:
 def load_student(folder) -> dict | None:
     """A folder's student.json ({"start_timestep", ...}: a one-step distilled student's checkpoint or export)."""
     path = Path(folder) / STUDENT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PixArtError(f"{path}: invalid JSON ({e})") from None
+    return read_json(path) if path.is_file() else None
+
+
+def load_encoders(ckpt_dir) -> dict:
+    """A trained checkpoint's encoders.json ({"text_encoder", "image_encoder", ...}); {} when it has none."""
+    path = Path(ckpt_dir) / ENCODERS_FILE
+    return read_json(path) if path.is_file() else {}
 
 
 def load_model(ckpt_dir, ema: bool = False) -> nn.Module:

@@ -3,7 +3,15 @@ import argparse
 import pytest
 import torch
 
-from pixart.checkpoint import load_config, load_model, read_state_dict, save_checkpoint, unwrap_state_dict
+from pixart.checkpoint import (
+    checkpoint_folder,
+    load_config,
+    load_encoders,
+    load_model,
+    read_state_dict,
+    save_checkpoint,
+    unwrap_state_dict,
+)
 from pixart.errors import PixArtError
 from pixart.models import build_model
 
@@ -86,6 +94,28 @@ def test_missing_or_bad_config(tmp_path):
     (tmp_path / "config.json").write_text('{"arch": "pixart", "depht": 2}')
     with pytest.raises(PixArtError, match="unknown key 'depht'"):
         load_config(tmp_path)
+
+
+def test_a_runs_latest_pointer_resolves_to_the_step_it_names(tmp_path):
+    model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
+    save_checkpoint(tmp_path / "checkpoints" / "step-000004", model.config, model.state_dict())
+    latest = tmp_path / "checkpoints" / "latest"
+    latest.write_text("step-000004")  # what the trainer writes
+    assert checkpoint_folder(latest) == tmp_path / "checkpoints" / "step-000004"
+    assert load_config(checkpoint_folder(latest)) == model.config
+    assert checkpoint_folder(tmp_path / "checkpoints" / "step-000004") == tmp_path / "checkpoints" / "step-000004"
+    latest.write_text("step-000009")
+    with pytest.raises(PixArtError, match="latest: names 'step-000009', which is not a checkpoint folder"):
+        checkpoint_folder(latest)
+
+
+def test_corrupt_records_are_one_line_errors_naming_the_file(tmp_path):
+    model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
+    save_checkpoint(tmp_path / "ck", model.config, model.state_dict(), extra={"encoders.json": "garbage"})
+    with pytest.raises(PixArtError, match=r"encoders\.json: not readable JSON") as e:
+        load_encoders(tmp_path / "ck")
+    assert "\n" not in str(e.value)
+    assert load_encoders(tmp_path) == {}  # no record: the caller asks for the encoders
 
 
 def test_existing_outputs_are_replaced_only_when_asked(tmp_path):

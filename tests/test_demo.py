@@ -1,6 +1,7 @@
 """`pixart demo` end to end at smoke scale: every stage runs and every promised output is there."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -57,6 +58,17 @@ def test_demo_export_loads_in_diffusers_with_the_training_objective(demo):
     pipe = PixArtAlphaPipeline.from_pretrained(demo / "export", vae=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.transformer.config.sample_size == 8
+
+
+def test_the_students_export_samples_as_the_demo_page_shows(demo):
+    """docs/demo.md's snippet, run on this demo: diffusers' own call at one step (a user's crashed on the
+    resolution bins before the page said to pass the size)."""
+    page = (Path(__file__).parents[1] / "docs" / "demo.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "export-dmd" in b)
+    scope = {}
+    exec(snippet.replace('"demo_out/', f'"{demo}/'), scope)  # noqa: S102 (our own docs)
+    assert scope["latents"].shape == (1, 48, 8, 8)
+    assert scope["images"].shape == (1, 3, 64, 64) and scope["images"].abs().max() <= 1.5
 
 
 def test_demo_rerun_skips_finished_work(demo, capsys):

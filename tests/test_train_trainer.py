@@ -1,6 +1,7 @@
 """The training stage end to end on a real (tiny) feature cache: resume, kills, NaN, damaged shards."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,25 @@ def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(str
     assert Image.open(out).size == (2 * 32 * 2, 2 * 32 * 2)
     assert main(["sample", str(ckpt), "--out", str(out)]) == 2
     assert "give at least one --prompt" in capsys.readouterr().err
+    # the run's `latest` pointer works wherever a checkpoint folder does (README, docs/export.md)
+    latest = straight / "checkpoints" / "latest"
+    assert main(["sample", str(latest), "--prompt", "a red circle", "--steps", "2", "--out", str(out)]) == 0
+    assert "EMA weights" in capsys.readouterr().out
+    # the wrong kind of conditioning, and a latent size that cannot be, are refused, not drawn
+    for args, message in ((["--label", "3"], "--label: .* is a text-to-image PixArt model; give --prompt"),
+                          (["--prompt", "x", "--size", "0", "-3"], r"validation\.size")):
+        assert main(["sample", str(ckpt), "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
+
+
+def test_a_corrupt_done_record_is_a_one_line_error(tmp_path):
+    from pixart.errors import PixArtError
+    from pixart.train.trainer import is_done
+
+    (tmp_path / "DONE.json").write_text('{"checkpoint": ')  # what a hand edit or a full disk leaves
+    with pytest.raises(PixArtError, match=r"DONE\.json: not readable JSON"):
+        is_done(tmp_path, 6)
 
 
 def test_raw_shards_are_encoded_by_frozen_encoders_in_the_training_process(cache, tmp_path):

@@ -36,25 +36,36 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    import json
     from pathlib import Path
 
     import torch
 
-    from pixart.checkpoint import EMA_FILE, ENCODERS_FILE, load_model, load_prediction_type, load_student
+    from pixart.checkpoint import (
+        EMA_FILE,
+        ENCODERS_FILE,
+        checkpoint_folder,
+        load_encoders,
+        load_model,
+        load_prediction_type,
+        load_student,
+    )
     from pixart.errors import PixArtError
     from pixart.train.config import parse_config
     from pixart.train.encoders import load_autoencoder, load_text_encoder
     from pixart.train.validation import Validator
 
-    ckpt = Path(args.ckpt)
+    ckpt = checkpoint_folder(args.ckpt)
     if not args.prompt and not args.label:
         raise PixArtError("give at least one --prompt (or --label for a class-conditional DiT)")
     if args.steps < 1 or args.columns < 1:
         raise PixArtError("--steps and --columns must be positive")
     ema = args.ema if args.ema is not None else (ckpt / EMA_FILE).is_file()
     model = load_model(ckpt, ema=ema)
-    enc = json.loads((ckpt / ENCODERS_FILE).read_text()) if (ckpt / ENCODERS_FILE).is_file() else {}
+    if model.config.arch == "pixart" and args.label:
+        raise PixArtError(f"--label: {ckpt} is a text-to-image PixArt model; give --prompt")
+    if model.config.arch != "pixart" and args.prompt:
+        raise PixArtError(f"--prompt: {ckpt} is a class-conditional DiT; give --label")
+    enc = load_encoders(ckpt)
     text, vae = args.text_encoder or enc.get("text_encoder"), args.vae or enc.get("image_encoder")
     if vae is None or (model.config.arch == "pixart" and text is None):
         raise PixArtError(f"{ckpt}: no {ENCODERS_FILE} names the encoders; pass --text-encoder and --vae")

@@ -1,4 +1,4 @@
-"""The whole mission at toy scale on a CPU, in about a quarter of an hour.
+"""The whole mission at toy scale on a CPU, in minutes (docs/demo.md has the times on our machines).
 
  1. makes the shapes world (one object per image; 1 in 8 shape-color-position triples held out);
  2. relabels it with dense captions and short, user-style ones (the relabeling job, `metadata` and

@@ -1,6 +1,6 @@
 """The distillation config: one typed record per DMD run, read from YAML like a stage config.
 
-    teacher: {init: runs/stage3/checkpoints/step-000100}
+    teacher: {init: runs/stage3/checkpoints/latest}
     data: {shards: features/ms64, batch_size: 32, caption: metadata}
     dm: {cfg: 3.0}                          # the losses: each section is one switch (a weight of 0 is off)
     fake: {updates_per_generator: 5}

@@ -29,6 +29,7 @@ from pixart.checkpoint import (
     ENCODERS_FILE,
     MODEL_FILE,
     STUDENT_FILE,
+    checkpoint_folder,
     load_config,
     load_into,
     load_prediction_type,
@@ -61,7 +62,7 @@ GENERATOR, FAKE = "generator", "fake"  # the engines' tags in a checkpoint's dee
 def load_teacher(cfg: DistillConfig) -> tuple:
     """(model config, prediction type, teacher weights), checked against the config."""
     t = cfg.teacher
-    folder = Path(t.init)
+    folder = checkpoint_folder(t.init)
     if not (folder / CONFIG_FILE).is_file():
         raise PixArtError(f"teacher.init: {folder} is not a checkpoint folder (no {CONFIG_FILE})")
     mc = load_config(folder)
@@ -368,7 +369,9 @@ class DistillTrainer:
         row = {k: v / self.world for k, v in zip(names, mean.tolist(), strict=True)}
         for tag, engine in self.engines.items():
             row[f"lr_{tag}"] = engine.get_lr()[0]
-            row[f"grad_norm_{tag}"] = float(engine.get_global_grad_norm() or 0.0)
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                row[f"grad_norm_{tag}"] = float(norm)
         row["samples_per_s"] = sums["samples"] / max(seconds, 1e-9)
         return row
 

@@ -146,9 +146,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
                       ema: bool | None = None, overwrite: bool = False) -> tuple[Path, bool, str]:
     """`export` of a checkpoint folder: its EMA weights when it has them (unless `ema` says), and the
     prediction type it was trained with in the scheduler. Returns (out, ema used, prediction type)."""
-    from pixart.checkpoint import EMA_FILE, load_model, load_prediction_type, load_student
+    from pixart.checkpoint import EMA_FILE, checkpoint_folder, load_model, load_prediction_type, load_student
 
-    ema = (Path(ckpt) / EMA_FILE).is_file() if ema is None else ema
+    ckpt = checkpoint_folder(ckpt)
+    ema = (ckpt / EMA_FILE).is_file() if ema is None else ema
     prediction = load_prediction_type(ckpt)
     model = load_model(ckpt, ema=ema).eval()
     export(model, out, parts, overwrite=overwrite, sources=(ckpt,), prediction_type=prediction,

@@ -8,9 +8,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from pixart.checkpoint import load_into, load_model, read_state_dict, save_checkpoint, unwrap_state_dict
+from pixart.checkpoint import (
+    checkpoint_folder,
+    load_into,
+    load_model,
+    read_state_dict,
+    save_checkpoint,
+    unwrap_state_dict,
+)
 from pixart.errors import PixArtError
 from pixart.models import DiT, PixArt
 from pixart.models.reparam import dit_to_pixart, infer_dit_config
@@ -26,9 +32,11 @@ class ReparamConfig:
 
 
 def load_dit(src: str | os.PathLike, num_heads: int | None = None, num_classes: int | None = None) -> DiT:
-    """A DiT from a .pt/.pth/.safetensors file (raw, or DiT's {'model', 'ema'}: EMA used) or a stage-1 folder."""
-    if Path(src).is_dir():
-        dit = load_model(src, ema=(Path(src) / "ema.safetensors").is_file())
+    """A DiT from a .pt/.pth/.safetensors file (raw, or DiT's {'model', 'ema'}: EMA used) or a stage-1 folder
+    (or its run's `checkpoints/latest`)."""
+    src = checkpoint_folder(src)
+    if src.is_dir():
+        dit = load_model(src, ema=(src / "ema.safetensors").is_file())
         if not isinstance(dit, DiT):
             raise PixArtError(f"{src}: holds a {dit.config.arch} model, not a class-conditional DiT")
         return dit

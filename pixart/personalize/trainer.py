@@ -86,7 +86,14 @@ def _positions(ids: Tensor, token_id: int, what: str) -> Tensor:
 
 class ConceptTrainer:
     def __init__(self, cfg: PersonalizeConfig):
-        from pixart.checkpoint import EMA_FILE, ENCODERS_FILE, load_model, load_prediction_type
+        from pixart.checkpoint import (
+            EMA_FILE,
+            ENCODERS_FILE,
+            checkpoint_folder,
+            load_encoders,
+            load_model,
+            load_prediction_type,
+        )
         from pixart.encoders.text import TextEncoder, TextEncoderConfig
         from pixart.train.config import parse_config
         from pixart.train.encoders import load_autoencoder
@@ -95,7 +102,7 @@ class ConceptTrainer:
         from .data import caption_for, read_concept_images
         from .tokens import add_concept_token, as_super, super_token
 
-        self.cfg, ckpt = cfg, Path(cfg.ckpt)
+        self.cfg, ckpt = cfg, checkpoint_folder(cfg.ckpt)
         dev = self.device = torch.device(cfg.device)
         self.items = read_concept_images(cfg.data)
         ema = cfg.ema if cfg.ema is not None else (ckpt / EMA_FILE).is_file()
@@ -103,7 +110,7 @@ class ConceptTrainer:
         if self.model.config.arch != "pixart":
             raise PixArtError(f"{ckpt}: a {self.model.config.arch} checkpoint has no text cross-attention to edit")
         self.prediction = load_prediction_type(ckpt)
-        enc = json.loads((ckpt / ENCODERS_FILE).read_text()) if (ckpt / ENCODERS_FILE).is_file() else {}
+        enc = load_encoders(ckpt)
         if not enc.get("text_encoder") or not enc.get("image_encoder"):
             raise PixArtError(f"{ckpt}: no {ENCODERS_FILE} names the text encoder and the VAE it was trained with")
         self.text = TextEncoder(TextEncoderConfig(enc["text_encoder"], max_length=enc.get("max_length") or 120,

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from pixart.atomic import atomic_write
-from pixart.checkpoint import EMA_FILE, MODEL_FILE, read_state_dict
+from pixart.checkpoint import EMA_FILE, LATEST_POINTER, MODEL_FILE, read_json, read_state_dict
 from pixart.errors import PixArtError
 
-LATEST, TRAINER_FILE, DS_DIR, DS_TAG = "latest", "trainer.json", "deepspeed", "state"
+TRAINER_FILE, DS_DIR, DS_TAG = "trainer.json", "deepspeed", "state"
 log = logging.getLogger("pixart.train")
 
 
@@ -49,7 +49,7 @@ def step_name(step: int) -> str:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint `latest` names, or None before the first save."""
     root = Path(run_dir) / "checkpoints"
-    pointer = root / LATEST
+    pointer = root / LATEST_POINTER
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
@@ -110,7 +110,7 @@ def save(run_dir: Path, step: int, engines: dict, files: dict[str, str], model_s
         if final.exists():  # a save of this step already landed (re-run after a crash): keep one
             shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write(root / LATEST, name)
+        atomic_write(root / LATEST_POINTER, name)
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -134,10 +134,10 @@ def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | N
     loader_file = ckpt / f"loader-rank{_rank()}.json"
     if not loader_file.is_file():
         raise PixArtError(f"{loader_file}: missing; was the run saved with another world size?")
-    loader_state = json.loads(loader_file.read_text())
+    loader_state = read_json(loader_file)
     if loader_state and hasattr(batches, "load_state_dict"):
         batches.load_state_dict(loader_state)
-    trainer = json.loads((ckpt / TRAINER_FILE).read_text())
+    trainer = read_json(ckpt / TRAINER_FILE)
     if _rank() == 0:
         log.info("resumed from %s at step %d", ckpt, trainer["step"])
     return trainer

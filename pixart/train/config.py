@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from pixart.errors import PixArtError
 
@@ -116,7 +116,7 @@ class ValidationSection(Section):
     steps: int = Field(20, ge=1)
     cfg: float = 4.5
     sampler: Literal["dpm-solver++", "ddim", "ddpm"] = "dpm-solver++"
-    size: tuple[int, int] | None = None  # latent (h, w); None: the model's input_size square
+    size: tuple[PositiveInt, PositiveInt] | None = None  # latent (h, w); None: the model's input_size square
     ema: bool = True
     # A one-step (distilled) student: pure noise labelled with this timestep, one forward, its x0 (steps, cfg and
     # sampler unused). None: the sampler above.

@@ -109,4 +109,18 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size))
     if world_size == 1 and cfg.deepspeed.zero_stage == 0:
         engine.enable_backward_allreduce = False  # one rank: its "all-reduce" would only copy every gradient twice
+    if not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()):
+        _keep_clip_norm(engine)
     return engine, optimizer, scheduler
+
+
+def _keep_clip_norm(engine) -> None:
+    """DeepSpeed's plain fp32 path (ZeRO 0, no mixed precision) clips the gradients but drops the norm it
+    computed, so `get_global_grad_norm()` stayed None there (the logs said 0.0): keep it, as its ZeRO and
+    mixed-precision paths do. Without clipping (`optim.grad_clip: 0`) no norm is computed, and none is logged."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    engine.clip_fp32_gradients = clip_and_keep_norm

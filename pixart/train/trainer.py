@@ -30,8 +30,10 @@ from pixart.checkpoint import (
     EMA_FILE,
     ENCODERS_FILE,
     MODEL_FILE,
+    checkpoint_folder,
     load_config,
     load_into,
+    read_json,
     read_state_dict,
 )
 from pixart.data.loader import Loader, LoaderConfig
@@ -63,11 +65,12 @@ def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, dict | None]:
     m = cfg.model
     if m.init is None:
         return model_config(m.name, **m.arch), None
-    base = load_config(m.init).to_dict()
+    init = checkpoint_folder(m.init)
+    base = load_config(init).to_dict()
     unknown = sorted(set(m.arch) - set(base))
     if unknown:
         raise PixArtError(f"model.arch: unknown key {unknown[0]!r}")
-    path = Path(m.init) / (EMA_FILE if m.init_ema else MODEL_FILE)
+    path = init / (EMA_FILE if m.init_ema else MODEL_FILE)
     return ModelConfig.from_dict({**base, **m.arch}, source="model.arch"), read_state_dict(path)
 
 
@@ -291,8 +294,10 @@ class Trainer:
         dist.all_reduce(mean)
         rate = w.samples / max(time.time() - w.start, 1e-9)
         scalars = {"loss": mean.item() / self.world, "lr": self.scheduler.get_last_lr()[0],
-                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": rate, "tokens_per_s": rate * w.tokens}
+        norm = self.engine.get_global_grad_norm()  # the last step's, before clipping; None without clipping
+        if norm is not None:
+            scalars["grad_norm"] = float(norm)
         peak = peak_flops(self.cfg.train.peak_tflops)
         if peak:
             flops = train_flops_per_sample(self.block_params, self.model_config, w.tokens, w.text_tokens)
@@ -394,5 +399,5 @@ def is_done(run_dir: str | os.PathLike, max_steps: int) -> Path | None:
     path = Path(run_dir) / DONE_FILE
     if not path.is_file():
         return None
-    done = json.loads(path.read_text())
+    done = read_json(path)
     return Path(done["checkpoint"]) if done.get("steps", 0) >= max_steps else None
