@@ -58,8 +58,10 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
 def held_out_pair_world(demo: Path) -> dict | None:
     """The stage-2 world's settings (`holdout`, `pair_holdout`) when it was written with two-object scenes and
     held-out pairs to prompt; None for a one-object world (or a folder too old to record its world)."""
+    from pixart.checkpoint import read_json
+
     record = demo / "data" / "shapes32" / "shapes.json"
-    world = json.loads(record.read_text())["config"] if record.is_file() else {}
+    world = read_json(record)["config"] if record.is_file() else {}
     if world.get("two_object_fraction", 0.0) > 0 and world.get("pair_holdout", 0) > 0:
         return world
     return None

@@ -150,16 +150,15 @@ def pixel_autoencoder():
 def tiny_text_encoder(folder: Path, seed: int, scale: float) -> Path:
     """The demo's T5: a tiny T5 whose tokenizer keeps the captions' words whole; with T5_PRETRAIN_STEPS, also
     pretrained with T5's span corruption on documents of captions (kept when a previous run did the same)."""
-    import json
-
+    from pixart.checkpoint import read_json
     from pixart.encoders.pretrain import pretrain_t5
     from pixart.encoders.tiny import TINY_T5_SENTINELS, make_tiny_t5
 
     steps = max(10, int(T5_PRETRAIN_STEPS * scale)) if T5_PRETRAIN_STEPS else 0
     corpus = caption_corpus(seed, n=1500, documents=True) if steps else []
     record = folder / "pretrain.json"
-    if record.is_file() and {k: json.loads(record.read_text()).get(k) for k in ("steps", "captions")} == {
-            "steps": steps, "captions": len(corpus)}:
+    done = read_json(record) if record.is_file() else {}
+    if (done.get("steps"), done.get("captions")) == (steps, len(corpus)):
         return folder
     record.unlink(missing_ok=True)  # make_tiny_t5 writes into the folder: a stale record would vouch for it
     # Sentinels only for pretraining: the random T5 stays the one the demo's numbers were measured with (its
