@@ -1,6 +1,7 @@
 """`pixart demo` end to end at smoke scale: every stage runs and every promised output is there."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,11 +72,22 @@ def test_the_students_export_samples_as_the_demo_page_shows(demo):
     assert scope["images"].shape == (1, 3, 64, 64) and scope["images"].abs().max() <= 1.5
 
 
-def test_demo_rerun_skips_finished_work(demo, capsys):
-    kept = [*(demo / "runs").rglob("model.safetensors"), demo / "concepts" / "zorb.safetensors"]
+def test_demo_rerun_skips_finished_work_also_in_a_copied_folder(demo, tmp_path):
+    copy = tmp_path / "copied"
+    shutil.copytree(demo, copy)  # keeps mtimes; every record inside still names the original's paths
+    kept = [*(copy / "runs").rglob("model.safetensors"), copy / "concepts" / "zorb.safetensors"]
     before = {p: p.stat().st_mtime_ns for p in kept}
-    assert main(["demo", "--out", str(demo), "--scale", "0.01"]) == 0
+    assert main(["demo", "--out", str(copy), "--scale", "0.01"]) == 0
     assert {p: p.stat().st_mtime_ns for p in kept} == before
+    outputs = json.loads((copy / "runs" / "launch.json").read_text())["outputs"]
+    assert all(Path(o).is_relative_to(copy) for o in outputs.values()), outputs  # chained from the copy's own
+
+
+def test_a_contended_cpu_is_named_beside_the_latencies():
+    from pixart.demo.dmd import contention_warning
+
+    assert contention_warning(360.0, 300.0) is None
+    assert "the latencies are inflated" in contention_warning(360.0, 120.0)
 
 
 def test_demo_distills_a_one_step_student_and_reports_it(demo):
@@ -87,6 +99,7 @@ def test_demo_distills_a_one_step_student_and_reports_it(demo):
         for who in ("teacher", "student"):
             assert m["latency"][f"{who}_batch{batch}"]["denoise_s"] > 0
         assert m["latency"][f"speedup_denoise_batch{batch}"] > 1  # one forward against 20 guided steps
+    assert m["latency"]["fp32_matmul_gflops"] > 0  # the CPU's rate while timing, beside the start's
     d = m["diversity"]
     assert d["student_over_teacher"] == d["student"] / d["teacher"] and d["data"] > 0
     assert Image.open(demo / "report" / "dmd.png").size == (8 * 64 * 2, 6 * 64 * 2)  # 4 teacher + 4 student

@@ -14,6 +14,22 @@ from .pipeline import BACKGROUND_LEVELS, FINAL_SIDE, HOLDOUT
 from .steps import step
 
 DIVERSITY_PROMPTS, DIVERSITY_SEEDS = 12, 6
+CONTENDED = 0.7  # the matmul rate while timing below this share of the demo's start: other work shared the CPU
+
+
+def matmul_gflops() -> float:
+    """The CPU's fp32 matmul rate now (half a second), beside the latencies: they are comparable only with it."""
+    from pixart.train.bench import measured_peak_tflops
+
+    return round(measured_peak_tflops(torch.device("cpu"), torch.float32, seconds=0.5) * 1000, 1)
+
+
+def contention_warning(start_gflops: float, timing_gflops: float) -> str | None:
+    """A line for the report when the CPU was slower while latencies were timed than at the demo's start."""
+    if timing_gflops >= CONTENDED * start_gflops:
+        return None
+    return (f"warning: while the latencies were timed the CPU ran fp32 matmuls at {timing_gflops:.0f} GFLOP/s, "
+            f"{start_gflops:.0f} at the start: other work shared it, so the latencies are inflated")
 
 
 def latency(drawer: Drawer, prompt: str, batch: int, repeats: int = 5) -> dict:
@@ -77,7 +93,7 @@ def evaluate_student(out: Path, teacher: Drawer, seed: int, judge, heldout_teach
         images = student.images(prompts, seed)
         scores = score_heldout(judge, images, specs)
     with step("latency and diversity: teacher and student"):
-        speed = {}
+        speed, before = {}, matmul_gflops()
         for batch in (1, 16):
             for name, drawer in (("teacher", teacher), ("student", student)):
                 speed[f"{name}_batch{batch}"] = latency(drawer, prompts[0], batch, repeats=2 if batch > 1 else 5)
@@ -85,6 +101,7 @@ def evaluate_student(out: Path, teacher: Drawer, seed: int, judge, heldout_teach
             for kind in ("denoise_s", "end_to_end_s"):
                 t, s = speed[f"teacher_batch{batch}"][kind], speed[f"student_batch{batch}"][kind]
                 speed[f"speedup_{kind[:-2]}_batch{batch}"] = t / s
+        speed["fp32_matmul_gflops"] = min(before, matmul_gflops())  # the slower of just before and just after
         seen = seen_specs(HOLDOUT, DIVERSITY_PROMPTS, seed)
         repeated = [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in seen for _ in range(DIVERSITY_SEEDS)]
         diversity = {"student": spread_per_prompt(student.images(repeated, seed + 1), DIVERSITY_SEEDS),

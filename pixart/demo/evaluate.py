@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .dmd import evaluate_student
+from .dmd import contention_warning, evaluate_student
 from .drawer import Drawer
 from .perfusion import evaluate_concept
 from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, PAIR_HOLDOUT, PHRASING_SPECS, SAMPLE_STEPS, TWO_OBJECT_PROMPTS
@@ -154,6 +154,9 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
               f"shape {d['heldout']['shape']:.1%}; denoising {lat['speedup_denoise_batch1']:.0f}x faster than the "
               f"teacher at batch 1 ({lat['speedup_end_to_end_batch1']:.1f}x end to end); diversity "
               f"{d['diversity']['student_over_teacher']:.2f}x the teacher's")
+        warning = contention_warning(metrics["machine"]["fp32_matmul_gflops"], lat["fp32_matmul_gflops"])
+        if warning:
+            print(warning)
     if "perfusion" in metrics:
         p = metrics["perfusion"]
         print(f"concept '{p['concept']['name']}' (Perfusion, {p['bytes']:,} bytes, trained in "

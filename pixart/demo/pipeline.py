@@ -135,7 +135,9 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
                 ("shapes64", "ms64", {"buckets": str(FINAL_SIDE), "captions": CAPTIONERS})):
             side = shards[-2:]
             cfg = FeatureConfig(captions_dir=str(d / f"captions{side}"), **sizing, **common)
-            ex = extract_features([str(d / shards)], out / "features" / features, cfg)
+            # overwrite: a cache made with other settings (another T5 path, once the folder was moved) is the
+            # demo's own, so rebuilt rather than refused with advice for extract-features' own --overwrite
+            ex = extract_features([str(d / shards)], out / "features" / features, cfg, overwrite=True)
             print(f"   {ex.describe(out / 'features' / features)}")
     return t5
 

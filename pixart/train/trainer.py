@@ -395,9 +395,16 @@ class _KeyLog:
 
 
 def is_done(run_dir: str | os.PathLike, max_steps: int) -> Path | None:
-    """The stage's final checkpoint when `run_dir` finished at least `max_steps`; else None."""
+    """The stage's final checkpoint when `run_dir` finished at least `max_steps`; else None. The checkpoint is
+    found by its step name in this run folder's checkpoints/, not by the recorded path, so a moved or copied
+    run folder chains on from its own checkpoints, not the original's."""
     path = Path(run_dir) / DONE_FILE
     if not path.is_file():
         return None
     done = read_json(path)
-    return Path(done["checkpoint"]) if done.get("steps", 0) >= max_steps else None
+    if done.get("steps", 0) < max_steps:
+        return None
+    final = Path(run_dir).resolve() / "checkpoints" / Path(done["checkpoint"]).name
+    if not final.is_dir():
+        raise PixArtError(f"{path}: names {final.name}, which is not in {final.parent}")
+    return final
