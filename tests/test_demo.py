@@ -72,15 +72,23 @@ def test_the_students_export_samples_as_the_demo_page_shows(demo):
     assert scope["images"].shape == (1, 3, 64, 64) and scope["images"].abs().max() <= 1.5
 
 
-def test_demo_rerun_skips_finished_work_also_in_a_copied_folder(demo, tmp_path):
-    copy = tmp_path / "copied"
-    shutil.copytree(demo, copy)  # keeps mtimes; every record inside still names the original's paths
-    kept = [*(copy / "runs").rglob("model.safetensors"), copy / "concepts" / "zorb.safetensors"]
-    before = {p: p.stat().st_mtime_ns for p in kept}
-    assert main(["demo", "--out", str(copy), "--scale", "0.01"]) == 0
+def test_demo_rerun_skips_finished_work_also_in_a_moved_folder(demo, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(demo, moved)  # keeps mtimes; every record inside still names the original's paths
+    aside = demo.with_name(demo.name + "-aside")
+    demo.rename(aside)  # gone, as after `mv`: reading any of its paths fails
+    try:
+        kept = [*(moved / "runs").rglob("model.safetensors"), moved / "concepts" / "zorb.safetensors"]
+        before = {p: p.stat().st_mtime_ns for p in kept}
+        assert main(["demo", "--out", str(moved), "--scale", "0.01"]) == 0
+    finally:
+        aside.rename(demo)
     assert {p: p.stat().st_mtime_ns for p in kept} == before
-    outputs = json.loads((copy / "runs" / "launch.json").read_text())["outputs"]
-    assert all(Path(o).is_relative_to(copy) for o in outputs.values()), outputs  # chained from the copy's own
+    assert "was encoded with the T5 of a folder this one was moved or copied from" in capsys.readouterr().out
+    outputs = json.loads((moved / "runs" / "launch.json").read_text())["outputs"]
+    assert all(Path(o).is_relative_to(moved) for o in outputs.values()), outputs  # chained from its own
+    facts = json.loads((moved / "runs" / "perfusion" / "facts.json").read_text())
+    assert Path(facts["base_checkpoint"]).is_relative_to(moved)
 
 
 def test_a_contended_cpu_is_named_beside_the_latencies():

@@ -211,17 +211,12 @@ def test_a_corrupt_done_record_is_a_one_line_error(tmp_path):
 
 
 def test_a_finished_run_names_its_own_checkpoint_wherever_it_was_moved(tmp_path):
-    from pixart.errors import PixArtError
     from pixart.train.trainer import is_done
 
-    (tmp_path / "checkpoints" / "step-000006").mkdir(parents=True)
     (tmp_path / "DONE.json").write_text(json.dumps({"checkpoint": "/elsewhere/run/checkpoints/step-000006",
                                                     "steps": 6}))  # as written before the folder was moved
-    assert is_done(tmp_path, 6) == tmp_path.resolve() / "checkpoints" / "step-000006"
+    assert is_done(tmp_path, 6) == tmp_path / "checkpoints" / "step-000006"
     assert is_done(tmp_path, 7) is None  # asked for more steps than it ran
-    (tmp_path / "checkpoints" / "step-000006").rmdir()
-    with pytest.raises(PixArtError, match=r"DONE\.json: names step-000006, which is not in .*checkpoints"):
-        is_done(tmp_path, 6)
 
 
 def test_raw_shards_are_encoded_by_frozen_encoders_in_the_training_process(cache, tmp_path):

@@ -108,12 +108,17 @@ def personalize(out: Path, ckpt: Path, seed: int, scale: float, **settings) -> d
     import json
 
     from pixart.atomic import atomic_write
+    from pixart.checkpoint import read_json
     from pixart.personalize.trainer import ConceptTrainer, PersonalizeConfig
 
     facts_file = out / "runs" / "perfusion" / "facts.json"
     concept_file = out / "concepts" / f"{NAME}.safetensors"
     if concept_file.is_file() and facts_file.is_file():
-        return json.loads(facts_file.read_text())
+        facts = read_json(facts_file)
+        if facts.get("base_checkpoint") != str(ckpt):  # the folder was moved or copied: the model it now holds
+            facts["base_checkpoint"] = str(ckpt)
+            atomic_write(facts_file, json.dumps(facts))
+        return facts
     data = write_concept_images(out / "data" / "concept", seed)
     dense = out / "data" / "captions64" / "*.metadata.jsonl"  # the dense captioner's, not the short ones
     cfg = PersonalizeConfig(str(ckpt), str(data), NAME, SUPER, str(concept_file),

@@ -100,6 +100,7 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
     from data_pipelines.relabel.captioner import CaptionerConfig
     from data_pipelines.relabel.job import RelabelConfig, relabel
     from data_pipelines.shapes import write_shapes
+    from pixart.data.manifest import MANIFEST, Manifest
     from pixart.data.shards import resolve_shards
 
     d = out / "data"
@@ -135,10 +136,13 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
                 ("shapes64", "ms64", {"buckets": str(FINAL_SIDE), "captions": CAPTIONERS})):
             side = shards[-2:]
             cfg = FeatureConfig(captions_dir=str(d / f"captions{side}"), **sizing, **common)
-            # overwrite: a cache made with other settings (another T5 path, once the folder was moved) is the
-            # demo's own, so rebuilt rather than refused with advice for extract-features' own --overwrite
-            ex = extract_features([str(d / shards)], out / "features" / features, cfg, overwrite=True)
-            print(f"   {ex.describe(out / 'features' / features)}")
+            cache = out / "features" / features
+            moved = (cache / MANIFEST).is_file() and Manifest.load(cache).text_encoder != str(t5.resolve())
+            if moved:  # the cache names the T5 where the folder was: encoded again, not refused
+                print(f"   {cache} was encoded with the T5 of a folder this one was moved or copied from: "
+                      "encoding again")
+            ex = extract_features([str(d / shards)], cache, cfg, overwrite=moved)
+            print(f"   {ex.describe(cache)}")
     return t5
 
 

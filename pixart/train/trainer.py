@@ -402,9 +402,4 @@ def is_done(run_dir: str | os.PathLike, max_steps: int) -> Path | None:
     if not path.is_file():
         return None
     done = read_json(path)
-    if done.get("steps", 0) < max_steps:
-        return None
-    final = Path(run_dir).resolve() / "checkpoints" / Path(done["checkpoint"]).name
-    if not final.is_dir():
-        raise PixArtError(f"{path}: names {final.name}, which is not in {final.parent}")
-    return final
+    return Path(run_dir) / "checkpoints" / Path(done["checkpoint"]).name if done.get("steps", 0) >= max_steps else None
