@@ -107,7 +107,7 @@ def test_demo_distills_a_one_step_student_and_reports_it(demo):
         for who in ("teacher", "student"):
             assert m["latency"][f"{who}_batch{batch}"]["denoise_s"] > 0
         assert m["latency"][f"speedup_denoise_batch{batch}"] > 1  # one forward against 20 guided steps
-    assert m["latency"]["fp32_matmul_gflops"] > 0  # the CPU's rate while timing, beside the start's
+    assert m["latency"]["fp32_matmul_gflops"] > 0  # the CPU's rate around the timing, beside the start's
     d = m["diversity"]
     assert d["student_over_teacher"] == d["student"] / d["teacher"] and d["data"] > 0
     assert Image.open(demo / "report" / "dmd.png").size == (8 * 64 * 2, 6 * 64 * 2)  # 4 teacher + 4 student

@@ -17,11 +17,11 @@ DIVERSITY_PROMPTS, DIVERSITY_SEEDS = 12, 6
 CONTENDED = 0.7  # the matmul rate while timing below this share of the demo's start: other work shared the CPU
 
 
-def matmul_gflops() -> float:
-    """The CPU's fp32 matmul rate now (half a second), beside the latencies: they are comparable only with it."""
+def matmul_gflops(seconds: float = 0.5) -> float:
+    """The CPU's fp32 matmul rate now: a time on these shared machines is comparable only beside it."""
     from pixart.train.bench import measured_peak_tflops
 
-    return round(measured_peak_tflops(torch.device("cpu"), torch.float32, seconds=0.5) * 1000, 1)
+    return round(measured_peak_tflops(torch.device("cpu"), torch.float32, seconds) * 1000, 1)
 
 
 def contention_warning(start_gflops: float, timing_gflops: float) -> str | None:

@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .dmd import contention_warning, evaluate_student
+from .dmd import contention_warning, evaluate_student, matmul_gflops
 from .drawer import Drawer
 from .perfusion import evaluate_concept
 from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, PAIR_HOLDOUT, PHRASING_SPECS, SAMPLE_STEPS, TWO_OBJECT_PROMPTS
@@ -19,11 +19,9 @@ def machine_reference() -> dict:
 
     import torch
 
-    from pixart.train.bench import measured_peak_tflops
-
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     name = re.search(r"model name\s*:\s*(.+)", info)
-    return {"fp32_matmul_gflops": round(measured_peak_tflops(torch.device("cpu"), torch.float32) * 1000, 1),
+    return {"fp32_matmul_gflops": matmul_gflops(seconds=1.0),
             "threads": torch.get_num_threads(), "avx512": "avx512f" in info,
             "processor": name.group(1).strip() if name else "unknown"}
 
