@@ -7,6 +7,7 @@ from tolerance import lower_precision
 from transformers import AutoTokenizer, T5EncoderModel
 
 from pixart.encoders import EncoderLoadError, TextEncoder, TextEncoderConfig, clean_caption, make_tiny_t5
+from pixart.encoders.tiny import english_words
 
 D = 32
 CAPS = ["a cat sitting on a red chair", "An astronaut riding a horse on the moon, digital art", ""]
@@ -37,6 +38,37 @@ def test_tiny_tokenizer_keeps_corpus_words_whole(tmp_path):
     assert len(tok.tokenize("zebra")) > 1  # an unseen word is spelled out, never <unk>
     text = "A zebra, 42 x's!"
     assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_tiny_tokenizer_fills_its_vocabulary_with_everyday_english(tmp_path):
+    """Beyond the corpus's words, a larger vocabulary keeps a user's everyday words whole, as T5's 32k pieces
+    do (the list: pyspellchecker's OpenSubtitles frequencies, pixart/encoders/english_words.txt), with ids
+    after the corpus's words and before the characters and T5's sentinels."""
+    corpus = ["a red star in the top left corner"]
+    tok = AutoTokenizer.from_pretrained(make_tiny_t5(tmp_path / "t5", d_model=D, corpus=corpus, vocab_size=4096))
+    assert english_words()[:5] == ["the", "you", "i", "to", "a"]  # the list's most frequent words
+    assert tok.tokenize("can you make a picture with nothing more, please") == [
+        "\u2581can", "\u2581you", "\u2581make", "\u2581a", "\u2581picture", "\u2581with", "\u2581nothing",
+        "\u2581more", ",", "\u2581please"]
+    assert len(tok.tokenize("zebra")) > 1  # rarer than the list's 4,000: still spelled out
+    ids = tok.get_vocab()
+    assert ids["\u2581red"] < ids["\u2581please"] < ids["z"] < ids["<extra_id_31>"]
+    assert ids["<extra_id_0>"] == len(tok) - 1
+    assert T5EncoderModel.from_pretrained(tmp_path / "t5").config.vocab_size == len(tok)
+
+
+def test_tiny_tokenizer_counts_words_as_the_encoder_sees_them(tmp_path):
+    """PixArt lowercases every caption before T5 (diffusers' PixArtAlphaPipeline._text_preprocessing: `text.lower()`
+    without clean_caption, `_clean_caption` with it; TextEncoder's clean_caption the same): a word that starts a
+    sentence must be the same piece as the word anywhere else, not a capitalized piece nothing ever reaches."""
+    corpus = ["Style: a clean render. It shows a red star.", "It looks like a JPEG. Style: noisy."]
+    folder = make_tiny_t5(tmp_path / "t5", d_model=D, corpus=corpus, vocab_size=256)
+    tok, enc = AutoTokenizer.from_pretrained(folder), TextEncoder(TextEncoderConfig(str(folder), dtype="fp32"))
+    ids, mask = enc.tokenize(corpus)
+    seen = [tok.convert_ids_to_tokens(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+    assert seen[1] == ["\u2581it", "\u2581looks", "\u2581like", "\u2581a", "\u2581jpeg", ".", "\u2581style", ":",
+                       "\u2581noisy", ".", "</s>"]
+    assert "\u2581Style" not in tok.get_vocab()
 
 
 def test_tiny_t5_is_deterministic(t5_dir, tmp_path):

@@ -41,6 +41,7 @@ SQUARE_COUNT, MULTI_COUNT = 8000, 3000  # images of the 32 px square world and t
 # a batch with one dropped caption pads every caption to it: at 200 tokens for 16 image tokens, the caption path
 # was two thirds of the model's FLOPs; at 64, a third.
 T5_WIDTH, MAX_TOKENS = 32, 64
+T5_VOCAB = 4096  # word pieces: a user's everyday words are whole, as in T5's 32k (docs/experiments.md)
 T5_PRETRAIN_STEPS = 0  # > 0: span corruption, batch 64 of 1,500 documents (a scene's dense and short captions;
 # 600: 38 s on one core). It lost user phrasings and the concept (docs/experiments.md), so the demo's T5 stays random
 # The pixel autoencoder: a latent cell is an 8 x 8 px block, of which the 4 x 4 lowest DCT frequencies per color are
@@ -169,7 +170,7 @@ def tiny_text_encoder(folder: Path, seed: int, scale: float) -> Path:
     record.unlink(missing_ok=True)  # make_tiny_t5 writes into the folder: a stale record would vouch for it
     # Sentinels only for pretraining: the random T5 stays the one the demo's numbers were measured with (its
     # random features decide a lot at this scale: the concept's fidelity ranged 0.46-0.92 over T5 draws).
-    make_tiny_t5(folder, d_model=T5_WIDTH, seed=seed, corpus=caption_corpus(seed), vocab_size=256,
+    make_tiny_t5(folder, d_model=T5_WIDTH, seed=seed, corpus=caption_corpus(seed), vocab_size=T5_VOCAB,
                  sentinels=TINY_T5_SENTINELS if steps else 0)
     if steps:
         report = pretrain_t5(folder, corpus, steps, seed=seed)

@@ -13,7 +13,10 @@ from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-__all__ = ["make_tiny_t5", "make_tiny_vae", "sentinel_tokens", "TINY_VAE_DOWNSAMPLE", "TINY_T5_SENTINELS"]
+from .captions import clean_caption
+
+__all__ = ["english_words", "make_tiny_t5", "make_tiny_vae", "sentinel_tokens", "TINY_VAE_DOWNSAMPLE",
+           "TINY_T5_SENTINELS"]
 
 TINY_VAE_DOWNSAMPLE = 2  # 2 down blocks -> H/2 x W/2 latents (the SD VAE uses 4 blocks -> 8x)
 TINY_T5_SENTINELS = 32  # T5 has 100 <extra_id_N>; a 64-token span-corruption input uses 3, a 120-token one 6
@@ -31,23 +34,35 @@ def sentinel_tokens(n: int) -> list[str]:
     return [f"<extra_id_{i}>" for i in range(n)]
 
 
+def english_words() -> list[str]:
+    """Everyday English words, most frequent first (`english_words.txt`: from a public frequency list)."""
+    lines = Path(__file__).with_name("english_words.txt").read_text().splitlines()
+    return [w for w in lines if w and not w.startswith("#")]
+
+
 def _tiny_tokenizer(corpus: list[str] = (), vocab_size: int = 128,
                     sentinels: int = TINY_T5_SENTINELS) -> PreTrainedTokenizerFast:
     """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended. The pieces are
-    the corpus's most frequent words, whole, scored by frequency, plus single characters to spell the
-    rest: as in T5's 32k vocabulary, a domain's words ("red", "left") are one piece each. (Unigram
-    *training* on a few hundred sentences splits them into fragments: "re" + "d".) Deterministic.
+    the corpus's most frequent words, whole, scored by frequency, then everyday English words
+    (`english_words`) while `vocab_size` allows, then single characters to spell the rest: as in T5's 32k
+    vocabulary, a domain's words ("red", "left") and a user's ("can you make") are one piece each. (Unigram
+    *training* on a few hundred sentences splits them into fragments: "re" + "d".) The words are counted
+    as the text encoder sees them, after `clean_caption`, which lowercases as PixArt's T5Embedder and
+    diffusers' pipeline do: a sentence's first word is no other piece than the same word anywhere else.
+    Deterministic.
 
     `vocab_size` counts these pieces; the `sentinels` come on top, as T5's 100 extra ids come on top of
     its 32,000 pieces, and in T5's order: the vocabulary's last id is `<extra_id_0>`, the one before it
     `<extra_id_1>`, and so on. They are special tokens (never split, dropped by skip_special_tokens)."""
-    words = Counter(w for line in list(_CORPUS) + list(corpus) for w in re.findall(r"[A-Za-z]+", line))
+    words = Counter(w for line in list(_CORPUS) + list(corpus) for w in re.findall(r"[a-z]+", clean_caption(line)))
     chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'-&()") | {"\u2581"})
     budget = max(0, vocab_size - 3 - len(chars))
     top = sorted(words.items(), key=lambda wc: (-wc[1], wc[0]))[:budget]
     total = sum(words.values()) + 1
     pieces = [("\u2581" + w, math.log(c / total)) for w, c in top]
     floor = min((score for _, score in pieces), default=0.0) - 5.0  # a character costs more than any word
+    known = {w for w, _ in top}
+    pieces += [("\u2581" + w, floor + 1.0) for w in english_words() if w not in known][:budget - len(top)]
     extra = sentinel_tokens(sentinels)
     tok = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces
                                    + [(c, floor) for c in chars] + [(t, 0.0) for t in reversed(extra)], unk_id=2))
