@@ -29,7 +29,8 @@ class TextEncoderConfig:
     max_length: int = 120
     dtype: str = "bf16"
     device: str = "cpu"
-    clean: bool = True  # apply clean_caption before tokenizing, as PixArt's T5Embedder does
+    clean: bool = True  # clean_caption before tokenizing, as PixArt's T5Embedder does; False: only lowercase, as
+    # it and diffusers' PixArtAlphaPipeline do without cleaning
     local_files_only: bool = False  # True: never touch the network (offline clusters, tests)
 
     def __post_init__(self) -> None:
@@ -76,7 +77,7 @@ class TextEncoder:
         """(input_ids, attention_mask), both (B, max_length): pad to max length, truncate, eos kept."""
         if isinstance(captions, str):
             captions = [captions]
-        texts = [clean_caption(t) for t in captions] if self.config.clean else list(captions)
+        texts = [clean_caption(t) if self.config.clean else t.lower().strip() for t in captions]
         out = self.tokenizer(texts, max_length=self.config.max_length, padding="max_length",
                              truncation=True, add_special_tokens=True, return_tensors="pt")
         return out.input_ids, out.attention_mask.long()

@@ -36,7 +36,7 @@ def sentinel_tokens(n: int) -> list[str]:
 
 def english_words() -> list[str]:
     """Everyday English words, most frequent first (`english_words.txt`: from a public frequency list)."""
-    lines = Path(__file__).with_name("english_words.txt").read_text().splitlines()
+    lines = Path(__file__).with_name("english_words.txt").read_text(encoding="utf-8").splitlines()
     return [w for w in lines if w and not w.startswith("#")]
 
 
@@ -44,7 +44,7 @@ def _tiny_tokenizer(corpus: list[str] = (), vocab_size: int = 128,
                     sentinels: int = TINY_T5_SENTINELS) -> PreTrainedTokenizerFast:
     """Unigram + metaspace like T5's sentencepiece: <pad>=0, </s>=1, <unk>=2, eos appended. The pieces are
     the corpus's most frequent words, whole, scored by frequency, then everyday English words
-    (`english_words`) while `vocab_size` allows, then single characters to spell the rest: as in T5's 32k
+    (`english_words`, 4,000 of them) while `vocab_size` allows, then single characters to spell the rest: as in T5's 32k
     vocabulary, a domain's words ("red", "left") and a user's ("can you make") are one piece each. (Unigram
     *training* on a few hundred sentences splits them into fragments: "re" + "d".) The words are counted
     as the text encoder sees them, after `clean_caption`, which lowercases as PixArt's T5Embedder and
