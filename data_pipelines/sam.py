@@ -197,5 +197,8 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         if writer is not None:
             writer.abort()
         bar.close()
+    if report.written == 0 and report.damaged:  # not one sample read: not an SA-1B tar, rather than a bad one
+        d = report.damaged[0]
+        raise PixArtError(f"{d['source']}: no SA-1B sample could be read ({d['error']})")
     atomic_write(out / REPORT, json.dumps(asdict(report), indent=1))
     return report

@@ -16,7 +16,7 @@ def _umask() -> int:
     return mask
 
 
-def _share(folder: Path) -> None:
+def share_modes(folder: Path) -> None:
     """mkdtemp makes 0700 folders and safetensors 0600 files: give them the usual umask modes."""
     mask = _umask()
     for root, _, files in os.walk(folder):
@@ -48,7 +48,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _share(tmp)
+        share_modes(tmp)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)

@@ -94,6 +94,9 @@ def test_missing_or_bad_config(tmp_path):
     (tmp_path / "config.json").write_text('{"arch": "pixart", "depht": 2}')
     with pytest.raises(PixArtError, match="unknown key 'depht'"):
         load_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"arch": "pixart", "depth": "6"}')  # a hand edit
+    with pytest.raises(PixArtError, match=r"config.json: depth must be an integer, got '6'"):
+        load_config(tmp_path)
 
 
 def test_a_runs_latest_pointer_resolves_to_the_step_it_names(tmp_path):

@@ -78,6 +78,31 @@ def test_export_and_import_commands_round_trip(tmp_path, dit_file):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_import_keeps_how_the_export_samples(tmp_path, dit_file):
+    """A v-prediction checkpoint (and a one-step student) exported and imported again must sample the same way:
+    diffusers records the prediction type in the scheduler's config, and we read it back from there."""
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from pixart.checkpoint import DIFFUSION_FILE, STUDENT_FILE, load_prediction_type, load_student
+
+    _, path = dit_file
+    assert main(["convert-dit", str(path), "--out", str(tmp_path / "ck"), "--caption-channels", "16"]) == 0
+    (tmp_path / "ck" / DIFFUSION_FILE).write_text(json.dumps({"prediction_type": "v_prediction"}))
+    (tmp_path / "ck" / STUDENT_FILE).write_text(json.dumps({"start_timestep": 999, "teacher": "t"}))
+    assert main(["export-diffusers", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")]) == 0
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(tmp_path / "hf", subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    for src in (tmp_path / "hf", tmp_path / "hf" / "transformer"):
+        back = tmp_path / f"back-{src.name}"
+        assert main(["import", str(src), "--out", str(back)]) == 0
+        assert load_prediction_type(back) == "v_prediction"
+        assert load_student(back) == {"start_timestep": 999, "teacher": "t"}
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "eps"), "--prediction-type", "epsilon"]) == 0
+    assert load_prediction_type(tmp_path / "eps") == "epsilon"
+
+
 def test_export_needs_both_pipeline_parts(tmp_path, dit_file):
     _, path = dit_file
     main(["convert-dit", str(path), "--out", str(tmp_path / "ck"), "--caption-channels", "16"])

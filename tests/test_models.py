@@ -47,8 +47,16 @@ def test_unknown_names_are_one_clear_error(name, message):
 
 
 def test_bad_overrides_are_clear_errors():
-    with pytest.raises(PixArtError, match="unknown override 'depht'"):
+    with pytest.raises(PixArtError, match="build_model: unknown key 'depht'"):
         build_model("PixArt-S/2", depht=3)
+    for key, value, message in (("depth", "6", "depth must be an integer, got '6'"),
+                                ("depth", 6.0, "depth must be an integer, got 6.0"),
+                                ("hidden_size", True, "hidden_size must be an integer, got True"),
+                                ("learn_sigma", 1, "learn_sigma must be true or false, got 1"),
+                                ("mlp_ratio", "4", "mlp_ratio must be a number, got '4'")):
+        with pytest.raises(PixArtError, match=message):
+            build_model("PixArt-S/2", **{key: value})
+    assert build_model("PixArt-S/2", depth=1, mlp_ratio=4).config.mlp_ratio == 4.0  # an int where a float goes
     with pytest.raises(PixArtError, match="num_heads=5 does not divide hidden_size=384"):
         build_model("PixArt-S/2", num_heads=5)
 

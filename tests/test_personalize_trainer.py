@@ -50,6 +50,14 @@ def test_a_rerun_resumes_bitwise(tiny_concept_setup, tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("adam.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # a rerun with other settings would not be the run it resumes: refused, naming the flag
+    with pytest.raises(PixArtError, match=r"a run with --lr-value 0.03, not 0.1; resume it with the same settings"):
+        ConceptTrainer(_cfg(root, split, steps=6, lr_value=0.1)).train(log=lambda *_: None)
+    other = tmp_path / "other-images"
+    shutil.copytree(root / "images", other)
+    next(p for p in sorted(other.rglob("*")) if p.is_file()).unlink()  # one image fewer
+    with pytest.raises(PixArtError, match="a run on other --data images"):
+        ConceptTrainer(_cfg(root, split, steps=6, data=str(other))).train(log=lambda *_: None)
 
 
 def test_the_covariance_is_saved_beside_the_checkpoint_and_reused(tiny_concept_setup, tmp_path):

@@ -95,6 +95,10 @@ def test_cli_and_refusals(srcs, tmp_path, capsys):
         args.run(args)
     with pytest.raises(PixArtError, match="no such shard"):
         ingest([str(tmp_path / "missing.tar")], tmp_path / "x", progress=False)
+    (tmp_path / "weights.pth").write_bytes(b"PK\x03\x04 not a tar at all" * 40)  # the wrong file given
+    with pytest.raises(PixArtError, match=r"weights.pth: no SA-1B sample could be read"):
+        ingest([str(tmp_path / "weights.pth")], tmp_path / "y", progress=False)
+    assert not (tmp_path / "y" / "sam_report.json").exists()
 
 
 # --- SA-1B as shipped: members in random order, coordinates in the json's frame -------------------------

@@ -46,6 +46,8 @@ def test_pixart_defaults_are_the_papers():
     ({"data": {"shards": "x"}}, ["diffusion.timesteps=cosine"],
      "diffusion.timesteps: Input should be 'uniform' or 'logit_normal'"),
     ({"data": {"shards": "x"}, "stage": "s1"}, ["stage.x=1"], "--set stage.x: stage is not a section"),
+    ({"data": {"shards": "x"}}, ["model.arch.depth=abc"], "model.arch: depth must be an integer, got 'abc'"),
+    ({"data": {"shards": "x"}}, ["model.arch.bogus=1"], "model.arch: unknown key 'bogus'"),
     ({"data": {"shards": "x"}}, ["model.grad_checkpointing=2.5"],
      "model.grad_checkpointing: expected true, false, a number of blocks or 'auto', got 2.5"),
 ])
@@ -63,9 +65,12 @@ def test_circular_base_and_missing_file(tmp_path):
         load_train_config(tmp_path / "a.yaml")
     with pytest.raises(PixArtError, match="no such config file"):
         load_train_config(tmp_path / "nope.yaml")
-    (tmp_path / "bad.yaml").write_text("data: [unclosed")
-    with pytest.raises(PixArtError, match="invalid YAML"):
+    (tmp_path / "bad.yaml").write_text("stage: s\ndata: [unclosed")
+    with pytest.raises(PixArtError, match=r"bad.yaml: invalid YAML \(.*line 2"):
         load_train_config(tmp_path / "bad.yaml")
+    (tmp_path / "utf16.yaml").write_bytes(b"\xff\xfestage: s\n")  # a UTF-16 byte order mark, saved by an editor
+    with pytest.raises(PixArtError, match="utf16.yaml: not readable as UTF-8 text"):
+        load_train_config(tmp_path / "utf16.yaml")
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):

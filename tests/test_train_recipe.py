@@ -71,6 +71,22 @@ def test_bad_recipes_are_one_line(tmp_path, stages, message):
         load_recipe(tmp_path / "r.yaml")
 
 
+def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path):
+    """The XL recipe's fourth stage is read when the launch starts, not after three stages have trained."""
+    from pixart.train.recipe import launch
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"stage": "s", "data": {"shards": "x"}}))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"stage": "t", "data": {"shards": "x"}, "optim": {"lr": "fast"}}))
+    stages = [{"name": "reparam", "reparam": {"source": str(tmp_path / "dit.pt")}},
+              {"name": "s", "config": "s.yaml", "init": "reparam"}]
+    for last, message in (({"name": "t", "config": "missing.yaml", "init": "s"}, "missing.yaml: no such config file"),
+                          ({"name": "t", "config": "bad.yaml", "init": "s"}, "optim.lr")):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": [*stages, last]}))
+        with pytest.raises(PixArtError, match=message):
+            launch(tmp_path / "r.yaml", tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+
+
 def test_shipped_xl_recipes_and_configs_are_valid():
     import torch
 

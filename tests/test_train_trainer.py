@@ -95,6 +95,20 @@ def test_a_run_writes_what_it_promises(straight):
     model = load_model(straight / "checkpoints" / "step-000006", ema=True)  # what export-diffusers reads
     assert model.config.in_channels == 48
     assert [k["step"] for k in keys(straight)] == [1, 2, 3, 4, 5, 6]
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in ("model.safetensors", "ema.safetensors", "config.json"):  # readable by the team, as exports are
+        mode = (straight / "checkpoints" / "step-000006" / file).stat().st_mode & 0o777
+        assert mode == 0o666 & ~umask, (file, oct(mode))
+
+
+def test_old_checkpoints_are_pruned_by_step_number(tmp_path):
+    from pixart.train.checkpoints import prune, step_name
+
+    for step in (999_000, 1_000_000, 998_000):
+        (tmp_path / step_name(step)).mkdir()
+    prune(tmp_path, keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-1000000"]
 
 
 def test_resume_after_kill_is_exact(cache, straight, tmp_path):
@@ -102,6 +116,9 @@ def test_resume_after_kill_is_exact(cache, straight, tmp_path):
     killed = train(config, tmp_path / "run", "after-step:3")
     assert killed.returncode == -9
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000002"
+    for log in ("metrics.jsonl", "keys-rank0.jsonl"):  # what a crash in the middle of an append leaves
+        with open(tmp_path / "run" / log, "a") as f:
+            f.write('{"step": 4, "lo')
     resumed = train(config, tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
@@ -173,7 +190,13 @@ def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_p
     assert r.stderr.strip().splitlines()[-1].endswith("manifest.json: text_dim 32 != model caption_channels 64")
     r = train(stage(cache, tmp_path, data__expected={"resolution": 64}), tmp_path / "run2")
     assert r.returncode == 2 and "resolution" in r.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "run2" / "checkpoints").exists()
+    r = train(stage(cache, tmp_path, data__shards=str(tmp_path / "nope")), tmp_path / "run3")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.endswith(f"data.shards: {tmp_path}/nope: no such shard")
+    r = train(stage(cache, tmp_path, model__init=str(tmp_path / "nope")), tmp_path / "run4")
+    assert r.returncode == 2 and "nope: not a checkpoint folder" in r.stderr.strip().splitlines()[-1]
+    for run in ("run", "run2", "run3", "run4"):  # nothing written for a run that never started
+        assert not (tmp_path / run).exists(), run
 
 
 def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(straight, tmp_path, capsys):

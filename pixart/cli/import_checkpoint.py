@@ -16,18 +16,30 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--num-heads", type=int, help="attention heads of an official file (default: by width)")
     p.add_argument("--input-size", type=int, help="latent side of an official file without pos_embed")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="what the model predicts (default: a diffusers folder's scheduler says; an official file: "
+                   "epsilon, as PixArt-alpha)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)
 
 
 def run(args) -> None:
-    from pixart.checkpoint import save_checkpoint
-    from pixart.export.diffusers import import_diffusers
+    import json
+
+    from pixart.checkpoint import DIFFUSION_FILE, STUDENT_FILE, save_checkpoint
+    from pixart.export.diffusers import import_diffusers, import_sampling
     from pixart.export.official import import_official
 
+    student = None
     if Path(args.src).is_dir():
         model = import_diffusers(args.src)
+        prediction, student = import_sampling(args.src)
     else:
-        model = import_official(args.src, args.num_heads, args.input_size)
-    save_checkpoint(args.out, model.config, model.state_dict(), overwrite=args.overwrite, sources=(args.src,))
-    print(f"wrote {args.out}")
+        model, prediction = import_official(args.src, args.num_heads, args.input_size), "epsilon"
+    prediction = args.prediction_type or prediction
+    extra = {DIFFUSION_FILE: json.dumps({"prediction_type": prediction}, indent=2)}
+    if student is not None:
+        extra[STUDENT_FILE] = json.dumps(student, indent=2)
+    save_checkpoint(args.out, model.config, model.state_dict(), extra=extra, overwrite=args.overwrite,
+                    sources=(args.src,))
+    print(f"wrote {args.out} ({prediction}{', one-step student' if student else ''})")

@@ -91,7 +91,6 @@ class DistillTrainer:
         self.device = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
-        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())
         self.dtype = DTYPES[cfg.deepspeed.precision]
 
         source = f"teacher.init {cfg.teacher.init}"
@@ -112,6 +111,7 @@ class DistillTrainer:
 
         self.manifest = cache_manifest(cfg) if batches is None else None
         self.batches = batches if batches is not None else build_loader(cfg, "pixart", self.device)
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())  # only now: a bad teacher or shard writes nothing
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
         self.engines = {GENERATOR: build_engine(generator, cfg, self.world)[0],
                         FAKE: build_engine(fake, fake_cfg, self.world)[0]}

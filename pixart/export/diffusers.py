@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.atomic import atomic_dir
-from pixart.checkpoint import STUDENT_FILE, load_into
+from pixart.checkpoint import STUDENT_FILE, load_into, load_student, read_json
 from pixart.errors import PixArtError
 from pixart.export.keymap import from_diffusers, to_diffusers
 from pixart.models import ModelConfig, PixArt
@@ -122,17 +122,19 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
                 f"export: text encoder {parts.text_encoder} has width {text_encoder.config.d_model}, "
                 f"the model expects caption_channels={model.config.caption_channels}"
             )
-        if scheduler is None and student is not None:
-            scheduler = one_step_scheduler(prediction_type)
-        elif scheduler is None:
-            from pixart.diffusion import NoiseSchedule, make_scheduler
+    if scheduler is None and student is not None:
+        scheduler = one_step_scheduler(prediction_type)
+    elif scheduler is None:
+        from pixart.diffusion import NoiseSchedule, make_scheduler
 
-            scheduler = make_scheduler("dpm-solver++", NoiseSchedule.linear(), prediction_type)
+        scheduler = make_scheduler("dpm-solver++", NoiseSchedule.linear(), prediction_type)
+    if parts is not None:
         pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                        transformer=transformer, scheduler=scheduler)
     with atomic_dir(out, overwrite, sources) as tmp:
-        if parts is None:
+        if parts is None:  # the scheduler too: it records the prediction type that `pixart import` reads back
             transformer.save_pretrained(tmp / "transformer")
+            scheduler.save_pretrained(tmp / "scheduler")
         else:
             pipeline.save_pretrained(tmp)
         save_file(null, tmp / NULL_CAPTION_FILE)
@@ -160,6 +162,19 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
 def load_null_caption(folder: str | Path) -> torch.Tensor | None:
     path = Path(folder) / NULL_CAPTION_FILE
     return load_file(path)["y_embedding"] if path.is_file() else None
+
+
+def import_sampling(folder: str | Path) -> tuple[str, dict | None]:
+    """What a diffusers folder says about sampling its transformer: the prediction type of its scheduler
+    ("epsilon" without one, as PixArt-alpha's) and, for an exported one-step student, its student.json."""
+    folder = Path(folder)
+    top = folder.parent if (folder / "config.json").is_file() and folder.name == "transformer" else folder
+    path = top / "scheduler" / "scheduler_config.json"
+    prediction = str(read_json(path).get("prediction_type", "epsilon")) if path.is_file() else "epsilon"
+    student = load_student(top)
+    if student is not None:
+        student.pop("call", None)
+    return prediction, student
 
 
 def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:

@@ -1,8 +1,6 @@
 """Models by name: `build_model("PixArt-XL/2", input_size=64)`."""
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
 from pixart.errors import PixArtError
@@ -33,11 +31,7 @@ def model_config(name: str, **overrides) -> ModelConfig:
     fields.update(overrides)
     # PixArt's rule for new resolutions (lewei_scale / interpolation_scale): 1 up to 512 px, 2 at 1024 px.
     fields.setdefault("pe_interpolation", float(max(fields.get("input_size", 32) // 64, 1)))
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise PixArtError(f"build_model: unknown override {unknown[0]!r}")
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(fields, source="build_model")
 
 
 def model_from_config(config: ModelConfig) -> nn.Module:

@@ -39,6 +39,13 @@ class ModelConfig:
     attn_backend: AttnBackend = "sdpa"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = field_problem(f.name, value)
+            if problem:
+                raise PixArtError(f"model config: {problem}")
+            if f.type == "float":
+                setattr(self, f.name, float(value))
         if self.arch not in ("pixart", "dit"):
             raise PixArtError(f"model config: arch must be 'pixart' or 'dit', got {self.arch!r}")
         if self.hidden_size % self.num_heads:
@@ -65,11 +72,26 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "model config") -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PixArtError(f"{source}: unknown key {unknown[0]!r}")
+        for key, value in data.items():
+            problem = field_problem(key, value)
+            if problem:
+                raise PixArtError(f"{source}: {problem}")
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false")}
+
+
+def field_problem(name: str, value) -> str | None:
+    """Why `value` cannot be the ModelConfig field `name` (an unknown key, or a value of the wrong type), or None:
+    a "6" or 6.0 for `depth` in a hand-edited config.json must not surface later as a TypeError."""
+    field = next((f for f in dataclasses.fields(ModelConfig) if f.name == name), None)
+    if field is None:
+        return f"unknown key {name!r}"
+    types, what = _TYPES.get(field.type, (str, "a string"))
+    if isinstance(value, bool) != (field.type == "bool") or not isinstance(value, types):
+        return f"{name} must be {what}, got {value!r}"
+    return None

@@ -115,8 +115,12 @@ def read_shards(spec: str) -> list[ConceptImage]:
     from pixart.data.shards import resolve_shards
     from pixart.data.tars import IMAGE_EXTS, TarDamage, iter_samples
 
+    try:
+        urls = resolve_shards(spec)
+    except PixArtError as e:
+        raise PixArtError(f"--data {e}") from None
     out = []
-    for url in resolve_shards(spec):
+    for url in urls:
         damage = TarDamage()
         for sample in iter_samples(url, damage):
             ext = next((e for e in IMAGE_EXTS if e in sample), None)

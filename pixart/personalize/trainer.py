@@ -71,6 +71,18 @@ def draw_timesteps(kind: str, n: int, num_steps: int, generator: torch.Generator
     return (u * num_steps).long().clamp_(0, num_steps - 1)
 
 
+def data_identity(spec: str) -> str:
+    """A concept's images as a short hash of their files' names and sizes (a folder), or the shard spec: the same
+    images in a moved folder are the same data."""
+    import hashlib
+
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    files = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
 def masked_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Mean squared error weighted by the object mask (B, 1, h, w) in [0, 1] (Perfusion's masked loss)."""
     weight = mask.expand_as(pred)
@@ -244,6 +256,15 @@ class ConceptTrainer:
         return Concept.load(cfg.out), {"bytes": size, "train_seconds": round(seconds, 1), "steps": cfg.steps,
                                        "final_loss": float(np.mean([h["loss"] for h in history[-20:]]))}
 
+    def _settings(self) -> dict:
+        """What a run's result depends on besides the concept and the base model: a resumed run must have the same
+        (more --steps only continue it)."""
+        c = self.cfg
+        return {"data": data_identity(c.data), "covariance": c.covariance, "batch": c.batch,
+                "lr_value": c.lr_value, "lr_embedding": c.lr_embedding, "beta": c.beta, "tau": c.tau,
+                "input_decay": c.input_decay, "mask_floor": c.mask_floor, "timesteps": c.timesteps, "seed": c.seed,
+                "ema": c.ema}
+
     def _save_state(self, path: Path, concept: Concept, opt, step: int, history: list, seconds: float) -> None:
         tensors = {k: getattr(concept, k).detach().cpu().contiguous()
                    for k in ("value_targets", "embedding", "i_star", "i_super")}
@@ -253,7 +274,8 @@ class ConceptTrainer:
                 if k in st:
                     tensors[f"adam.{name}.{k}"] = st[k].detach().cpu().reshape(-1 if k == "step" else st[k].shape)
         meta = {"step": str(step), "seconds": repr(seconds), "history": json.dumps(history),
-                "concept": concept.name, "super": concept.super_word, "base_model": concept.base_model}
+                "concept": concept.name, "super": concept.super_word, "base_model": concept.base_model,
+                "settings": json.dumps(self._settings())}
         atomic_write(path, save(tensors, metadata=meta))
 
     def _load_state(self, path: Path):
@@ -265,6 +287,13 @@ class ConceptTrainer:
                                                                      self.identity):
             raise PixArtError(f"{path}: a run of concept {meta['concept']!r} ({meta['super']}) on base model "
                               f"{meta['base_model']}; use another --run-dir or delete it")
+        saved, now = json.loads(meta.get("settings", "{}")), self._settings()
+        for key, value in saved.items():
+            if now.get(key) != value:
+                flag = f"--{key.replace('_', '-')}"
+                what = "on other --data images" if key == "data" else f"with {flag} {value}, not {now.get(key)}"
+                raise PixArtError(f"{path}: a run {what}; resume it with the same settings, or use another "
+                                  "--run-dir or delete it")
         t = load_file(path)
         state = {k: t[k] for k in ("value_targets", "embedding", "i_star", "i_super")}
         opt_state = None

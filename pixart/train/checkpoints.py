@@ -25,7 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from pixart.atomic import atomic_write
+from pixart.atomic import atomic_write, share_modes
 from pixart.checkpoint import EMA_FILE, LATEST_POINTER, MODEL_FILE, read_json, read_state_dict
 from pixart.errors import PixArtError
 
@@ -106,15 +106,22 @@ def save(run_dir: Path, step: int, engines: dict, files: dict[str, str], model_s
     _barrier()
     fault_point("mid-save", step)
     if _rank() == 0:
+        share_modes(tmp)  # safetensors writes 0600: teammates on a shared filesystem export and sample from it
         _fsync_tree(tmp)
         if final.exists():  # a save of this step already landed (re-run after a crash): keep one
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write(root / LATEST_POINTER, name)
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep_last)
     _barrier()
     return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` step folders, newest by number: step-1000000 comes after step-999000."""
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | None:

@@ -35,6 +35,16 @@ class ModelSection(Section):
     activation_memory_gb: float | None = Field(None, gt=0)  # None: free device memory x 0.9 - weights/optimizer
     compile: bool = False  # torch.compile each block (dynamic shapes: no recompiles across buckets)
 
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v):
+        from pixart.models.config import field_problem
+
+        for key, value in v.items():
+            if problem := field_problem(key, value):
+                raise ValueError(problem)
+        return v
+
     @field_validator("grad_checkpointing", mode="before")
     @classmethod
     def _checkpointing(cls, v):
@@ -154,16 +164,26 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def read_yaml(path: Path):
+    """A YAML file's contents ({} when empty), or one line naming the file and, for bad YAML, where it broke."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise PixArtError(f"{path}: not readable as UTF-8 text ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PixArtError(f"{path}: invalid YAML ({problem}{where})") from None
+
+
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """The YAML at `path` merged over its `base:` chain; relative paths in `base` are the file's."""
     if path in seen:
         raise PixArtError(f"{path}: circular base: {' -> '.join(map(str, seen + (path,)))}")
     if not path.is_file():
         raise PixArtError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise PixArtError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise PixArtError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)

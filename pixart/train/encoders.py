@@ -13,7 +13,10 @@ from .config import TrainConfig
 
 def cache_manifest(cfg: TrainConfig) -> Manifest | None:
     """The manifest beside the first feature shard (None for raw shards or remote URLs)."""
-    shards = resolve_shards(cfg.data.shards)
+    try:
+        shards = resolve_shards(cfg.data.shards)
+    except PixArtError as e:
+        raise PixArtError(f"data.shards: {e}") from None
     if not shards or is_url(shards[0]):
         return None
     return find_manifest(Path(shards[0]).parent)

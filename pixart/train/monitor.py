@@ -37,6 +37,18 @@ def peak_flops(configured_tflops: float | None) -> float | None:
     return None
 
 
+def read_log(path: Path) -> list[dict]:
+    """The rows of an append-only JSON-lines log, without a line a crash or a full disk tore (it is cut off when
+    the log is written again): a torn last line must not stop a run from resuming."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
+
 class Monitor:
     def __init__(self, run_dir: Path, resume_step: int, enabled: bool):
         self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
@@ -45,8 +57,7 @@ class Monitor:
         if not enabled:
             return
         if self.path.is_file():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.history = [r for r in rows if r["step"] <= resume_step]
+            self.history = [r for r in read_log(self.path) if r["step"] <= resume_step]
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         from torch.utils.tensorboard import SummaryWriter
 

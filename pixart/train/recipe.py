@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch.distributed as dist
-import yaml
 from pydantic import Field, model_validator
 
 from pixart.atomic import atomic_write
 from pixart.errors import PixArtError
 
-from .config import Section, load_train_config, validated
+from .config import Section, load_train_config, read_yaml, validated
 
 log = logging.getLogger("pixart.train")
 
@@ -85,15 +84,24 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise PixArtError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise PixArtError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    return validated(Recipe, data, str(path))
+    return validated(Recipe, read_yaml(path), str(path))
+
+
+def step_config(recipe_path: Path, step: Step, init: str | None):
+    """A training or distillation step's config, with `init` (an earlier step's output) as its starting weights."""
+    init_key = "teacher.init" if step.distill else "model.init"
+    sets = list(step.set) + ([f"{init_key}={init}"] if step.init else [])
+    if step.distill:
+        from pixart.distill.config import load_distill_config
+
+        return load_distill_config(recipe_path.parent / step.distill, sets)
+    return load_train_config(recipe_path.parent / step.config, sets)
 
 
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
-    """Run the recipe's steps in order; returns {step: its output checkpoint folder}."""
+    """Run the recipe's steps in order; returns {step: its output checkpoint folder}. Every step's config is
+    loaded first, so that a typo in the last stage's file stops the launch before the first stage trains."""
+    from pixart.distill.trainer import DistillTrainer
     from pixart.export.dit import ReparamConfig, convert_dit
 
     from .engine import init_distributed
@@ -101,6 +109,9 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
 
     recipe_path = Path(recipe_path).resolve()
     recipe = load_recipe(recipe_path)
+    for step in recipe.stages:
+        if step.reparam is None:
+            step_config(recipe_path, step, "<the output of an earlier step>")
     root = Path(run_dir or Path("runs") / recipe.name)
     init_distributed(recipe.collective_timeout_s)
     rank = dist.get_rank()
@@ -119,21 +130,13 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
             dist.barrier()
             outputs[step.name] = str(target)
             continue
-        init_key = "teacher.init" if step.distill else "model.init"
-        sets = list(step.set) + ([f"{init_key}={outputs[step.init]}"] if step.init else [])
-        if step.distill:
-            from pixart.distill.config import load_distill_config
-            from pixart.distill.trainer import DistillTrainer
-
-            cfg, kind = load_distill_config(recipe_path.parent / step.distill, sets), DistillTrainer
-        else:
-            cfg, kind = load_train_config(recipe_path.parent / step.config, sets), Trainer
+        cfg = step_config(recipe_path, step, outputs.get(step.init))
         done = is_done(out, cfg.train.max_steps)
         if done is not None:
             log.info("%s: done (%s), skipped", step.name, done)
             outputs[step.name] = str(done)
             continue
-        outputs[step.name] = str(kind(cfg, out).run())
+        outputs[step.name] = str((DistillTrainer if step.distill else Trainer)(cfg, out).run())
     if rank == 0:
         atomic_write(root / "launch.json", json.dumps({"recipe": str(recipe_path), "outputs": outputs}, indent=2))
     return outputs

@@ -52,7 +52,7 @@ from .ema import EMA
 from .encoders import cache_manifest, load_autoencoder, load_text_encoder
 from .engine import build_engine, init_distributed
 from .master import frozen_state, gather, master_fragments, scatter_into
-from .monitor import Monitor, peak_flops, train_flops_per_sample
+from .monitor import Monitor, peak_flops, read_log, train_flops_per_sample
 from .watchdog import StepWatchdog, watching_peers
 
 log = logging.getLogger("pixart.train")
@@ -100,7 +100,6 @@ class Trainer:
         self.device = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
-        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())
 
         self.model_config, init_state = resolve_model(cfg)
         torch.manual_seed(cfg.train.seed)  # the same fresh init on every rank
@@ -117,6 +116,7 @@ class Trainer:
         self.manifest = cache_manifest(cfg) if batches is None else None
         self._check_manifest()
         self.batches = batches if batches is not None else self._loader()
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())  # only now: a bad init or shard writes nothing
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.world)
         self.fragments = master_fragments(self.engine.module)
         # DeepSpeed builds bf16/fp16 masters from the low-precision copy: give them the exact fp32 init.
@@ -386,8 +386,8 @@ class _KeyLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            atomic_write(path, "".join(r + "\n" for r in rows))
+            rows = [r for r in read_log(path) if r["step"] <= resume_step]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, step: int, keys: list[str]) -> None:
         with open(self.path, "a") as f:
