@@ -142,18 +142,22 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
     return {"__key__": sample["__key__"], "jpg": buf.getvalue(), "json": json.dumps(out_meta).encode()}
 
 
-def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> None:
+def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> tuple[list[Path], Path]:
+    """The shards (and report) an --overwrite replaces, and an empty folder to write the new ones into: the old
+    set stays whole until the new one is (a kill in between leaves the old shards, and their report)."""
     for src in srcs:
         if Path(src).resolve().parent == out.resolve() and Path(src).name.startswith(prefix + "-"):
             raise PixArtError(f"--out {out} would overwrite the input {src}")
     old = sorted(out.glob(f"{prefix}-*.tar")) + ([out / REPORT] if (out / REPORT).exists() else [])
     if old and not overwrite:
         raise PixArtError(f"--out {out} already holds {prefix} shards; pass --overwrite to replace them")
-    for p in old + list(out.glob(f".{prefix}-*.tar.tmp")):
+    for p in out.glob(f".{prefix}-*.tar.tmp"):
         p.unlink()
-    for p in out.glob(".sam-spill-*"):  # left by a killed run
+    for p in [*out.glob(".sam-spill-*"), *out.glob(f".{prefix}-new")]:  # left by a killed run
         shutil.rmtree(p, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    new = out / f".{prefix}-new"
+    new.mkdir(parents=True)
+    return old, new
 
 
 def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig(),
@@ -162,7 +166,7 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
     if cfg.max_side < 1 or cfg.shard_size < 1 or cfg.hold_mb < 0:
         raise PixArtError("--max-side and --shard-size must be positive, --hold-mb not negative")
     srcs, out = resolve_shards(srcs), Path(out)
-    _prepare_out(out, srcs, overwrite, cfg.prefix)
+    old, new = _prepare_out(out, srcs, overwrite, cfg.prefix)
     report, writer = SamReport(), None
     bar = tqdm(desc="sam", unit="img", disable=not progress)
     try:
@@ -177,7 +181,7 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
                     bar.set_postfix(skipped=len(report.skipped))
                     continue
                 if writer is None:
-                    writer = ShardWriter(out / f"{cfg.prefix}-{len(report.shards):06d}.tar")
+                    writer = ShardWriter(new / f"{cfg.prefix}-{len(report.shards):06d}.tar")
                 writer.write(converted)
                 report.written += 1
                 if writer.count == cfg.shard_size:
@@ -193,12 +197,20 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         if writer is not None:
             report.shards.append(writer.close().name)
             writer = None
-    finally:
+        if report.written == 0 and report.damaged:  # not one sample read: not an SA-1B tar, rather than a bad one
+            d = report.damaged[0]
+            raise PixArtError(f"{d['source']}: no SA-1B sample could be read ({d['error']})")
+    except BaseException:
         if writer is not None:
             writer.abort()
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    finally:
         bar.close()
-    if report.written == 0 and report.damaged:  # not one sample read: not an SA-1B tar, rather than a bad one
-        d = report.damaged[0]
-        raise PixArtError(f"{d['source']}: no SA-1B sample could be read ({d['error']})")
+    for p in old:
+        p.unlink()
+    for name in report.shards:
+        os.replace(new / name, out / name)
+    new.rmdir()
     atomic_write(out / REPORT, json.dumps(asdict(report), indent=1))
     return report

@@ -134,6 +134,18 @@ def test_a_crashing_captioner_stops_the_job(world, tmp_path):
         Batcher(fake, 2, log=lambda m: None)([{"__key__": "a"}, {"__key__": "b"}])
 
 
+def unloadable(config):
+    """A captioner whose model cannot be loaded (its files there, but not a model)."""
+    raise PixArtError("--model m: cannot load (not a LLaVA checkpoint)")
+
+
+def test_a_model_that_will_not_load_leaves_no_output_folder(world, tmp_path):
+    out = tmp_path / "captions"
+    with pytest.raises(PixArtError, match="cannot load"):
+        relabel(world / "shapes", out, _cfg("tests.test_relabel_job:unloadable"), log=lambda m: None)
+    assert not out.exists()
+
+
 def test_decode_in_workers_or_not_same_bytes(world, tmp_path):
     for n in (0, 2):
         relabel(world / "shapes", tmp_path / str(n), _cfg(decode_workers=n), log=lambda m: None)

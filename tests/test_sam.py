@@ -93,6 +93,15 @@ def test_cli_and_refusals(srcs, tmp_path, capsys):
     assert "3 images in 1 shards" in capsys.readouterr().out
     with pytest.raises(PixArtError, match="--overwrite"):
         args.run(args)
+    # --overwrite with an input that fails: the old shards and their report stay as they were
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(PixArtError, match="no SA-1B sample could be read"):
+        ingest([str(tmp_path / "junk.tar")], out, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    args.overwrite = True
+    args.run(args)  # and a good one replaces them
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
     with pytest.raises(PixArtError, match="no such shard"):
         ingest([str(tmp_path / "missing.tar")], tmp_path / "x", progress=False)
     (tmp_path / "weights.pth").write_bytes(b"PK\x03\x04 not a tar at all" * 40)  # the wrong file given

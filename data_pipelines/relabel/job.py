@@ -561,6 +561,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     names = check_unique_names(urls)
     check_captioner(cfg.captioner)
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     cap = label(cfg.captioner.name)
 
@@ -591,6 +592,10 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
                         bar.set_postfix(shards=len(runs))
             else:
                 runs = _run_workers(todo, out, cfg, bar)
+        except BaseException:
+            if created and not any(out.iterdir()):  # a model that would not load: leave no empty --out behind
+                out.rmdir()
+            raise
         finally:
             bar.close()
     secs = time.perf_counter() - t0
