@@ -60,7 +60,7 @@ def test_a_rerun_resumes_bitwise(tiny_concept_setup, tmp_path):
         ConceptTrainer(_cfg(root, split, steps=6, data=str(other))).train(log=lambda *_: None)
 
 
-def test_the_covariance_is_saved_beside_the_checkpoint_and_reused(tiny_concept_setup, tmp_path):
+def test_the_covariance_is_saved_beside_the_checkpoint_and_reused(tiny_concept_setup, tmp_path, capsys):
     root = tmp_path / "root"
     shutil.copytree(tiny_concept_setup, root)
     ConceptTrainer(_cfg(root, tmp_path, steps=1))
@@ -69,6 +69,9 @@ def test_the_covariance_is_saved_beside_the_checkpoint_and_reused(tiny_concept_s
     c = load_file(saved[0])["C"]
     assert c.shape == (32, 32) and torch.allclose(c, c.T)
     assert torch.linalg.eigvalsh(c).min() > 0  # an uncentered second moment of enough tokens: positive definite
+    capsys.readouterr()
+    ConceptTrainer(_cfg(root, tmp_path, steps=1, captions=str(tmp_path / "other.txt")))
+    assert f"covariance: reusing {saved[0]}; --captions {tmp_path / 'other.txt'} not read" in capsys.readouterr().out
     ConceptTrainer(_cfg(root, tmp_path, steps=1, captions=None))  # no corpus needed any more
     (root / "ckpt" / saved[0].name).unlink()
     with pytest.raises(PixArtError, match="no covariance for this base model yet; pass --captions"):

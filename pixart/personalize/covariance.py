@@ -77,6 +77,8 @@ def load_or_estimate(ckpt: Path, identity: str, model, text_encoder, captions: s
     `captions` and saved there."""
     path = Path(path) if path else covariance_path(ckpt, identity)
     if path.is_file():
+        if captions is not None:  # say so: the corpus given is not what C was estimated from
+            print(f"covariance: reusing {path}; --captions {captions} not read (delete the file to estimate again)")
         return read_c_inv(path)
     if captions is None:
         raise PixArtError(f"{path}: no covariance for this base model yet; pass --captions (a text file or a "
