@@ -58,7 +58,7 @@ def check_attn_backend(backend: str) -> None:
             import xformers.ops  # noqa: F401
         except ImportError as e:
             raise PixArtError("attn_backend='xformers' but xformers is not installed: "
-                              "pip install 'pixart[xformers]'") from e
+                              "pip install -e '.[xformers]' in the pixart checkout") from e
 
 
 class Attention(nn.Module):
