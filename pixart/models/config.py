@@ -72,10 +72,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "model config") -> ModelConfig:
-        for key, value in data.items():
-            problem = field_problem(key, value)
-            if problem:
-                raise PixArtError(f"{source}: {problem}")
+        if problem := fields_problem(data):
+            raise PixArtError(f"{source}: {problem}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -95,3 +93,8 @@ def field_problem(name: str, value) -> str | None:
     if isinstance(value, bool) != (field.type == "bool") or not isinstance(value, types):
         return f"{name} must be {what}, got {value!r}"
     return None
+
+
+def fields_problem(data: dict) -> str | None:
+    """The first `field_problem` of a dict of ModelConfig fields, or None."""
+    return next((p for key, value in data.items() if (p := field_problem(key, value))), None)

@@ -38,11 +38,10 @@ class ModelSection(Section):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v):
-        from pixart.models.config import field_problem
+        from pixart.models.config import fields_problem
 
-        for key, value in v.items():
-            if problem := field_problem(key, value):
-                raise ValueError(problem)
+        if problem := fields_problem(v):
+            raise ValueError(problem)
         return v
 
     @field_validator("grad_checkpointing", mode="before")
