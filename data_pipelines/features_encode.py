@@ -46,7 +46,6 @@ class ShardResult:
     skipped: list[dict] = field(default_factory=list)
     missing_captions: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)  # valid tokens written, per source
-    text_bytes: int = 0  # bytes of text tensors (payload, no headers)
     feature_bytes: int = 0  # bytes of the .features.safetensors files
     buckets: dict[str, int] = field(default_factory=dict)  # "HxW" of target_hw -> samples written
     damaged: str = ""  # why the input tar broke off early; "" when it was read to the end
@@ -143,7 +142,6 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
                 res.tokens[src] = res.tokens.get(src, 0) + n
         for it, mean, std, text in zip(items, dist.mean, dist.std, texts, strict=True):
             sample = FeatureSample(it.key, mean.clone(), std.clone(), text, it.meta).to_wds()
-            res.text_bytes += sum(t.numel() * t.element_size() for t in text.values())
             res.feature_bytes += len(sample[FEATURES_EXT])
             ready[it.pos] = sample
             hw = f"{it.meta['target_hw'][0]}x{it.meta['target_hw'][1]}"

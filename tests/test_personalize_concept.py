@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pixart.errors import PixArtError
-from pixart.personalize.concept import Concept, concept_bytes, model_identity
+from pixart.personalize.concept import Concept, model_identity
 
 
 def _concept(depth=3, dim=8, text=16, seed=0):
@@ -31,7 +31,7 @@ def test_round_trip(tmp_path, precision):
     assert not list(tmp_path.glob(".*"))  # no temp file left
 
 
-def test_pixart_xl2_concept_is_at_most_100_kb():
+def test_pixart_xl2_concept_is_at_most_100_kb(tmp_path):
     """PixArt-XL/2 (depth 28, width 1152) with T5-v1.1-XXL (d_model 4096): 38,656 numbers, fp16."""
     from pixart.models import model_from_config
     from pixart.models.config import ModelConfig
@@ -40,9 +40,10 @@ def test_pixart_xl2_concept_is_at_most_100_kb():
         xl = model_from_config(ModelConfig(arch="pixart"))  # the defaults are PixArt-XL/2's
     depth, hidden = len(xl.blocks), xl.config.hidden_size
     assert (depth, hidden, xl.config.caption_channels) == (28, 1152, 4096)
-    size = concept_bytes(depth, hidden, xl.config.caption_channels)
+    concept = _concept(depth, hidden, xl.config.caption_channels)
+    size = concept.save(tmp_path / "xl.safetensors")
     assert 77_312 < size <= 100_000  # the tensors alone are 77,312 B; the rest is the header
-    assert concept_bytes(depth, hidden, 4096, "fp32") > 100_000  # why the file is stored in fp16
+    assert concept.save(tmp_path / "xl32.safetensors", "fp32") > 100_000  # why the file is stored in fp16
 
 
 def test_unreadable_or_foreign_files_are_refused(tmp_path):

@@ -3,9 +3,17 @@ import pytest
 import torch
 from torch import nn
 
-from pixart.personalize.edit import EditedProjection, GateSettings, c_inv_basis, edit_reference
+from pixart.personalize.edit import EditedProjection, GateSettings, c_inv_basis
 
 D, OUT = 8, 6
+
+
+def edit_reference(e, weight, c_inv, i_star, o_star, beta, tau):
+    """The paper's single-concept formula exactly as written (eq. 3): W(e - sim i*) + sigmoid((sim - beta)/tau) o*,
+    with sim = e^T C^-1 i* / (i*^T C^-1 i*)."""
+    energy = i_star @ c_inv @ i_star
+    sim = (e @ c_inv @ i_star) / energy
+    return (e - sim[..., None] * i_star) @ weight.T + torch.sigmoid((sim - beta) / tau)[..., None] * o_star
 
 
 def _setup(k=1, seed=0):

@@ -23,7 +23,6 @@ class NoiseSchedule:
     beta_end: float
     alphas_cumprod: Tensor = field(init=False)
     alphas_cumprod_prev: Tensor = field(init=False)
-    posterior_variance: Tensor = field(init=False)
     posterior_log_variance_clipped: Tensor = field(init=False)
 
     @classmethod
@@ -39,7 +38,7 @@ class NoiseSchedule:
         # var[0] is 0; IDDPM replaces it by var[1] so the log stays finite.
         log_var = torch.log(torch.cat([var[1:2], var[1:]]))
         for name, value in [("alphas_cumprod", ac), ("alphas_cumprod_prev", ac_prev),
-                            ("posterior_variance", var), ("posterior_log_variance_clipped", log_var)]:
+                            ("posterior_log_variance_clipped", log_var)]:
             object.__setattr__(self, name, value)
 
     @property

@@ -66,7 +66,6 @@ class TextEncoder:
         except Exception as e:
             raise load_error("T5 tokenizer", tok_src, tok_sub, e) from e
         self.model.to(c.device).eval().requires_grad_(False)
-        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dim(self) -> int:
@@ -89,9 +88,3 @@ class TextEncoder:
         ids, mask = ids.to(self.config.device), mask.to(self.config.device)
         feats = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return feats.to(self.dtype), mask
-
-    def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features/mask (1, L, D)/(1, L) of "" (diffusers' negative prompt for PixArt); cached."""
-        if self._empty is None:
-            self._empty = self.encode([""])
-        return self._empty

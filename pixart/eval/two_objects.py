@@ -50,16 +50,6 @@ def two_object_specs(every: int, holdout: int = 0, size: str = "large") -> list[
     return [_place(a, b, k * CELL_STRIDE, holdout, size) for k, (a, b) in enumerate(held_out_pairs(every))]
 
 
-def seen_pair_specs(every: int, n: int, seed: int = 0, holdout: int = 0, size: str = "large") -> list[Pair]:
-    """n distinct pairs of two colors the training data does show, in cells drawn by `seed`: prompts for
-    choosing sampler settings and for the seen-vs-held-out comparison, so held-out pairs stay unseen."""
-    seen = [(a, b) for i, a in enumerate(KINDS) for b in KINDS[i + 1:]
-            if a[1] != b[1] and not held_out_pair(a, b, every)]
-    rng = random.Random(seed)
-    return [_place(a, b, rng.randrange(len(CELL_PAIRS)), holdout, size)
-            for a, b in rng.sample(seen, min(n, len(seen)))]
-
-
 def pair_prompt(pair: Pair, width: int, height: int, seed: int = 0) -> str:
     """A dense caption of a clean, plain-background scene holding just the two objects, in the
     training captioner's words."""

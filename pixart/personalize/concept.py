@@ -84,11 +84,3 @@ def pixart_identity(model) -> str:
     proj = model.y_embedder.y_proj
     kv = [getattr(b.cross_attn.kv_linear, "linear", b.cross_attn.kv_linear).weight for b in model.blocks]  # edited?
     return model_identity([proj.fc1.weight, proj.fc2.weight], kv)
-
-
-def concept_bytes(depth: int, hidden: int, text_dim: int, dtype: str = "fp16") -> int:
-    """The size of a concept file for a model of this shape (read it off a model built on the meta device)."""
-    c = Concept("concept", "thing", torch.zeros(depth, hidden), torch.zeros(hidden), torch.zeros(hidden),
-                torch.zeros(text_dim), "sha256:" + "0" * 16)
-    tensors = {k: getattr(c, k).to(DTYPES[dtype]) for k in TENSORS}
-    return len(save(tensors, metadata=c.metadata()))

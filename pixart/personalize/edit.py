@@ -73,11 +73,3 @@ class EditedProjection(nn.Module):
         gate = torch.sigmoid((sims - betas) / taus)
         edited = F.linear(e_perp.to(w.dtype), w, b) + (gate @ self.targets(w).to(x.dtype)).to(base.dtype)
         return torch.where(named.view(-1, *([1] * (e.dim() - 1))), edited, base)
-
-
-def edit_reference(e: Tensor, weight: Tensor, c_inv: Tensor, i_star: Tensor, o_star: Tensor,
-                   beta: float, tau: float) -> Tensor:
-    """The single-concept formula exactly as written, for tests: W(e - sim i*) + sigmoid((sim - beta)/tau) o*."""
-    energy = i_star @ c_inv @ i_star
-    sim = (e @ c_inv @ i_star) / energy
-    return (e - sim[..., None] * i_star) @ weight.T + torch.sigmoid((sim - beta) / tau)[..., None] * o_star

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .master import Fragment, gather, scatter_into
+from .master import Fragment, scatter_into
 
 
 class EMA:
@@ -29,10 +29,6 @@ class EMA:
         if pairs:
             shadow, weights = zip(*pairs, strict=True)
             torch._foreach_lerp_(list(shadow), list(weights), 1.0 - self.decay_at(step))
-
-    def full_state(self, to_rank0_only: bool = True) -> dict[str, Tensor]:
-        """The whole EMA as fp32 tensors named like the model's parameters (a collective call)."""
-        return gather(self.fragments, self.shadow, to_rank0_only)
 
     def load_full_state(self, state: dict[str, Tensor], source: str) -> None:
         scatter_into(self.fragments, self.shadow, state, source)
