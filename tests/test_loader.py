@@ -194,12 +194,18 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
     with tarfile.open(tmp_path / "d.tar") as tar:
         cut = tar.getmembers()[9].offset  # exactly at a header: tarfile alone would not notice
     (tmp_path / "d.tar").write_bytes((tmp_path / "d.tar").read_bytes()[:cut])
+    with tarfile.open(tmp_path / "e.tar", "w") as tar:  # a member name twice: which one is meant is unknown
+        for name, data in [("dup.png", _png(32, 32, 0)), ("dup.png", _png(32, 32, 1)), ("dup.txt", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     loader = Loader(LoaderConfig(str(tmp_path), batch_size=4, resolution=32))
     keys = sum(keys_of(take(loader, 30)), [])  # about four epochs: each bad sample is counted once
     st = loader.stats
     assert st.skipped.get("bad image") == 1 and st.skipped.get("missing caption") == 1
+    assert st.skipped.get("duplicate file name") == 1
     assert st.damaged_shards == {str(tmp_path / "c.tar"): 1, str(tmp_path / "d.tar"): 1}
-    assert "bad_img" not in keys and "no_cap" not in keys and any(k.startswith("c") for k in keys)
+    assert not {"bad_img", "no_cap", "dup"} & set(keys) and any(k.startswith("c") for k in keys)
 
 
 def test_missing_or_empty_shards_error(tmp_path):

@@ -21,7 +21,7 @@ from PIL import Image
 from .buckets import Table, nearest_bucket, resize_crop
 from .schema import FEATURES_EXT, FeatureSample
 from .shards import shard_name
-from .tars import IMAGE_EXTS, decode_image, read_tar
+from .tars import DUPLICATE, IMAGE_EXTS, decode_image, read_tar
 
 log = logging.getLogger("pixart.data")
 
@@ -127,6 +127,8 @@ class Decoder:
         return nearest_bucket(*self._raw_hw(raw), self.table)[0]
 
     def decode(self, raw: dict, epoch: int) -> Item:
+        if DUPLICATE in raw:
+            raise BadSample("duplicate file name")
         try:
             return self._features(raw, epoch) if self.kind == "features" else self._raw(raw, epoch)
         except BadSample:

@@ -22,6 +22,7 @@ from pathlib import Path
 from .remote import ForwardSeeking, open_shard
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+DUPLICATE = "__duplicate__"  # a sample holding two members of one name: which one is meant is unknown
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
@@ -46,6 +47,8 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
                         sample = None
                     if sample is None:
                         sample = {"__key__": key, "__url__": url}
+                    if ext in sample:  # webdataset refuses the sample; decoding it raises (a counted skip)
+                        sample[DUPLICATE] = f"{key}.{ext}"
                     sample[ext] = tar.extractfile(member).read()
                 check_archive_end(tar, seekable)
         finally:
@@ -66,9 +69,10 @@ def is_plain_tar(stream) -> bool:
 
 
 def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
-    """(key, ext) of a regular file `dir/key.ext`, split as webdataset does; None for anything else."""
+    """(key, ext) of a regular file `dir/key.ext`, split as webdataset does, extension lowercased
+    (`KEY.JPG` is a jpg, as webdataset's `group_by_keys`); None for anything else."""
     m = _KEY_EXT.match(member.name) if member.isfile() else None
-    return None if m is None else (m.group(1), m.group(2))
+    return None if m is None else (m.group(1), m.group(2).lower())
 
 
 def check_archive_end(tar: tarfile.TarFile, seekable: bool) -> None:
@@ -94,6 +98,8 @@ def decode_image(sample: dict):
     PIL raises many types for broken files, so every decoding error is turned into one."""
     from PIL import Image
 
+    if DUPLICATE in sample:
+        raise ValueError(f"duplicate file name {sample[DUPLICATE]}")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError("no image")

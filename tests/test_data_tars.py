@@ -1,0 +1,57 @@
+"""Reading tars as webdataset does: our samples are checked against webdataset's own grouping
+(`wds.WebDataset`, whose `group_by_keys` splits `dir/key.ext` at the first dot of the file name and
+lowercases the extension) on member names found in public shards."""
+import io
+import tarfile
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pixart.data.tars import decode_image, read_tar
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _plain(sample: dict) -> dict:
+    """The key and the members (webdataset also adds where it read the sample from)."""
+    return {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+
+
+def test_samples_are_grouped_as_webdataset_groups_them(tmp_path):
+    jpg = _jpeg()
+    path = _tar(tmp_path / "s.tar", [
+        ("000001.JPG", jpg), ("000001.TXT", b"a red square"),  # upper-case extensions, as cameras write them
+        ("dir.v1/000002.jpg", jpg), ("dir.v1/000002.txt", b"x"),  # a dot in the folder name
+        ("000003.seg.png", jpg), ("000003.jpg", jpg),  # an extension with a dot
+    ])
+    ours = [_plain(s) for s in read_tar(path)]
+    theirs = [_plain(s) for s in wds.WebDataset(path, shardshuffle=False)]
+    assert ours == theirs
+    assert [s["__key__"] for s in ours] == ["000001", "dir.v1/000002", "000003"]
+    assert ours[0]["txt"] == b"a red square"
+    assert decode_image(ours[0]).size == (8, 8)  # KEY.JPG is an image, not "no image"
+
+
+def test_a_sample_with_two_members_of_one_name_is_refused(tmp_path):
+    jpg = _jpeg()
+    path = _tar(tmp_path / "d.tar", [("a.jpg", jpg), ("a.jpg", jpg), ("a.txt", b"x"), ("b.jpg", jpg)])
+    with pytest.raises(ValueError, match="duplicate"):  # webdataset refuses the whole stream
+        list(wds.WebDataset(path, shardshuffle=False))
+    first, second = read_tar(path)  # we refuse the sample and read on
+    with pytest.raises(ValueError, match="duplicate file name a.jpg"):
+        decode_image(first)
+    assert decode_image(second).size == (8, 8)
