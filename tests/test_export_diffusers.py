@@ -130,3 +130,49 @@ def test_pipeline_export_checks_the_text_encoder_width(tmp_path, tiny_parts):
     with pytest.raises(PixArtError, match="has width 32, the model expects caption_channels=64"):
         export(model, tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
     assert not (tmp_path / "pipe").exists()
+
+
+def test_pipeline_export_of_a_micro_conditioned_model_needs_sample_size_128(tmp_path, tiny_parts):
+    """diffusers' PixArtAlphaPipeline builds the resolution and aspect-ratio conditions only when the
+    transformer's sample_size is 128 (pipeline_pixart_alpha.py, "Prepare micro-conditions"): any other
+    PixArtMS pipeline fails at its first step, so the export refuses to write one."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from pixart.diffusion import NoiseSchedule, make_scheduler
+    from pixart.export.diffusers import PipelineParts, to_diffusers_transformer
+
+    t5, vae = tiny_parts
+    model = tiny("PixArtMS-S/2", input_size=8)
+    tokenizer, text_encoder = AutoTokenizer.from_pretrained(t5), T5EncoderModel.from_pretrained(t5)
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                               vae=None, transformer=to_diffusers_transformer(model),
+                               scheduler=make_scheduler("dpm-solver++", NoiseSchedule.linear(), "epsilon"))
+    with pytest.raises(AttributeError):  # diffusers itself: the conditions it did not build are None
+        pipe("a red cat", num_inference_steps=1, height=64, width=64, use_resolution_binning=False,
+             output_type="latent")
+    with pytest.raises(PixArtError, match="only at sample_size 128"):
+        export(model, tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
+    assert not (tmp_path / "pipe").exists()
+    export(model, tmp_path / "transformer-only")  # the transformer alone, called with added_cond_kwargs
+    assert isinstance(PixArtTransformer2DModel.from_pretrained(tmp_path / "transformer-only", subfolder="transformer"),
+                      PixArtTransformer2DModel)
+
+
+def test_the_null_caption_snippet_of_the_export_page_runs(tmp_path, tiny_parts):
+    """docs/export.md's call with the exported null caption, on a tiny pipeline (diffusers refuses a prompt
+    beside negative_prompt_embeds, so the page passes embeddings for both)."""
+    import re
+    from pathlib import Path
+
+    from pixart.export.diffusers import PipelineParts
+
+    t5, vae = tiny_parts
+    export(tiny("PixArt-S/2", input_size=8), tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
+    page = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "null_caption" in b)
+    snippet = snippet.replace('"export/pixart-xl2"', repr(str(tmp_path / "pipe"))).replace(
+        "num_inference_steps=20", "num_inference_steps=2, height=16, width=16, use_resolution_binning=False")
+    scope = {}
+    exec(snippet, scope)  # noqa: S102 (our own docs)
+    assert scope["image"].size == (16, 16)

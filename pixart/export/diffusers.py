@@ -91,6 +91,9 @@ class PipelineParts:
     vae: str | None  # None: a pixel-space model; load with from_pretrained(..., vae=None), decode yourself
 
 
+PIPELINE_MS_SIZE = 128  # PixArtAlphaPipeline computes resolution/aspect_ratio conditions only for this sample_size
+
+
 def one_step_scheduler(prediction_type: str):
     """A one-step student's scheduler, as the released PixArt-DMD ships: DDPM, whose step returns the
     pred_original_sample that PixArtAlphaPipeline takes for num_inference_steps=1 (DPM-Solver's does not);
@@ -107,6 +110,12 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
     The default scheduler is DPM-Solver++ for the model's `prediction_type`; a one-step `student`
     ({"start_timestep"}) gets a DDPM scheduler and `out/student.json`, the call that samples it:
     pipe(prompt, num_inference_steps=1, timesteps=[start], guidance_scale=1)."""
+    if parts is not None and model.config.micro_conditions and model.config.input_size != PIPELINE_MS_SIZE:
+        raise PixArtError(
+            f"export: a pipeline of a size/aspect-conditioned (PixArtMS) model at input_size "
+            f"{model.config.input_size}: diffusers' PixArtAlphaPipeline passes those conditions only at "
+            f"sample_size {PIPELINE_MS_SIZE} (1024 px) and fails without them; export the transformer alone "
+            "(no --text-encoder, --tokenizer, --vae) and call it with added_cond_kwargs, or use `pixart sample`")
     transformer = to_diffusers_transformer(model)
     null = {"y_embedding": model.y_embedder.y_embedding.detach().float().contiguous()}
     if parts is not None:
