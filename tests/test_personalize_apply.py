@@ -90,7 +90,7 @@ def test_diffusers_applies_the_same_edit(trained):
     # the pipeline: one call teaches its tokenizer and T5 the word, and edits its transformer
     pipe = PixArtAlphaPipeline.from_pretrained(out / "export", vae=None)
     pd.apply_concepts(pipe, [out / "zork.safetensors"], cov)
-    embeds, pmask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, clean_caption=False,
+    embeds, pmask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, clean_caption=True,
                                              max_sequence_length=16)
     torch.testing.assert_close(embeds, y, rtol=0, atol=1e-5)
     assert torch.equal(pmask.long(), mask)

@@ -25,7 +25,7 @@ class Drawer:
         self.latent = FINAL_SIDE // self.decoder.downsample_factor
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, clean_caption=False,
+        embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, clean_caption=True,
                                                      max_sequence_length=MAX_TOKENS)
         return embeds, mask
 

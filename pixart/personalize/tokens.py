@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 from transformers import AddedToken
 
+from pixart.encoders.captions import clean_caption
 from pixart.errors import PixArtError
 
-_WORD = re.compile(r"^[a-z][a-z0-9_]*$")
+_WORD = re.compile(r"^[a-z][a-z0-9]*$")  # no "_": the cleaning makes it a space in some captions
 
 
 def super_token(tokenizer, word: str) -> int:
@@ -27,7 +28,10 @@ def add_concept_token(tokenizer, text_model, name: str) -> int:
     """Add `name` as one token (a whole lower-case word, eating the space before it as T5's pieces do);
     returns its id, growing the embedding table when the tokenizer has no spare row for it."""
     if not _WORD.match(name):
-        raise PixArtError(f"--concept {name!r}: a concept name is one lower-case word (letters, digits, _)")
+        raise PixArtError(f"--concept {name!r}: a concept name is one lower-case word (letters and digits)")
+    if clean_caption(name) != name:  # PixArt's cleaning drops product-code-like words ("sks1234") from captions
+        raise PixArtError(f"--concept {name!r}: PixArt's caption cleaning, which every prompt goes through, turns it "
+                          f"into {clean_caption(name)!r}; choose another word")
     if name not in tokenizer.get_added_vocab() and (name in tokenizer.get_vocab() or len(tokenizer.tokenize(name)) < 2):
         raise PixArtError(f"--concept {name!r} is already a word of the tokenizer's vocabulary, which the concept "
                           "would take over in every prompt; choose a new word")
