@@ -83,12 +83,14 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
 
 def test_deepspeed_json_sets_the_batch_and_keeps_the_users_other_keys(tmp_path):
     ds = tmp_path / "ds.json"
-    ds.write_text('{"zero_optimization": {"overlap_comm": true, "stage": 0}, "fp16": {"loss_scale_window": 500}}')
+    ds.write_text('{"zero_optimization": {"overlap_comm": true, "stage": 0}, "fp16": {"loss_scale_window": 500}, '
+                  '"bf16": {"immediate_grad_update": true, "enabled": true}}')
     path = write(tmp_path / "c.yaml", {"data": {"shards": "x", "batch_size": 6},
                                        "optim": {"grad_accum": 2, "grad_clip": 0.01},
                                        "deepspeed": {"zero_stage": 2, "precision": "fp16", "config": str(ds)}})
     out = deepspeed_config(load_train_config(path), world_size=8)
     assert out["train_batch_size"] == 6 * 2 * 8 and out["gradient_accumulation_steps"] == 2
     assert out["zero_optimization"] == {"overlap_comm": True, "stage": 2}
-    assert out["fp16"] == {"loss_scale_window": 500, "enabled": True} and out["bf16"] == {"enabled": False}
+    assert out["fp16"] == {"loss_scale_window": 500, "enabled": True}
+    assert out["bf16"] == {"immediate_grad_update": True, "enabled": False}  # the stage config says which precision
     assert out["gradient_clipping"] == 0.01

@@ -1,12 +1,13 @@
 """The DeepSpeed engine's optimizer: torch's fused AdamW, which must step exactly like the plain one."""
 import copy
 
+import pytest
 import torch
 from tolerance import reordered
 
 from pixart.models import build_model
 from pixart.train.config import TrainConfig
-from pixart.train.engine import build_engine, init_distributed, warmup_lambda
+from pixart.train.engine import build_engine, init_distributed
 
 
 def _tiny():
@@ -37,10 +38,21 @@ def test_engine_uses_fused_adamw_that_steps_like_the_default():
         torch.testing.assert_close(p, q, **reordered(q), msg=name)  # the same gradients: only the kernel differs
 
 
-def test_warmup_is_linear_then_flat():
-    f = warmup_lambda(4)
-    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_lambda(0)(0) == 1.0
+def test_warmup_is_pixarts_linear_from_zero_then_flat():
+    """PixArt-alpha's build_lr_scheduler (diffusion/utils/lr_scheduler.py) is diffusers'
+    get_constant_schedule_with_warmup, stepped after each optimizer step (train_scripts/train.py): the first
+    update runs at lr 0, the (warmup + 1)-th at the full lr."""
+    init_distributed()
+    for warmup, want in [(4, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]), (0, [1.0, 1.0])]:
+        cfg = TrainConfig.model_validate({"stage": "t", "data": {"shards": "unused"}, "optim": {
+            "lr": 1e-3, "warmup_steps": warmup, "grad_clip": 0}, "deepspeed": {"precision": "fp32"}})
+        engine, _, _ = build_engine(_tiny(), cfg, world_size=1)
+        lrs = []
+        for _ in want:
+            lrs.append(engine.get_lr()[0])
+            engine.backward(sum(p.sum() for p in engine.module.parameters()))
+            engine.step()
+        assert lrs == pytest.approx([1e-3 * w for w in want], abs=1e-12)
 
 
 def test_a_group_of_one_does_not_build_the_shared_memory_op(tmp_path):

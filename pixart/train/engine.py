@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,17 +78,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         gradient_clipping=cfg.optim.grad_clip,
         steps_per_print=10 ** 9,  # our own logging
         wall_clock_breakdown=False,
-        bf16={"enabled": precision == "bf16"},
+        bf16={**ds.get("bf16", {}), "enabled": precision == "bf16"},
         fp16={**ds.get("fp16", {}), "enabled": precision == "fp16"},
     )
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.deepspeed.zero_stage}
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW: ZeRO only partitions its state
     return ds
-
-
-def warmup_lambda(warmup_steps: int):
-    """PixArt's schedule: linear warmup from 0, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
@@ -98,13 +94,15 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     linear layer, and no hooks inside a compiled block's forward."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
+    from diffusers.optimization import get_constant_schedule_with_warmup
 
     o = cfg.optim
     if cfg.deepspeed.zero_stage == 3:  # the blocks of every DiT or PixArt inside `model` (a wrapper's too)
         set_z3_leaf_modules(model, list({type(m.blocks[0]) for m in model.modules() if isinstance(m, (DiT, PixArt))}))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(o.warmup_steps))  # noqa: E731
+    # PixArt's own schedule (diffusion/utils/lr_scheduler.py): linear warmup from lr 0 at the first step, then flat
+    schedule = partial(get_constant_schedule_with_warmup, num_warmup_steps=o.warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size))
     if world_size == 1 and cfg.deepspeed.zero_stage == 0:
