@@ -35,6 +35,7 @@ from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, fi
 from pixart.data.remote import remote_identity
 from pixart.data.shards import check_unique_names, is_url, resolve_shards
 from pixart.errors import PixArtError
+from pixart.lifetime import die_with
 
 DONE = ".done"  # one record per finished shard: the ground truth the manifest is rebuilt from
 DEFAULT_RESOLUTION = 256
@@ -305,9 +306,10 @@ def _commit(out: Path, res: ShardResult, url: str) -> None:
 _WORKER: tuple | None = None  # (job with this worker's device, progress queue), set once per process
 
 
-def _init_worker(job: Job, progress_q, slots) -> None:
+def _init_worker(job: Job, progress_q, slots, job_pid: int) -> None:
     """Pick this worker's GPU (worker i -> cuda:i mod count) and load the encoders once."""
     global _WORKER
+    die_with(job_pid)
     slot = slots.get()
     for part in (job.text_encoder, job.vae or {}):
         if part.get("device") == "cuda":
@@ -344,7 +346,8 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
     todo = [i for i in mine if names[i] not in done]
     url_of = dict(zip(names, urls, strict=True))
     for i in todo:  # a killed run's half-written tar is never trusted
-        (out / f".{names[i]}.tar.tmp").unlink(missing_ok=True)
+        for tmp in out.glob(f".{names[i]}.tar.tmp*"):
+            tmp.unlink(missing_ok=True)
     results: list[ShardResult] = []
     damaged: list[ShardResult] = []
     bar = tqdm(desc=f"features {len(todo)} shards", unit="img", disable=not progress)
@@ -388,7 +391,7 @@ def _run_pool(workers: int, job: Job, tasks: list, bar, finish) -> None:
         slots.put(s)
     job = dataclasses.replace(job, threads=max(1, (os.cpu_count() or 1) // workers))
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(job, progress_q, slots)) as pool:
+                             initargs=(job, progress_q, slots, os.getpid())) as pool:
         pending = {pool.submit(_work, url, name, caps) for url, name, caps in tasks}
         try:
             while pending:

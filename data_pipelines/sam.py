@@ -151,7 +151,7 @@ def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> tu
     old = sorted(out.glob(f"{prefix}-*.tar")) + ([out / REPORT] if (out / REPORT).exists() else [])
     if old and not overwrite:
         raise PixArtError(f"--out {out} already holds {prefix} shards; pass --overwrite to replace them")
-    for p in out.glob(f".{prefix}-*.tar.tmp"):
+    for p in out.glob(f".{prefix}-*.tar.tmp*"):
         p.unlink()
     for p in [*out.glob(".sam-spill-*"), *out.glob(f".{prefix}-new")]:  # left by a killed run
         shutil.rmtree(p, ignore_errors=True)

@@ -372,7 +372,9 @@ def write_shapes(out_dir: str | os.PathLike, count: int, seed: int = 0, resoluti
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers) as pool:
+        from pixart.lifetime import die_with
+
+        with ProcessPoolExecutor(workers, initializer=die_with, initargs=(os.getpid(),)) as pool:
             for fut in as_completed([pool.submit(_write_shard, *job) for job in jobs]):
                 n = fut.result()
                 progress and progress(n)

@@ -55,3 +55,23 @@ def test_a_sample_with_two_members_of_one_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match="duplicate file name a.jpg"):
         decode_image(first)
     assert decode_image(second).size == (8, 8)
+
+
+def test_two_writers_of_one_shard_never_rename_each_others_half(tmp_path):
+    """A killed run's leftover worker and its rerun write the same shard: each renames only its own file, and
+    a writer whose file the rerun deleted as stale fails rather than publishing another's."""
+    from pixart.data.tars import ShardWriter
+
+    path = tmp_path / "s.tar"
+    orphan = ShardWriter(path)
+    orphan.write({"__key__": "a", "txt": b"from the orphan"})
+    for stale in tmp_path.glob(".s.tar.tmp*"):  # what a rerun does first
+        stale.unlink()
+    rerun = ShardWriter(path)
+    rerun.write({"__key__": "a", "txt": b"from the rerun"})
+    with pytest.raises(FileNotFoundError):
+        orphan.close()
+    assert not path.exists()
+    rerun.close()
+    assert [s["txt"] for s in read_tar(str(path))] == [b"from the rerun"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar"]

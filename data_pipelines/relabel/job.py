@@ -30,8 +30,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import signal
-import threading
 import time
 import traceback
 from collections import Counter
@@ -48,6 +46,7 @@ from pixart.atomic import atomic_write
 from pixart.data.shards import check_unique_names, resolve_shards
 from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
 from pixart.errors import PixArtError
+from pixart.lifetime import die_with, die_with_parent
 
 
 @dataclass
@@ -246,7 +245,7 @@ def _loader(url: str, done: frozenset, image_size: int | None, cfg: RelabelConfi
     fork = "fork" if "fork" in mp.get_all_start_methods() else None  # cheap: the captioner's memory is shared
     return torch.utils.data.DataLoader(_Items(url, done, image_size), batch_size=None, collate_fn=_keep,
                                        num_workers=cfg.decode_workers, prefetch_factor=max(2, cfg.batch_size),
-                                       worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+                                       worker_init_fn=functools.partial(die_with_parent, os.getpid()),
                                        multiprocessing_context=fork)
 
 
@@ -415,42 +414,6 @@ def _caption_batch(batcher: Batcher, batch: list[dict], base: dict, cfg: Relabel
 
 # ---------------------------------------------------------------- the job
 
-def _die_with_parent(parent: int, *_) -> None:
-    """Decode processes must not outlive their job worker `parent` (a killed job's orphans hang on
-    full queues): on Linux they get SIGKILL when it dies. `parent` is taken before the fork: one that
-    died in between is seen here as another parent pid."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-
-
-def _watch(job_pid: int) -> None:
-    """A job worker dies within 0.1 s of the job's main process (its parent is the forkserver, so a
-    parent-death signal would not do). Until then it holds its shard's lock: a rerun waits for it."""
-    def loop():
-        while _alive(job_pid):
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=loop, daemon=True).start()
-
-
 def _on_device(cfg: RelabelConfig, slot: int) -> RelabelConfig:
     """Worker j of this node on cuda:(j mod GPUs)."""
     if cfg.captioner.device == "cuda" and cfg.workers > 1:
@@ -460,7 +423,7 @@ def _on_device(cfg: RelabelConfig, slot: int) -> RelabelConfig:
 
 
 def _worker(slot: int, tasks: list[tuple[str, str]], out: str, cfg: RelabelConfig, q, job_pid: int) -> None:
-    _watch(job_pid)
+    die_with(job_pid)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         cfg = _on_device(cfg, slot)

@@ -15,6 +15,7 @@ import io
 import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,20 +132,17 @@ def iter_samples(url: str, damage: TarDamage | None = None) -> Iterator[dict]:
         yield sample
 
 
-def fsync_replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 class ShardWriter:
-    """Write one tar to `.NAME.tmp` beside `path`; `close()` renames it into place, `abort()` drops it."""
+    """Write one tar to a `.NAME.tmp-*` file of its own beside `path`; `close()` renames it into place,
+    `abort()` drops it. Its own, so that a killed run's leftover process and the rerun never rename each
+    other's half-written file into place (a rerun may delete `.NAME.tmp*` files: their writers then fail)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tar = tarfile.open(self.tmp, "w")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+        self.tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w")
         self.count = 0
 
     def write(self, sample: dict) -> None:
@@ -159,9 +157,13 @@ class ShardWriter:
 
     def close(self) -> Path:
         self._tar.close()
-        fsync_replace(self.tmp, self.path)
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the bytes this writer wrote, not whatever file has the name now
+        self._file.close()
+        os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         self._tar.close()
+        self._file.close()
         self.tmp.unlink(missing_ok=True)
