@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from braceexpand import braceexpand
 
@@ -56,8 +57,17 @@ def resolve_shards(specs: str | os.PathLike | list) -> list[str]:
 
 
 def shard_name(url: str) -> str:
-    """The shard's file name without `.tar`: the key for its sidecar outputs."""
-    name = url.rstrip("/").split("/")[-1].split()[-1]
+    """The shard's file name without `.tar`: the key for its sidecar outputs. For `pipe:CMD`, the last word
+    of the command that names a `.tar` (`pipe:aws s3 cp s3://b/sa-000000.tar -` is `sa-000000`); for a URL, its
+    path's (no query string); for a local path, its file name, spaces and all."""
+    if url.startswith("pipe:"):
+        words = [w for w in url[5:].split() if ".tar" in w]
+        if not words:
+            raise PixArtError(f"{url}: the pipe: command names no .tar file, so its outputs would have no name")
+        url = words[-1]
+    if "://" in url:
+        url = urlsplit(url).path
+    name = url.rstrip("/").split("/")[-1]
     return name[:-4] if name.endswith(".tar") else name
 
 
