@@ -172,8 +172,12 @@ def _caption_files(urls: list[str], names: list[str], cfg: FeatureConfig) -> lis
 
 def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], Manifest, Job, list[dict]]:
     """Check everything that can be checked before any work: shards, names, captions, encoders."""
-    if bool(cfg.vae) == bool(cfg.pixel_autoencoder):
+    if bool(cfg.vae) == (cfg.pixel_autoencoder is not None):
         raise PixArtError("give exactly one of --vae PATH or --pixel-autoencoder")
+    if cfg.pixel_autoencoder is not None and cfg.pixel_autoencoder < 1:
+        raise PixArtError(f"--pixel-factor must be positive, got {cfg.pixel_autoencoder}")
+    if cfg.resolution is not None and cfg.resolution < 1:
+        raise PixArtError(f"--resolution must be positive, got {cfg.resolution}")
     if cfg.resolution and cfg.buckets:
         raise PixArtError("give --resolution or --buckets, not both")
     if not cfg.pixel_scale > 0:

@@ -80,7 +80,8 @@ def encode_text(te, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def read_captions(path: str | None) -> dict[str, str]:
-    """A sidecar `<shard>.<captioner>.jsonl`: one {"__key__", "caption"} per line."""
+    """A sidecar `<shard>.<captioner>.jsonl`: one {"__key__", "caption"} per line, the caption a string, or null
+    where the relabeling job failed (a missing caption, counted)."""
     if path is None:
         return {}
     out = {}
@@ -89,9 +90,13 @@ def read_captions(path: str | None) -> dict[str, str]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    out[row["__key__"]] = row["caption"]
+                    key, caption = row["__key__"], row["caption"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise PixArtError(f"{path}:{n}: not a caption line ({type(e).__name__}: {e})") from None
+                if not isinstance(caption, str | None):
+                    raise PixArtError(f"{path}:{n}: caption is a {type(caption).__name__}, not a string")
+                if caption is not None:
+                    out[key] = caption
     return out
 
 

@@ -137,7 +137,10 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
     info = dict(meta["image"])
     info.update(width=nw, height=nh, orig_width=fw, orig_height=fh,
                 scale_x=round(frame.sx, 6), scale_y=round(frame.sy, 6))
-    anns = [_scale_annotation(a, frame, cfg.keep_masks) for a in meta.get("annotations", [])]
+    try:
+        anns = [_scale_annotation(a, frame, cfg.keep_masks) for a in meta.get("annotations") or []]
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a field of another type or shape
+        raise BadSample(f"bad annotation ({type(e).__name__}: {e})") from None
     out_meta = {"width": nw, "height": nh, "image": info, "num_annotations": len(anns), "annotations": anns}
     return {"__key__": sample["__key__"], "jpg": buf.getvalue(), "json": json.dumps(out_meta).encode()}
 

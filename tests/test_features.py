@@ -211,6 +211,11 @@ def test_refusals_before_any_work(enc, raw, tmp_path):
         extract_features(raw, out, _cfg(enc, captions=("txt", "llava")), progress=False)
     with pytest.raises(PixArtError, match="would overwrite the input"):
         extract_features(raw, raw, _cfg(enc), progress=False)
+    for bad, message in [({"resolution": -32}, "--resolution must be positive, got -32"),
+                         ({"resolution": 0}, "--resolution must be positive, got 0"),
+                         ({"vae": None, "pixel_autoencoder": 0}, "--pixel-factor must be positive, got 0")]:
+        with pytest.raises(PixArtError, match=message):
+            extract_features(raw, out, _cfg(enc, **bad), progress=False)
     assert not out.exists()
     extract_features(raw / "shard-000002.tar", out, _cfg(enc), progress=False)
     with pytest.raises(PixArtError, match="made with resolution 32 .this run: 64.; pass --overwrite"):
@@ -314,3 +319,18 @@ def test_pixel_scale_must_be_positive(enc, raw, tmp_path):
     with pytest.raises(PixArtError, match="--pixel-scale must be positive, got 0.0"):
         extract_features(raw, tmp_path / "bad", cfg, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_caption_sidecar_lines_are_checked(tmp_path):
+    """The relabeling job's lines (data_pipelines/relabel/job.py): a string, or null where it failed."""
+    from data_pipelines.features_encode import read_captions
+
+    path = tmp_path / "s.llava.jsonl"
+    path.write_text('{"__key__": "a", "caption": "a cat"}\n{"__key__": "b", "caption": null, "status": "failed"}\n')
+    assert read_captions(str(path)) == {"a": "a cat"}
+    for bad, message in [('{"__key__": "c", "caption": 123}', ":2: caption is a int, not a string"),
+                         ('{"__key__": "c", "caption": {"text": "x"}}', ":2: caption is a dict"),
+                         ('{"key": "c"}', ":2: not a caption line")]:
+        path.write_text('{"__key__": "a", "caption": "a cat"}\n' + bad + "\n")
+        with pytest.raises(PixArtError, match=message):
+            read_captions(str(path))

@@ -73,3 +73,17 @@ def test_a_folder_and_its_bad_masks(tmp_path):
     (tmp_path / "masks" / "a.png").unlink()
     (item,) = read_concept_images(str(tmp_path))
     assert item.mask is None and item.caption is None
+
+
+def test_bad_samples_of_shards_are_skipped_and_said_and_a_folder_of_shards_is_read(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _tar(shards / "a.tar", {"0": {"png": _png(8, 8), "txt": b"a zork"},
+                            "1": {"png": b"not a png"},
+                            "2": {"png": _png(8, 8), "json": b"{not json"},
+                            "3": {"png": _png(8, 8), "json": b'{"objects": [{"bbox": "x"}], "width": 8, "height": 8}'}})
+    (item,) = read_concept_images(str(shards))  # a folder of shards, not of images
+    assert item.caption == "a zork"
+    out = capsys.readouterr().out
+    assert [line.split(" skipped ")[1].split(" ")[0] for line in out.splitlines()] == ["1", "2", "3"]
+    assert "cannot read image" in out and "JSONDecodeError" in out

@@ -303,3 +303,17 @@ def test_repacked_tar_names_lose_their_dot_slash(tmp_path):
     _write_tar(tmp_path / "sa.tar", [("./sa_1.jpg", _jpg(24, 36)), ("./sa_1.json", _sa1b_json(1, []))])
     ingest([str(tmp_path / "sa.tar")], tmp_path / "o", progress=False)
     assert [s["__key__"] for s in _samples(tmp_path / "o")] == ["sa_1"]
+
+
+def test_an_annotation_of_another_shape_skips_its_sample(tmp_path, frame_annotations):
+    """SA-1B's annotations (its README: bbox a list of 4 numbers, area a number, point_coords a list of [x, y])
+    written wrong are one bad sample, counted with its reason; the others are still converted."""
+    good = frame_annotations[0]
+    bad = {1: dict(good, bbox=None), 2: dict(good, area="914"), 3: dict(good, point_coords=[[1.0]]), 4: "an annotation"}
+    members = [m for i, ann in bad.items()
+               for m in ((f"sa_{i}.jpg", _jpg(750, 1125)), (f"sa_{i}.json", _sa1b_json(i, [ann])))]
+    members += [("sa_5.jpg", _jpg(750, 1125)), ("sa_5.json", _sa1b_json(5, [good]))]
+    _write_tar(tmp_path / "sa.tar", members)
+    report = ingest([str(tmp_path / "sa.tar")], tmp_path / "o", progress=False)
+    assert report.written == 1 and [s["key"] for s in report.skipped] == ["sa_1", "sa_2", "sa_3", "sa_4"]
+    assert all(s["reason"].startswith("bad annotation (") for s in report.skipped)

@@ -100,9 +100,13 @@ def _json_mask(meta: dict, size: tuple[int, int]) -> np.ndarray | None:
     return None
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def read_folder(folder: Path) -> list[ConceptImage]:
     out = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in _image_files(folder):
         image = _open_image(path, str(path))
         mask_path = folder / "masks" / f"{path.stem}.png"
         mask = _mask_file(mask_path, image.size) if mask_path.is_file() else None
@@ -113,7 +117,7 @@ def read_folder(folder: Path) -> list[ConceptImage]:
 
 def read_shards(spec: str) -> list[ConceptImage]:
     from pixart.data.shards import resolve_shards
-    from pixart.data.tars import IMAGE_EXTS, TarDamage, iter_samples
+    from pixart.data.tars import IMAGE_EXTS, TarDamage, iter_samples, stable_reason
 
     try:
         urls = resolve_shards(spec)
@@ -126,10 +130,13 @@ def read_shards(spec: str) -> list[ConceptImage]:
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
             if ext is None:
                 continue
-            image = _open_image(io.BytesIO(sample[ext]), f"{url}:{sample['__key__']}.{ext}")
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            caption = sample["txt"].decode().strip() if "txt" in sample else None
-            out.append(ConceptImage(image, _json_mask(meta, image.size), caption))
+            try:  # a bad sample of a stream is skipped and said, as the loader does
+                image = _open_image(io.BytesIO(sample[ext]), f"{url}:{sample['__key__']}.{ext}")
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+                caption = sample["txt"].decode().strip() if "txt" in sample else None
+                out.append(ConceptImage(image, _json_mask(meta, image.size), caption))
+            except (PixArtError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                print(f"warning: {url}: skipped {sample['__key__']} ({stable_reason(f'{type(e).__name__}: {e}')})")
         if damage.error:
             print(f"warning: {url}: {damage.error} (kept the {damage.after} samples before it)")
     return out
@@ -138,7 +145,8 @@ def read_shards(spec: str) -> list[ConceptImage]:
 def read_concept_images(data: str) -> list[ConceptImage]:
     """The images of `--data` (a folder, or shards); refuses an empty set."""
     path = Path(data)
-    images = read_folder(path) if path.is_dir() else read_shards(data)
+    images_folder = path.is_dir() and (_image_files(path) or not any(path.glob("*.tar")))  # else a folder of shards
+    images = read_folder(path) if images_folder else read_shards(data)
     if not images:
         raise PixArtError(f"--data {data}: no images found (a folder of png/jpg/webp files, or webdataset shards)")
     return images
