@@ -79,7 +79,7 @@ def encode_text(te, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return te.model(input_ids=ids, attention_mask=mask).last_hidden_state.to(te.dtype), mask
 
 
-def read_captions(path: str | None) -> dict[str, str]:
+def read_captions(path: str | None) -> dict[str, str | None]:
     """A sidecar `<shard>.<captioner>.jsonl`: one {"__key__", "caption"} per line, the caption a string, or null
     where the relabeling job failed (a missing caption, counted)."""
     if path is None:
@@ -95,8 +95,7 @@ def read_captions(path: str | None) -> dict[str, str]:
                     raise PixArtError(f"{path}:{n}: not a caption line ({type(e).__name__}: {e})") from None
                 if not isinstance(caption, str | None):
                     raise PixArtError(f"{path}:{n}: caption is a {type(caption).__name__}, not a string")
-                if caption is not None:
-                    out[key] = caption
+                out[key] = caption
     return out
 
 

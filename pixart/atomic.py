@@ -45,7 +45,8 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
         if not overwrite:
             raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_dead_writers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         share_modes(tmp)
@@ -57,6 +58,16 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_dead_writers(target: Path) -> None:
+    """A killed writer's half-written folder (`.NAME.tmp-PID-*`, its process gone) would stay forever."""
+    from pixart.lifetime import alive
+
+    for tmp in target.parent.glob(f".{target.name}.tmp-*-*"):
+        pid = tmp.name[len(f".{target.name}.tmp-"):].split("-")[0]
+        if tmp.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:

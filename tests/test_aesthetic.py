@@ -137,7 +137,7 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion") == 2
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", tmp_path) == 2
     errs = capsys.readouterr().err.strip().splitlines()
-    assert len(errs) == 4 and all(e.startswith("pixart data: error:") for e in errs)
+    assert len(errs) == 4 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
     assert "needs --model" in errs[2] and "not a CLIP model folder" in errs[3]
 
 

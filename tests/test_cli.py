@@ -148,3 +148,16 @@ def test_unwritable_output_is_one_line(tmp_path, dit_file):
     (tmp_path / "file").write_text("x")
     result = run_cli("convert-dit", path, "--out", tmp_path / "file" / "sub")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+def test_ctrl_c_is_one_line_and_a_subcommand_names_itself(tmp_path, monkeypatch, capsys):
+    import data_pipelines.shapes
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_pipelines.shapes, "write_shapes", interrupted)
+    assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--count", "4"]) == 130
+    assert capsys.readouterr().err.strip() == "pixart data shapes: interrupted; rerun the same command to go on"
+    assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--count", "0"]) == 2
+    assert capsys.readouterr().err.startswith("pixart data shapes: error: --count must be at least 1")

@@ -5,6 +5,7 @@ from conftest import perturb_
 from diffusers import PixArtTransformer2DModel
 from tolerance import reimplemented, rel_err
 
+from pixart.checkpoint import save_checkpoint
 from pixart.errors import PixArtError
 from pixart.export.diffusers import export, import_diffusers, load_null_caption
 from pixart.export.keymap import from_diffusers, to_diffusers
@@ -90,6 +91,15 @@ def test_export_refuses_what_diffusers_cannot_hold(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(PixArtError, match="not a diffusers PixArt folder"):
         import_diffusers(tmp_path)
+    from pixart.encoders.tiny import make_tiny_t5
+
+    t5 = make_tiny_t5(tmp_path / "t5", d_model=CAP)  # config.json and model.safetensors, as our checkpoints have
+    with pytest.raises(PixArtError, match="t5: not a diffusers PixArt folder .its config.json describes t5"):
+        import_diffusers(t5)
+    model = build_model("PixArt-S/2", depth=1, input_size=8)
+    save_checkpoint(tmp_path / "ours", model.config, model.state_dict())
+    with pytest.raises(PixArtError, match="already a pixart checkpoint folder"):
+        import_diffusers(tmp_path / "ours")
 
 
 @pytest.fixture(scope="module")

@@ -327,7 +327,7 @@ def test_caption_sidecar_lines_are_checked(tmp_path):
 
     path = tmp_path / "s.llava.jsonl"
     path.write_text('{"__key__": "a", "caption": "a cat"}\n{"__key__": "b", "caption": null, "status": "failed"}\n')
-    assert read_captions(str(path)) == {"a": "a cat"}
+    assert read_captions(str(path)) == {"a": "a cat", "b": None}
     for bad, message in [('{"__key__": "c", "caption": 123}', ":2: caption is a int, not a string"),
                          ('{"__key__": "c", "caption": {"text": "x"}}', ":2: caption is a dict"),
                          ('{"key": "c"}', ":2: not a caption line")]:

@@ -214,8 +214,13 @@ def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(str
     assert "give at least one --prompt" in capsys.readouterr().err
     # the run's `latest` pointer works wherever a checkpoint folder does (README, docs/export.md)
     latest = straight / "checkpoints" / "latest"
-    assert main(["sample", str(latest), "--prompt", "a red circle", "--steps", "2", "--out", str(out)]) == 0
-    assert "EMA weights" in capsys.readouterr().out
+    jpg = tmp_path / "grid.jpg"
+    assert main(["sample", str(latest), "--prompt", "a red circle", "--steps", "2", "--out", str(jpg)]) == 0
+    assert "EMA weights" in capsys.readouterr().out and Image.open(jpg).format == "JPEG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.jpg", "grid.png"]  # no temp file left
+    for bad, message in ((tmp_path, "is a folder; name the image file"), (tmp_path / "grid.txt", "not an image file")):
+        assert main(["sample", str(ckpt), "--prompt", "x", "--out", str(bad)]) == 2
+        assert message in capsys.readouterr().err
     # the wrong kind of conditioning, and a latent size that cannot be, are refused, not drawn
     for args, message in ((["--label", "3"], "--label: .* is a text-to-image PixArt model; give --prompt"),
                           (["--prompt", "x", "--size", "0", "-3"], r"validation\.size")):

@@ -43,11 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, (args.command, getattr(args, "job", None))))  # "data sam"
     try:
         args.run(args)
     except (PixArtError, OSError) as e:  # bad input and unwritable outputs: one line, no traceback
-        print(f"pixart {args.command}: error: {e}", file=sys.stderr)
+        print(f"pixart {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what is written is whole, and a rerun goes on from it
+        print(f"\npixart {name}: interrupted; rerun the same command to go on", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors])")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--label", type=int, action="append", default=[], help="a class label, for a DiT (repeatable)")
-    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    p.add_argument("--out", default="samples.png", help="output image, its format from the name (default samples.png)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--sampler", choices=("dpm-solver++", "ddim", "ddpm"), default="dpm-solver++")
@@ -39,6 +39,7 @@ def run(args) -> None:
     from pathlib import Path
 
     import torch
+    from PIL import Image
 
     from pixart.checkpoint import (
         EMA_FILE,
@@ -55,6 +56,10 @@ def run(args) -> None:
     from pixart.train.validation import Validator
 
     ckpt = checkpoint_folder(args.ckpt)
+    if Path(args.out).is_dir():
+        raise PixArtError(f"--out {args.out} is a folder; name the image file, e.g. {Path(args.out) / 'samples.png'}")
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise PixArtError(f"--out {args.out}: not an image file name (.png, .jpg, .webp, ...)")
     if not args.prompt and not args.label:
         raise PixArtError("give at least one --prompt (or --label for a class-conditional DiT)")
     if args.steps < 1 or args.columns < 1:

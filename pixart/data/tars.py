@@ -125,7 +125,7 @@ def iter_samples(url: str, damage: TarDamage | None = None) -> Iterator[dict]:
 
     def on_error(_url, exc):
         if damage is not None:
-            damage.error, damage.after = f"{type(exc).__name__}: {exc}".strip(": "), count
+            damage.error, damage.after = stable_reason(f"{type(exc).__name__}: {exc}".strip(": ")), count  # one line
 
     for sample in read_tar(url, on_error):
         count += 1

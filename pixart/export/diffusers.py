@@ -195,11 +195,15 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
     from diffusers import PixArtTransformer2DModel
 
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        raise PixArtError(f"{folder}: already a pixart checkpoint folder, nothing to import")
     root = folder if (folder / "config.json").is_file() else folder / "transformer"
     if not (root / "config.json").is_file():
         raise PixArtError(f"{folder}: not a diffusers PixArt folder (no config.json or transformer/config.json)")
+    described = read_json(root / "config.json")
+    if "arch" in described:
+        raise PixArtError(f"{folder}: already a pixart checkpoint folder, nothing to import")
+    if described.get("_class_name") != "PixArtTransformer2DModel":
+        what = described.get("_class_name") or described.get("model_type") or "something else"
+        raise PixArtError(f"{root}: not a diffusers PixArt folder (its config.json describes {what})")
     try:
         transformer = PixArtTransformer2DModel.from_pretrained(root, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:

@@ -127,6 +127,9 @@ def save_grid(images: Tensor | list[Image.Image], columns: int, out: Path, scale
     if scale != 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        grid.save(tmp, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))  # x.jpg is a JPEG
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
