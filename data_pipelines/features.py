@@ -215,10 +215,12 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
     return urls, names, header, job, captions
 
 
-def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest, overwrite: bool,
-                 world: int) -> list[str]:
-    """Resume only a cache made with the same settings; replace it only when asked. Returns the
-    names of the shards the cache already lists, which a run on a subset of shards keeps."""
+def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest, captions: list[dict],
+                 overwrite: bool, world: int) -> tuple[Path, list[str]]:
+    """Where this run writes, and the names of the shards a cache there already lists (a run on a subset of
+    shards keeps them). A cache made with the same settings is resumed. One made with other settings is
+    replaced only when asked, and then built beside it (`.NAME.new`, which a rerun resumes) and moved in
+    whole: until then the old cache stays as it was. A folder that is not a feature cache is never replaced."""
     ours = {f"{n}.tar" for n in names} | {DONE, MANIFEST}
     stale, known = None, []
     if (out / MANIFEST).exists():
@@ -234,21 +236,35 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
             if stale and not overwrite:
                 raise PixArtError(f"--out {out} holds features made with {stale} {old.settings()[stale]} "
                                   f"(this run: {getattr(header, stale)}); pass --overwrite or choose another --out")
-    elif out.is_dir():
-        stale = next((p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")), None)
-        if stale and not overwrite:
-            raise PixArtError(f"--out {out} is not empty and is not a feature cache; pass --overwrite to replace it")
-    if stale and overwrite:
-        if world > 1:
-            raise PixArtError("--overwrite with WORLD_SIZE > 1 would race between ranks; empty --out first")
-        inside = next((u for u in urls if not is_url(u) and out.resolve() in Path(u).resolve().parents), None)
-        if inside:
-            raise PixArtError(f"--out {out} holds the input shard {inside}; --overwrite would delete it")
-        for p in out.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        known = []
-    (out / DONE).mkdir(parents=True, exist_ok=True)
-    return known + [p.name[:-5] for p in (out / DONE).glob("*.json") if not p.name.startswith(".")]
+    elif out.is_dir() and any(p.name not in ours and not p.name.startswith(".") for p in out.iterdir()):
+        raise PixArtError(f"--out {out} is not empty and is not a feature cache; choose another --out")
+    if not stale:
+        (out / DONE).mkdir(parents=True, exist_ok=True)
+        return out, known + [p.name[:-5] for p in (out / DONE).glob("*.json") if not p.name.startswith(".")]
+    if world > 1:
+        raise PixArtError("--overwrite with WORLD_SIZE > 1 would race between ranks; empty --out first")
+    inputs = [*urls, *(f for c in captions for f in c.values() if f)]
+    inside = next((u for u in inputs if not is_url(u) and out.resolve() in Path(u).resolve().parents), None)
+    if inside:
+        raise PixArtError(f"--out {out} holds the input {inside}; --overwrite would delete it")
+    new = out.with_name(f".{out.name}.new")
+    if new.exists():  # an earlier --overwrite's: resumed when it was toward these settings
+        try:
+            resumable = Manifest.load(new).settings() == header.settings()
+        except PixArtError:
+            resumable = False
+        if not resumable:
+            shutil.rmtree(new)
+    return _prepare_out(new, urls, names, header, captions, False, world)
+
+
+def _move_in(new: Path, out: Path) -> None:
+    """The finished replacement takes the old cache's place (a kill in between leaves one of the two whole)."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _input_id(url: str) -> dict:
@@ -262,21 +278,38 @@ def _input_id(url: str) -> dict:
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _drop_if_input_changed(out: Path, name: str, url: str) -> None:
-    """Forget a finished shard whose input is not the one it was encoded from (regenerated data)."""
+def _caption_ids(files: dict[str, str | None]) -> dict[str, dict]:
+    """The caption sidecars a shard was encoded with, identified as local input shards are."""
+    return {src: {**_input_id(path), "sha256": file_sha256(path)} for src, path in files.items() if path}
+
+
+def _same(was: dict, url: str) -> dict | None:
+    """The input's identity now when it is the one `was` describes (for a local file with a new mtime but the
+    same bytes, the identity to record instead); None when it changed."""
+    now = _input_id(url)
+    if all(was.get(k) == v for k, v in now.items()):
+        return was
+    if not is_url(url) and was.get("bytes") == now["bytes"] and was.get("sha256") == file_sha256(url):
+        return {**now, "sha256": was["sha256"]}
+    return None
+
+
+def _drop_if_input_changed(out: Path, name: str, url: str, captions: dict[str, str | None]) -> None:
+    """Forget a finished shard whose input shard or caption sidecars are not the ones it was encoded from
+    (regenerated data, captions relabeled into another folder)."""
     path = out / DONE / f"{name}.json"
     try:
         rec = json.loads(path.read_text())
-        was = rec["input"]
-    except (OSError, ValueError, KeyError, TypeError):
+        now = _same(rec["input"], url)
+        old_captions = rec.get("captions")  # records of older versions have none: not checked
+        captions_now = None if old_captions is None else \
+            {src: _same(old_captions.get(src) or {}, p) for src, p in captions.items() if p}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # no (readable) record: the shard is not done anyway
-    now = _input_id(url)
-    if all(was.get(k) == v for k, v in now.items()):
-        return
-    if not is_url(url) and was.get("bytes") == now["bytes"] and was.get("sha256") == file_sha256(url):
-        atomic_write(path, json.dumps({**rec, "input": {**now, "sha256": was["sha256"]}}))  # same bytes, new mtime
-        return
-    path.unlink(missing_ok=True)
+    if now is None or (captions_now is not None and None in captions_now.values()):
+        path.unlink(missing_ok=True)
+    elif now != rec["input"] or captions_now != old_captions:  # same bytes, new mtimes
+        atomic_write(path, json.dumps({**rec, "input": now, "captions": captions_now}))
 
 
 def _entry(out: Path, name: str) -> ShardEntry:
@@ -297,13 +330,13 @@ def _refresh(out: Path, header: Manifest) -> Manifest:
     return m
 
 
-def _commit(out: Path, res: ShardResult, url: str) -> None:
+def _commit(out: Path, res: ShardResult, url: str, captions: dict[str, str | None]) -> None:
     """The shard's record; no timings, so identical runs leave byte-identical records."""
     tar = out / f"{res.name}.tar"
     made_from = _input_id(url) if is_url(url) else {**_input_id(url), "sha256": file_sha256(url)}
     rec = {"count": res.count, "sha256": file_sha256(tar), "bytes": tar.stat().st_size, "skipped": res.skipped,
-           "input": made_from, **{k: v for k, v in dataclasses.asdict(res).items()
-                                  if k not in ("name", "count", "skipped", "seconds")}}
+           "input": made_from, "captions": _caption_ids(captions),
+           **{k: v for k, v in dataclasses.asdict(res).items() if k not in ("name", "count", "skipped", "seconds")}}
     atomic_write(out / DONE / f"{res.name}.json", json.dumps(rec))
 
 
@@ -337,18 +370,19 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     if not 0 <= rank < world:
         raise PixArtError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
-    out = Path(out)
-    urls, names, header, job, captions = _plan(shards, out, cfg)
-    known = _prepare_out(out, urls, names, header, overwrite, world)
+    target = Path(out)
+    urls, names, header, job, captions = _plan(shards, target, cfg)
+    out, known = _prepare_out(target, urls, names, header, captions, overwrite, world)
+    job = dataclasses.replace(job, out=str(out))
     # the manifest describes the whole folder: shards of earlier runs on other subsets stay listed
     header = dataclasses.replace(header, shards=[ShardEntry(n) for n in sorted(set(names) | set(known))])
     mine = [i for i in range(len(urls)) if i % world == rank]
     for i in mine:
-        _drop_if_input_changed(out, names[i], urls[i])
+        _drop_if_input_changed(out, names[i], urls[i], captions[i])
     manifest = _refresh(out, header)
     done = {s.name for s in manifest.shards if s.complete}
     todo = [i for i in mine if names[i] not in done]
-    url_of = dict(zip(names, urls, strict=True))
+    url_of, captions_of = dict(zip(names, urls, strict=True)), dict(zip(names, captions, strict=True))
     for i in todo:  # a killed run's half-written tar is never trusted
         for tmp in out.glob(f".{names[i]}.tar.tmp*"):
             tmp.unlink(missing_ok=True)
@@ -361,7 +395,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
         if res.damaged and not cfg.accept_damaged:  # no record: the shard stays unfinished
             damaged.append(res)
             return
-        _commit(out, res, url_of[res.name])
+        _commit(out, res, url_of[res.name], captions_of[res.name])
         results.append(res)
         manifest = _refresh(out, header)
         bar.set_postfix(shards=f"{manifest.done}/{len(names)}", skipped=sum(len(r.skipped) for r in results))
@@ -379,6 +413,8 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
             _run_pool(workers, job, [(urls[i], names[i], captions[i]) for i in todo], bar, finish)
     finally:
         bar.close()
+    if out != target and manifest.complete:
+        _move_in(out, target)
     return Extraction(manifest, results, damaged, time.perf_counter() - t0)
 
 

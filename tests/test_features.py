@@ -15,7 +15,7 @@ from tolerance import lower_precision
 from data_pipelines.features import FeatureConfig, bucket_table, extract_features, ours_text_bytes, pixart_text_bytes
 from pixart.cli import extract_features as cli
 from pixart.data.buckets import nearest_bucket
-from pixart.data.manifest import Manifest, file_sha256
+from pixart.data.manifest import MANIFEST, Manifest, file_sha256
 from pixart.data.schema import FeatureSample
 from pixart.encoders import TextEncoder, TextEncoderConfig, make_tiny_t5, make_tiny_vae
 from pixart.errors import PixArtError
@@ -227,7 +227,36 @@ def test_refusals_before_any_work(enc, raw, tmp_path):
     with pytest.raises(PixArtError, match=r"made with batch_size 3 .this run: 2."):
         extract_features(raw / "shard-000002.tar", out, _cfg(enc, batch_size=2), progress=False)
     ex = extract_features(raw / "shard-000002.tar", out, _cfg(enc, resolution=64), overwrite=True, progress=False)
-    assert ex.manifest.resolution == 64 and ex.manifest.complete
+    assert ex.manifest.resolution == 64 and ex.manifest.complete and Manifest.load(out).resolution == 64
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x"]  # the replacement was moved in whole
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(PixArtError, match="is not empty and is not a feature cache; choose another --out"):
+        extract_features(raw / "shard-000002.tar", tmp_path / "notes", _cfg(enc), overwrite=True, progress=False)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_overwrite_keeps_the_old_cache_until_the_new_one_is_whole(enc, raw, tmp_path):
+    out, caps = tmp_path / "f", tmp_path / "f" / "caps"
+    extract_features(raw / "shard-000002.tar", out, _cfg(enc, captions=("txt",)), progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")} | {MANIFEST: (out / MANIFEST).read_bytes()}
+
+    def die_after_first(manifest):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed while the replacement is half built
+        extract_features(raw, out, _cfg(enc, captions=("txt",), resolution=64), overwrite=True, progress=False,
+                         on_shard=die_after_first)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} | {MANIFEST: (out / MANIFEST).read_bytes()} == before
+    ex = extract_features(raw, out, _cfg(enc, captions=("txt",), resolution=64), overwrite=True, progress=False)
+    assert [r.name for r in ex.results] == ["shard-000001", "shard-000002"]  # the rerun went on from the first
+    assert Manifest.load(out).resolution == 64 and len(Manifest.load(out).shards) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name != "f"]
+    caps.mkdir()  # the inputs are never inside what --overwrite replaces
+    (caps / "shard-000002.meta.jsonl").write_bytes((raw / "shard-000002.meta.jsonl").read_bytes())
+    with pytest.raises(PixArtError, match="holds the input .*caps/shard-000002.meta.jsonl; --overwrite would"):
+        extract_features(raw / "shard-000002.tar", out, _cfg(enc, captions=("meta",), captions_dir=str(caps)),
+                         overwrite=True, progress=False)
 
 
 def test_cli(enc, raw, tmp_path, capsys):
@@ -274,6 +303,29 @@ def test_changed_input_is_encoded_again(enc, raw, tmp_path):
     src.unlink()
     src.write_bytes(data)  # a copy: new mtime, same bytes -> recognised by its sha256, not re-encoded
     assert extract_features(src, tmp_path / "f", _cfg_txt(enc), progress=False).results == []
+
+
+def test_changed_captions_are_encoded_again(enc, raw, tmp_path):
+    """Captions relabeled between runs (or read from another --captions-dir) are the shard's input too: a
+    resumed run must not keep the shards encoded from the old ones beside new ones."""
+    src, caps = tmp_path / "in" / "shard-000000.tar", tmp_path / "caps"
+    src.parent.mkdir()
+    caps.mkdir()
+    src.write_bytes((raw / "shard-000000.tar").read_bytes())
+    sidecar = caps / "shard-000000.meta.jsonl"
+    sidecar.write_bytes((raw / "shard-000000.meta.jsonl").read_bytes())
+    cfg = _cfg(enc, captions=("meta",), captions_dir=str(caps))
+    first = extract_features(src, tmp_path / "f", cfg, progress=False)
+    sidecar.write_text("".join(json.dumps({"__key__": f"{k:06d}", "caption": f"a new caption {k}"}) + "\n"
+                               for k in range(4)))
+    again = extract_features(src, tmp_path / "f", cfg, progress=False)
+    assert [r.name for r in again.results] == ["shard-000000"]
+    assert again.manifest.shards[0].sha256 != first.manifest.shards[0].sha256
+    assert [s.meta["captions"]["meta"] for s in _read(tmp_path / "f" / "shard-000000.tar")][0] == "a new caption 0"
+    data = sidecar.read_bytes()
+    sidecar.unlink()
+    sidecar.write_bytes(data)  # a copy: new mtime, same bytes -> not re-encoded
+    assert extract_features(src, tmp_path / "f", cfg, progress=False).results == []
 
 
 def test_a_subset_run_keeps_the_shards_already_there(enc, raw, tmp_path):
