@@ -20,7 +20,7 @@ from tolerance import adam_steps, approx, reordered
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
 STEPS, GLOBAL_BATCH = 4, 8
-WEIGHTS = adam_steps(1e-3, STEPS - 0.5)  # warmup 2: 0.5 + 1 + 1 + 1 steps of lr
+WEIGHTS = adam_steps(1e-3, STEPS - 1.5)  # warmup 2: 0 + 0.5 + 1 + 1 steps of lr
 
 
 def _port() -> int:

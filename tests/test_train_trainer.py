@@ -88,7 +88,8 @@ def test_a_run_writes_what_it_promises(straight):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= rows[0].keys()
-    assert rows[0]["lr"] == pytest.approx(1e-3) and all(r["loss"] > 0 for r in rows)
+    assert [r["lr"] for r in rows[:2]] == pytest.approx([0.5e-3, 1e-3])  # the next step's, as PixArt logs it
+    assert all(r["loss"] > 0 for r in rows)
     assert Image.open(straight / "loss.png").size[0] > 100
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     assert yaml.safe_load((straight / "config.yaml").read_text())["optim"]["lr"] == 1e-3
@@ -275,7 +276,7 @@ def test_compiled_blocks_train_like_eager(cache, tmp_path):
     want, got = weights(runs["eager"], 4, "model.safetensors"), weights(runs["compiled"], 4, "model.safetensors")
     assert want.keys() == got.keys()  # compiled in place: the checkpoint's names are the model's
     for k in want:
-        torch.testing.assert_close(got[k], want[k], **adam_steps(1e-3, 3.5), msg=k)  # warmup 2: 0.5 + 1 + 1 + 1
+        torch.testing.assert_close(got[k], want[k], **adam_steps(1e-3, 2.5), msg=k)  # warmup 2: 0 + 0.5 + 1 + 1
 
 
 def test_auto_checkpointing_takes_the_fewest_blocks_that_fit(cache, tmp_path):
