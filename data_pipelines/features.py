@@ -222,11 +222,16 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
     replaced only when asked, and then built beside it (`.NAME.new`, which a rerun resumes) and moved in
     whole: until then the old cache stays as it was. A folder that is not a feature cache is never replaced."""
     ours = {f"{n}.tar" for n in names} | {DONE, MANIFEST}
+    _finish_move_in(out)
     stale, known = None, []
     if (out / MANIFEST).exists():
         try:
             old = Manifest.load(out)
         except PixArtError:  # an older version or a broken file: only --overwrite replaces it
+            if any(p.name not in (DONE, MANIFEST) and p.suffix != ".tar" and not p.name.startswith(".")
+                   for p in out.iterdir()):  # another program's manifest.json
+                raise PixArtError(f"--out {out} is not empty and is not a feature cache; choose another --out") \
+                    from None
             if not overwrite:
                 raise
             old, stale = None, MANIFEST
@@ -247,7 +252,7 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
     inside = next((u for u in inputs if not is_url(u) and out.resolve() in Path(u).resolve().parents), None)
     if inside:
         raise PixArtError(f"--out {out} holds the input {inside}; --overwrite would delete it")
-    new = out.with_name(f".{out.name}.new")
+    new = _beside(out, "new")
     if new.exists():  # an earlier --overwrite's: resumed when it was toward these settings
         try:
             resumable = Manifest.load(new).settings() == header.settings()
@@ -258,13 +263,27 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
     return _prepare_out(new, urls, names, header, captions, False, world)
 
 
+def _beside(out: Path, what: str) -> Path:
+    """`.NAME.new` or `.NAME.old` next to the real folder (not next to a symlink to it)."""
+    real = out.resolve()
+    return real.with_name(f".{real.name}.{what}")
+
+
 def _move_in(new: Path, out: Path) -> None:
-    """The finished replacement takes the old cache's place (a kill in between leaves one of the two whole)."""
-    old = out.with_name(f".{out.name}.old")
+    """The finished replacement takes the old cache's place; a kill in between is finished by the next run."""
+    out, old = out.resolve(), _beside(out, "old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(out, old)
     os.replace(new, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_move_in(out: Path) -> None:
+    old, new = _beside(out, "old"), _beside(out, "new")
+    if not out.exists() and old.exists() and new.exists():  # killed between the two renames of _move_in
+        os.replace(new, out.resolve())
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _input_id(url: str) -> dict:
@@ -300,15 +319,15 @@ def _drop_if_input_changed(out: Path, name: str, url: str, captions: dict[str, s
     path = out / DONE / f"{name}.json"
     try:
         rec = json.loads(path.read_text())
-        now = _same(rec["input"], url)
-        old_captions = rec.get("captions")  # records of older versions have none: not checked
-        captions_now = None if old_captions is None else \
-            {src: _same(old_captions.get(src) or {}, p) for src, p in captions.items() if p}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        was, old_captions = rec["input"], rec.get("captions")  # older versions' records have no captions
+    except (OSError, ValueError, KeyError, TypeError):
         return  # no (readable) record: the shard is not done anyway
+    now = _same(was, url)
+    captions_now = None if not isinstance(old_captions, dict) else \
+        {src: _same(old_captions.get(src) or {}, p) for src, p in captions.items() if p}
     if now is None or (captions_now is not None and None in captions_now.values()):
         path.unlink(missing_ok=True)
-    elif now != rec["input"] or captions_now != old_captions:  # same bytes, new mtimes
+    elif now != was or captions_now != old_captions:  # same bytes, new mtimes
         atomic_write(path, json.dumps({**rec, "input": now, "captions": captions_now}))
 
 

@@ -1,13 +1,20 @@
 """Outputs appear whole or not at all: write beside the target, then rename."""
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from pixart.errors import PixArtError
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the umask (0o644 under the usual 022)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -46,7 +53,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
             raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_writer_prefix(target)}{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         share_modes(tmp)
@@ -60,12 +67,18 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _writer_prefix(target: Path) -> str:
+    """`.NAME.tmp-HOST-`: a pid says whether a writer is alive only on its own host (shared filesystems)."""
+    return f".{target.name}.tmp-{socket.gethostname()}-"
+
+
 def _remove_dead_writers(target: Path) -> None:
-    """A killed writer's half-written folder (`.NAME.tmp-PID-*`, its process gone) would stay forever."""
+    """A killed writer's half-written folder (`.NAME.tmp-HOST-PID-*`, its process gone) would stay forever."""
     from pixart.lifetime import alive
 
-    for tmp in target.parent.glob(f".{target.name}.tmp-*-*"):
-        pid = tmp.name[len(f".{target.name}.tmp-"):].split("-")[0]
+    prefix = _writer_prefix(target)
+    for tmp in target.parent.glob(f"{glob.escape(prefix)}*-*"):
+        pid = tmp.name[len(prefix):].split("-")[0]
         if tmp.is_dir() and pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -78,6 +91,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
     return path

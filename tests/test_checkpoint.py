@@ -147,15 +147,18 @@ def test_a_replace_killed_half_way_is_undone_by_the_next_call(tmp_path):
 
 def test_a_killed_writers_half_folder_is_removed_by_the_next_call(tmp_path):
     import os
+    import socket
 
     model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=16)
-    dead = tmp_path / ".ck.tmp-999999999-abc"  # no process has that pid
-    live = tmp_path / f".ck.tmp-{os.getppid()}-abc"  # a writer that is still running: not ours to remove
-    for folder in (dead, live):
+    host = socket.gethostname()
+    dead = tmp_path / f".ck.tmp-{host}-999999999-abc"  # no process has that pid
+    live = tmp_path / f".ck.tmp-{host}-{os.getppid()}-abc"  # a writer that is still running: not ours to remove
+    elsewhere = tmp_path / ".ck.tmp-another-host-999999999-abc"  # its pid means nothing here
+    for folder in (dead, live, elsewhere):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
     save_checkpoint(tmp_path / "ck", model.config, model.state_dict())
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck", live.name, elsewhere.name])
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):

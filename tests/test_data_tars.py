@@ -60,6 +60,9 @@ def test_a_sample_with_two_members_of_one_name_is_refused(tmp_path):
 def test_two_writers_of_one_shard_never_rename_each_others_half(tmp_path):
     """A killed run's leftover worker and its rerun write the same shard: each renames only its own file, and
     a writer whose file the rerun deleted as stale fails rather than publishing another's."""
+    import stat
+
+    from pixart.atomic import file_mode
     from pixart.data.tars import ShardWriter
 
     path = tmp_path / "s.tar"
@@ -74,4 +77,5 @@ def test_two_writers_of_one_shard_never_rename_each_others_half(tmp_path):
     assert not path.exists()
     rerun.close()
     assert [s["txt"] for s in read_tar(str(path))] == [b"from the rerun"]
+    assert stat.S_IMODE(path.stat().st_mode) == file_mode()  # the team's, not mkstemp's 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar"]

@@ -75,6 +75,8 @@ def test_import_of_a_plain_diffusers_folder(tmp_path):
     transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                            num_layers=1, cross_attention_dim=16, sample_size=8, caption_channels=CAP)
     transformer.save_pretrained(tmp_path / "t")
+    config = tmp_path / "t" / "config.json"  # as the official PixArt-alpha repos (diffusers 0.22) name the class
+    config.write_text(config.read_text().replace('"PixArtTransformer2DModel"', '"Transformer2DModel"'))
     model = import_diffusers(tmp_path / "t").eval()
     assert (model.config.hidden_size, model.config.micro_conditions, model.config.pe_interpolation) == (16, False, 1.0)
     x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 4, CAP)

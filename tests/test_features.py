@@ -231,8 +231,11 @@ def test_refusals_before_any_work(enc, raw, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["x"]  # the replacement was moved in whole
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(PixArtError, match="is not empty and is not a feature cache; choose another --out"):
-        extract_features(raw / "shard-000002.tar", tmp_path / "notes", _cfg(enc), overwrite=True, progress=False)
+    for foreign in (None, '{"name": "my web app"}'):  # also beside another program's manifest.json
+        if foreign:
+            (tmp_path / "notes" / MANIFEST).write_text(foreign)
+        with pytest.raises(PixArtError, match="is not empty and is not a feature cache; choose another --out"):
+            extract_features(raw / "shard-000002.tar", tmp_path / "notes", _cfg(enc), overwrite=True, progress=False)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
@@ -252,6 +255,12 @@ def test_overwrite_keeps_the_old_cache_until_the_new_one_is_whole(enc, raw, tmp_
     assert [r.name for r in ex.results] == ["shard-000001", "shard-000002"]  # the rerun went on from the first
     assert Manifest.load(out).resolution == 64 and len(Manifest.load(out).shards) == 3
     assert not [p for p in tmp_path.iterdir() if p.name != "f"]
+    # killed between moving the old cache aside and the new one in: the next run finishes the move
+    extract_features(raw, tmp_path / "other", _cfg(enc, captions=("txt",), resolution=64), progress=False)
+    out.rename(tmp_path / ".f.old")
+    (tmp_path / "other").rename(tmp_path / ".f.new")
+    assert extract_features(raw, out, _cfg(enc, captions=("txt",), resolution=64), progress=False).results == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"] and Manifest.load(out).complete
     caps.mkdir()  # the inputs are never inside what --overwrite replaces
     (caps / "shard-000002.meta.jsonl").write_bytes((raw / "shard-000002.meta.jsonl").read_bytes())
     with pytest.raises(PixArtError, match="holds the input .*caps/shard-000002.meta.jsonl; --overwrite would"):

@@ -82,8 +82,13 @@ def test_bad_samples_of_shards_are_skipped_and_said_and_a_folder_of_shards_is_re
                             "1": {"png": b"not a png"},
                             "2": {"png": _png(8, 8), "json": b"{not json"},
                             "3": {"png": _png(8, 8), "json": b'{"objects": [{"bbox": "x"}], "width": 8, "height": 8}'}})
+    with tarfile.open(shards / "b.tar", "w") as tar:  # one member name twice: which image is meant is unknown
+        for data in (_png(8, 8), _png(8, 8)):
+            info = tarfile.TarInfo("4.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     (item,) = read_concept_images(str(shards))  # a folder of shards, not of images
     assert item.caption == "a zork"
     out = capsys.readouterr().out
-    assert [line.split(" skipped ")[1].split(" ")[0] for line in out.splitlines()] == ["1", "2", "3"]
-    assert "cannot read image" in out and "JSONDecodeError" in out
+    assert [line.split(" skipped ")[1].split(" ")[0] for line in out.splitlines()] == ["1", "2", "3", "4"]
+    assert "cannot read image" in out and "JSONDecodeError" in out and "duplicate file name 4.png" in out

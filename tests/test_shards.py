@@ -40,6 +40,7 @@ def test_shard_name():
     assert shard_name("pipe:curl -s https://h/x/s-01.tar") == "s-01"
     assert shard_name("pipe:aws s3 cp s3://b/sa-000000.tar -") == "sa-000000"  # the README's form
     assert shard_name("pipe:cat /data/x.tar | head -c 100") == "x"
+    assert shard_name("pipe:curl -sL 'https://h/x-001.tar?a=1&b=2'") == "x-001"  # quoted for the shell
     assert shard_name("https://h/x/s-02.tar?X-Amz-Signature=abc") == "s-02"
     assert shard_name("/data/my shards/s 03.tar") == "s 03"
     with pytest.raises(PixArtError, match="names no .tar file"):

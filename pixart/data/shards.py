@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -61,7 +62,11 @@ def shard_name(url: str) -> str:
     of the command that names a `.tar` (`pipe:aws s3 cp s3://b/sa-000000.tar -` is `sa-000000`); for a URL, its
     path's (no query string); for a local path, its file name, spaces and all."""
     if url.startswith("pipe:"):
-        words = [w for w in url[5:].split() if ".tar" in w]
+        try:
+            words = shlex.split(url[5:])  # a presigned URL is quoted for its "&"
+        except ValueError:
+            words = url[5:].split()
+        words = [w for w in words if ".tar" in w]
         if not words:
             raise PixArtError(f"{url}: the pipe: command names no .tar file, so its outputs would have no name")
         url = words[-1]

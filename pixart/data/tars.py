@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixart.atomic import file_mode
+
 from .remote import ForwardSeeking, open_shard
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -48,7 +50,7 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
                         sample = None
                     if sample is None:
                         sample = {"__key__": key, "__url__": url}
-                    if ext in sample:  # webdataset refuses the sample; decoding it raises (a counted skip)
+                    if ext in sample:  # webdataset stops the stream there; we skip the sample (decoding raises)
                         sample[DUPLICATE] = f"{key}.{ext}"
                     sample[ext] = tar.extractfile(member).read()
                 check_archive_end(tar, seekable)
@@ -141,6 +143,7 @@ class ShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide the shard from the team
         self.tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w")
         self.count = 0

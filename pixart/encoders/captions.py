@@ -9,15 +9,18 @@ from __future__ import annotations
 import warnings
 from functools import cache
 
+from pixart.errors import PixArtError
+
 
 @cache
 def _cleaner():
-    from bs4 import MarkupResemblesLocatorWarning
     from diffusers import PixArtAlphaPipeline
     from diffusers.utils import is_bs4_available, is_ftfy_available
 
     if not (is_bs4_available() and is_ftfy_available()):  # diffusers would only lowercase, and say so in a log
-        raise ImportError("caption cleaning needs beautifulsoup4 and ftfy: pip install beautifulsoup4 ftfy")
+        raise PixArtError("caption cleaning needs beautifulsoup4 and ftfy: pip install beautifulsoup4 ftfy")
+    from bs4 import MarkupResemblesLocatorWarning
+
     # a caption that looks like a file name or URL is still text; diffusers' cleaner reads no pipeline state
     warnings.filterwarnings("ignore", category=MarkupResemblesLocatorWarning)
     return object.__new__(PixArtAlphaPipeline)

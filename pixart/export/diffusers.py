@@ -91,6 +91,8 @@ class PipelineParts:
     vae: str | None  # None: a pixel-space model; load with from_pretrained(..., vae=None), decode yourself
 
 
+# the official PixArt-alpha repos were written by diffusers 0.22, before the PixArt class had a name of its own
+DIFFUSERS_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
 PIPELINE_MS_SIZE = 128  # PixArtAlphaPipeline computes resolution/aspect_ratio conditions only for this sample_size
 
 
@@ -201,7 +203,7 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
     described = read_json(root / "config.json")
     if "arch" in described:
         raise PixArtError(f"{folder}: already a pixart checkpoint folder, nothing to import")
-    if described.get("_class_name") != "PixArtTransformer2DModel":
+    if described.get("_class_name") not in DIFFUSERS_CLASSES:
         what = described.get("_class_name") or described.get("model_type") or "something else"
         raise PixArtError(f"{root}: not a diffusers PixArt folder (its config.json describes {what})")
     try:

@@ -117,7 +117,7 @@ def read_folder(folder: Path) -> list[ConceptImage]:
 
 def read_shards(spec: str) -> list[ConceptImage]:
     from pixart.data.shards import resolve_shards
-    from pixart.data.tars import IMAGE_EXTS, TarDamage, iter_samples, stable_reason
+    from pixart.data.tars import DUPLICATE, IMAGE_EXTS, TarDamage, iter_samples, stable_reason
 
     try:
         urls = resolve_shards(spec)
@@ -131,6 +131,8 @@ def read_shards(spec: str) -> list[ConceptImage]:
             if ext is None:
                 continue
             try:  # a bad sample of a stream is skipped and said, as the loader does
+                if DUPLICATE in sample:
+                    raise PixArtError(f"duplicate file name {sample[DUPLICATE]}")
                 image = _open_image(io.BytesIO(sample[ext]), f"{url}:{sample['__key__']}.{ext}")
                 meta = json.loads(sample["json"]) if "json" in sample else {}
                 caption = sample["txt"].decode().strip() if "txt" in sample else None

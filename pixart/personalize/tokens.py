@@ -12,7 +12,18 @@ from transformers import AddedToken
 from pixart.encoders.captions import clean_caption
 from pixart.errors import PixArtError
 
-_WORD = re.compile(r"^[a-z][a-z0-9]*$")  # no "_": the cleaning makes it a space in some captions
+_WORD = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def check_new_name(name: str) -> None:
+    """A new concept's name: a word that PixArt's caption cleaning, which every prompt goes through, keeps whole
+    (it drops product-code-like words such as "sks1234", and turns "_" into a space in a caption with more than
+    three of "-" and "_")."""
+    if not re.fullmatch(r"[a-z][a-z0-9]*", name):
+        raise PixArtError(f"--concept {name!r}: a new concept's name is one lower-case word of letters and digits")
+    if clean_caption(name) != name:
+        raise PixArtError(f"--concept {name!r}: PixArt's caption cleaning turns it into {clean_caption(name)!r}; "
+                          "choose another word")
 
 
 def super_token(tokenizer, word: str) -> int:
@@ -28,10 +39,7 @@ def add_concept_token(tokenizer, text_model, name: str) -> int:
     """Add `name` as one token (a whole lower-case word, eating the space before it as T5's pieces do);
     returns its id, growing the embedding table when the tokenizer has no spare row for it."""
     if not _WORD.match(name):
-        raise PixArtError(f"--concept {name!r}: a concept name is one lower-case word (letters and digits)")
-    if clean_caption(name) != name:  # PixArt's cleaning drops product-code-like words ("sks1234") from captions
-        raise PixArtError(f"--concept {name!r}: PixArt's caption cleaning, which every prompt goes through, turns it "
-                          f"into {clean_caption(name)!r}; choose another word")
+        raise PixArtError(f"concept {name!r}: a concept name is one lower-case word (letters, digits, _)")
     if name not in tokenizer.get_added_vocab() and (name in tokenizer.get_vocab() or len(tokenizer.tokenize(name)) < 2):
         raise PixArtError(f"--concept {name!r} is already a word of the tokenizer's vocabulary, which the concept "
                           "would take over in every prompt; choose a new word")

@@ -112,8 +112,9 @@ class ConceptTrainer:
 
         from .covariance import load_or_estimate
         from .data import caption_for, read_concept_images
-        from .tokens import add_concept_token, as_super, super_token
+        from .tokens import add_concept_token, as_super, check_new_name, super_token
 
+        check_new_name(cfg.concept)
         self.cfg, ckpt = cfg, checkpoint_folder(cfg.ckpt)
         dev = self.device = torch.device(cfg.device)
         self.items = read_concept_images(cfg.data)
