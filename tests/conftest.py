@@ -12,6 +12,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+def write_tar(path, members):
+    """A tar of (name, bytes) members in the order given, names as they are (duplicates, upper case, ...),
+    which webdataset's TarWriter would not write."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
 def perturb_(model, std=0.05, seed=0):
     """Give a freshly initialised model non-trivial weights (inits zero many layers)."""
     g = torch.Generator().manual_seed(seed)

@@ -2,10 +2,10 @@
 (`wds.WebDataset`, whose `group_by_keys` splits `dir/key.ext` at the first dot of the file name and
 lowercases the extension) on member names found in public shards."""
 import io
-import tarfile
 
 import pytest
 import webdataset as wds
+from conftest import write_tar
 from PIL import Image
 
 from pixart.data.tars import decode_image, read_tar
@@ -17,15 +17,6 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def _plain(sample: dict) -> dict:
     """The key and the members (webdataset also adds where it read the sample from)."""
     return {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
@@ -33,11 +24,11 @@ def _plain(sample: dict) -> dict:
 
 def test_samples_are_grouped_as_webdataset_groups_them(tmp_path):
     jpg = _jpeg()
-    path = _tar(tmp_path / "s.tar", [
+    path = str(write_tar(tmp_path / "s.tar", [
         ("000001.JPG", jpg), ("000001.TXT", b"a red square"),  # upper-case extensions, as cameras write them
         ("dir.v1/000002.jpg", jpg), ("dir.v1/000002.txt", b"x"),  # a dot in the folder name
         ("000003.seg.png", jpg), ("000003.jpg", jpg),  # an extension with a dot
-    ])
+    ]))
     ours = [_plain(s) for s in read_tar(path)]
     theirs = [_plain(s) for s in wds.WebDataset(path, shardshuffle=False)]
     assert ours == theirs
@@ -48,7 +39,7 @@ def test_samples_are_grouped_as_webdataset_groups_them(tmp_path):
 
 def test_a_sample_with_two_members_of_one_name_is_refused(tmp_path):
     jpg = _jpeg()
-    path = _tar(tmp_path / "d.tar", [("a.jpg", jpg), ("a.jpg", jpg), ("a.txt", b"x"), ("b.jpg", jpg)])
+    path = str(write_tar(tmp_path / "d.tar", [("a.jpg", jpg), ("a.jpg", jpg), ("a.txt", b"x"), ("b.jpg", jpg)]))
     with pytest.raises(ValueError, match="duplicate"):  # webdataset refuses the whole stream
         list(wds.WebDataset(path, shardshuffle=False))
     first, second = read_tar(path)  # we refuse the sample and read on

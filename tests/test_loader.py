@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import write_tar
 from PIL import Image
 from tolerance import conditioned
 
@@ -194,11 +195,8 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
     with tarfile.open(tmp_path / "d.tar") as tar:
         cut = tar.getmembers()[9].offset  # exactly at a header: tarfile alone would not notice
     (tmp_path / "d.tar").write_bytes((tmp_path / "d.tar").read_bytes()[:cut])
-    with tarfile.open(tmp_path / "e.tar", "w") as tar:  # a member name twice: which one is meant is unknown
-        for name, data in [("dup.png", _png(32, 32, 0)), ("dup.png", _png(32, 32, 1)), ("dup.txt", b"x")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    # a member name twice: which one is meant is unknown
+    write_tar(tmp_path / "e.tar", [("dup.png", _png(32, 32, 0)), ("dup.png", _png(32, 32, 1)), ("dup.txt", b"x")])
     loader = Loader(LoaderConfig(str(tmp_path), batch_size=4, resolution=32))
     keys = sum(keys_of(take(loader, 30)), [])  # about four epochs: each bad sample is counted once
     st = loader.stats

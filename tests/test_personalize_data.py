@@ -1,10 +1,10 @@
 """A concept's images, masks and captions: a folder, or shards with the shapes world's or SA-1B's json."""
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
+from conftest import write_tar
 from PIL import Image
 
 from pixart.errors import PixArtError
@@ -31,12 +31,7 @@ def test_rle_decode_matches_pycocotools():
 
 
 def _tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples.items():
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_tar(path, [(f"{key}.{ext}", data) for key, files in samples.items() for ext, data in files.items()])
 
 
 def _png(w, h):
@@ -82,11 +77,7 @@ def test_bad_samples_of_shards_are_skipped_and_said_and_a_folder_of_shards_is_re
                             "1": {"png": b"not a png"},
                             "2": {"png": _png(8, 8), "json": b"{not json"},
                             "3": {"png": _png(8, 8), "json": b'{"objects": [{"bbox": "x"}], "width": 8, "height": 8}'}})
-    with tarfile.open(shards / "b.tar", "w") as tar:  # one member name twice: which image is meant is unknown
-        for data in (_png(8, 8), _png(8, 8)):
-            info = tarfile.TarInfo("4.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(shards / "b.tar", [("4.png", _png(8, 8)), ("4.png", _png(8, 8))])  # which image is meant is unknown
     (item,) = read_concept_images(str(shards))  # a folder of shards, not of images
     assert item.caption == "a zork"
     out = capsys.readouterr().out

@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import write_tar
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -166,16 +167,6 @@ def _sa1b_json(i, annotations, frame=FRAME):
     return json.dumps({"image": image, "annotations": annotations}).encode()
 
 
-def _write_tar(path, members):
-    """members: (name, bytes), written in the order given."""
-    with tarfile.open(path, "w") as tar:
-        for name, blob in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
-
-
 def _color(i):
     return (i % 256, 255 - i % 256, (37 * i) % 256)
 
@@ -186,7 +177,7 @@ def shuffled(tmp_path_factory, frame_annotations):
     members = [m for i in range(200) for m in ((f"sa_{i}.jpg", _jpg(24, 36, _color(i))),
                                                (f"sa_{i}.json", _sa1b_json(i, frame_annotations)))]
     random.Random(0).shuffle(members)
-    return _write_tar(tmp_path_factory.mktemp("shuffled") / "sa_000000.tar", members)
+    return write_tar(tmp_path_factory.mktemp("shuffled") / "sa_000000.tar", members)
 
 
 def _samples(out):
@@ -231,7 +222,7 @@ def test_stream_spills_past_the_memory_bound(shuffled, tmp_path):
 @pytest.mark.parametrize("jpg_size", [(750, 1125), (1500, 2250)], ids=["pre-shrunk", "full-size"])
 def test_scaled_from_the_json_frame_one_factor_per_axis(tmp_path, frame_annotations, jpg_size):
     """1500x2250 -> 683x1024 whatever size the jpg was stored at: sx = 683/1500, sy = 1024/2250."""
-    _write_tar(tmp_path / "sa.tar", [("sa_7.json", _sa1b_json(7, frame_annotations)), ("sa_7.jpg", _jpg(*jpg_size))])
+    write_tar(tmp_path / "sa.tar", [("sa_7.json", _sa1b_json(7, frame_annotations)), ("sa_7.jpg", _jpg(*jpg_size))])
     ingest([str(tmp_path / "sa.tar")], tmp_path / "o", SamConfig(max_side=1024, keep_masks=True), progress=False)
     (s,) = _samples(tmp_path / "o")
     meta = json.loads(s["json"])
@@ -248,7 +239,7 @@ def test_scaled_from_the_json_frame_one_factor_per_axis(tmp_path, frame_annotati
 @pytest.mark.parametrize("jpg_size, out_size, f", [((1000, 750), (1000, 750), 0.5), ((2000, 1500), (1024, 768), 0.512)])
 def test_real_sa1b_json_pre_shrunk_and_full_size(tmp_path, jpg_size, out_size, f):
     meta_in = json.dumps({"image": REAL_IMAGE, "annotations": REAL_ANNOTATIONS}).encode()
-    _write_tar(tmp_path / "sa.tar", [("sa_226381.jpg", _jpg(*jpg_size)), ("sa_226381.json", meta_in)])
+    write_tar(tmp_path / "sa.tar", [("sa_226381.jpg", _jpg(*jpg_size)), ("sa_226381.json", meta_in)])
     ingest([str(tmp_path / "sa.tar")], tmp_path / "o", SamConfig(max_side=1024), progress=False)
     (s,) = _samples(tmp_path / "o")
     meta = json.loads(s["json"])
@@ -262,7 +253,7 @@ def test_real_sa1b_json_pre_shrunk_and_full_size(tmp_path, jpg_size, out_size, f
 
 def test_aspect_mismatch_is_skipped_with_its_reason(tmp_path, frame_annotations):
     sizes = {1: (751, 1125), 2: (1125, 750), 3: (760, 1125)}  # 751: within a pixel of 750.0; the others not
-    _write_tar(tmp_path / "sa.tar", [m for i, wh in sizes.items()
+    write_tar(tmp_path / "sa.tar", [m for i, wh in sizes.items()
                                      for m in ((f"sa_{i}.jpg", _jpg(*wh)), (f"sa_{i}.json", _sa1b_json(i, [])))])
     report = ingest([str(tmp_path / "sa.tar")], tmp_path / "o", progress=False)
     assert report.written == 1 and [s["key"] for s in report.skipped] == ["sa_2", "sa_3"]
@@ -273,7 +264,7 @@ def test_aspect_mismatch_is_skipped_with_its_reason(tmp_path, frame_annotations)
 def test_tar_cut_between_samples_keeps_the_last_complete_one(tmp_path, via):
     members = [(f"sa_{i}.{ext}", _jpg(24, 36) if ext == "jpg" else _sa1b_json(i, []))
                for i in (1, 2, 3) for ext in (("jpg", "json") if i != 2 else ("json", "jpg"))]
-    path = _write_tar(tmp_path / "sa.tar", members)
+    path = write_tar(tmp_path / "sa.tar", members)
     with tarfile.open(path) as tar:
         cut = tar.getmember("sa_3.jpg").offset  # right after sa_2's last member
     path.write_bytes(path.read_bytes()[:cut])
@@ -285,7 +276,7 @@ def test_tar_cut_between_samples_keeps_the_last_complete_one(tmp_path, via):
 def test_unpaired_members_are_reported(tmp_path, capsys):
     members = [("sa_1.json", _sa1b_json(1, [])), ("sa_4.jpg", _jpg(24, 36)), ("sa_2.jpg", _jpg(24, 36)),
                ("sa_1.jpg", _jpg(24, 36)), ("sa_3.json", _sa1b_json(3, []))]
-    src = str(_write_tar(tmp_path / "sa.tar", members))
+    src = str(write_tar(tmp_path / "sa.tar", members))
     parser = argparse.ArgumentParser()
     data_sam.add_parser(parser.add_subparsers())
     args = parser.parse_args(["sam", src, "--out", str(tmp_path / "o")])
@@ -300,7 +291,7 @@ def test_unpaired_members_are_reported(tmp_path, capsys):
 
 def test_repacked_tar_names_lose_their_dot_slash(tmp_path):
     """eminorhan/sa1b-downloader's repack.py sorts with `tar -C DIR .`, so members are named ./sa_N.jpg."""
-    _write_tar(tmp_path / "sa.tar", [("./sa_1.jpg", _jpg(24, 36)), ("./sa_1.json", _sa1b_json(1, []))])
+    write_tar(tmp_path / "sa.tar", [("./sa_1.jpg", _jpg(24, 36)), ("./sa_1.json", _sa1b_json(1, []))])
     ingest([str(tmp_path / "sa.tar")], tmp_path / "o", progress=False)
     assert [s["__key__"] for s in _samples(tmp_path / "o")] == ["sa_1"]
 
@@ -313,7 +304,7 @@ def test_an_annotation_of_another_shape_skips_its_sample(tmp_path, frame_annotat
     members = [m for i, ann in bad.items()
                for m in ((f"sa_{i}.jpg", _jpg(750, 1125)), (f"sa_{i}.json", _sa1b_json(i, [ann])))]
     members += [("sa_5.jpg", _jpg(750, 1125)), ("sa_5.json", _sa1b_json(5, [good]))]
-    _write_tar(tmp_path / "sa.tar", members)
+    write_tar(tmp_path / "sa.tar", members)
     report = ingest([str(tmp_path / "sa.tar")], tmp_path / "o", progress=False)
     assert report.written == 1 and [s["key"] for s in report.skipped] == ["sa_1", "sa_2", "sa_3", "sa_4"]
     assert all(s["reason"].startswith("bad annotation (") for s in report.skipped)
