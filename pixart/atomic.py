@@ -52,8 +52,8 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
         if not overwrite:
             raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_writers(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_writer_prefix(target)}{os.getpid()}-", dir=target.parent))
+    remove_dead_writers(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_writer_prefix(target), dir=target.parent))
     try:
         yield tmp
         share_modes(tmp)
@@ -68,29 +68,37 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
 
 
 def _writer_prefix(target: Path) -> str:
-    """`.NAME.tmp-HOST-`: a pid says whether a writer is alive only on its own host (shared filesystems)."""
-    return f".{target.name}.tmp-{socket.gethostname()}-"
+    """`.NAME.tmp-HOST-PID-`: a temp file or folder says who writes it; a pid tells whether a writer is alive
+    only on its own host (shared filesystems)."""
+    return f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
 
 
-def _remove_dead_writers(target: Path) -> None:
-    """A killed writer's half-written folder (`.NAME.tmp-HOST-PID-*`, its process gone) would stay forever."""
+def remove_dead_writers(folder: Path) -> None:
+    """Remove the temp files and folders of this host's killed writers in `folder`, which would stay forever."""
     from pixart.lifetime import alive
 
-    prefix = _writer_prefix(target)
-    for tmp in target.parent.glob(f"{glob.escape(prefix)}*-*"):
-        pid = tmp.name[len(prefix):].split("-")[0]
-        if tmp.is_dir() and pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    marker = f".tmp-{socket.gethostname()}-"
+    for tmp in Path(folder).glob(f".*{glob.escape(marker)}*-*"):
+        pid = tmp.name.rsplit(marker, 1)[1].split("-")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write a file whole or not at all: a temp file beside it, fsync, rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=_writer_prefix(path), dir=path.parent)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fchmod(f.fileno(), file_mode())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -126,7 +126,9 @@ def checkpoint_folder(path: str | os.PathLike) -> Path:
 def load_config(ckpt_dir) -> ModelConfig:
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
-        raise PixArtError(f"{ckpt_dir}: not a checkpoint folder (no {CONFIG_FILE})")
+        run = Path(ckpt_dir) / "checkpoints" / LATEST_POINTER
+        hint = f"; it is a run folder: pass {run}" if run.is_file() else ""
+        raise PixArtError(f"{ckpt_dir}: not a checkpoint folder (no {CONFIG_FILE}){hint}")
     return ModelConfig.from_dict(read_json(path), source=str(path))
 
 
@@ -154,7 +156,8 @@ def load_encoders(ckpt_dir) -> dict:
 
 
 def load_model(ckpt_dir, ema: bool = False) -> nn.Module:
-    """Rebuild the model from `config.json` and load its (EMA) weights."""
+    """Rebuild the model from `config.json` and load its (EMA) weights; a run's `checkpoints/latest` works too."""
+    ckpt_dir = checkpoint_folder(ckpt_dir)
     config = load_config(ckpt_dir)
     path = Path(ckpt_dir) / (EMA_FILE if ema else MODEL_FILE)
     if ema and not path.is_file():

@@ -106,7 +106,11 @@ def test_a_runs_latest_pointer_resolves_to_the_step_it_names(tmp_path):
     latest.write_text("step-000004")  # what the trainer writes
     assert checkpoint_folder(latest) == tmp_path / "checkpoints" / "step-000004"
     assert load_config(checkpoint_folder(latest)) == model.config
+    loaded = load_model(latest).state_dict()  # the Python API takes the pointer as the CLI does
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     assert checkpoint_folder(tmp_path / "checkpoints" / "step-000004") == tmp_path / "checkpoints" / "step-000004"
+    with pytest.raises(PixArtError, match=r"\(no config.json\); it is a run folder: pass .*checkpoints/latest"):
+        load_model(tmp_path)  # the run folder itself
     latest.write_text("step-000009")
     with pytest.raises(PixArtError, match="latest: names 'step-000009', which is not a checkpoint folder"):
         checkpoint_folder(latest)

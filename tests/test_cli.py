@@ -121,6 +121,24 @@ def test_help_explains_every_command():
     assert "--global-init" in run_cli("convert-dit", "--help").stdout
 
 
+def test_every_option_with_a_default_says_it_in_its_help():
+    """A user reads what an option does when it is left out; repeatable options (default []) need not say."""
+    import argparse
+
+    from pixart.cli.main import build_parser
+
+    def options(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    yield from options(subparser, f"{name} {sub}")
+            elif action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                yield f"{name} {action.option_strings[-1]}", action.help or ""
+
+    silent = [option for option, text in options(build_parser(), "pixart") if "default" not in text]
+    assert not silent, f"options whose help does not give their default: {silent}"
+
+
 def test_convert_dit_without_a_null_class(tmp_path):
     dit = build_model("DiT-S/2", input_size=8, depth=1, num_classes=10, class_dropout_prob=0.0)
     torch.save(dit.state_dict(), tmp_path / "d.pt")

@@ -73,15 +73,28 @@ def test_bad_recipes_are_one_line(tmp_path, stages, message):
 
 
 def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path):
-    """The XL recipe's fourth stage is read when the launch starts, not after three stages have trained."""
+    """The XL recipe's fourth stage is read when the launch starts, not after three stages have trained: its
+    keys, its model's name, its local shards and its own init."""
     from pixart.train.recipe import launch
 
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"stage": "s", "data": {"shards": "x"}}))
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"stage": "t", "data": {"shards": "x"}, "optim": {"lr": "fast"}}))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(b"")  # the check lists shards; it does not read them
+    good = {"stage": "t", "data": {"shards": str(tmp_path / "shards")}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**good, "stage": "s"}))
+    bad = {"keys.yaml": {**good, "optim": {"lr": "fast"}},
+           "name.yaml": {**good, "model": {"name": "DiT-Q/2"}},
+           "shards.yaml": {**good, "data": {"shards": str(tmp_path / "shardz")}},
+           "init.yaml": {**good, "model": {"init": str(tmp_path / "nothing")}}}
+    for file, cfg in bad.items():
+        (tmp_path / file).write_text(yaml.safe_dump(cfg))
     stages = [{"name": "reparam", "reparam": {"source": str(tmp_path / "dit.pt")}},
               {"name": "s", "config": "s.yaml", "init": "reparam"}]
-    for last, message in (({"name": "t", "config": "missing.yaml", "init": "s"}, "missing.yaml: no such config file"),
-                          ({"name": "t", "config": "bad.yaml", "init": "s"}, "optim.lr")):
+    for last, message in (
+            ({"name": "t", "config": "missing.yaml", "init": "s"}, "missing.yaml: no such config file"),
+            ({"name": "t", "config": "keys.yaml", "init": "s"}, "keys.yaml: optim.lr"),
+            ({"name": "t", "config": "name.yaml", "init": "s"}, "name.yaml: model.name: unknown model name 'DiT-Q/2'"),
+            ({"name": "t", "config": "shards.yaml", "init": "s"}, "shards.yaml: data.shards: .*shardz: no such shard"),
+            ({"name": "t", "config": "init.yaml"}, "init.yaml: model.init: .*nothing: not a checkpoint folder")):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": [*stages, last]}))
         with pytest.raises(PixArtError, match=message):
             launch(tmp_path / "r.yaml", tmp_path / "run")

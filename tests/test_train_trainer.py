@@ -141,6 +141,52 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(cache, straight, tmp
     assert_same(straight, tmp_path / "run", 6)
 
 
+def test_a_rerun_that_cannot_resume_the_checkpoint_is_one_line_and_rewrites_nothing(cache, straight, tmp_path):
+    """A rerun with another model, precision, ZeRO stage or process count would load the checkpoint wrongly or
+    crash in DeepSpeed: it is refused before anything is written."""
+    import shutil
+
+    from pixart.errors import PixArtError
+    from pixart.models.config import ModelConfig
+    from pixart.train.checkpoints import check_resumable
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    before = (run / "config.yaml").read_text()
+    r = train(stage(cache, tmp_path), run, None, "--max-steps", "8", "--set", "model.arch.depth=3")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "step-000006: its model differs from this config's (depth 2 -> 3); a run resumes as it was saved "
+        "(another --run-dir with model.init set to it starts from its weights)")
+    assert (run / "config.yaml").read_text() == before and not (run / "checkpoints" / "step-000008").exists()
+
+    model = ModelConfig.from_dict(json.loads((run / "checkpoints" / "step-000006" / "config.json").read_text()))
+    saved = {"deepspeed.precision": "fp32", "deepspeed.zero_stage": 1}
+    check_resumable(run, 1, saved, model)  # what the run was saved with resumes
+    for world, settings, message in (
+            (2, saved, "saved by 1 processes, resumed by 2"),
+            (1, {**saved, "deepspeed.precision": "bf16"}, "deepspeed.precision 'fp32', this config has 'bf16'"),
+            (1, {**saved, "deepspeed.zero_stage": 3}, "saved with deepspeed.zero_stage 1, this config has 3")):
+        with pytest.raises(PixArtError, match=re.escape(message)):
+            check_resumable(run, world, settings, model)
+
+
+def test_a_killed_writers_temp_records_are_removed_when_the_run_resumes(cache, straight, tmp_path):
+    import shutil
+    import socket
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    host = socket.gethostname()
+    dead = [run / "checkpoints" / f".latest.tmp-{host}-999999999-x", run / f".DONE.json.tmp-{host}-999999999-y"]
+    live = run / f".config.yaml.tmp-{host}-{os.getppid()}-z"  # its writer still runs: not ours to remove
+    for path in (*dead, live):
+        path.write_text("half")
+    r = train(stage(cache, tmp_path), run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not any(p.exists() for p in dead) and live.exists()
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(cache, tmp_path):
     run = tmp_path / "run"
     config = stage(cache, tmp_path, optim__lr=1e20, optim__warmup_steps=0, optim__grad_clip=0.0)

@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of the DiT (default: rows of its class table minus the null class)")
     p.add_argument("--t-ref", type=int, default=500, help="timestep at which the modulation is exact (default 500)")
-    p.add_argument("--caption-channels", type=int, default=4096, help="text-encoder width (4096 for T5-XXL)")
-    p.add_argument("--max-length", type=int, default=120, help="caption tokens (120 in PixArt-alpha)")
+    p.add_argument("--caption-channels", type=int, default=4096, help="text-encoder width (default 4096, T5-XXL's)")
+    p.add_argument("--max-length", type=int, default=120, help="caption tokens (default 120, PixArt-alpha's)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new cross-attention and caption layers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)

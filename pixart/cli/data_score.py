@@ -13,14 +13,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
     p.add_argument("--out", required=True, help="folder for the sidecar files")
-    p.add_argument("--scorer", choices=("shapes", "laion"), default="shapes")
+    p.add_argument("--scorer", choices=("shapes", "laion"), default="shapes",
+                   help="shapes: read the shapes world's metadata; laion: LAION's predictor (default shapes)")
     p.add_argument("--model", help="laion: CLIP model folder (CLIPVisionModelWithProjection + CLIPImageProcessor)")
     p.add_argument("--head", help="laion: MLP head weights (default: MODEL/aesthetic_head.safetensors; "
                    "a .pth state dict is read with weights_only)")
     p.add_argument("--threshold", type=float, default=None,
                    help="keep samples scoring at least this (default 0.5 for shapes, 5.0 for laion)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="images scored at once (default 32)")
+    p.add_argument("--device", default="cpu", help="laion: torch device of the CLIP model (default cpu)")
     p.set_defaults(run=run)
 
 

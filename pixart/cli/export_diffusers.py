@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
         "PixArtAlphaPipeline folder (DPM-Solver++ scheduler). OUT/null_caption.safetensors holds the model's "
         "null caption; pass it as negative_prompt_embeds to sample as the official code does.",
     )
-    p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors])")
+    p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors]), "
+                   "or a run's RUN/checkpoints/latest")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="export the EMA weights (default: EMA when the checkpoint has them)")

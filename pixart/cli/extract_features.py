@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-length", type=int, default=120, help="T5 tokens (default 120)")
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call (default 16)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes, split by shard (default 1)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="T5 compute and stored text dtype")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="T5 compute and stored text dtype (default bf16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
     p.add_argument("--accept-damaged", action="store_true",

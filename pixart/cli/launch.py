@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """\
-A recipe lists steps: training stages (a stage config each; `init` names the step whose output
-starts it) and the DiT -> PixArt reparameterization. Every step writes RUN_DIR/<step>/. Rerun
-the same command after an interruption: finished steps are skipped and the interrupted one
-resumes from its last checkpoint. Under torchrun or the deepspeed launcher every rank runs it.
+A recipe lists steps: training stages (`config:` a stage config), DMD distillations (`distill:` a
+distillation config) and the DiT -> PixArt reparameterization (`reparam:`). `init` names the step
+whose output starts a step, and `set:` overrides its config's keys as --set does. Every step
+writes RUN_DIR/<step>/; every step's config, local shards and own init are checked before the
+first step trains. Rerun the same command after an interruption: finished steps are skipped and
+the interrupted one resumes from its last checkpoint. Under torchrun or the deepspeed launcher
+every rank runs it.
 
 examples:
   pixart launch configs/pixart_xl2/recipe.yaml --run-dir runs/pixart-xl2

@@ -22,7 +22,7 @@ holds a state that a rerun resumes from, and loss.png.
 def add_parser(sub) -> None:
     p = sub.add_parser("personalize", help="teach a trained model a new concept (Perfusion, ~100 KB)",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="the base model's checkpoint folder")
+    p.add_argument("ckpt", help="the base model's checkpoint folder, or its run's RUN/checkpoints/latest")
     p.add_argument("--data", required=True, help="a folder of images (+ masks/<stem>.png, + <stem>.txt captions "
                    "naming the concept) or webdataset shards")
     p.add_argument("--concept", required=True, help="the concept's word, as prompts will write it (one new token)")

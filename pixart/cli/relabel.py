@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--accept-damaged", action="store_true",
                    help="finish a shard whose input tar breaks off with the samples read (default: leave it "
                    "unfinished and report it; a rerun retries it)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers", help="VLM backend")
+    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                   help="VLM backend (default transformers)")
     p.set_defaults(run=run)
 
 

@@ -11,13 +11,15 @@ def add_parser(sub) -> None:
         "(its student.json) samples in one step from its start timestep; --steps, --cfg and --sampler are then "
         "unused."),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors])")
+    p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors]), "
+                   "or a run's RUN/checkpoints/latest")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--label", type=int, action="append", default=[], help="a class label, for a DiT (repeatable)")
     p.add_argument("--out", default="samples.png", help="output image, its format from the name (default samples.png)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
-    p.add_argument("--sampler", choices=("dpm-solver++", "ddim", "ddpm"), default="dpm-solver++")
+    p.add_argument("--sampler", choices=("dpm-solver++", "ddim", "ddpm"), default="dpm-solver++",
+                   help="diffusers scheduler (default dpm-solver++, as PixArt's own sampling)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first column (default 0)")
     p.add_argument("--columns", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="latent size (default: the model's)")

@@ -162,7 +162,7 @@ class Loader:
         d.latent_scale = c.latent_scale if c.latent_scale is not None else inputs["scale"]
         d.latent_shift = c.latent_shift if c.latent_shift is not None else inputs["shift"]
         if kind == "features":
-            log.info("latents = (latent - %g) * %g", d.latent_shift, d.latent_scale)
+            log.info("feature cache: latents enter the model as (latent - %g) * %g", d.latent_shift, d.latent_scale)
         if scores is not None:
             kept, total = inputs["kept"]
             log.info("aesthetic selection (min_score %s): keeps %d of %d samples (%.1f%%)", c.min_score, kept, total,

@@ -111,7 +111,9 @@ class DistillTrainer:
 
         self.manifest = cache_manifest(cfg) if batches is None else None
         self.batches = batches if batches is not None else build_loader(cfg, "pixart", self.device)
-        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())  # only now: a bad teacher or shard writes nothing
+        self.settings = checkpoints.resume_settings(cfg)
+        # only now: a bad teacher or shard, or a config that cannot resume the run, writes nothing
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
         self.engines = {GENERATOR: build_engine(generator, cfg, self.world)[0],
                         FAKE: build_engine(fake, fake_cfg, self.world)[0]}
@@ -305,7 +307,8 @@ class DistillTrainer:
                  STUDENT_FILE: json.dumps(student, indent=2)}
         loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
         return checkpoints.save(self.run_dir, self.step, self.engines, files, self.full_weights(ema=False),
-                                self.full_weights(ema=True), loader, {"stage": cfg.stage}, cfg.train.keep_last)
+                                self.full_weights(ema=True), loader, {"stage": cfg.stage, **self.settings},
+                                cfg.train.keep_last)
 
     def _resume(self) -> None:
         state = checkpoints.restore(self.run_dir, self.engines, self.ema, self.batches)

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from pixart.atomic import atomic_write, share_modes
-from pixart.checkpoint import EMA_FILE, LATEST_POINTER, MODEL_FILE, read_json, read_state_dict
+from pixart.atomic import atomic_write, remove_dead_writers, share_modes
+from pixart.checkpoint import EMA_FILE, LATEST_POINTER, MODEL_FILE, load_config, read_json, read_state_dict
 from pixart.errors import PixArtError
+from pixart.models.config import ModelConfig
 
 TRAINER_FILE, DS_DIR, DS_TAG = "trainer.json", "deepspeed", "state"
 log = logging.getLogger("pixart.train")
@@ -59,17 +60,50 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def clean_partial(run_dir: str | os.PathLike) -> None:
-    """Remove checkpoints a kill left half-written (rank 0, before anything else)."""
+    """Remove what a kill left half-written (rank 0, before anything else): checkpoints, and the temp files of
+    the run's small records (`latest`, `config.yaml`, `DONE.json`)."""
     root = Path(run_dir) / "checkpoints"
-    if _rank() == 0 and root.is_dir():
-        for tmp in root.glob(".step-*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    if _rank() == 0:
+        remove_dead_writers(Path(run_dir))
+        if root.is_dir():
+            remove_dead_writers(root)
+            for tmp in root.glob(".step-*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
 
 
-def open_run(run_dir: Path, resolved_yaml: str) -> None:
+def resume_settings(cfg) -> dict:
+    """What a checkpoint can only be resumed with, beside its model and process count (its trainer.json records
+    them): DeepSpeed's state is laid out by precision and ZeRO stage."""
+    return {"deepspeed.precision": cfg.deepspeed.precision, "deepspeed.zero_stage": cfg.deepspeed.zero_stage}
+
+
+def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfig) -> None:
+    """Refuse, in one line, to resume a checkpoint this run could not load exactly: one saved by another number
+    of processes, with other `settings` ({"deepspeed.precision": ..., ...}, as its trainer.json records them),
+    or of another model."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return
+    fresh = "; a run resumes as it was saved (another --run-dir with model.init set to it starts from its weights)"
+    saved = len(list(ckpt.glob("loader-rank*.json")))
+    if saved != world:
+        raise PixArtError(f"{ckpt}: saved by {saved} processes, resumed by {world}{fresh}")
+    recorded = read_json(ckpt / TRAINER_FILE)
+    for key, value in settings.items():
+        if key in recorded and recorded[key] != value:
+            raise PixArtError(f"{ckpt}: saved with {key} {recorded[key]!r}, this config has {value!r}{fresh}")
+    old, new = load_config(ckpt).to_dict(), model.to_dict()
+    changed = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
+    if changed:
+        raise PixArtError(f"{ckpt}: its model differs from this config's ({changed}){fresh}")
+
+
+def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, model: ModelConfig) -> None:
     """Rank 0 makes the run folder and writes the resolved config (that file alone reruns the run); every rank
-    then waits while the checkpoints a kill left half-written are removed."""
+    then waits while what a kill left half-written is removed. A rerun whose config cannot resume the run's
+    checkpoint (`check_resumable`) stops first, with nothing rewritten."""
+    check_resumable(run_dir, world, settings, model)
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", resolved_yaml)

@@ -35,6 +35,17 @@ class ModelSection(Section):
     activation_memory_gb: float | None = Field(None, gt=0)  # None: free device memory x 0.9 - weights/optimizer
     compile: bool = False  # torch.compile each block (dynamic shapes: no recompiles across buckets)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        from pixart.models import model_config
+
+        try:
+            model_config(v)
+        except PixArtError as e:
+            raise ValueError(str(e)) from None
+        return v
+
     @field_validator("arch")
     @classmethod
     def _arch(cls, v):

@@ -98,6 +98,28 @@ def step_config(recipe_path: Path, step: Step, init: str | None):
     return load_train_config(recipe_path.parent / step.config, sets)
 
 
+def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
+    """What a step reads that no earlier step makes (local shards, its own init) must exist before the first
+    step trains. URLs are not listed: a store may be slow to reach, and the loader says clearly when one is
+    wrong."""
+    from pixart.checkpoint import checkpoint_folder, load_config
+    from pixart.data.shards import is_url, resolve_shards
+
+    source = recipe_path.parent / (step.distill or step.config)
+    shards = [cfg.data.shards] if isinstance(cfg.data.shards, str) else cfg.data.shards
+    try:
+        resolve_shards([s for s in shards if not is_url(s)])
+    except PixArtError as e:
+        raise PixArtError(f"{source}: data.shards: {e}") from None
+    init_key = "teacher.init" if step.distill else "model.init"
+    init = cfg.teacher.init if step.distill else cfg.model.init
+    if init and not step.init:  # an earlier step's output does not exist yet
+        try:
+            load_config(checkpoint_folder(init))
+        except PixArtError as e:
+            raise PixArtError(f"{source}: {init_key}: {e}") from None
+
+
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Run the recipe's steps in order; returns {step: its output checkpoint folder}. Every step's config is
     loaded first, so that a typo in the last stage's file stops the launch before the first stage trains."""
@@ -111,7 +133,7 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     recipe = load_recipe(recipe_path)
     for step in recipe.stages:
         if step.reparam is None:
-            step_config(recipe_path, step, "<the output of an earlier step>")
+            check_inputs(recipe_path, step, step_config(recipe_path, step, "<the output of an earlier step>"))
     root = Path(run_dir or Path("runs") / recipe.name)
     init_distributed(recipe.collective_timeout_s)
     rank = dist.get_rank()

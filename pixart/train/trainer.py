@@ -116,7 +116,9 @@ class Trainer:
         self.manifest = cache_manifest(cfg) if batches is None else None
         self._check_manifest()
         self.batches = batches if batches is not None else self._loader()
-        checkpoints.open_run(self.run_dir, cfg.resolved_yaml())  # only now: a bad init or shard writes nothing
+        self.settings = checkpoints.resume_settings(cfg)
+        # only now: a bad init or shard, or a config that cannot resume the run, writes nothing
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.world)
         self.fragments = master_fragments(self.engine.module)
         # DeepSpeed builds bf16/fp16 masters from the low-precision copy: give them the exact fp32 init.
@@ -220,7 +222,7 @@ class Trainer:
         return checkpoints.save(self.run_dir, self.step, {checkpoints.DS_TAG: self.engine}, files,
                                 self.full_weights(ema=False), self.full_weights(ema=True),
                                 self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
-                                {"samples": self.samples, "stage": self.cfg.stage, **history},
+                                {"samples": self.samples, "stage": self.cfg.stage, **self.settings, **history},
                                 self.cfg.train.keep_last)
 
     def _encoders(self) -> dict:

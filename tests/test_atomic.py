@@ -1,0 +1,38 @@
+"""Outputs appear whole or not at all, and a killed writer's temp files do not stay forever."""
+import os
+import socket
+
+from pixart.atomic import atomic_write, file_mode, remove_dead_writers
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "DONE.json"
+    target.write_text("old")
+    atomic_write(target, '{"steps": 6}')
+    assert target.read_text() == '{"steps": 6}'
+    assert [p.name for p in tmp_path.iterdir()] == ["DONE.json"]
+    assert target.stat().st_mode & 0o777 == file_mode()  # the umask's modes, not mkstemp's 0600
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "latest"
+    target.write_text("step-000002")
+    try:
+        atomic_write(target, object())  # not bytes: fails while writing
+    except TypeError:
+        pass
+    assert target.read_text() == "step-000002" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_only_this_hosts_dead_writers_temps_are_removed(tmp_path):
+    host = socket.gethostname()
+    dead_file = tmp_path / f".latest.tmp-{host}-999999999-abc"  # no process has that pid
+    dead_folder = tmp_path / f".export.tmp-{host}-999999999-def"
+    live = tmp_path / f".config.yaml.tmp-{host}-{os.getppid()}-ghi"  # a writer that still runs
+    elsewhere = tmp_path / ".latest.tmp-another-host-999999999-jkl"  # its pid means nothing here
+    own = tmp_path / "model.tmp-notes.txt"  # not a temp: no leading dot
+    dead_folder.mkdir()
+    for path in (dead_file, live, elsewhere, own):
+        path.write_text("half")
+    remove_dead_writers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, own.name])
