@@ -87,6 +87,8 @@ class DistillTrainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         if cfg.optim.grad_accum != 1:
             raise PixArtError("optim.grad_accum: distillation updates on one batch at a time; raise data.batch_size")
+        if cfg.train.caption_noise:
+            raise PixArtError("train.caption_noise: distillation reads captions as the teacher does; leave it 0")
         self.model_config, self.prediction, teacher_state = load_teacher(cfg)
         self.device = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

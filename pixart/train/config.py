@@ -106,6 +106,9 @@ class TrainSection(Section):
     max_steps: int = Field(1000, ge=1)  # optimizer steps
     seed: int = 0
     caption_dropout: float = Field(0.1, ge=0, le=1)  # captions (or class labels) replaced by the null one
+    # > 0: Gaussian noise of this std, relative to each caption's feature RMS, added to the text features (as
+    # NEFTune noises embeddings): the model must read the words, not small shifts of their context (issue 19)
+    caption_noise: float = Field(0.0, ge=0)
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(1000, ge=1)
     keep_last: int = Field(2, ge=1)  # checkpoints kept (the newest)
