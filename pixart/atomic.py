@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -79,8 +80,9 @@ def remove_dead_writers(folder: Path) -> None:
 
     marker = f".tmp-{socket.gethostname()}-"
     for tmp in Path(folder).glob(f".*{glob.escape(marker)}*-*"):
-        pid = tmp.name.rsplit(marker, 1)[1].split("-")[0]
-        if pid.isdigit() and not alive(int(pid)):
+        # PID-SUFFIX, the suffix mkstemp's (letters, digits, _): so host "node" never reads host "node-4"'s temps
+        found = re.fullmatch(r"(\d+)-\w+", tmp.name.rsplit(marker, 1)[1])
+        if found and not alive(int(found[1])):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

@@ -30,9 +30,11 @@ def test_only_this_hosts_dead_writers_temps_are_removed(tmp_path):
     dead_folder = tmp_path / f".export.tmp-{host}-999999999-def"
     live = tmp_path / f".config.yaml.tmp-{host}-{os.getppid()}-ghi"  # a writer that still runs
     elsewhere = tmp_path / ".latest.tmp-another-host-999999999-jkl"  # its pid means nothing here
+    longer_name = tmp_path / f".latest.tmp-{host}-999999999-{os.getpid()}-mno"  # host "HOST-999999999"'s temp
     own = tmp_path / "model.tmp-notes.txt"  # not a temp: no leading dot
     dead_folder.mkdir()
-    for path in (dead_file, live, elsewhere, own):
+    for path in (dead_file, live, elsewhere, longer_name, own):
         path.write_text("half")
     remove_dead_writers(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, own.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, longer_name.name,
+                                                                 own.name])

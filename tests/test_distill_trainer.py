@@ -303,6 +303,7 @@ def test_lpips_regression_reads_its_weights_from_a_file(tiny_feature_cache, teac
     ({"dm": {"t_min": 900, "t_max": 100}}, "dm.t_min 900 is above dm.t_max 100"),
     ({"regression": {"weight": 0.25, "kind": "lpips"}}, "regression.lpips_weights: needed for kind lpips"),
     ({"dm": {"weight": 0}}, "nothing trains the generator"),
+    ({"optim__grad_accum": 2}, "optim.grad_accum: distillation updates on one batch at a time"),
 ])
 def test_bad_configs_are_one_line_naming_the_key(tiny_feature_cache, teacher, tmp_path, over, message, capsys):
     from pixart.cli.main import main

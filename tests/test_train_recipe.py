@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,10 +73,11 @@ def test_bad_recipes_are_one_line(tmp_path, stages, message):
         load_recipe(tmp_path / "r.yaml")
 
 
-def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path):
-    """The XL recipe's fourth stage is read when the launch starts, not after three stages have trained: its
-    keys, its model's name, its local shards and its own init."""
-    from pixart.train.recipe import launch
+def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path, caplog):
+    """The XL recipe's fourth stage is read when the launch starts, not after three stages have trained: its keys,
+    its model's name and its DeepSpeed JSON stop the launch; its missing local shards, scores and own init are
+    named in a warning, since they may be made while the first stages train."""
+    from pixart.train.recipe import check_inputs, launch, step_config
 
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "a.tar").write_bytes(b"")  # the check lists shards; it does not read them
@@ -83,8 +85,9 @@ def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**good, "stage": "s"}))
     bad = {"keys.yaml": {**good, "optim": {"lr": "fast"}},
            "name.yaml": {**good, "model": {"name": "DiT-Q/2"}},
-           "shards.yaml": {**good, "data": {"shards": str(tmp_path / "shardz")}},
-           "init.yaml": {**good, "model": {"init": str(tmp_path / "nothing")}}}
+           "ds.yaml": {**good, "deepspeed": {"config": str(tmp_path / "nothing.json")}},
+           "later.yaml": {**good, "data": {"shards": str(tmp_path / "shardz"), "scores_dir": str(tmp_path / "scorez")},
+                          "model": {"init": str(tmp_path / "nothing")}}}
     for file, cfg in bad.items():
         (tmp_path / file).write_text(yaml.safe_dump(cfg))
     stages = [{"name": "reparam", "reparam": {"source": str(tmp_path / "dit.pt")}},
@@ -92,13 +95,20 @@ def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path):
     for last, message in (
             ({"name": "t", "config": "missing.yaml", "init": "s"}, "missing.yaml: no such config file"),
             ({"name": "t", "config": "keys.yaml", "init": "s"}, "keys.yaml: optim.lr"),
-            ({"name": "t", "config": "name.yaml", "init": "s"}, "name.yaml: model.name: unknown model name 'DiT-Q/2'"),
-            ({"name": "t", "config": "shards.yaml", "init": "s"}, "shards.yaml: data.shards: .*shardz: no such shard"),
-            ({"name": "t", "config": "init.yaml"}, "init.yaml: model.init: .*nothing: not a checkpoint folder")):
+            ({"name": "t", "config": "name.yaml"}, "name.yaml: model.name: unknown model name 'DiT-Q/2'"),
+            ({"name": "t", "config": "ds.yaml", "init": "s"}, "ds.yaml: deepspeed.config .*nothing.json: cannot read")):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": [*stages, last]}))
         with pytest.raises(PixArtError, match=message):
             launch(tmp_path / "r.yaml", tmp_path / "run")
         assert not (tmp_path / "run").exists()
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": [
+        *stages, {"name": "t", "config": "later.yaml"}]}))
+    step = load_recipe(tmp_path / "r.yaml").stages[-1]
+    with caplog.at_level("WARNING", logger="pixart.train"):
+        check_inputs(tmp_path / "r.yaml", step, step_config(tmp_path / "r.yaml", step, None))
+    for key, problem in (("data.shards", "shardz: no such shard"), ("data.scores_dir", "scorez: no such folder"),
+                         ("model.init", "nothing: not a checkpoint folder")):
+        assert re.search(f"later.yaml: {key}: .*{problem}.*; step t stops there unless it exists by then", caplog.text)
 
 
 def test_shipped_xl_recipes_and_configs_are_valid():

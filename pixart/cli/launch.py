@@ -7,10 +7,11 @@ EPILOG = """\
 A recipe lists steps: training stages (`config:` a stage config), DMD distillations (`distill:` a
 distillation config) and the DiT -> PixArt reparameterization (`reparam:`). `init` names the step
 whose output starts a step, and `set:` overrides its config's keys as --set does. Every step
-writes RUN_DIR/<step>/; every step's config, local shards and own init are checked before the
-first step trains. Rerun the same command after an interruption: finished steps are skipped and
-the interrupted one resumes from its last checkpoint. Under torchrun or the deepspeed launcher
-every rank runs it.
+writes RUN_DIR/<step>/. Every step's config is read before the first step trains; inputs that do
+not exist yet (local shards, scores, an init no step makes) are named in a warning, since they
+may be made while the first stages train. Rerun the same command after an interruption: finished
+steps are skipped and the interrupted one resumes from its last checkpoint. Under torchrun or the
+deepspeed launcher every rank runs it.
 
 examples:
   pixart launch configs/pixart_xl2/recipe.yaml --run-dir runs/pixart-xl2

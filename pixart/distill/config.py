@@ -129,6 +129,8 @@ class DistillConfig(Section):
                              "the generator")
         if self.deepspeed.precision != "fp32" and self.deepspeed.zero_stage == 0:
             raise ValueError(f"deepspeed.precision {self.deepspeed.precision} needs zero_stage >= 1")
+        if self.optim.grad_accum != 1:
+            raise ValueError("optim.grad_accum: distillation updates on one batch at a time; raise data.batch_size")
         return self
 
     def resolved_yaml(self) -> str:

@@ -85,10 +85,6 @@ class DistillTrainer:
 
     def __init__(self, cfg: DistillConfig, run_dir: str | os.PathLike, batches: Iterable[dict] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        if cfg.optim.grad_accum != 1:
-            raise PixArtError("optim.grad_accum: distillation updates on one batch at a time; raise data.batch_size")
-        if cfg.train.caption_noise:
-            raise PixArtError("train.caption_noise: distillation reads captions as the teacher does; leave it 0")
         self.model_config, self.prediction, teacher_state = load_teacher(cfg)
         self.device = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -113,7 +109,7 @@ class DistillTrainer:
 
         self.manifest = cache_manifest(cfg) if batches is None else None
         self.batches = batches if batches is not None else build_loader(cfg, "pixart", self.device)
-        self.settings = checkpoints.resume_settings(cfg)
+        self.settings = {**checkpoints.resume_settings(cfg), "gan.head": cfg.gan.generator_weight > 0}
         # only now: a bad teacher or shard, or a config that cannot resume the run, writes nothing
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})

@@ -72,6 +72,9 @@ def clean_partial(run_dir: str | os.PathLike) -> None:
     _barrier()
 
 
+FREE_FIELDS = ("attn_backend", "class_dropout_prob")  # model fields a resumed run may change: no weight depends on them
+
+
 def resume_settings(cfg) -> dict:
     """What a checkpoint can only be resumed with, beside its model and process count (its trainer.json records
     them): DeepSpeed's state is laid out by precision and ZeRO stage."""
@@ -94,7 +97,7 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
         if key in recorded and recorded[key] != value:
             raise PixArtError(f"{ckpt}: saved with {key} {recorded[key]!r}, this config has {value!r}{fresh}")
     old, new = load_config(ckpt).to_dict(), model.to_dict()
-    changed = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
+    changed = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k] and k not in FREE_FIELDS)
     if changed:
         raise PixArtError(f"{ckpt}: its model differs from this config's ({changed}){fresh}")
 

@@ -25,8 +25,8 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name: str = "PixArt-XL/2"  # used when there is no `init`
     init: str | None = None  # a checkpoint folder (config.json + model.safetensors): the previous stage
+    name: str = "PixArt-XL/2"  # used when there is no `init`
     init_ema: bool = False  # start from the init's EMA weights instead of its raw ones
     arch: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields over the name's or the init's
     # Activation checkpointing: all blocks (true), none (false), the first N, or "auto": the fewest blocks
@@ -37,13 +37,15 @@ class ModelSection(Section):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, v):
+    def _name(cls, v, info):
+        """The name builds the model only without an init (declared first for this): a typo stops at reading."""
         from pixart.models import model_config
 
-        try:
-            model_config(v)
-        except PixArtError as e:
-            raise ValueError(str(e)) from None
+        if info.data.get("init") is None:
+            try:
+                model_config(v)
+            except PixArtError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @field_validator("arch")
@@ -106,9 +108,6 @@ class TrainSection(Section):
     max_steps: int = Field(1000, ge=1)  # optimizer steps
     seed: int = 0
     caption_dropout: float = Field(0.1, ge=0, le=1)  # captions (or class labels) replaced by the null one
-    # > 0: Gaussian noise of this std, relative to each caption's feature RMS, added to the text features (as
-    # NEFTune noises embeddings): the model must read the words, not small shifts of their context (issue 19)
-    caption_noise: float = Field(0.0, ge=0)
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(1000, ge=1)
     keep_last: int = Field(2, ge=1)  # checkpoints kept (the newest)

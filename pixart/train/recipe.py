@@ -99,25 +99,38 @@ def step_config(recipe_path: Path, step: Step, init: str | None):
 
 
 def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
-    """What a step reads that no earlier step makes (local shards, its own init) must exist before the first
-    step trains. URLs are not listed: a store may be slow to reach, and the loader says clearly when one is
-    wrong."""
+    """Before the first step trains: a DeepSpeed JSON that cannot be read stops the launch, and inputs that do not
+    exist yet (local shards or scores, an init no earlier step makes) are named in a warning, since they may be
+    made while the first stages train. URLs are not listed: a store may be slow to reach, and the loader names a
+    wrong one."""
     from pixart.checkpoint import checkpoint_folder, load_config
     from pixart.data.shards import is_url, resolve_shards
 
+    from .engine import deepspeed_config
+
     source = recipe_path.parent / (step.distill or step.config)
+    try:
+        deepspeed_config(cfg, 1)
+    except PixArtError as e:
+        raise PixArtError(f"{source}: {e}") from None
+    missing = []
     shards = [cfg.data.shards] if isinstance(cfg.data.shards, str) else cfg.data.shards
     try:
         resolve_shards([s for s in shards if not is_url(s)])
     except PixArtError as e:
-        raise PixArtError(f"{source}: data.shards: {e}") from None
+        missing.append(f"data.shards: {e}")
+    scores = cfg.data.scores_dir
+    if scores and not is_url(scores) and not Path(scores).is_dir():
+        missing.append(f"data.scores_dir: {scores}: no such folder")
     init_key = "teacher.init" if step.distill else "model.init"
     init = cfg.teacher.init if step.distill else cfg.model.init
     if init and not step.init:  # an earlier step's output does not exist yet
         try:
             load_config(checkpoint_folder(init))
         except PixArtError as e:
-            raise PixArtError(f"{source}: {init_key}: {e}") from None
+            missing.append(f"{init_key}: {e}")
+    for problem in missing:
+        log.warning("%s: %s; step %s stops there unless it exists by then", source, problem, step.name)
 
 
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:

@@ -91,17 +91,6 @@ class NonFiniteLoss(PixArtError):
     pass
 
 
-def noisy_captions(y: torch.Tensor, mask: torch.Tensor, generators: list, std: float, tokens: int) -> torch.Tensor:
-    """y (B, L, D) + std x each caption's RMS over its valid tokens x N(0, 1), each sample's noise drawn from its
-    own generator for `tokens` positions (at least L), so it does not depend on the batch it is in."""
-    y = y.float()
-    length, width = y.shape[-2:]
-    eps = torch.stack([torch.randn(max(tokens, length), width, generator=g)[:length] for g in generators])
-    valid = mask.to(y.dtype)[..., None]
-    rms = ((y.pow(2) * valid).sum((1, 2)) / (valid.sum((1, 2)) * width).clamp(min=1)).sqrt()
-    return y + std * rms[:, None, None] * eps
-
-
 class Trainer:
     """`Trainer(cfg, run_dir).run()` trains to `train.max_steps` (resuming from `run_dir`) and returns
     the last checkpoint. `batches` replaces the shard loader (e.g. a fixed list in tests)."""
@@ -191,13 +180,12 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         x0 = batch["latents"].float()
         B = x0.shape[0]
-        t, noise, drop, gens = [], [], [], []
+        t, noise, drop = [], [], []
         for key in batch["keys"]:
             g = torch.Generator().manual_seed(stable_seed(cfg.train.seed, "train", step, key))
             t.append(self.schedule.sample_timestep(g, cfg.diffusion.timesteps))
             noise.append(torch.randn(x0.shape[1:], generator=g))
             drop.append(torch.rand(1, generator=g) < cfg.train.caption_dropout)
-            gens.append(g)
         t, noise, drop = torch.cat(t).to(dev), torch.stack(noise).to(dev), torch.cat(drop).to(dev)
         x0 = x0.to(dev)
         xt = self.schedule.q_sample(x0, t, noise)
@@ -209,10 +197,7 @@ class Trainer:
             out = self.engine(xt.to(self.dtype), t, labels, force_drop_ids=drop)
         else:
             info = {k: v.to(dev) for k, v in batch["data_info"].items()} if "data_info" in batch else None
-            y = batch["y"]
-            if cfg.train.caption_noise > 0:
-                y = noisy_captions(y, batch["mask"], gens, cfg.train.caption_noise, cfg.encoders.max_length)
-            out = self.engine(xt.to(self.dtype), t, y.to(dev, self.dtype), mask=batch["mask"].to(dev),
+            out = self.engine(xt.to(self.dtype), t, batch["y"].to(dev, self.dtype), mask=batch["mask"].to(dev),
                               data_info=info, force_drop_ids=drop)
         terms = diffusion_loss(out, x0, xt, t, noise, self.schedule, learn_sigma=self.model_config.learn_sigma,
                                prediction_type=cfg.diffusion.prediction, min_snr_gamma=cfg.diffusion.min_snr_gamma)
