@@ -8,7 +8,7 @@ reported beside each seed's: one seed's draw moves a kind by a prompt or two. Ru
 DEMO/experiments/phrasings/<variant>/ and are skipped when finished.
 
     pixart demo --out demo_out                                  # once
-    python tools/exp_phrasings.py --demo demo_out --set train.caption_noise=0 --set train.seed=1
+    python tools/exp_phrasings.py --demo demo_out --set train.seed=1
 """
 from __future__ import annotations
 
