@@ -164,7 +164,7 @@ def test_a_rerun_that_cannot_resume_the_checkpoint_is_one_line_and_rewrites_noth
     saved = {"deepspeed.precision": "fp32", "deepspeed.zero_stage": 1}
     check_resumable(run, 1, saved, model)  # what the run was saved with resumes
     for world, settings, message in (
-            (2, saved, "saved by 1 processes, resumed by 2"),
+            (2, saved, "saved at world size 1, resumed at 2"),
             (1, {**saved, "deepspeed.precision": "bf16"}, "deepspeed.precision 'fp32', this config has 'bf16'"),
             (1, {**saved, "deepspeed.zero_stage": 3}, "saved with deepspeed.zero_stage 1, this config has 3")):
         with pytest.raises(PixArtError, match=re.escape(message)):

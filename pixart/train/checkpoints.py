@@ -91,7 +91,7 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
     fresh = "; a run resumes as it was saved (another --run-dir with model.init set to it starts from its weights)"
     saved = len(list(ckpt.glob("loader-rank*.json")))
     if saved != world:
-        raise PixArtError(f"{ckpt}: saved by {saved} processes, resumed by {world}{fresh}")
+        raise PixArtError(f"{ckpt}: saved at world size {saved}, resumed at {world}{fresh}")
     recorded = read_json(ckpt / TRAINER_FILE)
     for key, value in settings.items():
         if key in recorded and recorded[key] != value:
