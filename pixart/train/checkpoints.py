@@ -177,7 +177,7 @@ def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | N
         ema.load_full_state(read_state_dict(ckpt / EMA_FILE), str(ckpt / EMA_FILE))
     loader_file = ckpt / f"loader-rank{_rank()}.json"
     if not loader_file.is_file():
-        raise PixArtError(f"{loader_file}: missing; was the run saved with another world size?")
+        raise PixArtError(f"{loader_file}: missing: this rank's data position was not saved (an incomplete checkpoint)")
     loader_state = read_json(loader_file)
     if loader_state and hasattr(batches, "load_state_dict"):
         batches.load_state_dict(loader_state)
