@@ -10,8 +10,9 @@ loads the encoders once.
 Text features are stored compactly: only the valid tokens (n, D), in the encoder's dtype
 (bf16 by default), instead of PixArt's padded (120, 4096) fp32 npz per image.
 
-A finished shard is reused only while its input is the one it was made from (`_input_id`), and
-an input tar that breaks off early is not finished (a rerun retries it) unless `accept_damaged`.
+A finished shard is reused only while its input is the one it was made from (`input_id`), and
+an input tar that breaks off early is not finished (a rerun retries it) unless `accept_damaged`;
+one that could not even be opened is never finished.
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ from tqdm import tqdm
 from data_pipelines.features_encode import Job, ShardResult, encode_shard, load_encoders
 from pixart.atomic import atomic_write
 from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, file_sha256
-from pixart.data.remote import remote_identity
-from pixart.data.shards import check_unique_names, is_url, resolve_shards
+from pixart.data.shards import check_unique_names, input_record, is_url, rank_and_world, resolve_shards, same_input
 from pixart.errors import PixArtError
 from pixart.lifetime import die_with
 
@@ -68,7 +68,7 @@ class FeatureConfig:
 class Extraction:
     manifest: Manifest
     results: list[ShardResult] = field(default_factory=list)  # shards encoded and kept by this call
-    damaged: list[ShardResult] = field(default_factory=list)  # broken-off inputs left unfinished (retry)
+    damaged: list[ShardResult] = field(default_factory=list)  # broken-off or unopened inputs left unfinished
     seconds: float = 0.0
 
     def describe(self, out) -> str:
@@ -85,8 +85,9 @@ class Extraction:
         return (f"encoded {n} samples in {len(self.results)} shards ({skipped} skipped) in {self.seconds:.1f}s; "
                 f"{out}: {m.count} samples, {state}"
                 + (f"; samples without caption {missing}" if missing else "")
-                + (f"; {_shards(self.damaged)} damaged: {_damage(self.damaged)}; rerun to retry, or "
-                   "--accept-damaged to keep what was read" if self.damaged else "")
+                + (f"; {_shards(self.damaged)} damaged: {_damage(self.damaged)}; rerun to retry"
+                   + (", or --accept-damaged to keep what was read" if any(r.opened for r in self.damaged) else "")
+                   if self.damaged else "")
                 + (f"; {_shards(kept)} damaged, kept as read: {_damage(kept)}" if kept else ""))
 
 
@@ -125,6 +126,9 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
                                           local_files_only=cfg.local_files_only).to_dict()
     except Exception as e:
         raise load_error("T5 text encoder", te, cfg.text_encoder_subfolder, e) from e
+    if "d_model" not in tcfg:  # a VLM's or a VAE's folder: its config has no T5 width
+        raise PixArtError(f"T5 text encoder: '{te}' is not a T5 encoder (its config, model_type "
+                          f"{tcfg.get('model_type')!r}, has no d_model)")
     info = {"text_encoder": ident(te), "text_dim": int(tcfg["d_model"]),
             "text_encoder_hash": config_hash(tcfg, ("transformers_version", "torch_dtype", "dtype"))}
     if cfg.vae:
@@ -134,6 +138,9 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
                                                   local_files_only=cfg.local_files_only))
         except Exception as e:
             raise load_error("VAE", vae, cfg.vae_subfolder, e) from e
+        missing = [k for k in ("latent_channels", "block_out_channels") if k not in vcfg]
+        if missing:  # a T5's or a VLM's folder
+            raise PixArtError(f"VAE: '{vae}' is not a VAE (its config has no {missing[0]})")
         info.update(image_encoder=ident(vae), image_encoder_hash=config_hash(vcfg),
                     latent_channels=int(vcfg["latent_channels"]),
                     scaling_factor=float(vcfg.get("scaling_factor", 0.18215)),  # AutoencoderKL's default
@@ -286,31 +293,9 @@ def _finish_move_in(out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _input_id(url: str) -> dict:
-    """What identifies an input shard on resume. Local files: size and mtime_ns, checked on every
-    run for free; the record also keeps the sha256 (one extra read per encoded shard), so a copy
-    with a new mtime but the same bytes is recognised without re-encoding. URLs: the URL with its
-    ETag (or size and modification time), so a shard changed under the same URL is re-encoded."""
-    if is_url(url):
-        return remote_identity(url)
-    st = os.stat(url)
-    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _caption_ids(files: dict[str, str | None]) -> dict[str, dict]:
     """The caption sidecars a shard was encoded with, identified as local input shards are."""
-    return {src: {**_input_id(path), "sha256": file_sha256(path)} for src, path in files.items() if path}
-
-
-def _same(was: dict, url: str) -> dict | None:
-    """The input's identity now when it is the one `was` describes (for a local file with a new mtime but the
-    same bytes, the identity to record instead); None when it changed."""
-    now = _input_id(url)
-    if all(was.get(k) == v for k, v in now.items()):
-        return was
-    if not is_url(url) and was.get("bytes") == now["bytes"] and was.get("sha256") == file_sha256(url):
-        return {**now, "sha256": was["sha256"]}
-    return None
+    return {src: input_record(path) for src, path in files.items() if path}
 
 
 def _drop_if_input_changed(out: Path, name: str, url: str, captions: dict[str, str | None]) -> None:
@@ -322,9 +307,9 @@ def _drop_if_input_changed(out: Path, name: str, url: str, captions: dict[str, s
         was, old_captions = rec["input"], rec.get("captions")  # older versions' records have no captions
     except (OSError, ValueError, KeyError, TypeError):
         return  # no (readable) record: the shard is not done anyway
-    now = _same(was, url)
+    now = same_input(was, url)
     captions_now = None if not isinstance(old_captions, dict) else \
-        {src: _same(old_captions.get(src) or {}, p) for src, p in captions.items() if p}
+        {src: same_input(old_captions.get(src) or {}, p) for src, p in captions.items() if p}
     if now is None or (captions_now is not None and None in captions_now.values()):
         path.unlink(missing_ok=True)
     elif now != was or captions_now != old_captions:  # same bytes, new mtimes
@@ -352,10 +337,10 @@ def _refresh(out: Path, header: Manifest) -> Manifest:
 def _commit(out: Path, res: ShardResult, url: str, captions: dict[str, str | None]) -> None:
     """The shard's record; no timings, so identical runs leave byte-identical records."""
     tar = out / f"{res.name}.tar"
-    made_from = _input_id(url) if is_url(url) else {**_input_id(url), "sha256": file_sha256(url)}
     rec = {"count": res.count, "sha256": file_sha256(tar), "bytes": tar.stat().st_size, "skipped": res.skipped,
-           "input": made_from, "captions": _caption_ids(captions),
-           **{k: v for k, v in dataclasses.asdict(res).items() if k not in ("name", "count", "skipped", "seconds")}}
+           "input": input_record(url), "captions": _caption_ids(captions),
+           **{k: v for k, v in dataclasses.asdict(res).items()
+              if k not in ("name", "count", "skipped", "seconds", "opened")}}
     atomic_write(out / DONE / f"{res.name}.json", json.dumps(rec))
 
 
@@ -385,10 +370,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
                      on_shard: Callable[[Manifest], None] | None = None) -> Extraction:
     """Encode this rank's unfinished shards into `out`; returns the manifest as it stands after."""
     t0 = time.perf_counter()
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    if not 0 <= rank < world:
-        raise PixArtError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
+    rank, world = rank_and_world(rank, world)
     target = Path(out)
     urls, names, header, job, captions = _plan(shards, target, cfg)
     out, known = _prepare_out(target, urls, names, header, captions, overwrite, world)
@@ -411,7 +393,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
 
     def finish(res: ShardResult) -> None:
         nonlocal manifest
-        if res.damaged and not cfg.accept_damaged:  # no record: the shard stays unfinished
+        if res.damaged and not (cfg.accept_damaged and res.opened):  # no record: the shard stays unfinished
             damaged.append(res)
             return
         _commit(out, res, url_of[res.name], captions_of[res.name])

@@ -49,6 +49,7 @@ class ShardResult:
     feature_bytes: int = 0  # bytes of the .features.safetensors files
     buckets: dict[str, int] = field(default_factory=dict)  # "HxW" of target_hw -> samples written
     damaged: str = ""  # why the input tar broke off early; "" when it was read to the end
+    opened: bool = True  # False: the input could not be opened at all (never finished, even with accept_damaged)
     seconds: float = 0.0
 
 
@@ -123,13 +124,17 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
 
     Samples are batched per target size (bucket); at most `4 * batch_size` wait for a batch, the
     oldest group going first when that fills, so memory stays bounded and the output, written in
-    input order as it becomes ready, needs only a short reorder buffer."""
+    input order as it becomes ready, needs only a short reorder buffer. A caption sidecar with no line
+    for a sample's key describes other shards (a relabel sidecar has a line per sample, null where
+    captioning failed): the shard is refused, and nothing written."""
     ae, te = load_encoders(job)
     t0, res = time.perf_counter(), ShardResult(name)
     sidecars = {src: read_captions(p) for src, p in caption_files.items()}
     pending: dict[tuple[int, int], list[Pending]] = {}
     ready: dict[int, dict | None] = {}  # pos -> sample to write (None: skipped)
     next_pos = 0
+    absent: dict[str, list[str]] = {}  # source -> keys its sidecar has no line for
+    total = 0  # samples read
     writer = ShardWriter(Path(job.out) / f"{name}.tar")
 
     def flush(items: list[Pending]) -> None:
@@ -164,7 +169,12 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
     try:
         damage = TarDamage()
         for pos, sample in enumerate(iter_samples(url, damage)):
-            key = sample["__key__"]
+            key, total = sample["__key__"], pos + 1
+            for src, path in caption_files.items():
+                if path is not None and key not in sidecars[src]:
+                    absent.setdefault(src, []).append(key)
+            if absent:  # the shard is refused below: only count what else is absent
+                continue
             try:
                 img, meta = _decode(sample)
             except ValueError as e:
@@ -190,12 +200,17 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
             elif sum(map(len, pending.values())) >= 4 * job.batch_size:
                 flush(pending.pop(min(pending, key=lambda s: pending[s][0].pos)))
             drain()
+        if absent:
+            src, keys = next(iter(absent.items()))
+            raise PixArtError(f"{caption_files[src]}: has no line for {len(keys)} of the {total} samples "
+                              f"of shard {name} (e.g. key {keys[0]!r}): it holds another shard's captions; "
+                              "relabel this shard or point --captions-dir at its captions")
         for size in sorted(pending, key=lambda s: pending[s][0].pos):
             flush(pending[size])
         drain()
         if damage.error:
-            res.damaged = stable_reason(f"{damage.error}, after {damage.after} samples")
-        if damage.error and not job.accept_damaged:
+            res.damaged, res.opened = damage.reason(), damage.opened
+        if damage.error and not (job.accept_damaged and damage.opened):
             writer.abort()  # no tar, no record: a rerun retries the shard (a flaky read, a finished copy)
         else:
             writer.close()

@@ -170,13 +170,14 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         raise PixArtError("--max-side and --shard-size must be positive, --hold-mb not negative")
     srcs, out = resolve_shards(srcs), Path(out)
     old, new = _prepare_out(out, srcs, overwrite, cfg.prefix)
-    report, writer = SamReport(), None
+    report, writer, paired = SamReport(), None, 0
     bar = tqdm(desc="sam", unit="img", disable=not progress)
     try:
         for src in srcs:
             read = TarRead()
             for sample in read_pairs(src, read, int(cfg.hold_mb * 2**20), out):
                 bar.update(1)
+                paired += 1
                 try:
                     converted = convert(sample, cfg)
                 except BadSample as e:
@@ -203,6 +204,9 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         if report.written == 0 and report.damaged:  # not one sample read: not an SA-1B tar, rather than a bad one
             d = report.damaged[0]
             raise PixArtError(f"{d['source']}: no SA-1B sample could be read ({d['error']})")
+        if report.written == 0 and not paired:  # a whole tar, but of something else
+            raise PixArtError(f"no SA-1B samples (image + json pairs) in {srcs[0]}"
+                              + (f" or the {len(srcs) - 1} other inputs" if len(srcs) > 1 else ""))
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import io
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -395,3 +396,46 @@ def test_caption_sidecar_lines_are_checked(tmp_path):
         path.write_text('{"__key__": "a", "caption": "a cat"}\n' + bad + "\n")
         with pytest.raises(PixArtError, match=message):
             read_captions(str(path))
+
+
+def test_a_caption_sidecar_of_other_shards_is_refused(enc, raw, tmp_path):
+    """A key with no line in the sidecar: the sidecar describes other shards (a relabel sidecar has a line per
+    sample). Refused, naming it, with nothing written for the shard; a null caption is a missing caption."""
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    (caps / "shard-000000.meta.jsonl").write_bytes((raw / "shard-000001.meta.jsonl").read_bytes())  # keys 4-7
+    cfg = _cfg(enc, captions=("txt", "meta"), captions_dir=str(caps))
+    with pytest.raises(PixArtError, match=r"^" + re.escape(
+            f"{caps / 'shard-000000.meta.jsonl'}: has no line for 4 of the 4 samples of shard shard-000000 "
+            "(e.g. key '000000'): it holds another shard's captions")):
+        extract_features(raw / "shard-000000.tar", tmp_path / "f", cfg, progress=False)
+    assert not list((tmp_path / "f").glob("*.tar")) and not list((tmp_path / "f").glob(".*.tmp*"))
+    assert not Manifest.load(tmp_path / "f").complete
+    (caps / "shard-000000.meta.jsonl").write_text("".join(
+        json.dumps({"__key__": f"{k:06d}", "caption": None if k == 2 else f"a caption {k}"}) + "\n" for k in range(4)))
+    ex = extract_features(raw / "shard-000000.tar", tmp_path / "f", cfg, progress=False)
+    assert ex.manifest.complete and ex.manifest.count == 4 and ex.results[0].missing_captions == {"meta": 1}
+
+
+def test_an_input_that_cannot_be_opened_is_never_finished(enc, raw, tmp_path):
+    """Connection refused (as a 404): not a tar that broke off, so --accept-damaged does not finish it empty."""
+    url = "http://127.0.0.1:1/shard-000009.tar"
+    ex = extract_features([str(raw / "shard-000000.tar"), url], tmp_path / "f", _cfg_txt(enc, accept_damaged=True),
+                          progress=False)
+    assert [r.name for r in ex.results] == ["shard-000000"] and not ex.manifest.complete
+    assert not (tmp_path / "f" / "shard-000009.tar").exists()
+    line = ex.describe(tmp_path / "f")
+    assert "1 shard damaged: shard-000009 (could not be opened: URLError: " in line
+    assert line.endswith("rerun to retry")  # --accept-damaged would not help
+
+
+def test_encoders_of_the_wrong_kind_are_one_line(enc, raw, tmp_path):
+    from data_pipelines.relabel.tiny_vlm import make_tiny_vlm
+
+    with pytest.raises(PixArtError, match=r"^VAE: '.*t5' is not a VAE \(its config has no latent_channels\)$"):
+        extract_features(raw, tmp_path / "x", _cfg(enc, vae=enc["t5"]), progress=False)
+    vlm = make_tiny_vlm("llava", tmp_path / "llava")
+    with pytest.raises(PixArtError, match=r"^T5 text encoder: '.*llava' is not a T5 encoder \(its config, "
+                                          r"model_type 'llava', has no d_model\)$"):
+        extract_features(raw, tmp_path / "x", _cfg(enc, text_encoder=str(vlm)), progress=False)
+    assert not (tmp_path / "x").exists()

@@ -3,6 +3,7 @@ import io
 import itertools
 import json
 import logging
+import re
 import tarfile
 
 import numpy as np
@@ -359,6 +360,15 @@ def test_manifest_refuses_incomplete_mixed_or_unexpected_caches(tmp_path):
     with pytest.raises(PixArtError, match="text_dim 8 != config 16"):
         Loader(LoaderConfig(str(a), batch_size=2, expected={"text_dim": 16}))
     Loader(LoaderConfig(str(a), batch_size=2, expected={"text_dim": 8, "latent_channels": 4}))
+
+
+def test_a_caption_source_the_cache_never_encoded_is_refused_up_front(tmp_path):
+    cache = _feature_cache(tmp_path / "c", [4], [(4, 4)])  # caption_sources ["txt"]
+    for caption in ("llava", {"txt": 0.5, "llava": 0.5}):
+        with pytest.raises(PixArtError, match=r"^" + re.escape(
+                f"data.caption: source 'llava' is not in {cache} (its features hold captions ['txt'])") + "$"):
+            Loader(LoaderConfig(str(cache), batch_size=2, caption=caption))
+    Loader(LoaderConfig(str(cache), batch_size=2, caption={"txt": 1.0, "llava": 0.0}))  # never drawn
 
 
 def test_resume_with_another_schedule_is_detected(feats, caplog):

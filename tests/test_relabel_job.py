@@ -1,6 +1,7 @@
 """`pixart relabel`: outputs, bad input, OOM halving, quality retries, and SIGKILL-then-rerun."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -311,6 +312,7 @@ def test_extract_features_reads_the_output(world, tmp_path):
 
 
 def test_another_model_into_the_same_output_is_refused(tmp_path):
+    """An older job's output (no settings record): the lines' model and prompt are checked."""
     from data_pipelines.relabel.captioner import CaptionerConfig
     from data_pipelines.relabel.job import RelabelConfig, relabel
     from data_pipelines.shapes import write_shapes
@@ -321,6 +323,7 @@ def test_another_model_into_the_same_output_is_refused(tmp_path):
     relabel(first, tmp_path / "o", RelabelConfig(CaptionerConfig("metadata"), progress=False), log=lambda m: None)
     for line in (tmp_path / "o" / "shapes-000000.metadata.jsonl").read_text().splitlines():
         assert json.loads(line)["model"] == "shapes-metadata-v1"
+    (tmp_path / "o" / "metadata-job.json").unlink()  # as an older version left it
     path = tmp_path / "o" / "shapes-000000.metadata.jsonl"
     path.write_text(path.read_text().replace("shapes-metadata-v1", "another-model"))
     with pytest.raises(PixArtError, match="holds metadata captions by model 'another-model'.*use another --out"):
@@ -373,3 +376,117 @@ def test_job_worker_killed_while_its_loader_starts(world, tmp_path):
     finally:
         signal.alarm(0)
     assert [r["__key__"] for r in _rows(paths(tmp_path, tar.stem, "metadata")[0])] == _keys(tar)
+
+
+def test_replaced_input_shards_are_captioned_again(tmp_path):
+    """Input shards regenerated under the same names (other images): their finished and partial outputs are
+    forgotten and captioned again; a copy with the same bytes (a new mtime) is not."""
+    import shutil
+
+    write_shapes(tmp_path / "a", count=32, seed=0, resolution=32, shard_size=16)
+    write_shapes(tmp_path / "b", count=32, seed=1, resolution=32, shard_size=16)
+    src, out, logs = tmp_path / "in", tmp_path / "out", []
+    src.mkdir()
+    shutil.copy(tmp_path / "a" / "shapes-000000.tar", src)
+    data = (tmp_path / "a" / "shapes-000001.tar").read_bytes()
+    (src / "shapes-000001.tar").write_bytes(data[:len(data) // 2])  # damaged: left as a partial
+    relabel(src, out, _cfg(), log=logs.append)
+    assert (out / ".shapes-000000.metadata.input.json").exists() and paths(out, "shapes-000001", "metadata")[1].exists()
+    for name in ("shapes-000000", "shapes-000001"):
+        shutil.copy(tmp_path / "b" / f"{name}.tar", src)  # as `pixart data shapes --overwrite` leaves them
+    logs.clear()
+    again = relabel(src, out, _cfg(), log=logs.append)
+    assert sorted((r.name, r.skipped, r.done) for r in again.runs) == [("shapes-000000", 0, 16),
+                                                                       ("shapes-000001", 0, 16)]
+    assert f"shapes-000000: its input {src / 'shapes-000000.tar'} changed since it was captioned; " \
+           "captioning it again" in logs
+    relabel(tmp_path / "b", tmp_path / "ref", _cfg(), log=lambda m: None)
+    for name in ("shapes-000000", "shapes-000001"):
+        want = (tmp_path / "ref" / f"{name}.metadata.jsonl").read_bytes()
+        assert (out / f"{name}.metadata.jsonl").read_bytes() == want
+    data = (src / "shapes-000000.tar").read_bytes()
+    (src / "shapes-000000.tar").unlink()
+    (src / "shapes-000000.tar").write_bytes(data)  # same bytes, new mtime: recognised by its sha256
+    logs.clear()
+    assert relabel(src, out, _cfg(), log=logs.append).runs == []
+    assert logs == ["all 2 shards already captioned by metadata; nothing to do"]
+
+
+def counting(config):
+    """A VLM-like captioner whose captions depend on its settings; counts its loads."""
+    counting.loads += 1
+    fake = FakeVLM()
+    fake.model_id, fake.prompt = config.model, config.prompt
+    return fake
+
+
+counting.loads = 0
+
+
+def test_the_settings_that_shape_captions_are_checked_on_every_run(world, tmp_path, monkeypatch):
+    """Recorded once; any run (also one with nothing left to do) with other settings is refused before a model
+    loads; a local model given by another path to the same folder resumes."""
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out, name = tmp_path / "out", "tests.test_relabel_job:counting"
+
+    def cfg(**kw):
+        return RelabelConfig(CaptionerConfig(name, **{"model": str(tmp_path / "ckpt"), "prompt": "describe", **kw}),
+                             batch_size=4, decode_workers=0, progress=False)
+
+    relabel([world / "shapes" / "shapes-000000.tar", world / "bad" / "cut-000000.tar"], out, cfg(),
+            log=lambda m: None)
+    record = json.loads((out / "counting-job.json").read_text())
+    assert record == {"captioner": name, "model": str(tmp_path / "ckpt"), "prompt": "describe", "max_new_tokens": 160,
+                      "image_size": None, "seed": 0, "min_pixels": None, "max_pixels": None, "dtype": "bf16"}
+    before, loads = {p.name: p.read_bytes() for p in out.iterdir()}, counting.loads
+    for kw, said in (({"seed": 1}, "--seed 0 (this run: 1)"),
+                     ({"prompt": "say"}, "--prompt 'describe' (this run: 'say')"),
+                     ({"max_new_tokens": 32, "dtype": "fp32"},
+                      "--max-new-tokens 160 (this run: 32), --dtype 'bf16' (this run: 'fp32')"),
+                     ({"model": "org/other"}, f"--model '{tmp_path / 'ckpt'}' (this run: 'org/other')")):
+        with pytest.raises(PixArtError, match=r"^" + re.escape(f"{out}: its counting captions were made with {said}; ")
+                           + r".*use another --out$"):
+            relabel(world / "shapes" / "shapes-000000.tar", out, cfg(**kw), log=lambda m: None)
+    assert counting.loads == loads and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    resumed = relabel([world / "shapes" / "shapes-000000.tar", world / "bad" / "cut-000000.tar"], out,
+                      cfg(model="ckpt"), log=lambda m: None)  # the same folder, relative: its partial resumes
+    assert [(r.name, r.skipped > 0, r.done) for r in resumed.runs] == [("cut-000000", True, 0)]
+
+
+def test_unreachable_inputs_are_one_line_errors_and_never_finished(world, tmp_path):
+    """A URL that answers 404 or refuses the connection: one line naming it, before any work. A shard that
+    cannot be opened once the job runs stays unfinished, even with --accept-damaged."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(world / "shapes")))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        for url, why in ((f"{base}/nope-000000.tar", "HTTPError: HTTP Error 404"),
+                         ("http://127.0.0.1:1/gone-000000.tar", "Connection refused")):
+            with pytest.raises(PixArtError, match=rf"^{re.escape(url)}: cannot reach the shard \(.*{why}"):
+                relabel([world / "shapes" / "shapes-000000.tar", url], tmp_path / "out", _cfg(), log=lambda m: None)
+            assert not (tmp_path / "out").exists()
+        relabel(f"{base}/shapes-000001.tar", tmp_path / "web", _cfg(), log=lambda m: None)
+        assert [r["__key__"] for r in _rows(tmp_path / "web" / "shapes-000001.metadata.jsonl")] == \
+            _keys(world / "shapes" / "shapes-000001.tar")
+    finally:
+        httpd.shutdown()
+    cap = MetadataCaptioner()
+    run = caption_shard(str(tmp_path / "vanished-000000.tar"), "vanished-000000", tmp_path, cap, Batcher(cap, 4),
+                        _cfg(accept_damaged=True))
+    assert run.damaged.startswith("could not be opened: FileNotFoundError")
+    assert not paths(tmp_path, "vanished-000000", "metadata")[0].exists()
+
+
+def test_a_bad_rank_is_one_line(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(PixArtError, match=r"^RANK='x' is not an integer$"):
+        relabel(world / "shapes", tmp_path / "out", _cfg(), log=lambda m: None)

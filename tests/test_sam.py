@@ -109,6 +109,13 @@ def test_cli_and_refusals(srcs, tmp_path, capsys):
     with pytest.raises(PixArtError, match=r"weights.pth: no SA-1B sample could be read"):
         ingest([str(tmp_path / "weights.pth")], tmp_path / "y", progress=False)
     assert not (tmp_path / "y" / "sam_report.json").exists()
+    # a whole tar, but with no image + json pair: an error too, not an empty set of shards
+    other = write_tar(tmp_path / "notes.tar", [("readme.txt", b"hello"), ("sa_1.jpg", _jpg(20, 20))])
+    with pytest.raises(PixArtError, match=r"^no SA-1B samples \(image \+ json pairs\) in .*notes.tar$"):
+        ingest([str(other)], tmp_path / "z", progress=False)
+    with pytest.raises(PixArtError, match=r"notes.tar or the 1 other inputs$"):
+        ingest([str(other), write_tar(tmp_path / "more.tar", [("a.csv", b"1,2")])], tmp_path / "z", progress=False)
+    assert not (tmp_path / "z" / "sam_report.json").exists() and not list((tmp_path / "z").glob("*.tar"))
 
 
 # --- SA-1B as shipped: members in random order, coordinates in the json's frame -------------------------

@@ -8,6 +8,7 @@ or None). Each caption is written next to the model id and the prompt that made 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from pixart.errors import PixArtError
@@ -47,6 +48,20 @@ class CaptionerConfig:
         low, high = self.min_pixels, self.max_pixels or QWEN_MAX_PIXELS
         if low is not None and low > high:
             raise PixArtError(f"--min-pixels {low} is above --max-pixels {high}")
+
+    def settings(self) -> dict:
+        """What shapes the captions, as a job records it so that a rerun into its output cannot mix others
+        (not batch size, workers or device): a local model as its absolute path, a hub id as given. The
+        metadata captioners read only the seed."""
+        if self.name in METADATA_NAMES:
+            return {"captioner": self.name, "seed": self.seed}
+        model = self.model
+        if model and Path(model).exists():
+            model = str(Path(model).resolve())
+        prompt = PIXART_PROMPT if self.prompt is None and self.name in VLM_NAMES else self.prompt
+        return {"captioner": self.name, "model": model, "prompt": prompt, "max_new_tokens": self.max_new_tokens,
+                "image_size": self.image_size, "seed": self.seed, "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels, "dtype": self.dtype}
 
 
 class Captioner(Protocol):

@@ -4,19 +4,24 @@ For captioner NAME and input shard S, `DIR` holds
     S.NAME.jsonl             the finished shard: a line per sample, in input order (renamed into place)
     .S.NAME.jsonl.partial    work in progress: lines appended per batch and fsynced
     .S.NAME.stats.json       the finished shard's counts and text statistics (written just before)
+    .S.NAME.input.json       the input shard's identity, recorded when captioning it starts
+    NAME-job.json            the captioner's settings that shape captions (CaptionerConfig.settings)
     NAME-summary.json        the job's summary
 A line is {"__key__", "caption" (null when failed), "model", "prompt", "status": "ok" | "failed",
 "reason" and, for a rejected caption, "rejected" (when failed), "attempts"}; extract-features
 counts a failed sample as one without that caption. Input shards are only read.
 
-A rerun reads the partial (a torn last line is cut off), skips the keys it holds, and finishes the
-shard; finished shards are not touched. An input tar that breaks off early (or cannot be read) is
-not finished: its partial stays and a rerun retries it, unless `accept_damaged`. A captioner that
-raises on every sample of a batch stops the job (a rerun resumes). Shard i goes to global worker
-i % (WORLD_SIZE * workers), worker RANK * workers + j, so no two workers caption one shard; an
-exclusive POSIX record lock (lockf, not inherited by forked processes) on the partial keeps that
-true even under a misconfigured launch. Images are decoded and resized in DataLoader
-worker processes, so the captioner in the job worker's main thread does not wait on the CPU.
+Every run first compares its settings with NAME-job.json (a mismatch is refused: captions never mix),
+then forgets this rank's shards whose input changed since (regenerated under the same name). A rerun
+reads the partial (a torn last line is cut off), skips the keys it holds, and finishes the shard;
+finished shards are not touched. An input tar that breaks off early is not finished: its partial
+stays and a rerun retries it, unless `accept_damaged`; one that could not be opened is never
+finished. A captioner that raises on every sample of a batch stops the job (a rerun resumes).
+Shard i goes to global worker i % (WORLD_SIZE * workers), worker RANK * workers + j, so no two
+workers caption one shard; an exclusive POSIX record lock (lockf, not inherited by forked
+processes) on the partial keeps that true even under a misconfigured launch. Images are decoded and
+resized in DataLoader worker processes, so the captioner in the job worker's main thread does not
+wait on the CPU.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
 import importlib
 import inspect
 import json
@@ -43,7 +49,7 @@ from data_pipelines.relabel import quality
 from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner
 from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
 from pixart.atomic import atomic_write
-from pixart.data.shards import check_unique_names, resolve_shards
+from pixart.data.shards import check_unique_names, input_id, input_record, rank_and_world, resolve_shards, same_input
 from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
 from pixart.errors import PixArtError
 from pixart.lifetime import die_with, die_with_parent
@@ -220,7 +226,7 @@ def _shard_items(url: str, done: frozenset, image_size: int | None, worker: int 
             else _decode(sample, image_size)
         yield {**item, "pos": pos, "txt": txt}
     if damage.error and worker == 0:  # every worker saw it; one reports it
-        yield {"__damage__": f"{damage.error}, after {damage.after} samples"}
+        yield {"__damage__": damage.reason(), "opened": damage.opened}
 
 
 def _keep(item):
@@ -254,6 +260,16 @@ def _loader(url: str, done: frozenset, image_size: int | None, cfg: RelabelConfi
 def paths(out: Path, name: str, cap: str) -> tuple[Path, Path, Path]:
     """(final, partial, stats) of shard `name` captioned by `cap`."""
     return out / f"{name}.{cap}.jsonl", out / f".{name}.{cap}.jsonl.partial", out / f".{name}.{cap}.stats.json"
+
+
+def input_path(out: Path, name: str, cap: str) -> Path:
+    """The identity of the input shard `name` was captioned from (`pixart.data.shards.input_record`)."""
+    return out / f".{name}.{cap}.input.json"
+
+
+def job_path(out: Path, cap: str) -> Path:
+    """The settings of the captioner that wrote the folder's `cap` captions."""
+    return out / f"{cap}-job.json"
 
 
 def read_partial(f) -> dict[str, str]:
@@ -307,7 +323,7 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
                   progress: Callable[[int], None] = lambda n: None) -> ShardRun | None:
     """Caption one shard's missing keys into its partial file, then write the finished file. None when
     another worker or run finished it first. A damaged input tar leaves the partial (ShardRun.damaged)
-    unless cfg.accept_damaged."""
+    unless cfg.accept_damaged; one that could not be opened always does."""
     cap = label(cfg.captioner.name)
     final, partial, stats_path = paths(out, name, cap)
     if final.exists():  # a kill between the final rename and removing the partial leaves one
@@ -320,10 +336,16 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
             return None
         for stale in [*out.glob(f".{final.name}.tmp-*"), *out.glob(f".{stats_path.name}.tmp-*")]:
             stale.unlink(missing_ok=True)  # a kill during the final writes
+        if not input_path(out, name, cap).exists():  # what a later run checks the input against
+            try:
+                atomic_write(input_path(out, name, cap), json.dumps(input_record(url)))
+            except (OSError, PixArtError):
+                pass  # gone since the job started: reading it fails below, and the shard stays unfinished
         rows = read_partial(f)
         run, order, stats = ShardRun(name), {}, ShardStats()
         base = {"model": captioner.model_id, "prompt": captioner.prompt}
-        _check_same_source(out, cap, rows, base)
+        if not job_path(out, cap).exists():  # an older job's output: its lines say what made it
+            _check_same_source(out, cap, rows, base)
         batch: list[dict] = []
 
         def write(new: list[dict]) -> None:  # a batch's lines are kept once fsync returns
@@ -340,9 +362,10 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
             batch.clear()
 
         image_size = getattr(captioner, "image_size", None)
+        opened = True
         for item in _loader(url, frozenset(rows), image_size, cfg):
             if "__damage__" in item:
-                stats.damaged = item["__damage__"]
+                stats.damaged, opened = item["__damage__"], item["opened"]
                 continue
             key = item["__key__"]
             if key in order:  # a key twice in one shard: the first sample wins
@@ -362,7 +385,7 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
         if batch:
             flush()
         run.visual_tokens = _take_visual_tokens(captioner)
-        if stats.damaged and not cfg.accept_damaged:  # the partial stays: a rerun retries the shard
+        if stats.damaged and not (cfg.accept_damaged and opened):  # the partial stays: a rerun retries the shard
             run.damaged = stats.damaged
             return run
         keys = sorted(order, key=order.get)
@@ -482,6 +505,64 @@ def _run_workers(todo: list[list[tuple[str, str]]], out: Path, cfg: RelabelConfi
     return runs
 
 
+def _check_settings(out: Path, cap: str, settings: dict) -> bool:
+    """Refuse a run whose captioner settings differ from those that wrote the folder's captions (one
+    line naming each, old and new). True when the folder has a record of them."""
+    path = job_path(out, cap)
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:
+        raise PixArtError(f"{path}: not a relabel job record ({type(e).__name__}: {e})") from None
+    diff = [k for k in settings if old.get(k) != settings[k]]
+    if diff:
+        said = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} (this run: {settings[k]!r})" for k in diff)
+        raise PixArtError(f"{out}: its {cap} captions were made with {said}; one folder never mixes captions "
+                          "made differently: use another --out")
+    return True
+
+
+def _forget_if_input_changed(out: Path, name: str, url: str, cap: str, now: dict,
+                             log: Callable[[str], None]) -> None:
+    """Forget a finished or partial shard whose input is not the one it was captioned from (regenerated under
+    the same name), so it is captioned again. Shards without a record (older outputs) are trusted."""
+    record = input_path(out, name, cap)
+    try:
+        was = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(was, dict):
+        return
+    final, partial, stats = paths(out, name, cap)
+    same = same_input(was, url, now)
+    if same is None and not final.exists() and _grew_from(was, url):
+        same = input_record(url)  # a cut copy since completed: the samples captioned from it are the same
+    if same == was:
+        return
+    if same is not None:  # the same samples: only the mtime changed, or the tar was completed
+        atomic_write(record, json.dumps(same))
+        return
+    with open(partial, "a+b") as f:
+        _lock(f, partial.name, log)  # not while another process captions it
+        for p in (final, stats, record, partial):
+            p.unlink(missing_ok=True)
+    log(f"{name}: its input {url} changed since it was captioned; captioning it again")
+
+
+def _grew_from(was: dict, url: str) -> bool:
+    """A local input that now begins with the bytes it had (a cut copy, since completed)."""
+    size, digest = was.get("bytes"), was.get("sha256")
+    if not isinstance(size, int) or not digest or not os.path.isfile(url) or os.path.getsize(url) < size:
+        return False
+    h = hashlib.sha256()
+    with open(url, "rb") as f:
+        while size > 0 and (block := f.read(min(size, 1 << 20))):
+            h.update(block)
+            size -= len(block)
+    return size == 0 and h.hexdigest() == digest
+
+
 def _load_stats(path: Path) -> ShardStats | None:
     try:
         return ShardStats.from_json(json.loads(path.read_text()))
@@ -514,19 +595,23 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    if not 0 <= rank < world:
-        raise PixArtError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
+    rank, world = rank_and_world(rank, world)
     if cfg.batch_size < 1 or cfg.workers < 1:
         raise PixArtError("--batch-size and --workers must be positive")
     urls = resolve_shards(shards)
     names = check_unique_names(urls)
     check_captioner(cfg.captioner)
-    out = Path(out)
+    out, cap = Path(out), label(cfg.captioner.name)
+    settings = cfg.captioner.settings()
+    recorded = _check_settings(out, cap, settings)
+    mine = sorted(i for js in assign(len(urls), rank, world, cfg.workers) for i in js)
+    now = {i: input_id(urls[i]) for i in mine}  # a shard that cannot be reached is one line here, before any work
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    cap = label(cfg.captioner.name)
+    if not recorded and not any(out.glob(f"*.{cap}.jsonl")) and not any(out.glob(f".*.{cap}.jsonl.partial")):
+        atomic_write(job_path(out, cap), json.dumps(settings, indent=1) + "\n")  # a new output: record them
+    for i in mine:
+        _forget_if_input_changed(out, names[i], urls[i], cap, now[i], log)
 
     def finished(name: str) -> bool:
         return paths(out, name, cap)[0].exists()
@@ -556,7 +641,8 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
             else:
                 runs = _run_workers(todo, out, cfg, bar)
         except BaseException:
-            if created and not any(out.iterdir()):  # a model that would not load: leave no empty --out behind
+            if created and all(p == job_path(out, cap) for p in out.iterdir()):  # a model that would not load:
+                job_path(out, cap).unlink(missing_ok=True)  # leave no --out behind that holds only the record
                 out.rmdir()
             raise
         finally:

@@ -197,7 +197,8 @@ class Loader:
         return box[0]
 
     def _manifests(self, shards: list[str]) -> dict[str, Manifest | None]:
-        """Feature shards: each folder's manifest, checked (complete, `expected`, one encoder setup)."""
+        """Feature shards: each folder's manifest, checked (complete, `expected`, the caption sources
+        `caption` draws from, one encoder setup)."""
         folders = {url: (None if url.startswith("pipe:") else url.rsplit("/", 1)[0] if is_url(url)
                          else str(Path(url).parent)) for url in shards}
         found: dict[str, Manifest | None] = {}
@@ -208,6 +209,10 @@ class Loader:
                             folder or "pipe: shards")
                 continue
             m.check(self.config.expected or {}, folder)
+            absent = [s for s in _caption_mix(self.config.caption) if s not in m.caption_sources]
+            if absent:  # else every sample would be skipped, and the loader would starve epochs later
+                raise PixArtError(f"data.caption: source {absent[0]!r} is not in {folder} (its features hold "
+                                  f"captions {m.caption_sources})")
         same = ("text_dim", "latent_channels", "scaling_factor", "shift_factor")
         known = [(f, m) for f, m in found.items() if m is not None]
         for f, m in known[1:]:

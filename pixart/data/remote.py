@@ -287,17 +287,21 @@ def list_shards(url: str) -> list[str]:
 def remote_identity(url: str) -> dict:
     """What identifies a remote shard's bytes without reading them: its ETag (object stores, most HTTP servers),
     else its size and modification time; `pipe:` commands only by their text. A changed shard under the same URL
-    then gets a new identity, so a feature cache re-encodes it."""
-    if is_http(url):
-        request = urllib.request.Request(url, method="HEAD")
-        with urllib.request.urlopen(request, timeout=DEFAULT_POLICY.timeout_s) as response:
-            h = response.headers
-            return _identity(url, h.get("ETag"), h.get("Content-Length"), h.get("Last-Modified"))
-    if is_fsspec(url):
-        fs, path = fsspec.core.url_to_fs(url)
-        info = fs.info(path)
-        return _identity(url, info.get("ETag") or info.get("etag"), info.get("size"),
-                         info.get("LastModified") or info.get("mtime"))
+    then gets a new identity, so a feature cache re-encodes it. A shard that cannot be reached is a
+    PixArtError naming the URL (urllib's "HTTP Error 404: File not found" does not)."""
+    try:
+        if is_http(url):
+            request = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(request, timeout=DEFAULT_POLICY.timeout_s) as response:
+                h = response.headers
+                return _identity(url, h.get("ETag"), h.get("Content-Length"), h.get("Last-Modified"))
+        if is_fsspec(url):
+            fs, path = fsspec.core.url_to_fs(url)
+            info = fs.info(path)
+            return _identity(url, info.get("ETag") or info.get("etag"), info.get("size"),
+                             info.get("LastModified") or info.get("mtime"))
+    except (OSError, ImportError, http.client.HTTPException) as e:  # HTTPError, URLError, timeouts, no s3fs
+        raise PixArtError(f"{url}: cannot reach the shard ({type(e).__name__}: {e})") from None
     return {"url": url}
 
 

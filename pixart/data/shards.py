@@ -4,7 +4,8 @@ Accepted everywhere a command takes SHARDS: a folder (its *.tar), a glob, a brac
 pattern (`data/shard-{000000..000099}.tar`), a URL (`http(s)://...`, `pipe:...`, or an
 fsspec URL: `s3://bucket/prefix/` lists the prefix's *.tar, and globs list too), or
 several of these. Local paths are checked up front, so a typo is one clear error
-before any work starts.
+before any work starts. A job's input shard is identified (`input_id`, `same_input`) so that a
+rerun notices a shard regenerated under the same name, and work splits over ranks by `rank_and_world`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from braceexpand import braceexpand
 
 from pixart.errors import PixArtError
 
-from .remote import is_fsspec, list_shards
+from .manifest import file_sha256
+from .remote import is_fsspec, list_shards, remote_identity
 
 
 def is_url(spec: str) -> bool:
@@ -86,3 +88,46 @@ def check_unique_names(urls: list[str]) -> list[str]:
                               "their outputs would collide")
         seen[name] = url
     return list(seen)
+
+
+def rank_and_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """(rank, world size) of a job split over nodes: the arguments, else $RANK and $WORLD_SIZE, else (0, 1)."""
+    def env(name: str, default: int) -> int:
+        value = os.environ.get(name)
+        try:
+            return default if value is None else int(value)
+        except ValueError:
+            raise PixArtError(f"{name}={value!r} is not an integer") from None
+
+    rank = env("RANK", 0) if rank is None else rank
+    world = env("WORLD_SIZE", 1) if world is None else world
+    if not 0 <= rank < world:
+        raise PixArtError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def input_id(url: str) -> dict:
+    """What identifies an input shard on resume. Local files: size and mtime_ns, checked on every
+    run for free (`input_record` also keeps the sha256, so a copy with a new mtime but the same
+    bytes is recognised without redoing the work). URLs: the URL with its ETag (or size and
+    modification time), so a shard changed under the same URL is redone."""
+    if is_url(url):
+        return remote_identity(url)
+    st = os.stat(url)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def input_record(url: str) -> dict:
+    """`input_id` as a job records it when it starts on the input: with the sha256 of a local file."""
+    return input_id(url) if is_url(url) else {**input_id(url), "sha256": file_sha256(url)}
+
+
+def same_input(was: dict, url: str, now: dict | None = None) -> dict | None:
+    """The input's identity now (`now`, when already known) when it is the one `was` describes (for a
+    local file with a new mtime but the same bytes, the identity to record instead); None when it changed."""
+    now = input_id(url) if now is None else now
+    if all(was.get(k) == v for k, v in now.items()):
+        return was
+    if not is_url(url) and was.get("bytes") == now["bytes"] and was.get("sha256") == file_sha256(url):
+        return {**now, "sha256": was["sha256"]}
+    return None
