@@ -37,18 +37,22 @@ def share_modes(folder: Path) -> None:
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tuple = ()):
     """Yield a fresh folder next to `target`; on success it becomes `target`, on error it is removed.
 
-    An existing non-empty `target` is replaced only with `overwrite`, and never when it is,
-    or holds, one of `sources`. A kill at any moment leaves the old `target`, the new one,
+    An existing non-empty `target` is replaced only with `overwrite`, and never when it is, holds or lies
+    inside one of `sources` (pass a checkpoint as typed and as resolved: `latest` is a file naming a folder),
+    or holds the current folder (`--out ""`, `--out .`). A kill at any moment leaves the old `target`, the new one,
     or the old one parked as `.NAME.old`, which the next call puts back.
     """
+    if not str(target).strip():
+        raise PixArtError("--out is empty")
     target = Path(target).resolve()
     old = target.with_name(f".{target.name}.old")
     if not target.exists() and old.exists():  # a previous replace was killed half-way
         os.replace(old, target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        for src in sources:
-            src = Path(src).resolve()
-            if src == target or target in src.parents:
+        if target == Path.cwd() or target in Path.cwd().parents:
+            raise PixArtError(f"--out {target} holds the current directory; name a folder of its own")
+        for src in (Path(s).resolve() for s in sources):
+            if src == target or target in src.parents or src in target.parents:
                 raise PixArtError(f"--out {target} would overwrite the input {src}")
         if not overwrite:
             raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
@@ -59,13 +63,21 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
         yield tmp
         share_modes(tmp)
         if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """A parked old output, folder or file (an --overwrite of a plain file parks the file)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _writer_prefix(target: Path) -> str:

@@ -124,12 +124,21 @@ def checkpoint_folder(path: str | os.PathLike) -> Path:
 
 
 def load_config(ckpt_dir) -> ModelConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
+    folder = Path(ckpt_dir)
+    path = folder / CONFIG_FILE
+    if not path.is_file() and not folder.exists():
+        raise PixArtError(f"{ckpt_dir}: not a checkpoint folder (no such folder)")
     if not path.is_file():
-        run = Path(ckpt_dir) / "checkpoints" / LATEST_POINTER
+        run = folder / "checkpoints" / LATEST_POINTER
         hint = f"; it is a run folder: pass {run}" if run.is_file() else ""
+        if (folder / "model_index.json").is_file() or (folder / "transformer" / CONFIG_FILE).is_file():
+            hint = f"; it is a diffusers folder: bring it in with `pixart import {ckpt_dir} --out DIR`"
         raise PixArtError(f"{ckpt_dir}: not a checkpoint folder (no {CONFIG_FILE}){hint}")
-    return ModelConfig.from_dict(read_json(path), source=str(path))
+    data = read_json(path)
+    if isinstance(data, dict) and "_class_name" in data:
+        raise PixArtError(f"{ckpt_dir}: a diffusers {data['_class_name']} folder, not a checkpoint folder: bring it "
+                          f"in with `pixart import {ckpt_dir} --out DIR`")
+    return ModelConfig.from_dict(data, source=str(path))
 
 
 def load_prediction_type(ckpt_dir) -> str:

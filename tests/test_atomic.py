@@ -2,7 +2,7 @@
 import os
 import socket
 
-from pixart.atomic import atomic_write, file_mode, remove_dead_writers
+from pixart.atomic import atomic_dir, atomic_write, file_mode, remove_dead_writers
 
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
@@ -38,3 +38,11 @@ def test_only_this_hosts_dead_writers_temps_are_removed(tmp_path):
     remove_dead_writers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, longer_name.name,
                                                                  own.name])
+
+
+def test_replacing_a_plain_file_with_a_folder_leaves_nothing_parked(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"] and (target / "model.safetensors").is_file()

@@ -91,6 +91,14 @@ def test_wrong_model_state_dict_names_what_does_not_fit(tmp_path):
 def test_missing_or_bad_config(tmp_path):
     with pytest.raises(PixArtError, match="not a checkpoint folder"):
         load_config(tmp_path)
+    with pytest.raises(PixArtError, match="nope: not a checkpoint folder [(]no such folder[)]"):
+        load_config(tmp_path / "nope")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')  # diffusers' pipeline
+    with pytest.raises(PixArtError, match="it is a diffusers folder: bring it in with `pixart import"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"_class_name": "PixArtTransformer2DModel"}')  # its transformer/
+    with pytest.raises(PixArtError, match="a diffusers PixArtTransformer2DModel folder, not a checkpoint folder"):
+        load_config(tmp_path)
     (tmp_path / "config.json").write_text('{"arch": "pixart", "depht": 2}')
     with pytest.raises(PixArtError, match="unknown key 'depht'"):
         load_config(tmp_path)

@@ -1,4 +1,6 @@
 """The `pixart` command as users call it: exit codes, one-line errors, nothing half-written."""
+import json
+import os
 import subprocess
 import sys
 
@@ -159,6 +161,36 @@ def test_outputs_are_never_silently_replaced(tmp_path, dit_file):
     assert result.returncode == 2 and "would overwrite the input" in result.stderr
     assert (ck / "model.safetensors").is_file()
     assert main(["convert-dit", str(path), "--out", str(ck), "--caption-channels", "16", "--overwrite"]) == 0
+
+
+def test_an_output_never_replaces_its_input_the_current_folder_or_a_pointer(tmp_path, dit_file, monkeypatch):
+    from pixart.checkpoint import save_checkpoint
+
+    dit, path = dit_file
+    checkpoints = tmp_path / "run1" / "checkpoints"  # a stage-1 run: its step folder and the `latest` pointer
+    save_checkpoint(checkpoints / "step-000001", dit.config, dit.state_dict())
+    (checkpoints / "latest").write_text("step-000001")
+    stage1 = checkpoints / "latest"
+    result = run_cli("convert-dit", stage1, "--out", checkpoints / "step-000001", "--overwrite")  # what it points to
+    assert result.returncode == 2 and "would overwrite the input" in result.stderr
+    assert main(["convert-dit", str(stage1), "--out", str(tmp_path / "ck"), "--caption-channels", "16"]) == 0
+    assert json.loads((tmp_path / "ck" / "reparam.json").read_text())["source"] == str(checkpoints / "step-000001")
+    (tmp_path / "ck-run" / "checkpoints").mkdir(parents=True)
+    os.replace(tmp_path / "ck", tmp_path / "ck-run" / "checkpoints" / "step-000002")
+    latest = tmp_path / "ck-run" / "checkpoints" / "latest"
+    latest.write_text("step-000002")
+    result = run_cli("export-diffusers", latest, "--out", latest, "--overwrite")  # the pointer itself
+    assert result.returncode == 2 and "would overwrite the input" in result.stderr
+    assert latest.read_text() == "step-000002"
+    assert main(["export-diffusers", str(latest), "--out", str(tmp_path / "export")]) == 0
+    result = run_cli("import", tmp_path / "export", "--out", tmp_path / "export" / "transformer", "--overwrite")
+    assert result.returncode == 2 and "would overwrite the input" in result.stderr  # a part of its input
+    assert (tmp_path / "export" / "transformer" / "config.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    for out, message in (("", "--out is empty"), (".", "holds the current directory")):
+        result = run_cli("export-diffusers", latest, "--out", out, "--overwrite")  # a quoted unset "$OUT"
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert (tmp_path / "export").is_dir() and (tmp_path / "run1").is_dir()
 
 
 def test_unwritable_output_is_one_line(tmp_path, dit_file):

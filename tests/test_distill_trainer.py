@@ -368,4 +368,4 @@ def test_pixart_sample_draws_a_student_in_one_step(straight, tmp_path):
     assert "one step from t=400 (a distilled student)" in r.stdout
     from PIL import Image
 
-    assert Image.open(tmp_path / "s.png").size == (128, 64)  # two 32 px images, the grid drawn at 2x
+    assert Image.open(tmp_path / "s.png").size == (64, 32)  # two 32 px images side by side, at their own size

@@ -134,12 +134,15 @@ def test_full_pipeline_folder_loads_and_generates(tmp_path, tiny_parts):
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
 
 
-def test_pipeline_export_checks_the_text_encoder_width(tmp_path, tiny_parts):
+def test_pipeline_export_checks_the_text_encoder_width_and_the_vae_channels(tmp_path, tiny_parts):
     from pixart.export.diffusers import PipelineParts
 
     t5, vae = tiny_parts
     model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=64)
-    with pytest.raises(PixArtError, match="has width 32, the model expects caption_channels=64"):
+    with pytest.raises(PixArtError, match="has width 32; the model expects caption_channels=64"):
+        export(model, tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
+    model = build_model("PixArt-S/2", depth=1, input_size=8, caption_channels=CAP, in_channels=48)
+    with pytest.raises(PixArtError, match="has 4 latent channels; the model takes in_channels=48"):
         export(model, tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
     assert not (tmp_path / "pipe").exists()
 
@@ -180,7 +183,8 @@ def test_the_null_caption_snippet_of_the_export_page_runs(tmp_path, tiny_parts):
     from pixart.export.diffusers import PipelineParts
 
     t5, vae = tiny_parts
-    export(tiny("PixArt-S/2", input_size=8), tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
+    model = tiny("PixArt-S/2", input_size=8, model_max_length=64)  # the demo's caption length, not PixArt's 120
+    export(model, tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
     page = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "null_caption" in b)
     snippet = snippet.replace('"export/pixart-xl2"', repr(str(tmp_path / "pipe"))).replace(

@@ -1,5 +1,7 @@
 """Concepts at run time: our sampler and diffusers (PixArtTransformer2DModel, PixArtAlphaPipeline) agree; a prompt
 without the concept is the base model's; another base model is refused; `pixart sample --concept` end to end."""
+import shutil
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ def test_diffusers_applies_the_same_edit(trained):
     assert (ours - theirs).abs().max() <= 1e-5
     # the pipeline: one call teaches its tokenizer and T5 the word, and edits its transformer
     pipe = PixArtAlphaPipeline.from_pretrained(out / "export", vae=None)
-    pd.apply_concepts(pipe, [out / "zork.safetensors"], cov)
+    pd.apply_concepts(pipe, [out / "zork.safetensors"], out / "export" / cov.name)  # the export ships its copy
     embeds, pmask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, clean_caption=True,
                                              max_sequence_length=16)
     torch.testing.assert_close(embeds, y, rtol=0, atol=1e-5)
@@ -128,9 +130,13 @@ def test_cli_personalize_then_sample(trained, tmp_path, capsys):
         assert main(["sample", str(root / "ckpt"), "--concept", str(concept), "--prompt", PROMPTS[0], "--prompt",
                      PROMPTS[1], "--steps", "2", "--out", str(png), *extra]) == 0
         assert "concepts zork" in capsys.readouterr().out and png.stat().st_size > 0
+    twice = shutil.copy(concept, tmp_path / "twice.safetensors")  # two files of one word: which one is meant?
+    assert main(["sample", str(root / "ckpt"), "--concept", str(concept), "--concept", str(twice), "--prompt",
+                 PROMPTS[0], "--out", str(png)]) == 2
+    assert f"--concept {twice}: its word 'zork' is also {concept}'s" in capsys.readouterr().err
+    assert main(["sample", str(root / "ckpt"), "--global-lock", "--prompt", PROMPTS[0], "--out", str(png)]) == 2
+    assert "give a --concept" in capsys.readouterr().err
     other = tmp_path / "other"
-    import shutil
-
     shutil.copytree(root / "ckpt", other)
     from safetensors.torch import load_file, save_file
 

@@ -58,6 +58,20 @@ def test_a_rerun_resumes_bitwise(tiny_concept_setup, tmp_path):
     next(p for p in sorted(other.rglob("*")) if p.is_file()).unlink()  # one image fewer
     with pytest.raises(PixArtError, match="a run on other --data images"):
         ConceptTrainer(_cfg(root, split, steps=6, data=str(other))).train(log=lambda *_: None)
+    # fewer steps than the run holds would write its later state under a smaller --steps: refused
+    with pytest.raises(PixArtError, match=r"--steps 3: .*state.safetensors is already at step 4; give --steps 4"):
+        ConceptTrainer(_cfg(root, split, steps=3)).train(log=lambda *_: None)
+
+
+def test_a_concept_file_no_run_of_its_wrote_is_not_replaced_silently(tiny_concept_setup, tmp_path):
+    out = tmp_path / "zork.safetensors"
+    out.write_bytes(b"someone else's concept")
+    with pytest.raises(PixArtError, match="--out .*zork.safetensors already exists and no run in .* wrote it; pass "
+                                          "--overwrite"):
+        ConceptTrainer(_cfg(tiny_concept_setup, tmp_path, steps=1))
+    assert out.read_bytes() == b"someone else's concept"
+    ConceptTrainer(_cfg(tiny_concept_setup, tmp_path, steps=1, overwrite=True)).train(log=lambda *_: None)
+    ConceptTrainer(_cfg(tiny_concept_setup, tmp_path, steps=1)).train(log=lambda *_: None)  # its own run: a rerun
 
 
 def test_the_covariance_is_saved_beside_the_checkpoint_and_reused(tiny_concept_setup, tmp_path, capsys):
@@ -94,6 +108,8 @@ def test_bad_input_gives_one_line_each(tiny_concept_setup, tmp_path):
         _cfg(root, tmp_path, out=str(tmp_path / "c.pt"))
     with pytest.raises(PixArtError, match="--concept .circle. is already a word of the tokenizer"):
         ConceptTrainer(_cfg(root, tmp_path, concept="circle"))
+    with pytest.raises(PixArtError, match="--lr-value must be positive, got -1"):
+        _cfg(root, tmp_path, lr_value=-1)
 
 
 def test_the_caption_corpus_reads_one_captioners_files_by_glob(tmp_path):

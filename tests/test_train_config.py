@@ -50,6 +50,8 @@ def test_pixart_defaults_are_the_papers():
     ({"data": {"shards": "x"}}, ["model.arch.bogus=1"], "model.arch: unknown key 'bogus'"),
     ({"data": {"shards": "x"}}, ["model.grad_checkpointing=2.5"],
      "model.grad_checkpointing: expected true, false, a number of blocks or 'auto', got 2.5"),
+    ({"data": {"shards": "x"}}, ["validation.steps=2000"], "validation.steps: Input should be less than or equal"),
+    ({"data": {"shards": "x"}}, ["validation.cfg=nan"], "validation.cfg: Input should be a finite number"),
 ])
 def test_bad_configs_are_one_line_naming_the_key(tmp_path, data, sets, message):
     path = write(tmp_path / "c.yaml", data)

@@ -2,10 +2,12 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -248,15 +250,17 @@ def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_p
 
 def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(straight, tmp_path, capsys):
     from pixart.cli.main import main
+    from pixart.encoders import make_tiny_t5
 
     ckpt = straight / "checkpoints" / "step-000006"
     enc = json.loads((ckpt / "encoders.json").read_text())
     assert enc["image_encoder"] == "pixel:4" and enc["text_encoder"].endswith("t5")
     assert json.loads((ckpt / "diffusion.json").read_text()) == {"prediction_type": "v_prediction"}
+    make_tiny_t5(tmp_path / "t5-16", d_model=16)
     out = tmp_path / "grid.png"
     assert main(["sample", str(ckpt), "--prompt", "a red circle", "--prompt", "a blue star", "--columns", "2",
                  "--steps", "3", "--out", str(out)]) == 0
-    assert Image.open(out).size == (2 * 32 * 2, 2 * 32 * 2)
+    assert Image.open(out).size == (2 * 32, 2 * 32)  # columns x rows of 32 px images, at their own size
     assert main(["sample", str(ckpt), "--out", str(out)]) == 2
     assert "give at least one --prompt" in capsys.readouterr().err
     # the run's `latest` pointer works wherever a checkpoint folder does (README, docs/export.md)
@@ -264,16 +268,34 @@ def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(str
     jpg = tmp_path / "grid.jpg"
     assert main(["sample", str(latest), "--prompt", "a red circle", "--steps", "2", "--out", str(jpg)]) == 0
     assert "EMA weights" in capsys.readouterr().out and Image.open(jpg).format == "JPEG"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.jpg", "grid.png"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.glob("grid*")) == ["grid.jpg", "grid.png"]  # no temp file left
     for bad, message in ((tmp_path, "is a folder; name the image file"), (tmp_path / "grid.txt", "not an image file")):
         assert main(["sample", str(ckpt), "--prompt", "x", "--out", str(bad)]) == 2
         assert message in capsys.readouterr().err
     # the wrong kind of conditioning, and a latent size that cannot be, are refused, not drawn
     for args, message in ((["--label", "3"], "--label: .* is a text-to-image PixArt model; give --prompt"),
-                          (["--prompt", "x", "--size", "0", "-3"], r"validation\.size")):
+                          (["--prompt", "x", "--size", "0", "-3"], "--size 0 -3: latent sizes must be positive"),
+                          (["--prompt", "x", "--steps", "2000"], "--steps 2000: give 1 to 1000"),
+                          (["--prompt", "x", "--cfg", "nan"], "--cfg nan: give a finite scale"),
+                          (["--prompt", "x", "--tau", "0"], "--tau 0.0: the gate's temperature must be positive"),
+                          (["--prompt", "x", "--device", "foo"], "--device 'foo': use cpu, cuda or cuda:N"),
+                          (["--prompt", "x", "--vae", "pixel:8"], "VAE pixel:8 has 192 latent channels; the model "
+                                                                  "takes in_channels=48"),
+                          (["--prompt", "x", "--text-encoder", str(tmp_path / "t5-16")],
+                           "has width 16; the model expects caption_channels=32")):
         assert main(["sample", str(ckpt), "--out", str(out), *args]) == 2
         err = capsys.readouterr().err
         assert re.search(message, err) and "Traceback" not in err, err
+    # the latents' scale is the training data's (encoders.json), also when --vae names the autoencoder again
+    scaled = tmp_path / "scaled"
+    shutil.copytree(ckpt, scaled)
+    (scaled / "encoders.json").write_text(json.dumps({**enc, "scaling_factor": 3.0}))
+    grids = []
+    for vae in ([], ["--vae", "pixel:4"]):
+        grids.append(tmp_path / f"scaled{len(grids)}.png")
+        assert main(["sample", str(scaled), "--prompt", "a red circle", "--steps", "2", "--out", str(grids[-1]),
+                     *vae]) == 0
+    assert np.array_equal(*(np.asarray(Image.open(g)) for g in grids))
 
 
 def test_a_corrupt_done_record_is_a_one_line_error(tmp_path):

@@ -36,15 +36,12 @@ def run(args) -> None:
     import json
     from dataclasses import asdict
 
-    import torch
-
     from pixart.atomic import atomic_write
+    from pixart.cli import pick_device
     from pixart.errors import PixArtError
     from pixart.train.bench import BenchConfig, run_bench, table
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PixArtError("--device cuda: no CUDA device here")
+    device = pick_device(args.device)
     if args.resolution % 16 or args.resolution < 16:
         raise PixArtError(f"--resolution must be a multiple of 16, got {args.resolution}")
     if min(args.batch, args.iters, args.tokens) < 1 or args.warmup < 0:

@@ -20,16 +20,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-
-
     from pixart.atomic import atomic_write
     from pixart.data.shards import resolve_shards
     from pixart.data.tars import TarDamage, decode_image, iter_samples
     from pixart.errors import PixArtError
     from pixart.eval.judge import ATTRIBUTES, Judge, describe
 
+    if args.limit is not None and args.limit < 1:
+        raise PixArtError(f"--limit {args.limit}: must be positive")
     images, specs, skipped = [], [], 0
     for url in resolve_shards(args.shards):
+        if args.limit and len(specs) >= args.limit:
+            break
         damage = TarDamage()
         for sample in iter_samples(url, damage):
             try:

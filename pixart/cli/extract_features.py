@@ -47,9 +47,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    import torch
-
     from data_pipelines.features import FeatureConfig, extract_features
+    from pixart.cli import pick_device
 
     cfg = FeatureConfig(
         text_encoder=args.text_encoder, vae=args.vae,
@@ -58,7 +57,7 @@ def run(args) -> None:
         captions=tuple(s.strip() for s in args.captions.split(",") if s.strip()), captions_dir=args.captions_dir,
         resolution=args.resolution, buckets=args.buckets, batch_size=args.batch_size, workers=args.workers,
         dtype=args.dtype, max_length=args.max_length,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=pick_device(args.device),
         text_encoder_subfolder=args.text_encoder_subfolder, tokenizer=args.tokenizer,
         vae_subfolder=args.vae_subfolder, accept_damaged=args.accept_damaged)
     ex = extract_features(args.shards, args.out, cfg, overwrite=args.overwrite)

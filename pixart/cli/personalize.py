@@ -47,16 +47,19 @@ def add_parser(sub) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="the EMA weights (default: when the checkpoint has them)")
     p.add_argument("--run-dir", help="state and loss curve (default: OUT.run)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that this run did not write")
     p.set_defaults(run=run)
 
 
 def run(args) -> None:
+    from pixart.cli import pick_device
     from pixart.personalize.trainer import ConceptTrainer, PersonalizeConfig
 
     cfg = PersonalizeConfig(args.ckpt, args.data, args.concept, args.super_word, args.out, captions=args.captions,
                             covariance=args.covariance, steps=args.steps, batch=args.batch, lr_value=args.lr_value,
                             lr_embedding=args.lr_embedding, mask_floor=args.mask_floor, timesteps=args.timesteps,
                             seed=args.seed, ema=args.ema, precision=args.precision,
-                            run_dir=args.run_dir, device=args.device)
+                            run_dir=args.run_dir, device=pick_device(args.device),
+                            overwrite=args.overwrite)
     ConceptTrainer(cfg).train()

@@ -66,12 +66,11 @@ def captioner_config(args, device: str):
 
 
 def run(args) -> None:
-    import torch
-
     from data_pipelines.relabel.job import RelabelConfig, relabel
     from data_pipelines.relabel.quality import QualityConfig
+    from pixart.cli import pick_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     decode = args.decode_workers
     if decode is None:
         decode = max(1, min(8, (os.cpu_count() or 1) // max(1, args.workers)))

@@ -11,6 +11,7 @@ trained on as "unconditional".
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,10 +108,11 @@ def one_step_scheduler(prediction_type: str):
 
 def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None,
            overwrite: bool = False, sources: tuple = (), prediction_type: str = "epsilon",
-           student: dict | None = None) -> Path:
-    """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically.
-    The default scheduler is DPM-Solver++ for the model's `prediction_type`; a one-step `student`
-    ({"start_timestep"}) gets a DDPM scheduler and `out/student.json`, the call that samples it:
+           student: dict | None = None, files: tuple = ()) -> Path:
+    """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically, with
+    copies of `files` (a checkpoint's Perfusion covariance). The default scheduler is DPM-Solver++ for the model's
+    `prediction_type`; a one-step `student` ({"start_timestep"}) gets a DDPM scheduler and `out/student.json`,
+    the call that samples it:
     pipe(prompt, num_inference_steps=1, timesteps=[start], guidance_scale=1)."""
     if parts is not None and model.config.micro_conditions and model.config.input_size != PIPELINE_MS_SIZE:
         raise PixArtError(
@@ -128,11 +130,8 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
         text = TextEncoder(TextEncoderConfig(parts.text_encoder, tokenizer_path=parts.tokenizer, dtype="fp32"))
         text_encoder, tokenizer = text.model, text.tokenizer
         vae = ImageAutoencoder(VAEConfig(parts.vae)).vae if parts.vae else None
-        if text_encoder.config.d_model != model.config.caption_channels:
-            raise PixArtError(
-                f"export: text encoder {parts.text_encoder} has width {text_encoder.config.d_model}, "
-                f"the model expects caption_channels={model.config.caption_channels}"
-            )
+        model.config.check_encoders(text_encoder.config.d_model, vae and vae.config.latent_channels,
+                                    parts.text_encoder, parts.vae)
     if scheduler is None and student is not None:
         scheduler = one_step_scheduler(prediction_type)
     elif scheduler is None:
@@ -149,6 +148,8 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
         else:
             pipeline.save_pretrained(tmp)
         save_file(null, tmp / NULL_CAPTION_FILE)
+        for file in files:
+            shutil.copyfile(file, tmp / Path(file).name)
         if student is not None:
             call = {"num_inference_steps": 1, "timesteps": [student["start_timestep"]], "guidance_scale": 1.0}
             (tmp / STUDENT_FILE).write_text(json.dumps({**student, "call": call}, indent=2))
@@ -160,13 +161,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
     """`export` of a checkpoint folder: its EMA weights when it has them (unless `ema` says), and the
     prediction type it was trained with in the scheduler. Returns (out, ema used, prediction type)."""
     from pixart.checkpoint import EMA_FILE, checkpoint_folder, load_model, load_prediction_type, load_student
+    from pixart.personalize.covariance import COVARIANCE_GLOB
 
-    ckpt = checkpoint_folder(ckpt)
+    typed, ckpt = ckpt, checkpoint_folder(ckpt)
     ema = (ckpt / EMA_FILE).is_file() if ema is None else ema
     prediction = load_prediction_type(ckpt)
     model = load_model(ckpt, ema=ema).eval()
-    export(model, out, parts, overwrite=overwrite, sources=(ckpt,), prediction_type=prediction,
-           student=load_student(ckpt))
+    export(model, out, parts, overwrite=overwrite, sources=(typed, ckpt), prediction_type=prediction,
+           student=load_student(ckpt), files=tuple(sorted(ckpt.glob(COVARIANCE_GLOB))))
     return Path(out), ema, prediction
 
 

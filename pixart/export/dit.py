@@ -47,10 +47,11 @@ def load_dit(src: str | os.PathLike, num_heads: int | None = None, num_classes: 
 def convert_dit(src: str | os.PathLike, out: str | os.PathLike, cfg: ReparamConfig = ReparamConfig(),
                 num_heads: int | None = None, num_classes: int | None = None, overwrite: bool = False) -> PixArt:
     """Write `out` (config.json, model.safetensors, reparam.json) and return the PixArt model."""
-    dit = load_dit(src, num_heads, num_classes)
+    read = checkpoint_folder(src)  # a run's `latest` moves on: record the step folder it named
+    dit = load_dit(read, num_heads, num_classes)
     pixart = dit_to_pixart(dit, global_init=cfg.global_init, t_ref=cfg.t_ref, caption_channels=cfg.caption_channels,
                            model_max_length=cfg.max_length, seed=cfg.seed)
-    provenance = {"source": str(src), "dit_classes": dit.config.num_classes, **asdict(cfg)}
+    provenance = {"source": str(read), "dit_classes": dit.config.num_classes, **asdict(cfg)}
     save_checkpoint(out, pixart.config, pixart.state_dict(), extra={"reparam.json": json.dumps(provenance, indent=2)},
-                    overwrite=overwrite, sources=(src,))
+                    overwrite=overwrite, sources=(src, read))
     return pixart

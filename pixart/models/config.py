@@ -67,6 +67,16 @@ class ModelConfig:
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
+    def check_encoders(self, text_width: int | None = None, latent_channels: int | None = None,
+                       text: str = "", vae: str = "") -> None:
+        """Encoders another model was trained with fail here in one line, not as a shape error deep in a forward."""
+        if text_width is not None and text_width != self.caption_channels:
+            raise PixArtError(f"text encoder {text} has width {text_width}; the model expects caption_channels="
+                              f"{self.caption_channels}")
+        if latent_channels is not None and latent_channels != self.in_channels:
+            raise PixArtError(f"VAE {vae} has {latent_channels} latent channels; the model takes in_channels="
+                              f"{self.in_channels}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

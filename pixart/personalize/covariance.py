@@ -67,8 +67,11 @@ def read_c_inv(path: str | os.PathLike) -> torch.Tensor:
     return torch.linalg.inv(c)
 
 
+COVARIANCE_GLOB = "perfusion-covariance-*.safetensors"  # beside a checkpoint, and copied into its exports
+
+
 def covariance_path(ckpt: Path, identity: str) -> Path:
-    return Path(ckpt) / f"perfusion-covariance-{identity.removeprefix('sha256:')}.safetensors"
+    return Path(ckpt) / COVARIANCE_GLOB.replace("*", identity.removeprefix("sha256:"))
 
 
 def load_or_estimate(ckpt: Path, identity: str, model, text_encoder, captions: str | None,

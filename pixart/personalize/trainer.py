@@ -44,13 +44,14 @@ class PersonalizeConfig:
     precision: str = "fp16"  # of the stored concept
     run_dir: str | None = None  # default: OUT with `.run` appended
     device: str = "cpu"
+    overwrite: bool = False  # replace an --out that no run of this run folder wrote
 
     def __post_init__(self) -> None:
         if not self.out.endswith(".safetensors"):
             raise PixArtError(f"--out {self.out}: a concept file ends in .safetensors")
-        for key in ("steps", "batch"):
-            if getattr(self, key) < 1:
-                raise PixArtError(f"--{key} must be positive, got {getattr(self, key)}")
+        for key in ("steps", "batch", "lr_value", "lr_embedding"):
+            if not getattr(self, key) > 0:
+                raise PixArtError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
         if not 0 <= self.mask_floor <= 1:
             raise PixArtError(f"--mask-floor must be in [0, 1], got {self.mask_floor}")
         if self.timesteps not in ("uniform", "logit_normal"):
@@ -61,6 +62,9 @@ class PersonalizeConfig:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or self.out + ".run")
+
+
+STATE_FILE = "state.safetensors"  # in the run folder: what a rerun resumes from
 
 
 def draw_timesteps(kind: str, n: int, num_steps: int, generator: torch.Generator) -> Tensor:
@@ -115,6 +119,9 @@ class ConceptTrainer:
         from .tokens import add_concept_token, as_super, check_new_name, super_token
 
         check_new_name(cfg.concept)
+        if Path(cfg.out).exists() and not (cfg.run_path / STATE_FILE).is_file() and not cfg.overwrite:
+            raise PixArtError(f"--out {cfg.out} already exists and no run in {cfg.run_path} wrote it; pass "
+                              "--overwrite to replace it")
         self.cfg, ckpt = cfg, checkpoint_folder(cfg.ckpt)
         dev = self.device = torch.device(cfg.device)
         self.items = read_concept_images(cfg.data)
@@ -202,11 +209,14 @@ class ConceptTrainer:
 
         cfg, run = self.cfg, self.cfg.run_path
         run.mkdir(parents=True, exist_ok=True)
-        state_file = run / "state.safetensors"
+        state_file = run / STATE_FILE
         state, step, history, seconds = self.initial_state(), 0, [], 0.0
         opt_state = None
         if state_file.is_file():
             state, step, history, seconds, opt_state = self._load_state(state_file)
+            if step > cfg.steps:
+                raise PixArtError(f"--steps {cfg.steps}: {state_file} is already at step {step}; give --steps "
+                                  f"{step} or more, or another --run-dir")
             log(f"resuming {cfg.concept!r} from step {step} ({state_file})")
         state = {k: v.to(self.device, torch.float32) for k, v in state.items()}  # a resumed state is on the CPU
         values = torch.nn.Parameter(state["value_targets"].clone())

@@ -135,8 +135,8 @@ class ValidationSection(Section):
     prompts: list[str] = Field(default_factory=list)  # PixArt stages
     labels: list[int] = Field(default_factory=list)  # class-conditional stage
     seed: int = 0
-    steps: int = Field(20, ge=1)
-    cfg: float = 4.5
+    steps: int = Field(20, ge=1, le=1000)  # at most the schedule's 1000 timesteps
+    cfg: float = Field(4.5, ge=0, allow_inf_nan=False)
     sampler: Literal["dpm-solver++", "ddim", "ddpm"] = "dpm-solver++"
     size: tuple[PositiveInt, PositiveInt] | None = None  # latent (h, w); None: the model's input_size square
     ema: bool = True
