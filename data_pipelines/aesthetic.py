@@ -1,7 +1,8 @@
 """Aesthetic scores for the stage-3 filter: one sidecar per shard, `<shard>.aesthetic.jsonl`.
 
 Each line is `{"__key__": ..., "score": ...}`; samples that cannot be read are left
-out, counted and reported. Two scorers:
+out, counted and reported. A shard of which nothing could be read (missing, HTTP 404, a failed
+`pipe:` command, not a tar) gets no sidecar, so an earlier run's stays. Two scorers:
 
 - `shapes`: the shapes world's own `aesthetic` from the sample's `.json` (1 clean, lower damaged);
 - `laion`: LAION's improved aesthetic predictor: an MLP on the L2-normalised CLIP image
@@ -125,7 +126,7 @@ class ShardResult:
     samples: int = 0
     kept: int = 0
     skipped: int = 0
-    error: str | None = None  # a shard that broke off part-way (truncated tar)
+    error: str | None = None  # why the shard broke off part-way (truncated tar), or why nothing could be read
 
 
 @dataclass
@@ -190,8 +191,9 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
             if len(batch) == batch_size:
                 _score_batch(batch, scorer, threshold, result, lines, progress)
         _score_batch(batch, scorer, threshold, result, lines, progress)
-        result.error = damage.error or None
-        atomic_write(out / SIDECAR.format(result.name), "".join(line + "\n" for line in lines))
+        result.error = damage.reason() if damage.error else None
+        if damage.after or not damage.error:  # nothing read: no empty sidecar in place of an earlier one
+            atomic_write(out / SIDECAR.format(result.name), "".join(line + "\n" for line in lines))
         summary.shards.append(result)
     atomic_write(out / SUMMARY, json.dumps(summary.to_json(), indent=2))
     return summary

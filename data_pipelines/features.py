@@ -12,7 +12,7 @@ Text features are stored compactly: only the valid tokens (n, D), in the encoder
 
 A finished shard is reused only while its input is the one it was made from (`input_id`), and
 an input tar that breaks off early is not finished (a rerun retries it) unless `accept_damaged`;
-one that could not even be opened is never finished.
+one of which nothing could be read is never finished.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class FeatureConfig:
 class Extraction:
     manifest: Manifest
     results: list[ShardResult] = field(default_factory=list)  # shards encoded and kept by this call
-    damaged: list[ShardResult] = field(default_factory=list)  # broken-off or unopened inputs left unfinished
+    damaged: list[ShardResult] = field(default_factory=list)  # broken-off or unreadable inputs left unfinished
     seconds: float = 0.0
 
     def describe(self, out) -> str:
@@ -86,7 +86,7 @@ class Extraction:
                 f"{out}: {m.count} samples, {state}"
                 + (f"; samples without caption {missing}" if missing else "")
                 + (f"; {_shards(self.damaged)} damaged: {_damage(self.damaged)}; rerun to retry"
-                   + (", or --accept-damaged to keep what was read" if any(r.opened for r in self.damaged) else "")
+                   + (", or --accept-damaged to keep what was read" if any(r.read for r in self.damaged) else "")
                    if self.damaged else "")
                 + (f"; {_shards(kept)} damaged, kept as read: {_damage(kept)}" if kept else ""))
 
@@ -340,7 +340,7 @@ def _commit(out: Path, res: ShardResult, url: str, captions: dict[str, str | Non
     rec = {"count": res.count, "sha256": file_sha256(tar), "bytes": tar.stat().st_size, "skipped": res.skipped,
            "input": input_record(url), "captions": _caption_ids(captions),
            **{k: v for k, v in dataclasses.asdict(res).items()
-              if k not in ("name", "count", "skipped", "seconds", "opened")}}
+              if k not in ("name", "count", "skipped", "seconds", "read")}}
     atomic_write(out / DONE / f"{res.name}.json", json.dumps(rec))
 
 
@@ -393,7 +393,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
 
     def finish(res: ShardResult) -> None:
         nonlocal manifest
-        if res.damaged and not (cfg.accept_damaged and res.opened):  # no record: the shard stays unfinished
+        if res.damaged and not (cfg.accept_damaged and res.read):  # no record: the shard stays unfinished
             damaged.append(res)
             return
         _commit(out, res, url_of[res.name], captions_of[res.name])

@@ -49,7 +49,7 @@ class ShardResult:
     feature_bytes: int = 0  # bytes of the .features.safetensors files
     buckets: dict[str, int] = field(default_factory=dict)  # "HxW" of target_hw -> samples written
     damaged: str = ""  # why the input tar broke off early; "" when it was read to the end
-    opened: bool = True  # False: the input could not be opened at all (never finished, even with accept_damaged)
+    read: int = 0  # samples read from the input; a damaged one with none is never finished, even with accept_damaged
     seconds: float = 0.0
 
 
@@ -111,6 +111,18 @@ def _decode(sample: dict) -> tuple[Image.Image, dict]:
     return img, meta
 
 
+def _sidecar_error(path: str, name: str, total: int, missing: list[str]) -> PixArtError:
+    """A sidecar without a line for some of shard `name`'s `total` samples: another shard's captions when it
+    has none of them, else a captioning that stopped early (relabel --accept-damaged on a tar that broke off
+    then, whose rerun now says "nothing to do"), worded so the fix is the right one."""
+    if len(missing) == total:
+        return PixArtError(f"{path}: holds another shard's captions (none of the {total} samples of shard {name}, "
+                           f"e.g. key {missing[0]!r}): point --captions-dir at this shard's captions")
+    return PixArtError(f"{path}: covers only {total - len(missing)} of {total} samples of shard {name} (e.g. key "
+                       f"{missing[0]!r} is missing): its captioning did not read the whole shard; remove {path} "
+                       "and rerun pixart relabel")
+
+
 class Pending(NamedTuple):
     pos: int  # index in the raw shard: output keeps input order
     key: str
@@ -125,8 +137,8 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
     Samples are batched per target size (bucket); at most `4 * batch_size` wait for a batch, the
     oldest group going first when that fills, so memory stays bounded and the output, written in
     input order as it becomes ready, needs only a short reorder buffer. A caption sidecar with no line
-    for a sample's key describes other shards (a relabel sidecar has a line per sample, null where
-    captioning failed): the shard is refused, and nothing written."""
+    for a sample's key (a relabel sidecar has a line per sample, null where captioning failed) stops the
+    job (`_sidecar_error`), with nothing written for the shard."""
     ae, te = load_encoders(job)
     t0, res = time.perf_counter(), ShardResult(name)
     sidecars = {src: read_captions(p) for src, p in caption_files.items()}
@@ -202,15 +214,12 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
             drain()
         if absent:
             src, keys = next(iter(absent.items()))
-            raise PixArtError(f"{caption_files[src]}: has no line for {len(keys)} of the {total} samples "
-                              f"of shard {name} (e.g. key {keys[0]!r}): it holds another shard's captions; "
-                              "relabel this shard or point --captions-dir at its captions")
+            raise _sidecar_error(caption_files[src], name, total, keys)
         for size in sorted(pending, key=lambda s: pending[s][0].pos):
             flush(pending[size])
         drain()
-        if damage.error:
-            res.damaged, res.opened = damage.reason(), damage.opened
-        if damage.error and not (job.accept_damaged and damage.opened):
+        res.read, res.damaged = total, damage.reason() if damage.error else ""
+        if damage.error and not (job.accept_damaged and total):
             writer.abort()  # no tar, no record: a rerun retries the shard (a flaky read, a finished copy)
         else:
             writer.close()

@@ -37,28 +37,29 @@ def share_modes(folder: Path) -> None:
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tuple = ()):
     """Yield a fresh folder next to `target`; on success it becomes `target`, on error it is removed.
 
-    An existing non-empty `target` is replaced only with `overwrite`, and never when it is, holds or lies
-    inside one of `sources` (pass a checkpoint as typed and as resolved: `latest` is a file naming a folder),
-    or holds the current folder (`--out ""`, `--out .`). A kill at any moment leaves the old `target`, the new one,
-    or the old one parked as `.NAME.old`, which the next call puts back.
+    An existing non-empty `target` is replaced only with `overwrite`. Never is a `target` written that is, holds
+    or lies inside one of `sources` (pass a checkpoint as typed and as resolved: `latest` is a file naming a
+    folder), or that holds the current folder (`--out ""`, `--out .`). A kill at any moment leaves the old
+    `target`, the new one, or the old one parked as `.NAME.old`, which the next call puts back.
     """
     if not str(target).strip():
         raise PixArtError("--out is empty")
     target = Path(target).resolve()
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise PixArtError(f"--out {target} holds the current directory; name a folder of its own")
+    for src in (Path(s).resolve() for s in sources):
+        if src == target or target in src.parents or src in target.parents:
+            raise PixArtError(f"--out {target} would overwrite the input {src}")
     old = target.with_name(f".{target.name}.old")
     if not target.exists() and old.exists():  # a previous replace was killed half-way
         os.replace(old, target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if target == Path.cwd() or target in Path.cwd().parents:
-            raise PixArtError(f"--out {target} holds the current directory; name a folder of its own")
-        for src in (Path(s).resolve() for s in sources):
-            if src == target or target in src.parents or src in target.parents:
-                raise PixArtError(f"--out {target} would overwrite the input {src}")
         if not overwrite:
             raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_writers(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=_writer_prefix(target), dir=target.parent))
+    with _writable(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers(target.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=_writer_prefix(target), dir=target.parent))
     try:
         yield tmp
         share_modes(tmp)
@@ -78,6 +79,15 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _writable(target: Path):
+    """A folder the output cannot be written in is named as the user gave it, not by our hidden temp's name."""
+    try:
+        yield
+    except OSError as e:
+        raise PixArtError(f"{target}: cannot write there ({e.strerror or e})") from None
 
 
 def _writer_prefix(target: Path) -> str:
@@ -104,7 +114,8 @@ def remove_dead_writers(folder: Path) -> None:
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write a file whole or not at all: a temp file beside it, fsync, rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_writer_prefix(path), dir=path.parent)
+    with _writable(path):
+        fd, tmp = tempfile.mkstemp(prefix=_writer_prefix(path), dir=path.parent)
     try:
         with open(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

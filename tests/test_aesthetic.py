@@ -127,7 +127,25 @@ def test_unreadable_metadata_and_broken_shards_are_counted(tmp_path, shapes, cap
     summary = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
     assert summary["shards"]["odd-000000"]["skipped"] == 2
     assert summary["shards"]["cut-000000"]["error"] and 0 < summary["shards"]["cut-000000"]["samples"] < 25
-    assert "broke off early: cut-000000" in capsys.readouterr().out
+    assert "shards damaged: cut-000000" in capsys.readouterr().out
+
+
+def test_a_shard_of_which_nothing_could_be_read_gets_no_sidecar(tmp_path, shapes, capsys):
+    """A failed pipe: command or an empty file: reported, and no empty sidecar (which would read as "no sample
+    scored") is written; an earlier run's sidecar stays."""
+    (tmp_path / "empty-000000.tar").write_bytes(b"")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "pipe-000000.aesthetic.jsonl").write_text('{"__key__": "a", "score": 0.7}\n')
+    assert run_cli(shapes / "shapes-000000.tar", tmp_path / "empty-000000.tar", "pipe:false pipe-000000.tar",
+                   "--out", tmp_path / "o") == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "aesthetic-summary.json", "pipe-000000.aesthetic.jsonl", "shapes-000000.aesthetic.jsonl"]
+    assert sidecar(tmp_path / "o" / "pipe-000000.aesthetic.jsonl") == [{"__key__": "a", "score": 0.7}]
+    shards = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())["shards"]
+    for name in ("empty-000000", "pipe-000000"):
+        assert shards[name]["error"].startswith("nothing could be read (") and shards[name]["samples"] == 0
+    assert shards["shapes-000000"] == {"samples": 25, "kept": shards["shapes-000000"]["kept"], "skipped": 0,
+                                       "error": None}
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):

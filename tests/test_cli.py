@@ -186,18 +186,37 @@ def test_an_output_never_replaces_its_input_the_current_folder_or_a_pointer(tmp_
     result = run_cli("import", tmp_path / "export", "--out", tmp_path / "export" / "transformer", "--overwrite")
     assert result.returncode == 2 and "would overwrite the input" in result.stderr  # a part of its input
     assert (tmp_path / "export" / "transformer" / "config.json").is_file()
+    result = run_cli("export-diffusers", latest, "--out", tmp_path / "ck-run" / "checkpoints" / "step-000002" / "x")
+    assert result.returncode == 2 and "would overwrite the input" in result.stderr  # not even a new folder in it
     monkeypatch.chdir(tmp_path)
     for out, message in (("", "--out is empty"), (".", "holds the current directory")):
         result = run_cli("export-diffusers", latest, "--out", out, "--overwrite")  # a quoted unset "$OUT"
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert (tmp_path / "export").is_dir() and (tmp_path / "run1").is_dir()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")  # replacing even an empty current folder leaves the shell nowhere
+    result = run_cli("export-diffusers", latest, "--out", ".")
+    assert result.returncode == 2 and "holds the current directory" in result.stderr
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_device_this_machine_lacks_is_one_line():
+    from pixart.cli import pick_device
+    from pixart.errors import PixArtError
+
+    assert pick_device("cpu") == "cpu" and pick_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(PixArtError, match="--device 'gpu0': not a device"):
+        pick_device("gpu0")
+    with pytest.raises(PixArtError, match="--device cuda:99: this machine has"):
+        pick_device("cuda:99")
 
 
 def test_unwritable_output_is_one_line(tmp_path, dit_file):
     _, path = dit_file
     (tmp_path / "file").write_text("x")
     result = run_cli("convert-dit", path, "--out", tmp_path / "file" / "sub")
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "error:" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {tmp_path / 'file' / 'sub'}: cannot write there (" in result.stderr, result.stderr
 
 
 def test_ctrl_c_is_one_line_and_a_subcommand_names_itself(tmp_path, monkeypatch, capsys):

@@ -123,8 +123,7 @@ def test_gzipped_and_cut_shards_over_http(server):
     (folder / "cut.tar").write_bytes(plain.read_bytes()[:members[9].offset])  # three whole samples (png, json, txt)
     got, damage = _keys(f"{base}/cut.tar")
     assert got == _keys(str(folder / "cut.tar"))[0] and len(got) == 2  # the last may be partial: dropped
-    assert "no end-of-archive block" in damage.error and damage.opened
-    assert damage.reason() == f"{damage.error}, after 2 samples"
+    assert "no end-of-archive block" in damage.error and damage.reason() == f"{damage.error}, after 2 samples"
 
 
 def test_forward_seeking_skips_ahead_and_goes_back_only_into_its_last_read():
@@ -144,19 +143,27 @@ def test_forward_seeking_skips_ahead_and_goes_back_only_into_its_last_read():
     assert f.seek(200) == 100 and f.read(1) == b""
 
 
-def test_a_missing_shard_is_reported(server):
-    """Reported as damage (the loader goes on), marked as never opened (jobs do not finish it); its identity
-    is a one-line error naming the URL, which urllib's "HTTP Error 404: File not found" does not."""
+def test_a_missing_shard_is_reported(server, monkeypatch):
+    """Reported as damage with nothing read (the loader goes on; jobs do not finish it); its identity is a
+    one-line error naming the URL, which urllib's "HTTP Error 404: File not found" does not. A missing fsspec
+    backend is said as such, not as a shard that cannot be reached."""
     base, _ = server
     got, damage = _keys(f"{base}/nope.tar")
-    assert got == [] and "404" in damage.error and not damage.opened
-    assert damage.reason() == "could not be opened: HTTPError: HTTP Error 404: Not Found"
+    assert got == [] and damage.after == 0
+    assert damage.reason() == "nothing could be read (HTTPError: HTTP Error 404: Not Found)"
     with pytest.raises(PixArtError, match=rf"^{base}/nope.tar: cannot reach the shard \(HTTPError: HTTP Error 404"):
         remote.remote_identity(f"{base}/nope.tar")
     with pytest.raises(PixArtError, match=r"^http://127.0.0.1:1/x.tar: cannot reach the shard \(URLError: .*refused"):
         remote.remote_identity("http://127.0.0.1:1/x.tar")
     got, damage = _keys(f"{base}/shapes-000000.tar")
-    assert damage.opened and not damage.error
+    assert len(got) == 12 and not damage.error
+
+    def no_backend(url):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(remote.fsspec.core, "url_to_fs", no_backend)
+    with pytest.raises(PixArtError, match=r"^s3://b/x.tar: Install s3fs to access S3$"):
+        remote.remote_identity("s3://b/x.tar")
 
 
 def test_a_changed_remote_shard_gets_a_new_identity(server):

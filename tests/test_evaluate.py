@@ -11,6 +11,7 @@ def test_eval_scores_shards_and_prints_the_judges_own_accuracy(tmp_path, capsys)
     assert main(["eval", str(tmp_path / "s"), "--out", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     assert "judged 40 images" in out and "judge's own accuracy at 64 px" in out
+    assert f"eval: {tmp_path / 's' / 'junk.tar'}: damaged: nothing could be read (ReadError: " in out
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["resolution"] == 64
     assert metrics["scores"]["images"] == 40 and metrics["scores"]["object"] >= 0.98  # real renders: the truth
@@ -25,4 +26,6 @@ def test_eval_without_specs_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "x.tar").write_bytes(b"")
     assert main(["eval", str(tmp_path / "e")]) == 2
-    assert "no images with a KEY.json scene spec" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "no images with a KEY.json scene spec" in said.err
+    assert f"eval: {tmp_path / 'e' / 'x.tar'}: damaged: nothing could be read (ReadError: " in said.out

@@ -1,9 +1,13 @@
 """extract-features on tiny raw shards with the tiny T5/VAE: round trip, resume, workers, refusals, size."""
 import argparse
+import contextlib
 import dataclasses
+import functools
 import io
 import json
 import re
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -361,7 +365,7 @@ def test_damaged_input_shards_are_retried_unless_accepted(enc, raw, tmp_path, ca
     args.run(args)
     out = capsys.readouterr().out
     assert "encoded 4 samples in 1 shards (0 skipped)" in out and "1 of 3 shards done;" in out
-    assert "2 shards damaged: cut-000000 (" in out and "junk-000000 (ReadError" in out
+    assert "2 shards damaged: cut-000000 (" in out and "junk-000000 (nothing could be read (ReadError" in out
     assert out.rstrip().endswith("rerun to retry, or --accept-damaged to keep what was read")
     assert out.count("\n") == 1  # one line, however long tarfile's message
     m = Manifest.load(tmp_path / "c")
@@ -369,11 +373,12 @@ def test_damaged_input_shards_are_retried_unless_accepted(enc, raw, tmp_path, ca
     args = parser.parse_args(argv + ["--accept-damaged"])
     args.run(args)
     out = capsys.readouterr().out
-    assert "2 shards damaged, kept as read: cut-000000 (" in out and ", complete;" in out
+    assert "1 shard damaged, kept as read: cut-000000 (" in out and "2 of 3 shards done;" in out
+    assert "1 shard damaged: junk-000000 (nothing could be read (ReadError" in out  # garbage: never an empty shard
     m = Manifest.load(tmp_path / "c")
     cut = next(s for s in m.shards if s.name == "cut-000000")
-    assert m.complete and cut.damaged.endswith(f"after {cut.count} samples") and 0 < cut.count < 4
-    assert not cut.skipped and next(s for s in m.shards if s.name == "junk-000000").count == 0
+    assert not m.complete and cut.damaged.endswith(f"after {cut.count} samples") and 0 < cut.count < 4
+    assert not cut.skipped and not (tmp_path / "c" / "junk-000000.tar").exists()
 
 
 def test_pixel_scale_must_be_positive(enc, raw, tmp_path):
@@ -398,35 +403,63 @@ def test_caption_sidecar_lines_are_checked(tmp_path):
             read_captions(str(path))
 
 
-def test_a_caption_sidecar_of_other_shards_is_refused(enc, raw, tmp_path):
-    """A key with no line in the sidecar: the sidecar describes other shards (a relabel sidecar has a line per
-    sample). Refused, naming it, with nothing written for the shard; a null caption is a missing caption."""
+def test_a_caption_sidecar_without_some_of_the_shards_keys_stops_the_job(enc, raw, tmp_path):
+    """A key with no line in the sidecar (a relabel sidecar has a line per sample): with no key in common it holds
+    another shard's captions; with some, its captioning stopped early (relabel --accept-damaged on a tar that
+    broke off then). One line naming the file and the fix, nothing written for the shard; a null caption is a
+    missing caption."""
     caps = tmp_path / "caps"
     caps.mkdir()
-    (caps / "shard-000000.meta.jsonl").write_bytes((raw / "shard-000001.meta.jsonl").read_bytes())  # keys 4-7
+    sidecar = caps / "shard-000000.meta.jsonl"
+    sidecar.write_bytes((raw / "shard-000001.meta.jsonl").read_bytes())  # keys 4-7
     cfg = _cfg(enc, captions=("txt", "meta"), captions_dir=str(caps))
     with pytest.raises(PixArtError, match=r"^" + re.escape(
-            f"{caps / 'shard-000000.meta.jsonl'}: has no line for 4 of the 4 samples of shard shard-000000 "
-            "(e.g. key '000000'): it holds another shard's captions")):
+            f"{sidecar}: holds another shard's captions (none of the 4 samples of shard shard-000000, e.g. key "
+            "'000000'): point --captions-dir at this shard's captions") + "$"):
         extract_features(raw / "shard-000000.tar", tmp_path / "f", cfg, progress=False)
     assert not list((tmp_path / "f").glob("*.tar")) and not list((tmp_path / "f").glob(".*.tmp*"))
     assert not Manifest.load(tmp_path / "f").complete
+    sidecar.write_bytes(b"".join((raw / "shard-000000.meta.jsonl").read_bytes().splitlines(keepends=True)[:3]))
+    with pytest.raises(PixArtError, match=r"^" + re.escape(
+            f"{sidecar}: covers only 3 of 4 samples of shard shard-000000 (e.g. key '000003' is missing): its "
+            f"captioning did not read the whole shard; remove {sidecar} and rerun pixart relabel") + "$"):
+        extract_features(raw / "shard-000000.tar", tmp_path / "f", cfg, progress=False)
+    assert not list((tmp_path / "f").glob("*.tar")) and not list((tmp_path / "f").glob(".*.tmp*"))
     (caps / "shard-000000.meta.jsonl").write_text("".join(
         json.dumps({"__key__": f"{k:06d}", "caption": None if k == 2 else f"a caption {k}"}) + "\n" for k in range(4)))
     ex = extract_features(raw / "shard-000000.tar", tmp_path / "f", cfg, progress=False)
     assert ex.manifest.complete and ex.manifest.count == 4 and ex.results[0].missing_captions == {"meta": 1}
 
 
-def test_an_input_that_cannot_be_opened_is_never_finished(enc, raw, tmp_path):
-    """Connection refused (as a 404): not a tar that broke off, so --accept-damaged does not finish it empty."""
-    url = "http://127.0.0.1:1/shard-000009.tar"
-    ex = extract_features([str(raw / "shard-000000.tar"), url], tmp_path / "f", _cfg_txt(enc, accept_damaged=True),
-                          progress=False)
+def test_an_input_of_which_nothing_could_be_read_is_never_finished(enc, raw, tmp_path):
+    """A failed pipe: command, an empty file, an HTTP 404: not a tar that broke off, so --accept-damaged does not
+    finish them as empty shards; the summary does not offer it."""
+    (tmp_path / "empty-000000.tar").write_bytes(b"")
+    with serve(raw) as base:
+        unreadable = ["pipe:false pipe-000000.tar", str(tmp_path / "empty-000000.tar"), f"{base}/gone-000000.tar"]
+        ex = extract_features([str(raw / "shard-000000.tar"), *unreadable], tmp_path / "f",
+                              _cfg_txt(enc, accept_damaged=True), progress=False)
     assert [r.name for r in ex.results] == ["shard-000000"] and not ex.manifest.complete
-    assert not (tmp_path / "f" / "shard-000009.tar").exists()
-    line = ex.describe(tmp_path / "f")
-    assert "1 shard damaged: shard-000009 (could not be opened: URLError: " in line
-    assert line.endswith("rerun to retry")  # --accept-damaged would not help
+    assert sorted(r.name for r in ex.damaged) == ["empty-000000", "gone-000000", "pipe-000000"]
+    assert all(r.damaged.startswith("nothing could be read (") for r in ex.damaged)
+    assert "gone-000000 (nothing could be read (HTTPError: HTTP Error 404" in ex.describe(tmp_path / "f")
+    assert ex.describe(tmp_path / "f").endswith("rerun to retry")  # --accept-damaged would not help
+    assert sorted(p.name for p in (tmp_path / "f").glob("*.tar")) == ["shard-000000.tar"]
+
+
+@contextlib.contextmanager
+def serve(folder):
+    """`folder` over HTTP on 127.0.0.1: the base URL."""
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
 
 
 def test_encoders_of_the_wrong_kind_are_one_line(enc, raw, tmp_path):

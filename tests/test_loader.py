@@ -362,12 +362,19 @@ def test_manifest_refuses_incomplete_mixed_or_unexpected_caches(tmp_path):
     Loader(LoaderConfig(str(a), batch_size=2, expected={"text_dim": 8, "latent_channels": 4}))
 
 
-def test_a_caption_source_the_cache_never_encoded_is_refused_up_front(tmp_path):
+def test_a_caption_mix_the_cache_lacks_is_refused_only_when_it_lacks_all_of_it(tmp_path, caplog):
+    """Each sample draws among the mix's sources it has: a cache lacking some of them trains (on the others),
+    with a warning naming them; one lacking all of them would skip every sample, and is refused up front."""
     cache = _feature_cache(tmp_path / "c", [4], [(4, 4)])  # caption_sources ["txt"]
-    for caption in ("llava", {"txt": 0.5, "llava": 0.5}):
+    for caption in ("llava", {"blip": 0.5, "llava": 0.5}):
         with pytest.raises(PixArtError, match=r"^" + re.escape(
-                f"data.caption: source 'llava' is not in {cache} (its features hold captions ['txt'])") + "$"):
+                f"data.caption: none of {list(caption) if isinstance(caption, dict) else [caption]} is in {cache} "
+                "(its features hold captions ['txt'])") + "$"):
             Loader(LoaderConfig(str(cache), batch_size=2, caption=caption))
+    with caplog.at_level(logging.WARNING, logger="pixart.data"):
+        loader = Loader(LoaderConfig(str(cache), batch_size=2, caption={"llava": 0.8, "txt": 0.2}))
+    assert f"{cache}: caption sources ['llava'] are not in its features (['txt'])" in caplog.text
+    assert sum(len(b["keys"]) for b in take(loader, 2)) == 4  # every sample, on its txt caption
     Loader(LoaderConfig(str(cache), batch_size=2, caption={"txt": 1.0, "llava": 0.0}))  # never drawn
 
 

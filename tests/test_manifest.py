@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from pixart.atomic import atomic_write
-from pixart.data.manifest import CHECKED, Manifest, ShardEntry, config_hash, find_manifest
+from pixart.data.manifest import CHECKED, Manifest, ShardEntry, config_hash, file_sha256, find_manifest
 from pixart.errors import PixArtError
 
 
@@ -88,3 +88,12 @@ def test_loader_fields_round_trip_and_old_versions_are_refused(tmp_path):
     for read in (Manifest.load, find_manifest):
         with pytest.raises(PixArtError, match=r"manifest.json: feature manifest version 1, .*rerun extract-features"):
             read(tmp_path)
+
+
+def test_file_sha256_of_the_first_bytes(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 9000  # over one 1 MiB block
+    (tmp_path / "f").write_bytes(data)
+    for limit in (None, 0, 10, 1 << 20, (1 << 20) + 5, len(data), len(data) + 7):
+        assert file_sha256(tmp_path / "f", limit=limit) == hashlib.sha256(data[:limit]).hexdigest()

@@ -1,4 +1,5 @@
 """`pixart personalize` on a tiny checkpoint: what trains, what stays frozen, resume, and bad input."""
+import json
 import shutil
 
 import pytest
@@ -58,6 +59,19 @@ def test_a_rerun_resumes_bitwise(tiny_concept_setup, tmp_path):
     next(p for p in sorted(other.rglob("*")) if p.is_file()).unlink()  # one image fewer
     with pytest.raises(PixArtError, match="a run on other --data images"):
         ConceptTrainer(_cfg(root, split, steps=6, data=str(other))).train(log=lambda *_: None)
+    # a run on another device draws other noise: it would not be the run it resumes
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state = split / "zork.safetensors.run" / "state.safetensors"
+    with safe_open(state, framework="pt") as f:
+        meta = f.metadata()
+    settings = json.loads(meta["settings"])
+    assert settings["device"] == "cpu"
+    save_file(load_file(state), state, metadata={**meta, "settings": json.dumps({**settings, "device": "cuda"})})
+    with pytest.raises(PixArtError, match="a run with --device cuda, not cpu"):
+        ConceptTrainer(_cfg(root, split, steps=6)).train(log=lambda *_: None)
+    save_file(load_file(state), state, metadata=meta)
     # fewer steps than the run holds would write its later state under a smaller --steps: refused
     with pytest.raises(PixArtError, match=r"--steps 3: .*state.safetensors is already at step 4; give --steps 4"):
         ConceptTrainer(_cfg(root, split, steps=3)).train(log=lambda *_: None)

@@ -1,4 +1,6 @@
 """`pixart relabel`: outputs, bad input, OOM halving, quality retries, and SIGKILL-then-rerun."""
+import contextlib
+import functools
 import json
 import os
 import re
@@ -6,7 +8,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -140,11 +144,18 @@ def unloadable(config):
     raise PixArtError("--model m: cannot load (not a LLaVA checkpoint)")
 
 
-def test_a_model_that_will_not_load_leaves_no_output_folder(world, tmp_path):
+def test_a_model_that_will_not_load_leaves_no_output_folder(world, tmp_path, monkeypatch):
     out = tmp_path / "captions"
     with pytest.raises(PixArtError, match="cannot load"):
         relabel(world / "shapes", out, _cfg("tests.test_relabel_job:unloadable"), log=lambda m: None)
     assert not out.exists()
+
+    def busy(self):
+        raise OSError(16, "Device or resource busy", str(self))
+
+    monkeypatch.setattr(Path, "rmdir", busy)  # the cleanup fails: the error that brought us there is still said
+    with pytest.raises(PixArtError, match="cannot load"):
+        relabel(world / "shapes", out, _cfg("tests.test_relabel_job:unloadable"), log=lambda m: None)
 
 
 def test_decode_in_workers_or_not_same_bytes(world, tmp_path):
@@ -412,6 +423,54 @@ def test_replaced_input_shards_are_captioned_again(tmp_path):
     assert logs == ["all 2 shards already captioned by metadata; nothing to do"]
 
 
+def test_a_shorter_copy_of_an_input_is_left_as_it_is(tmp_path):
+    """A local input now shorter than when it was captioned (a cp or download in progress): its finished captions
+    and its partial are kept, and it is not captioned this run, not even with --accept-damaged; the whole copy
+    then resumes (the cut one) or is recognised (the finished one)."""
+    write_shapes(tmp_path / "a", count=32, seed=0, resolution=32, shard_size=16)
+    src, out, logs = tmp_path / "in", tmp_path / "out", []
+    src.mkdir()
+    whole = {n: (tmp_path / "a" / f"{n}.tar").read_bytes() for n in ("shapes-000000", "shapes-000001")}
+    (src / "shapes-000000.tar").write_bytes(whole["shapes-000000"])
+    (src / "shapes-000001.tar").write_bytes(whole["shapes-000001"][:len(whole["shapes-000001"]) // 2])  # cut
+    relabel(src, out, _cfg(decode_workers=0), log=lambda m: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if "summary" not in p.name}
+    for name, data in whole.items():
+        (src / f"{name}.tar").write_bytes(data[:len(data) // 4])  # copies in progress
+    res = relabel(src, out, _cfg(decode_workers=0, accept_damaged=True), log=logs.append)
+    assert res.runs == [] and {p.name: p.read_bytes() for p in out.iterdir() if "summary" not in p.name} == before
+    assert logs == [f"{n}: its input is shorter than when it was captioned (a copy in progress?); left as it is"
+                    for n in whole] + ["rank 0: nothing to do now; 1 of its unfinished shards left as they are"]
+    for name, data in whole.items():
+        (src / f"{name}.tar").write_bytes(data)  # the copies, done
+    res = relabel(src, out, _cfg(decode_workers=0), log=lambda m: None)
+    assert [(r.name, r.skipped > 0, r.done > 0, r.damaged) for r in res.runs] == [("shapes-000001", True, True, "")]
+    assert (out / "shapes-000000.metadata.jsonl").read_bytes() == before["shapes-000000.metadata.jsonl"]
+
+
+def test_a_shard_captioned_anew_while_waiting_for_its_lock_is_kept(tmp_path, monkeypatch):
+    """Two runs see the input regenerated: the one that waited for the partial's lock finds the record the other
+    wrote captioning the new input, and deletes nothing."""
+    import data_pipelines.relabel.job as job
+
+    write_shapes(tmp_path / "a", count=16, seed=0, resolution=32, shard_size=16)
+    url, out = str(tmp_path / "a" / "shapes-000000.tar"), tmp_path / "out"
+    relabel(url, out, _cfg(decode_workers=0), log=lambda m: None)
+    write_shapes(tmp_path / "b", count=16, seed=1, resolution=32, shard_size=16)
+    os.replace(tmp_path / "b" / "shapes-000000.tar", url)  # regenerated: other images
+    lock = job._lock
+
+    def other_run_first(f, name, log):  # the other run forgot the shard and captioned the new input meanwhile
+        job.input_path(out, "shapes-000000", "metadata").write_text(json.dumps(job.input_record(url)))
+        lock(f, name, log)
+
+    monkeypatch.setattr(job, "_lock", other_run_first)
+    logs = []
+    assert job._forget_if_input_changed(out, "shapes-000000", url, "metadata", logs.append)
+    assert (out / "shapes-000000.metadata.jsonl").exists() and logs == []
+    assert not paths(out, "shapes-000000", "metadata")[1].exists()
+
+
 def counting(config):
     """A VLM-like captioner whose captions depend on its settings; counts its loads."""
     counting.loads += 1
@@ -425,7 +484,7 @@ counting.loads = 0
 
 def test_the_settings_that_shape_captions_are_checked_on_every_run(world, tmp_path, monkeypatch):
     """Recorded once; any run (also one with nothing left to do) with other settings is refused before a model
-    loads; a local model given by another path to the same folder resumes."""
+    loads; a local model given by another path to the same folder, or another dtype, resumes."""
     (tmp_path / "ckpt").mkdir()
     monkeypatch.chdir(tmp_path)
     out, name = tmp_path / "out", "tests.test_relabel_job:counting"
@@ -438,52 +497,88 @@ def test_the_settings_that_shape_captions_are_checked_on_every_run(world, tmp_pa
             log=lambda m: None)
     record = json.loads((out / "counting-job.json").read_text())
     assert record == {"captioner": name, "model": str(tmp_path / "ckpt"), "prompt": "describe", "max_new_tokens": 160,
-                      "image_size": None, "seed": 0, "min_pixels": None, "max_pixels": None, "dtype": "bf16"}
+                      "image_size": None, "seed": 0, "min_pixels": None, "max_pixels": None}
     before, loads = {p.name: p.read_bytes() for p in out.iterdir()}, counting.loads
     for kw, said in (({"seed": 1}, "--seed 0 (this run: 1)"),
                      ({"prompt": "say"}, "--prompt 'describe' (this run: 'say')"),
-                     ({"max_new_tokens": 32, "dtype": "fp32"},
-                      "--max-new-tokens 160 (this run: 32), --dtype 'bf16' (this run: 'fp32')"),
+                     ({"max_new_tokens": 32, "image_size": 64},
+                      "--max-new-tokens 160 (this run: 32), --image-size None (this run: 64)"),
                      ({"model": "org/other"}, f"--model '{tmp_path / 'ckpt'}' (this run: 'org/other')")):
         with pytest.raises(PixArtError, match=r"^" + re.escape(f"{out}: its counting captions were made with {said}; ")
                            + r".*use another --out$"):
             relabel(world / "shapes" / "shapes-000000.tar", out, cfg(**kw), log=lambda m: None)
     assert counting.loads == loads and {p.name: p.read_bytes() for p in out.iterdir()} == before
     resumed = relabel([world / "shapes" / "shapes-000000.tar", world / "bad" / "cut-000000.tar"], out,
-                      cfg(model="ckpt"), log=lambda m: None)  # the same folder, relative: its partial resumes
+                      cfg(model="ckpt", dtype="fp32"), log=lambda m: None)  # the same folder, relative, and
+    # another dtype (its default follows the device: a GPU job resumed on a CPU node): its partial resumes
     assert [(r.name, r.skipped > 0, r.done) for r in resumed.runs] == [("cut-000000", True, 0)]
 
 
-def test_unreachable_inputs_are_one_line_errors_and_never_finished(world, tmp_path):
-    """A URL that answers 404 or refuses the connection: one line naming it, before any work. A shard that
-    cannot be opened once the job runs stays unfinished, even with --accept-damaged."""
-    import threading
-    from functools import partial
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+@contextlib.contextmanager
+def serve(folder):
+    """`folder` over HTTP on 127.0.0.1: (base URL, handler class); `handler.head = 403` refuses HEAD requests, as
+    a presigned GET-only URL does."""
+    class Handler(SimpleHTTPRequestHandler):
+        head = None
 
-    class Quiet(SimpleHTTPRequestHandler):
+        def do_HEAD(self):
+            if Handler.head:
+                return self.send_error(Handler.head)
+            return super().do_HEAD()
+
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(world / "shapes")))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}"
-        for url, why in ((f"{base}/nope-000000.tar", "HTTPError: HTTP Error 404"),
-                         ("http://127.0.0.1:1/gone-000000.tar", "Connection refused")):
-            with pytest.raises(PixArtError, match=rf"^{re.escape(url)}: cannot reach the shard \(.*{why}"):
-                relabel([world / "shapes" / "shapes-000000.tar", url], tmp_path / "out", _cfg(), log=lambda m: None)
-            assert not (tmp_path / "out").exists()
-        relabel(f"{base}/shapes-000001.tar", tmp_path / "web", _cfg(), log=lambda m: None)
-        assert [r["__key__"] for r in _rows(tmp_path / "web" / "shapes-000001.metadata.jsonl")] == \
-            _keys(world / "shapes" / "shapes-000001.tar")
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", Handler
     finally:
         httpd.shutdown()
+
+
+def test_inputs_of_which_nothing_could_be_read_are_reported_and_never_finished(world, tmp_path):
+    """An HTTP 404, a failed pipe: command, an empty file: no error before work (nothing is checked up front),
+    but never finished, not even with --accept-damaged (which the summary then does not offer)."""
+    (tmp_path / "empty-000000.tar").write_bytes(b"")
+    logs = []
+    with serve(world / "shapes") as (base, _):
+        unreadable = [f"{base}/nope-000000.tar", "pipe:false pipe-000000.tar", str(tmp_path / "empty-000000.tar")]
+        res = relabel([world / "shapes" / "shapes-000000.tar", *unreadable], tmp_path / "out",
+                      _cfg(accept_damaged=True, decode_workers=0), log=logs.append)
+    damaged = {r.name: r.damaged for r in res.runs if r.damaged}
+    assert sorted(damaged) == ["empty-000000", "nope-000000", "pipe-000000"]
+    assert all(why.startswith("nothing could be read (") for why in damaged.values())
+    assert "nothing could be read (HTTPError: HTTP Error 404" in damaged["nope-000000"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jsonl")) == ["shapes-000000.metadata.jsonl"]
+    assert res.summary["shards"]["finished"] == 1 and "rerun to retry\n" in logs[-1]  # no --accept-damaged hint
     cap = MetadataCaptioner()
     run = caption_shard(str(tmp_path / "vanished-000000.tar"), "vanished-000000", tmp_path, cap, Batcher(cap, 4),
                         _cfg(accept_damaged=True))
-    assert run.damaged.startswith("could not be opened: FileNotFoundError")
+    assert run.damaged.startswith("nothing could be read (FileNotFoundError")
     assert not paths(tmp_path, "vanished-000000", "metadata")[0].exists()
+
+
+def test_only_urls_with_a_record_are_checked_and_a_failed_check_keeps_them(world, tmp_path):
+    """A URL's identity is read when its captioning starts, and on later runs only for shards with a record;
+    one that cannot be read then (a presigned URL refusing HEAD, a 5xx) leaves the shard as it is, with a line."""
+    logs = []
+    with serve(world / "shapes") as (base, handler):
+        relabel(f"{base}/shapes-000001.tar", tmp_path / "web", _cfg(decode_workers=0), log=lambda m: None)
+        assert [r["__key__"] for r in _rows(tmp_path / "web" / "shapes-000001.metadata.jsonl")] == \
+            _keys(world / "shapes" / "shapes-000001.tar")
+        assert json.loads((tmp_path / "web" / ".shapes-000001.metadata.input.json").read_text())["url"] == \
+            f"{base}/shapes-000001.tar"
+        handler.head = 403
+        before = {p.name: p.read_bytes() for p in (tmp_path / "web").iterdir()}
+        res = relabel(f"{base}/shapes-000001.tar", tmp_path / "web", _cfg(decode_workers=0), log=logs.append)
+        assert res.runs == [] and logs[0].startswith(
+            f"shapes-000001: cannot check its input ({base}/shapes-000001.tar: cannot reach the shard (HTTPError: "
+            "HTTP Error 403") and logs[0].endswith("; left as it is")
+        assert {p.name: p.read_bytes() for p in (tmp_path / "web").iterdir() if "summary" not in p.name} == \
+            {k: v for k, v in before.items() if "summary" not in k}
+        got = relabel(f"{base}/shapes-000002.tar", tmp_path / "get-only", _cfg(decode_workers=0), log=lambda m: None)
+        assert [(r.name, r.done, r.damaged) for r in got.runs] == [("shapes-000002", 16, "")]
 
 
 def test_a_bad_rank_is_one_line(world, tmp_path, monkeypatch):

@@ -248,13 +248,15 @@ def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_p
         assert not (tmp_path / run).exists(), run
 
 
-def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(straight, tmp_path, capsys):
+def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(straight, cache, tmp_path, capsys):
     from pixart.cli.main import main
+    from pixart.data.manifest import Manifest
     from pixart.encoders import make_tiny_t5
 
     ckpt = straight / "checkpoints" / "step-000006"
     enc = json.loads((ckpt / "encoders.json").read_text())
     assert enc["image_encoder"] == "pixel:4" and enc["text_encoder"].endswith("t5")
+    assert enc["dtype"] == Manifest.load(cache / "feats").dtype  # the text features' dtype, for sampling on a GPU
     assert json.loads((ckpt / "diffusion.json").read_text()) == {"prediction_type": "v_prediction"}
     make_tiny_t5(tmp_path / "t5-16", d_model=16)
     out = tmp_path / "grid.png"
@@ -269,7 +271,8 @@ def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(str
     assert main(["sample", str(latest), "--prompt", "a red circle", "--steps", "2", "--out", str(jpg)]) == 0
     assert "EMA weights" in capsys.readouterr().out and Image.open(jpg).format == "JPEG"
     assert sorted(p.name for p in tmp_path.glob("grid*")) == ["grid.jpg", "grid.png"]  # no temp file left
-    for bad, message in ((tmp_path, "is a folder; name the image file"), (tmp_path / "grid.txt", "not an image file")):
+    for bad, message in ((tmp_path, "is a folder; name the image file"), (tmp_path / "grid.txt", "not an image file"),
+                         (tmp_path / "no" / "g.png", f"{tmp_path / 'no'} is not a folder this user can write in")):
         assert main(["sample", str(ckpt), "--prompt", "x", "--out", str(bad)]) == 2
         assert message in capsys.readouterr().err
     # the wrong kind of conditioning, and a latent size that cannot be, are refused, not drawn
@@ -278,7 +281,7 @@ def test_sample_draws_a_grid_from_a_trained_checkpoint_with_its_own_encoders(str
                           (["--prompt", "x", "--steps", "2000"], "--steps 2000: give 1 to 1000"),
                           (["--prompt", "x", "--cfg", "nan"], "--cfg nan: give a finite scale"),
                           (["--prompt", "x", "--tau", "0"], "--tau 0.0: the gate's temperature must be positive"),
-                          (["--prompt", "x", "--device", "foo"], "--device 'foo': use cpu, cuda or cuda:N"),
+                          (["--prompt", "x", "--device", "foo"], "--device .foo.: not a device"),
                           (["--prompt", "x", "--vae", "pixel:8"], "VAE pixel:8 has 192 latent channels; the model "
                                                                   "takes in_channels=48"),
                           (["--prompt", "x", "--text-encoder", str(tmp_path / "t5-16")],

@@ -50,9 +50,10 @@ class CaptionerConfig:
             raise PixArtError(f"--min-pixels {low} is above --max-pixels {high}")
 
     def settings(self) -> dict:
-        """What shapes the captions, as a job records it so that a rerun into its output cannot mix others
-        (not batch size, workers or device): a local model as its absolute path, a hub id as given. The
-        metadata captioners read only the seed."""
+        """What shapes the captions, as a job records it so that a rerun into its output cannot mix others: a
+        local model as its absolute path, a hub id as given. Not how they are computed (device, dtype, batch
+        size, workers, backend): dtype's default follows the device, and a GPU job may resume on a CPU node.
+        The metadata captioners read only the seed."""
         if self.name in METADATA_NAMES:
             return {"captioner": self.name, "seed": self.seed}
         model = self.model
@@ -61,7 +62,7 @@ class CaptionerConfig:
         prompt = PIXART_PROMPT if self.prompt is None and self.name in VLM_NAMES else self.prompt
         return {"captioner": self.name, "model": model, "prompt": prompt, "max_new_tokens": self.max_new_tokens,
                 "image_size": self.image_size, "seed": self.seed, "min_pixels": self.min_pixels,
-                "max_pixels": self.max_pixels, "dtype": self.dtype}
+                "max_pixels": self.max_pixels}
 
 
 class Captioner(Protocol):

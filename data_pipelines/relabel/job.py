@@ -12,10 +12,11 @@ A line is {"__key__", "caption" (null when failed), "model", "prompt", "status":
 counts a failed sample as one without that caption. Input shards are only read.
 
 Every run first compares its settings with NAME-job.json (a mismatch is refused: captions never mix),
-then forgets this rank's shards whose input changed since (regenerated under the same name). A rerun
+then forgets this rank's shards whose input changed since (regenerated under the same name; a local input
+now shorter, a copy in progress, or a URL that cannot be checked, is left as it is). A rerun
 reads the partial (a torn last line is cut off), skips the keys it holds, and finishes the shard;
 finished shards are not touched. An input tar that breaks off early is not finished: its partial
-stays and a rerun retries it, unless `accept_damaged`; one that could not be opened is never
+stays and a rerun retries it, unless `accept_damaged`; one of which nothing could be read is never
 finished. A captioner that raises on every sample of a batch stops the job (a rerun resumes).
 Shard i goes to global worker i % (WORLD_SIZE * workers), worker RANK * workers + j, so no two
 workers caption one shard; an exclusive POSIX record lock (lockf, not inherited by forked
@@ -25,11 +26,11 @@ wait on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
 import functools
-import hashlib
 import importlib
 import inspect
 import json
@@ -49,6 +50,7 @@ from data_pipelines.relabel import quality
 from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner
 from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
 from pixart.atomic import atomic_write
+from pixart.data.manifest import file_sha256
 from pixart.data.shards import check_unique_names, input_id, input_record, rank_and_world, resolve_shards, same_input
 from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
 from pixart.errors import PixArtError
@@ -226,7 +228,7 @@ def _shard_items(url: str, done: frozenset, image_size: int | None, worker: int 
             else _decode(sample, image_size)
         yield {**item, "pos": pos, "txt": txt}
     if damage.error and worker == 0:  # every worker saw it; one reports it
-        yield {"__damage__": damage.reason(), "opened": damage.opened}
+        yield {"__damage__": damage.reason()}
 
 
 def _keep(item):
@@ -323,7 +325,7 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
                   progress: Callable[[int], None] = lambda n: None) -> ShardRun | None:
     """Caption one shard's missing keys into its partial file, then write the finished file. None when
     another worker or run finished it first. A damaged input tar leaves the partial (ShardRun.damaged)
-    unless cfg.accept_damaged; one that could not be opened always does."""
+    unless cfg.accept_damaged; one of which nothing could be read always does."""
     cap = label(cfg.captioner.name)
     final, partial, stats_path = paths(out, name, cap)
     if final.exists():  # a kill between the final rename and removing the partial leaves one
@@ -362,10 +364,9 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
             batch.clear()
 
         image_size = getattr(captioner, "image_size", None)
-        opened = True
         for item in _loader(url, frozenset(rows), image_size, cfg):
             if "__damage__" in item:
-                stats.damaged, opened = item["__damage__"], item["opened"]
+                stats.damaged = item["__damage__"]
                 continue
             key = item["__key__"]
             if key in order:  # a key twice in one shard: the first sample wins
@@ -385,7 +386,7 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
         if batch:
             flush()
         run.visual_tokens = _take_visual_tokens(captioner)
-        if stats.damaged and not (cfg.accept_damaged and opened):  # the partial stays: a rerun retries the shard
+        if stats.damaged and not (cfg.accept_damaged and order):  # the partial stays: a rerun retries the shard
             run.damaged = stats.damaged
             return run
         keys = sorted(order, key=order.get)
@@ -523,44 +524,66 @@ def _check_settings(out: Path, cap: str, settings: dict) -> bool:
     return True
 
 
-def _forget_if_input_changed(out: Path, name: str, url: str, cap: str, now: dict,
-                             log: Callable[[str], None]) -> None:
-    """Forget a finished or partial shard whose input is not the one it was captioned from (regenerated under
-    the same name), so it is captioned again. Shards without a record (older outputs) are trusted."""
-    record = input_path(out, name, cap)
+def _read_record(path: Path) -> dict | None:
+    """An input record (`input_path`), or None when there is none (an older output) or it is unreadable."""
     try:
-        was = json.loads(record.read_text())
+        was = json.loads(path.read_text())
     except (OSError, ValueError):
-        return
-    if not isinstance(was, dict):
-        return
+        return None
+    return was if isinstance(was, dict) else None
+
+
+def _forget_if_input_changed(out: Path, name: str, url: str, cap: str, log: Callable[[str], None]) -> bool:
+    """Forget a finished or partial shard whose input is not the one it was captioned from (regenerated under
+    the same name), so it is captioned again. Shards without a record (older outputs, or not started) are not
+    checked; a shard whose input cannot be checked now (a URL that fails, a HEAD refused on a presigned URL) or
+    is shorter than it was (a copy in progress) is kept: captions are expensive to redo. False when this run
+    must leave the shard alone (the shorter copy)."""
+    record = input_path(out, name, cap)
+    was = _read_record(record)
+    if was is None:
+        return True
+    try:
+        now = input_id(url)
+    except (OSError, PixArtError) as e:
+        log(f"{name}: cannot check its input ({e}); left as it is")
+        return True
+    if os.path.isfile(url) and isinstance(was.get("bytes"), int) and now["bytes"] < was["bytes"]:
+        log(f"{name}: its input is shorter than when it was captioned (a copy in progress?); left as it is")
+        return False
     final, partial, stats = paths(out, name, cap)
     same = same_input(was, url, now)
     if same is None and not final.exists() and _grew_from(was, url):
         same = input_record(url)  # a cut copy since completed: the samples captioned from it are the same
-    if same == was:
-        return
-    if same is not None:  # the same samples: only the mtime changed, or the tar was completed
-        atomic_write(record, json.dumps(same))
-        return
+    if same is not None:
+        if same != was:  # the same samples: only the mtime changed, or the tar was completed
+            atomic_write(record, json.dumps(same))
+        return True
     with open(partial, "a+b") as f:
         _lock(f, partial.name, log)  # not while another process captions it
+        if _read_record(record) != was:  # another process forgot it meanwhile, and may have captioned it anew
+            if final.exists():
+                partial.unlink(missing_ok=True)  # the empty one opening it made
+            return True
         for p in (final, stats, record, partial):
             p.unlink(missing_ok=True)
     log(f"{name}: its input {url} changed since it was captioned; captioning it again")
+    return True
 
 
 def _grew_from(was: dict, url: str) -> bool:
     """A local input that now begins with the bytes it had (a cut copy, since completed)."""
     size, digest = was.get("bytes"), was.get("sha256")
-    if not isinstance(size, int) or not digest or not os.path.isfile(url) or os.path.getsize(url) < size:
-        return False
-    h = hashlib.sha256()
-    with open(url, "rb") as f:
-        while size > 0 and (block := f.read(min(size, 1 << 20))):
-            h.update(block)
-            size -= len(block)
-    return size == 0 and h.hexdigest() == digest
+    return isinstance(size, int) and bool(digest) and os.path.isfile(url) and file_sha256(url, limit=size) == digest
+
+
+def _remove_if_only_the_record(out: Path, cap: str) -> None:
+    """After an error in a run that made `out` (a model that would not load): leave no --out behind that holds
+    only the job record. Best effort: the error that brought us here is the one to report."""
+    with contextlib.suppress(OSError):
+        if all(p == job_path(out, cap) for p in out.iterdir()):
+            job_path(out, cap).unlink(missing_ok=True)
+            out.rmdir()
 
 
 def _load_stats(path: Path) -> ShardStats | None:
@@ -605,13 +628,11 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     settings = cfg.captioner.settings()
     recorded = _check_settings(out, cap, settings)
     mine = sorted(i for js in assign(len(urls), rank, world, cfg.workers) for i in js)
-    now = {i: input_id(urls[i]) for i in mine}  # a shard that cannot be reached is one line here, before any work
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if not recorded and not any(out.glob(f"*.{cap}.jsonl")) and not any(out.glob(f".*.{cap}.jsonl.partial")):
         atomic_write(job_path(out, cap), json.dumps(settings, indent=1) + "\n")  # a new output: record them
-    for i in mine:
-        _forget_if_input_changed(out, names[i], urls[i], cap, now[i], log)
+    usable = {i for i in mine if _forget_if_input_changed(out, names[i], urls[i], cap, log)}
 
     def finished(name: str) -> bool:
         return paths(out, name, cap)[0].exists()
@@ -620,12 +641,14 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
         final, partial, _ = paths(out, name, cap)
         return not final.exists() or partial.exists()
 
-    todo = [[(urls[i], names[i]) for i in mine if todo_(names[i])] for mine in assign(len(urls), rank, world,
-                                                                                       cfg.workers)]
+    todo = [[(urls[i], names[i]) for i in js if i in usable and todo_(names[i])]
+            for js in assign(len(urls), rank, world, cfg.workers)]
     n_todo, runs = sum(map(len, todo)), []
     if not n_todo:
         left = sum(not finished(n) for n in names)
-        log(f"all {len(urls)} shards already captioned by {cap}; nothing to do" if not left else
+        held = sum(not finished(names[i]) for i in set(mine) - usable)  # unfinished, left alone this run
+        log(f"rank {rank}: nothing to do now; {held} of its unfinished shards left as they are" if held else
+            f"all {len(urls)} shards already captioned by {cap}; nothing to do" if not left else
             f"rank {rank}: its shards are already captioned by {cap} ({left} of other ranks remain); nothing to do")
     else:
         bar = tqdm(desc=f"relabel {cap}: {n_todo} shards", unit="caption", disable=not cfg.progress)
@@ -641,9 +664,8 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
             else:
                 runs = _run_workers(todo, out, cfg, bar)
         except BaseException:
-            if created and all(p == job_path(out, cap) for p in out.iterdir()):  # a model that would not load:
-                job_path(out, cap).unlink(missing_ok=True)  # leave no --out behind that holds only the record
-                out.rmdir()
+            if created:
+                _remove_if_only_the_record(out, cap)
             raise
         finally:
             bar.close()

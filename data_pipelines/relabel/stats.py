@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pixart.data.tars import NOTHING_READ
+
 STOPWORDS = frozenset("""
 a an the and or but nor of in on at to from by for with without into onto over under above below
 near beside between behind against along across through about as than then so such
@@ -176,7 +178,8 @@ def format_summary(s: dict) -> str:
     if s["shards"]["damaged"]:
         d = s["shards"]["damaged"]
         lines.append(f"{len(d)} shard{'s' * (len(d) != 1)} damaged: " + ", ".join(f"{k} ({v})" for k, v in d.items())
-                     + "; rerun to retry, or --accept-damaged to keep what was read")
+                     + "; rerun to retry" + (", or --accept-damaged to keep what was read"
+                                             if any(not v.startswith(NOTHING_READ) for v in d.values()) else ""))
     if s["shards"].get("damaged_kept"):
         lines.append("damaged input shards kept as read (--accept-damaged): "
                      + ", ".join(f"{k} ({v})" for k, v in s["shards"]["damaged_kept"].items()))

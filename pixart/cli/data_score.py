@@ -48,4 +48,4 @@ def run(args) -> None:
     broken = [r for r in s.shards if r.error]
     print(f"{s.samples} samples scored in {len(s.shards)} shards, {s.skipped} skipped (unreadable); "
           f"kept {s.kept} ({s.kept_fraction:.1%}) at {args.scorer} >= {threshold}" +
-          (f"; {len(broken)} shards broke off early: {', '.join(r.name for r in broken)}" if broken else ""))
+          (f"; {len(broken)} shards damaged: {', '.join(r.name for r in broken)}" if broken else ""))

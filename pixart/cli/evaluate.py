@@ -44,7 +44,7 @@ def run(args) -> None:
             if args.limit and len(specs) >= args.limit:
                 break
         if damage.error:
-            print(f"eval: {url}: damaged after {damage.after} samples ({damage.error})")
+            print(f"eval: {url}: damaged: {damage.reason()}")
     if not specs:
         raise PixArtError(f"{' '.join(args.shards)}: no images with a KEY.json scene spec to judge")
     judge = Judge.load_or_train()

@@ -75,7 +75,7 @@ def run(args) -> None:
     if vae is None or (model.config.arch == "pixart" and text is None):
         raise PixArtError(f"{ckpt}: no {ENCODERS_FILE} names the encoders; pass --text-encoder and --vae")
     encoders = {"text_encoder": text, "max_length": enc.get("max_length") or 120, "vae": vae,
-                "dtype": "fp32" if device == "cpu" else "bf16"}  # bf16 is ~100x slower than fp32 on AVX2 CPUs
+                "dtype": "fp32" if device == "cpu" else enc.get("dtype", "bf16")}  # bf16 crawls on AVX2 CPUs
     student = load_student(ckpt)
     cfg = parse_config({"data": {"shards": "-"}, "encoders": encoders,
                         "diffusion": {"prediction": load_prediction_type(ckpt)},
@@ -103,6 +103,7 @@ def run(args) -> None:
 def check_args(args) -> None:
     """What the flags alone can get wrong, before a model loads."""
     import math
+    import os
     from pathlib import Path
 
     from PIL import Image
@@ -113,6 +114,9 @@ def check_args(args) -> None:
         raise PixArtError(f"--out {args.out} is a folder; name the image file, e.g. {Path(args.out) / 'samples.png'}")
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise PixArtError(f"--out {args.out}: not an image file name (.png, .jpg, .webp, ...)")
+    folder = Path(args.out).absolute().parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):  # found now, not after the sampling
+        raise PixArtError(f"--out {args.out}: {folder} is not a folder this user can write in")
     if not args.prompt and not args.label:
         raise PixArtError("give at least one --prompt (or --label for a class-conditional DiT)")
     if not 1 <= args.steps <= 1000:

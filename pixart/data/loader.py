@@ -119,6 +119,18 @@ def _caption_mix(caption: str | dict[str, float]) -> dict[str, float]:
     return {k: p for k, p in mix.items() if p > 0}
 
 
+def _check_caption_sources(caption, sources: list[str], folder: str) -> None:
+    """A folder must hold some source of the caption mix (each sample draws among the sources it has), else
+    every sample would be skipped and the loader would starve epochs later; a missing few are a warning."""
+    mix = _caption_mix(caption)
+    absent = [s for s in mix if s not in sources]
+    if len(absent) == len(mix):
+        raise PixArtError(f"data.caption: none of {list(mix)} is in {folder} (its features hold captions {sources})")
+    if absent:
+        log.warning("%s: caption sources %s are not in its features (%s): its samples draw among the others",
+                    folder, absent, sources)
+
+
 def _remapped(counts: dict, remap: dict[str, str]) -> dict:
     out: dict = {}
     for b, n in counts.items():
@@ -209,10 +221,7 @@ class Loader:
                             folder or "pipe: shards")
                 continue
             m.check(self.config.expected or {}, folder)
-            absent = [s for s in _caption_mix(self.config.caption) if s not in m.caption_sources]
-            if absent:  # else every sample would be skipped, and the loader would starve epochs later
-                raise PixArtError(f"data.caption: source {absent[0]!r} is not in {folder} (its features hold "
-                                  f"captions {m.caption_sources})")
+            _check_caption_sources(self.config.caption, m.caption_sources, folder)
         same = ("text_dim", "latent_channels", "scaling_factor", "shift_factor")
         known = [(f, m) for f, m in found.items() if m is not None]
         for f, m in known[1:]:

@@ -30,11 +30,13 @@ CHECKED = ("image_encoder", "image_encoder_hash", "text_encoder", "text_encoder_
 SETTINGS = CHECKED + ("batch_size",)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
+    """The file's sha256; with `limit`, of its first `limit` bytes (does a grown file begin with the old one?)."""
+    h, left = hashlib.sha256(), float("inf") if limit is None else limit
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while left > 0 and (block := f.read(int(min(left, 1 << 20)))):
             h.update(block)
+            left -= len(block)
     return h.hexdigest()
 
 

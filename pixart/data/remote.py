@@ -300,7 +300,9 @@ def remote_identity(url: str) -> dict:
             info = fs.info(path)
             return _identity(url, info.get("ETag") or info.get("etag"), info.get("size"),
                              info.get("LastModified") or info.get("mtime"))
-    except (OSError, ImportError, http.client.HTTPException) as e:  # HTTPError, URLError, timeouts, no s3fs
+    except ImportError as e:  # fsspec names the package: "Install s3fs to access S3"
+        raise PixArtError(f"{url}: {e}") from None
+    except (OSError, http.client.HTTPException) as e:  # HTTPError, URLError, timeouts
         raise PixArtError(f"{url}: cannot reach the shard ({type(e).__name__}: {e})") from None
     return {"url": url}
 

@@ -29,12 +29,11 @@ DUPLICATE = "__duplicate__"  # a sample holding two members of one name: which o
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
-def read_tar(url: str, on_error=None, stream=None) -> Iterator[dict]:
-    """Samples of one tar (or of `stream`, the tar already opened), in file order. Damage ends the
-    shard and calls on_error(url, exc)."""
+def read_tar(url: str, on_error=None) -> Iterator[dict]:
+    """Samples of one tar, in file order. Damage ends the shard and calls on_error(url, exc)."""
     sample: dict | None = None
     try:
-        stream = open_shard(url) if stream is None else stream
+        stream = open_shard(url)
         seekable = getattr(stream, "seekable", lambda: False)()  # local files: ~8x faster than stream mode
         mode = "r:*" if seekable else "r|*"
         if not seekable and is_plain_tar(stream):  # http(s): read in file mode too, without seeking back
@@ -115,19 +114,20 @@ def decode_image(sample: dict):
         raise ValueError(stable_reason(f"bad image: {type(e).__name__}: {e}")) from None
 
 
+NOTHING_READ = "nothing could be read"
+
+
 @dataclass
 class TarDamage:
-    """Why reading stopped early; `after` is how many whole samples came out first. `opened` is False when
-    the shard could not even be opened (missing file, HTTP 404, refused): nothing of it was read, so a job
-    never finishes it as if it were a tar that broke off."""
+    """Why reading stopped early; `after` is how many whole samples came out first. With `after` 0 nothing of
+    the shard was read (missing, HTTP 404, a failed `pipe:` command, an empty or garbage file): a job never
+    finishes it, not even with --accept-damaged, as an empty shard would hide the loss."""
     error: str = ""
     after: int = 0
-    opened: bool = True
 
     def reason(self) -> str:
         """One line for a job's report."""
-        return stable_reason(f"could not be opened: {self.error}" if not self.opened
-                             else f"{self.error}, after {self.after} samples")
+        return f"{NOTHING_READ} ({self.error})" if not self.after else f"{self.error}, after {self.after} samples"
 
 
 def iter_samples(url: str, damage: TarDamage | None = None) -> Iterator[dict]:
@@ -138,14 +138,7 @@ def iter_samples(url: str, damage: TarDamage | None = None) -> Iterator[dict]:
         if damage is not None:
             damage.error, damage.after = stable_reason(f"{type(exc).__name__}: {exc}".strip(": ")), count  # one line
 
-    try:
-        stream = open_shard(url)
-    except Exception as e:  # missing, refused, HTTP 404: not a tar that broke off
-        if damage is not None:
-            damage.opened = False
-        on_error(url, e)
-        return
-    for sample in read_tar(url, on_error, stream):
+    for sample in read_tar(url, on_error):
         count += 1
         yield sample
 

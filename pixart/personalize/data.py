@@ -140,7 +140,7 @@ def read_shards(spec: str) -> list[ConceptImage]:
             except (PixArtError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
                 print(f"warning: {url}: skipped {sample['__key__']} ({stable_reason(f'{type(e).__name__}: {e}')})")
         if damage.error:
-            print(f"warning: {url}: {damage.error} (kept the {damage.after} samples before it)")
+            print(f"warning: {url}: {damage.reason()}")
     return out
 
 

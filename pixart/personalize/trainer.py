@@ -274,7 +274,7 @@ class ConceptTrainer:
         return {"data": data_identity(c.data), "covariance": c.covariance, "batch": c.batch,
                 "lr_value": c.lr_value, "lr_embedding": c.lr_embedding, "beta": c.beta, "tau": c.tau,
                 "input_decay": c.input_decay, "mask_floor": c.mask_floor, "timesteps": c.timesteps, "seed": c.seed,
-                "ema": c.ema}
+                "ema": c.ema, "device": torch.device(c.device).type}  # the latents' noise is drawn on it
 
     def _save_state(self, path: Path, concept: Concept, opt, step: int, history: list, seconds: float) -> None:
         tensors = {k: getattr(concept, k).detach().cpu().contiguous()

@@ -339,6 +339,7 @@ def encoders_record(cfg, manifest) -> dict:
     m, e = manifest, cfg.encoders
     return {"text_encoder": e.text_encoder or (m.text_encoder if m else None),
             "max_length": e.max_length if e.text_encoder or not m else m.max_length,
+            "dtype": e.dtype if e.text_encoder or not m else m.dtype,  # of the text features it learned from
             "image_encoder": e.vae or (m.image_encoder if m else None),
             "scaling_factor": m.scaling_factor if m and not e.vae else None}
 
