@@ -20,6 +20,7 @@ import webdataset as wds
 from data_pipelines.relabel.captioner import CaptionerConfig
 from data_pipelines.relabel.job import Batcher, RelabelConfig, _loader, _lock, assign, caption_shard, paths, relabel
 from data_pipelines.relabel.metadata import MetadataCaptioner
+from data_pipelines.relabel.quality import QualityConfig
 from data_pipelines.shapes import ShapesConfig, make_sample, write_shapes
 from pixart.errors import PixArtError
 
@@ -489,21 +490,22 @@ def test_the_settings_that_shape_captions_are_checked_on_every_run(world, tmp_pa
     monkeypatch.chdir(tmp_path)
     out, name = tmp_path / "out", "tests.test_relabel_job:counting"
 
-    def cfg(**kw):
+    def cfg(max_words=150, **kw):
         return RelabelConfig(CaptionerConfig(name, **{"model": str(tmp_path / "ckpt"), "prompt": "describe", **kw}),
-                             batch_size=4, decode_workers=0, progress=False)
+                             batch_size=4, decode_workers=0, progress=False, quality=QualityConfig(max_words))
 
     relabel([world / "shapes" / "shapes-000000.tar", world / "bad" / "cut-000000.tar"], out, cfg(),
             log=lambda m: None)
     record = json.loads((out / "counting-job.json").read_text())
     assert record == {"captioner": name, "model": str(tmp_path / "ckpt"), "prompt": "describe", "max_new_tokens": 160,
-                      "image_size": None, "seed": 0, "min_pixels": None, "max_pixels": None}
+                      "image_size": None, "seed": 0, "min_pixels": None, "max_pixels": None, "max_words": 150}
     before, loads = {p.name: p.read_bytes() for p in out.iterdir()}, counting.loads
     for kw, said in (({"seed": 1}, "--seed 0 (this run: 1)"),
                      ({"prompt": "say"}, "--prompt 'describe' (this run: 'say')"),
                      ({"max_new_tokens": 32, "image_size": 64},
                       "--max-new-tokens 160 (this run: 32), --image-size None (this run: 64)"),
-                     ({"model": "org/other"}, f"--model '{tmp_path / 'ckpt'}' (this run: 'org/other')")):
+                     ({"model": "org/other"}, f"--model '{tmp_path / 'ckpt'}' (this run: 'org/other')"),
+                     ({"max_words": 40}, "--max-words 150 (this run: 40)")):
         with pytest.raises(PixArtError, match=r"^" + re.escape(f"{out}: its counting captions were made with {said}; ")
                            + r".*use another --out$"):
             relabel(world / "shapes" / "shapes-000000.tar", out, cfg(**kw), log=lambda m: None)

@@ -625,7 +625,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     names = check_unique_names(urls)
     check_captioner(cfg.captioner)
     out, cap = Path(out), label(cfg.captioner.name)
-    settings = cfg.captioner.settings()
+    settings = {**cfg.captioner.settings(), "max_words": cfg.quality.max_words}  # which captions are rejected
     recorded = _check_settings(out, cap, settings)
     mine = sorted(i for js in assign(len(urls), rank, world, cfg.workers) for i in js)
     created = not out.exists()
