@@ -141,3 +141,13 @@ def test_the_caption_corpus_reads_one_captioners_files_by_glob(tmp_path):
     assert sorted(read_captions(str(tmp_path))) == ["a dense caption of a red circle", "red circle"]
     with pytest.raises(PixArtError, match=r"--captions .*\*.llava.jsonl: no such file or folder"):
         read_captions(str(tmp_path / "*.llava.jsonl"))
+
+
+def test_a_caption_that_does_not_name_the_concept_is_replaced_and_said(tiny_concept_setup, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_concept_setup / "images", images)
+    (images / "1.txt").write_text("a photo of a circle in the center")  # the user forgot the concept's word
+    trainer = ConceptTrainer(_cfg(tiny_concept_setup, tmp_path, data=str(images), steps=1))
+    assert "personalize: 1 of 3 captions do not name 'zork'; a template that does replaces each" in \
+        capsys.readouterr().out
+    assert sum("zork" in c for c in trainer.captions) == 3

@@ -146,6 +146,10 @@ class ConceptTrainer:
         side = self.model.config.input_size * decoder.downsample_factor
         self.latents, self.masks = self._encode_images(decoder, side)
         self.captions = [caption_for(item, cfg.concept, i) for i, item in enumerate(self.items)]
+        unnamed = sum(1 for it, c in zip(self.items, self.captions, strict=True) if it.caption and it.caption != c)
+        if unnamed:  # the user wrote them: say why they are not what trains
+            print(f"personalize: {unnamed} of {len(self.items)} captions do not name {cfg.concept!r}; a template "
+                  "that does replaces each")
         self.super_captions = [as_super(caption, {cfg.concept: cfg.super_word}) for caption in self.captions]
 
     @torch.no_grad()
