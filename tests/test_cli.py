@@ -230,3 +230,39 @@ def test_ctrl_c_is_one_line_and_a_subcommand_names_itself(tmp_path, monkeypatch,
     assert capsys.readouterr().err.strip() == "pixart data shapes: interrupted; rerun the same command to go on"
     assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--count", "0"]) == 2
     assert capsys.readouterr().err.startswith("pixart data shapes: error: --count must be at least 1")
+
+
+@pytest.mark.parametrize("error, shown", [
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:6123"),
+     "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"),
+    (torch.distributed.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//cpu//0"),
+     "DistStoreError: wait timeout after 600000ms"),
+    (torch.distributed.DistNetworkError("The client socket has failed to connect to node0:29500"),
+     "DistNetworkError: The client socket has failed to connect"),
+])
+def test_a_peer_lost_outside_the_training_loop_is_one_line(monkeypatch, capsys, error, shown):
+    """Set-up (the loader's first broadcast, the store's rendezvous) and teardown run outside the loop's guard:
+    a communication failure there is still one line naming the rank, not gloo's traceback."""
+    from pixart.cli import launch
+
+    def lost(args):
+        raise error
+
+    monkeypatch.setattr(launch, "run", lost)
+    monkeypatch.setenv("RANK", "1")  # the launcher's, when the group is not (or no longer) formed
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 1
+    assert main(["launch", "recipe.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pixart launch: error: rank {rank}: another rank or node was lost or never joined ({shown}")
+    assert err.endswith("rerun every node's command to resume from the last checkpoint") and "\n" not in err
+
+
+def test_other_runtime_errors_still_show_their_traceback(monkeypatch):
+    from pixart.cli import launch
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(launch, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["launch", "recipe.yaml"])

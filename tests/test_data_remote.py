@@ -19,6 +19,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     number, sends only that many bytes of its body and drops the connection."""
 
     cuts: list = []
+    statuses: list = []  # each request pops one entry and, when it is a number, answers that error status
 
     def log_message(self, *args):
         pass
@@ -27,6 +28,9 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self.do_GET(head=True)
 
     def do_GET(self, head=False):
+        if self.statuses and (status := self.statuses.pop(0)):
+            self.send_error(status)
+            return
         path = self.translate_path(self.path)
         try:
             data = open(path, "rb").read()
@@ -58,11 +62,15 @@ def server(tmp_path):
     from data_pipelines.shapes import write_shapes
 
     write_shapes(tmp_path / "shards", 24, seed=0, resolution=32, shard_size=12, workers=1)
-    RangeHandler.cuts = []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(tmp_path / "shards")))
+    yield from _serve(tmp_path / "shards")
+
+
+def _serve(folder):
+    RangeHandler.cuts, RangeHandler.statuses = [], []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(folder)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", tmp_path / "shards"
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
     httpd.shutdown()
 
 
@@ -254,3 +262,174 @@ def test_the_shard_cache_fills_once_then_serves_and_stays_bounded(server, tmp_pa
     monkeypatch.setattr(remote, "remote_identity", lambda u: {"url": u, "etag": "new"})
     _keys(url)
     assert all(not p.name.startswith(".") for p in cache.iterdir())
+
+
+@pytest.fixture
+def feature_server(tmp_path, tiny_feature_cache):
+    """The tiny feature cache served over HTTP as BASE/feats/, its manifest given a latent scale and shift (the pixel
+    autoencoder's are 1 and 0, which a loader that never read the manifest would use too)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_feature_cache / "feats", tmp_path / "www" / "feats")
+    path = tmp_path / "www" / "feats" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "scaling_factor": 3.0, "shift_factor": 0.5}))
+    yield from _serve(tmp_path / "www")
+
+
+def test_a_feature_cache_over_http_is_read_with_its_manifest(feature_server, monkeypatch, caplog):
+    """Scaled and scheduled as the same cache on disk: the manifest's scale and shift, its bucket counts (no scan of
+    every shard), its manifest read once; `cache_manifest` (the trainer's encoders and checks) finds it too."""
+    import logging
+
+    import torch
+
+    from pixart.data import loader as loader_module
+    from pixart.data.loader import Loader, LoaderConfig
+    from pixart.data.manifest import Manifest
+    from pixart.train.config import parse_config
+    from pixart.train.encoders import cache_manifest
+
+    base, www = feature_server
+    local = Loader(LoaderConfig(str(www / "feats"), batch_size=4))
+    gets = []
+    monkeypatch.setattr(RangeHandler, "log_message", lambda self, fmt, *a: gets.append(a[0]) if a else None)
+    monkeypatch.setattr(loader_module, "scan_buckets", lambda *a: pytest.fail("scanned shards despite a manifest"))
+    with caplog.at_level(logging.INFO, logger="pixart.data"):
+        far = Loader(LoaderConfig(f"{base}/feats/shapes-{{000000..000003}}.tar", batch_size=4))
+    assert (far.decoder.latent_scale, far.decoder.latent_shift) == (3.0, 0.5)
+    assert (local.decoder.latent_scale, local.decoder.latent_shift) == (3.0, 0.5)
+    assert "latents enter the model as (latent - 0.5) * 3" in caplog.text and "without a manifest" not in caplog.text
+    assert far.schedule_hash == local.schedule_hash
+    assert len([g for g in gets if "manifest.json" in g]) == 1
+    a, b = next(iter(far)), next(iter(local))
+    assert a["keys"] == b["keys"] and torch.equal(a["latents"], b["latents"])
+    cfg = parse_config({"data": {"shards": f"{base}/feats/shapes-000000.tar?download=1"}}, "test")  # query: not folder
+    assert cache_manifest(cfg) == Manifest.load(www / "feats") and cache_manifest(cfg).scaling_factor == 3.0
+
+
+def test_an_incomplete_remote_cache_is_refused_as_a_local_one(feature_server):
+    import json
+
+    from pixart.data.loader import Loader, LoaderConfig
+
+    base, www = feature_server
+    path = www / "feats" / "manifest.json"
+    d = json.loads(path.read_text())
+    d["shards"][1]["complete"] = False
+    path.write_text(json.dumps(d))
+    with pytest.raises(PixArtError) as local:
+        Loader(LoaderConfig(str(www / "feats"), batch_size=4))
+    with pytest.raises(PixArtError) as far:
+        Loader(LoaderConfig(f"{base}/feats/shapes-{{000000..000003}}.tar", batch_size=4))
+    assert str(local.value) == f"{www}/feats/manifest.json is incomplete: 3 of 4 shards done; rerun extract-features " \
+                               "to finish"
+    assert str(far.value) == str(local.value).replace(str(www), base)
+
+
+def test_a_remote_manifest_is_none_only_when_missing_else_an_error_naming_it(feature_server):
+    """404: a cache without a manifest (raw shards), and 403: a manifest a presigned shard URL's signature does not
+    cover (unchecked, as the loader warns); 5xx is retried, then, like a refused connection, another status or a
+    file that is not a manifest, one line naming the manifest's URL, never taken for a missing manifest."""
+    from pixart.data.manifest import Manifest, find_manifest
+
+    base, www = feature_server
+    assert find_manifest(f"{base}/raw") is None
+    RangeHandler.statuses = [503, 503]
+    assert find_manifest(f"{base}/feats") == Manifest.load(www / "feats") and not RangeHandler.statuses
+    RangeHandler.statuses = [503] * 10
+    with pytest.raises(PixArtError, match=rf"^{base}/feats/manifest.json: cannot be read \(HTTPError: HTTP Error 503"):
+        find_manifest(f"{base}/feats")
+    assert len(RangeHandler.statuses) == 10 - 4  # the first try and remote.DEFAULT_POLICY's 3 retries
+    RangeHandler.statuses = [403, None]
+    assert find_manifest(f"{base}/feats") is None and RangeHandler.statuses == [None]  # not retried
+    RangeHandler.statuses = [400, None]
+    with pytest.raises(PixArtError, match=rf"^{base}/feats/manifest.json: cannot be read \(HTTPError: HTTP Error 400"):
+        find_manifest(f"{base}/feats")
+    assert RangeHandler.statuses == [None]  # a 400 is not retried
+    RangeHandler.statuses = []
+    with pytest.raises(PixArtError, match=r"^http://127.0.0.1:1/feats/manifest.json: cannot be read \(URLError: .*"
+                                          r"refused"):
+        find_manifest("http://127.0.0.1:1/feats")
+    (www / "feats" / "manifest.json").write_text("<html>moved</html>")
+    with pytest.raises(PixArtError, match=rf"^{base}/feats/manifest.json: not a feature manifest \("):
+        find_manifest(f"{base}/feats")
+
+
+def test_a_shard_that_cannot_be_read_is_named_not_the_text_encoder(server, tmp_path):
+    """Nothing readable in any shard was taken for raw shards, and the trainer then asked for a text encoder."""
+    import torch
+
+    from pixart.data.loader_samples import detect_kind
+    from pixart.train.config import parse_config
+    from pixart.train.trainer import build_loader
+
+    base, _ = server
+    missing = rf"^{base}/nope.tar: cannot reach the shard \(HTTPError: HTTP Error 404: Not Found\)"
+    with pytest.raises(PixArtError, match=missing + "$"):
+        detect_kind([f"{base}/nope.tar"])
+    with pytest.raises(PixArtError, match=missing + r"; no readable sample in the other 1 shard\(s\) either$"):
+        detect_kind([f"{base}/nope.tar", f"{base}/gone.tar"])
+    assert detect_kind([f"{base}/nope.tar", f"{base}/shapes-000001.tar"]) == "raw"  # one readable shard tells
+    with pytest.raises(PixArtError, match=r"^http://127.0.0.1:1/x.tar: cannot reach the shard \(URLError: .*refused"):
+        detect_kind(["http://127.0.0.1:1/x.tar"])
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(PixArtError, match=rf"^{tmp_path}/junk.tar: nothing could be read \(ReadError: "):
+        detect_kind([str(tmp_path / "junk.tar")])
+    with pytest.raises(PixArtError, match=missing):
+        build_loader(parse_config({"data": {"shards": f"{base}/nope.tar"}}, "test"), "pixart", torch.device("cpu"))
+
+
+def test_object_store_errors_are_one_line_naming_the_url(monkeypatch):
+    """botocore's errors (no credentials, no endpoint) came out as tracebacks, a missing bucket without the URL."""
+    from pixart.data.loader_samples import detect_kind
+    from pixart.data.manifest import find_manifest
+
+    exceptions = pytest.importorskip("botocore.exceptions")
+    error = exceptions.NoCredentialsError()
+
+    class Store:
+        def ls(self, path, detail=False):
+            raise error
+
+        glob = info = ls
+
+    def store_open(url, mode="rb"):
+        raise error
+
+    monkeypatch.setattr(remote.fsspec.core, "url_to_fs", lambda url: (Store(), url.split("://", 1)[1]))
+    monkeypatch.setattr(remote.fsspec, "open", store_open)
+    why = r"\(NoCredentialsError: Unable to locate credentials\)$"
+    with pytest.raises(PixArtError, match=r"^s3://bucket/sq32/: cannot list shards " + why):
+        resolve_shards("s3://bucket/sq32/")
+    with pytest.raises(PixArtError, match=r"^s3://bucket/sq32/\*.tar: cannot list shards " + why):
+        resolve_shards("s3://bucket/sq32/*.tar")
+    with pytest.raises(PixArtError, match=r"^s3://bucket/sq32/a.tar: cannot reach the shard " + why):
+        remote.remote_identity("s3://bucket/sq32/a.tar")
+    with pytest.raises(PixArtError, match=r"^s3://bucket/sq32/a.tar: cannot reach the shard " + why):
+        detect_kind(["s3://bucket/sq32/a.tar"])
+    with pytest.raises(PixArtError, match=r"^s3://bucket/sq32/manifest.json: cannot be read " + why):
+        find_manifest("s3://bucket/sq32")
+    error = exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/bucket")
+    with pytest.raises(PixArtError, match=r"^s3://bucket/sq32/: cannot list shards \(EndpointConnectionError: "
+                                          r"Could not connect to the endpoint URL: \"http://127.0.0.1:1/bucket\"\)$"):
+        resolve_shards("s3://bucket/sq32/")
+    error = FileNotFoundError("bucket/sq32/manifest.json")
+    assert find_manifest("s3://bucket/sq32") is None  # no manifest: raw shards
+
+
+def test_s3_feature_cache_is_read_with_its_manifest(s3, tiny_feature_cache):
+    import fsspec
+
+    from pixart.data.loader import Loader, LoaderConfig
+    from pixart.data.manifest import Manifest, find_manifest
+
+    fs = fsspec.filesystem("s3")
+    for p in sorted((tiny_feature_cache / "feats").glob("*.*")):
+        fs.put(str(p), f"data/feats/{p.name}")
+    assert find_manifest("s3://data/feats") == Manifest.load(tiny_feature_cache / "feats")
+    assert find_manifest("s3://data/shapes") is None
+    far = Loader(LoaderConfig("s3://data/feats/", batch_size=4))
+    assert far.schedule_hash == Loader(LoaderConfig(str(tiny_feature_cache / "feats"), batch_size=4)).schedule_hash
+    with pytest.raises(PixArtError, match=r"^s3://nowhere/feats/: cannot list shards \(\w+: "):
+        resolve_shards("s3://nowhere/feats/")

@@ -147,6 +147,27 @@ def test_the_timed_denoiser_is_the_pipelines_own_computation(demo):
                            drawer.denoise(embeds, mask, torch.Generator().manual_seed(3)))
 
 
+def test_one_dpm_solver_step_ends_at_the_models_x0(demo):
+    """shape_probe starts the teacher's DPM-Solver++ late; a start that leaves one step gives the model's own x0
+    estimate (x0 = sqrt(a) x - sqrt(1 - a) v for the demo's v-prediction), as DPM-Solver's final step to sigma 0
+    does. It had failed: DPM-Solver's step returns no pred_original_sample."""
+    import torch
+
+    from pixart.demo.drawer import Drawer
+
+    drawer = Drawer(demo / "export", 1, 1.5, [400])
+    embeds, mask = drawer.encode(["a red circle"])
+    x = torch.randn(1, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = drawer.denoise_alone(embeds, mask, x)
+        null = drawer.null[None].to(embeds.dtype)
+        uncond, cond = drawer.predict(torch.cat([x, x]), torch.tensor(400), torch.cat([null, embeds]),
+                                      torch.cat([torch.ones(1, null.shape[1]).to(mask), mask])).chunk(2)
+    a = drawer.pipe.scheduler.alphas_cumprod[400]
+    v = uncond + 1.5 * (cond - uncond)
+    torch.testing.assert_close(got, a.sqrt() * x - (1 - a).sqrt() * v, rtol=0, atol=1e-5)
+
+
 def test_the_pareto_tool_sweeps_the_demos_concept(demo):
     import subprocess
     import sys

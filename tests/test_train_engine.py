@@ -71,3 +71,28 @@ def test_a_group_of_one_does_not_build_the_shared_memory_op(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "shm op: None" in r.stdout and not any(tmp_path.iterdir())  # nothing compiled into the fresh cache
+
+
+def test_a_restarted_worker_that_cannot_join_says_to_give_each_attempt_its_own_store(monkeypatch):
+    """torchrun's shared rendezvous store hands restarted workers the old attempt's gloo addresses: instead of
+    gloo's traceback, one line naming the variable that fixes it (pytorch/pytorch#135712)."""
+    import deepspeed
+
+    from pixart.errors import PixArtError
+
+    def refused(**_):
+        raise RuntimeError("Gloo connectFullMesh failed with [../gloo/transport/tcp/pair.cc:144] Connection refused")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", refused)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    with pytest.raises(PixArtError, match=r"after a torchrun restart \(Gloo connectFullMesh failed.*\); set "
+                                          r"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        init_distributed()
+    for env, value in (("TORCHELASTIC_RESTART_COUNT", "0"), ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")):
+        monkeypatch.setenv(env, value)  # a first attempt, or a store per attempt already: gloo's own error
+        with pytest.raises(RuntimeError, match="connectFullMesh") as e:
+            init_distributed()
+        assert not isinstance(e.value, PixArtError)

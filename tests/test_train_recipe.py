@@ -59,6 +59,22 @@ def test_launch_runs_stages_in_order_and_skips_finished_ones(tiny_feature_cache,
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("skipped") == 3
     assert (run / "s2" / "checkpoints" / "step-000003" / "model.safetensors").stat().st_mtime_ns == before
+    assert json.loads((run / "s2" / "DONE.json").read_text())["model.init"] == "reparam/checkpoint"
+
+    moved = tmp_path / "moved"  # the recipe's run folder elsewhere: its steps' inputs are still theirs
+    run.rename(moved)
+    again = launch(recipe, moved)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("skipped") == 3
+
+    s1 = yaml.safe_load((tmp_path / "s1.yaml").read_text())
+    (tmp_path / "s1.yaml").write_text(yaml.safe_dump({**s1, "train": {**s1["train"], "max_steps": 3}}))
+    longer = launch(recipe, moved)  # s1 goes on to step 3: the reparameterized s1 (and s2) came from step 2
+    assert longer.returncode == 2, longer.stderr[-3000:]
+    assert longer.stderr.strip().splitlines()[-1] == (
+        f"pixart launch: error: step reparam: {moved / 'reparam'} was made from reparam.source "
+        f"s1/checkpoints/step-000002, now s1/checkpoints/step-000003; delete {moved / 'reparam'} (and the folders "
+        "of the runs made from it) to redo it from the new input, or restore the old one")
 
 
 @pytest.mark.parametrize("stages, message", [
@@ -103,9 +119,10 @@ def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path, capl
         assert not (tmp_path / "run").exists()
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": [
         *stages, {"name": "t", "config": "later.yaml"}]}))
-    step = load_recipe(tmp_path / "r.yaml").stages[-1]
+    recipe = load_recipe(tmp_path / "r.yaml")
+    step = recipe.stages[-1]
     with caplog.at_level("WARNING", logger="pixart.train"):
-        check_inputs(tmp_path / "r.yaml", step, step_config(tmp_path / "r.yaml", step, None))
+        check_inputs(tmp_path / "r.yaml", step, step_config(tmp_path / "r.yaml", recipe, step, None))
     for key, problem in (("data.shards", "shardz: no such shard"), ("data.scores_dir", "scorez: no such folder"),
                          ("model.init", "nothing: not a checkpoint folder")):
         assert re.search(f"later.yaml: {key}: .*{problem}.*; step t stops there unless it exists by then", caplog.text)
@@ -130,3 +147,60 @@ def test_shipped_xl_recipes_and_configs_are_valid():
         model = build_model("PixArt-XL/2", **stage4.model.arch)
     assert sum(p.numel() for p in model.parameters()) == 611_349_152  # PixArtMS-XL/2
     assert json.loads((ROOT / stage4.deepspeed.config).read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_a_step_made_from_another_input_is_refused_not_skipped_or_resumed(tmp_path):
+    """A finished (DONE.json) or interrupted (its latest checkpoint's trainer.json) step records the input it was
+    made from; a launch that would now hand it another one stops, naming both, instead of reusing its output."""
+    from pixart.train.recipe import Step, check_input
+
+    step = Step(name="stage3", config="s3.yaml", init="stage2")
+    out = tmp_path / "stage3"
+    out.mkdir()
+    check_input(step, out, "model.init", "stage2/checkpoints/step-000020")  # nothing recorded yet
+    (out / "DONE.json").write_text(json.dumps({"checkpoint": "x", "steps": 5}))  # recorded before inputs were
+    check_input(step, out, "model.init", "stage2/checkpoints/step-000020")
+    (out / "DONE.json").write_text(json.dumps({"checkpoint": "x", "steps": 5,
+                                               "model.init": "stage2/checkpoints/step-000010"}))
+    check_input(step, out, "model.init", "stage2/checkpoints/step-000010")
+    with pytest.raises(PixArtError, match=re.escape(
+            f"step stage3: {out} was made from model.init stage2/checkpoints/step-000010, now "
+            f"stage2/checkpoints/step-000020; delete {out}")):
+        check_input(step, out, "model.init", "stage2/checkpoints/step-000020")
+    (out / "DONE.json").unlink()  # interrupted: its latest checkpoint's record
+    ckpt = out / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-000002")
+    (ckpt / "trainer.json").write_text(json.dumps({"step": 2, "teacher.init": "stage3/checkpoints/step-000010"}))
+    with pytest.raises(PixArtError, match="was made from teacher.init stage3/checkpoints/step-000010, now /w"):
+        check_input(step, out, "teacher.init", "/w")
+
+
+def test_a_run_names_its_input_the_same_wherever_the_recipe_run_was_moved(tmp_path):
+    from pixart.train.checkpoints import started_from
+
+    for root in (tmp_path / "a", tmp_path / "b"):
+        ckpt = root / "stage2" / "checkpoints" / "step-000010"
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.json").write_text("{}")
+        (root / "stage2" / "checkpoints" / "latest").write_text("step-000010")
+        for init in (ckpt, root / "stage2" / "checkpoints" / "latest"):  # the pointer: the step it names
+            assert started_from(init, root / "stage3") == "stage2/checkpoints/step-000010"
+    outside = tmp_path / "a" / "stage2" / "checkpoints" / "step-000010"
+    assert started_from(outside, tmp_path / "b" / "runs" / "stage3") == str(outside.resolve())
+    assert started_from(None, tmp_path) is None
+
+
+def test_the_recipe_timeout_governs_each_steps_watchdog_and_a_bad_set_names_the_recipe(tmp_path):
+    """The launch's process group has the recipe's `collective_timeout_s`; each step's watchdog
+    (`train.collective_timeout_s`) gets the same. A bad key in a step's `set:` is the recipe's, not its file's."""
+    from pixart.train.recipe import step_config
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"stage": "s", "data": {"shards": "x"},
+                                                     "train": {"collective_timeout_s": 900}}))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "collective_timeout_s": 42, "stages": [
+        {"name": "s", "config": "s.yaml"}, {"name": "t", "config": "s.yaml", "set": ["optim.lrr=1"]}]}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert step_config(tmp_path / "r.yaml", recipe, recipe.stages[0], None).train.collective_timeout_s == 42
+    with pytest.raises(PixArtError, match=re.escape(f"{tmp_path / 'r.yaml'}: step t's set: optim.lrr: unknown key")):
+        step_config(tmp_path / "r.yaml", recipe, recipe.stages[1], None)

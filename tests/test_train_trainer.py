@@ -168,7 +168,9 @@ def test_a_rerun_that_cannot_resume_the_checkpoint_is_one_line_and_rewrites_noth
     for world, settings, message in (
             (2, saved, "saved at world size 1, resumed at 2"),
             (1, {**saved, "deepspeed.precision": "bf16"}, "deepspeed.precision 'fp32', this config has 'bf16'"),
-            (1, {**saved, "deepspeed.zero_stage": 3}, "saved with deepspeed.zero_stage 1, this config has 3")):
+            (1, {**saved, "deepspeed.zero_stage": 3}, "saved with deepspeed.zero_stage 1, this config has 3"),
+            (1, {**saved, "model.init": "s1/checkpoints/step-000002"},  # it started from no init: not another one
+             f"{run} was made from model.init None, now s1/checkpoints/step-000002; delete {run}")):
         with pytest.raises(PixArtError, match=re.escape(message)):
             check_resumable(run, world, settings, model)
 

@@ -11,5 +11,5 @@ from stage2_runs import main, reparam_arch
 
 if __name__ == "__main__":
     main(__doc__, "reparam", lambda demo: [
-        ("dense captions (relabeled)", ["data.caption=metadata"]),
+        ("reparameterized init", ["data.caption=metadata"]),
         ("random init", ["data.caption=metadata", "model.init=null", reparam_arch(demo)])])

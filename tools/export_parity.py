@@ -50,6 +50,9 @@ def parity(name: str, size: int, hw: tuple[int, int], depth: int = 4, cap: int =
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(2)
     print(f"{'model':14s} {'built for':>9s} {'input':>9s} {'rel. error':>11s}")
     for name, size, hw in CASES:

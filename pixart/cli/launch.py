@@ -11,11 +11,15 @@ writes RUN_DIR/<step>/. Every step's config is read before the first step trains
 not exist yet (local shards, scores, an init no step makes) are named in a warning, since they
 may be made while the first stages train. Rerun the same command after an interruption: finished
 steps are skipped and the interrupted one resumes from its last checkpoint. Under torchrun or the
-deepspeed launcher every rank runs it.
+deepspeed launcher every rank runs it (rank 0 prints). Under a recipe, every step's
+train.collective_timeout_s is the recipe's collective_timeout_s. A step whose recorded input (the
+`init` it was made from) is not the one it would get now is refused, not skipped or resumed.
 
 examples:
   pixart launch configs/pixart_xl2/recipe.yaml --run-dir runs/pixart-xl2
   torchrun --nproc_per_node 8 -m pixart launch configs/pixart_xl2/recipe.yaml
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 8 --max-restarts 3 \\
+      -m pixart launch configs/pixart_xl2/recipe.yaml
 """
 
 
@@ -33,6 +37,9 @@ def run(args) -> None:
     from pixart.train.recipe import launch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch.distributed as dist
+
     outputs = launch(args.recipe, args.run_dir)
-    for step, path in outputs.items():
-        print(f"{step}: {path}")
+    if dist.get_rank() == 0:  # under torchrun: one list, not one per rank
+        for step, path in outputs.items():
+            print(f"{step}: {path}")

@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except (PixArtError, OSError) as e:  # bad input and unwritable outputs: one line, no traceback
         print(f"pixart {name}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a peer lost outside the training loop (whose own guard names the step)
+        from pixart.train.watchdog import lost_peer_line
+
+        line = lost_peer_line(e)
+        if line is None:
+            raise
+        print(f"pixart {name}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: what is written is whole, and a rerun goes on from it
         print(f"\npixart {name}: interrupted; rerun the same command to go on", file=sys.stderr)
         return 130

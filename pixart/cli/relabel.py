@@ -10,10 +10,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "relabel", help="caption shards with a captioner (metadata or a VLM) into sidecar jsonl files",
         description="Write DIR/<shard>.<captioner>.jsonl per input shard: one {__key__, caption, model, prompt, "
-        "status, reason, attempts} per sample, and DIR/<captioner>-summary.json (counts, caption length and "
-        "distinct words beside the alt-texts'). Kill it any time and run the same command again: finished "
-        "samples are kept, none is captioned twice. Shards are split over nodes by RANK/WORLD_SIZE and over "
-        "--workers local processes (shard i to worker i mod WORLD_SIZE*workers). extract-features "
+        "status, attempts} per sample (and reason on failed ones), and DIR/<captioner>-summary.json (counts, "
+        "caption length and distinct words beside the alt-texts'). Kill it any time and run the same command "
+        "again: finished samples are kept, none is captioned twice. Shards are split over nodes by RANK/WORLD_SIZE "
+        "and over --workers local processes (shard i to worker i mod WORLD_SIZE*workers). extract-features "
         "--captions NAME reads the output.")
     p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
     p.add_argument("--captioner", required=True,

@@ -7,7 +7,7 @@ EPILOG = """\
 examples:
   pixart train configs/pixart_xl2/stage2_sam256.yaml --run-dir runs/stage2
   torchrun --nproc_per_node 8 -m pixart train CONFIG --run-dir runs/stage2
-  deepspeed --num_gpus 8 -m pixart train CONFIG --run-dir runs/stage2
+  deepspeed --num_gpus 8 --module pixart train CONFIG --run-dir runs/stage2
   pixart train CONFIG --set optim.lr=1e-4 --set data.batch_size=16 --max-steps 100
 
 The run folder gets config.yaml (resolved), checkpoints/ (latest, step-N/ with config.json +

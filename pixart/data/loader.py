@@ -7,8 +7,8 @@ DataLoader workers. The rules (distribution, buckets, resume) are in `loader_str
         ...
         save_json(loader.state_dict())     # per rank; load_state_dict() resumes at that sample
 
-Feature shards are checked against their folder's `manifest.json` (complete, one VAE and text
-encoder across folders, `expected` settings); it gives the VAE's scale/shift and the per-shard
+Feature shards are checked against their folder's `manifest.json`, local or remote (complete, one VAE
+and text encoder across folders, `expected` settings); it gives the VAE's scale/shift and the per-shard
 bucket counts (else the shards are scanned). Shards without a manifest are read with a warning.
 With `scores_dir`, samples scored below `min_score` (or unscored) are skipped.
 
@@ -29,7 +29,6 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,8 +38,8 @@ from ..errors import PixArtError
 from .buckets import Table, table_for
 from .loader_samples import Decoder, Scores, detect_kind, scan_buckets, stable_seed
 from .loader_stream import BucketDataset, Plan
-from .manifest import Manifest, find_manifest
-from .shards import is_url, resolve_shards, shard_name
+from .manifest import Manifest, find_manifest, shard_folder
+from .shards import resolve_shards, shard_name
 
 log = logging.getLogger("pixart.data")
 STATE_VERSION = 1  # older states lack the schedule hash: they resume as from another setup
@@ -209,15 +208,15 @@ class Loader:
         return box[0]
 
     def _manifests(self, shards: list[str]) -> dict[str, Manifest | None]:
-        """Feature shards: each folder's manifest, checked (complete, `expected`, the caption sources
-        `caption` draws from, one encoder setup)."""
-        folders = {url: (None if url.startswith("pipe:") else url.rsplit("/", 1)[0] if is_url(url)
-                         else str(Path(url).parent)) for url in shards}
+        """Feature shards: each folder's manifest (local or http(s)/s3, read once per folder), checked (complete,
+        `expected`, the caption sources `caption` draws from, one encoder setup)."""
+        folders = {url: shard_folder(url) for url in shards}
         found: dict[str, Manifest | None] = {}
         for folder in dict.fromkeys(folders.values()):
             m = found[folder] = find_manifest(folder) if folder is not None else None
             if m is None:
-                log.warning("%s: feature shards without a manifest.json: not checked, buckets scanned",
+                log.warning("%s: feature shards without a manifest.json (or one this URL may not read): not checked, "
+                            "buckets scanned",
                             folder or "pipe: shards")
                 continue
             m.check(self.config.expected or {}, folder)

@@ -7,6 +7,7 @@ the samples read before the damage are kept, the shard is counted, the run goes 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import PixArtError
 from .buckets import Table, nearest_bucket, resize_crop
 from .schema import FEATURES_EXT, FeatureSample
-from .shards import shard_name
-from .tars import DUPLICATE, IMAGE_EXTS, decode_image, read_tar
+from .shards import is_url, shard_name
+from .tars import DUPLICATE, IMAGE_EXTS, NOTHING_READ, decode_image, read_tar, stable_reason
 
 log = logging.getLogger("pixart.data")
 
@@ -226,10 +228,23 @@ def scan_buckets(shards: list[str], decoder: Decoder, limit: int | None = None
 
 
 def detect_kind(shards: list[str]) -> str:
-    """'features' when the first sample holds a features file, else 'raw'."""
+    """'features' when the first readable sample holds a features file, else 'raw'. When no shard gives a sample,
+    a PixArtError naming the first shard and why: guessing 'raw' would blame a missing text encoder instead."""
+    errors: dict[str, Exception] = {}
     for url in shards:
-        for raw in read_tar(url):
+        for raw in read_tar(url, on_error=errors.__setitem__):
             return "features" if FEATURES_EXT in raw else "raw"
-    return "raw"
-
-
+    if not shards:
+        return "raw"
+    url, e = shards[0], errors.get(shards[0])
+    reason = stable_reason(f"{type(e).__name__}: {e}")
+    if e is None:  # a whole tar of no sample
+        why = f"{url}: no readable sample in the shard"
+    elif isinstance(e, PixArtError):  # an object store's error, already one line naming the URL
+        why = str(e)
+    elif is_url(url) and isinstance(e, (OSError, http.client.HTTPException)):  # 404, refused, timed out
+        why = f"{url}: cannot reach the shard ({reason})"
+    else:  # an empty or garbage file, a failed pipe: command
+        why = f"{url}: {NOTHING_READ} ({reason})"
+    others = f"; no readable sample in the other {len(shards) - 1} shard(s) either" if len(shards) > 1 else ""
+    raise PixArtError(why + others)

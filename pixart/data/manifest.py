@@ -5,8 +5,9 @@ of silently training on features from another encoder, resolution or dtype. It i
 atomically after every finished shard and says `complete` only when every shard is.
 
 What a loader reads: `Manifest.load(folder)` (or `find_manifest(folder)`, None when there is no
-manifest), `complete`, `scaling_factor`/`shift_factor` (model latents = (latent - shift) * scale),
-`text_dim`, `latent_channels`, and per shard `name`, `count` and `buckets` ({"HxW": samples}).
+manifest; the folder may be an http(s):// or s3:// URL), `complete`, `scaling_factor`/`shift_factor`
+(model latents = (latent - shift) * scale), `text_dim`, `latent_channels`, and per shard `name`,
+`count` and `buckets` ({"HxW": samples}).
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pixart.atomic import atomic_write
 from pixart.errors import PixArtError
+
+from .remote import is_fsspec, is_http, read_object
 
 MANIFEST = "manifest.json"
 VERSION = 2  # 2: scaling/shift factor, batch size, per-shard buckets and damage
@@ -109,9 +113,16 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Manifest:
-        path = Path(folder) / MANIFEST
+        m = find_manifest(folder)
+        if m is None:
+            raise PixArtError(f"{manifest_path(folder)}: no feature manifest; run extract-features first")
+        return m
+
+    @classmethod
+    def parse(cls, text: str | bytes, folder: str | os.PathLike) -> Manifest:
+        path = manifest_path(folder)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(text)
             if not isinstance(d, dict):
                 raise TypeError("not a JSON object")
             if d.get("version") != VERSION:
@@ -123,8 +134,6 @@ class Manifest:
             m = cls(**d)
             m.folder = str(folder)  # for messages; not saved
             return m
-        except FileNotFoundError:
-            raise PixArtError(f"{path}: no feature manifest; run extract-features first") from None
         except PixArtError:
             raise
         except (ValueError, TypeError) as e:
@@ -155,9 +164,36 @@ class Manifest:
         return self
 
 
+def is_remote(folder: str | os.PathLike) -> bool:
+    return is_http(str(folder)) or is_fsspec(str(folder))
+
+
+def manifest_path(folder: str | os.PathLike) -> str:
+    """FOLDER/manifest.json; a URL stays one (Path would fold `https://` into `https:/`)."""
+    return f"{str(folder).rstrip('/')}/{MANIFEST}" if is_remote(folder) else str(Path(folder) / MANIFEST)
+
+
+def shard_folder(url: str) -> str | None:
+    """The folder a (feature) shard's manifest lies in: a local path's parent, a URL's prefix (without its query
+    string); None for `pipe:`."""
+    if url.startswith("pipe:"):
+        return None
+    if "://" not in url:
+        return str(Path(url).parent)
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, u.netloc, u.path.rsplit("/", 1)[0], "", ""))
+
+
 def find_manifest(folder: str | os.PathLike) -> Manifest | None:
-    """The folder's manifest, or None when it has none (raw shards); a broken or old one is an error."""
-    return Manifest.load(folder) if (Path(folder) / MANIFEST).is_file() else None
+    """The folder's manifest, or None when it has none (raw shards); a broken or old one is an error. A URL folder
+    (http(s), s3, ...) is read too, so a remote cache is checked and scaled as a local one: None only when the
+    object does not exist, and a PixArtError naming the URL when it cannot be read."""
+    path = manifest_path(folder)
+    if is_remote(folder):
+        text = read_object(path)
+    else:
+        text = Path(path).read_bytes() if Path(path).is_file() else None
+    return None if text is None else Manifest.parse(text, folder)
 
 
 def _same_path(a, b) -> bool:

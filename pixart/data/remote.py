@@ -16,6 +16,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,21 +268,63 @@ def _open_remote(url: str):
     if is_http(url):
         return open_http(url)
     if is_fsspec(url):
-        return fsspec.open(url, "rb").open()
+        with object_store_errors(url, "cannot reach the shard"):
+            return fsspec.open(url, "rb").open()
     import webdataset as wds
 
     return wds.gopen(url, "rb")
 
 
-def list_shards(url: str) -> list[str]:
-    """The *.tar under an object-store prefix (`s3://bucket/prefix/`), or matching a glob, as full URLs."""
+@contextmanager
+def object_store_errors(url: str, failed: str):
+    """fsspec's and its backends' errors (botocore's NoCredentialsError, EndpointConnectionError, a missing bucket)
+    as one line naming the URL, `URL: FAILED (Class: message)`, not a traceback or a message without the URL."""
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        yield
+    except PixArtError:
+        raise
     except ImportError as e:  # fsspec names the package: "Please install s3fs to access S3"
         raise PixArtError(f"{url}: {e}") from None
-    found = fs.glob(path) if any(c in path for c in "*?[") else fs.ls(path, detail=False)
+    except Exception as e:
+        raise PixArtError(f"{url}: {failed} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def list_shards(url: str) -> list[str]:
+    """The *.tar under an object-store prefix (`s3://bucket/prefix/`), or matching a glob, as full URLs."""
+    with object_store_errors(url, "cannot list shards"):
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.glob(path) if any(c in path for c in "*?[") else fs.ls(path, detail=False)
     scheme = url.split("://", 1)[0]
     return sorted(f"{scheme}://{p}" for p in found if p.endswith(".tar"))
+
+
+def read_object(url: str, policy: RetryPolicy | None = None) -> bytes | None:
+    """A small remote file's bytes (a feature manifest), or None when it does not exist (HTTP 404 or 410, an
+    object store's FileNotFoundError) or may not be read (HTTP 401 or 403: a presigned shard URL's signature
+    covers that shard alone). HTTP 5xx is retried as a shard's reconnects are; any other failure is a
+    PixArtError naming the URL, so that an unreachable cache is not taken for one without a manifest."""
+    policy = policy or DEFAULT_POLICY
+    if is_fsspec(url):
+        with object_store_errors(url, "cannot be read"):
+            try:
+                with fsspec.open(url, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+    failures = 0
+    while True:
+        try:
+            with open_http(url, policy) as f:
+                return f.read()
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403, 404, 410):
+                return None
+            if e.code < 500 or failures >= policy.attempts:
+                raise PixArtError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
+        except (OSError, http.client.HTTPException) as e:  # unreachable, or the body broke off past its retries
+            raise PixArtError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
+        time.sleep(policy.backoff_s * 2 ** failures)
+        failures += 1
 
 
 def remote_identity(url: str) -> dict:
@@ -289,21 +332,20 @@ def remote_identity(url: str) -> dict:
     else its size and modification time; `pipe:` commands only by their text. A changed shard under the same URL
     then gets a new identity, so a feature cache re-encodes it. A shard that cannot be reached is a
     PixArtError naming the URL (urllib's "HTTP Error 404: File not found" does not)."""
-    try:
-        if is_http(url):
+    if is_http(url):
+        try:
             request = urllib.request.Request(url, method="HEAD")
             with urllib.request.urlopen(request, timeout=DEFAULT_POLICY.timeout_s) as response:
                 h = response.headers
                 return _identity(url, h.get("ETag"), h.get("Content-Length"), h.get("Last-Modified"))
-        if is_fsspec(url):
+        except (OSError, http.client.HTTPException) as e:  # HTTPError, URLError, timeouts
+            raise PixArtError(f"{url}: cannot reach the shard ({type(e).__name__}: {e})") from None
+    if is_fsspec(url):
+        with object_store_errors(url, "cannot reach the shard"):
             fs, path = fsspec.core.url_to_fs(url)
             info = fs.info(path)
-            return _identity(url, info.get("ETag") or info.get("etag"), info.get("size"),
-                             info.get("LastModified") or info.get("mtime"))
-    except ImportError as e:  # fsspec names the package: "Install s3fs to access S3"
-        raise PixArtError(f"{url}: {e}") from None
-    except (OSError, http.client.HTTPException) as e:  # HTTPError, URLError, timeouts
-        raise PixArtError(f"{url}: cannot reach the shard ({type(e).__name__}: {e})") from None
+        return _identity(url, info.get("ETag") or info.get("etag"), info.get("size"),
+                         info.get("LastModified") or info.get("mtime"))
     return {"url": url}
 
 

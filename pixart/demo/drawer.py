@@ -67,8 +67,9 @@ class Drawer:
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + self.cfg * (cond - uncond)
-            step = sched.step(out, t, latents, return_dict=False)
-            latents = step[1] if len(sched.timesteps) == 1 else step[0]  # one step: pred_original_sample
+            step = sched.step(out, t, latents)
+            x0 = getattr(step, "pred_original_sample", None)  # DDPM's; DPM-Solver's one step ends at x0 itself
+            latents = x0 if len(sched.timesteps) == 1 and x0 is not None else step.prev_sample
         return latents
 
     def images(self, prompts: list[str], seed: int, batch: int = 16) -> list:

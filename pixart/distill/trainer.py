@@ -109,7 +109,7 @@ class DistillTrainer:
 
         self.manifest = cache_manifest(cfg) if batches is None else None
         self.batches = batches if batches is not None else build_loader(cfg, "pixart", self.device)
-        self.settings = {**checkpoints.resume_settings(cfg), "gan.head": cfg.gan.generator_weight > 0}
+        self.settings = {**checkpoints.resume_settings(cfg, self.run_dir), "gan.head": cfg.gan.generator_weight > 0}
         # only now: a bad teacher or shard, or a config that cannot resume the run, writes nothing
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
@@ -332,7 +332,8 @@ class DistillTrainer:
         if self.main:
             monitor.loss_curve(self.run_dir / "loss.png", cfg.stage, keys=("dm", "fake", "regression", "gan_g"))
             atomic_write(self.run_dir / DONE_FILE, json.dumps({"checkpoint": str(final), "steps": self.step,
-                                                               "stage": cfg.stage, "data": data}, indent=2))
+                                                               "stage": cfg.stage, "data": data, **self.settings},
+                                                              indent=2))
         dist.barrier()
         return final
 

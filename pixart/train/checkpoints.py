@@ -26,7 +26,15 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from pixart.atomic import atomic_write, remove_dead_writers, share_modes
-from pixart.checkpoint import EMA_FILE, LATEST_POINTER, MODEL_FILE, load_config, read_json, read_state_dict
+from pixart.checkpoint import (
+    EMA_FILE,
+    LATEST_POINTER,
+    MODEL_FILE,
+    checkpoint_folder,
+    load_config,
+    read_json,
+    read_state_dict,
+)
 from pixart.errors import PixArtError
 from pixart.models.config import ModelConfig
 
@@ -75,16 +83,43 @@ def clean_partial(run_dir: str | os.PathLike) -> None:
 FREE_FIELDS = ("attn_backend", "class_dropout_prob")  # model fields a resumed run may change: no weight depends on them
 
 
-def resume_settings(cfg) -> dict:
+def started_from(init: str | os.PathLike | None, run_dir: str | os.PathLike) -> str | None:
+    """The name a run records for the checkpoint it starts from (`model.init`, a `latest` pointer read to its step
+    folder): its path relative to the folder holding the run folder when it lies inside it (a recipe's steps lie
+    side by side), else its real path, so that a moved or copied recipe run keeps the same names."""
+    if init is None:
+        return None
+    folder = Path(os.path.realpath(checkpoint_folder(init)))
+    try:
+        return str(folder.relative_to(os.path.realpath(Path(run_dir).parent)))
+    except ValueError:
+        return str(folder)
+
+
+def init_key(cfg) -> str:
+    """The key naming what a run starts from: a distillation's teacher, a stage's init."""
+    return "teacher.init" if hasattr(cfg, "teacher") else "model.init"
+
+
+def resume_settings(cfg, run_dir: str | os.PathLike) -> dict:
     """What a checkpoint can only be resumed with, beside its model and process count (its trainer.json records
-    them): DeepSpeed's state is laid out by precision and ZeRO stage."""
-    return {"deepspeed.precision": cfg.deepspeed.precision, "deepspeed.zero_stage": cfg.deepspeed.zero_stage}
+    them): DeepSpeed's state is laid out by precision and ZeRO stage, and a run continues only from the weights
+    it started from (`started_from`), lest its output mix two inputs."""
+    init = cfg.teacher.init if hasattr(cfg, "teacher") else cfg.model.init
+    return {"deepspeed.precision": cfg.deepspeed.precision, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+            init_key(cfg): started_from(init, run_dir)}
+
+
+def changed_input(run_dir: Path, key: str, was, now) -> PixArtError:
+    """The one line refusing to go on with a run made from another input."""
+    return PixArtError(f"{run_dir} was made from {key} {was}, now {now}; delete {run_dir} (and the folders of the "
+                       f"runs made from it) to redo it from the new input, or restore the old one")
 
 
 def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfig) -> None:
     """Refuse, in one line, to resume a checkpoint this run could not load exactly: one saved by another number
     of processes, with other `settings` ({"deepspeed.precision": ..., ...}, as its trainer.json records them),
-    or of another model."""
+    from another init, or of another model."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return
@@ -95,6 +130,8 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
     recorded = read_json(ckpt / TRAINER_FILE)
     for key, value in settings.items():
         if key in recorded and recorded[key] != value:
+            if key.endswith(".init"):
+                raise changed_input(run_dir, key, recorded[key], value)
             raise PixArtError(f"{ckpt}: saved with {key} {recorded[key]!r}, this config has {value!r}{fresh}")
     old, new = load_config(ckpt).to_dict(), model.to_dict()
     changed = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k] and k not in FREE_FIELDS)

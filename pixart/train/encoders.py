@@ -2,24 +2,21 @@
 the config's (raw shards encoded on the fly). Loaded by the same code as T5-XXL and the SD VAE."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from pixart.data.manifest import Manifest, find_manifest
-from pixart.data.shards import is_url, resolve_shards
+from pixart.data.manifest import Manifest, find_manifest, shard_folder
+from pixart.data.shards import resolve_shards
 from pixart.errors import PixArtError
 
 from .config import TrainConfig
 
 
 def cache_manifest(cfg: TrainConfig) -> Manifest | None:
-    """The manifest beside the first feature shard (None for raw shards or remote URLs)."""
+    """The manifest beside the first feature shard, local or http(s)/s3 (None for raw or `pipe:` shards)."""
     try:
         shards = resolve_shards(cfg.data.shards)
     except PixArtError as e:
         raise PixArtError(f"data.shards: {e}") from None
-    if not shards or is_url(shards[0]):
-        return None
-    return find_manifest(Path(shards[0]).parent)
+    folder = shard_folder(shards[0]) if shards else None
+    return find_manifest(folder) if folder is not None else None
 
 
 def load_text_encoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu"):

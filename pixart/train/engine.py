@@ -25,6 +25,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SEPARATE_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+# torchrun's shared rendezvous store hands restarted workers the previous attempt's addresses (pytorch/pytorch#135712)
+_RESTART_HINT = (f"the process group could not form after a torchrun restart ({{e}}); set {SEPARATE_STORE}=1 in "
+                 "torchrun's environment on every node, so that each attempt meets in a store of its own")
+
+
 def init_distributed(timeout_s: float = 600) -> torch.device:
     """Join (or, alone, create) the process group, whose collectives give up after `timeout_s` (a lost node);
     returns this rank's device. Joining waits as long: torchrun's agents have already met when it starts."""
@@ -42,6 +48,10 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
         try:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and SEPARATE_STORE not in os.environ:
+                raise PixArtError(_RESTART_HINT.format(e=(str(e).strip().splitlines() or [""])[0][:200])) from None
+            raise
         finally:  # child processes (a nested run) must not take our group of one for a launcher's
             for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 if key in alone:

@@ -11,7 +11,8 @@
 Each step writes RUN/<name>/; a training step's `init` (a previous step) becomes its `model.init`, a
 distillation step's its `teacher.init`.
 A finished step is skipped (its DONE.json, or the reparameterized folder), an interrupted one
-resumes from its own checkpoints. Config paths are relative to the recipe file.
+resumes from its own checkpoints; either stops, naming both, when the input it recorded (`check_input`) is not the
+one it would get now. Config paths are relative to the recipe file.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ import torch.distributed as dist
 from pydantic import Field, model_validator
 
 from pixart.atomic import atomic_write
+from pixart.checkpoint import read_json
 from pixart.errors import PixArtError
 
+from .checkpoints import TRAINER_FILE, changed_input, init_key, latest_checkpoint, started_from
 from .config import Section, load_train_config, read_yaml, validated
 
 log = logging.getLogger("pixart.train")
@@ -87,15 +90,24 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     return validated(Recipe, read_yaml(path), str(path))
 
 
-def step_config(recipe_path: Path, step: Step, init: str | None):
-    """A training or distillation step's config, with `init` (an earlier step's output) as its starting weights."""
+def step_config(recipe_path: Path, recipe: Recipe, step: Step, init: str | None):
+    """A training or distillation step's config, with `init` (an earlier step's output) as its starting weights
+    and the recipe's `collective_timeout_s` as its `train.collective_timeout_s` (its watchdog's), since the launch's
+    process group has the recipe's. A bad key in the step's `set:` is blamed on the recipe, not the config file."""
     init_key = "teacher.init" if step.distill else "model.init"
-    sets = list(step.set) + ([f"{init_key}={init}"] if step.init else [])
+    ours = [f"train.collective_timeout_s={recipe.collective_timeout_s}"] + ([f"{init_key}={init}"] if step.init else [])
     if step.distill:
-        from pixart.distill.config import load_distill_config
-
-        return load_distill_config(recipe_path.parent / step.distill, sets)
-    return load_train_config(recipe_path.parent / step.config, sets)
+        from pixart.distill.config import load_distill_config as load
+    else:
+        load = load_train_config
+    path = recipe_path.parent / (step.distill or step.config)
+    try:
+        return load(path, list(step.set) + ours)
+    except PixArtError as e:
+        if not step.set:
+            raise
+        load(path, ours)  # the file's own problem: raised as such
+        raise PixArtError(f"{recipe_path}: step {step.name}'s set: {str(e).removeprefix(f'{path}: ')}") from None
 
 
 def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
@@ -140,16 +152,17 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     from pixart.export.dit import ReparamConfig, convert_dit
 
     from .engine import init_distributed
-    from .trainer import Trainer, is_done
+    from .trainer import DONE_FILE, Trainer, is_done
 
     recipe_path = Path(recipe_path).resolve()
     recipe = load_recipe(recipe_path)
     for step in recipe.stages:
         if step.reparam is None:
-            check_inputs(recipe_path, step, step_config(recipe_path, step, "<the output of an earlier step>"))
+            check_inputs(recipe_path, step, step_config(recipe_path, recipe, step, "<the output of an earlier step>"))
     root = Path(run_dir or Path("runs") / recipe.name)
     init_distributed(recipe.collective_timeout_s)
     rank = dist.get_rank()
+    say = log.info if rank == 0 else log.debug  # under torchrun: one copy of each line
     outputs: dict[str, str] = {}
     for step in recipe.stages:
         out = root / step.name
@@ -157,21 +170,39 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
             r = step.reparam
             target = out / "checkpoint"
             src = outputs.get(r.source, r.source)
+            source = started_from(src, out)
             if (target / "config.json").is_file():
-                log.info("%s: done (%s), skipped", step.name, target)
+                check_input(step, out, "reparam.source", source)
+                say("%s: done (%s), skipped", step.name, target)
             elif rank == 0:
                 log.info("%s: reparameterizing %s", step.name, src)
                 convert_dit(src, target, ReparamConfig(**r.model_dump(exclude={"source"})), overwrite=True)
+                atomic_write(out / DONE_FILE, json.dumps({"checkpoint": str(target), "reparam.source": source}))
             dist.barrier()
             outputs[step.name] = str(target)
             continue
-        cfg = step_config(recipe_path, step, outputs.get(step.init))
+        cfg = step_config(recipe_path, recipe, step, outputs.get(step.init))
+        key = init_key(cfg)
+        check_input(step, out, key, started_from(cfg.teacher.init if step.distill else cfg.model.init, out))
         done = is_done(out, cfg.train.max_steps)
         if done is not None:
-            log.info("%s: done (%s), skipped", step.name, done)
+            say("%s: done (%s), skipped", step.name, done)
             outputs[step.name] = str(done)
             continue
         outputs[step.name] = str((DistillTrainer if step.distill else Trainer)(cfg, out).run())
     if rank == 0:
         atomic_write(root / "launch.json", json.dumps({"recipe": str(recipe_path), "outputs": outputs}, indent=2))
     return outputs
+
+
+def check_input(step: Step, out: Path, key: str, now: str | None) -> None:
+    """Refuse to skip or resume a step whose recorded input (DONE.json's, else its latest checkpoint's) is not
+    the one it would start from now: its output, and every later step's, would silently come from the old one.
+    Records from before inputs were recorded are not checked."""
+    from .trainer import DONE_FILE
+
+    done, ckpt = out / DONE_FILE, latest_checkpoint(out)
+    record = done if done.is_file() else ckpt / TRAINER_FILE if ckpt else None
+    was = read_json(record).get(key, now) if record else now
+    if was != now:
+        raise PixArtError(f"step {step.name}: {changed_input(out, key, was, now)}")

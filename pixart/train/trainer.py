@@ -102,6 +102,8 @@ class Trainer:
         self.main = self.rank == 0
 
         self.model_config, init_state = resolve_model(cfg)
+        self.manifest = cache_manifest(cfg) if batches is None else None  # missing shards: before building the model
+        self._check_manifest()
         torch.manual_seed(cfg.train.seed)  # the same fresh init on every rank
         model = model_from_config(self.model_config)
         if init_state is not None:
@@ -113,10 +115,8 @@ class Trainer:
         fp32_init = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.block_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
 
-        self.manifest = cache_manifest(cfg) if batches is None else None
-        self._check_manifest()
         self.batches = batches if batches is not None else self._loader()
-        self.settings = checkpoints.resume_settings(cfg)
+        self.settings = checkpoints.resume_settings(cfg, self.run_dir)
         # only now: a bad init or shard, or a config that cannot resume the run, writes nothing
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.world)
@@ -251,7 +251,8 @@ class Trainer:
         if self.main:
             monitor.loss_curve(self.run_dir / "loss.png", cfg.stage)
             atomic_write(self.run_dir / DONE_FILE, json.dumps({"checkpoint": str(final), "steps": self.step,
-                                                               "stage": cfg.stage, "data": data}, indent=2))
+                                                               "stage": cfg.stage, "data": data, **self.settings},
+                                                              indent=2))
         dist.barrier()
         return final
 

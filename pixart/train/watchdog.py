@@ -43,6 +43,18 @@ def peer_lost_message(e: Exception, rank: int, step: int, run_dir: Path) -> str:
             "to resume from it")
 
 
+def lost_peer_line(e: BaseException) -> str | None:
+    """One line for a communication failure outside a training loop (set-up, the loader's first exchange,
+    teardown), where `watching_peers` does not reach: which rank, and that a rerun resumes. None for any other
+    error. The store's errors (a node that never joined: `DistStoreError: wait timeout`) are DistErrors too."""
+    if not isinstance(e, RuntimeError) or not is_comm_failure(e):
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return (f"rank {rank}: another rank or node was lost or never joined ({type(e).__name__}: {reason}); "
+            "rerun every node's command to resume from the last checkpoint")
+
+
 @contextmanager
 def watching_peers(timeout_s: float, rank: int, run_dir: Path, step: Callable[[], int]) -> Iterator[StepWatchdog]:
     """A training loop's guard: a failed collective becomes PeerLost, and a wait with no timeout of its own ends
