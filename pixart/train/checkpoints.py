@@ -96,18 +96,18 @@ def started_from(init: str | os.PathLike | None, run_dir: str | os.PathLike) -> 
         return str(folder)
 
 
-def init_key(cfg) -> str:
-    """The key naming what a run starts from: a distillation's teacher, a stage's init."""
-    return "teacher.init" if hasattr(cfg, "teacher") else "model.init"
+def init_of(cfg) -> tuple[str, str | None]:
+    """What a run starts from, as (config key, value): a distillation's teacher, a stage's init."""
+    return ("teacher.init", cfg.teacher.init) if hasattr(cfg, "teacher") else ("model.init", cfg.model.init)
 
 
 def resume_settings(cfg, run_dir: str | os.PathLike) -> dict:
     """What a checkpoint can only be resumed with, beside its model and process count (its trainer.json records
     them): DeepSpeed's state is laid out by precision and ZeRO stage, and a run continues only from the weights
     it started from (`started_from`), lest its output mix two inputs."""
-    init = cfg.teacher.init if hasattr(cfg, "teacher") else cfg.model.init
+    key, init = init_of(cfg)
     return {"deepspeed.precision": cfg.deepspeed.precision, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-            init_key(cfg): started_from(init, run_dir)}
+            key: started_from(init, run_dir)}
 
 
 def changed_input(run_dir: Path, key: str, was, now) -> PixArtError:

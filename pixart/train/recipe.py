@@ -29,7 +29,7 @@ from pixart.atomic import atomic_write
 from pixart.checkpoint import read_json
 from pixart.errors import PixArtError
 
-from .checkpoints import TRAINER_FILE, changed_input, init_key, latest_checkpoint, started_from
+from .checkpoints import TRAINER_FILE, changed_input, init_of, latest_checkpoint, started_from
 from .config import Section, load_train_config, read_yaml, validated
 
 log = logging.getLogger("pixart.train")
@@ -94,8 +94,8 @@ def step_config(recipe_path: Path, recipe: Recipe, step: Step, init: str | None)
     """A training or distillation step's config, with `init` (an earlier step's output) as its starting weights
     and the recipe's `collective_timeout_s` as its `train.collective_timeout_s` (its watchdog's), since the launch's
     process group has the recipe's. A bad key in the step's `set:` is blamed on the recipe, not the config file."""
-    init_key = "teacher.init" if step.distill else "model.init"
-    ours = [f"train.collective_timeout_s={recipe.collective_timeout_s}"] + ([f"{init_key}={init}"] if step.init else [])
+    key = "teacher.init" if step.distill else "model.init"
+    ours = [f"train.collective_timeout_s={recipe.collective_timeout_s}"] + ([f"{key}={init}"] if step.init else [])
     if step.distill:
         from pixart.distill.config import load_distill_config as load
     else:
@@ -134,13 +134,12 @@ def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
     scores = cfg.data.scores_dir
     if scores and not is_url(scores) and not Path(scores).is_dir():
         missing.append(f"data.scores_dir: {scores}: no such folder")
-    init_key = "teacher.init" if step.distill else "model.init"
-    init = cfg.teacher.init if step.distill else cfg.model.init
+    key, init = init_of(cfg)
     if init and not step.init:  # an earlier step's output does not exist yet
         try:
             load_config(checkpoint_folder(init))
         except PixArtError as e:
-            missing.append(f"{init_key}: {e}")
+            missing.append(f"{key}: {e}")
     for problem in missing:
         log.warning("%s: %s; step %s stops there unless it exists by then", source, problem, step.name)
 
@@ -182,8 +181,8 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
             outputs[step.name] = str(target)
             continue
         cfg = step_config(recipe_path, recipe, step, outputs.get(step.init))
-        key = init_key(cfg)
-        check_input(step, out, key, started_from(cfg.teacher.init if step.distill else cfg.model.init, out))
+        key, init = init_of(cfg)
+        check_input(step, out, key, started_from(init, out))
         done = is_done(out, cfg.train.max_steps)
         if done is not None:
             say("%s: done (%s), skipped", step.name, done)
