@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,19 +28,41 @@ LATEST_POINTER = "latest"  # RUN/checkpoints/latest: a text file naming the newe
 StateDict = dict[str, torch.Tensor]
 
 
+_ZIP = b"PK\x03\x04"  # torch.save's format since torch 1.6
+# torch.save's legacy format opens with its magic number, pickled with protocol 2
+_LEGACY = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Tensors from a .safetensors, or from a torch pickle without running any of its code."""
     path = Path(path)
     if not path.is_file():
         raise PixArtError(f"{path}: no such file")
+    if path.suffix != ".safetensors":
+        _check_torch_file(path)
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
         # DiT's training checkpoints carry their argparse.Namespace: plain data, safe to allow.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses anyway
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise PixArtError(f"{path}: not a readable checkpoint ({_unreadable_reason(e)})") from None
+
+
+def _check_torch_file(path: Path) -> None:
+    """A reason a user can act on for a file that is no torch.save checkpoint, from its first bytes (a zip, a
+    legacy torch pickle, or neither): torch's own ("101", "Unsupported operand 149") say nothing to them."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY))
+    if not head:
+        raise PixArtError(f"{path}: the file is empty")
+    if not head.startswith((_ZIP, b"\x80")):
+        raise PixArtError(f"{path}: not a PyTorch checkpoint (zip or pickle) file, nor .safetensors")
+    if head.startswith(b"\x80") and head != _LEGACY:
+        raise PixArtError(f"{path}: a plain Python pickle, not a torch.save checkpoint; it may hold Python objects "
+                          "other than tensors, so it is refused without unpickling (weights_only)")
 
 
 def _unreadable_reason(e: Exception) -> str:

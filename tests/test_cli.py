@@ -1,6 +1,7 @@
 """The `pixart` command as users call it: exit codes, one-line errors, nothing half-written."""
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -50,6 +51,8 @@ def test_convert_dit_accepts_safetensors_and_raw_state_dicts(tmp_path, dit_file)
 
 @pytest.mark.parametrize("case,message", [
     ("truncated", "DiT-S-2.pt: not a readable checkpoint"),
+    ("text", "DiT-S-2.pt: not a PyTorch checkpoint (zip or pickle) file"),  # torch's reason: "(101)"
+    ("pickle", "DiT-S-2.pt: a plain Python pickle, not a torch.save checkpoint"),  # "Unsupported operand 149"
     ("wrong_model", "not a DiT state dict"),
     ("bad_heads", "num_heads=7 does not divide hidden_size=384"),
 ])
@@ -58,6 +61,10 @@ def test_convert_dit_bad_input_is_one_line_and_writes_nothing(tmp_path, dit_file
     extra = []
     if case == "truncated":
         path.write_bytes(path.read_bytes()[:4096])
+    elif case == "text":
+        path.write_text("hello world\n")
+    elif case == "pickle":
+        path.write_bytes(pickle.dumps({"model": {"w": [1.0]}}, protocol=4))  # torch warned twice about protocol 4
     elif case == "wrong_model":
         torch.save(build_model("PixArt-S/2", depth=1, input_size=8).state_dict(), path)
     else:
@@ -66,7 +73,7 @@ def test_convert_dit_bad_input_is_one_line_and_writes_nothing(tmp_path, dit_file
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower() and "WARNING" not in line]
     assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -266,3 +273,48 @@ def test_other_runtime_errors_still_show_their_traceback(monkeypatch):
     monkeypatch.setattr(launch, "run", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["launch", "recipe.yaml"])
+
+
+def test_sample_help_says_the_seed_and_size_units(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "seed of the whole grid's noise" in text and "first column" not in text
+    assert "LATENT height and width, not pixels: pixels / 8 with the SD VAE" in text
+
+
+def test_sample_shows_progress_batches_the_grid_and_refuses_a_huge_latent(tiny_concept_setup, tmp_path, capsys):
+    ckpt = tiny_concept_setup / "ckpt"  # input_size 8
+    argv = ["sample", str(ckpt), "--prompt", "a red circle", "--prompt", "a blue star", "--columns", "3",
+            "--steps", "3"]
+    assert main([*argv, "--out", str(tmp_path / "all.png")]) == 0  # default --batch 8: all 6 at once
+    assert "3/3" in capsys.readouterr().err  # the sampler's steps, as a bar
+    assert main([*argv, "--out", str(tmp_path / "chunks.png"), "--batch", "4"]) == 0
+    assert (tmp_path / "all.png").read_bytes() == (tmp_path / "chunks.png").read_bytes()
+    assert capsys.readouterr().err.count("3/3") >= 2  # two batches: 4 images, then 2
+    assert main([*argv, "--out", str(tmp_path / "x.png"), "--size", "8", "33"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--size 8 33: a latent size (pixels / 8 with the SD VAE); this model's is 8 (64 px with "
+                            "the SD VAE), give at most 32 per side")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_warns_when_no_prompt_names_a_concept(tiny_concept_setup, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from pixart.personalize.concept import Concept, pixart_identity
+
+    ckpt = tiny_concept_setup / "ckpt"
+    model = load_model(ckpt)
+    identity = pixart_identity(model)
+    concept = Concept("zorb", "circle", torch.zeros(2, 32), torch.zeros(32), torch.zeros(32), torch.zeros(32),
+                      identity)
+    concept.save(tmp_path / "zorb.safetensors")
+    save_file({"C": torch.eye(32)}, tmp_path / "cov.safetensors", metadata={"base_model": identity})
+    argv = ["sample", str(ckpt), "--concept", str(tmp_path / "zorb.safetensors"), "--covariance",
+            str(tmp_path / "cov.safetensors"), "--steps", "1", "--out", str(tmp_path / "s.png")]
+    assert main([*argv, "--prompt", "a photo of zorbs"]) == 0  # "zorbs" is not the word "zorb"
+    out = capsys.readouterr().out
+    assert "warning: no --prompt uses the concept word 'zorb' as a whole word; those concepts change nothing" in out
+    assert main([*argv, "--prompt", "a photo of zorb", "--global-lock", "--columns", "3", "--batch", "2"]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -192,3 +192,47 @@ def test_the_null_caption_snippet_of_the_export_page_runs(tmp_path, tiny_parts):
     scope = {}
     exec(snippet, scope)  # noqa: S102 (our own docs)
     assert scope["image"].size == (16, 16)
+
+
+def test_a_pipeline_folder_names_its_own_text_encoder_and_vae(tmp_path, tiny_parts):
+    """diffusers' save_pretrained lays a pipeline out as model_index.json beside text_encoder/, tokenizer/ and
+    vae/: our loaders read that folder by its path alone, as they read a T5 or a VAE folder."""
+    from pixart.encoders import ImageAutoencoder, TextEncoder, TextEncoderConfig, VAEConfig
+    from pixart.export.diffusers import PipelineParts
+
+    t5, vae = tiny_parts
+    export(tiny("PixArt-S/2", input_size=8), tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
+    ours, theirs = (TextEncoder(TextEncoderConfig(str(p), dtype="fp32")) for p in (tmp_path / "pipe", t5))
+    assert torch.equal(ours.encode(["a red cat"])[0], theirs.encode(["a red cat"])[0])
+    ae = ImageAutoencoder(VAEConfig(str(tmp_path / "pipe")))
+    assert ae.latent_channels == 4 and ae.scale_factor == ImageAutoencoder(VAEConfig(str(vae))).scale_factor
+
+
+def test_an_imported_export_samples_as_the_checkpoint_it_came_from(tmp_path, tiny_parts):
+    """export-diffusers, then import: the imported checkpoint names the pipeline's own text encoder and keeps what
+    the pipeline folder cannot say (the pixel autoencoder, the latents' scale, the caption length), so that
+    `pixart sample` needs no flags and draws what the original draws (a scale of 1 had oversaturated it)."""
+    import json
+
+    from PIL import Image
+
+    from pixart.checkpoint import ENCODERS_FILE
+    from pixart.cli.main import main
+
+    t5, _ = tiny_parts
+    model = tiny("PixArt-S/2", input_size=4, patch_size=1, in_channels=48, model_max_length=16)
+    record = {"text_encoder": str(t5), "max_length": 16, "dtype": "fp32", "image_encoder": "pixel:8:4",
+              "scaling_factor": 3.0}
+    save_checkpoint(tmp_path / "ckpt", model.config, model.state_dict(),
+                    extra={ENCODERS_FILE: json.dumps(record)})
+    main(["export-diffusers", str(tmp_path / "ckpt"), "--out", str(tmp_path / "pipe"), "--text-encoder", str(t5),
+          "--vae", "none"])
+    main(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "imported")])
+    imported = json.loads((tmp_path / "imported" / ENCODERS_FILE).read_text())
+    assert imported == {**record, "text_encoder": str((tmp_path / "pipe").resolve())}
+    grids = []
+    for ckpt in ("ckpt", "imported"):
+        out = tmp_path / f"{ckpt}.png"
+        main(["sample", str(tmp_path / ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(out)])
+        grids.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*grids)

@@ -6,6 +6,9 @@ diffusion/model/nets/PixArt.py (`get_2d_sincos_pos_embed`, called in `initialize
 `arange(G) / (G / base_size) / lewei_scale`, sin then cos of pos x 10000^(-2i/(D/2)), the h half first.
 The buffer is registered persistent there, so every official `.pth` carries it.
 """
+import pickle
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -60,3 +63,28 @@ def test_a_pos_embed_that_is_no_pixart_table_is_refused(tmp_path):
     path, _ = official_file(tmp_path, 512, lewei_scale=2.0)  # a 512 px grid made with 1024 px's lewei_scale
     with pytest.raises(PixArtError, match=r"PixArt-tiny-512.pth: pos_embed \(1, 1024, 64\) is not PixArt's"):
         import_official(str(path), num_heads=4)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"hello world\n", "t.pth: not a PyTorch checkpoint (zip or pickle) file"),  # torch said "(101)"
+    (b"", "t.pth: the file is empty"),
+    (pickle.dumps({"w": [1.0]}, protocol=4),  # torch warned twice, then said "Unsupported operand 149"
+     "t.pth: a plain Python pickle, not a torch.save checkpoint; it may hold Python objects other than tensors, "
+     "so it is refused without unpickling (weights_only)"),
+    (pickle.dumps({"w": [1.0]}, protocol=2), "t.pth: a plain Python pickle"),  # torch: "Invalid magic number"
+], ids=["text", "empty", "pickle4", "pickle2"])
+def test_a_file_that_is_no_torch_checkpoint_says_why_in_words(tmp_path, content, reason):
+    (tmp_path / "t.pth").write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's pickle-protocol warnings never reach the user
+        with pytest.raises(PixArtError) as e:
+            import_official(str(tmp_path / "t.pth"), num_heads=4)
+    assert str(e.value).startswith(f"{tmp_path}/{reason}")
+    assert "\n" not in str(e.value)
+
+
+def test_a_legacy_torch_save_file_still_imports(tmp_path):
+    path, original = official_file(tmp_path, 256)
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    model = import_official(str(path), num_heads=4)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.state_dict().items())

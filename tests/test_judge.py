@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data_pipelines.shapes import ShapesConfig, draw_scene, render_scene
-from pixart.eval.judge import ATTRIBUTES, VERSION, Judge, JudgeTrainConfig, describe, judgeable, match
+from pixart.eval.judge import ATTRIBUTES, VERSION, Judge, JudgeTrainConfig, describe, judgeable, match, spec_problem
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,12 @@ def test_score_says_how_many_objects_were_judged(judge):
     assert line.startswith(f"object {acc['object']:.1%} of {judged} judged objects")
     assert f"of {prompted} prompted" in line
     assert f"{prompted - judged} too small to judge" in line
+
+
+def test_spec_problem_names_what_the_judge_cannot_score():
+    assert spec_problem({"objects": [{"color": "red", "shape": "star"}]}) is None and spec_problem([]) is None
+    assert spec_problem({"foo": 1}) == 'KEY.json has no "objects" list (not a shapes-world scene spec)'
+    assert spec_problem({"objects": [{"size": "huge"}]}) == "unknown size 'huge' (known: small, large)"
+    assert spec_problem({"objects": [3]}) == 'KEY.json "objects" holds something other than JSON objects'
+    nothing = {"object": float("nan"), "judged": 0, "prompted": 0, "judged_fraction": float("nan")}
+    assert describe(nothing) == "object n/a of 0 judged objects (n/a of 0 prompted; 0 too small to judge)"

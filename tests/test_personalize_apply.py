@@ -1,9 +1,11 @@
 """Concepts at run time: our sampler and diffusers (PixArtTransformer2DModel, PixArtAlphaPipeline) agree; a prompt
 without the concept is the base model's; another base model is refused; `pixart sample --concept` end to end."""
+import re
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pixart.cli.main import main
 from pixart.errors import PixArtError
@@ -168,3 +170,37 @@ def test_global_lock_takes_the_keys_from_the_super_prompt(trained):
     assert torch.equal(same, local) and not torch.equal(glob, local)
     torch.testing.assert_close(keys, model.y_embedder.y_proj(y_super))
     assert all(e.key_input is None for e in edits)  # the lock ends with its block
+
+
+def test_a_covariance_of_another_base_model_is_refused(trained, tmp_path, capsys):
+    """C is the base model's own: another model's would edit in the wrong metric, silently. Refused as a concept
+    of another model is, naming both models, by personalize, sample and diffusers alike."""
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart.personalize import diffusers as pd
+    from pixart.personalize.apply import concept_c_inv
+    from pixart.personalize.concept import pixart_identity
+    from pixart.personalize.trainer import ConceptTrainer, PersonalizeConfig
+
+    root, out = trained
+    model, _ = _ours(root)
+    identity = pixart_identity(model)
+    other = tmp_path / "other.safetensors"
+    save_file({"C": torch.eye(32, dtype=torch.float64)}, other, metadata={"base_model": "sha256:0123456789abcdef"})
+    refused = re.escape(f"{other}: a covariance of base model sha256:0123456789abcdef, but ") + "{} is " + \
+        re.escape(f"{identity}: use the covariance file of this base model")
+    with pytest.raises(PixArtError, match=refused.format(re.escape(str(root / "ckpt")))):
+        concept_c_inv(root / "ckpt", model, other)
+    transformer = PixArtTransformer2DModel.from_pretrained(out / "export" / "transformer")
+    with pytest.raises(PixArtError, match=refused.format("PixArtTransformer2DModel")):
+        pd.apply_concepts(transformer, [out / "zork.safetensors"], other)
+    with pytest.raises(PixArtError, match=refused.format("this model")):
+        ConceptTrainer(PersonalizeConfig(str(root / "ckpt"), str(root / "images"), "zork", "circle",
+                                         str(tmp_path / "c.safetensors"), covariance=str(other)))
+    assert main(["sample", str(root / "ckpt"), "--concept", str(out / "zork.safetensors"), "--covariance", str(other),
+                 "--prompt", PROMPTS[0], "--steps", "1", "--out", str(tmp_path / "s.png")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and "a covariance of base model sha256:0123456789abcdef" in err[0]
+    save_file({"C": torch.eye(32, dtype=torch.float64)}, other)  # no base_model recorded: cannot be checked
+    with pytest.raises(PixArtError, match=r"a covariance of base model unknown \(no base_model in its metadata\)"):
+        concept_c_inv(root / "ckpt", model, other)

@@ -35,6 +35,23 @@ def test_bench_refuses_what_it_cannot_time(tmp_path, capsys):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_out_is_checked_before_the_timing(tmp_path, capsys, monkeypatch):
+    import pixart.train.bench as bench
+
+    def no_work(*a, **k):
+        raise AssertionError("the timing started before --out was checked")
+
+    monkeypatch.setattr(bench, "run_bench", no_work)
+    (tmp_path / "dir").mkdir()
+    for out, said in ((f"{tmp_path}/bdir/", f"--out {tmp_path}/bdir/ is a folder; name the JSON file, e.g. "
+                                            f"{tmp_path}/bdir/bench.json"),  # it wrote a FILE named bdir
+                      (tmp_path / "dir", f"--out {tmp_path / 'dir'} is a folder"),
+                      (tmp_path / "no" / "b.json", f"{tmp_path / 'no'} is not a folder this user can write in")):
+        assert main(["bench", "--device", "cpu", "--out", str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
+
+
 def test_bf16_rows_add_master_weights(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--resolution", "32", "--tokens", "6", "--iters", "1", "--warmup", "0", "--device", "cpu",

@@ -19,3 +19,21 @@ def pick_device(device: str | None) -> str:
         if (parsed.index or 0) >= count:
             raise PixArtError(f"--device {device}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)}")
     return device
+
+
+def check_out_file(out: str, example: str, what: str = "output") -> None:
+    """An --out FILE that cannot be written, found before the work rather than after it (`sample`, `eval`,
+    `bench`): a folder (or a name ending in /, which would become a file of that name), or a parent folder
+    missing or not writable."""
+    import os
+    from pathlib import Path
+
+    from pixart.errors import PixArtError
+
+    if not out.strip():
+        raise PixArtError("--out is empty")
+    if Path(out).is_dir() or out.endswith(("/", os.sep)):
+        raise PixArtError(f"--out {out} is a folder; name the {what} file, e.g. {Path(out) / example}")
+    folder = Path(out).absolute().parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise PixArtError(f"--out {out}: {folder} is not a folder this user can write in")

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                    help="every row's precision (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--iters", type=int, default=10, help="timed steps per model (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    p.add_argument("--out", default="bench.json", help="JSON results file, written atomically (default bench.json)")
     p.set_defaults(run=run)
 
 
@@ -37,10 +37,11 @@ def run(args) -> None:
     from dataclasses import asdict
 
     from pixart.atomic import atomic_write
-    from pixart.cli import pick_device
+    from pixart.cli import check_out_file, pick_device
     from pixart.errors import PixArtError
     from pixart.train.bench import BenchConfig, run_bench, table
 
+    check_out_file(args.out, "bench.json", "JSON")  # now, not after minutes of timing
     device = pick_device(args.device)
     if args.resolution % 16 or args.resolution < 16:
         raise PixArtError(f"--resolution must be a multiple of 16, got {args.resolution}")

@@ -26,20 +26,23 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import json
 
-    from pixart.checkpoint import DIFFUSION_FILE, STUDENT_FILE, save_checkpoint
-    from pixart.export.diffusers import import_diffusers, import_sampling
+    from pixart.checkpoint import DIFFUSION_FILE, ENCODERS_FILE, STUDENT_FILE, save_checkpoint
+    from pixart.export.diffusers import import_diffusers, import_encoders, import_sampling
     from pixart.export.official import import_official
 
-    student = None
+    student, encoders = None, {}
     if Path(args.src).is_dir():
         model = import_diffusers(args.src)
         prediction, student = import_sampling(args.src)
+        encoders = import_encoders(args.src)
     else:
         model, prediction = import_official(args.src, args.num_heads, args.input_size), "epsilon"
     prediction = args.prediction_type or prediction
     extra = {DIFFUSION_FILE: json.dumps({"prediction_type": prediction}, indent=2)}
     if student is not None:
         extra[STUDENT_FILE] = json.dumps(student, indent=2)
+    if encoders:
+        extra[ENCODERS_FILE] = json.dumps(encoders, indent=2)
     save_checkpoint(args.out, model.config, model.state_dict(), extra=extra, overwrite=args.overwrite,
                     sources=(args.src,))
     print(f"wrote {args.out} ({prediction}{', one-step student' if student else ''})")

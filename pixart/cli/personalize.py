@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
                    help="stored precision of the concept (default fp16: 78 KB for PixArt-XL/2)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="the EMA weights (default: when the checkpoint has them)")
+    p.add_argument("--text-encoder", help="T5 folder or hub id (default: the checkpoint's encoders.json)")
+    p.add_argument("--vae", help="AutoencoderKL folder or hub id, or pixel:F[:K] (default: encoders.json)")
     p.add_argument("--run-dir", help="state and loss curve (default: OUT.run)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that this run did not write")
@@ -61,5 +63,5 @@ def run(args) -> None:
                             lr_embedding=args.lr_embedding, mask_floor=args.mask_floor, timesteps=args.timesteps,
                             seed=args.seed, ema=args.ema, precision=args.precision,
                             run_dir=args.run_dir, device=pick_device(args.device),
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, text_encoder=args.text_encoder, vae=args.vae)
     ConceptTrainer(cfg).train()

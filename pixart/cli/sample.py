@@ -20,9 +20,15 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--sampler", choices=("dpm-solver++", "ddim", "ddpm"), default="dpm-solver++",
                    help="diffusers scheduler (default dpm-solver++, as PixArt's own sampling)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the first column (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the whole grid's noise, drawn row by row: the same command writes the same image "
+                   "(default 0)")
     p.add_argument("--columns", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="latent size (default: the model's)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="images sampled at once (default 8); lower it if memory runs out (the noise stays the same)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="LATENT height and width, not pixels: pixels / 8 with the SD VAE (64 64 is 512 x 512 px); "
+                   "at most 4x the model's own size per side (default: the model's)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="the EMA weights (default: EMA when the checkpoint has them)")
     p.add_argument("--text-encoder", help="T5 folder or hub id (default: the checkpoint's encoders.json)")
@@ -63,6 +69,10 @@ def run(args) -> None:
     device = pick_device(args.device)
     ema = args.ema if args.ema is not None else (ckpt / EMA_FILE).is_file()
     model = load_model(ckpt, ema=ema)
+    side = model.config.input_size
+    if args.size and max(args.size) > 4 * side:
+        raise PixArtError(f"--size {args.size[0]} {args.size[1]}: a latent size (pixels / 8 with the SD VAE); this "
+                          f"model's is {side} ({side * 8} px with the SD VAE), give at most {4 * side} per side")
     if model.config.arch == "pixart" and args.label:
         raise PixArtError(f"--label: {ckpt} is a text-to-image PixArt model; give --prompt")
     if model.config.arch != "pixart" and args.prompt:
@@ -88,7 +98,8 @@ def run(args) -> None:
     decoder = load_autoencoder(cfg, None, device, scale=enc.get("scaling_factor"))
     model.config.check_encoders(encoder and encoder.model.config.d_model, decoder.latent_channels, text, vae)
     concepts = concept_setup(args, ckpt, model, encoder) if args.concept else []
-    validator = Validator(cfg, model.config, encoder, decoder, torch.device(device), args.columns)
+    validator = Validator(cfg, model.config, encoder, decoder, torch.device(device), args.columns, args.batch,
+                          progress=True)
     if concepts:
         validator.prepare = concepts_context(args, concepts, ckpt, model, encoder)
     validator.grid(model.state_dict(), Path(args.out), scale=1)
@@ -103,26 +114,24 @@ def run(args) -> None:
 def check_args(args) -> None:
     """What the flags alone can get wrong, before a model loads."""
     import math
-    import os
     from pathlib import Path
 
     from PIL import Image
 
+    from pixart.cli import check_out_file
     from pixart.errors import PixArtError
 
-    if Path(args.out).is_dir():
-        raise PixArtError(f"--out {args.out} is a folder; name the image file, e.g. {Path(args.out) / 'samples.png'}")
+    check_out_file(args.out, "samples.png", "image")
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise PixArtError(f"--out {args.out}: not an image file name (.png, .jpg, .webp, ...)")
-    folder = Path(args.out).absolute().parent
-    if not (folder.is_dir() and os.access(folder, os.W_OK)):  # found now, not after the sampling
-        raise PixArtError(f"--out {args.out}: {folder} is not a folder this user can write in")
     if not args.prompt and not args.label:
         raise PixArtError("give at least one --prompt (or --label for a class-conditional DiT)")
     if not 1 <= args.steps <= 1000:
         raise PixArtError(f"--steps {args.steps}: give 1 to 1000 (the noise schedule's timesteps)")
     if args.columns < 1:
         raise PixArtError(f"--columns {args.columns}: must be positive")
+    if args.batch < 1:
+        raise PixArtError(f"--batch {args.batch}: must be positive")
     if not (math.isfinite(args.cfg) and args.cfg >= 0):
         raise PixArtError(f"--cfg {args.cfg}: give a finite scale >= 0 (1: no guidance)")
     if args.size and min(args.size) < 1:
@@ -152,11 +161,23 @@ def concept_setup(args, ckpt, model, encoder) -> list:
     for c in concepts:
         c.check_base(identity, str(ckpt))
         set_embedding(encoder.model, add_concept_token(encoder.tokenizer, encoder.model, c.name), c.embedding)
+    unused = [c.name for c in concepts if not any(_word(c.name).search(p) for p in args.prompt)]
+    if unused:  # "zorbs" is not "zorb": such a prompt samples the base model, and looks like a weak concept
+        print(f"warning: no --prompt uses the concept word {', '.join(map(repr, unused))} as a whole word; "
+              "those concepts change nothing")
     return concepts
+
+
+def _word(name: str):
+    """The concept's word as the tokenizer finds it: whole (single_word), so "zorbs" or "zorb_1" is not it."""
+    import re
+
+    return re.compile(rf"(?<!\w){re.escape(name)}(?!\w)")
 
 
 def concepts_context(args, concepts, ckpt, base, encoder):
     """What the validator samples in: each fresh model gets the concepts, and global locking's key captions."""
+    import weakref
     from contextlib import nullcontext
 
     from pixart.personalize.apply import apply_concepts, concept_c_inv, global_lock
@@ -168,8 +189,13 @@ def concepts_context(args, concepts, ckpt, base, encoder):
         y, _ = encoder.encode([as_super(p, {c.name: c.super_word for c in concepts}) for p in args.prompt])
         super_y = y.float().repeat_interleave(args.columns, 0)
 
-    def prepare(model):
-        apply_concepts(model, concepts, c_inv, beta=args.beta, tau=args.tau, check=False)
-        return global_lock(model, super_y) if super_y is not None else nullcontext()
+    applied = weakref.WeakSet()
+
+    def prepare(model, rows: slice):
+        """Per batch of images: the concepts go into the model once, global locking takes those images' captions."""
+        if model not in applied:
+            apply_concepts(model, concepts, c_inv, beta=args.beta, tau=args.tau, check=False)
+            applied.add(model)
+        return global_lock(model, super_y[rows]) if super_y is not None else nullcontext()
 
     return prepare

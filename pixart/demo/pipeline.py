@@ -79,11 +79,11 @@ def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
     recipe = write_configs(out, seed, scale, machine["fp32_matmul_gflops"] / 1000)
     with step("staged training: stage 1 DiT -> reparameterize -> stage 2 -> stage 3 -> DMD one-step student"):
         outputs = launch(recipe, out / "runs")
-    with step("export stage 3 and the one-step student to diffusers"):
+    concept = personalize(out, outputs["stage3"], seed, scale)
+    with step("export stage 3 (with the concept's covariance) and the one-step student to diffusers"):
         parts = PipelineParts(str(t5), str(t5), None)
         export_checkpoint(outputs["stage3"], out / "export", parts, overwrite=True)
         export_checkpoint(outputs["dmd"], out / "export-dmd", parts, overwrite=True)
-    concept = personalize(out, outputs["stage3"], seed, scale)
     metrics = evaluate(out, seed, scale, concept)
     metrics["seconds"] = round(time.time() - start, 1)
     metrics["machine"] = machine

@@ -33,6 +33,15 @@ def check_source(path: str | os.PathLike, what: str) -> str:
     raise EncoderLoadError(f"{what}: '{s}' does not exist locally and is not a hub id (org/name)")
 
 
+def pipeline_part(path: str, subfolder: str | None, part: str) -> str | None:
+    """`subfolder` as given, else `part` when `path` is a local diffusers pipeline folder (it has a
+    model_index.json): so a pipeline folder, such as an export or a downloaded PixArt repo, names its own
+    text encoder, tokenizer and VAE."""
+    if subfolder is None and (Path(path) / "model_index.json").is_file():
+        return part
+    return subfolder
+
+
 def load_error(what: str, path: str, subfolder: str | None, err: BaseException) -> EncoderLoadError:
     """Wrap any loader exception as a one-line EncoderLoadError naming the source (hub ids fail this way offline)."""
     where = f"'{path}'" + (f" (subfolder '{subfolder}')" if subfolder else "")

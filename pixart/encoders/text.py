@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoTokenizer, T5Config, T5EncoderModel
 
 from ..errors import PixArtError
 from .captions import clean_caption
-from .loading import EncoderLoadError, check_source, load_error, resolve_dtype
+from .loading import EncoderLoadError, check_source, load_error, pipeline_part, resolve_dtype
 
 __all__ = ["TextEncoderConfig", "TextEncoder", "clean_caption", "EncoderLoadError"]
 
@@ -21,7 +21,8 @@ _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else
 @dataclass
 class TextEncoderConfig:
     """Where/how to load T5. `subfolder` serves full pipeline repos ("text_encoder"); the tokenizer
-    defaults to the same place, or `tokenizer_path`/`tokenizer_subfolder` (e.g. "tokenizer")."""
+    defaults to the same place, or `tokenizer_path`/`tokenizer_subfolder` (e.g. "tokenizer"). A local
+    pipeline folder (model_index.json) needs neither: its text_encoder/ and tokenizer/ are read."""
     path: str
     subfolder: str | None = None
     tokenizer_path: str | None = None
@@ -50,16 +51,20 @@ class TextEncoder:
         self.dtype = resolve_dtype(c.dtype, ("bf16", "fp32"), "T5 text encoder")
         src = check_source(c.path, "T5 text encoder")
         tok_src = check_source(c.tokenizer_path or c.path, "T5 tokenizer")
-        tok_sub = c.tokenizer_subfolder if (c.tokenizer_path or c.tokenizer_subfolder) else c.subfolder
+        sub = pipeline_part(src, c.subfolder, "text_encoder")
+        if c.tokenizer_path or c.tokenizer_subfolder:
+            tok_sub = pipeline_part(tok_src, c.tokenizer_subfolder, "tokenizer")
+        else:
+            tok_sub = c.subfolder or pipeline_part(src, None, "tokenizer")
         try:
-            cfg = AutoConfig.from_pretrained(src, subfolder=c.subfolder or "", local_files_only=c.local_files_only)
+            cfg = AutoConfig.from_pretrained(src, subfolder=sub or "", local_files_only=c.local_files_only)
             if not isinstance(cfg, T5Config):
                 raise TypeError(f"config model_type is {cfg.model_type!r}, expected 't5'")
             self.model = T5EncoderModel.from_pretrained(
-                src, config=cfg, subfolder=c.subfolder or "", local_files_only=c.local_files_only,
+                src, config=cfg, subfolder=sub or "", local_files_only=c.local_files_only,
                 **{_DTYPE_KW: self.dtype})
         except Exception as e:
-            raise load_error("T5 text encoder", src, c.subfolder, e) from e
+            raise load_error("T5 text encoder", src, sub, e) from e
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 tok_src, subfolder=tok_sub or "", local_files_only=c.local_files_only)

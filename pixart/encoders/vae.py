@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
-from .loading import EncoderLoadError, check_source, load_error, resolve_dtype
+from .loading import EncoderLoadError, check_source, load_error, pipeline_part, resolve_dtype
 
 __all__ = ["VAEConfig", "LatentDist", "ImageAutoencoder", "EncoderLoadError"]
 
@@ -15,7 +15,7 @@ __all__ = ["VAEConfig", "LatentDist", "ImageAutoencoder", "EncoderLoadError"]
 class VAEConfig:
     """Where/how to load the VAE. `scale_factor=None` reads `vae.config.scaling_factor` (0.18215 for SD)."""
     path: str
-    subfolder: str | None = None  # "vae" for full pipeline repos
+    subfolder: str | None = None  # "vae" for full pipeline repos (a local pipeline folder needs none)
     dtype: str = "fp32"
     device: str = "cpu"
     scale_factor: float | None = None
@@ -48,16 +48,17 @@ class ImageAutoencoder:
         self.config = c = config
         self.dtype = resolve_dtype(c.dtype, ("fp32", "bf16", "fp16"), "VAE")
         src = check_source(c.path, "VAE")
+        sub = pipeline_part(src, c.subfolder, "vae")
         try:
             cls_name = AutoencoderKL.load_config(
-                src, subfolder=c.subfolder, local_files_only=c.local_files_only).get("_class_name")
+                src, subfolder=sub, local_files_only=c.local_files_only).get("_class_name")
             if cls_name != "AutoencoderKL":
                 raise TypeError(f"config _class_name is {cls_name!r}, expected 'AutoencoderKL'")
             # diffusers accepts torch_dtype in every version (dtype= only in recent ones).
             self.vae = AutoencoderKL.from_pretrained(
-                src, subfolder=c.subfolder, local_files_only=c.local_files_only, torch_dtype=self.dtype)
+                src, subfolder=sub, local_files_only=c.local_files_only, torch_dtype=self.dtype)
         except Exception as e:
-            raise load_error("VAE", src, c.subfolder, e) from e
+            raise load_error("VAE", src, sub, e) from e
         self.vae.to(c.device).eval().requires_grad_(False)
         vc = self.vae.config
         self.scale_factor = float(c.scale_factor if c.scale_factor is not None else vc.scaling_factor)

@@ -63,6 +63,25 @@ PATCH = 20
 _RGB = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)
 
 
+KNOWN = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+
+
+def spec_problem(spec) -> str | None:
+    """Why a sample's spec cannot be scored, or None. A spec of another dataset (SA-1B's JSON has no
+    "objects") or a value the shapes world lacks ("grey") would otherwise crash or silently score as a miss;
+    the reason names the value and the known ones, so the samples are skipped, counted and explained."""
+    objects = spec.get("objects") if isinstance(spec, dict) else spec
+    if not isinstance(objects, list):
+        return 'KEY.json has no "objects" list (not a shapes-world scene spec)'
+    for o in objects:
+        if not isinstance(o, dict):
+            return 'KEY.json "objects" holds something other than JSON objects'
+        for attr, known in KNOWN.items():
+            if attr in o and o[attr] not in known:
+                return f"unknown {attr} {o[attr]!r} (known: {', '.join(known)})"
+    return None
+
+
 def object_side(size: str, width: int, height: int) -> float:
     """Nominal side in pixels of an object of this size in a width x height image."""
     return SIZE_FRACTION[size] * min(width, height) / 3
@@ -182,6 +201,9 @@ def _render_set(n: int, resolutions, seed: int, tag: int, damaged_fraction: floa
 def default_cache_dir() -> Path:
     root = os.environ.get("PIXART_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "pixart")
     return Path(root).expanduser()
+
+
+MIN_RESOLUTION = min(JudgeTrainConfig.resolutions)  # px: the smallest images the judge was trained on
 
 
 class Judge:
@@ -326,8 +348,13 @@ def describe(scores: dict, attr: str = "object") -> str:
     """One line for a report: the accuracy and what it covers, e.g. "object 98.4% of 412 judged
     objects (91.6% of 450 prompted; 38 too small to judge)"."""
     left = scores["prompted"] - scores["judged"]
-    return (f"{attr} {scores[attr]:.1%} of {scores['judged']} judged objects ({scores['judged_fraction']:.1%} "
-            f"of {scores['prompted']} prompted; {left} too small to judge)")
+    return (f"{attr} {percent(scores[attr])} of {scores['judged']} judged objects "
+            f"({percent(scores['judged_fraction'])} of {scores['prompted']} prompted; {left} too small to judge)")
+
+
+def percent(x: float) -> str:
+    """An accuracy for a report; "n/a" where nothing was scored (NaN), never "nan%"."""
+    return "n/a" if math.isnan(x) else f"{x:.1%}"
 
 
 def match(found: list[dict], spec, width: int, height: int) -> dict[str, list[bool]]:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.atomic import atomic_dir
-from pixart.checkpoint import STUDENT_FILE, load_into, load_student, read_json
+from pixart.checkpoint import ENCODERS_FILE, STUDENT_FILE, load_into, load_student, read_json
 from pixart.errors import PixArtError
 from pixart.export.keymap import from_diffusers, to_diffusers
 from pixart.models import ModelConfig, PixArt
@@ -108,12 +108,14 @@ def one_step_scheduler(prediction_type: str):
 
 def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None,
            overwrite: bool = False, sources: tuple = (), prediction_type: str = "epsilon",
-           student: dict | None = None, files: tuple = ()) -> Path:
+           student: dict | None = None, files: tuple = (), encoders: dict | None = None) -> Path:
     """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically, with
     copies of `files` (a checkpoint's Perfusion covariance). The default scheduler is DPM-Solver++ for the model's
     `prediction_type`; a one-step `student` ({"start_timestep"}) gets a DDPM scheduler and `out/student.json`,
     the call that samples it:
-    pipe(prompt, num_inference_steps=1, timesteps=[start], guidance_scale=1)."""
+    pipe(prompt, num_inference_steps=1, timesteps=[start], guidance_scale=1).
+    `encoders` (a checkpoint's encoders.json) goes to `out/encoders.json` for `pixart import`, less the parts
+    the pipeline folder holds itself."""
     if parts is not None and model.config.micro_conditions and model.config.input_size != PIPELINE_MS_SIZE:
         raise PixArtError(
             f"export: a pipeline of a size/aspect-conditioned (PixArtMS) model at input_size "
@@ -150,17 +152,34 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
         save_file(null, tmp / NULL_CAPTION_FILE)
         for file in files:
             shutil.copyfile(file, tmp / Path(file).name)
+        if encoders:
+            (tmp / ENCODERS_FILE).write_text(json.dumps(exported_encoders(encoders, parts), indent=2))
         if student is not None:
             call = {"num_inference_steps": 1, "timesteps": [student["start_timestep"]], "guidance_scale": 1.0}
             (tmp / STUDENT_FILE).write_text(json.dumps({**student, "call": call}, indent=2))
     return Path(out)
 
 
+def exported_encoders(encoders: dict, parts: PipelineParts | None) -> dict:
+    """What a pipeline folder does not say itself: the caption length, dtype and latent scale the model learned
+    with (and a pixel autoencoder's id). The text encoder and a VAE are the folder's own, so not named."""
+    if parts is None:
+        return dict(encoders)
+    return {**encoders, "text_encoder": None, "image_encoder": None if parts.vae else encoders.get("image_encoder")}
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | None = None,
                       ema: bool | None = None, overwrite: bool = False) -> tuple[Path, bool, str]:
     """`export` of a checkpoint folder: its EMA weights when it has them (unless `ema` says), and the
     prediction type it was trained with in the scheduler. Returns (out, ema used, prediction type)."""
-    from pixart.checkpoint import EMA_FILE, checkpoint_folder, load_model, load_prediction_type, load_student
+    from pixart.checkpoint import (
+        EMA_FILE,
+        checkpoint_folder,
+        load_encoders,
+        load_model,
+        load_prediction_type,
+        load_student,
+    )
     from pixart.personalize.covariance import COVARIANCE_GLOB
 
     typed, ckpt = ckpt, checkpoint_folder(ckpt)
@@ -168,7 +187,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
     prediction = load_prediction_type(ckpt)
     model = load_model(ckpt, ema=ema).eval()
     export(model, out, parts, overwrite=overwrite, sources=(typed, ckpt), prediction_type=prediction,
-           student=load_student(ckpt), files=tuple(sorted(ckpt.glob(COVARIANCE_GLOB))))
+           student=load_student(ckpt), files=tuple(sorted(ckpt.glob(COVARIANCE_GLOB))), encoders=load_encoders(ckpt))
     return Path(out), ema, prediction
 
 
@@ -177,17 +196,35 @@ def load_null_caption(folder: str | Path) -> torch.Tensor | None:
     return load_file(path)["y_embedding"] if path.is_file() else None
 
 
+def pipeline_root(folder: str | Path) -> Path:
+    """The folder holding a diffusers transformer folder's scheduler and parts (itself unless it is transformer/)."""
+    folder = Path(folder)
+    return folder.parent if (folder / "config.json").is_file() and folder.name == "transformer" else folder
+
+
 def import_sampling(folder: str | Path) -> tuple[str, dict | None]:
     """What a diffusers folder says about sampling its transformer: the prediction type of its scheduler
     ("epsilon" without one, as PixArt-alpha's) and, for an exported one-step student, its student.json."""
-    folder = Path(folder)
-    top = folder.parent if (folder / "config.json").is_file() and folder.name == "transformer" else folder
+    top = pipeline_root(folder)
     path = top / "scheduler" / "scheduler_config.json"
     prediction = str(read_json(path).get("prediction_type", "epsilon")) if path.is_file() else "epsilon"
     student = load_student(top)
     if student is not None:
         student.pop("call", None)
     return prediction, student
+
+
+def import_encoders(folder: str | Path) -> dict:
+    """An imported folder's encoders.json: the pipeline's own text_encoder/ and vae/ where it has them (read
+    through the pipeline folder, see encoders.loading.pipeline_part), and what our export recorded beside them
+    (caption length, dtype, latent scale, a pixel autoencoder); {} when neither says anything."""
+    top = pipeline_root(folder)
+    record = read_json(top / ENCODERS_FILE) if (top / ENCODERS_FILE).is_file() else {}
+    if (top / "text_encoder").is_dir():
+        record["text_encoder"] = str(top.resolve())
+    if (top / "vae").is_dir():
+        record["image_encoder"] = str(top.resolve())
+    return record
 
 
 def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:

@@ -96,13 +96,15 @@ def global_lock(model: nn.Module, super_y: Tensor):
 
 
 def concept_c_inv(ckpt, model: nn.Module, covariance=None) -> Tensor:
-    """C^-1 of this base model: `covariance`, or the file `pixart personalize` saved beside the checkpoint."""
+    """C^-1 of this base model: `covariance`, or the file `pixart personalize` saved beside the checkpoint;
+    refused when it records another base model."""
     from pixart.errors import PixArtError
 
     from .covariance import covariance_path, read_c_inv
 
-    path = covariance or covariance_path(ckpt, pixart_identity(model))
+    identity = pixart_identity(model)
+    path = covariance or covariance_path(ckpt, identity)
     if not covariance and not path.is_file():
         raise PixArtError(f"{ckpt}: no {path.name} beside it (the base model's covariance, written by "
                           "`pixart personalize`); pass --covariance")
-    return read_c_inv(path)
+    return read_c_inv(path, identity, str(ckpt))

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 from tqdm import tqdm
 
 from pixart.atomic import atomic_write
@@ -28,17 +29,32 @@ def read_captions(source: str, limit: int = 100_000) -> list[str]:
         raise PixArtError(f"--captions {source}: no such file or folder")
     captions = []
     for f in files:
-        lines = [line.strip() for line in f.read_text().splitlines() if line.strip()]
-        if f.suffix != ".jsonl":
-            captions += lines
-            continue
-        for line in lines:
-            row = json.loads(line)
+        for number, line in _lines(f):
+            if f.suffix != ".jsonl":
+                captions.append(line)
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise PixArtError(f"--captions {f}:{number}: not a JSON line ({getattr(e, 'msg', e)})") from None
+            if not isinstance(row, dict):
+                raise PixArtError(f"--captions {f}:{number}: not a JSON object")
             if row.get("status", "ok") == "ok" and row.get("caption"):
                 captions.append(row["caption"])
     if not captions:
         raise PixArtError(f"--captions {source}: no captions found")
     return captions[:limit]
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a caption file with their line numbers, so that a bad one is named."""
+    data = path.read_bytes()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PixArtError(f"--captions {path}:{line}: not UTF-8 text (byte {e.start})") from None
+    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 @torch.no_grad()
@@ -55,15 +71,22 @@ def estimate_covariance(model, text_encoder, captions: list[str], batch: int = 6
     return total / count, count
 
 
-def read_c_inv(path: str | os.PathLike) -> torch.Tensor:
-    """C^-1 (float64) from a covariance file."""
+def read_c_inv(path: str | os.PathLike, identity: str, source: str = "this model") -> torch.Tensor:
+    """C^-1 (float64) from a covariance file, refused unless it was estimated on the base model `identity`:
+    another model's C would edit with the wrong metric, silently."""
     path = Path(path)
     if not path.is_file():
         raise PixArtError(f"{path}: no such covariance file")
     try:
-        c = load_file(path)["C"].double()
+        with safe_open(path, framework="pt") as f:
+            base = (f.metadata() or {}).get("base_model")
+            c = f.get_tensor("C").double()
     except Exception as e:
         raise PixArtError(f"{path}: not a covariance file ({type(e).__name__}: {e})") from None
+    if base != identity:  # as a concept file, a covariance only works on its own base model
+        base = base or "unknown (no base_model in its metadata)"
+        raise PixArtError(f"{path}: a covariance of base model {base}, but {source} is {identity}: use the "
+                          "covariance file of this base model (beside its checkpoint)")
     return torch.linalg.inv(c)
 
 
@@ -78,11 +101,13 @@ def load_or_estimate(ckpt: Path, identity: str, model, text_encoder, captions: s
                      path: Path | None = None) -> torch.Tensor:
     """C^-1 (float64) for this base model: from `path`, or the file beside the checkpoint, or estimated from
     `captions` and saved there."""
+    if path and not Path(path).is_file() and captions is None:
+        raise PixArtError(f"--covariance {path}: no such file")
     path = Path(path) if path else covariance_path(ckpt, identity)
     if path.is_file():
         if captions is not None:  # say so: the corpus given is not what C was estimated from
             print(f"covariance: reusing {path}; --captions {captions} not read (delete the file to estimate again)")
-        return read_c_inv(path)
+        return read_c_inv(path, identity)
     if captions is None:
         raise PixArtError(f"{path}: no covariance for this base model yet; pass --captions (a text file or a "
                           "relabeling job's output) to estimate it")

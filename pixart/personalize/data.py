@@ -28,6 +28,7 @@ class ConceptImage:
     image: Image.Image  # RGB
     mask: np.ndarray | None  # (H, W) float in [0, 1], the object; None = the whole image
     caption: str | None  # names the concept by its word; None = a template
+    source: str = ""  # where the caption came from (a file, or a shard's sample), for messages
 
 
 def _open_image(source, label: str) -> Image.Image:
@@ -111,8 +112,18 @@ def read_folder(folder: Path) -> list[ConceptImage]:
         mask_path = folder / "masks" / f"{path.stem}.png"
         mask = _mask_file(mask_path, image.size) if mask_path.is_file() else None
         caption_path = path.with_suffix(".txt")
-        out.append(ConceptImage(image, mask, caption_path.read_text().strip() if caption_path.is_file() else None))
+        out.append(ConceptImage(image, mask, _caption_file(caption_path), str(caption_path)))
     return out
+
+
+def _caption_file(path: Path) -> str | None:
+    """An image's `<stem>.txt` caption, or None; one that is not UTF-8 is named, not a decode traceback."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes().decode().strip()
+    except UnicodeDecodeError as e:
+        raise PixArtError(f"{path}: not UTF-8 text (byte {e.start}); save the caption as UTF-8") from None
 
 
 def read_shards(spec: str) -> list[ConceptImage]:
@@ -136,7 +147,8 @@ def read_shards(spec: str) -> list[ConceptImage]:
                 image = _open_image(io.BytesIO(sample[ext]), f"{url}:{sample['__key__']}.{ext}")
                 meta = json.loads(sample["json"]) if "json" in sample else {}
                 caption = sample["txt"].decode().strip() if "txt" in sample else None
-                out.append(ConceptImage(image, _json_mask(meta, image.size), caption))
+                source = f"{url}:{sample['__key__']}.txt"
+                out.append(ConceptImage(image, _json_mask(meta, image.size), caption, source))
             except (PixArtError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
                 print(f"warning: {url}: skipped {sample['__key__']} ({stable_reason(f'{type(e).__name__}: {e}')})")
         if damage.error:

@@ -42,13 +42,14 @@ def diffusers_identity(transformer) -> str:
 def apply_concepts(target, concepts: Sequence[str | os.PathLike | Concept], covariance: str | os.PathLike,
                    beta: float | None = None, tau: float | None = None):
     """Apply concept files to a PixArtAlphaPipeline (transformer, tokenizer and text encoder) or to a bare
-    PixArtTransformer2DModel; `covariance` is the base model's C file (beside its checkpoint). Returns `target`."""
+    PixArtTransformer2DModel; `covariance` is the base model's C file (beside its checkpoint). Concepts and a
+    covariance of another base model are refused. Returns `target`."""
     transformer = getattr(target, "transformer", target)
     concepts = [c if isinstance(c, Concept) else Concept.load(c) for c in concepts]
     identity = diffusers_identity(transformer)
     for c in concepts:
         c.check_base(identity, type(transformer).__name__)
-    c_inv = read_c_inv(covariance)
+    c_inv = read_c_inv(covariance, identity, type(transformer).__name__)
     gates = [GateSettings(c.beta if beta is None else beta, c.tau if tau is None else tau) for c in concepts]
     for j, block in enumerate(transformer.transformer_blocks):
         attn = block.attn2

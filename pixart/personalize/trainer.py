@@ -3,6 +3,8 @@ the text encoder stays frozen (and bitwise unchanged). A state file in the run f
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
@@ -45,6 +48,8 @@ class PersonalizeConfig:
     run_dir: str | None = None  # default: OUT with `.run` appended
     device: str = "cpu"
     overwrite: bool = False  # replace an --out that no run of this run folder wrote
+    text_encoder: str | None = None  # instead of the checkpoint's encoders.json's (which a bare import lacks)
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         if not self.out.endswith(".safetensors"):
@@ -65,6 +70,58 @@ class PersonalizeConfig:
 
 
 STATE_FILE = "state.safetensors"  # in the run folder: what a rerun resumes from
+STATE_TENSORS = ("value_targets", "embedding", "i_star", "i_super")
+
+
+def read_state(path: Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """A run folder's state file: (metadata, tensors); a damaged one (a full disk, a copy cut short) in one line
+    that says what to do, not a safetensors error."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+        missing = [k for k in ("step", "history", "seconds", "concept", "super", "base_model") if k not in meta]
+        missing += [k for k in STATE_TENSORS if tensors and k not in t]
+        problem = f"missing {', '.join(missing)}" if missing else None
+    except (SafetensorError, OSError) as e:
+        problem = str(e)
+    if problem:
+        raise PixArtError(f"{path}: not a readable run state ({problem}); delete it to start the run over, or "
+                          "pass another --run-dir")
+    return meta, t
+
+
+def _check_writable(label: str, folder: Path) -> None:
+    """A file can be made in `folder`, or in its nearest existing parent (the rest is made when written)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise PixArtError(f"{label}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def check_outputs(cfg: PersonalizeConfig) -> None:
+    """The concept file and the run folder, checked before a model loads and named by their flags (not an OSError
+    after the training). An existing --out is replaced only by the run that wrote it (its state records it) or
+    with --overwrite: a --run-dir of another run must not replace it."""
+    out, run = Path(cfg.out), cfg.run_path
+    if out.is_dir():
+        raise PixArtError(f"--out {cfg.out} is a folder; name the concept file (.safetensors)")
+    _check_writable(f"--out {cfg.out}", out.absolute().parent)
+    _check_writable(f"--run-dir {run}" if cfg.run_dir else f"--out {cfg.out} (its run folder {run})", run.absolute())
+    if out.exists() and not cfg.overwrite:
+        state, mine = run / STATE_FILE, out_in_run(cfg)
+        # a state written before runs recorded their --out is trusted, as it was then
+        if not state.is_file() or read_state(state, tensors=False)[0].get("out", mine) != mine:
+            raise PixArtError(f"--out {cfg.out} already exists and no run in {run} wrote it; pass --overwrite to "
+                              "replace it")
+
+
+def out_in_run(cfg: PersonalizeConfig) -> str:
+    """--out relative to the run folder: what a state records, so a run folder moved with its concept still
+    owns it."""
+    return os.path.relpath(Path(cfg.out).resolve(), cfg.run_path.resolve())
 
 
 def draw_timesteps(kind: str, n: int, num_steps: int, generator: torch.Generator) -> Tensor:
@@ -119,38 +176,53 @@ class ConceptTrainer:
         from .tokens import add_concept_token, as_super, check_new_name, super_token
 
         check_new_name(cfg.concept)
-        if Path(cfg.out).exists() and not (cfg.run_path / STATE_FILE).is_file() and not cfg.overwrite:
-            raise PixArtError(f"--out {cfg.out} already exists and no run in {cfg.run_path} wrote it; pass "
-                              "--overwrite to replace it")
+        check_outputs(cfg)
         self.cfg, ckpt = cfg, checkpoint_folder(cfg.ckpt)
         dev = self.device = torch.device(cfg.device)
         self.items = read_concept_images(cfg.data)
-        ema = cfg.ema if cfg.ema is not None else (ckpt / EMA_FILE).is_file()
-        self.model = load_model(ckpt, ema=ema).to(dev).eval().requires_grad_(False)
+        self.default_ema = (ckpt / EMA_FILE).is_file()
+        self.ema = cfg.ema if cfg.ema is not None else self.default_ema  # what a resumed run must match
+        self.model = load_model(ckpt, ema=self.ema).to(dev).eval().requires_grad_(False)
         if self.model.config.arch != "pixart":
             raise PixArtError(f"{ckpt}: a {self.model.config.arch} checkpoint has no text cross-attention to edit")
         self.prediction = load_prediction_type(ckpt)
         enc = load_encoders(ckpt)
-        if not enc.get("text_encoder") or not enc.get("image_encoder"):
-            raise PixArtError(f"{ckpt}: no {ENCODERS_FILE} names the text encoder and the VAE it was trained with")
-        self.text = TextEncoder(TextEncoderConfig(enc["text_encoder"], max_length=enc.get("max_length") or 120,
+        text, vae = cfg.text_encoder or enc.get("text_encoder"), cfg.vae or enc.get("image_encoder")
+        if not text or not vae:
+            raise PixArtError(f"{ckpt}: no {ENCODERS_FILE} names the text encoder and the VAE it was trained with; "
+                              "pass --text-encoder and --vae")
+        self.text = TextEncoder(TextEncoderConfig(text, max_length=enc.get("max_length") or 120,
                                                   dtype="fp32", device=cfg.device))
         self.text.model.requires_grad_(False)
+        train_cfg = parse_config({"data": {"shards": "-"}, "encoders": {"vae": vae}}, "personalize")
+        decoder = load_autoencoder(train_cfg, None, device=cfg.device, scale=enc.get("scaling_factor"))
+        self.model.config.check_encoders(self.text.model.config.d_model, decoder.latent_channels, text, vae)
         self.super_id = super_token(self.text.tokenizer, cfg.super_word)
         self.token_id = add_concept_token(self.text.tokenizer, self.text.model, cfg.concept)
-        self.identity = pixart_identity(self.model)
-        self.c_inv = load_or_estimate(ckpt, self.identity, self.model, self.text, cfg.captions,
-                                      Path(cfg.covariance) if cfg.covariance else None).to(dev)
-        train_cfg = parse_config({"data": {"shards": "-"}, "encoders": {"vae": enc["image_encoder"]}}, "personalize")
-        decoder = load_autoencoder(train_cfg, None, device=cfg.device, scale=enc.get("scaling_factor"))
-        side = self.model.config.input_size * decoder.downsample_factor
-        self.latents, self.masks = self._encode_images(decoder, side)
         self.captions = [caption_for(item, cfg.concept, i) for i, item in enumerate(self.items)]
         unnamed = sum(1 for it, c in zip(self.items, self.captions, strict=True) if it.caption and it.caption != c)
         if unnamed:  # the user wrote them: say why they are not what trains
             print(f"personalize: {unnamed} of {len(self.items)} captions do not name {cfg.concept!r}; a template "
                   "that does replaces each")
         self.super_captions = [as_super(caption, {cfg.concept: cfg.super_word}) for caption in self.captions]
+        self._check_captions()
+        self.identity = pixart_identity(self.model)
+        self.c_inv = load_or_estimate(ckpt, self.identity, self.model, self.text, cfg.captions,
+                                      Path(cfg.covariance) if cfg.covariance else None).to(dev)
+        side = self.model.config.input_size * decoder.downsample_factor
+        self.latents, self.masks = self._encode_images(decoder, side)
+
+    def _check_captions(self) -> None:
+        """Each caption keeps the concept's word (and its super-category copy the super word) within the text
+        encoder's max_length: found here, naming the caption's file, before anything is written."""
+        concept_ids, _ = self.text.tokenize(self.captions)
+        super_ids, _ = self.text.tokenize(self.super_captions)
+        for item, caption, c, s in zip(self.items, self.captions, concept_ids, super_ids, strict=True):
+            if not ((c == self.token_id).any() and (s == self.super_id).any()):
+                where = item.source if item.source and caption == item.caption else f"the caption {caption!r}"
+                raise PixArtError(f"{where}: the concept's word {self.cfg.concept!r} falls past the text encoder's "
+                                  f"max_length ({self.text.config.max_length} tokens); shorten the caption, or "
+                                  f"name {self.cfg.concept!r} earlier in it")
 
     @torch.no_grad()
     def _encode_images(self, decoder, side: int) -> tuple[Tensor, Tensor]:
@@ -212,7 +284,6 @@ class ConceptTrainer:
         from .apply import apply_concepts, remove_concepts
 
         cfg, run = self.cfg, self.cfg.run_path
-        run.mkdir(parents=True, exist_ok=True)
         state_file = run / STATE_FILE
         state, step, history, seconds = self.initial_state(), 0, [], 0.0
         opt_state = None
@@ -222,6 +293,7 @@ class ConceptTrainer:
                 raise PixArtError(f"--steps {cfg.steps}: {state_file} is already at step {step}; give --steps "
                                   f"{step} or more, or another --run-dir")
             log(f"resuming {cfg.concept!r} from step {step} ({state_file})")
+        run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
         state = {k: v.to(self.device, torch.float32) for k, v in state.items()}  # a resumed state is on the CPU
         values = torch.nn.Parameter(state["value_targets"].clone())
         embedding = torch.nn.Parameter(state["embedding"].clone())
@@ -264,6 +336,7 @@ class ConceptTrainer:
                                  seconds + time.perf_counter() - start)
         seconds += time.perf_counter() - start
         save_loss_curve({cfg.concept: history}, run / "loss.png")
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         size = concept.save(cfg.out, cfg.precision)
         remove_concepts(self.model)
         log(f"wrote {cfg.out}: {size:,} bytes ({cfg.precision}), {cfg.steps} steps in {seconds:.1f} s; "
@@ -278,7 +351,7 @@ class ConceptTrainer:
         return {"data": data_identity(c.data), "covariance": c.covariance, "batch": c.batch,
                 "lr_value": c.lr_value, "lr_embedding": c.lr_embedding, "beta": c.beta, "tau": c.tau,
                 "input_decay": c.input_decay, "mask_floor": c.mask_floor, "timesteps": c.timesteps, "seed": c.seed,
-                "ema": c.ema, "device": torch.device(c.device).type}  # the latents' noise is drawn on it
+                "ema": self.ema, "device": torch.device(c.device).type}  # the latents' noise is drawn on it
 
     def _save_state(self, path: Path, concept: Concept, opt, step: int, history: list, seconds: float) -> None:
         tensors = {k: getattr(concept, k).detach().cpu().contiguous()
@@ -290,27 +363,25 @@ class ConceptTrainer:
                     tensors[f"adam.{name}.{k}"] = st[k].detach().cpu().reshape(-1 if k == "step" else st[k].shape)
         meta = {"step": str(step), "seconds": repr(seconds), "history": json.dumps(history),
                 "concept": concept.name, "super": concept.super_word, "base_model": concept.base_model,
-                "settings": json.dumps(self._settings())}
+                "settings": json.dumps(self._settings()), "out": out_in_run(self.cfg)}
         atomic_write(path, save(tensors, metadata=meta))
 
     def _load_state(self, path: Path):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata()
+        meta, t = read_state(path)
         if (meta["concept"], meta["super"], meta["base_model"]) != (self.cfg.concept, self.cfg.super_word,
                                                                      self.identity):
             raise PixArtError(f"{path}: a run of concept {meta['concept']!r} ({meta['super']}) on base model "
                               f"{meta['base_model']}; use another --run-dir or delete it")
         saved, now = json.loads(meta.get("settings", "{}")), self._settings()
+        if saved.get("ema", False) is None:  # older runs stored --ema as given, None for the default
+            saved["ema"] = self.default_ema
         for key, value in saved.items():
             if now.get(key) != value:
                 flag = f"--{key.replace('_', '-')}"
                 what = "on other --data images" if key == "data" else f"with {flag} {value}, not {now.get(key)}"
                 raise PixArtError(f"{path}: a run {what}; resume it with the same settings, or use another "
                                   "--run-dir or delete it")
-        t = load_file(path)
-        state = {k: t[k] for k in ("value_targets", "embedding", "i_star", "i_super")}
+        state = {k: t[k] for k in STATE_TENSORS}
         opt_state = None
         if "adam.value.step" in t:
             opt_state = {i: {k: t[f"adam.{name}.{k}"].reshape(()) if k == "step" else t[f"adam.{name}.{k}"]

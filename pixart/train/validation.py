@@ -34,10 +34,13 @@ class _LabelsAsCaptions(nn.Module):
 
 class Validator:
     def __init__(self, cfg: TrainConfig, model_config: ModelConfig, text_encoder, autoencoder, device: torch.device,
-                 columns: int = 2):
+                 columns: int = 2, batch: int | None = None, progress: bool = False):
+        """`batch`: images sampled at once (default all), so a large grid needs no memory for all of it; the noise
+        is drawn for the whole grid first, so the images do not depend on it. `progress`: a bar over each batch's
+        sampler steps (`pixart sample`; the training loop stays quiet)."""
         self.cfg, self.model_config, self.autoencoder, self.device = cfg, model_config, autoencoder, device
         v = cfg.validation
-        self.columns = columns
+        self.columns, self.progress = columns, progress
         if model_config.arch == "dit":
             labels = v.labels or list(range(min(4, model_config.num_classes)))
             self.rows = len(labels)
@@ -53,7 +56,8 @@ class Validator:
         g = torch.Generator().manual_seed(v.seed)
         self.noise = torch.randn(self.rows * columns, model_config.in_channels, h, w, generator=g)
         self.data_info = size_info((h, w), autoencoder, self.noise.shape[0])
-        self.prepare = None  # model -> context manager to sample in (e.g. concepts applied to it)
+        self.batch = batch or self.noise.shape[0]
+        self.prepare = None  # (model, rows: slice) -> context manager to sample those images in (e.g. concepts)
 
     @torch.no_grad()
     def images(self, state: dict[str, Tensor]) -> Tensor:
@@ -63,21 +67,25 @@ class Validator:
             model, null = _LabelsAsCaptions(model), torch.full((1, 1), float(self.model_config.num_classes))
         else:
             null = model.y_embedder.y_embedding
-        v = self.cfg.validation
-        dev = self.device
-        with self.prepare(model) if self.prepare else nullcontext():
-            return self._sample(model, null, v, dev)
+        images = []
+        for lo in range(0, self.noise.shape[0], self.batch):
+            rows = slice(lo, lo + self.batch)
+            with self.prepare(model, rows) if self.prepare else nullcontext():
+                images.append(self._sample(model, null, rows))
+        return torch.cat(images)
 
-    def _sample(self, model, null, v, dev) -> Tensor:
-        noise, y, info = self.noise.to(dev), self.y.to(dev), {k: t.to(dev) for k, t in self.data_info.items()}
-        mask = None if self.mask is None else self.mask.to(dev)
+    def _sample(self, model, null, rows: slice) -> Tensor:
+        v, dev = self.cfg.validation, self.device
+        noise, y = self.noise[rows].to(dev), self.y[rows].to(dev)
+        info = {k: t[rows].to(dev) for k, t in self.data_info.items()}
+        mask = None if self.mask is None else self.mask[rows].to(dev)
         if v.one_step:
             latents = sample_one_step(model, noise, y, mask, timestep=v.one_step, schedule=NoiseSchedule.linear(),
                                       prediction_type=self.cfg.diffusion.prediction, data_info=info)
         else:
             latents = sample(model, noise, y, mask, null.to(dev), sampler=v.sampler, steps=v.steps, cfg_scale=v.cfg,
                              schedule=NoiseSchedule.linear(), data_info=info,
-                             prediction_type=self.cfg.diffusion.prediction)
+                             prediction_type=self.cfg.diffusion.prediction, progress=self.progress)
         return self.autoencoder.decode(latents.float()).cpu()
 
     def grid(self, state: dict[str, Tensor], out: Path, scale: int = 2) -> Path:
