@@ -273,6 +273,13 @@ def test_regression_pairs_are_drawn_once_by_the_teacher_and_reused(tiny_feature_
     before = (tmp_path / "run" / "pairs.safetensors").stat().st_mtime_ns
     assert distill(cfg, tmp_path / "run", None, "--max-steps", "3").returncode == 0  # resumed: not redrawn
     assert (tmp_path / "run" / "pairs.safetensors").stat().st_mtime_ns == before
+    config_yaml = (tmp_path / "run" / "config.yaml").read_text()
+    r = distill(cfg, tmp_path / "run", None, "--max-steps", "4", "--set", "regression.cfg=1.0")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(  # its pairs were drawn at CFG 4.5
+        "saved with regression.pairs '8 by dpm-solver++, 4 steps, CFG 4.5', this config has '8 by dpm-solver++, "
+        "4 steps, CFG 1.0'; a run resumes as it was saved (another --run-dir with model.init set to it starts "
+        "from its weights)")
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_yaml
 
 
 def test_lpips_regression_reads_its_weights_from_a_file(tiny_feature_cache, teacher, tmp_path):

@@ -28,7 +28,10 @@ def main() -> None:
     p.add_argument("--sets", type=int, default=3, help="sets of 54 seen prompts (seeds 1..N)")
     p.add_argument("--heldout", action="store_true", help="also score the held-out prompts")
     args = p.parse_args()
-    export = Path(args.demo) / "export"
+    demo = Path(args.demo)
+    if not (demo / "report" / "metrics.json").is_file():
+        p.error(f"--demo {args.demo}: not a finished `pixart demo` folder (no report/metrics.json)")
+    export = demo / "export"
     judge = Judge.load_or_train()
     groups = {f"seen-{k}": seen_specs(HOLDOUT, 54, seed=k) for k in range(1, args.sets + 1)}
     if args.heldout:

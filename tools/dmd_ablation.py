@@ -44,6 +44,11 @@ def main() -> None:
     demo = Path(args.demo).resolve()
     out = Path(args.out) if args.out else demo / "dmd_ablation"
     variants = {v[0]: VARIANTS.get(v[0], []) + v[1:] for v in args.variant} if args.variant else VARIANTS
+    unknown = [name for name, sets in variants.items() if not sets]
+    if unknown:  # a misspelt variant would run the demo's config under its name
+        p.error(f"--variant {unknown[0]}: not one of {', '.join(VARIANTS)}, and no KEY=VALUE overrides given")
+    if not (demo / "export").is_dir() or not (demo / "configs" / "dmd.yaml").is_file():
+        p.error(f"--demo {args.demo}: not a finished `pixart demo` folder (no export/ or configs/dmd.yaml)")
     judge = Judge.load_or_train()
     specs = heldout_specs(HOLDOUT)
     prompts = [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in specs]
@@ -61,7 +66,9 @@ def main() -> None:
         cmd = [sys.executable, "-m", "pixart", "distill", str(demo / "configs" / "dmd.yaml"), "--run-dir", str(run)]
         cmd += [a for s in sets for a in ("--set", s)] + (["--max-steps", str(args.steps)] if args.steps else [])
         start = time.time()
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:  # distill's own one line, not a CalledProcessError
+            sys.exit(f"variant {name}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done}")
         seconds = time.time() - start
         final = Path(json.loads((run / "DONE.json").read_text())["checkpoint"])
         subprocess.run([sys.executable, "-m", "pixart", "export-diffusers", str(final), "--out", str(run / "export"),

@@ -28,7 +28,8 @@ def train(demo: Path, stage: str, init: Path, run: Path, sets: list[str]) -> Non
            "--set", f"model.init={init}", "--set", "validation.prompts=[]"]
     for s in sets:
         cmd += ["--set", s]
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode:  # pixart train has said why, in one line
+        sys.exit(1)
 
 
 def score(export: Path) -> dict:
@@ -64,6 +65,8 @@ def main() -> None:
     from pixart.export.diffusers import PipelineParts, export_checkpoint
 
     demo = Path(a.demo).resolve()
+    if not (demo / "report" / "metrics.json").is_file():
+        p.error(f"--demo {a.demo}: not a finished `pixart demo` folder (no report/metrics.json)")
     out = demo / "experiments" / "phrasings" / ("-".join(a.set).replace("/", "_") or "as-the-demo")
     train(demo, "stage2", demo / "runs" / "reparam" / "checkpoint", out / "stage2", a.set)
     train(demo, "stage3", out / "stage2" / "checkpoints" / "latest", out / "stage3", a.set)

@@ -110,6 +110,9 @@ class DistillTrainer:
         self.manifest = cache_manifest(cfg) if batches is None else None
         self.batches = batches if batches is not None else build_loader(cfg, "pixart", self.device)
         self.settings = {**checkpoints.resume_settings(cfg, self.run_dir), "gan.head": cfg.gan.generator_weight > 0}
+        r = cfg.regression
+        if r.weight:  # the run's pairs are drawn once, before step 1: a resume must not relabel them
+            self.settings["regression.pairs"] = f"{r.pairs} by {r.sampler}, {r.steps} steps, CFG {r.cfg}"
         # only now: a bad teacher or shard, or a config that cannot resume the run, writes nothing
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
