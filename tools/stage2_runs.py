@@ -100,7 +100,7 @@ def main(doc: str, title: str, variants) -> None:
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: the demo's)")
     a = p.parse_args()
     demo = Path(a.demo).resolve()
-    if not (demo / "report" / "metrics.json").is_file():
-        p.error(f"--demo {a.demo}: not a finished `pixart demo` folder (no report/metrics.json)")
+    if not (demo / "configs" / "stage2.yaml").is_file():  # what every variant trains from
+        p.error(f"--demo {a.demo}: not a `pixart demo` folder (no configs/stage2.yaml)")
     out = demo / "experiments"
     report([run_variant(demo, out, name, sets, a.steps) for name, sets in variants(demo)], out, title)
