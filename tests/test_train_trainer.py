@@ -171,7 +171,7 @@ def test_a_rerun_that_cannot_resume_the_checkpoint_is_one_line_and_rewrites_noth
             (1, {**saved, "deepspeed.zero_stage": 3}, "saved with deepspeed.zero_stage 1, this config has 3"),
             (1, {**saved, "model.init": "s1/checkpoints/step-000002"},  # it started from no init: not another one
              f"{run} was made from model.init None, now s1/checkpoints/step-000002; delete {run}"),
-            (1, {**saved, "run": "distill"},  # `pixart distill --run-dir` of a stage: its config.yaml stays
+            (1, {**saved, "teacher.init": "s3"},  # `pixart distill --run-dir` of a stage: its config.yaml stays
              f"{run} holds a training stage's (pixart train) checkpoints, not a distillation's (pixart distill); "
              "give another --run-dir")):
         with pytest.raises(PixArtError, match=re.escape(message)):

@@ -106,18 +106,16 @@ def resume_settings(cfg, run_dir: str | os.PathLike) -> dict:
     them): DeepSpeed's state is laid out by precision and ZeRO stage, and a run continues only from the weights
     it started from (`started_from`), lest its output mix two inputs."""
     key, init = init_of(cfg)
-    return {"run": "distill" if key == "teacher.init" else "train", "deepspeed.precision": cfg.deepspeed.precision,
-            "deepspeed.zero_stage": cfg.deepspeed.zero_stage, key: started_from(init, run_dir)}
+    return {"deepspeed.precision": cfg.deepspeed.precision, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
+            key: started_from(init, run_dir)}
 
 
 RUN_KINDS = {"train": "a training stage's (pixart train)", "distill": "a distillation's (pixart distill)"}
 
 
-def run_kind(recorded: dict) -> str | None:
-    """Which command made a checkpoint: recorded since 12-06, else told by the input it names."""
-    if "run" in recorded:
-        return recorded["run"]
-    return "distill" if "teacher.init" in recorded else "train" if "model.init" in recorded else None
+def run_kind(settings: dict) -> str | None:
+    """Which command made (or resumes) a checkpoint, told by the input its settings name (`init_of`)."""
+    return "distill" if "teacher.init" in settings else "train" if "model.init" in settings else None
 
 
 def changed_input(run_dir: Path, key: str, was, now) -> PixArtError:
@@ -138,7 +136,7 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
     if saved != world:
         raise PixArtError(f"{ckpt}: saved at world size {saved}, resumed at {world}{fresh}")
     recorded = read_json(ckpt / TRAINER_FILE)
-    was, now = run_kind(recorded), settings.get("run")
+    was, now = run_kind(recorded), run_kind(settings)
     if was and now and was != now:  # the other command's checkpoint: its config must not be overwritten
         raise PixArtError(f"{run_dir} holds {RUN_KINDS[was]} checkpoints, not {RUN_KINDS[now]}; give another "
                           "--run-dir")
