@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from pixart.cli.main import main
 
 
@@ -18,8 +20,9 @@ def test_eval_scores_shards_and_prints_the_judges_own_accuracy(tmp_path, capsys)
     assert set(metrics["judge_self_accuracy"]) >= {"color", "shape", "position", "count"}
     assert main(["eval", str(tmp_path / "s"), "--limit", "10"]) == 0  # across shards of 8
     assert "judged 10 images" in capsys.readouterr().out
-    assert main(["eval", str(tmp_path / "s"), "--limit", "0"]) == 2
-    assert "--limit 0: must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["eval", str(tmp_path / "s"), "--limit", "0"])
+    assert "pixart eval: error: argument --limit: 0 is not a positive integer" in capsys.readouterr().err
 
 
 def test_eval_without_specs_is_a_clear_error(tmp_path, capsys):

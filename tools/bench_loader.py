@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from pixart.cli import positive_int
 from pixart.data.loader import Loader, LoaderConfig
 from pixart.data.remote import open_shard
 from pixart.data.schema import FeatureSample
@@ -151,24 +152,22 @@ def serve(folder: Path, source: str):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=2048)
-    p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px with the SD VAE)")
-    p.add_argument("--tokens", type=int, default=120)
-    p.add_argument("--dim", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=40)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=positive_int, default=2048)
+    p.add_argument("--shards", type=positive_int, default=8)
+    p.add_argument("--latent", type=positive_int, default=32, help="latent side (32 = 256 px with the SD VAE)")
+    p.add_argument("--tokens", type=positive_int, default=120)
+    p.add_argument("--dim", type=positive_int, default=4096)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--steps", type=positive_int, default=40)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--sources", nargs="+", choices=("local", "http", "s3"), default=["local"],
                    help="where the shards are read from (default local)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=positive_int, default=3,
                    help="measure every source and worker count this many times, interleaved, and report the "
                    "median: the machine's speed drifts within a run (default 3)")
     a = p.parse_args()
-    if a.rounds < 1:
-        raise SystemExit(f"--rounds: must be at least 1, got {a.rounds}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         t = time.perf_counter()
         write_shards(Path(tmp), a.samples, a.shards, a.latent, a.tokens, a.dim)

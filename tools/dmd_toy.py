@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pixart.cli import positive_int  # noqa: E402
 from pixart.diffusion import NoiseSchedule  # noqa: E402
 from pixart.distill import losses  # noqa: E402
 
@@ -206,10 +207,10 @@ def plot(results: dict[str, torch.Tensor], reference: torch.Tensor, out: Path) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="dmd_toy", help="folder for samples.png and results.json")
-    p.add_argument("--steps", type=int, default=3000,
+    p.add_argument("--steps", type=positive_int, default=3000,
                    help="generator updates per variant (default 3000, as the README's table)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seeds", type=int, default=5, help="runs per variant (default 5, as the README's table)")
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--seeds", type=positive_int, default=5, help="runs per variant (default 5, as the README's table)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = p.parse_args()
     torch.set_num_threads(2)

@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pixart.cli import positive_int  # noqa: E402
 from pixart.encoders.loading import DTYPES  # noqa: E402
+from pixart.errors import PixArtError  # noqa: E402
 from pixart.models import build_model  # noqa: E402
 from pixart.train.memory import GB, measure_block, peak_activation_bytes, state_bytes  # noqa: E402
 
@@ -27,22 +29,29 @@ from pixart.train.memory import GB, measure_block, peak_activation_bytes, state_
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="PixArt-XL/2")
-    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (latents are /8)")
+    p.add_argument("--resolution", type=positive_int, default=1024, help="image side in pixels (latents are /8)")
     p.add_argument("--gpu-gb", type=float, default=141.0, help="the GPU's memory in GB (10^9 bytes)")
     p.add_argument("--usable", type=float, default=0.9, help="fraction of it the plan may use (default 0.9)")
-    p.add_argument("--caption-tokens", type=int, default=120)
+    p.add_argument("--caption-tokens", type=positive_int, default=120)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--measure", type=int, metavar="BATCH",
+    p.add_argument("--measure", type=positive_int, metavar="BATCH",
                    help="on a CUDA device, also run one training step at this batch and print its peak memory")
     p.add_argument("--checkpoint", type=int, default=0, help="blocks checkpointed in the --measure step")
     p.add_argument("--dmd", action="store_true", help="pixart distill's three networks instead of one stage")
-    p.add_argument("--world", type=int, default=1, help="GPUs the trainable states shard over (--dmd)")
-    p.add_argument("--zero", type=int, default=2, help="ZeRO stage (--dmd, default 2)")
+    p.add_argument("--world", type=positive_int, default=1, help="GPUs the trainable states shard over (--dmd)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2, help="ZeRO stage (--dmd, default 2)")
     args = p.parse_args()
+    if not args.gpu_gb > 0 or not 0 < args.usable <= 1:
+        p.error("--gpu-gb must be positive and --usable in (0, 1]")
+    if not 0 <= args.checkpoint:
+        p.error(f"argument --checkpoint: {args.checkpoint} is negative")
     torch.set_num_threads(2)
 
     side = args.resolution // 8
-    model = build_model(args.model, input_size=side)
+    try:
+        model = build_model(args.model, input_size=side)
+    except PixArtError as e:  # a --resolution the patch size does not divide, or an unknown --model
+        p.error(f"--model {args.model} at --resolution {args.resolution}: {e}")
     tokens = (side // model.config.patch_size) ** 2
     block, inp = measure_block(model, 1, tokens, args.caption_tokens, torch.device("cpu"), DTYPES[args.precision])
     params, depth = sum(p.numel() for p in model.parameters()), len(model.blocks)

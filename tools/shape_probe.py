@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipelines.shapes import COLORS, SHAPES, ShapesConfig, render_scene  # noqa: E402
+from pixart.cli import positive_int  # noqa: E402
 from pixart.demo.drawer import Drawer  # noqa: E402
 from pixart.demo.pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, SAMPLE_STEPS  # noqa: E402
 from pixart.eval.heldout import prompt_for  # noqa: E402
@@ -81,8 +82,8 @@ def main() -> None:
     p.add_argument("--demo", default="demo_out", help="a finished `pixart demo` folder (default demo_out)")
     p.add_argument("--starts", type=int, nargs="+", default=[1000, 800, 600, 400, 300, 200, 100],
                    help="start timesteps: scenes are noised to the first sampler step at or below each (1000: 999)")
-    p.add_argument("--scenes", type=int, default=48, help="how many scenes (default 48)")
-    p.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps over the whole schedule")
+    p.add_argument("--scenes", type=positive_int, default=48, help="how many scenes (default 48)")
+    p.add_argument("--steps", type=positive_int, default=SAMPLE_STEPS, help="sampler steps over the whole schedule")
     p.add_argument("--cfg", type=float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE}, the demo's)")
     p.add_argument("--seed", type=int, default=1000, help="picks the scenes; the noise is seeded 0")
     p.add_argument("--grid", type=Path, help="PNG: the scenes, then 8 of them from each start")
@@ -95,8 +96,6 @@ def main() -> None:
     export = Path(args.demo) / "export"
     if not (export / "model_index.json").is_file():
         raise SystemExit(f"--demo: {export} is not an exported pipeline; run `pixart demo --out {args.demo}` first")
-    if args.scenes < 1:
-        raise SystemExit(f"--scenes: must be at least 1, got {args.scenes}")
     drawer = Drawer(export, args.steps, args.cfg)
     sched = drawer.pipe.scheduler
     sched.set_timesteps(args.steps)

@@ -21,6 +21,19 @@ def pick_device(device: str | None) -> str:
     return device
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts: "0" or "-3" is argparse's one-line usage error naming the flag."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def check_out_file(out: str, example: str, what: str = "output") -> None:
     """An --out FILE that cannot be written, found before the work rather than after it (`sample`, `eval`,
     `bench`): a folder (or a name ending in /, which would become a file of that name), or a parent folder

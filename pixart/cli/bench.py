@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from pixart.cli import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="training-step throughput (img/s, TFLOP/s, MFU), ours vs diffusers",
@@ -18,15 +20,15 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="PixArt-S/2", help="a PixArt model name (default PixArt-S/2)")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels; latents are /8 (default 256)")
-    p.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
-    p.add_argument("--tokens", type=int, default=120, help="caption tokens, a third padding (default 120)")
+    p.add_argument("--batch", type=positive_int, default=2, help="images per step (default 2)")
+    p.add_argument("--tokens", type=positive_int, default=120, help="caption tokens, a third padding (default 120)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--compare", choices=("diffusers",), default=None, help="also time diffusers' model")
     p.add_argument("--compile", action="store_true",
                    help="also time ours with torch.compile'd blocks (compiling is in the warm-up steps)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="every row's precision (default: bf16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--iters", type=int, default=10, help="timed steps per model (default 10)")
+    p.add_argument("--iters", type=positive_int, default=10, help="timed steps per model (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--out", default="bench.json", help="JSON results file, written atomically (default bench.json)")
     p.set_defaults(run=run)
@@ -45,8 +47,8 @@ def run(args) -> None:
     device = pick_device(args.device)
     if args.resolution % 16 or args.resolution < 16:
         raise PixArtError(f"--resolution must be a multiple of 16, got {args.resolution}")
-    if min(args.batch, args.iters, args.tokens) < 1 or args.warmup < 0:
-        raise PixArtError("--batch, --iters and --tokens must be positive, --warmup non-negative")
+    if args.warmup < 0:
+        raise PixArtError(f"--warmup {args.warmup}: must be 0 or more")
     try:
         result = run_bench(BenchConfig(args.model, args.resolution, args.batch, args.tokens, device, args.compare,
                                        compile=args.compile, precision=args.precision, iters=args.iters,

@@ -1,6 +1,8 @@
 """`pixart data score-aesthetic`: per-shard aesthetic scores as sidecars, and the kept fraction at a threshold."""
 from __future__ import annotations
 
+from pixart.cli import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -20,7 +22,7 @@ def add_parser(sub) -> None:
                    "a .pth state dict is read with weights_only)")
     p.add_argument("--threshold", type=float, default=None,
                    help="keep samples scoring at least this (default 0.5 for shapes, 5.0 for laion)")
-    p.add_argument("--batch-size", type=int, default=32, help="images scored at once (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images scored at once (default 32)")
     p.add_argument("--device", default="cpu", help="laion: torch device of the CLIP model (default cpu)")
     p.set_defaults(run=run)
 
@@ -34,8 +36,6 @@ def run(args) -> None:
 
     shards = resolve_shards(args.shards)
     check_unique_names(shards)  # before loading any model
-    if args.batch_size < 1:
-        raise PixArtError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.scorer == "laion":
         if not args.model:
             raise PixArtError("--scorer laion needs --model PATH (a CLIP model folder)")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from pixart.cli import positive_int
+
 EPILOG = """\
 examples:
   pixart distill configs/pixart_xl2/dmd512.yaml --run-dir runs/dmd
@@ -24,7 +26,7 @@ def add_parser(sub) -> None:
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="distillation config (YAML; `base:` inherits another file)")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<stage>)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many generator updates "
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many generator updates "
                    "(default: train.max_steps)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key after inheritance, e.g. dm.cfg=4.5 (repeatable)")
@@ -36,11 +38,8 @@ def run(args) -> None:
 
     from pixart.distill.config import load_distill_config
     from pixart.distill.trainer import DistillTrainer
-    from pixart.errors import PixArtError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise PixArtError(f"--max-steps must be positive, got {args.max_steps}")
     cfg = load_distill_config(args.config, args.sets)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from pixart.cli import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -18,7 +20,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("shards", nargs="+", help="SHARDS: folders, globs, brace patterns or URLs")
     p.add_argument("--out", help="also write the metrics to this JSON file (atomically; checked before the work)")
-    p.add_argument("--limit", type=int, default=None, help="score at most this many images")
+    p.add_argument("--limit", type=positive_int, default=None, help="score at most this many images")
     p.set_defaults(run=run)
 
 
@@ -32,8 +34,6 @@ def run(args) -> None:
     from pixart.errors import PixArtError
     from pixart.eval.judge import ATTRIBUTES, Judge, describe, percent
 
-    if args.limit is not None and args.limit < 1:
-        raise PixArtError(f"--limit {args.limit}: must be positive")
     if args.out:
         check_out_file(args.out, "metrics.json", "JSON")  # now, not after the judging
     images, specs, skipped, first = [], [], Counter(), {}

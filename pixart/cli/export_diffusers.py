@@ -12,8 +12,10 @@ def add_parser(sub) -> None:
         help="checkpoint folder -> diffusers PixArtTransformer2DModel / PixArtAlphaPipeline folder",
         description="Write OUT/transformer, loadable with PixArtTransformer2DModel.from_pretrained(OUT, "
         "subfolder='transformer'). With --text-encoder, --tokenizer and --vae it writes a whole "
-        "PixArtAlphaPipeline folder (DPM-Solver++ scheduler). OUT/null_caption.safetensors holds the model's "
-        "null caption; pass it as negative_prompt_embeds to sample as the official code does.",
+        "PixArtAlphaPipeline folder: a DPM-Solver++ scheduler, or for a one-step student (`pixart distill`'s "
+        "checkpoint) a DDPM one and OUT/student.json, as the released PixArt-DMD ships. "
+        "OUT/null_caption.safetensors holds the model's null caption; pass it as "
+        "negative_prompt_embeds to sample as the official code does.",
     )
     p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors]), "
                    "or a run's RUN/checkpoints/latest")

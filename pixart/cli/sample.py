@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from pixart.cli import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="images from a checkpoint (PNG grid)", description=__doc__ + (
@@ -23,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the whole grid's noise, drawn row by row: the same command writes the same image "
                    "(default 0)")
-    p.add_argument("--columns", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--batch", type=int, default=8,
+    p.add_argument("--columns", type=positive_int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--batch", type=positive_int, default=8,
                    help="images sampled at once (default 8); lower it if memory runs out (the noise stays the same)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="LATENT height and width, not pixels: pixels / 8 with the SD VAE (64 64 is 512 x 512 px); "
@@ -128,10 +130,6 @@ def check_args(args) -> None:
         raise PixArtError("give at least one --prompt (or --label for a class-conditional DiT)")
     if not 1 <= args.steps <= 1000:
         raise PixArtError(f"--steps {args.steps}: give 1 to 1000 (the noise schedule's timesteps)")
-    if args.columns < 1:
-        raise PixArtError(f"--columns {args.columns}: must be positive")
-    if args.batch < 1:
-        raise PixArtError(f"--batch {args.batch}: must be positive")
     if not (math.isfinite(args.cfg) and args.cfg >= 0):
         raise PixArtError(f"--cfg {args.cfg}: give a finite scale >= 0 (1: no guidance)")
     if args.size and min(args.size) < 1:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from pixart.cli import positive_int
+
 EPILOG = """\
 examples:
   pixart train configs/pixart_xl2/stage2_sam256.yaml --run-dir runs/stage2
@@ -22,7 +24,7 @@ def add_parser(sub) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="stage config (YAML; `base:` inherits another file)")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<stage>)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps "
                    "(default: train.max_steps)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key after inheritance, e.g. optim.lr=1e-4 (repeatable)")
@@ -32,13 +34,10 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import logging
 
-    from pixart.errors import PixArtError
     from pixart.train.config import load_train_config
     from pixart.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise PixArtError(f"--max-steps must be positive, got {args.max_steps}")
     cfg = load_train_config(args.config, args.sets)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
