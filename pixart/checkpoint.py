@@ -115,13 +115,18 @@ def save_checkpoint(out_dir, config: ModelConfig, model_state: StateDict, ema_st
     """Write the folder atomically (see `atomic_dir`); `extra` adds small text files (e.g. provenance)."""
     with atomic_dir(out_dir, overwrite, sources) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json())
-        for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
-            if state is not None:
-                tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-                save_file(tensors, tmp / name, metadata={"format": "pt"})
+        write_weights(tmp, model_state, ema_state)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
     return Path(out_dir)
+
+
+def write_weights(folder: Path, model_state: StateDict, ema_state: StateDict | None) -> None:
+    """A checkpoint folder's model.safetensors and (when given) ema.safetensors, in a folder being written."""
+    for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
+        if state is not None:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            save_file(tensors, folder / name, metadata={"format": "pt"})
 
 
 def read_json(path: str | os.PathLike):

@@ -154,7 +154,7 @@ def test_a_lowpassed_pixel_cache_names_its_frequencies_and_trains_from_them(enc,
     extract_features(raw / "shard-000000.tar", tmp_path / "p", cfg, progress=False)
     m = Manifest.load(tmp_path / "p")
     assert (m.image_encoder, m.latent_channels, m.downsample_factor) == ("pixel:8:4", 48, 8)
-    ae = load_autoencoder(SimpleNamespace(encoders=SimpleNamespace(vae=None)), m)
+    ae = load_autoencoder(SimpleNamespace(vae=None), m)
     assert (ae.id, ae.scale_factor, ae.latent_channels) == ("pixel:8:4", 3.0, 48)
     extract_features(raw / "shard-000000.tar", tmp_path / "full", dataclasses.replace(cfg, pixel_lowpass=None),
                      progress=False)

@@ -3,12 +3,12 @@ from types import SimpleNamespace
 import torch
 
 from pixart.encoders.pixel import PixelAutoencoder
-from pixart.train.config import parse_config
+from pixart.train.config import EncodersSection
 from pixart.train.encoders import load_autoencoder
 
 
 def _cfg(vae=None):
-    return parse_config({"data": {"shards": "-"}, "encoders": {"vae": vae}}, "test")
+    return EncodersSection(vae=vae)
 
 
 def test_pixel_autoencoder_takes_the_caches_scale_else_the_checkpoints():

@@ -35,7 +35,7 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     model = load_model(ckpt, ema=True)
     side = model.config.input_size * PIXEL_FACTOR
     manifest = cache_manifest(cfg)
-    text_encoder, autoencoder = load_text_encoder(cfg, manifest), load_autoencoder(cfg, manifest)
+    text_encoder, autoencoder = load_text_encoder(cfg.encoders, manifest), load_autoencoder(cfg.encoders, manifest)
 
     def draw(prompts: list[str]) -> list:
         return sample_prompts(model, prompts, text_encoder, autoencoder, (model.config.input_size,) * 2,

@@ -62,7 +62,7 @@ def run(args) -> None:
     )
     from pixart.cli import pick_device
     from pixart.errors import PixArtError
-    from pixart.train.config import parse_config
+    from pixart.train.config import EncodersSection, ValidationSection, validated
     from pixart.train.encoders import load_autoencoder, load_text_encoder
     from pixart.train.validation import Validator
 
@@ -86,22 +86,21 @@ def run(args) -> None:
     text, vae = args.text_encoder or enc.get("text_encoder"), args.vae or enc.get("image_encoder")
     if vae is None or (model.config.arch == "pixart" and text is None):
         raise PixArtError(f"{ckpt}: no {ENCODERS_FILE} names the encoders; pass --text-encoder and --vae")
-    encoders = {"text_encoder": text, "max_length": enc.get("max_length") or 120, "vae": vae,
-                "dtype": "fp32" if device == "cpu" else enc.get("dtype", "bf16")}  # bf16 crawls on AVX2 CPUs
+    encoders = validated(EncodersSection, {"text_encoder": text, "max_length": enc.get("max_length") or 120, "vae": vae,
+                                           "dtype": "fp32" if device == "cpu" else enc.get("dtype", "bf16")},
+                         str(ckpt / ENCODERS_FILE))  # fp32 on a CPU: bf16 crawls on AVX2 ones
     student = load_student(ckpt)
-    cfg = parse_config({"data": {"shards": "-"}, "encoders": encoders,
-                        "diffusion": {"prediction": load_prediction_type(ckpt)},
-                        "validation": {"prompts": args.prompt, "labels": args.label, "seed": args.seed,
-                                       "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
-                                       "size": args.size,
-                                       "one_step": student["start_timestep"] if student else None}}, "pixart sample")
-    encoder = load_text_encoder(cfg, None, device) if model.config.arch == "pixart" else None
+    v = validated(ValidationSection, {"prompts": args.prompt, "labels": args.label, "seed": args.seed,
+                                      "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "size": args.size,
+                                      "one_step": student["start_timestep"] if student else None}, "pixart sample")
+    encoder = load_text_encoder(encoders, None, device) if model.config.arch == "pixart" else None
     # the latents' scale is the training data's (encoders.json), whichever copy of the VAE decodes them
-    decoder = load_autoencoder(cfg, None, device, scale=enc.get("scaling_factor"))
+    decoder = load_autoencoder(encoders, None, device, scale=enc.get("scaling_factor"))
     model.config.check_encoders(encoder and encoder.model.config.d_model, decoder.latent_channels, text, vae)
     concepts = concept_setup(args, ckpt, model, encoder) if args.concept else []
-    validator = Validator(cfg, model.config, encoder, decoder, torch.device(device), args.columns, args.batch,
-                          progress=True)
+    prediction = load_prediction_type(ckpt)
+    validator = Validator(v, prediction, model.config, encoder, decoder, torch.device(device),
+                          args.columns, args.batch, progress=True)
     if concepts:
         validator.prepare = concepts_context(args, concepts, ckpt, model, encoder)
     validator.grid(model.state_dict(), Path(args.out), scale=1)
@@ -110,7 +109,7 @@ def run(args) -> None:
     if concepts:
         how += f", concepts {', '.join(c.name for c in concepts)}" + (" (global lock)" if args.global_lock else "")
     print(f"wrote {args.out}: {len(args.prompt) or len(args.label)} x {args.columns} images "
-          f"({'EMA' if ema else 'model'} weights, {cfg.diffusion.prediction}, {how})")
+          f"({'EMA' if ema else 'model'} weights, {prediction}, {how})")
 
 
 def check_args(args) -> None:

@@ -5,6 +5,8 @@ import json
 import shutil
 from pathlib import Path
 
+from pixart.train.monitor import read_log
+
 from .dmd import contention_warning, evaluate_student, matmul_gflops
 from .drawer import Drawer
 from .perfusion import evaluate_concept
@@ -100,7 +102,7 @@ def training_rates(out: Path, matmul_gflops: float) -> dict:
         path = out / "runs" / stage / "metrics.jsonl"
         if not path.is_file():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][1:]  # not the warm-up
+        rows = read_log(path)[1:]  # not the warm-up
         if not rows:
             continue
         rates[stage] = {"samples_per_s": round(sum(r["samples_per_s"] for r in rows) / len(rows), 1)}
@@ -127,7 +129,7 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
             shutil.copy(grids[-1], rep / f"{stage}.png")
         rows = out / "runs" / stage / "metrics.jsonl"
         if rows.is_file():
-            runs[stage] = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
+            runs[stage] = read_log(rows)
     save_loss_curve(runs, rep / "loss.png")
     metrics["training"] = training_rates(out, metrics["machine"]["fp32_matmul_gflops"])
     metrics["checkpoints"] = outputs

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from pixart.atomic import atomic_write
 from pixart.checkpoint import (
     CONFIG_FILE,
     DIFFUSION_FILE,
@@ -47,8 +45,8 @@ from pixart.train.encoders import cache_manifest, load_autoencoder, load_text_en
 from pixart.train.engine import build_engine, init_distributed
 from pixart.train.master import frozen_state, gather, master_fragments, scatter_into
 from pixart.train.monitor import Monitor
-from pixart.train.trainer import DONE_FILE, NonFiniteLoss, all_finite, build_loader, data_report, encoders_record
-from pixart.train.watchdog import StepWatchdog, watching_peers
+from pixart.train.trainer import build_loader, check_finite, encoders_record, run_to_end, validate
+from pixart.train.watchdog import StepWatchdog
 
 from . import losses
 from .config import DistillConfig
@@ -205,7 +203,7 @@ class DistillTrainer:
                 _, logits = fake(xt.to(self.dtype), d["t"], y.to(self.dtype), mask=mask, data_info=info, gan=True)
             terms["gan_g"] = (cfg.gan.generator_weight, losses.generator_gan_loss(logits))
         loss = sum(w * v for w, v in terms.values())
-        self._check_finite(loss, "generator")
+        check_finite(self, loss, "generator")
         self.engines[GENERATOR].backward(loss)
         self.engines[GENERATOR].step()
         return x.detach(), {"loss_g": loss.item(), **{k: v.item() for k, (_, v) in terms.items()}}
@@ -237,7 +235,7 @@ class DistillTrainer:
         if cfg.gan.generator_weight:
             terms["gan_d"] = losses.discriminator_gan_loss(logits[2 * B:], logits[B:2 * B])
             loss = loss + cfg.gan.discriminator_weight * terms["gan_d"]
-        self._check_finite(loss, "fake score")
+        check_finite(self, loss, "fake score")
         engine.backward(loss)
         engine.step()
         return {k: v.item() for k, v in terms.items()}
@@ -264,12 +262,6 @@ class DistillTrainer:
         scalars["samples"] = x.shape[0] * self.world
         return scalars
 
-    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if not all_finite(loss, self.device):
-            latest = checkpoints.latest_checkpoint(self.run_dir)
-            raise NonFiniteLoss(f"step {self.step + 1}: the {which} loss is {loss.item()} (not finite); stopped "
-                                f"before the update. Last good checkpoint, intact: {latest or 'none yet'}")
-
     # -- set-up before step 1 ----------------------------------------------------------------------------
     def _regression_setup(self) -> None:
         cfg, r = self.cfg, self.cfg.regression
@@ -277,7 +269,7 @@ class DistillTrainer:
             return
         if r.kind == "lpips":
             self.lpips = load_lpips(r.lpips_weights, self.device)
-            self.decoder = load_autoencoder(cfg, self.manifest or cache_manifest(cfg), str(self.device))
+            self.decoder = load_autoencoder(cfg.encoders, self.manifest or cache_manifest(cfg), str(self.device))
         path = self.run_dir / PAIRS_FILE
         if self.main and not path.is_file():
             side = self.model_config.input_size
@@ -317,28 +309,10 @@ class DistillTrainer:
             self.step = int(state["step"])
 
     # -- the loop ----------------------------------------------------------------------------------------
-    def run(self, max_steps: int | None = None) -> Path:
-        cfg = self.cfg
-        max_steps = max_steps or cfg.train.max_steps
+    def run(self) -> Path:
         self._resume()
         self._regression_setup()
-        monitor = Monitor(self.run_dir, self.step, self.main)
-        bar = tqdm(total=max_steps, initial=self.step, desc=cfg.stage, disable=not self.main, dynamic_ncols=True)
-        try:
-            with watching_peers(cfg.train.collective_timeout_s, self.rank, self.run_dir, lambda: self.step) as dog:
-                self._loop(max_steps, monitor, bar, dog)
-        finally:
-            bar.close()
-            monitor.close()
-        final = checkpoints.latest_checkpoint(self.run_dir)
-        data = data_report(self.batches, self.world, self.main)
-        if self.main:
-            monitor.loss_curve(self.run_dir / "loss.png", cfg.stage, keys=("dm", "fake", "regression", "gan_g"))
-            atomic_write(self.run_dir / DONE_FILE, json.dumps({"checkpoint": str(final), "steps": self.step,
-                                                               "stage": cfg.stage, "data": data, **self.settings},
-                                                              indent=2))
-        dist.barrier()
-        return final
+        return run_to_end(self, curve_keys=("dm", "fake", "regression", "gan_g"))
 
     def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
         cfg = self.cfg
@@ -362,7 +336,7 @@ class DistillTrainer:
             if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
                 self.save()
             if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
-                self._validate(validator, monitor)
+                validate(self, validator, monitor, ema=True)
             checkpoints.fault_point("after-step", self.step)
             watchdog.beat()
 
@@ -388,16 +362,9 @@ class DistillTrainer:
             return None
         manifest = self.manifest or cache_manifest(self.cfg)
         return DistillValidator(self.cfg, self.model_config, self.prediction, self.teacher,
-                                load_text_encoder(self.cfg, manifest), load_autoencoder(self.cfg, manifest),
+                                load_text_encoder(self.cfg.encoders, manifest),
+                                load_autoencoder(self.cfg.encoders, manifest),
                                 self.device)
-
-    def _validate(self, validator, monitor: Monitor) -> None:
-        weights = self.full_weights(ema=True)
-        if validator is not None:
-            out = self.run_dir / "samples" / f"{checkpoints.step_name(self.step)}.png"
-            validator.grid(weights, out)
-            monitor.image("validation", self.step, out)
-        dist.barrier()
 
 
 def load_lpips(path: str, device: torch.device):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pixart.train.config import parse_config
+from pixart.train.config import ValidationSection, validated
 from pixart.train.validation import Validator, save_grid
 
 from .config import DistillConfig
@@ -19,9 +19,8 @@ class DistillValidator:
         common = {"prompts": v.prompts, "seed": v.seed, "size": v.size}
         teacher_v = {**common, "steps": v.steps, "cfg": v.cfg, "sampler": v.sampler}
         student_v = {**common, "one_step": cfg.student.start_timestep}
-        make = lambda val: Validator(  # noqa: E731
-            parse_config({"data": {"shards": "-"}, "diffusion": {"prediction": prediction}, "validation": val},
-                         "distill validation"), model_config, text_encoder, autoencoder, device, v.columns)
+        make = lambda val: Validator(validated(ValidationSection, val, "distill validation"), prediction,  # noqa: E731
+                                     model_config, text_encoder, autoencoder, device, v.columns)
         self.columns, self.rows = v.columns, len(v.prompts)
         self.student = make(student_v)
         teacher_state = {k: t.float().cpu() for k, t in teacher.state_dict().items()}

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
+from scipy import ndimage
 from torch import nn
 
 from data_pipelines import shapes
@@ -136,19 +137,6 @@ def _to_array(image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _components(mask: np.ndarray) -> np.ndarray:
-    """4-connected labels (0 = background) by min-label propagation: no scipy needed."""
-    h, w = mask.shape
-    big = h * w + 1
-    lab = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
-    while True:
-        p = np.pad(lab, 1, constant_values=big)
-        new = np.where(mask, np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), big)
-        if (new == lab).all():
-            return np.where(mask, lab, 0)
-        lab = new
-
-
 def detect(image) -> list[dict]:
     """Blobs, one per cell at most: position, color, bbox, plus the `crop` and `feats` the blob net reads."""
     arr = _to_array(image)
@@ -160,7 +148,7 @@ def detect(image) -> list[dict]:
     best: dict[int, tuple] = {}
     for cell in range(len(POSITIONS)):  # blobs never span cells: damage may have joined neighbours
         bx0, by0, bx1, by1 = cell_box(w, h, cell)
-        labels = _components(mask[by0:by1, bx0:bx1])
+        labels = ndimage.label(mask[by0:by1, bx0:bx1])[0]  # 4-connected, numbered in raster order
         ids, areas = np.unique(labels[labels > 0], return_counts=True)
         for i, area in zip(ids, areas, strict=True):
             ys, xs = np.nonzero(labels == i)

@@ -16,11 +16,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from pixart.atomic import atomic_write
+from pixart.encoders.loading import DTYPES
 from pixart.errors import PixArtError
 
 FORMAT = "pixart-perfusion-1"
 TENSORS = ("value_targets", "i_star", "i_super", "embedding")
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass

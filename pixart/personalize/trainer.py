@@ -168,7 +168,7 @@ class ConceptTrainer:
             load_prediction_type,
         )
         from pixart.encoders.text import TextEncoder, TextEncoderConfig
-        from pixart.train.config import parse_config
+        from pixart.train.config import EncodersSection
         from pixart.train.encoders import load_autoencoder
 
         from .covariance import load_or_estimate
@@ -194,8 +194,7 @@ class ConceptTrainer:
         self.text = TextEncoder(TextEncoderConfig(text, max_length=enc.get("max_length") or 120,
                                                   dtype="fp32", device=cfg.device))
         self.text.model.requires_grad_(False)
-        train_cfg = parse_config({"data": {"shards": "-"}, "encoders": {"vae": vae}}, "personalize")
-        decoder = load_autoencoder(train_cfg, None, device=cfg.device, scale=enc.get("scaling_factor"))
+        decoder = load_autoencoder(EncodersSection(vae=vae), None, device=cfg.device, scale=enc.get("scaling_factor"))
         self.model.config.check_encoders(self.text.model.config.d_model, decoder.latent_channels, text, vae)
         self.super_id = super_token(self.text.tokenizer, cfg.super_word)
         self.token_id = add_concept_token(self.text.tokenizer, self.text.model, cfg.concept)

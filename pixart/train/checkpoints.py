@@ -23,17 +23,16 @@ import signal
 from pathlib import Path
 
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from pixart.atomic import atomic_write, remove_dead_writers, share_modes
 from pixart.checkpoint import (
     EMA_FILE,
     LATEST_POINTER,
-    MODEL_FILE,
     checkpoint_folder,
     load_config,
     read_json,
     read_state_dict,
+    write_weights,
 )
 from pixart.errors import PixArtError
 from pixart.models.config import ModelConfig
@@ -185,9 +184,7 @@ def save(run_dir: Path, step: int, engines: dict, files: dict[str, str], model_s
     if _rank() == 0:
         for file, text in files.items():
             (tmp / file).write_text(text)
-        for file, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
-            if state is not None:
-                save_file({k: v.contiguous() for k, v in state.items()}, tmp / file, metadata={"format": "pt"})
+        write_weights(tmp, model_state, ema_state)
         (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     _barrier()
     fault_point("mid-save", step)

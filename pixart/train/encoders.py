@@ -6,7 +6,7 @@ from pixart.data.manifest import Manifest, find_manifest, shard_folder
 from pixart.data.shards import resolve_shards
 from pixart.errors import PixArtError
 
-from .config import TrainConfig
+from .config import EncodersSection, TrainConfig
 
 
 def cache_manifest(cfg: TrainConfig) -> Manifest | None:
@@ -19,28 +19,31 @@ def cache_manifest(cfg: TrainConfig) -> Manifest | None:
     return find_manifest(folder) if folder is not None else None
 
 
-def load_text_encoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu"):
+def load_text_encoder(enc: EncodersSection, manifest: Manifest | None, device: str = "cpu"):
+    """A config's `encoders.text_encoder`, else the one its feature cache was encoded with (and that cache's caption
+    length and dtype)."""
     from pixart.encoders.text import TextEncoder, TextEncoderConfig
 
-    path = cfg.encoders.text_encoder or (manifest.text_encoder if manifest else None)
+    path = enc.text_encoder or (manifest.text_encoder if manifest else None)
     if path is None:
         raise PixArtError("encoders.text_encoder: needed (raw shards or validation prompts) and no feature manifest "
                           "names one")
-    dtype = manifest.dtype if manifest and not cfg.encoders.text_encoder else cfg.encoders.dtype
-    max_length = manifest.max_length if manifest and not cfg.encoders.text_encoder else cfg.encoders.max_length
+    dtype = manifest.dtype if manifest and not enc.text_encoder else enc.dtype
+    max_length = manifest.max_length if manifest and not enc.text_encoder else enc.max_length
     return TextEncoder(TextEncoderConfig(path=path, dtype=dtype, max_length=max_length, device=device))
 
 
-def load_autoencoder(cfg: TrainConfig, manifest: Manifest | None, device: str = "cpu", scale: float | None = None):
+def load_autoencoder(enc: EncodersSection, manifest: Manifest | None, device: str = "cpu",
+                     scale: float | None = None):
     """The VAE, or the toy pixel autoencoder a cache names as `pixel:<factor>[:<lowpass>]`. The scaling factor is the
     cache's, else `scale` (a checkpoint's encoders.json), else the VAE's own (1 for the pixel one)."""
     from pixart.encoders.pixel import PixelAutoencoder
     from pixart.encoders.vae import ImageAutoencoder, VAEConfig
 
-    source = cfg.encoders.vae or (manifest.image_encoder if manifest else None)
+    source = enc.vae or (manifest.image_encoder if manifest else None)
     if source is None:
         raise PixArtError("encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
-    scale = manifest.scaling_factor if manifest and not cfg.encoders.vae else scale
+    scale = manifest.scaling_factor if manifest and not enc.vae else scale
     if source.startswith("pixel:"):
         return PixelAutoencoder.from_id(source, device=device, scale_factor=scale or 1.0)
     return ImageAutoencoder(VAEConfig(path=source, device=device, scale_factor=scale))

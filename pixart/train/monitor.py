@@ -5,6 +5,7 @@ log reads as if it had never stopped.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def save_figure(fig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    data = io.BytesIO()
+    fig.savefig(data, format="png")
     plt.close(fig)
-    tmp.replace(out)
+    atomic_write(out, data.getvalue())

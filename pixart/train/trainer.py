@@ -115,7 +115,7 @@ class Trainer:
         fp32_init = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.block_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
 
-        self.batches = batches if batches is not None else self._loader()
+        self.batches = batches if batches is not None else build_loader(cfg, self.model_config.arch, self.device)
         self.settings = checkpoints.resume_settings(cfg, self.run_dir)
         # only now: a bad init or shard, or a config that cannot resume the run, writes nothing
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
@@ -161,9 +161,6 @@ class Trainer:
         if mc.arch == "pixart" and m.text_dim != mc.caption_channels:
             raise PixArtError(f"{where}: text_dim {m.text_dim} != model caption_channels {mc.caption_channels}")
 
-    def _loader(self) -> Loader:
-        return build_loader(self.cfg, self.model_config.arch, self.device)
-
     def _validator(self):
         from .validation import Validator
 
@@ -171,8 +168,10 @@ class Trainer:
         if not self.main or (arch == "pixart" and not v.prompts):
             return None
         manifest = self.manifest or cache_manifest(self.cfg)
-        text = load_text_encoder(self.cfg, manifest) if arch == "pixart" else None
-        return Validator(self.cfg, self.model_config, text, load_autoencoder(self.cfg, manifest), self.device)
+        enc = self.cfg.encoders
+        text = load_text_encoder(enc, manifest) if arch == "pixart" else None
+        return Validator(v, self.cfg.diffusion.prediction, self.model_config, text, load_autoencoder(enc, manifest),
+                         self.device)
 
     # -- one step -------------------------------------------------------------------------------
     def loss(self, batch: dict, step: int) -> torch.Tensor:
@@ -204,9 +203,6 @@ class Trainer:
         assert terms.loss.shape == (B,)
         return terms.loss.mean()
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        return all_finite(loss, self.device)
-
     # -- saving ---------------------------------------------------------------------------------
     def full_weights(self, ema: bool) -> dict | None:
         """The whole fp32 model (or EMA) with its buffers, on rank 0 (None elsewhere). Collective."""
@@ -215,18 +211,15 @@ class Trainer:
         frozen = frozen_state(self.engine.module)
         return {**state, **frozen} if self.main else None
 
-    def save(self, history: dict) -> Path:
+    def save(self) -> Path:
         files = {CONFIG_FILE: self.model_config.to_json(),
                  DIFFUSION_FILE: json.dumps({"prediction_type": self.cfg.diffusion.prediction}, indent=2),
-                 ENCODERS_FILE: json.dumps(self._encoders(), indent=2)}
+                 ENCODERS_FILE: json.dumps(encoders_record(self.cfg, self.manifest), indent=2)}
         return checkpoints.save(self.run_dir, self.step, {checkpoints.DS_TAG: self.engine}, files,
                                 self.full_weights(ema=False), self.full_weights(ema=True),
                                 self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
-                                {"samples": self.samples, "stage": self.cfg.stage, **self.settings, **history},
+                                {"samples": self.samples, "stage": self.cfg.stage, **self.settings},
                                 self.cfg.train.keep_last)
-
-    def _encoders(self) -> dict:
-        return encoders_record(self.cfg, self.manifest)
 
     def _resume(self) -> None:
         state = checkpoints.restore(self.run_dir, {checkpoints.DS_TAG: self.engine}, self.ema, self.batches)
@@ -234,27 +227,9 @@ class Trainer:
             self.step, self.samples = int(state["step"]), int(state.get("samples", 0))
 
     # -- the loop -------------------------------------------------------------------------------
-    def run(self, max_steps: int | None = None) -> Path:
-        cfg = self.cfg
-        max_steps = max_steps or cfg.train.max_steps
+    def run(self) -> Path:
         self._resume()
-        monitor = Monitor(self.run_dir, self.step, self.main)
-        bar = tqdm(total=max_steps, initial=self.step, desc=cfg.stage, disable=not self.main, dynamic_ncols=True)
-        try:
-            with watching_peers(cfg.train.collective_timeout_s, self.rank, self.run_dir, lambda: self.step) as dog:
-                self._loop(max_steps, monitor, bar, dog)
-        finally:
-            bar.close()
-            monitor.close()
-        final = checkpoints.latest_checkpoint(self.run_dir)
-        data = self._data_report()
-        if self.main:
-            monitor.loss_curve(self.run_dir / "loss.png", cfg.stage)
-            atomic_write(self.run_dir / DONE_FILE, json.dumps({"checkpoint": str(final), "steps": self.step,
-                                                               "stage": cfg.stage, "data": data, **self.settings},
-                                                              indent=2))
-        dist.barrier()
-        return final
+        return run_to_end(self)
 
     def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
         cfg = self.cfg
@@ -268,10 +243,7 @@ class Trainer:
                 if keys:
                     keys.write(self.step + 1, batch["keys"])
                 loss = self.loss(batch, self.step)
-                if not self._all_finite(loss):
-                    latest = checkpoints.latest_checkpoint(self.run_dir)
-                    raise NonFiniteLoss(f"step {self.step + 1}: the loss is {loss.item()} (not finite); stopped "
-                                        f"before the update. Last good checkpoint, intact: {latest or 'none yet'}")
+                check_finite(self, loss)
                 self.engine.backward(loss)
                 self.engine.step()
                 window.add(batch, loss.item() / cfg.optim.grad_accum, self.world, self.model_config.patch_size)
@@ -286,9 +258,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
                 window = _Window()
             if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
-                self.save({})
+                self.save()
             if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
-                self._validate(validator, monitor)
+                validate(self, validator, monitor, self.cfg.validation.ema)
             checkpoints.fault_point("after-step", self.step)
             watchdog.beat()
 
@@ -307,16 +279,46 @@ class Trainer:
             scalars["mfu"] = flops * rate / (peak * self.world)
         return scalars
 
-    def _data_report(self) -> dict:
-        return data_report(self.batches, self.world, self.main)
 
-    def _validate(self, validator, monitor: Monitor) -> None:
-        weights = self.full_weights(ema=self.cfg.validation.ema)
-        if validator is not None:
-            out = self.run_dir / "samples" / f"{checkpoints.step_name(self.step)}.png"
-            validator.grid(weights, out)
-            monitor.image("validation", self.step, out)
-        dist.barrier()
+
+def run_to_end(trainer, curve_keys: tuple[str, ...] = ()) -> Path:
+    """A resumed trainer's (`Trainer`'s or `DistillTrainer`'s) `_loop` to `train.max_steps`, watched for lost
+    peers, with a progress bar; then loss.png and DONE.json. Returns the last checkpoint."""
+    cfg, t = trainer.cfg, trainer
+    monitor = Monitor(t.run_dir, t.step, t.main)
+    bar = tqdm(total=cfg.train.max_steps, initial=t.step, desc=cfg.stage, disable=not t.main, dynamic_ncols=True)
+    try:
+        with watching_peers(cfg.train.collective_timeout_s, t.rank, t.run_dir, lambda: t.step) as dog:
+            t._loop(cfg.train.max_steps, monitor, bar, dog)
+    finally:
+        bar.close()
+        monitor.close()
+    final = checkpoints.latest_checkpoint(t.run_dir)
+    data = data_report(t.batches, t.world, t.main)
+    if t.main:
+        monitor.loss_curve(t.run_dir / "loss.png", cfg.stage, keys=curve_keys)
+        done = {"checkpoint": str(final), "steps": t.step, "stage": cfg.stage, "data": data, **t.settings}
+        atomic_write(t.run_dir / DONE_FILE, json.dumps(done, indent=2))
+    dist.barrier()
+    return final
+
+
+def check_finite(trainer, loss: torch.Tensor, which: str = "") -> None:
+    """Stop every rank before an update whose loss is not finite on any, naming the last good checkpoint."""
+    if not all_finite(loss, trainer.device):
+        latest = checkpoints.latest_checkpoint(trainer.run_dir)
+        raise NonFiniteLoss(f"step {trainer.step + 1}: the {which + ' ' if which else ''}loss is {loss.item()} (not "
+                            f"finite); stopped before the update. Last good checkpoint, intact: {latest or 'none yet'}")
+
+
+def validate(trainer, validator, monitor: Monitor, ema: bool) -> None:
+    """The validation grid of the current weights (or EMA), on rank 0. Collective: every rank gathers."""
+    weights = trainer.full_weights(ema=ema)
+    if validator is not None:
+        out = trainer.run_dir / "samples" / f"{checkpoints.step_name(trainer.step)}.png"
+        validator.grid(weights, out)
+        monitor.image("validation", trainer.step, out)
+    dist.barrier()
 
 
 def build_loader(cfg, arch: str, device: torch.device) -> Loader:
@@ -327,8 +329,8 @@ def build_loader(cfg, arch: str, device: torch.device) -> Loader:
         os.environ.update({CACHE_ENV: str(d.shard_cache), CACHE_GB_ENV: str(d.shard_cache_gb)})
     text = vae = None
     if detect_kind(resolve_shards(d.shards)) == "raw":
-        text = load_text_encoder(cfg, None, str(device)) if arch == "pixart" else None
-        vae = load_autoencoder(cfg, None, str(device))
+        text = load_text_encoder(cfg.encoders, None, str(device)) if arch == "pixart" else None
+        vae = load_autoencoder(cfg.encoders, None, str(device))
     return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=cfg.train.seed, caption=d.caption,
                                buckets=d.buckets, resolution=d.resolution, num_workers=d.num_workers,
                                scores_dir=d.scores_dir, min_score=d.min_score, expected=d.expected),

@@ -6,6 +6,7 @@ per seed offset; the same noise every time, so grids from successive steps compa
 """
 from __future__ import annotations
 
+import io
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -13,12 +14,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from pixart.atomic import atomic_write
 from pixart.checkpoint import load_into
 from pixart.diffusion import NoiseSchedule
 from pixart.diffusion.sampler import sample, sample_one_step
 from pixart.models import ModelConfig, model_from_config
 
-from .config import TrainConfig
+from .config import ValidationSection
 
 
 class _LabelsAsCaptions(nn.Module):
@@ -33,13 +35,13 @@ class _LabelsAsCaptions(nn.Module):
 
 
 class Validator:
-    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, text_encoder, autoencoder, device: torch.device,
-                 columns: int = 2, batch: int | None = None, progress: bool = False):
+    def __init__(self, v: ValidationSection, prediction: str, model_config: ModelConfig, text_encoder, autoencoder,
+                 device: torch.device, columns: int = 2, batch: int | None = None, progress: bool = False):
         """`batch`: images sampled at once (default all), so a large grid needs no memory for all of it; the noise
         is drawn for the whole grid first, so the images do not depend on it. `progress`: a bar over each batch's
         sampler steps (`pixart sample`; the training loop stays quiet)."""
-        self.cfg, self.model_config, self.autoencoder, self.device = cfg, model_config, autoencoder, device
-        v = cfg.validation
+        self.v, self.prediction, self.model_config, self.autoencoder = v, prediction, model_config, autoencoder
+        self.device = device
         self.columns, self.progress = columns, progress
         if model_config.arch == "dit":
             labels = v.labels or list(range(min(4, model_config.num_classes)))
@@ -75,17 +77,17 @@ class Validator:
         return torch.cat(images)
 
     def _sample(self, model, null, rows: slice) -> Tensor:
-        v, dev = self.cfg.validation, self.device
+        v, dev = self.v, self.device
         noise, y = self.noise[rows].to(dev), self.y[rows].to(dev)
         info = {k: t[rows].to(dev) for k, t in self.data_info.items()}
         mask = None if self.mask is None else self.mask[rows].to(dev)
         if v.one_step:
             latents = sample_one_step(model, noise, y, mask, timestep=v.one_step, schedule=NoiseSchedule.linear(),
-                                      prediction_type=self.cfg.diffusion.prediction, data_info=info)
+                                      prediction_type=self.prediction, data_info=info)
         else:
             latents = sample(model, noise, y, mask, null.to(dev), sampler=v.sampler, steps=v.steps, cfg_scale=v.cfg,
                              schedule=NoiseSchedule.linear(), data_info=info,
-                             prediction_type=self.cfg.diffusion.prediction, progress=self.progress)
+                             prediction_type=self.prediction, progress=self.progress)
         return self.autoencoder.decode(latents.float()).cpu()
 
     def grid(self, state: dict[str, Tensor], out: Path, scale: int = 2) -> Path:
@@ -135,9 +137,6 @@ def save_grid(images: Tensor | list[Image.Image], columns: int, out: Path, scale
     if scale != 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        grid.save(tmp, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))  # x.jpg is a JPEG
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = io.BytesIO()
+    grid.save(data, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))  # x.jpg is a JPEG
+    atomic_write(out, data.getvalue())
