@@ -130,6 +130,17 @@ def test_help_explains_every_command():
     assert "--global-init" in run_cli("convert-dit", "--help").stdout
 
 
+def test_a_misspelt_flag_is_shown_with_its_own_commands_usage(capsys):
+    for argv, usage, extra in ((["relabel", "x", "--out", "o", "--captioner", "metadata", "--modle", "m"],
+                                "pixart relabel", "--modle m"),
+                               (["data", "sam", "x", "--out", "o", "--frob"], "pixart data sam", "--frob")):
+        with pytest.raises(SystemExit, match="2"):
+            main(argv)
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: {usage} ")
+        assert err.strip().endswith(f"{usage}: error: unrecognized arguments: {extra}")
+
+
 def test_every_option_with_a_default_says_it_in_its_help():
     """A user reads what an option does when it is left out; repeatable options (default []) need not say."""
     import argparse

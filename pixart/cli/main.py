@@ -38,11 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    _name_own_parsers(parser)
     return parser
 
 
+def _name_own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser records itself, so that a misspelt flag gets its usage, not the top level's."""
+    parser.set_defaults(own_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_own_parsers(child)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse reports these from the top-level parser: `usage: pixart COMMAND ...`
+        args.own_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     name = " ".join(filter(None, (args.command, getattr(args, "job", None))))  # "data sam"
     try:
         args.run(args)
