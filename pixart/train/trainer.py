@@ -280,11 +280,10 @@ class Trainer:
         return scalars
 
 
-
 def run_to_end(trainer, curve_keys: tuple[str, ...] = ()) -> Path:
     """A resumed trainer's (`Trainer`'s or `DistillTrainer`'s) `_loop` to `train.max_steps`, watched for lost
     peers, with a progress bar; then loss.png and DONE.json. Returns the last checkpoint."""
-    cfg, t = trainer.cfg, trainer
+    t, cfg = trainer, trainer.cfg
     monitor = Monitor(t.run_dir, t.step, t.main)
     bar = tqdm(total=cfg.train.max_steps, initial=t.step, desc=cfg.stage, disable=not t.main, dynamic_ncols=True)
     try:
