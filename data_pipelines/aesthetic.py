@@ -1,7 +1,7 @@
 """Aesthetic scores for the stage-3 filter: one sidecar per shard, `<shard>.aesthetic.jsonl`.
 
-Each line is `{"__key__": ..., "score": ...}`; samples that cannot be read are left
-out, counted and reported. A shard of which nothing could be read (missing, HTTP 404, a failed
+Each line is `{"__key__": ..., "score": ...}`; samples that cannot be scored are left
+out, counted by reason and reported. A shard of which nothing could be read (missing, HTTP 404, a failed
 `pipe:` command, not a tar) gets no sidecar, so an earlier run's stays. Two scorers:
 
 - `shapes`: the shapes world's own `aesthetic` from the sample's `.json` (1 clean, lower damaged);
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,20 +24,36 @@ SIDECAR = "{}.aesthetic.jsonl"
 SUMMARY = "aesthetic-summary.json"
 DEFAULT_THRESHOLD = {"shapes": 0.5, "laion": 5.0}
 HEAD_FILE = "aesthetic_head.safetensors"
+NO_AESTHETIC = "json has no 'aesthetic'"  # a shard of another dataset, when none of a batch has one
+
+
+def _shapes_score(sample: dict) -> float | str:
+    """The sample's `aesthetic`, or why it has none."""
+    if "json" not in sample:
+        return "no json"
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError:
+        return "bad json"
+    if not isinstance(meta, dict) or "aesthetic" not in meta:
+        return NO_AESTHETIC
+    try:
+        return float(meta["aesthetic"])
+    except (TypeError, ValueError):
+        return "'aesthetic' is not a number"
 
 
 class ShapesScorer:
-    """The rendered quality recorded in the shapes world's metadata."""
+    """The rendered quality recorded in the shapes world's metadata. A batch of which no sample's json has one is
+    another dataset's shard: an error, rather than a run that scores nothing."""
 
     name = "shapes"
 
-    def __call__(self, samples: list[dict]) -> list[float | None]:
-        out = []
-        for s in samples:
-            try:
-                out.append(float(json.loads(s["json"])["aesthetic"]))
-            except (KeyError, ValueError, TypeError):
-                out.append(None)
+    def __call__(self, samples: list[dict]) -> list[float | str]:
+        out = [_shapes_score(s) for s in samples]
+        if out and all(r == NO_AESTHETIC for r in out):
+            raise PixArtError(f"--scorer shapes reads the shapes world's metadata (KEY.json 'aesthetic'); the "
+                              f"samples of {samples[0].get('__url__', 'this shard')} have none: use --scorer laion")
         return out
 
 
@@ -76,7 +93,7 @@ def _read_head(path: Path) -> dict:
 
 
 class LaionScorer:
-    """CLIP image embedding -> L2 normalise -> MLP head, in batches."""
+    """CLIP image embedding -> L2 normalise -> MLP head, in batches; a sample without a readable image gets why."""
 
     name = "laion"
 
@@ -99,17 +116,17 @@ class LaionScorer:
         self.head.to(device).eval()
         self.device, self.torch = device, torch
 
-    def __call__(self, samples: list[dict]) -> list[float | None]:
+    def __call__(self, samples: list[dict]) -> list[float | str]:
         from pixart.data.tars import decode_image
 
         images, where = [], []
+        out: list[float | str] = [""] * len(samples)
         for i, s in enumerate(samples):
             try:
                 images.append(decode_image(s))
                 where.append(i)
-            except ValueError:  # no image, or not decodable: skipped and counted
-                pass
-        out: list[float | None] = [None] * len(samples)
+            except ValueError as e:  # no image, or not decodable: skipped and counted
+                out[i] = str(e)
         if images:
             with self.torch.no_grad():
                 pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
@@ -125,8 +142,12 @@ class ShardResult:
     name: str
     samples: int = 0
     kept: int = 0
-    skipped: int = 0
+    reasons: Counter = field(default_factory=Counter)  # why samples were skipped: reason -> count
     error: str | None = None  # why the shard broke off part-way (truncated tar), or why nothing could be read
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
 
 
 @dataclass
@@ -148,13 +169,19 @@ class Summary:
         return sum(r.skipped for r in self.shards)
 
     @property
+    def reasons(self) -> Counter:
+        return sum((r.reasons for r in self.shards), Counter())
+
+    @property
     def kept_fraction(self) -> float:
         return self.kept / self.samples if self.samples else 0.0
 
     def to_json(self) -> dict:
         return {"scorer": self.scorer, "threshold": self.threshold, "samples": self.samples, "kept": self.kept,
                 "kept_fraction": self.kept_fraction, "skipped": self.skipped,
-                "shards": {r.name: {"samples": r.samples, "kept": r.kept, "skipped": r.skipped, "error": r.error}
+                "skipped_reasons": dict(self.reasons.most_common()),
+                "shards": {r.name: {"samples": r.samples, "kept": r.kept, "skipped": r.skipped,
+                                    "skipped_reasons": dict(r.reasons.most_common()), "error": r.error}
                            for r in self.shards}}
 
 
@@ -162,8 +189,8 @@ def _score_batch(batch: list[dict], scorer: Callable, threshold: float, result: 
                  progress: Callable[[int], None] | None) -> None:
     """Score `batch` into `result` and `lines` (one sidecar line per scored sample), then empty it."""
     for sample, score in zip(batch, scorer(batch), strict=True):
-        if score is None:
-            result.skipped += 1
+        if isinstance(score, str):  # why it was not scored
+            result.reasons[score] += 1
             continue
         lines.append(json.dumps({"__key__": sample["__key__"], "score": round(score, 6)}))
         result.samples += 1
@@ -172,16 +199,27 @@ def _score_batch(batch: list[dict], scorer: Callable, threshold: float, result: 
     batch.clear()
 
 
+def check_out(out: str | os.PathLike) -> None:
+    """--out a folder this user can write in, or one that can be made: found before any scoring."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PixArtError(f"--out {out} is not a folder")
+    base = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder it would be made in
+    if not (base.is_dir() and os.access(base, os.W_OK | os.X_OK)):
+        raise PixArtError(f"--out {out}: not a folder this user can write in")
+
+
 def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable, threshold: float,
                  batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Summary:
-    """Score every sample of every shard, write the sidecars and the summary; return the summary."""
+    """Score every sample of every shard, write the sidecars and the summary; return the summary. A scorer returns
+    a score or, for a sample it cannot score, why not."""
     from pixart.atomic import atomic_write
     from pixart.data.shards import check_unique_names
     from pixart.data.tars import TarDamage, iter_samples
 
     names = check_unique_names(shards)  # one sidecar per name: a second shard would overwrite the first
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     summary = Summary(scorer=scorer.name, threshold=threshold)
     for url, name in zip(shards, names, strict=True):
         result, lines, batch = ShardResult(name), [], []
@@ -192,6 +230,7 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
                 _score_batch(batch, scorer, threshold, result, lines, progress)
         _score_batch(batch, scorer, threshold, result, lines, progress)
         result.error = damage.reason() if damage.error else None
+        out.mkdir(parents=True, exist_ok=True)  # made only once there is something to write
         if damage.after or not damage.error:  # nothing read: no empty sidecar in place of an earlier one
             atomic_write(out / SIDECAR.format(result.name), "".join(line + "\n" for line in lines))
         summary.shards.append(result)

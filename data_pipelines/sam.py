@@ -7,7 +7,7 @@ Every coordinate in an SA-1B json (bbox, point_coords, area, crop_box, the RLE's
 frame its `image.width` x `image.height` names, whatever size the jpg was stored at, so that frame,
 not the decoded jpg, is what gets scaled to the output size, one factor per axis.
 Members are paired by name (`sam_tar.py`). Damaged inputs are skipped and listed in
-`DIR/sam_report.json`, never fatal.
+`DIR/sam_report.json`, never fatal; a run that writes not one sample is an error, and leaves the old set.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def _json_frame(meta: dict) -> tuple[int, int]:
     image = meta.get("image") if isinstance(meta, dict) else None
     try:
         w, h = int(image["width"]), int(image["height"])
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):  # OverflowError: Infinity, which json reads
         raise BadSample("json has no image.width/height") from None
     if w < 1 or h < 1:
         raise BadSample(f"json frame {w}x{h} is empty")
@@ -148,6 +149,8 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
 def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> tuple[list[Path], Path]:
     """The shards (and report) an --overwrite replaces, and an empty folder to write the new ones into: the old
     set stays whole until the new one is (a kill in between leaves the old shards, and their report)."""
+    if out.exists() and not out.is_dir():
+        raise PixArtError(f"--out {out} is not a folder")
     for src in srcs:
         if Path(src).resolve().parent == out.resolve() and Path(src).name.startswith(prefix + "-"):
             raise PixArtError(f"--out {out} would overwrite the input {src}")
@@ -159,8 +162,24 @@ def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> tu
     for p in [*out.glob(".sam-spill-*"), *out.glob(f".{prefix}-new")]:  # left by a killed run
         shutil.rmtree(p, ignore_errors=True)
     new = out / f".{prefix}-new"
-    new.mkdir(parents=True)
+    try:
+        new.mkdir(parents=True)
+    except OSError as e:
+        raise PixArtError(f"--out {out}: not a folder this user can write in ({e.strerror})") from None
     return old, new
+
+
+def _nothing_written(srcs: list[str], report: SamReport, paired: int) -> str:
+    """Why not one sample was written, in one line: why its pairs were skipped, else why nothing could be read."""
+    where = srcs[0] + (f" or the {len(srcs) - 1} other inputs" if len(srcs) > 1 else "")
+    if paired:  # read, but none is an SA-1B sample (img2dataset's jpg + json, say)
+        reasons = Counter(s["reason"] for s in report.skipped).most_common()
+        why = "; ".join(f"{n}: {reason}" for reason, n in reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+        return f"no SA-1B sample in {where}: all {len(report.skipped)} skipped ({why})"
+    if report.damaged:  # not one sample read: not an SA-1B tar, rather than a bad one
+        d = report.damaged[0]
+        return f"{d['source']}: no SA-1B sample could be read ({d['error']})"
+    return f"no SA-1B samples (image + json pairs) in {where}"  # a whole tar, but of something else
 
 
 def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig(),
@@ -201,12 +220,8 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         if writer is not None:
             report.shards.append(writer.close().name)
             writer = None
-        if report.written == 0 and report.damaged:  # not one sample read: not an SA-1B tar, rather than a bad one
-            d = report.damaged[0]
-            raise PixArtError(f"{d['source']}: no SA-1B sample could be read ({d['error']})")
-        if report.written == 0 and not paired:  # a whole tar, but of something else
-            raise PixArtError(f"no SA-1B samples (image + json pairs) in {srcs[0]}"
-                              + (f" or the {len(srcs) - 1} other inputs" if len(srcs) > 1 else ""))
+        if report.written == 0:  # an error, and the old set stays
+            raise PixArtError(_nothing_written(srcs, report, paired))
     except BaseException:
         if writer is not None:
             writer.abort()

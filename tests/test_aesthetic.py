@@ -94,6 +94,8 @@ def test_laion_scorer_is_clip_embedding_then_mlp(tmp_path, clip):
     assert [r["__key__"] for r in rows] == ["a", "c"]
     summary = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
     assert summary["skipped"] == 2 and summary["samples"] == 2 and summary["scorer"] == "laion"
+    assert summary["skipped_reasons"] == {
+        "bad image: UnidentifiedImageError: cannot identify image file <_io.BytesIO>": 1, "no image": 1}
 
     model, proc = CLIPVisionModelWithProjection.from_pretrained(clip).eval(), CLIPImageProcessor.from_pretrained(clip)
     head = aesthetic_head(24).eval()
@@ -126,8 +128,27 @@ def test_unreadable_metadata_and_broken_shards_are_counted(tmp_path, shapes, cap
     assert sidecar(tmp_path / "o" / "odd-000000.aesthetic.jsonl") == [{"__key__": "x", "score": 0.9}]
     summary = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
     assert summary["shards"]["odd-000000"]["skipped"] == 2
+    assert summary["shards"]["odd-000000"]["skipped_reasons"] == {"bad json": 1, "no json": 1}
     assert summary["shards"]["cut-000000"]["error"] and 0 < summary["shards"]["cut-000000"]["samples"] < 25
-    assert "shards damaged: cut-000000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 skipped (1: bad json; 1: no json);" in out and "shards damaged: cut-000000" in out
+
+
+def test_shapes_scorer_on_another_datasets_shards_is_one_error(tmp_path, shapes, capsys):
+    """SA-1B shards (`data sam`'s json has no 'aesthetic'): not a run that scores nothing and writes empty
+    sidecars, but an error naming the shard and the scorer to use, before anything is written for that shard."""
+    meta = json.dumps({"width": 48, "height": 40, "image": {"image_id": 1, "width": 48, "height": 40,
+                                                             "file_name": "sa_1.jpg"}, "annotations": []})
+    _shard(tmp_path / "sam-000000.tar", [{"__key__": f"sa_{i}", "png": _png(i), "json": meta.encode()}
+                                         for i in range(5)])
+    assert run_cli(tmp_path / "sam-000000.tar", "--out", tmp_path / "o") == 2
+    assert run_cli(shapes / "shapes-000000.tar", tmp_path / "sam-000000.tar", "--out", tmp_path / "o2") == 2
+    errs = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pixart")]  # not the bar's
+    assert len(errs) == 2 and errs[0] == errs[1] == (
+        "pixart data score-aesthetic: error: --scorer shapes reads the shapes world's metadata (KEY.json "
+        f"'aesthetic'); the samples of {tmp_path / 'sam-000000.tar'} have none: use --scorer laion")
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in (tmp_path / "o2").iterdir()] == ["shapes-000000.aesthetic.jsonl"]  # whole shards only
 
 
 def test_a_shard_of_which_nothing_could_be_read_gets_no_sidecar(tmp_path, shapes, capsys):
@@ -145,7 +166,7 @@ def test_a_shard_of_which_nothing_could_be_read_gets_no_sidecar(tmp_path, shapes
     for name in ("empty-000000", "pipe-000000"):
         assert shards[name]["error"].startswith("nothing could be read (") and shards[name]["samples"] == 0
     assert shards["shapes-000000"] == {"samples": 25, "kept": shards["shapes-000000"]["kept"], "skipped": 0,
-                                       "error": None}
+                                       "skipped_reasons": {}, "error": None}
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):
@@ -154,9 +175,24 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     (tmp_path / "a.tar").write_bytes(b"")
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion") == 2
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", tmp_path) == 2
+    (tmp_path / "afile").write_text("mine")
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "afile") == 2
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "afile" / "sub") == 2
     errs = capsys.readouterr().err.strip().splitlines()
-    assert len(errs) == 4 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
+    assert len(errs) == 6 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
     assert "needs --model" in errs[2] and "not a CLIP model folder" in errs[3]
+    assert errs[4].endswith(f"--out {tmp_path / 'afile'} is not a folder")
+    assert errs[5].endswith(f"--out {tmp_path / 'afile' / 'sub'}: not a folder this user can write in")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_a_device_torch_or_this_machine_lacks_is_one_line(tmp_path, clip, capsys, device):
+    (tmp_path / "a.tar").write_bytes(b"")
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", clip,
+                   "--device", device) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("pixart data score-aesthetic: error: --device ") and device in err
 
 
 def test_two_shards_of_one_name_are_refused(tmp_path, shapes, capsys):

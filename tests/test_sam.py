@@ -116,6 +116,40 @@ def test_cli_and_refusals(srcs, tmp_path, capsys):
     with pytest.raises(PixArtError, match=r"notes.tar or the 1 other inputs$"):
         ingest([str(other), write_tar(tmp_path / "more.tar", [("a.csv", b"1,2")])], tmp_path / "z", progress=False)
     assert not (tmp_path / "z" / "sam_report.json").exists() and not list((tmp_path / "z").glob("*.tar"))
+    # an --out that is a file, or lies under one: named as the flag, the file untouched
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(PixArtError, match=r"^--out .*afile is not a folder$"):
+        ingest(srcs, tmp_path / "afile", progress=False)
+    with pytest.raises(PixArtError, match=r"^--out .*afile/sub: not a folder this user can write in \(Not a dir"):
+        ingest(srcs, tmp_path / "afile" / "sub", progress=False)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_overwrite_with_tars_of_another_dataset_keeps_the_old_set(srcs, tmp_path):
+    """img2dataset's jpg + json + txt samples pair up, but none is an SA-1B sample: an error naming the input and
+    why its samples were skipped, and the old shards stay (rather than 0 images written in their place)."""
+    out = tmp_path / "out"
+    ingest(srcs, out, SamConfig(max_side=64), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    laion = write_tar(tmp_path / "laion-000000.tar", [
+        m for i in range(20) for m in ((f"{i:09d}.jpg", _jpg(64, 48)), (f"{i:09d}.txt", b"a red square"),
+                                       (f"{i:09d}.json", json.dumps({"url": "https://example.com/a.jpg",
+                                                                     "caption": "a red square", "width": 64,
+                                                                     "height": 48}).encode()))])
+    with pytest.raises(PixArtError, match=r"^no SA-1B sample in .*laion-000000.tar: all 20 skipped "
+                                          r"\(20: json has no image.width/height\)$"):
+        ingest([str(laion)], out, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_damaged_input_is_named_in_the_summary(srcs, tmp_path, capsys):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    parser = argparse.ArgumentParser()
+    data_sam.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["sam", srcs[0], str(tmp_path / "empty.tar"), "--out", str(tmp_path / "o")])
+    args.run(args)
+    assert f"wrote 2 images in 1 shards to {tmp_path / 'o'}; " in (out := capsys.readouterr().out)
+    assert f"damaged tars 1: {tmp_path / 'empty.tar'} (see " in out
 
 
 # --- SA-1B as shipped: members in random order, coordinates in the json's frame -------------------------
@@ -265,6 +299,18 @@ def test_aspect_mismatch_is_skipped_with_its_reason(tmp_path, frame_annotations)
     report = ingest([str(tmp_path / "sa.tar")], tmp_path / "o", progress=False)
     assert report.written == 1 and [s["key"] for s in report.skipped] == ["sa_2", "sa_3"]
     assert report.skipped[0]["reason"] == "aspect mismatch: jpg 1125x750, json frame 1500x2250"
+
+
+def test_a_json_frame_that_is_no_size_skips_its_sample(tmp_path):
+    """Python's json reads Infinity and NaN: no int, so no frame; a side below 1 is none either."""
+    widths = {1: float("inf"), 2: float("nan"), 3: -1500, 4: 0, 5: "wide", 6: 1500}
+    write_tar(tmp_path / "sa.tar", [m for i, w in widths.items() for m in (
+        (f"sa_{i}.jpg", _jpg(24, 36)), (f"sa_{i}.json", _sa1b_json(i, [], frame=(w, 2250))))])
+    report = ingest([str(tmp_path / "sa.tar")], tmp_path / "o", progress=False)
+    assert report.written == 1 and [(s["key"], s["reason"]) for s in report.skipped] == [
+        ("sa_1", "json has no image.width/height"), ("sa_2", "json has no image.width/height"),
+        ("sa_3", "json frame -1500x2250 is empty"), ("sa_4", "json frame 0x2250 is empty"),
+        ("sa_5", "json has no image.width/height")]
 
 
 @pytest.mark.parametrize("via", ["file", "pipe"])

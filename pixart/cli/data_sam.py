@@ -28,5 +28,6 @@ def run(args) -> None:
     cfg = SamConfig(max_side=args.max_side, shard_size=args.shard_size, keep_masks=args.keep_masks,
                     hold_mb=args.hold_mb)
     r = ingest(args.src, args.out, cfg, overwrite=args.overwrite)
+    damaged = f": {', '.join(d['source'] for d in r.damaged)}" if r.damaged else ""
     print(f"wrote {r.written} images in {len(r.shards)} shards to {args.out}; skipped {len(r.skipped)} "
-          f"({r.unpaired} unpaired members), damaged tars {len(r.damaged)} (see {args.out}/sam_report.json)")
+          f"({r.unpaired} unpaired members), damaged tars {len(r.damaged)}{damaged} (see {args.out}/sam_report.json)")

@@ -1,7 +1,7 @@
 """`pixart data score-aesthetic`: per-shard aesthetic scores as sidecars, and the kept fraction at a threshold."""
 from __future__ import annotations
 
-from pixart.cli import positive_int
+from pixart.cli import pick_device, positive_int
 
 
 def add_parser(sub) -> None:
@@ -9,9 +9,9 @@ def add_parser(sub) -> None:
         "score-aesthetic",
         help="aesthetic scores of shard samples as sidecar files",
         description="Write DIR/<shard>.aesthetic.jsonl (one {\"__key__\", \"score\"} per sample) for every shard "
-        "and DIR/aesthetic-summary.json, and report the fraction kept at --threshold. Unreadable samples are "
-        "skipped and counted. Scorers: 'shapes' reads the shapes world's metadata; 'laion' is LAION's "
-        "improved aesthetic predictor (CLIP image embedding -> MLP).",
+        "and DIR/aesthetic-summary.json, and report the fraction kept at --threshold. Samples that cannot be "
+        "scored are skipped and counted by reason. Scorers: 'shapes' reads the shapes world's metadata; 'laion' is "
+        "LAION's improved aesthetic predictor (CLIP image embedding -> MLP).",
     )
     p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
     p.add_argument("--out", required=True, help="folder for the sidecar files")
@@ -30,22 +30,24 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from tqdm import tqdm
 
-    from data_pipelines.aesthetic import DEFAULT_THRESHOLD, LaionScorer, ShapesScorer, score_shards
+    from data_pipelines.aesthetic import DEFAULT_THRESHOLD, LaionScorer, ShapesScorer, check_out, score_shards
     from pixart.data.shards import check_unique_names, resolve_shards
     from pixart.errors import PixArtError
 
     shards = resolve_shards(args.shards)
     check_unique_names(shards)  # before loading any model
+    check_out(args.out)
     if args.scorer == "laion":
         if not args.model:
             raise PixArtError("--scorer laion needs --model PATH (a CLIP model folder)")
-        scorer = LaionScorer(args.model, args.head, device=args.device)
+        scorer = LaionScorer(args.model, args.head, device=pick_device(args.device))
     else:
         scorer = ShapesScorer()
     threshold = DEFAULT_THRESHOLD[args.scorer] if args.threshold is None else args.threshold
     with tqdm(unit="img", desc="score-aesthetic") as bar:
         s = score_shards(shards, args.out, scorer, threshold, batch_size=args.batch_size, progress=bar.update)
     broken = [r for r in s.shards if r.error]
-    print(f"{s.samples} samples scored in {len(s.shards)} shards, {s.skipped} skipped (unreadable); "
+    why = " (" + "; ".join(f"{n}: {reason}" for reason, n in s.reasons.most_common()) + ")" if s.skipped else ""
+    print(f"{s.samples} samples scored in {len(s.shards)} shards, {s.skipped} skipped{why}; "
           f"kept {s.kept} ({s.kept_fraction:.1%}) at {args.scorer} >= {threshold}" +
           (f"; {len(broken)} shards damaged: {', '.join(r.name for r in broken)}" if broken else ""))
