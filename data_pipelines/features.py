@@ -22,9 +22,11 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,20 +117,22 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
     from diffusers import AutoencoderKL
     from transformers import AutoConfig
 
-    from pixart.encoders.loading import check_source, load_error
+    from pixart.encoders.loading import check_source, config_kind, load_error, local_config
 
     def ident(p: str) -> str:
         return str(Path(p).resolve()) if Path(p).exists() else p
 
     te = check_source(cfg.text_encoder, "T5 text encoder")
-    try:
-        tcfg = AutoConfig.from_pretrained(te, subfolder=cfg.text_encoder_subfolder or "",
-                                          local_files_only=cfg.local_files_only).to_dict()
-    except Exception as e:
-        raise load_error("T5 text encoder", te, cfg.text_encoder_subfolder, e) from e
-    if "d_model" not in tcfg:  # a VLM's or a VAE's folder: its config has no T5 width
-        raise PixArtError(f"T5 text encoder: '{te}' is not a T5 encoder (its config, model_type "
-                          f"{tcfg.get('model_type')!r}, has no d_model)")
+    tcfg = local_config(te, cfg.text_encoder_subfolder)
+    if tcfg is None or "model_type" in tcfg:  # not a diffusers folder (a VAE's), which AutoConfig cannot read
+        try:
+            tcfg = AutoConfig.from_pretrained(te, subfolder=cfg.text_encoder_subfolder or "",
+                                              local_files_only=cfg.local_files_only).to_dict()
+        except Exception as e:
+            raise load_error("T5 text encoder", te, cfg.text_encoder_subfolder, e) from e
+    if "d_model" not in tcfg or "model_type" not in tcfg:  # a VLM's or a VAE's folder: no T5 width
+        raise PixArtError(f"T5 text encoder: '{te}' is not a T5 encoder (its config, {config_kind(tcfg)}, "
+                          "has no d_model)")
     info = {"text_encoder": ident(te), "text_dim": int(tcfg["d_model"]),
             "text_encoder_hash": config_hash(tcfg, ("transformers_version", "torch_dtype", "dtype"))}
     if cfg.vae:
@@ -197,6 +201,9 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
 
     tcfg = TextEncoderConfig(cfg.text_encoder, cfg.text_encoder_subfolder, cfg.tokenizer, None, cfg.max_length,
                              cfg.dtype, cfg.device, local_files_only=cfg.local_files_only)  # validates dtype
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise PixArtError(f"--out {out} is not a folder" + (f" ({blocker} is a file)" if blocker != out else ""))
     urls = resolve_shards(shards)
     names = check_unique_names(urls)
     for url, name in zip(urls, names, strict=True):
@@ -217,7 +224,7 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
     vae = ({"path": cfg.vae, "subfolder": cfg.vae_subfolder, "dtype": "fp32", "device": cfg.device,
             "local_files_only": cfg.local_files_only} if cfg.vae else None)
     pixel = None if cfg.vae else info["image_encoder"]
-    job = Job(str(out), dataclasses.asdict(tcfg), vae, pixel, list(cfg.captions), resolution,
+    job = Job(str(out), dataclasses.asdict(tcfg), vae, pixel, sorted(cfg.captions), resolution,
               table, cfg.batch_size, accept_damaged=cfg.accept_damaged)
     return urls, names, header, job, captions
 
@@ -242,9 +249,9 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
             if not overwrite:
                 raise
             old, stale = None, MANIFEST
-        if old is not None:
+        if old is not None and _finished(out):  # settings bind the folder once a shard's features are there
             known = [s.name for s in old.shards]
-            stale = next((k for k, v in header.settings().items() if old.settings().get(k) != v), None)
+            stale = _differs(old, header)
             if stale and not overwrite:
                 raise PixArtError(f"--out {out} holds features made with {stale} {old.settings()[stale]} "
                                   f"(this run: {getattr(header, stale)}); pass --overwrite or choose another --out")
@@ -262,12 +269,26 @@ def _prepare_out(out: Path, urls: list[str], names: list[str], header: Manifest,
     new = _beside(out, "new")
     if new.exists():  # an earlier --overwrite's: resumed when it was toward these settings
         try:
-            resumable = Manifest.load(new).settings() == header.settings()
+            resumable = _differs(Manifest.load(new), header) is None
         except PixArtError:
             resumable = False
         if not resumable:
             shutil.rmtree(new)
     return _prepare_out(new, urls, names, header, captions, False, world)
+
+
+def _finished(out: Path) -> bool:
+    """Whether `out` holds a finished shard's record: until then its manifest names settings that no features
+    were made with, and a run with other settings may take the folder over."""
+    return any(not p.name.startswith(".") for p in (out / DONE).glob("*.json"))
+
+
+def _differs(old: Manifest, new: Manifest) -> str | None:
+    """The first setting `old` was made with that `new` does not match. Caption sources are a set: each one's
+    features are stored under its name (and encoded in sorted order), so their order changes nothing."""
+    have, want = old.settings(), new.settings()
+    return next((k for k, v in want.items() if (set(have.get(k) or ()) != set(v) if k == "caption_sources"
+                                                else have.get(k) != v)), None)
 
 
 def _beside(out: Path, what: str) -> Path:
@@ -351,6 +372,9 @@ def _init_worker(job: Job, progress_q, slots, job_pid: int) -> None:
     """Pick this worker's GPU (worker i -> cuda:i mod count) and load the encoders once."""
     global _WORKER
     die_with(job_pid)
+    # tqdm's default lock (loading bars) is a semaphore a killed worker never unlinks: its warning at exit
+    # would follow the one-line "worker died"
+    tqdm.set_lock(threading.RLock())
     slot = slots.get()
     for part in (job.text_encoder, job.vae or {}):
         if part.get("device") == "cuda":
@@ -431,22 +455,26 @@ def _run_pool(workers: int, job: Job, tasks: list, bar, finish) -> None:
     for s in range(workers):
         slots.put(s)
     job = dataclasses.replace(job, threads=max(1, (os.cpu_count() or 1) // workers))
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(job, progress_q, slots, os.getpid())) as pool:
-        pending = {pool.submit(_work, url, name, caps) for url, name, caps in tasks}
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(job, progress_q, slots, os.getpid())) as pool:
+            pending = {pool.submit(_work, url, name, caps) for url, name, caps in tasks}
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    while not progress_q.empty():
+                        bar.update(progress_q.get())
+                    for fut in finished:
+                        finish(fut.result())
                 while not progress_q.empty():
                     bar.update(progress_q.get())
-                for fut in finished:
-                    finish(fut.result())
-            while not progress_q.empty():
-                bar.update(progress_q.get())
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+    except BrokenProcessPool:  # killed (the OOM killer, kill -9): its shard has no record, so a rerun redoes it
+        raise PixArtError("an extract-features worker died (killed: out of memory?); finished shards are kept, "
+                          "rerun to resume") from None
 
 
 def pixart_text_bytes(dim: int = 4096, max_length: int = 120) -> int:

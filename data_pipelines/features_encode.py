@@ -5,6 +5,7 @@ process (`load_encoders`) and reused for every shard it is given.
 """
 from __future__ import annotations
 
+import errno
 import json
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pixart.data.tars import ShardWriter, TarDamage, decode_image, iter_samples,
 from pixart.errors import PixArtError
 
 META_DROP = ("annotations",)  # heavy raw metadata stays in the raw shard
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, quota or file size limit: named by the tar written
 
 
 @dataclass
@@ -86,8 +88,12 @@ def read_captions(path: str | None) -> dict[str, str | None]:
     if path is None:
         return {}
     out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a byte that is not UTF-8 is named by its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PixArtError(f"{path}:{n}: not UTF-8 ({e})") from None
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -223,8 +229,13 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
             writer.abort()  # no tar, no record: a rerun retries the shard (a flaky read, a finished copy)
         else:
             writer.close()
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        try:
+            writer.abort()
+        except OSError:  # its own flush failed too (a full disk): the temp file must still go
+            writer.tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in FULL and not e.filename:  # "No space left on device": where?
+            raise OSError(e.errno, e.strerror, str(writer.path)) from None
         raise
     res.count = writer.count
     res.seconds = time.perf_counter() - t0

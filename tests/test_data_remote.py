@@ -1,6 +1,7 @@
 """Remote shards from real servers on 127.0.0.1: an HTTP server with Range and ETag (as object stores and CDNs
 serve them, RFC 9110 §14 and §8.8.3), with a hook that cuts connections mid-shard; and moto's standalone S3
 server, which speaks the S3 wire protocol to s3fs."""
+import gzip
 import hashlib
 import threading
 from functools import partial
@@ -118,7 +119,6 @@ def test_a_shard_that_keeps_failing_ends_there_and_keeps_what_came_before(server
 def test_gzipped_and_cut_shards_over_http(server):
     """Plain tars are read in tarfile's file mode through ForwardSeeking; a gzipped one (told by its magic, not
     the ustar one) in stream mode; a shard cut at a header, which tarfile ends quietly, is still reported."""
-    import gzip
     import tarfile
 
     base, folder = server
@@ -238,6 +238,12 @@ def test_s3_prefixes_globs_and_brace_patterns(s3):
         assert got == _keys(str(local))[0] and len(got) == 12 and not damage.error
     identity = remote.remote_identity(want[0])
     assert identity["etag"] == hashlib.md5((s3 / "shapes-000000.tar").read_bytes()).hexdigest()
+    import fsspec  # a prefix lists gzipped shards too, as a local folder does
+
+    zipped = gzip.compress((s3 / "shapes-000000.tar").read_bytes())
+    fsspec.filesystem("s3").pipe("data/shapes/shapes-000002.tar.gz", zipped)
+    assert resolve_shards("s3://data/shapes/") == [*want, "s3://data/shapes/shapes-000002.tar.gz"]
+    assert _keys("s3://data/shapes/shapes-000002.tar.gz")[0] == _keys(want[0])[0]
 
 
 def test_the_shard_cache_fills_once_then_serves_and_stays_bounded(server, tmp_path, monkeypatch):

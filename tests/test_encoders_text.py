@@ -145,6 +145,15 @@ def test_wrong_model_type_rejected(tmp_path):
         TextEncoder(TextEncoderConfig(str(tmp_path)))
 
 
+def test_a_vae_folder_is_not_a_t5_encoder(tmp_path):
+    from pixart.encoders import make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path / "vae")  # a diffusers config: _class_name, no model_type
+    with pytest.raises(EncoderLoadError, match=rf"^T5 text encoder: '{vae}' is not a T5 encoder \(its config has "
+                                               r"_class_name 'AutoencoderKL', not model_type 't5'\)$"):
+        TextEncoder(TextEncoderConfig(str(vae)))
+
+
 def test_pipeline_layout_with_subfolders(tmp_path, t5_dir):
     make_tiny_t5(tmp_path / "text_encoder", d_model=D)
     AutoTokenizer.from_pretrained(t5_dir).save_pretrained(tmp_path / "tokenizer")

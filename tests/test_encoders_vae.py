@@ -82,6 +82,15 @@ def test_bad_dtype_and_missing_path(tmp_path):
         ImageAutoencoder(VAEConfig("no-such-org/no-such-vae", local_files_only=True))
 
 
+def test_a_t5_folder_is_not_a_vae(tmp_path):
+    from pixart.encoders import make_tiny_t5
+
+    t5 = make_tiny_t5(tmp_path / "t5")
+    with pytest.raises(EncoderLoadError, match=rf"^VAE: '{t5}' is not a VAE \(its config has model_type 't5', not "
+                                               r"_class_name 'AutoencoderKL'\)$"):
+        ImageAutoencoder(VAEConfig(str(t5)))
+
+
 def test_wrong_class_rejected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(EncoderLoadError, match="UNet2DModel"):

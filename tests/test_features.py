@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import io
 import json
+import os
 import re
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -242,6 +243,10 @@ def test_refusals_before_any_work(enc, raw, tmp_path):
         with pytest.raises(PixArtError, match="is not empty and is not a feature cache; choose another --out"):
             extract_features(raw / "shard-000002.tar", tmp_path / "notes", _cfg(enc), overwrite=True, progress=False)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    for bad in ("notes/todo.txt", "notes/todo.txt/sub"):
+        with pytest.raises(PixArtError, match=rf"^--out {re.escape(str(tmp_path / bad))} is not a folder"):
+            extract_features(raw, tmp_path / bad, _cfg(enc), progress=False)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
 def test_overwrite_keeps_the_old_cache_until_the_new_one_is_whole(enc, raw, tmp_path):
@@ -275,13 +280,17 @@ def test_overwrite_keeps_the_old_cache_until_the_new_one_is_whole(enc, raw, tmp_
 
 def test_cli(enc, raw, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers())
+    sub = parser.add_subparsers()
+    cli.add_parser(sub)
     args = parser.parse_args(["extract-features", str(raw / "shard-00000{0,2}.tar"), "--out", str(tmp_path / "c"),
                               "--pixel-autoencoder", "--text-encoder", enc["t5"], "--resolution", "32",
                               "--captions", "txt,meta"])
     args.run(args)
     assert "encoded 8 samples in 2 shards" in capsys.readouterr().out
     assert Manifest.load(tmp_path / "c").caption_sources == ["txt", "meta"]
+    accept = next(a.help for a in sub.choices["extract-features"]._actions if "--accept-damaged" in a.option_strings)
+    # a garbage tar stays unfinished with it too (test_damaged_input_shards_are_retried_unless_accepted)
+    assert "unreadable" not in accept and "nothing could be read (missing, empty, garbage) stays unfinished" in accept
 
 
 def test_bytes_per_sample_goal(ref):
@@ -401,6 +410,10 @@ def test_caption_sidecar_lines_are_checked(tmp_path):
         path.write_text('{"__key__": "a", "caption": "a cat"}\n' + bad + "\n")
         with pytest.raises(PixArtError, match=message):
             read_captions(str(path))
+    path.write_bytes(b'{"__key__": "a", "caption": "a cat"}\n{"__key__": "b", "caption": "caf\xe9"}\n')  # latin-1
+    with pytest.raises(PixArtError, match=rf"^{re.escape(str(path))}:2: not UTF-8 \('utf-8' codec can't decode byte "
+                                          r"0xe9 in position 32: .*\)$"):
+        read_captions(str(path))
 
 
 def test_a_caption_sidecar_without_some_of_the_shards_keys_stops_the_job(enc, raw, tmp_path):
@@ -471,4 +484,69 @@ def test_encoders_of_the_wrong_kind_are_one_line(enc, raw, tmp_path):
     with pytest.raises(PixArtError, match=r"^T5 text encoder: '.*llava' is not a T5 encoder \(its config, "
                                           r"model_type 'llava', has no d_model\)$"):
         extract_features(raw, tmp_path / "x", _cfg(enc, text_encoder=str(vlm)), progress=False)
+    with pytest.raises(PixArtError, match=r"^T5 text encoder: '.*vae' is not a T5 encoder \(its config, _class_name "
+                                          r"'AutoencoderKL', has no d_model\)$"):  # --vae and --text-encoder swapped
+        extract_features(raw, tmp_path / "x", _cfg(enc, text_encoder=enc["vae"], vae=enc["t5"]), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_cache_with_no_finished_shard_takes_other_settings(enc, raw, tmp_path):
+    """A first shard that failed (another shard's captions) leaves a manifest naming settings no features were made
+    with: a rerun with other settings is no rerun of that cache, and needs no --overwrite."""
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    (caps / "shard-000000.meta.jsonl").write_bytes((raw / "shard-000001.meta.jsonl").read_bytes())
+    with pytest.raises(PixArtError, match="holds another shard's captions"):
+        extract_features(raw / "shard-000000.tar", tmp_path / "f", _cfg(enc, captions_dir=str(caps)), progress=False)
+    ex = extract_features(raw / "shard-000000.tar", tmp_path / "f", _cfg_txt(enc, resolution=64), progress=False)
+    assert ex.manifest.complete and ex.manifest.resolution == 64 and ex.manifest.caption_sources == ["txt"]
+    with pytest.raises(PixArtError, match="made with resolution 64 .this run: 32.; pass --overwrite"):  # now bound
+        extract_features(raw / "shard-000000.tar", tmp_path / "f", _cfg_txt(enc), progress=False)
+
+
+def test_caption_sources_are_a_set(enc, raw, ref, tmp_path):
+    """Each source's features are stored under its name: `--captions meta,txt` resumes a `txt,meta` cache, and
+    gives the same bytes."""
+    extract_features(raw / "shard-000000.tar", tmp_path / "f", _cfg(enc, captions=("txt", "meta")), progress=False)
+    ex = extract_features(raw, tmp_path / "f", _cfg(enc, captions=("meta", "txt")), progress=False)
+    assert [r.name for r in ex.results] == ["shard-000001", "shard-000002"] and ex.manifest.complete
+    assert ex.manifest.content_hash == ref[1].manifest.content_hash
+    with pytest.raises(PixArtError, match=r"made with caption_sources \['meta', 'txt'\] .this run: \['txt'\]."):
+        extract_features(raw, tmp_path / "f", _cfg_txt(enc), progress=False)
+
+
+def test_a_killed_worker_is_one_line_and_the_rerun_resumes(enc, raw, tmp_path):
+    """A worker killed (the OOM killer, kill -9; here by its own shard's pipe: command) breaks the pool."""
+    killer = f"pipe:[ $PPID != {os.getpid()} ] && kill -9 $PPID; cat {raw}/shard-000000.tar"  # never pytest itself
+    with pytest.raises(PixArtError, match=r"^an extract-features worker died \(killed: out of memory\?\); finished "
+                                          r"shards are kept, rerun to resume$"):
+        extract_features([killer, str(raw / "shard-000001.tar")], tmp_path / "f", _cfg_txt(enc, workers=2),
+                         progress=False)
+    ex = extract_features(raw / "shard-00000[01].tar", tmp_path / "f", _cfg_txt(enc), progress=False)
+    assert ex.manifest.complete and ex.manifest.count == 7
+
+
+def test_a_full_disk_names_the_shard_being_written(enc, raw, tmp_path, monkeypatch):
+    import errno
+
+    from pixart.data.tars import ShardWriter
+
+    def full(self, sample):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "write", full)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        extract_features(raw / "shard-000002.tar", tmp_path / "f", _cfg_txt(enc), progress=False)
+    assert e.value.filename == str(tmp_path / "f" / "shard-000002.tar")
+    assert not [p for p in (tmp_path / "f").iterdir() if p.name not in (".done", MANIFEST)]  # no temp file left
+
+
+def test_a_folder_of_gzipped_shards(enc, raw, tmp_path):
+    """The readers unpack gzip, so a folder lists its *.tar.gz as a glob does."""
+    import gzip
+
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "shard-000000.tar.gz").write_bytes(gzip.compress((raw / "shard-000000.tar").read_bytes()))
+    ex = extract_features(tmp_path / "gz", tmp_path / "f", _cfg_txt(enc), progress=False)
+    assert [r.name for r in ex.results] == ["shard-000000.tar.gz"] and ex.manifest.count == 4
+    assert [s.key for s in _read(tmp_path / "f" / "shard-000000.tar.gz.tar")] == [f"{k:06d}" for k in range(4)]

@@ -41,8 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
     p.add_argument("--accept-damaged", action="store_true",
-                   help="keep what a truncated or unreadable input shard yielded and mark it done (the damage "
-                   "is recorded); by default such a shard stays unfinished and a rerun retries it")
+                   help="keep the samples read from an input shard that broke off (truncated) and mark it done (the "
+                   "damage is recorded); by default such a shard stays unfinished and a rerun retries it. A shard of "
+                   "which nothing could be read (missing, empty, garbage) stays unfinished either way")
     p.set_defaults(run=run)
 
 

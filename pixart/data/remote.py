@@ -289,13 +289,16 @@ def object_store_errors(url: str, failed: str):
         raise PixArtError(f"{url}: {failed} ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
+SHARD_SUFFIXES = (".tar", ".tar.gz")  # what a folder or prefix lists: the tars the readers read, plain or gzipped
+
+
 def list_shards(url: str) -> list[str]:
-    """The *.tar under an object-store prefix (`s3://bucket/prefix/`), or matching a glob, as full URLs."""
+    """The shards under an object-store prefix (`s3://bucket/prefix/`), or matching a glob, as full URLs."""
     with object_store_errors(url, "cannot list shards"):
         fs, path = fsspec.core.url_to_fs(url)
         found = fs.glob(path) if any(c in path for c in "*?[") else fs.ls(path, detail=False)
     scheme = url.split("://", 1)[0]
-    return sorted(f"{scheme}://{p}" for p in found if p.endswith(".tar"))
+    return sorted(f"{scheme}://{p}" for p in found if p.endswith(SHARD_SUFFIXES))
 
 
 def read_object(url: str, policy: RetryPolicy | None = None) -> bytes | None:

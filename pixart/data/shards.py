@@ -1,8 +1,8 @@
 """Turn a user's SHARDS argument into a list of shard URLs.
 
-Accepted everywhere a command takes SHARDS: a folder (its *.tar), a glob, a brace
-pattern (`data/shard-{000000..000099}.tar`), a URL (`http(s)://...`, `pipe:...`, or an
-fsspec URL: `s3://bucket/prefix/` lists the prefix's *.tar, and globs list too), or
+Accepted everywhere a command takes SHARDS: a folder (its *.tar and *.tar.gz: the readers unpack gzip),
+a glob, a brace pattern (`data/shard-{000000..000099}.tar`), a URL (`http(s)://...`, `pipe:...`, or an
+fsspec URL: `s3://bucket/prefix/` lists the prefix's *.tar and *.tar.gz, and globs list too), or
 several of these. Local paths are checked up front, so a typo is one clear error
 before any work starts. A job's input shard is identified (`input_id`, `same_input`) so that a
 rerun notices a shard regenerated under the same name, and work splits over ranks by `rank_and_world`.
@@ -20,7 +20,7 @@ from braceexpand import braceexpand
 from pixart.errors import PixArtError
 
 from .manifest import file_sha256
-from .remote import is_fsspec, list_shards, remote_identity
+from .remote import SHARD_SUFFIXES, is_fsspec, list_shards, remote_identity
 
 
 def is_url(spec: str) -> bool:
@@ -43,7 +43,7 @@ def resolve_shards(specs: str | os.PathLike | list) -> list[str]:
             shards.extend(found)
             continue
         if Path(spec).is_dir():
-            found = sorted(str(p) for p in Path(spec).glob("*.tar"))
+            found = sorted(str(p) for ext in SHARD_SUFFIXES for p in Path(spec).glob(f"*{ext}"))
         else:
             found = []
             for pattern in braceexpand(spec):

@@ -1,6 +1,7 @@
 """Shared plumbing for loading frozen pretrained parts: path checks, dtypes, one-line errors."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -47,6 +48,34 @@ def load_error(what: str, path: str, subfolder: str | None, err: BaseException) 
     where = f"'{path}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     return EncoderLoadError(f"{what}: failed to load from {where}: {type(err).__name__}: {first}")
+
+
+def local_config(path: str, subfolder: str | None) -> dict | None:
+    """A local model folder's config.json, or None (a hub id, no such file, not a JSON object): the loader then
+    says why it cannot load it."""
+    try:
+        cfg = json.loads((Path(path) / (subfolder or "") / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def config_kind(cfg: dict) -> str:
+    """What a config says it is, for errors: "model_type 't5'" (transformers), "_class_name 'AutoencoderKL'"
+    (diffusers, whose configs have no model_type)."""
+    if "model_type" not in cfg and "_class_name" in cfg:
+        return f"_class_name {cfg['_class_name']!r}"
+    return f"model_type {cfg.get('model_type')!r}"
+
+
+def not_t5(path: str, cfg: dict) -> EncoderLoadError:
+    return EncoderLoadError(f"T5 text encoder: '{path}' is not a T5 encoder (its config has {config_kind(cfg)}, "
+                            "not model_type 't5')")
+
+
+def not_vae(path: str, cfg: dict) -> EncoderLoadError:
+    return EncoderLoadError(f"VAE: '{path}' is not a VAE (its config has {config_kind(cfg)}, not _class_name "
+                            "'AutoencoderKL')")
 
 
 def resolve_dtype(name: str, allowed: tuple[str, ...], what: str) -> torch.dtype:

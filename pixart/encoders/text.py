@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoTokenizer, T5Config, T5EncoderModel
 
 from ..errors import PixArtError
 from .captions import clean_caption
-from .loading import EncoderLoadError, check_source, load_error, pipeline_part, resolve_dtype
+from .loading import EncoderLoadError, check_source, load_error, local_config, not_t5, pipeline_part, resolve_dtype
 
 __all__ = ["TextEncoderConfig", "TextEncoder", "clean_caption", "EncoderLoadError"]
 
@@ -56,10 +56,16 @@ class TextEncoder:
             tok_sub = pipeline_part(tok_src, c.tokenizer_subfolder, "tokenizer")
         else:
             tok_sub = c.subfolder or pipeline_part(src, None, "tokenizer")
+        local = local_config(src, sub)
+        if local is not None and "model_type" not in local:  # a diffusers folder (a VAE's), which AutoConfig rejects
+            raise not_t5(src, local)
         try:
             cfg = AutoConfig.from_pretrained(src, subfolder=sub or "", local_files_only=c.local_files_only)
-            if not isinstance(cfg, T5Config):
-                raise TypeError(f"config model_type is {cfg.model_type!r}, expected 't5'")
+        except Exception as e:
+            raise load_error("T5 text encoder", src, sub, e) from e
+        if not isinstance(cfg, T5Config):
+            raise not_t5(src, cfg.to_dict())
+        try:
             self.model = T5EncoderModel.from_pretrained(
                 src, config=cfg, subfolder=sub or "", local_files_only=c.local_files_only,
                 **{_DTYPE_KW: self.dtype})

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
-from .loading import EncoderLoadError, check_source, load_error, pipeline_part, resolve_dtype
+from .loading import EncoderLoadError, check_source, load_error, not_vae, pipeline_part, resolve_dtype
 
 __all__ = ["VAEConfig", "LatentDist", "ImageAutoencoder", "EncoderLoadError"]
 
@@ -50,10 +50,12 @@ class ImageAutoencoder:
         src = check_source(c.path, "VAE")
         sub = pipeline_part(src, c.subfolder, "vae")
         try:
-            cls_name = AutoencoderKL.load_config(
-                src, subfolder=sub, local_files_only=c.local_files_only).get("_class_name")
-            if cls_name != "AutoencoderKL":
-                raise TypeError(f"config _class_name is {cls_name!r}, expected 'AutoencoderKL'")
+            cfg = dict(AutoencoderKL.load_config(src, subfolder=sub, local_files_only=c.local_files_only))
+        except Exception as e:
+            raise load_error("VAE", src, sub, e) from e
+        if cfg.get("_class_name") != "AutoencoderKL":  # a T5's folder, another diffusers model
+            raise not_vae(src, cfg)
+        try:
             # diffusers accepts torch_dtype in every version (dtype= only in recent ones).
             self.vae = AutoencoderKL.from_pretrained(
                 src, subfolder=sub, local_files_only=c.local_files_only, torch_dtype=self.dtype)
