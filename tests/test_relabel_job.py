@@ -159,6 +159,83 @@ def test_a_model_that_will_not_load_leaves_no_output_folder(world, tmp_path, mon
         relabel(world / "shapes", out, _cfg("tests.test_relabel_job:unloadable"), log=lambda m: None)
 
 
+def picky(config):
+    """A captioner whose model ("--model") will not load ("unloadable"), or fails every sample ("crash"), or works."""
+    if config.model == "unloadable":
+        raise PixArtError(f"--model {config.model}: cannot load")
+    fake = crashing(config) if config.model == "crash" else FakeVLM()
+    fake.model_id = config.model
+    return fake
+
+
+def _picky(model, **kw):
+    return RelabelConfig(CaptionerConfig("tests.test_relabel_job:picky", model=model),
+                         **{"batch_size": 4, "decode_workers": 0, "progress": False, **kw})
+
+
+def test_a_run_that_failed_before_its_first_line_binds_nothing(world, tmp_path):
+    """A model that would not load, or a captioner failing every sample, leaves no job record, input record or
+    partial that refuses the fixed rerun; nor does a record that a kill left before the first line."""
+    out, shard = tmp_path / "captions", world / "shapes" / "shapes-000000.tar"
+    relabel(shard, out, _cfg(), log=lambda m: None)  # other captions there
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for model, said in (("unloadable", "cannot load"), ("crash", "raised on every sample")):
+        with pytest.raises(PixArtError, match=said):
+            relabel(shard, out, _picky(model), log=lambda m: None)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        with pytest.raises(PixArtError, match=said):
+            relabel(shard, tmp_path / "new", _picky(model), log=lambda m: None)
+        assert not (tmp_path / "new").exists()
+    (out / "picky-job.json").write_text(json.dumps({"captioner": "tests.test_relabel_job:picky", "model": "killed"}))
+    res = relabel(shard, out, _picky("good"), log=lambda m: None)  # the kill's record binds nothing either
+    assert [(r.done, r.failed) for r in res.runs] == [(16, 0)]
+    assert json.loads((out / "picky-job.json").read_text())["model"] == "good"
+    with pytest.raises(PixArtError, match=r"made with --model 'good' \(this run: 'other'\)"):  # now it binds
+        relabel(shard, out, _picky("other"), log=lambda m: None)
+
+
+def not_a_captioner(config):
+    """A plain function, where a captioner object belongs."""
+    return lambda samples: ["a caption"] * len(samples)
+
+
+def half_a_captioner(config):
+    class Half:
+        name, prompt = "half", None
+    return Half()
+
+
+def broken_constructor(config):
+    raise ValueError("no GPU here")
+
+
+def numbers(config):
+    """A captioner whose captions are not strings."""
+    fake = FakeVLM()
+    fake.caption = lambda samples, seed=None: [7] * len(samples)
+    return fake
+
+
+def test_a_custom_captioner_is_checked(world, tmp_path):
+    """`module:callable` must build an object with name, model_id, prompt and caption(); each lack, or a constructor
+    that raises, is one line and leaves nothing; a caption that is not a str fails its sample, with the reason."""
+    for name, said in (("ROOT", "ROOT is a PosixPath, not a callable that builds a captioner from a CaptionerConfig"),
+                       ("not_a_captioner", "returned a function, not a captioner: it lacks name, model_id, prompt, "
+                        "a method caption(samples) (a captioner has name, model_id, prompt and caption(samples))"),
+                       ("half_a_captioner", "returned a Half, not a captioner: it lacks model_id, a method "
+                        "caption(samples) ("),
+                       ("broken_constructor", "its constructor failed: ValueError: no GPU here")):
+        with pytest.raises(PixArtError, match="^" + re.escape(f"--captioner tests.test_relabel_job:{name}: {said}")):
+            relabel(world / "shapes", tmp_path / "out", _cfg(f"tests.test_relabel_job:{name}"), log=lambda m: None)
+        assert not (tmp_path / "out").exists()
+    res = relabel(world / "shapes" / "shapes-000000.tar", tmp_path / "out", _cfg("tests.test_relabel_job:numbers"),
+                  log=lambda m: None)
+    rows = _rows(tmp_path / "out" / "shapes-000000.numbers.jsonl")
+    assert len(rows) == 16 and res.summary["failure_reasons"] == {"captioner error": 16}
+    assert all(r["status"] == "failed" and r["reason"] == "captioner error: the caption is not a str (int)"
+               for r in rows)
+
+
 def test_decode_in_workers_or_not_same_bytes(world, tmp_path):
     for n in (0, 2):
         relabel(world / "shapes", tmp_path / str(n), _cfg(decode_workers=n), log=lambda m: None)
@@ -182,6 +259,129 @@ def test_clear_errors_before_work(world, tmp_path):
         with pytest.raises(PixArtError, match=match):
             relabel(world / "shapes", out, cfg)
     assert not out.exists()
+
+
+def test_bad_counts_and_flags_the_captioner_ignores_are_one_line(world, tmp_path, capsys):
+    """Counts out of range, and --model/--prompt for a captioner that reads neither, are refused before any work."""
+    from pixart.cli.main import main
+
+    base = ["relabel", str(world / "shapes"), "--out", str(tmp_path / "o"), "--captioner"]
+    for flag, value, said in (("--max-words", "0", "0 is not a positive integer"),
+                              ("--max-new-tokens", "0", "0 is not a positive integer"),
+                              ("--batch-size", "0", "0 is not a positive integer"),
+                              ("--workers", "-1", "-1 is not a positive integer"),
+                              ("--decode-workers", "-1", "-1 is not 0 or more")):
+        with pytest.raises(SystemExit) as e:
+            main([*base, "metadata", flag, value])
+        assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: argument {flag}: {said}\n")
+    for flag, value in (("--model", "x"), ("--prompt", ""), ("--image-size", "64")):
+        assert main([*base, "metadata-short", flag, value]) == 2
+        assert capsys.readouterr().err == \
+            f"pixart relabel: error: {flag} applies to VLM and custom captioners, not metadata-short\n"
+    with pytest.raises(PixArtError, match=r"^--max-words -3: must be positive$"):
+        relabel(world / "shapes", tmp_path / "o", _cfg(quality=QualityConfig(max_words=-3)), log=lambda m: None)
+    with pytest.raises(PixArtError, match=r"^--max-new-tokens 0: must be positive$"):
+        CaptionerConfig("llava", model="m", max_new_tokens=0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line(world, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(PixArtError, match=r"^--out \S*afile is not a folder$"):
+        relabel(world / "shapes", tmp_path / "afile", _cfg(), log=lambda m: None)
+    with pytest.raises(PixArtError, match=r"^--out \S*afile/sub is not a folder \(\S*afile is a file\)$"):
+        relabel(world / "shapes", tmp_path / "afile" / "sub", _cfg(), log=lambda m: None)
+
+
+def test_a_finished_file_that_is_not_utf8_is_one_line_before_work(world, tmp_path):
+    """A finished file is never rewritten: a first line that cannot be read is named before any work."""
+    out = tmp_path / "out"
+    relabel(world / "shapes", out, _cfg(), log=lambda m: None)
+    path = out / "shapes-000000.metadata.jsonl"
+    data = path.read_bytes()
+    at = data.index(b'"caption": "') + 14
+    path.write_bytes(data[:at] + b"\xe9" + data[at:])
+    (out / "shapes-000002.metadata.jsonl").unlink()  # work left
+    with pytest.raises(PixArtError, match=r"^" + re.escape(f"{path}:1: not UTF-8 (invalid continuation byte at byte")):
+        relabel(world / "shapes", out, _cfg(), log=lambda m: None)
+    assert not (out / "shapes-000002.metadata.jsonl").exists()
+
+
+def test_a_raw_sa1b_tar_is_refused(tmp_path):
+    """SA-1B tars as Meta ships them: members shuffled, a key's jpg and json apart. Refused in one line (not half
+    the images "bad image"), with nothing left behind."""
+    import io
+    import random
+
+    from PIL import Image
+
+    members = []
+    for i in range(30):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (8 * i, 20, 30)).save(buf, format="JPEG")
+        members += [(f"sa_{i}.jpg", buf.getvalue()), (f"sa_{i}.json", json.dumps({"image": {"image_id": i}}).encode())]
+    random.Random(0).shuffle(members)
+    (tmp_path / "sa").mkdir()
+    tar = tmp_path / "sa" / "sa_000000.tar"
+    with tarfile.open(tar, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    for decode in (0, 2):
+        with pytest.raises(PixArtError, match=r"^" + re.escape(f"{tar}: the members of ") + r"sa_\d+ are not "
+                           r"adjacent \(a raw SA-1B tar\?\): run `pixart data sam` first$"):
+            relabel(tar, tmp_path / "out", _picky("good", decode_workers=decode), log=lambda m: None)
+        assert not (tmp_path / "out").exists()
+
+
+def test_lines_name_a_local_model_as_the_record_does(world, tmp_path, monkeypatch):
+    """A local model given by a relative path: every line names it by its absolute path, as the job record does,
+    from whichever folder the job runs."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out, shards = tmp_path / "out", [world / "shapes" / f"shapes-00000{i}.tar" for i in (0, 1)]
+    relabel(shards[0], out, _picky("ckpt"), log=lambda m: None)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = relabel(shards, out, _picky("../ckpt"), log=lambda m: None)
+    assert [r.name for r in res.runs] == ["shapes-000001"]
+    want = str(tmp_path / "ckpt")
+    assert json.loads((out / "picky-job.json").read_text())["model"] == want and res.summary["model"] == want
+    for f in ("shapes-000000", "shapes-000001"):
+        assert {r["model"] for r in _rows(out / f"{f}.picky.jsonl")} == {want}
+
+
+def dying(config):
+    """The metadata captioner, slow; the first worker to caption is killed (-9, as by the OOM killer)."""
+    class Dying(MetadataCaptioner):
+        def caption(self, samples, seed=None):
+            with contextlib.suppress(FileExistsError):
+                Path(config.model).touch(exist_ok=False)
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.1 * len(samples))
+            return super().caption(samples, seed)
+    return Dying(config)
+
+
+def test_a_killed_worker_stops_the_job_at_once(world, tmp_path):
+    """A job worker killed while the other works: one line, at once (the other's shard is not finished, and it
+    writes no more); a rerun finishes every shard."""
+    out, died = tmp_path / "out", tmp_path / "died"
+    cfg = RelabelConfig(CaptionerConfig("tests.test_relabel_job:dying", model=str(died)), batch_size=4, workers=2,
+                        decode_workers=0, progress=False)
+    with pytest.raises(PixArtError, match=r"^relabel worker [01] died \(exit code -9, killed: out of memory\?\); "
+                       r"finished captions are kept, rerun to resume$"):
+        relabel(world / "shapes", out, cfg, log=lambda m: None)
+    assert not list(out.glob("*.jsonl")) and died.exists()
+    n = _lines(out)
+    time.sleep(0.5)
+    assert _lines(out) == n  # the other worker was stopped
+    res = relabel(world / "shapes", out, cfg, log=lambda m: None)
+    assert res.summary["shards"]["finished"] == 3 and res.summary["counts"]["done"] == 48 - res.summary["counts"][
+        "skipped"]
+    assert [r["__key__"] for r in _rows(out / "shapes-000001.dying.jsonl")] == _keys(world / "shapes" /
+                                                                                      "shapes-000001.tar")
 
 
 class FakeVLM:

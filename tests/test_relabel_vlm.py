@@ -357,3 +357,35 @@ def test_summary_reports_visual_tokens_and_speed(tmp_path, tiny_dir):
     assert (t["images"], t["min"], t["max"]) == (6, min(want), max(want)) and 4 <= t["min"] < t["max"]
     assert t["mean"] == round(sum(k * v for k, v in want.items()) / 6, 2)
     assert f"qwen2-vl: {t['mean']:g} visual tokens per image (min {t['min']}, max {t['max']})" in logs[-1]
+
+
+def test_a_model_of_another_family_binds_no_folder(tmp_path, tiny_dir, monkeypatch):
+    """The reviewer's repro: llava given a Qwen2-VL checkpoint fails to load and leaves nothing of llava in a folder
+    of other captions, so the right checkpoint then captions there; its lines name it as the job record does (a
+    local path absolute), though given relative."""
+    import json
+    from pathlib import Path
+
+    from data_pipelines.relabel.job import RelabelConfig, relabel
+    from data_pipelines.shapes import write_shapes
+
+    write_shapes(tmp_path / "s", count=4, seed=0, resolution=32, shard_size=2)
+    out = tmp_path / "captions"
+    relabel(tmp_path / "s", out, RelabelConfig(CaptionerConfig("metadata"), decode_workers=0, progress=False),
+            log=lambda m: None)
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.chdir(Path(tiny_dir["llava"]).parent)
+
+    def cfg(model):
+        return RelabelConfig(CaptionerConfig("llava", model=model, dtype="fp32", max_new_tokens=4), batch_size=4,
+                             decode_workers=0, progress=False)
+
+    with pytest.raises(PixArtError, match=r"'qwen2-vl' is a 'qwen2_vl' checkpoint, not 'llava'"):
+        relabel(tmp_path / "s", out, cfg("qwen2-vl"), log=lambda m: None)
+    assert sorted(p.name for p in out.iterdir()) == before
+    res = relabel(tmp_path / "s", out, cfg("llava"), log=lambda m: None)
+    assert sum(r.done + r.failed for r in res.runs) == 4
+    want = str(Path(tiny_dir["llava"]).resolve())
+    assert json.loads((out / "llava-job.json").read_text())["model"] == want
+    assert {json.loads(line)["model"] for f in out.glob("*.llava.jsonl") for line in f.read_text().splitlines()} \
+        == {want}

@@ -36,6 +36,12 @@ class CaptionerConfig:
 
     def __post_init__(self):
         """Bad sizes fail here, before any model loads, naming the flag that set them."""
+        if self.name in METADATA_NAMES:  # they read the sample's metadata, never a model, a prompt or the image
+            for flag, value in (("--model", self.model), ("--prompt", self.prompt), ("--image-size", self.image_size)):
+                if value is not None:
+                    raise PixArtError(f"{flag} applies to VLM and custom captioners, not {self.name}")
+        if self.max_new_tokens < 1:
+            raise PixArtError(f"--max-new-tokens {self.max_new_tokens}: must be positive")
         if self.image_size is not None and self.image_size < 0:
             raise PixArtError(f"--image-size {self.image_size}: use a positive number of pixels, or 0 for full size")
         for flag, value in (("--min-pixels", self.min_pixels), ("--max-pixels", self.max_pixels)):
@@ -56,13 +62,19 @@ class CaptionerConfig:
         The metadata captioners read only the seed."""
         if self.name in METADATA_NAMES:
             return {"captioner": self.name, "seed": self.seed}
-        model = self.model
-        if model and Path(model).exists():
-            model = str(Path(model).resolve())
+        model = model_name(self.model)
         prompt = PIXART_PROMPT if self.prompt is None and self.name in VLM_NAMES else self.prompt
         return {"captioner": self.name, "model": model, "prompt": prompt, "max_new_tokens": self.max_new_tokens,
                 "image_size": self.image_size, "seed": self.seed, "min_pixels": self.min_pixels,
                 "max_pixels": self.max_pixels}
+
+
+def model_name(model):
+    """A model as records and caption lines name it: a local path absolute (the same from any folder), a hub id
+    (or anything else) as given."""
+    if isinstance(model, str) and model and Path(model).exists():
+        return str(Path(model).resolve())
+    return model
 
 
 class Captioner(Protocol):

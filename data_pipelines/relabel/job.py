@@ -7,17 +7,20 @@ For captioner NAME and input shard S, `DIR` holds
     .S.NAME.input.json       the input shard's identity, recorded when captioning it starts
     NAME-job.json            the captioner's settings that shape captions (CaptionerConfig.settings)
     NAME-summary.json        the job's summary
-A line is {"__key__", "caption" (null when failed), "model", "prompt", "status": "ok" | "failed",
-"reason" and, for a rejected caption, "rejected" (when failed), "attempts"}; extract-features
-counts a failed sample as one without that caption. Input shards are only read.
+A line is {"__key__", "caption" (null when failed), "model" (a local path absolute), "prompt",
+"status": "ok" | "failed", "reason" and, for a rejected caption, "rejected" (when failed), "attempts"};
+extract-features counts a failed sample as one without that caption. Input shards are only read.
 
 Every run first compares its settings with NAME-job.json (a mismatch is refused: captions never mix),
-then forgets this rank's shards whose input changed since (regenerated under the same name; a local input
+which binds the folder once a line of NAME captions exists: a record without one (a run that failed or was
+killed before its first line) is replaced by the next run's, written once its captioner loads. It then
+forgets this rank's shards whose input changed since (regenerated under the same name; a local input
 now shorter, a copy in progress, or a URL that cannot be checked, is left as it is). A rerun
 reads the partial (a torn last line is cut off), skips the keys it holds, and finishes the shard;
 finished shards are not touched. An input tar that breaks off early is not finished: its partial
 stays and a rerun retries it, unless `accept_damaged`; one of which nothing could be read is never
-finished. A captioner that raises on every sample of a batch stops the job (a rerun resumes).
+finished. A captioner that raises on every sample of a batch stops the job (a rerun resumes), and so does a
+shard whose samples' members are not adjacent (a raw SA-1B tar: `pixart data sam` first).
 Shard i goes to global worker i % (WORLD_SIZE * workers), worker RANK * workers + j, so no two
 workers caption one shard; an exclusive POSIX record lock (lockf, not inherited by forked
 processes) on the partial keeps that true even under a misconfigured launch. Images are decoded and
@@ -47,7 +50,7 @@ from pathlib import Path
 import torch
 
 from data_pipelines.relabel import quality
-from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner
+from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner, model_name
 from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
 from pixart.atomic import atomic_write
 from pixart.data.manifest import file_sha256
@@ -100,12 +103,27 @@ def label(name: str) -> str:
     return name.rsplit(":", 1)[-1]
 
 
+PROTOCOL = ("name", "model_id", "prompt")  # a captioner's attributes, beside its method caption(samples)
+
+
 def load_captioner(config: CaptionerConfig) -> Captioner:
-    """A registered captioner (`build_captioner`), or your own: `module:callable`, called with the config."""
+    """A registered captioner (`build_captioner`), or your own: `module:callable`, called with the config,
+    which must return an object with the attributes `name`, `model_id`, `prompt` and a method `caption`."""
     if ":" not in config.name:
         return build_captioner(config)
     module, attr = config.name.rsplit(":", 1)
-    return getattr(importlib.import_module(module), attr)(config)
+    try:
+        captioner = getattr(importlib.import_module(module), attr)(config)
+    except PixArtError:
+        raise
+    except Exception as e:
+        raise PixArtError(f"--captioner {config.name}: its constructor failed: {type(e).__name__}: {e}") from None
+    missing = [a for a in PROTOCOL if not hasattr(captioner, a)]
+    missing += [] if callable(getattr(captioner, "caption", None)) else ["a method caption(samples)"]
+    if missing:
+        raise PixArtError(f"--captioner {config.name}: returned a {type(captioner).__name__}, not a captioner: it "
+                          f"lacks {', '.join(missing)} (a captioner has {', '.join(PROTOCOL)} and caption(samples))")
+    return captioner
 
 
 def check_captioner(config: CaptionerConfig) -> None:
@@ -113,9 +131,12 @@ def check_captioner(config: CaptionerConfig) -> None:
     if ":" in config.name:
         module, attr = config.name.rsplit(":", 1)
         try:
-            getattr(importlib.import_module(module), attr)
+            make = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise PixArtError(f"--captioner {config.name}: {type(e).__name__}: {e}") from None
+        if not callable(make):
+            raise PixArtError(f"--captioner {config.name}: {attr} is a {type(make).__name__}, not a callable that "
+                              "builds a captioner from a CaptionerConfig")
     elif config.name in VLM_NAMES:
         from pixart.encoders.loading import check_source  # imports diffusers: VLMs only
 
@@ -290,15 +311,34 @@ def read_partial(f) -> dict[str, str]:
     return rows
 
 
+def _first_row(path: Path) -> dict | None:
+    """The first line of a finished caption file, or None when it is empty. A finished file is never rewritten:
+    one that cannot be read is a one-line error naming it."""
+    with open(path, "rb") as f:
+        line = f.readline()
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PixArtError(f"{path}:1: not UTF-8 ({e.reason} at byte {e.start}): fix it, or remove the file to "
+                          "caption its shard again") from None
+    except ValueError as e:
+        raise PixArtError(f"{path}:1: not a JSON line ({e}): fix it, or remove the file to caption its shard "
+                          "again") from None
+    if not isinstance(row, dict):
+        raise PixArtError(f"{path}:1: not a caption line (a JSON {type(row).__name__}): fix it, or remove the "
+                          "file to caption its shard again")
+    return row
+
+
 def _check_same_source(out: Path, cap: str, rows: dict[str, str], base: dict) -> None:
     """One output folder holds one captioner's captions from one model and prompt, never a mix."""
     finished = next(iter(sorted(out.glob(f"*.{cap}.jsonl"))), None)
-    lines = list(rows.values())[:1]
+    olds = [json.loads(line) for line in list(rows.values())[:1]]
     if finished is not None:
-        with open(finished) as f:
-            lines.append(f.readline())
-    for line in filter(str.strip, lines):
-        old = json.loads(line)
+        olds.append(_first_row(finished))
+    for old in filter(None, olds):
         if (old.get("model"), old.get("prompt")) != (base["model"], base["prompt"]):
             raise PixArtError(f"{out}: holds {cap} captions by model {old.get('model')!r} with prompt "
                               f"{old.get('prompt')!r}; this run uses {base['model']!r} with {base['prompt']!r}: "
@@ -344,8 +384,9 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
             except (OSError, PixArtError):
                 pass  # gone since the job started: reading it fails below, and the shard stays unfinished
         rows = read_partial(f)
+        kept = os.fstat(f.fileno()).st_size  # the lines of earlier runs
         run, order, stats = ShardRun(name), {}, ShardStats()
-        base = {"model": captioner.model_id, "prompt": captioner.prompt}
+        base = {"model": model_name(captioner.model_id), "prompt": captioner.prompt}  # as the job record says it
         if not job_path(out, cap).exists():  # an older job's output: its lines say what made it
             _check_same_source(out, cap, rows, base)
         batch: list[dict] = []
@@ -369,8 +410,10 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
                 stats.damaged = item["__damage__"]
                 continue
             key = item["__key__"]
-            if key in order:  # a key twice in one shard: the first sample wins
-                continue
+            if key in order:  # its members were apart: the first "sample" was a fragment (e.g. a json, no image)
+                f.truncate(kept)  # this run's lines: the fragments' "failures" are not the samples'
+                raise PixArtError(f"{url}: the members of {key} are not adjacent (a raw SA-1B tar?): run "
+                                  "`pixart data sam` first")
             order[key] = item["pos"]
             if item["txt"] is not None:
                 stats.alt_text.add(item["txt"])
@@ -425,6 +468,8 @@ def _caption_batch(batcher: Batcher, batch: list[dict], base: dict, cfg: Relabel
     def judge(item, out, attempts):
         if isinstance(out, BaseException):
             return row(item, None, _reason(out), attempts)
+        if not isinstance(out, str):
+            return row(item, None, f"captioner error: the caption is not a str ({type(out).__name__})", attempts)
         return row(item, out, quality.check(out, cfg.quality), attempts, out)
 
     rows = [judge(item, out, 1) for item, out in zip(batch, batcher(batch), strict=True)]
@@ -452,6 +497,7 @@ def _worker(slot: int, tasks: list[tuple[str, str]], out: str, cfg: RelabelConfi
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         cfg = _on_device(cfg, slot)
         captioner = load_captioner(cfg.captioner)
+        _record_settings(Path(out), cfg)
         batcher = Batcher(captioner, cfg.batch_size, log=lambda m: q.put(("log", f"worker {slot}: {m}")))
         for url, name in tasks:
             run = caption_shard(url, name, Path(out), captioner, batcher, cfg, progress=lambda n: q.put(("n", n)))
@@ -476,28 +522,34 @@ def _run_workers(todo: list[list[tuple[str, str]]], out: Path, cfg: RelabelConfi
     for p in procs.values():
         p.start()
     runs, running = [], set(procs)
+
+    def take(msg) -> None:
+        if msg[0] == "n":
+            bar.update(msg[1])
+        elif msg[0] == "shard":
+            runs.append(ShardRun(**msg[1]))
+            bar.set_postfix(shards=len(runs))
+        elif msg[0] == "log":
+            bar.write(msg[1])
+        elif msg[0] == "exit":
+            running.discard(msg[1])
+        else:
+            if msg[1] is not None:
+                raise PixArtError(msg[1])
+            raise RuntimeError(f"a relabel worker failed:\n{msg[2]}")
+
     try:
         while running:
-            try:
-                msg = q.get(timeout=0.5)
-            except queue.Empty:
-                dead = [j for j in running if not procs[j].is_alive() and q.empty()]
-                if dead:
-                    raise RuntimeError(f"relabel worker {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
-                continue
-            if msg[0] == "n":
-                bar.update(msg[1])
-            elif msg[0] == "shard":
-                runs.append(ShardRun(**msg[1]))
-                bar.set_postfix(shards=len(runs))
-            elif msg[0] == "log":
-                bar.write(msg[1])
-            elif msg[0] == "exit":
-                running.discard(msg[1])
-            else:
-                if msg[1] is not None:
-                    raise PixArtError(msg[1])
-                raise RuntimeError(f"a relabel worker failed:\n{msg[2]}")
+            with contextlib.suppress(queue.Empty):
+                take(q.get(timeout=0.1))
+            for j in [j for j in running if not procs[j].is_alive()]:  # every turn: others may keep talking
+                with contextlib.suppress(queue.Empty):  # what it said before it ended is in the queue by now
+                    while j in running:
+                        take(q.get_nowait())
+                if j in running:  # ended without a word: killed
+                    code = procs[j].exitcode
+                    why = f"exit code {code}" + (", killed: out of memory?" if code == -9 else "")
+                    raise PixArtError(f"relabel worker {j} died ({why}); finished captions are kept, rerun to resume")
     finally:
         for p in procs.values():
             if p.is_alive() and running:
@@ -506,22 +558,48 @@ def _run_workers(todo: list[list[tuple[str, str]]], out: Path, cfg: RelabelConfi
     return runs
 
 
-def _check_settings(out: Path, cap: str, settings: dict) -> bool:
+def _settings(cfg: RelabelConfig) -> dict:
+    """What the job record holds: the captioner's settings, and which captions are rejected."""
+    return {**cfg.captioner.settings(), "max_words": cfg.quality.max_words}
+
+
+def _has_lines(out: Path, cap: str) -> bool:
+    """Whether `out` holds a line of `cap` captions (finished, or in a partial): only then does its job record
+    bind the folder. A record without (a run that failed or was killed before its first line) binds nothing."""
+    if any(out.glob(f"*.{cap}.jsonl")):
+        return True
+    for p in out.glob(f".*.{cap}.jsonl.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_size:
+                return True
+    return False
+
+
+def _check_settings(out: Path, cap: str, settings: dict) -> None:
     """Refuse a run whose captioner settings differ from those that wrote the folder's captions (one
-    line naming each, old and new). True when the folder has a record of them."""
+    line naming each, old and new)."""
     path = job_path(out, cap)
     try:
         old = json.loads(path.read_text())
     except FileNotFoundError:
-        return False
+        return
     except (OSError, ValueError) as e:
         raise PixArtError(f"{path}: not a relabel job record ({type(e).__name__}: {e})") from None
+    if not isinstance(old, dict):
+        raise PixArtError(f"{path}: not a relabel job record (a JSON {type(old).__name__})")
     diff = [k for k in settings if old.get(k) != settings[k]]
-    if diff:
+    if diff and _has_lines(out, cap):
         said = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} (this run: {settings[k]!r})" for k in diff)
         raise PixArtError(f"{out}: its {cap} captions were made with {said}; one folder never mixes captions "
                           "made differently: use another --out")
-    return True
+
+
+def _record_settings(out: Path, cfg: RelabelConfig) -> None:
+    """Once the captioner is loaded: record its settings in a folder that holds no lines of its captions yet (an
+    older job's output, lines without a record, is checked by its lines' model and prompt instead)."""
+    cap = label(cfg.captioner.name)
+    if not _has_lines(out, cap):
+        atomic_write(job_path(out, cap), json.dumps(_settings(cfg), indent=1) + "\n")
 
 
 def _read_record(path: Path) -> dict | None:
@@ -577,12 +655,23 @@ def _grew_from(was: dict, url: str) -> bool:
     return isinstance(size, int) and bool(digest) and os.path.isfile(url) and file_sha256(url, limit=size) == digest
 
 
-def _remove_if_only_the_record(out: Path, cap: str) -> None:
-    """After an error in a run that made `out` (a model that would not load): leave no --out behind that holds
-    only the job record. Best effort: the error that brought us here is the one to report."""
+def _remove_if_no_lines(out: Path, cap: str, created: bool) -> None:
+    """After an error before any line of `cap` captions was written (a model that would not load, a captioner that
+    fails every sample): remove the job record, input records and empty partials, and `out` if this run made it.
+    Nothing when a partial is locked (another process captions into it). Best effort: the error that brought us
+    here is the one to report."""
     with contextlib.suppress(OSError):
-        if all(p == job_path(out, cap) for p in out.iterdir()):
-            job_path(out, cap).unlink(missing_ok=True)
+        if _has_lines(out, cap):
+            return
+        for p in out.glob(f".*.{cap}.jsonl.partial"):
+            with open(p, "a+b") as f:
+                fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError when another process holds it
+                if os.fstat(f.fileno()).st_size:
+                    return
+                p.unlink()
+        for p in [*out.glob(f".*.{cap}.input.json"), job_path(out, cap)]:
+            p.unlink(missing_ok=True)
+        if created:
             out.rmdir()
 
 
@@ -597,12 +686,8 @@ def _model_prompt(out: Path, names: list[str], cap: str) -> tuple[str | None, st
     """The model and prompt recorded in the first finished line of the job."""
     for name in names:
         final = paths(out, name, cap)[0]
-        if final.exists():
-            with open(final) as f:
-                line = f.readline()
-            if line.strip():
-                row = json.loads(line)
-                return row.get("model"), row.get("prompt")
+        if final.exists() and (row := _first_row(final)) is not None:
+            return row.get("model"), row.get("prompt")
     return None, None
 
 
@@ -619,19 +704,22 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
 
     t0 = time.perf_counter()
     rank, world = rank_and_world(rank, world)
-    if cfg.batch_size < 1 or cfg.workers < 1:
-        raise PixArtError("--batch-size and --workers must be positive")
+    for flag, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 1),
+                               ("--decode-workers", cfg.decode_workers, 0), ("--max-words", cfg.quality.max_words, 1)):
+        if value < least:
+            raise PixArtError(f"{flag} {value}: must be {'positive' if least else 'zero or more'}")
     urls = resolve_shards(shards)
     names = check_unique_names(urls)
     check_captioner(cfg.captioner)
     out, cap = Path(out), label(cfg.captioner.name)
-    settings = {**cfg.captioner.settings(), "max_words": cfg.quality.max_words}  # which captions are rejected
-    recorded = _check_settings(out, cap, settings)
+    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise PixArtError(f"--out {out} is not a folder" + (f" ({file} is a file)" if file != out else ""))
+    _check_settings(out, cap, _settings(cfg))
     mine = sorted(i for js in assign(len(urls), rank, world, cfg.workers) for i in js)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not recorded and not any(out.glob(f"*.{cap}.jsonl")) and not any(out.glob(f".*.{cap}.jsonl.partial")):
-        atomic_write(job_path(out, cap), json.dumps(settings, indent=1) + "\n")  # a new output: record them
+    _model_prompt(out, names, cap)  # a finished file that cannot be read says so before the work, not after it
     usable = {i for i in mine if _forget_if_input_changed(out, names[i], urls[i], cap, log)}
 
     def finished(name: str) -> bool:
@@ -655,6 +743,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
         try:
             if cfg.workers == 1:
                 captioner = load_captioner(cfg.captioner)
+                _record_settings(out, cfg)
                 batcher = Batcher(captioner, cfg.batch_size, log=bar.write)
                 for url, name in todo[0]:
                     run = caption_shard(url, name, out, captioner, batcher, cfg, progress=bar.update)
@@ -664,8 +753,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
             else:
                 runs = _run_workers(todo, out, cfg, bar)
         except BaseException:
-            if created:
-                _remove_if_only_the_record(out, cap)
+            _remove_if_no_lines(out, cap, created)
             raise
         finally:
             bar.close()

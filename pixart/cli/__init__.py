@@ -23,14 +23,23 @@ def pick_device(device: str | None) -> str:
 
 def positive_int(text: str) -> int:
     """An argparse `type` for counts: "0" or "-3" is argparse's one-line usage error naming the flag."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse `type` for counts where 0 means none (`--warmup`, `--decode-workers`)."""
+    return _int_at_least(text, 0, "0 or more")
+
+
+def _int_at_least(text: str, least: int, what: str) -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is not {what}")
     return value
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.cli import positive_int
+from pixart.cli import non_negative_int, positive_int
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="every row's precision (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--iters", type=positive_int, default=10, help="timed steps per model (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--out", default="bench.json", help="JSON results file, written atomically (default bench.json)")
     p.set_defaults(run=run)
 
@@ -47,8 +47,6 @@ def run(args) -> None:
     device = pick_device(args.device)
     if args.resolution % 16 or args.resolution < 16:
         raise PixArtError(f"--resolution must be a multiple of 16, got {args.resolution}")
-    if args.warmup < 0:
-        raise PixArtError(f"--warmup {args.warmup}: must be 0 or more")
     try:
         result = run_bench(BenchConfig(args.model, args.resolution, args.batch, args.tokens, device, args.compare,
                                        compile=args.compile, precision=args.precision, iters=args.iters,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from data_pipelines.relabel.captioner import QWEN_MAX_PIXELS
+from pixart.cli import non_negative_int, positive_int
 
 
 def add_parser(sub) -> None:
@@ -37,15 +38,17 @@ def add_parser(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help=f"qwen2-vl, qwen2.5-vl: largest image area after resizing (default {QWEN_MAX_PIXELS:,}: "
                    "at most 1024 visual tokens per image)")
-    p.add_argument("--workers", type=int, default=1, help="local job processes, e.g. one per GPU (default 1)")
-    p.add_argument("--decode-workers", type=int, default=None,
-                   help="image-decoding processes per job worker (default: CPUs / workers, at most 8)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per captioner call; halved on OOM (default 8)")
+    p.add_argument("--workers", type=positive_int, default=1, help="local job processes, e.g. one per GPU (default 1)")
+    p.add_argument("--decode-workers", type=non_negative_int, default=None,
+                   help="image-decoding processes per job worker; 0: decode in the job worker itself (default: "
+                   "CPUs / workers, at most 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="samples per captioner call; halved on OOM (default 8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--seed", type=int, default=0, help="phrasing / sampling seed; a retry uses seed + 1")
-    p.add_argument("--max-new-tokens", type=int, default=160, help="VLM generation limit (default 160)")
-    p.add_argument("--max-words", type=int, default=150, help="longer captions are rejected (default 150)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=160, help="VLM generation limit (default 160)")
+    p.add_argument("--max-words", type=positive_int, default=150, help="longer captions are rejected (default 150)")
     p.add_argument("--accept-damaged", action="store_true",
                    help="finish a shard whose input tar breaks off with the samples read (default: leave it "
                    "unfinished and report it; a rerun retries it)")
