@@ -234,6 +234,15 @@ def test_class_conditional_stage_trains_on_metadata_labels_and_draws_a_grid(cach
     assert r.returncode == 0, r.stderr[-2000:]
     grid = Image.open(tmp_path / "run" / "samples" / "step-000003.png")
     assert grid.size == (2 * 32 * 2, 3 * 32 * 2)  # 2 seeds x 3 labels of 32 px, drawn at 2x
+    # a kill after the last checkpoint, before its grid and DONE.json: the rerun draws the grid it lacks
+    drawn = grid.tobytes()
+    for lost in (tmp_path / "run" / "samples" / "step-000003.png", tmp_path / "run" / "DONE.json"):
+        lost.unlink()
+    r = train(config, tmp_path / "run", None, "--max-steps", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "run" / "samples" / "step-000003.png").tobytes() == drawn
+    done = json.loads((tmp_path / "run" / "DONE.json").read_text())
+    assert done["checkpoint"] == str((tmp_path / "run" / "checkpoints" / "step-000003").absolute())
 
 
 def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_path):

@@ -312,7 +312,7 @@ class DistillTrainer:
     def run(self) -> Path:
         self._resume()
         self._regression_setup()
-        return run_to_end(self, curve_keys=("dm", "fake", "regression", "gan_g"))
+        return run_to_end(self, curve_keys=("dm", "fake", "regression", "gan_g"), ema=True)
 
     def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
         cfg = self.cfg

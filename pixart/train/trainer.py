@@ -229,7 +229,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Path:
         self._resume()
-        return run_to_end(self)
+        return run_to_end(self, ema=self.cfg.validation.ema)
 
     def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
         cfg = self.cfg
@@ -280,14 +280,20 @@ class Trainer:
         return scalars
 
 
-def run_to_end(trainer, curve_keys: tuple[str, ...] = ()) -> Path:
+def run_to_end(trainer, curve_keys: tuple[str, ...] = (), ema: bool = True) -> Path:
     """A resumed trainer's (`Trainer`'s or `DistillTrainer`'s) `_loop` to `train.max_steps`, watched for lost
-    peers, with a progress bar; then loss.png and DONE.json. Returns the last checkpoint."""
+    peers, with a progress bar; then loss.png and DONE.json. Returns the last checkpoint. `ema`: whether the
+    validation grids draw the EMA weights."""
     t, cfg = trainer, trainer.cfg
     monitor = Monitor(t.run_dir, t.step, t.main)
     bar = tqdm(total=cfg.train.max_steps, initial=t.step, desc=cfg.stage, disable=not t.main, dynamic_ncols=True)
     try:
         with watching_peers(cfg.train.collective_timeout_s, t.rank, t.run_dir, lambda: t.step) as dog:
+            if t.step >= cfg.train.max_steps:  # resumed at the end: killed between the last save and its grid?
+                validator = t._validator()  # rank 0's; None elsewhere
+                grid = t.run_dir / "samples" / f"{checkpoints.step_name(t.step)}.png"
+                if any_rank(validator is not None and not grid.is_file(), t.device):
+                    validate(t, validator, monitor, ema)
             t._loop(cfg.train.max_steps, monitor, bar, dog)
     finally:
         bar.close()
@@ -296,7 +302,8 @@ def run_to_end(trainer, curve_keys: tuple[str, ...] = ()) -> Path:
     data = data_report(t.batches, t.world, t.main)
     if t.main:
         monitor.loss_curve(t.run_dir / "loss.png", cfg.stage, keys=curve_keys)
-        done = {"checkpoint": str(final), "steps": t.step, "stage": cfg.stage, "data": data, **t.settings}
+        done = {"checkpoint": str(final.absolute()), "steps": t.step, "stage": cfg.stage, "data": data,
+                **t.settings}
         atomic_write(t.run_dir / DONE_FILE, json.dumps(done, indent=2))
     dist.barrier()
     return final
@@ -348,9 +355,14 @@ def encoders_record(cfg, manifest) -> dict:
 
 def all_finite(loss: torch.Tensor, device: torch.device) -> bool:
     """Whether the loss is finite on every rank (a collective: every rank stops together)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
-    dist.all_reduce(bad)
-    return bad.item() == 0
+    return not any_rank(not torch.isfinite(loss), device)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on some rank: a collective, so that every rank takes the same branch."""
+    count = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(count)
+    return count.item() > 0
 
 
 def data_report(batches, world: int, main: bool) -> dict:
