@@ -35,11 +35,11 @@ def toy_recipe(cache: Path, tmp: Path) -> Path:
     return tmp / "recipe.yaml"
 
 
-def launch(recipe: Path, run_dir: Path) -> subprocess.CompletedProcess:
+def launch(recipe: Path, run_dir: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PIXART_FAULT")}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-m", "pixart", "launch", str(recipe), "--run-dir", str(run_dir)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 def test_launch_runs_stages_in_order_and_skips_finished_ones(tiny_feature_cache, tmp_path):
@@ -67,14 +67,144 @@ def test_launch_runs_stages_in_order_and_skips_finished_ones(tiny_feature_cache,
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("skipped") == 3
 
-    s1 = yaml.safe_load((tmp_path / "s1.yaml").read_text())
-    (tmp_path / "s1.yaml").write_text(yaml.safe_dump({**s1, "train": {**s1["train"], "max_steps": 3}}))
-    longer = launch(recipe, moved)  # s1 goes on to step 3: the reparameterized s1 (and s2) came from step 2
-    assert longer.returncode == 2, longer.stderr[-3000:]
-    assert longer.stderr.strip().splitlines()[-1] == (
-        f"pixart launch: error: step reparam: {moved / 'reparam'} was made from reparam.source "
-        f"s1/checkpoints/step-000002, now s1/checkpoints/step-000003; delete {moved / 'reparam'} (and the folders "
-        "of the runs made from it) to redo it from the new input, or restore the old one")
+
+
+def edit(path: Path, key: str, value) -> None:
+    """Set a dotted key of a YAML file."""
+    data = yaml.safe_load(path.read_text())
+    *parents, last = key.split(".")
+    node = data
+    for k in parents:
+        node = node[k] if isinstance(node, dict) else next(s for s in node if s["name"] == k)
+    node[last] = value
+    path.write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture(scope="module")
+def toy_run(tiny_feature_cache, tmp_path_factory):
+    """A finished launch of the toy recipe (s1 -> reparam -> s2), which each test copies."""
+    base = tmp_path_factory.mktemp("toy")
+    recipe = toy_recipe(tiny_feature_cache, base)
+    r = launch(recipe, base / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return base
+
+
+@pytest.fixture
+def toy(toy_run, tmp_path):
+    import shutil
+
+    shutil.copytree(toy_run, tmp_path / "w")
+    return tmp_path / "w"
+
+
+def last_line(r: subprocess.CompletedProcess) -> str:
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_a_step_redone_in_place_is_told_from_the_old_one_by_its_run_id(toy):
+    """Retraining s1 in its own folder writes the same step names; its new run id tells the later steps that they
+    were made from the old one (each refusal naming the steps made from it), instead of skipping them."""
+    import shutil
+
+    run = toy / "run"
+    shutil.rmtree(run / "s1")
+    r = launch(toy / "recipe.yaml", run)
+    assert r.returncode == 2, r.stderr[-3000:]
+    ids = re.findall(r"\(run ([0-9a-f]{32})\)", last_line(r))
+    assert len(ids) == 2 and ids[0] != ids[1], last_line(r)
+    assert last_line(r) == (
+        f"pixart launch: error: step reparam: {run / 'reparam'} was made from reparam.source "
+        f"s1/checkpoints/step-000002 (run {ids[0]}), now s1/checkpoints/step-000002 (run {ids[1]}); delete "
+        f"{run / 'reparam'} (and {run / 's2'}, made from it) to redo it from the new input, or restore the old one")
+    shutil.rmtree(run / "reparam")  # redone: s2 was made from the old one
+    r = launch(toy / "recipe.yaml", run)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert re.search(r"step s2: .* was made from model.init reparam/checkpoint \(run \w+\), now reparam/checkpoint "
+                     r"\(run \w+\); delete", last_line(r)), last_line(r)
+
+
+def test_a_step_later_steps_were_made_from_is_not_extended(toy):
+    run = toy / "run"
+    edit(toy / "s1.yaml", "train.max_steps", 3)
+    r = launch(toy / "recipe.yaml", run)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert last_line(r) == ("pixart launch: error: step s1: extending it to 3 steps would leave reparam, s2 made from "
+                            "its step-000002; delete their folders to redo them, or keep train.max_steps 2")
+    assert sorted(p.name for p in (run / "s1" / "checkpoints").iterdir()) == ["latest", "step-000002"]
+
+
+def test_a_done_step_whose_config_changed_is_skipped_with_a_warning(toy):
+    run = toy / "run"
+    edit(toy / "s2.yaml", "optim.lr", 0.002)
+    edit(toy / "s2.yaml", "train.log_every", 5)  # shapes nothing: not named
+    edit(toy / "recipe.yaml", "stages.reparam.reparam.seed", 3)
+    r = launch(toy / "recipe.yaml", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("skipped") == 3
+    assert (f"s2: done with optim.lr 0.001; the config now says optim.lr 0.002; delete {run / 's2'} to redo it"
+            in r.stderr.splitlines())
+    assert (f"reparam: done with reparam.seed 0; the recipe now says reparam.seed 3; delete {run / 'reparam'} to "
+            "redo it" in r.stderr.splitlines())
+    assert "s1: done with" not in r.stderr
+
+
+def test_a_reparam_killed_before_its_done_record_is_finished_or_redone(toy):
+    """A kill after the reparameterized checkpoint is written but before DONE.json: the rerun records it as done
+    (its reparam.json names this source and these settings) and removes the killed writer's temp file; with
+    another source it converts again."""
+    import shutil
+    import socket
+
+    run = toy / "run"
+    shutil.rmtree(run / "s2")
+    (run / "reparam" / "DONE.json").unlink()
+    dead = run / "reparam" / f".DONE.json.tmp-{socket.gethostname()}-999999-abc"
+    dead.write_text("{")
+    before = (run / "reparam" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    r = launch(toy / "recipe.yaml", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reparam: done" not in r.stderr and not dead.exists()
+    assert (run / "reparam" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == before
+    done = json.loads((run / "reparam" / "DONE.json").read_text())
+    assert done["reparam.source"] == "s1/checkpoints/step-000002"
+    (run / "reparam" / "DONE.json").unlink()
+    edit(toy / "recipe.yaml", "stages.reparam.reparam.seed", 3)
+    shutil.rmtree(run / "s2")
+    r = launch(toy / "recipe.yaml", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reparam: reparameterizing" in r.stderr
+    assert json.loads((run / "reparam" / "checkpoint" / "reparam.json").read_text())["seed"] == 3
+
+
+def test_a_second_launch_on_a_run_folder_in_use_is_refused(toy):
+    import socket
+
+    run = toy / "run"
+    hold = ("import fcntl, os, socket, sys, time\n"
+            f"f = open({str(run / '.launch.lock')!r}, 'a+')\n"
+            "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "f.truncate(0); f.write(f'pid {os.getpid()} on {socket.gethostname()}'); f.flush()\n"
+            "print('held', flush=True); time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = launch(toy / "recipe.yaml", run)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert last_line(r) == (f"pixart launch: error: {run} is in use by another pixart launch (pid {holder.pid} on "
+                            f"{socket.gethostname()})")
+    r = launch(toy / "recipe.yaml", run)  # the holder is gone: so is its lock
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_launch_json_names_the_outputs_wherever_it_is_read_from(toy):
+    r = launch(toy / "recipe.yaml", Path("run"), cwd=toy)  # a --run-dir relative to the launch's folder
+    assert r.returncode == 0, r.stderr[-3000:]
+    outputs = json.loads((toy / "run" / "launch.json").read_text())["outputs"]
+    assert outputs["s2"] == str(toy / "run" / "s2" / "checkpoints" / "step-000003")
 
 
 @pytest.mark.parametrize("stages, message", [
@@ -82,11 +212,40 @@ def test_launch_runs_stages_in_order_and_skips_finished_ones(tiny_feature_cache,
     ([{"name": "a", "config": "x.yaml", "reparam": {"source": "w.pt"}}], "exactly one of"),
     ([{"name": "a", "config": "x.yaml"}, {"name": "a", "config": "y.yaml"}], "used twice"),
     ([{"name": "a", "config": "x.yaml", "inti": "b"}], "stages.0.inti: unknown key"),
+    ([{"name": "r", "reparam": {"source": "w.pt"}, "init": "a"}], "step 'r': init and set do not apply to a reparam"),
+    ([{"name": "r", "reparam": {"source": "w.pt"}, "set": ["a=1"]}], "step 'r': init and set do not apply"),
+    *[([{"name": bad, "config": "x.yaml"}], f"step name {re.escape(repr(bad))}: use one folder name")
+      for bad in ("", ".", "..", "../x", "a/b", "a b")],
+    ([], "stages: give at least one step"),
 ])
 def test_bad_recipes_are_one_line(tmp_path, stages, message):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": stages}))
     with pytest.raises(PixArtError, match=message):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_a_misspelt_recipe_key_or_a_folder_is_named(tmp_path):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stagez": [{"name": "a", "config": "x.yaml"}]}))
+    with pytest.raises(PixArtError, match=re.escape(f"{tmp_path / 'r.yaml'}: stagez: unknown key")):
+        load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(PixArtError, match=re.escape(f"{tmp_path} is a folder, not a recipe file")):
+        load_recipe(tmp_path)
+
+
+def test_a_reparam_source_file_is_relative_to_the_recipe_and_checked_first(tmp_path):
+    from pixart.train.recipe import check_inputs, reparam_source
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "r", "stages": [
+        {"name": "s", "reparam": {"source": "nothere.pt"}}, {"name": "t", "reparam": {"source": "s"}}]}))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    s, t = recipe.stages
+    assert reparam_source(tmp_path / "r.yaml", {}, s) == str(tmp_path / "nothere.pt")
+    assert reparam_source(tmp_path / "r.yaml", {"s": "/o/s/checkpoint"}, t) == "/o/s/checkpoint"
+    with pytest.raises(PixArtError, match=re.escape(
+            f"{tmp_path / 'r.yaml'}: step s: reparam.source nothere.pt: no such file")):
+        check_inputs(tmp_path / "r.yaml", s, None)
+    (tmp_path / "nothere.pt").write_bytes(b"")
+    check_inputs(tmp_path / "r.yaml", s, None)
 
 
 def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path, caplog):
@@ -106,6 +265,7 @@ def test_a_bad_later_config_stops_the_launch_before_anything_runs(tmp_path, capl
                           "model": {"init": str(tmp_path / "nothing")}}}
     for file, cfg in bad.items():
         (tmp_path / file).write_text(yaml.safe_dump(cfg))
+    (tmp_path / "dit.pt").write_bytes(b"")  # the check looks for it; it does not read it
     stages = [{"name": "reparam", "reparam": {"source": str(tmp_path / "dit.pt")}},
               {"name": "s", "config": "s.yaml", "init": "reparam"}]
     for last, message in (

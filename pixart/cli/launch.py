@@ -13,7 +13,10 @@ may be made while the first stages train. Rerun the same command after an interr
 steps are skipped and the interrupted one resumes from its last checkpoint. Under torchrun or the
 deepspeed launcher every rank runs it (rank 0 prints). Under a recipe, every step's
 train.collective_timeout_s is the recipe's collective_timeout_s. A step whose recorded input (the
-`init` it was made from) is not the one it would get now is refused, not skipped or resumed.
+`init` it was made from, and the id of the run that made it) is not the one it would get now is
+refused, not skipped or resumed; so is extending a step past the checkpoint later steps were made
+from. A finished step whose config changed since is skipped with a warning naming the keys. A
+file reparam.source is relative to the recipe file. One launch at a time per run folder.
 
 examples:
   pixart launch configs/pixart_xl2/recipe.yaml --run-dir runs/pixart-xl2

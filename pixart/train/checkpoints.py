@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import uuid
 from pathlib import Path
 
 import torch.distributed as dist
@@ -38,6 +39,7 @@ from pixart.errors import PixArtError
 from pixart.models.config import ModelConfig
 
 TRAINER_FILE, DS_DIR, DS_TAG = "trainer.json", "deepspeed", "state"
+RUN_ID = "run_id"  # a run's identity, made when its first start writes nothing yet; kept by every resume
 log = logging.getLogger("pixart.train")
 
 
@@ -100,13 +102,29 @@ def init_of(cfg) -> tuple[str, str | None]:
     return ("teacher.init", cfg.teacher.init) if hasattr(cfg, "teacher") else ("model.init", cfg.model.init)
 
 
+def run_id_of(init: str | os.PathLike | None) -> str | None:
+    """The `RUN_ID` of the run that made checkpoint folder `init` (its trainer.json's, or a reparameterized
+    folder's run folder's DONE.json's), or None where none is recorded (a run from before ids, a DiT file): a step
+    redone in place writes the same step names, but not the same id."""
+    if init is None:
+        return None
+    folder = checkpoint_folder(init)
+    for record in (folder / TRAINER_FILE, folder.parent / "DONE.json"):
+        if folder.is_dir() and record.is_file():
+            return read_json(record).get(RUN_ID)
+    return None
+
+
 def resume_settings(cfg, run_dir: str | os.PathLike) -> dict:
     """What a checkpoint can only be resumed with, beside its model and process count (its trainer.json records
     them): DeepSpeed's state is laid out by precision and ZeRO stage, and a run continues only from the weights
-    it started from (`started_from`), lest its output mix two inputs."""
+    it started from (`started_from`, and the `RUN_ID` of the run that made them), lest its output mix two inputs.
+    The run's own `RUN_ID` is its latest checkpoint's, or a new one (only rank 0's is written)."""
     key, init = init_of(cfg)
+    ckpt = latest_checkpoint(run_dir)
+    own = read_json(ckpt / TRAINER_FILE).get(RUN_ID) if ckpt else None
     return {"deepspeed.precision": cfg.deepspeed.precision, "deepspeed.zero_stage": cfg.deepspeed.zero_stage,
-            key: started_from(init, run_dir)}
+            key: started_from(init, run_dir), f"{key}.{RUN_ID}": run_id_of(init), RUN_ID: own or uuid.uuid4().hex}
 
 
 RUN_KINDS = {"train": "a training stage's (pixart train)", "distill": "a distillation's (pixart distill)"}
@@ -117,10 +135,18 @@ def run_kind(settings: dict) -> str | None:
     return "distill" if "teacher.init" in settings else "train" if "model.init" in settings else None
 
 
-def changed_input(run_dir: Path, key: str, was, now) -> PixArtError:
-    """The one line refusing to go on with a run made from another input."""
-    return PixArtError(f"{run_dir} was made from {key} {was}, now {now}; delete {run_dir} (and the folders of the "
-                       f"runs made from it) to redo it from the new input, or restore the old one")
+def changed_input(run_dir: Path, key: str, was, now, later: list | None = None) -> PixArtError:
+    """The one line refusing to go on with a run made from another input; `later`: the folders of the runs made
+    from it, where known."""
+    also = "(and the folders of the runs made from it)" if later is None else \
+        f"(and {', '.join(map(str, later))}, made from it)" if later else ""
+    return PixArtError(f"{run_dir} was made from {key} {was}, now {now}; delete {run_dir} {also}".rstrip() +
+                       " to redo it from the new input, or restore the old one")
+
+
+def with_run(name, run_id) -> str:
+    """An input as a refusal names it: its path, and the id of the run that made it when known."""
+    return f"{name} (run {run_id})" if run_id else f"{name}"
 
 
 def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfig) -> None:
@@ -140,7 +166,13 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
         raise PixArtError(f"{run_dir} holds {RUN_KINDS[was]} checkpoints, not {RUN_KINDS[now]}; give another "
                           "--run-dir")
     for key, value in settings.items():
+        if key == RUN_ID or key.endswith(f".{RUN_ID}") and (value is None or recorded.get(key) is None):
+            continue  # the run's own id is its checkpoint's; an input's id, when either side has none, is unknown
         if key in recorded and recorded[key] != value:
+            if key.endswith(f".{RUN_ID}"):
+                init = key.removesuffix(f".{RUN_ID}")
+                raise changed_input(run_dir, init, with_run(recorded.get(init), recorded[key]),
+                                    with_run(settings.get(init), value))
             if key.endswith(".init"):
                 raise changed_input(run_dir, key, recorded[key], value)
             raise PixArtError(f"{ckpt}: saved with {key} {recorded[key]!r}, this config has {value!r}{fresh}")

@@ -10,26 +10,41 @@
 
 Each step writes RUN/<name>/; a training step's `init` (a previous step) becomes its `model.init`, a
 distillation step's its `teacher.init`.
-A finished step is skipped (its DONE.json, or the reparameterized folder), an interrupted one
-resumes from its own checkpoints; either stops, naming both, when the input it recorded (`check_input`) is not the
-one it would get now. Config paths are relative to the recipe file.
+A finished step (its DONE.json) is skipped, with a warning when its config has changed since (`warn_changed`); an
+interrupted one resumes from its own checkpoints; either stops, naming both, when the input it recorded
+(`check_input`: the checkpoint's name and the id of the run that made it) is not the one it would get now. A step
+is not extended past the checkpoint later steps were made from (`check_extend`). Config paths and a file
+`reparam.source` are relative to the recipe file. One launch at a time holds a run folder (`lock_run`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import socket
+import uuid
 from pathlib import Path
 from typing import Literal
 
 import torch.distributed as dist
-from pydantic import Field, model_validator
+import yaml
+from pydantic import Field, field_validator, model_validator
 
-from pixart.atomic import atomic_write
-from pixart.checkpoint import read_json
+from pixart.atomic import atomic_write, remove_dead_writers
+from pixart.checkpoint import checkpoint_folder, read_json
 from pixart.errors import PixArtError
 
-from .checkpoints import TRAINER_FILE, changed_input, init_of, latest_checkpoint, started_from
+from .checkpoints import (
+    RUN_ID,
+    TRAINER_FILE,
+    changed_input,
+    init_of,
+    latest_checkpoint,
+    run_id_of,
+    started_from,
+    with_run,
+)
 from .config import Section, load_train_config, read_yaml, validated
 
 log = logging.getLogger("pixart.train")
@@ -53,12 +68,29 @@ class Step(Section):
     set: list[str] = Field(default_factory=list)  # --set overrides for this stage
     reparam: Reparam | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:  # RUN/<name>/: one folder inside the run folder
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+            raise ValueError(f"step name {name!r}: use one folder name of letters, digits, '-', '_' and '.'")
+        return name
+
     @model_validator(mode="after")
     def _one_kind(self) -> Step:
         if [self.config, self.distill, self.reparam].count(None) != 2:
             raise ValueError(f"step {self.name!r}: give exactly one of `config` (a training stage), `distill` or "
                              "`reparam`")
+        if self.reparam is not None and (self.init is not None or self.set):
+            raise ValueError(f"step {self.name!r}: init and set do not apply to a reparam step")
         return self
+
+    def source(self) -> str | None:
+        """The earlier step or file this step is made from."""
+        return self.reparam.source if self.reparam else self.init
+
+    def input_key(self) -> str:
+        """The key its records name its input by."""
+        return "reparam.source" if self.reparam else "teacher.init" if self.distill else "model.init"
 
 
 class Recipe(Section):
@@ -68,6 +100,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _order(self) -> Recipe:
+        if not self.stages:
+            raise ValueError("stages: give at least one step")
         seen: set[str] = set()
         for s in self.stages:
             for ref in (s.init, s.reparam.source if s.reparam and not _looks_like_file(s.reparam.source) else None):
@@ -85,9 +119,21 @@ def _looks_like_file(source: str) -> bool:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise PixArtError(f"{path} is a folder, not a recipe file")
     if not path.is_file():
         raise PixArtError(f"{path}: no such recipe file")
-    return validated(Recipe, read_yaml(path), str(path))
+    data = read_yaml(path)
+    for key in data if isinstance(data, dict) else ():  # before a missing `stages`, which a misspelt one causes
+        if key not in Recipe.model_fields:
+            raise PixArtError(f"{path}: {key}: unknown key")
+    return validated(Recipe, data, str(path))
+
+
+def reparam_source(recipe_path: Path, outputs: dict[str, str], step: Step) -> str:
+    """A reparam step's DiT: an earlier step's output, or a file relative to the recipe file."""
+    source = step.reparam.source
+    return outputs[source] if source in outputs else str(recipe_path.parent / source)
 
 
 def step_config(recipe_path: Path, recipe: Recipe, step: Step, init: str | None):
@@ -120,6 +166,11 @@ def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
 
     from .engine import deepspeed_config
 
+    if step.reparam is not None:
+        source = step.reparam.source
+        if _looks_like_file(source) and not (recipe_path.parent / source).exists():
+            raise PixArtError(f"{recipe_path}: step {step.name}: reparam.source {source}: no such file")
+        return
     source = recipe_path.parent / (step.distill or step.config)
     try:
         deepspeed_config(cfg, 1)
@@ -144,64 +195,208 @@ def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
         log.warning("%s: %s; step %s stops there unless it exists by then", source, problem, step.name)
 
 
+LOCK_FILE = ".launch.lock"
+# config keys that do not shape a step's output: a done step whose config changed only there is skipped silently
+FREE_KEYS = {"model.init", "teacher.init", "train.log_every", "train.ckpt_every", "train.keep_last",
+             "train.peak_tflops", "train.record_keys", "train.collective_timeout_s", "data.num_workers",
+             "data.shard_cache", "data.shard_cache_gb"}
+
+
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Run the recipe's steps in order; returns {step: its output checkpoint folder}. Every step's config is
     loaded first, so that a typo in the last stage's file stops the launch before the first stage trains."""
+    import torch
+
     from pixart.distill.trainer import DistillTrainer
-    from pixart.export.dit import ReparamConfig, convert_dit
 
     from .engine import init_distributed
-    from .trainer import DONE_FILE, Trainer, is_done
+    from .trainer import Trainer, is_done
 
     recipe_path = Path(recipe_path).resolve()
     recipe = load_recipe(recipe_path)
     for step in recipe.stages:
-        if step.reparam is None:
-            check_inputs(recipe_path, step, step_config(recipe_path, recipe, step, "<the output of an earlier step>"))
-    root = Path(run_dir or Path("runs") / recipe.name)
-    init_distributed(recipe.collective_timeout_s)
+        cfg = None if step.reparam else step_config(recipe_path, recipe, step, "<the output of an earlier step>")
+        check_inputs(recipe_path, step, cfg)
+    root = Path(run_dir or Path("runs") / recipe.name).resolve()
+    device = init_distributed(recipe.collective_timeout_s)
     rank = dist.get_rank()
     say = log.info if rank == 0 else log.debug  # under torchrun: one copy of each line
-    outputs: dict[str, str] = {}
-    for step in recipe.stages:
-        out = root / step.name
-        if step.reparam is not None:
-            r = step.reparam
-            target = out / "checkpoint"
-            src = outputs.get(r.source, r.source)
-            source = started_from(src, out)
-            if (target / "config.json").is_file():
-                check_input(step, out, "reparam.source", source)
-                say("%s: done (%s), skipped", step.name, target)
-            elif rank == 0:
-                log.info("%s: reparameterizing %s", step.name, src)
-                convert_dit(src, target, ReparamConfig(**r.model_dump(exclude={"source"})), overwrite=True)
-                atomic_write(out / DONE_FILE, json.dumps({"checkpoint": str(target), "reparam.source": source}))
-            dist.barrier()
-            outputs[step.name] = str(target)
-            continue
-        cfg = step_config(recipe_path, recipe, step, outputs.get(step.init))
-        key, init = init_of(cfg)
-        check_input(step, out, key, started_from(init, out))
-        done = is_done(out, cfg.train.max_steps)
-        if done is not None:
-            say("%s: done (%s), skipped", step.name, done)
-            outputs[step.name] = str(done)
-            continue
-        outputs[step.name] = str((DistillTrainer if step.distill else Trainer)(cfg, out).run())
+    lock, busy = None, None
     if rank == 0:
-        atomic_write(root / "launch.json", json.dumps({"recipe": str(recipe_path), "outputs": outputs}, indent=2))
+        try:
+            lock = lock_run(root)
+        except PixArtError as e:
+            busy = e
+    if dist.get_world_size() > 1:  # every rank stops when rank 0 could not take the run folder
+        flag = torch.tensor([float(busy is not None)], device=device)
+        dist.all_reduce(flag)
+        if flag.item() and busy is None:
+            busy = PixArtError(f"{root} is in use by another pixart launch")
+    if busy is not None:
+        raise busy
+    try:
+        outputs: dict[str, str] = {}
+        for step in recipe.stages:
+            out = root / step.name
+            if rank == 0 and out.is_dir():
+                remove_dead_writers(out)  # a killed launch's DONE.json temp
+            if step.reparam is not None:
+                outputs[step.name] = run_reparam(recipe, root, step, reparam_source(recipe_path, outputs, step), say)
+                continue
+            cfg = step_config(recipe_path, recipe, step, outputs.get(step.init))
+            key, init = init_of(cfg)
+            check_input(step, out, key, started_from(init, out), run_id_of(init), later_folders(recipe, root, step))
+            done = is_done(out, cfg.train.max_steps)
+            if done is not None:
+                if rank == 0 and (out / "config.yaml").is_file():
+                    warn_changed(step, out, read_yaml(out / "config.yaml"), yaml.safe_load(cfg.resolved_yaml()))
+                say("%s: done (%s), skipped", step.name, done)
+                outputs[step.name] = str(done)
+                continue
+            check_extend(recipe, root, step, cfg.train.max_steps)
+            outputs[step.name] = str((DistillTrainer if step.distill else Trainer)(cfg, out).run())
+        if rank == 0:
+            atomic_write(root / "launch.json", json.dumps({"recipe": str(recipe_path), "outputs": outputs}, indent=2))
+    finally:
+        if lock is not None:
+            os.close(lock)
     return outputs
 
 
-def check_input(step: Step, out: Path, key: str, now: str | None) -> None:
-    """Refuse to skip or resume a step whose recorded input (DONE.json's, else its latest checkpoint's) is not
-    the one it would start from now: its output, and every later step's, would silently come from the old one.
-    Records from before inputs were recorded are not checked."""
+def lock_run(root: Path) -> int:
+    """Rank 0's hold on the run folder for a launch: an exclusive lock on RUN/.launch.lock, which the system
+    releases when the process ends, a kill included. Returns the file to close; while another launch holds it,
+    one line naming that launch's process."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "its process unknown"
+        os.close(fd)
+        raise PixArtError(f"{root} is in use by another pixart launch ({holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    return fd
+
+
+def run_reparam(recipe: Recipe, root: Path, step: Step, src: str, say) -> str:
+    """The reparameterization step: done only with its DONE.json. A checkpoint without one (a kill between the
+    two) is kept when its reparam.json records this source and these settings, else converted again."""
+    from pixart.export.dit import ReparamConfig, convert_dit
+
+    from .trainer import DONE_FILE
+
+    out = root / step.name
+    target = out / "checkpoint"
+    settings = step.reparam.model_dump(exclude={"source"})
+    source, source_id = started_from(src, out), run_id_of(src)
+    if (out / DONE_FILE).is_file():
+        check_input(step, out, "reparam.source", source, source_id, later_folders(recipe, root, step))
+        if dist.get_rank() == 0 and (target / "reparam.json").is_file():
+            made = read_json(target / "reparam.json")
+            warn_changed(step, out, {f"reparam.{k}": made.get(k) for k in settings},
+                         {f"reparam.{k}": v for k, v in settings.items()})
+        say("%s: done (%s), skipped", step.name, target)
+    elif dist.get_rank() == 0:
+        if _converted(target, src, settings):
+            log.info("%s: %s was converted from %s; recording it as done", step.name, target, src)
+        else:
+            log.info("%s: reparameterizing %s", step.name, src)
+            convert_dit(src, target, ReparamConfig(**settings), overwrite=True)
+        atomic_write(out / DONE_FILE, json.dumps({"checkpoint": str(target), "reparam.source": source,
+                                                  f"reparam.source.{RUN_ID}": source_id, RUN_ID: uuid.uuid4().hex}))
+    dist.barrier()
+    return str(target)
+
+
+def _converted(target: Path, src: str, settings: dict) -> bool:
+    """Whether `target` holds a whole conversion of `src` with `settings` (its reparam.json says so). A source in
+    the run folder counts by its name there (`started_from`): the run folder may have been moved since."""
+    if not (target / "reparam.json").is_file():
+        return False
+    made = read_json(target / "reparam.json")
+    was, name = Path(str(made.get("source"))), Path(started_from(src, target.parent))
+    same = os.path.realpath(was) == os.path.realpath(checkpoint_folder(src)) or (
+        not name.is_absolute() and was.parts[-len(name.parts):] == name.parts)
+    return same and all(made.get(k) == v for k, v in settings.items())
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def warn_changed(step: Step, out: Path, was: dict, now: dict) -> None:
+    """A done step is skipped even when its config (or a reparam step's settings) changed since: say so, naming
+    the first keys that differ, in one line."""
+    was, now = _flat(was or {}), _flat(now or {})
+    keys = [k for k in {**was, **now} if was.get(k) != now.get(k)
+            and k not in FREE_KEYS and not k.startswith("validation.")]
+    if keys:
+        shown = keys[:3] + ([f"... ({len(keys) - 3} more)"] if len(keys) > 3 else [])
+
+        def values(tree):
+            return ", ".join(k if k.startswith("...") else f"{k} {tree.get(k, '(unset)')}" for k in shown)
+
+        log.warning("%s: done with %s; the %s now says %s; delete %s to redo it", step.name, values(was),
+                    "recipe" if step.reparam else "config", values(now), out)
+
+
+def recorded_input(out: Path) -> dict:
+    """What a step recorded with its output: its DONE.json, else its latest checkpoint's trainer.json ({})."""
     from .trainer import DONE_FILE
 
     done, ckpt = out / DONE_FILE, latest_checkpoint(out)
     record = done if done.is_file() else ckpt / TRAINER_FILE if ckpt else None
-    was = read_json(record).get(key, now) if record else now
+    return read_json(record) if record else {}
+
+
+def later_folders(recipe: Recipe, root: Path, step: Step) -> list[Path]:
+    """The existing folders of the later steps made from `step`, directly or through each other."""
+    names, found = {step.name}, []
+    for later in recipe.stages[recipe.stages.index(step) + 1:]:
+        if later.source() in names:
+            names.add(later.name)
+            if (root / later.name).exists():
+                found.append(root / later.name)
+    return found
+
+
+def check_extend(recipe: Recipe, root: Path, step: Step, max_steps: int) -> None:
+    """Refuse to train a step on past the checkpoint later steps recorded as their input: its `keep_last` would
+    prune it, and they would be made from a checkpoint that is gone."""
+    out = root / step.name
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return
+    name, users = started_from(ckpt, out), []
+    for later in recipe.stages[recipe.stages.index(step) + 1:]:
+        if (later.source() == step.name and recorded_input(root / later.name).get(later.input_key()) == name
+                or later.source() in users and (root / later.name).exists()):
+            users.append(later.name)
+    if users:
+        at = read_json(ckpt / TRAINER_FILE)["step"]
+        raise PixArtError(f"step {step.name}: extending it to {max_steps} steps would leave {', '.join(users)} made "
+                          f"from its {ckpt.name}; delete their folders to redo them, or keep train.max_steps {at}")
+
+
+def check_input(step: Step, out: Path, key: str, now: str | None, now_id: str | None = None,
+                later: list[Path] | None = None) -> None:
+    """Refuse to skip or resume a step whose recorded input (DONE.json's, else its latest checkpoint's) is not
+    the one it would start from now: its output, and every later step's, would silently come from the old one.
+    The input is its checkpoint's name and, where both sides know it, the id of the run that made it (a step
+    redone in place has the same names). Records from before inputs (or ids) were recorded are not checked."""
+    record = recorded_input(out)
+    was, was_id = record.get(key, now), record.get(f"{key}.{RUN_ID}")
+    if was_id and now_id and was_id != now_id:
+        was, now = with_run(was, was_id), with_run(now, now_id)
     if was != now:
-        raise PixArtError(f"step {step.name}: {changed_input(out, key, was, now)}")
+        raise PixArtError(f"step {step.name}: {changed_input(out, key, was, now, later)}")
