@@ -199,27 +199,17 @@ def _score_batch(batch: list[dict], scorer: Callable, threshold: float, result: 
     batch.clear()
 
 
-def check_out(out: str | os.PathLike) -> None:
-    """--out a folder this user can write in, or one that can be made: found before any scoring."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PixArtError(f"--out {out} is not a folder")
-    base = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder it would be made in
-    if not (base.is_dir() and os.access(base, os.W_OK | os.X_OK)):
-        raise PixArtError(f"--out {out}: not a folder this user can write in")
-
-
 def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable, threshold: float,
                  batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Summary:
     """Score every sample of every shard, write the sidecars and the summary; return the summary. A scorer returns
     a score or, for a sample it cannot score, why not."""
-    from pixart.atomic import atomic_write
+    from pixart.atomic import atomic_write, check_out_folder
     from pixart.data.shards import check_unique_names
     from pixart.data.tars import TarDamage, iter_samples
 
     names = check_unique_names(shards)  # one sidecar per name: a second shard would overwrite the first
     out = Path(out_dir)
-    check_out(out)
+    check_out_folder(out)
     summary = Summary(scorer=scorer.name, threshold=threshold)
     for url, name in zip(shards, names, strict=True):
         result, lines, batch = ShardResult(name), [], []

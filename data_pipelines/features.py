@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_pipelines.features_encode import Job, ShardResult, encode_shard, load_encoders
-from pixart.atomic import atomic_write
+from pixart.atomic import atomic_write, check_out_folder
 from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, file_sha256
 from pixart.data.shards import check_unique_names, input_record, is_url, rank_and_world, resolve_shards, same_input
 from pixart.errors import PixArtError
@@ -201,9 +201,7 @@ def _plan(shards, out: Path, cfg: FeatureConfig) -> tuple[list[str], list[str], 
 
     tcfg = TextEncoderConfig(cfg.text_encoder, cfg.text_encoder_subfolder, cfg.tokenizer, None, cfg.max_length,
                              cfg.dtype, cfg.device, local_files_only=cfg.local_files_only)  # validates dtype
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise PixArtError(f"--out {out} is not a folder" + (f" ({blocker} is a file)" if blocker != out else ""))
+    check_out_folder(out)
     urls = resolve_shards(shards)
     names = check_unique_names(urls)
     for url, name in zip(urls, names, strict=True):

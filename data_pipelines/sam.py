@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pixart.atomic import atomic_write
+from pixart.atomic import atomic_write, check_out_folder
 from pixart.data.shards import resolve_shards
 from pixart.data.tars import IMAGE_EXTS, ShardWriter, decode_image
 from pixart.errors import PixArtError
@@ -149,8 +149,7 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
 def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> tuple[list[Path], Path]:
     """The shards (and report) an --overwrite replaces, and an empty folder to write the new ones into: the old
     set stays whole until the new one is (a kill in between leaves the old shards, and their report)."""
-    if out.exists() and not out.is_dir():
-        raise PixArtError(f"--out {out} is not a folder")
+    check_out_folder(out)
     for src in srcs:
         if Path(src).resolve().parent == out.resolve() and Path(src).name.startswith(prefix + "-"):
             raise PixArtError(f"--out {out} would overwrite the input {src}")

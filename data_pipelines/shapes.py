@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pixart.atomic import atomic_write
+from pixart.atomic import atomic_write, check_out_folder
 from pixart.data.tars import ShardWriter
 from pixart.errors import PixArtError
 
@@ -340,8 +340,7 @@ def write_shapes(out_dir: str | os.PathLike, count: int, seed: int = 0, resoluti
     check_args(count, resolution, shard_size)
     cfg = ShapesConfig(resolution=resolution, **config)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PixArtError(f"--out {out} is not a folder")
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in asdict(cfg).items() if k not in _LATER_OPTIONS or v != _LATER_OPTIONS[k]}
     manifest = {"version": VERSION, "seed": seed, "count": count, "shard_size": shard_size, "config": config}

@@ -111,6 +111,17 @@ def remove_dead_writers(folder: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def check_out_folder(out: str | os.PathLike) -> None:
+    """An output folder, found fit before any work: not a file nor under one, and writable where it is (or would
+    be) made. One line naming --out, not an OSError from the first write."""
+    out = Path(out)
+    base = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder it is, or is made in
+    if not base.is_dir():
+        raise PixArtError(f"--out {out} is not a folder" + (f" ({base} is a file)" if base != out else ""))
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PixArtError(f"--out {out}: not a folder this user can write in")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write a file whole or not at all: a temp file beside it, fsync, rename."""
     path = Path(path)

@@ -182,7 +182,7 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert len(errs) == 6 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
     assert "needs --model" in errs[2] and "not a CLIP model folder" in errs[3]
     assert errs[4].endswith(f"--out {tmp_path / 'afile'} is not a folder")
-    assert errs[5].endswith(f"--out {tmp_path / 'afile' / 'sub'}: not a folder this user can write in")
+    assert errs[5].endswith(f"--out {tmp_path / 'afile' / 'sub'} is not a folder ({tmp_path / 'afile'} is a file)")
     assert (tmp_path / "afile").read_text() == "mine"
 
 

@@ -52,7 +52,7 @@ import torch
 from data_pipelines.relabel import quality
 from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner, model_name
 from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
-from pixart.atomic import atomic_write
+from pixart.atomic import atomic_write, check_out_folder
 from pixart.data.manifest import file_sha256
 from pixart.data.shards import check_unique_names, input_id, input_record, rank_and_world, resolve_shards, same_input
 from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
@@ -712,9 +712,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     names = check_unique_names(urls)
     check_captioner(cfg.captioner)
     out, cap = Path(out), label(cfg.captioner.name)
-    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if file is not None:
-        raise PixArtError(f"--out {out} is not a folder" + (f" ({file} is a file)" if file != out else ""))
+    check_out_folder(out)
     _check_settings(out, cap, _settings(cfg))
     mine = sorted(i for js in assign(len(urls), rank, world, cfg.workers) for i in js)
     created = not out.exists()

@@ -30,13 +30,14 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from tqdm import tqdm
 
-    from data_pipelines.aesthetic import DEFAULT_THRESHOLD, LaionScorer, ShapesScorer, check_out, score_shards
+    from data_pipelines.aesthetic import DEFAULT_THRESHOLD, LaionScorer, ShapesScorer, score_shards
+    from pixart.atomic import check_out_folder
     from pixart.data.shards import check_unique_names, resolve_shards
     from pixart.errors import PixArtError
 
     shards = resolve_shards(args.shards)
     check_unique_names(shards)  # before loading any model
-    check_out(args.out)
+    check_out_folder(args.out)
     if args.scorer == "laion":
         if not args.model:
             raise PixArtError("--scorer laion needs --model PATH (a CLIP model folder)")
