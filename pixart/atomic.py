@@ -128,7 +128,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     with _writable(path):
         fd, tmp = tempfile.mkstemp(prefix=_writer_prefix(path), dir=path.parent)
     try:
-        with open(fd, "wb") as f:
+        with _writable(path), open(fd, "wb") as f:  # a full disk is named by the file, not left an OSError
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fchmod(f.fileno(), file_mode())

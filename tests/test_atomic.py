@@ -1,8 +1,12 @@
 """Outputs appear whole or not at all, and a killed writer's temp files do not stay forever."""
+import errno
 import os
 import socket
 
+import pytest
+
 from pixart.atomic import atomic_dir, atomic_write, file_mode, remove_dead_writers
+from pixart.errors import PixArtError
 
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
@@ -22,6 +26,16 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     except TypeError:
         pass
     assert target.read_text() == "step-000002" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(PixArtError, match=r"^.*/DONE.json: cannot write there \(No space left on device\)$"):
+        atomic_write(tmp_path / "DONE.json", "{}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_only_this_hosts_dead_writers_temps_are_removed(tmp_path):
