@@ -205,12 +205,10 @@ FREE_KEYS = {"model.init", "teacher.init", "train.log_every", "train.ckpt_every"
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Run the recipe's steps in order; returns {step: its output checkpoint folder}. Every step's config is
     loaded first, so that a typo in the last stage's file stops the launch before the first stage trains."""
-    import torch
-
     from pixart.distill.trainer import DistillTrainer
 
     from .engine import init_distributed
-    from .trainer import Trainer, is_done
+    from .trainer import Trainer, any_rank, is_done
 
     recipe_path = Path(recipe_path).resolve()
     recipe = load_recipe(recipe_path)
@@ -227,11 +225,8 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
             lock = lock_run(root)
         except PixArtError as e:
             busy = e
-    if dist.get_world_size() > 1:  # every rank stops when rank 0 could not take the run folder
-        flag = torch.tensor([float(busy is not None)], device=device)
-        dist.all_reduce(flag)
-        if flag.item() and busy is None:
-            busy = PixArtError(f"{root} is in use by another pixart launch")
+    if any_rank(busy is not None, device) and busy is None:  # every rank stops when rank 0 could not lock it
+        busy = PixArtError(f"{root} is in use by another pixart launch")
     if busy is not None:
         raise busy
     try:
