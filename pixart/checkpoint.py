@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +32,19 @@ StateDict = dict[str, torch.Tensor]
 _ZIP = b"PK\x03\x04"  # torch.save's format since torch 1.6
 # torch.save's legacy format opens with its magic number, pickled with protocol 2
 _LEGACY = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def read_safetensors(path: str | os.PathLike, what: str, advice: str = "") -> tuple[dict[str, str], StateDict]:
+    """A safetensors file's metadata and tensors; a missing or damaged one (a copy cut short, another format) is
+    one line naming the file, what it should be, and `advice` on what to do, not a safetensors error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixArtError(f"{path}: no such {what}{advice}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise PixArtError(f"{path}: not a readable {what} ({e}){advice}") from None
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:

@@ -8,6 +8,7 @@ from pixart.checkpoint import (
     load_config,
     load_encoders,
     load_model,
+    read_safetensors,
     read_state_dict,
     save_checkpoint,
     unwrap_state_dict,
@@ -54,6 +55,32 @@ def test_truncated_files_are_one_line_errors(tmp_path):
     with pytest.raises(PixArtError, match=r"x\.pt: not a readable checkpoint") as e:
         read_state_dict(pt)
     assert "\n" not in str(e.value)
+
+
+def test_small_safetensors_files_are_read_whole_or_named_in_one_line(tmp_path):
+    """The concept, covariance, run-state and DMD pairs files all come through read_safetensors."""
+    from safetensors.torch import save_file
+
+    from pixart.distill.pairs import PAIRS_FILE, load_pairs
+    from pixart.personalize.concept import Concept
+    from pixart.personalize.covariance import read_c_inv
+
+    good = tmp_path / "good.safetensors"
+    save_file({"C": torch.eye(2)}, good, metadata={"base_model": "sha256:ab"})
+    meta, tensors = read_safetensors(good, "covariance file")
+    assert meta == {"base_model": "sha256:ab"} and torch.equal(tensors["C"], torch.eye(2))
+    assert torch.equal(read_c_inv(good, "sha256:ab"), torch.eye(2, dtype=torch.float64))
+    with pytest.raises(PixArtError, match=r"^.*nothing\.safetensors: no such concept file$"):
+        Concept.load(tmp_path / "nothing.safetensors")
+    cut = tmp_path / PAIRS_FILE
+    cut.write_bytes(good.read_bytes()[:40])  # a copy cut short
+    with pytest.raises(PixArtError, match=r"pairs\.safetensors: not a readable pairs file \(.*\); delete it to "
+                                          r"draw the pairs again$") as e:
+        load_pairs(tmp_path)
+    assert "\n" not in str(e.value)
+    save_file({"X": torch.eye(2)}, good)
+    with pytest.raises(PixArtError, match=r"good\.safetensors: not a covariance file \(no tensor C\)"):
+        read_c_inv(good, "sha256:ab")
 
 
 def test_pickles_with_code_are_refused(tmp_path):

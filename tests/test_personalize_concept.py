@@ -49,7 +49,7 @@ def test_pixart_xl2_concept_is_at_most_100_kb(tmp_path):
 def test_unreadable_or_foreign_files_are_refused(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(PixArtError, match="bad.safetensors: not a safetensors concept file"):
+    with pytest.raises(PixArtError, match="bad.safetensors: not a readable concept file"):
         Concept.load(bad)
     from safetensors.torch import save_file
 

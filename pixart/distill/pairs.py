@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from pixart.atomic import atomic_write
+from pixart.checkpoint import read_safetensors
 from pixart.data.loader_samples import stable_seed
 from pixart.diffusion import NoiseSchedule, sample
 
@@ -46,7 +47,7 @@ class Pairs:
 
 
 def load_pairs(run_dir: Path) -> Pairs:
-    t = load_file(run_dir / PAIRS_FILE)
+    _, t = read_safetensors(run_dir / PAIRS_FILE, "pairs file", "; delete it to draw the pairs again")
     return Pairs(t["noise"], t["y"], t["mask"], t["target"])
 
 

@@ -9,13 +9,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from pixart.atomic import atomic_write
+from pixart.checkpoint import read_safetensors
 from pixart.encoders.loading import DTYPES
 from pixart.errors import PixArtError
 
@@ -48,16 +47,9 @@ class Concept:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Concept:
-        path = Path(path)
-        if not path.is_file():
-            raise PixArtError(f"{path}: no such concept file")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                missing = [k for k in TENSORS if k not in f.keys()]
-                tensors = {k: f.get_tensor(k).float() for k in TENSORS if k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise PixArtError(f"{path}: not a safetensors concept file ({e})") from None
+        meta, found = read_safetensors(path, "concept file")
+        missing = [k for k in TENSORS if k not in found]
+        tensors = {k: found[k].float() for k in TENSORS if k in found}
         if meta.get("format") != FORMAT or missing:
             raise PixArtError(f"{path}: not a {FORMAT} concept file (format {meta.get('format')!r}, "
                               f"missing {missing or 'nothing'})")

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
 from pixart.atomic import atomic_write
+from pixart.checkpoint import read_safetensors
 from pixart.errors import PixArtError
 
 
@@ -74,20 +74,15 @@ def estimate_covariance(model, text_encoder, captions: list[str], batch: int = 6
 def read_c_inv(path: str | os.PathLike, identity: str, source: str = "this model") -> torch.Tensor:
     """C^-1 (float64) from a covariance file, refused unless it was estimated on the base model `identity`:
     another model's C would edit with the wrong metric, silently."""
-    path = Path(path)
-    if not path.is_file():
-        raise PixArtError(f"{path}: no such covariance file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            base = (f.metadata() or {}).get("base_model")
-            c = f.get_tensor("C").double()
-    except Exception as e:
-        raise PixArtError(f"{path}: not a covariance file ({type(e).__name__}: {e})") from None
+    meta, tensors = read_safetensors(path, "covariance file")
+    if "C" not in tensors:
+        raise PixArtError(f"{path}: not a covariance file (no tensor C)")
+    base = meta.get("base_model")
     if base != identity:  # as a concept file, a covariance only works on its own base model
         base = base or "unknown (no base_model in its metadata)"
         raise PixArtError(f"{path}: a covariance of base model {base}, but {source} is {identity}: use the "
                           "covariance file of this base model (beside its checkpoint)")
-    return torch.linalg.inv(c)
+    return torch.linalg.inv(tensors["C"].double())
 
 
 COVARIANCE_GLOB = "perfusion-covariance-*.safetensors"  # beside a checkpoint, and copied into its exports

@@ -12,12 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
 from pixart.atomic import atomic_write
+from pixart.checkpoint import (
+    EMA_FILE,
+    ENCODERS_FILE,
+    checkpoint_folder,
+    load_encoders,
+    load_model,
+    load_prediction_type,
+    read_safetensors,
+)
 from pixart.errors import PixArtError
 
 from .concept import Concept, pixart_identity
@@ -73,21 +81,15 @@ STATE_FILE = "state.safetensors"  # in the run folder: what a rerun resumes from
 STATE_TENSORS = ("value_targets", "embedding", "i_star", "i_super")
 
 
-def read_state(path: Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, Tensor]]:
+def read_state(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     """A run folder's state file: (metadata, tensors); a damaged one (a full disk, a copy cut short) in one line
-    that says what to do, not a safetensors error."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-        missing = [k for k in ("step", "history", "seconds", "concept", "super", "base_model") if k not in meta]
-        missing += [k for k in STATE_TENSORS if tensors and k not in t]
-        problem = f"missing {', '.join(missing)}" if missing else None
-    except (SafetensorError, OSError) as e:
-        problem = str(e)
-    if problem:
-        raise PixArtError(f"{path}: not a readable run state ({problem}); delete it to start the run over, or "
-                          "pass another --run-dir")
+    that says what to do."""
+    advice = "; delete it to start the run over, or pass another --run-dir"
+    meta, t = read_safetensors(path, "run state", advice)
+    missing = [k for k in ("step", "history", "seconds", "concept", "super", "base_model") if k not in meta]
+    missing += [k for k in STATE_TENSORS if k not in t]
+    if missing:
+        raise PixArtError(f"{path}: not a readable run state (missing {', '.join(missing)}){advice}")
     return meta, t
 
 
@@ -113,7 +115,7 @@ def check_outputs(cfg: PersonalizeConfig) -> None:
     if out.exists() and not cfg.overwrite:
         state, mine = run / STATE_FILE, out_in_run(cfg)
         # a state written before runs recorded their --out is trusted, as it was then
-        if not state.is_file() or read_state(state, tensors=False)[0].get("out", mine) != mine:
+        if not state.is_file() or read_state(state)[0].get("out", mine) != mine:
             raise PixArtError(f"--out {cfg.out} already exists and no run in {run} wrote it; pass --overwrite to "
                               "replace it")
 
@@ -159,14 +161,6 @@ def _positions(ids: Tensor, token_id: int, what: str) -> Tensor:
 
 class ConceptTrainer:
     def __init__(self, cfg: PersonalizeConfig):
-        from pixart.checkpoint import (
-            EMA_FILE,
-            ENCODERS_FILE,
-            checkpoint_folder,
-            load_encoders,
-            load_model,
-            load_prediction_type,
-        )
         from pixart.encoders.text import TextEncoder, TextEncoderConfig
         from pixart.train.config import EncodersSection
         from pixart.train.encoders import load_autoencoder
