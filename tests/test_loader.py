@@ -220,6 +220,20 @@ def test_missing_or_empty_shards_error(tmp_path):
         Loader(LoaderConfig(str(tmp_path)))
 
 
+def test_rank_and_world_come_from_the_config_else_the_environment(feats, monkeypatch):
+    """torchrun's $RANK/$WORLD_SIZE split the shards when no process group is up; a bad value is one line."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = Loader(LoaderConfig(str(feats), batch_size=2))
+    assert (loader.rank, loader.world_size) == (1, 2)
+    assert Loader(LoaderConfig(str(feats), batch_size=2, rank=0)).rank == 0
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(PixArtError, match=r"^RANK='one' is not an integer$"):
+        Loader(LoaderConfig(str(feats), batch_size=2))
+    with pytest.raises(PixArtError, match=re.escape("RANK 2 is not in [0, WORLD_SIZE=2)")):
+        Loader(LoaderConfig(str(feats), batch_size=2, rank=2, world_size=2))
+
+
 def test_caption_mix(tmp_path):
     g = torch.Generator().manual_seed(0)
     with wds.TarWriter(str(tmp_path / "m.tar")) as tw:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ from .buckets import Table, table_for
 from .loader_samples import Decoder, Scores, detect_kind, scan_buckets, stable_seed
 from .loader_stream import BucketDataset, Plan
 from .manifest import Manifest, find_manifest, shard_folder
-from .shards import resolve_shards, shard_name
+from .shards import rank_and_world, resolve_shards, shard_name
 
 log = logging.getLogger("pixart.data")
 STATE_VERSION = 1  # older states lack the schedule hash: they resume as from another setup
@@ -99,15 +98,10 @@ class LoaderStats:
 
 def dist_info(config: LoaderConfig) -> tuple[int, int]:
     """(rank, world size): the config's, else torch.distributed's, else $RANK/$WORLD_SIZE, else (0, 1)."""
-    if config.rank is not None or config.world_size is not None:
-        rank, world = config.rank or 0, config.world_size or 1
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= rank < world:
-        raise PixArtError(f"rank {rank} is outside world size {world}")
-    return rank, world
+    group = torch.distributed
+    if config.rank is None and config.world_size is None and group.is_available() and group.is_initialized():
+        return group.get_rank(), group.get_world_size()
+    return rank_and_world(config.rank, config.world_size)
 
 
 def _caption_mix(caption: str | dict[str, float]) -> dict[str, float]:
