@@ -12,14 +12,14 @@ import sys
 
 from dist_worker import global_batches, inject_fault, rank_slice
 
-from pixart.distill.config import parse_distill_config
+from pixart.distill.config import DistillConfig
 from pixart.distill.trainer import DistillTrainer
 
 if __name__ == "__main__":
     run_dir, teacher, zero = sys.argv[1], sys.argv[2], int(sys.argv[3])
     global_batch, steps = int(sys.argv[4]), int(sys.argv[5])
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cfg = parse_distill_config({
+    cfg = DistillConfig.model_validate({
         "teacher": {"init": teacher},
         "data": {"shards": "unused", "batch_size": global_batch // world},
         "fake": {"updates_per_generator": 2},
@@ -29,7 +29,7 @@ if __name__ == "__main__":
                   **json.loads(os.environ.get("DIST_WORKER_TRAIN", "{}"))},
         "ema": {"decay": 0.9},
         "deepspeed": {"zero_stage": zero, "precision": "fp32"},
-    }, "dist_distill_worker")
+    })
     inject_fault(rank)
     batches = global_batches(steps * 2, global_batch)  # one batch per fake update (the generator's is reused)
     DistillTrainer(cfg, run_dir, batches=rank_slice(batches, rank, world)).run()

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from pixart.train.config import parse_config
+from pixart.train.config import TrainConfig
 from pixart.train.trainer import Trainer
 
 
@@ -67,7 +67,7 @@ def inject_fault(rank: int) -> None:
 
 
 def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, flags: tuple[str, ...] = ()):
-    return parse_config({
+    return TrainConfig.model_validate({
         "stage": "equivalence",
         "model": {"name": "PixArt-S/2", **dict.fromkeys(flags, True),
                   "arch": {"input_size": 8, "in_channels": 4, "depth": 2, "hidden_size": 64, "num_heads": 4,
@@ -78,7 +78,7 @@ def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, 
                   **json.loads(os.environ.get("DIST_WORKER_TRAIN", "{}"))},
         "ema": {"decay": 0.9},
         "deepspeed": {"zero_stage": zero, "precision": precision},
-    }, "dist_worker")
+    })
 
 
 if __name__ == "__main__":

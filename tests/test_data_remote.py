@@ -293,7 +293,7 @@ def test_a_feature_cache_over_http_is_read_with_its_manifest(feature_server, mon
     from pixart.data import loader as loader_module
     from pixart.data.loader import Loader, LoaderConfig
     from pixart.data.manifest import Manifest
-    from pixart.train.config import parse_config
+    from pixart.train.config import TrainConfig
     from pixart.train.encoders import cache_manifest
 
     base, www = feature_server
@@ -310,7 +310,7 @@ def test_a_feature_cache_over_http_is_read_with_its_manifest(feature_server, mon
     assert len([g for g in gets if "manifest.json" in g]) == 1
     a, b = next(iter(far)), next(iter(local))
     assert a["keys"] == b["keys"] and torch.equal(a["latents"], b["latents"])
-    cfg = parse_config({"data": {"shards": f"{base}/feats/shapes-000000.tar?download=1"}}, "test")  # query: not folder
+    cfg = TrainConfig(data={"shards": f"{base}/feats/shapes-000000.tar?download=1"})  # query: not folder
     assert cache_manifest(cfg) == Manifest.load(www / "feats") and cache_manifest(cfg).scaling_factor == 3.0
 
 
@@ -367,7 +367,7 @@ def test_a_shard_that_cannot_be_read_is_named_not_the_text_encoder(server, tmp_p
     import torch
 
     from pixart.data.loader_samples import detect_kind
-    from pixart.train.config import parse_config
+    from pixart.train.config import TrainConfig
     from pixart.train.trainer import build_loader
 
     base, _ = server
@@ -383,7 +383,7 @@ def test_a_shard_that_cannot_be_read_is_named_not_the_text_encoder(server, tmp_p
     with pytest.raises(PixArtError, match=rf"^{tmp_path}/junk.tar: nothing could be read \(ReadError: "):
         detect_kind([str(tmp_path / "junk.tar")])
     with pytest.raises(PixArtError, match=missing):
-        build_loader(parse_config({"data": {"shards": f"{base}/nope.tar"}}, "test"), "pixart", torch.device("cpu"))
+        build_loader(TrainConfig(data={"shards": f"{base}/nope.tar"}), "pixart", torch.device("cpu"))
 
 
 def test_object_store_errors_are_one_line_naming_the_url(monkeypatch):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pixart.checkpoint import load_config, load_student
 from pixart.cli.main import main
-from pixart.train.config import load_train_config
+from pixart.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     span = [a.input_size / a.patch_size / a.pe_interpolation for a in (stage2_arch, stage3_arch)]
     assert span == [4.0, 4.0]
     assert json.loads((demo / "export" / "transformer" / "config.json").read_text())["interpolation_scale"] == 2
-    stage2 = load_train_config(demo / "configs" / "stage2.yaml")
+    stage2 = TrainConfig.load(demo / "configs" / "stage2.yaml")
     assert stage2.model.init == m["checkpoints"]["reparam"]
-    stage3 = load_train_config(demo / "configs" / "stage3.yaml")
+    stage3 = TrainConfig.load(demo / "configs" / "stage3.yaml")
     assert stage3.model.init == m["checkpoints"]["stage2"]
     # dense captions beside short, user-style ones, as PixArt-Sigma trains (issue 19)
     assert stage2.data.caption == stage3.data.caption == {"metadata": 0.7, "metadata-short": 0.3}

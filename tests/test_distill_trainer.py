@@ -220,12 +220,12 @@ def test_update_ratio_steps_the_fake_score_n_times_per_generator_update(small_te
     the first on that step's generator samples, the others on fresh batches and samples."""
     from dist_worker import global_batches
 
-    from pixart.distill.config import parse_distill_config
+    from pixart.distill.config import DistillConfig
     from pixart.distill.trainer import FAKE, GENERATOR, DistillTrainer
 
-    cfg = parse_distill_config({"teacher": {"init": str(small_teacher)}, "data": {"shards": "-", "batch_size": 2},
-                                "fake": {"updates_per_generator": 3}, "train": {"max_steps": 2, "ckpt_every": 2},
-                                "deepspeed": {"zero_stage": 0, "precision": "fp32"}}, "test")
+    cfg = DistillConfig(teacher={"init": str(small_teacher)}, data={"shards": "-", "batch_size": 2},
+                        fake={"updates_per_generator": 3}, train={"max_steps": 2, "ckpt_every": 2},
+                        deepspeed={"zero_stage": 0, "precision": "fp32"})
     consumed = []
 
     def batches():

@@ -4,7 +4,7 @@ import yaml
 
 from pixart.cli.main import main
 from pixart.errors import PixArtError
-from pixart.train.config import load_train_config
+from pixart.train.config import TrainConfig
 from pixart.train.engine import deepspeed_config
 
 
@@ -18,13 +18,13 @@ def test_inheritance_merges_sections_and_set_overrides(tmp_path):
                                    "optim": {"lr": 2e-5, "warmup_steps": 1000}})
     (tmp_path / "sub").mkdir()
     child = write(tmp_path / "sub" / "stage.yaml", {"base": "../base.yaml", "stage": "s2", "optim": {"lr": 1e-4}})
-    cfg = load_train_config(child, ["data.batch_size=16", "deepspeed.zero_stage=3", "validation.prompts=[a, b]"])
+    cfg = TrainConfig.load(child, ["data.batch_size=16", "deepspeed.zero_stage=3", "validation.prompts=[a, b]"])
     assert cfg.stage == "s2" and cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 1000
     assert cfg.data.shards == "feats/" and cfg.data.batch_size == 16
     assert cfg.deepspeed.zero_stage == 3 and cfg.validation.prompts == ["a", "b"]
     again = tmp_path / "resolved.yaml"
     again.write_text(cfg.resolved_yaml())
-    assert load_train_config(again) == cfg  # the run folder's config.yaml reruns the stage alone
+    assert TrainConfig.load(again) == cfg  # the run folder's config.yaml reruns the stage alone
 
 
 def test_pixart_defaults_are_the_papers():
@@ -56,7 +56,7 @@ def test_pixart_defaults_are_the_papers():
 def test_bad_configs_are_one_line_naming_the_key(tmp_path, data, sets, message):
     path = write(tmp_path / "c.yaml", data)
     with pytest.raises(PixArtError) as e:
-        load_train_config(path, sets)
+        TrainConfig.load(path, sets)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -64,15 +64,15 @@ def test_circular_base_and_missing_file(tmp_path):
     write(tmp_path / "a.yaml", {"base": "b.yaml"})
     write(tmp_path / "b.yaml", {"base": "a.yaml"})
     with pytest.raises(PixArtError, match="circular base"):
-        load_train_config(tmp_path / "a.yaml")
+        TrainConfig.load(tmp_path / "a.yaml")
     with pytest.raises(PixArtError, match="no such config file"):
-        load_train_config(tmp_path / "nope.yaml")
+        TrainConfig.load(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("stage: s\ndata: [unclosed")
     with pytest.raises(PixArtError, match=r"bad.yaml: invalid YAML \(.*line 2"):
-        load_train_config(tmp_path / "bad.yaml")
+        TrainConfig.load(tmp_path / "bad.yaml")
     (tmp_path / "utf16.yaml").write_bytes(b"\xff\xfestage: s\n")  # a UTF-16 byte order mark, saved by an editor
     with pytest.raises(PixArtError, match="utf16.yaml: not readable as UTF-8 text"):
-        load_train_config(tmp_path / "utf16.yaml")
+        TrainConfig.load(tmp_path / "utf16.yaml")
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
@@ -90,7 +90,7 @@ def test_deepspeed_json_sets_the_batch_and_keeps_the_users_other_keys(tmp_path):
     path = write(tmp_path / "c.yaml", {"data": {"shards": "x", "batch_size": 6},
                                        "optim": {"grad_accum": 2, "grad_clip": 0.01},
                                        "deepspeed": {"zero_stage": 2, "precision": "fp16", "config": str(ds)}})
-    out = deepspeed_config(load_train_config(path), world_size=8)
+    out = deepspeed_config(TrainConfig.load(path), world_size=8)
     assert out["train_batch_size"] == 6 * 2 * 8 and out["gradient_accumulation_steps"] == 2
     assert out["zero_optimization"] == {"overlap_comm": True, "stage": 2}
     assert out["fp16"] == {"loss_scale_window": 500, "enabled": True}

@@ -13,7 +13,7 @@ import yaml
 from pixart.checkpoint import load_config, load_model
 from pixart.errors import PixArtError
 from pixart.models import build_model
-from pixart.train.config import load_train_config
+from pixart.train.config import TrainConfig
 from pixart.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_launch_runs_stages_in_order_and_skips_finished_ones(tiny_feature_cache,
     assert list(outputs) == ["s1", "reparam", "s2"]
     assert load_config(outputs["s1"]).arch == "dit"
     assert load_config(outputs["reparam"]).arch == "pixart"
-    s2 = load_train_config(run / "s2" / "config.yaml")
+    s2 = TrainConfig.load(run / "s2" / "config.yaml")
     assert s2.model.init == outputs["reparam"] and s2.train.max_steps == 3  # init and the step's --set
     assert json.loads((run / "s2" / "DONE.json").read_text())["steps"] == 3
     load_model(outputs["s2"], ema=True)
@@ -294,7 +294,7 @@ def test_shipped_xl_recipes_and_configs_are_valid():
     for recipe in sorted((ROOT / "configs" / "pixart_xl2").glob("recipe*.yaml")):
         for step in load_recipe(recipe).stages:
             if step.config:
-                cfg = load_train_config(recipe.parent / step.config)
+                cfg = TrainConfig.load(recipe.parent / step.config)
                 if "stage1" in step.name:
                     assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-4, 0.0)  # DiT's
                     continue
@@ -302,7 +302,7 @@ def test_shipped_xl_recipes_and_configs_are_valid():
                 # configs/PixArt_xl2_internal.py auto_lr, diffusion/utils/optimizer.py auto_scale_lr), on 8 GPUs
                 official = 2e-5 * math.sqrt(cfg.data.batch_size * 8 / 256)
                 assert cfg.optim.lr == pytest.approx(official, rel=1e-3) and cfg.optim.weight_decay == 0.03
-    stage4 = load_train_config(ROOT / "configs" / "pixart_xl2" / "stage4_aesthetic1024.yaml")
+    stage4 = TrainConfig.load(ROOT / "configs" / "pixart_xl2" / "stage4_aesthetic1024.yaml")
     with torch.device("meta"):
         model = build_model("PixArt-XL/2", **stage4.model.arch)
     assert sum(p.numel() for p in model.parameters()) == 611_349_152  # PixArtMS-XL/2

@@ -20,7 +20,7 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout
     from pixart.eval.judge import Judge
     from pixart.eval.two_objects import pair_prompt, score_two_objects, two_object_specs
-    from pixart.train.config import load_train_config
+    from pixart.train.config import TrainConfig
     from pixart.train.encoders import cache_manifest, load_autoencoder, load_text_encoder
     from pixart.train.trainer import Trainer, is_done
     from pixart.train.validation import sample_prompts
@@ -28,7 +28,7 @@ def run_variant(demo: Path, out: Path, name: str, sets: list[str], steps: int | 
     config = demo / "configs" / "stage2.yaml"
     if not config.is_file():
         raise SystemExit(f"{config}: run `pixart demo --out {demo}` first")
-    cfg = load_train_config(config, sets + ([f"train.max_steps={steps}"] if steps else []) +
+    cfg = TrainConfig.load(config, sets + ([f"train.max_steps={steps}"] if steps else []) +
                             ["validation.prompts=[]", f"train.ckpt_every={10 ** 9}"])
     run_dir = out / "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     ckpt = is_done(run_dir, cfg.train.max_steps) or Trainer(cfg, run_dir).run()

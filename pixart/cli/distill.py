@@ -36,11 +36,11 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import logging
 
-    from pixart.distill.config import load_distill_config
+    from pixart.distill.config import DistillConfig
     from pixart.distill.trainer import DistillTrainer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_distill_config(args.config, args.sets)
+    cfg = DistillConfig.load(args.config, args.sets)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
     final = DistillTrainer(cfg, args.run_dir or f"runs/{cfg.stage}").run()

@@ -34,11 +34,11 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import logging
 
-    from pixart.train.config import load_train_config
+    from pixart.train.config import TrainConfig
     from pixart.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_train_config(args.config, args.sets)
+    cfg = TrainConfig.load(args.config, args.sets)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
     final = Trainer(cfg, args.run_dir or f"runs/{cfg.stage}").run()

@@ -207,16 +207,16 @@ def write_configs(out: Path, seed: int, scale: float, peak_tflops: float | None 
     makes the stages log their model FLOPs' share of it (`mfu`)."""
     import yaml
 
-    from pixart.distill.config import load_distill_config
+    from pixart.distill.config import DistillConfig
     from pixart.eval.heldout import heldout_specs, prompt_for, spread
-    from pixart.train.config import load_train_config
+    from pixart.train.config import TrainConfig
 
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = [prompt_for(s, FINAL_SIDE, FINAL_SIDE) for s in spread(heldout_specs(HOLDOUT), 4)]
     inits = {"reparam": out / "runs" / "reparam" / "checkpoint"}
     for name, previous in (("stage1", None), ("stage2", "reparam"), ("stage3", "stage2"), ("dmd", "stage3")):
-        cfg = (load_distill_config if name == "dmd" else load_train_config)(CONFIGS / f"{name}.yaml")
+        cfg = (DistillConfig if name == "dmd" else TrainConfig).load(CONFIGS / f"{name}.yaml")
         text = cfg.resolved_yaml().replace("demo_out/", f"{out}/")
         data = yaml.safe_load(text)
         data["train"]["seed"] = seed

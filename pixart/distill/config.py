@@ -13,13 +13,12 @@ weight decay 0.01, gradient clip 10.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from pixart.train.config import (
+    ConfigFile,
     DataSection,
     DeepSpeedSection,
     EmaSection,
@@ -27,9 +26,6 @@ from pixart.train.config import (
     OptimSection,
     Section,
     TrainSection,
-    _read,
-    apply_set,
-    validated,
 )
 
 T = 1000  # the teacher's training timesteps (PixArt's linear schedule)
@@ -101,7 +97,7 @@ class DistillValidation(Section):
     size: tuple[int, int] | None = None  # latent (h, w); None: the model's input_size square
 
 
-class DistillConfig(Section):
+class DistillConfig(ConfigFile):
     stage: str = "dmd"
     teacher: TeacherSection
     student: StudentSection = Field(default_factory=StudentSection)
@@ -132,20 +128,3 @@ class DistillConfig(Section):
         if self.optim.grad_accum != 1:
             raise ValueError("optim.grad_accum: distillation updates on one batch at a time; raise data.batch_size")
         return self
-
-    def resolved_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def parse_distill_config(data: dict, source: str) -> DistillConfig:
-    return validated(DistillConfig, data, source)
-
-
-def load_distill_config(path: str | os.PathLike, sets: list[str] = ()) -> DistillConfig:
-    """Read, inherit (`base:`), override (`--set`) and validate a distillation config."""
-    data = _read(Path(path).resolve())
-    for s in sets:
-        apply_set(data, s)
-    return parse_distill_config(data, str(path))

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from typing_extensions import Self  # typing.Self from Python 3.11; pydantic depends on typing_extensions
 
 from pixart.errors import PixArtError
 
@@ -145,7 +146,22 @@ class ValidationSection(Section):
     one_step: int | None = Field(None, ge=1, le=999)
 
 
-class TrainConfig(Section):
+class ConfigFile(Section):
+    """A whole config file: read with `load`, written into its run folder by `resolved_yaml`."""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, sets: list[str] = ()) -> Self:
+        """Read, inherit (`base:`), override (`--set`) and validate."""
+        data = _read(Path(path).resolve())
+        for s in sets:
+            apply_set(data, s)
+        return validated(cls, data, str(path))
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class TrainConfig(ConfigFile):
     stage: str = "stage"
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
@@ -164,9 +180,6 @@ class TrainConfig(Section):
             raise ValueError(f"deepspeed.precision {self.deepspeed.precision} needs zero_stage >= 1 "
                              "(DeepSpeed keeps fp32 master weights only under ZeRO)")
         return self
-
-    def resolved_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -239,14 +252,3 @@ def validated(model: type[BaseModel], data, source: str):
         got = f" (got {err.get('input')!r})" if shown else ""
         raise PixArtError(f"{source}: {where}{kind}{got}") from None
 
-
-def parse_config(data: dict, source: str) -> TrainConfig:
-    return validated(TrainConfig, data, source)
-
-
-def load_train_config(path: str | os.PathLike, sets: list[str] = ()) -> TrainConfig:
-    """Read, inherit, override and validate a stage config."""
-    data = _read(Path(path).resolve())
-    for s in sets:
-        apply_set(data, s)
-    return parse_config(data, str(path))

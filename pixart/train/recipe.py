@@ -45,7 +45,7 @@ from .checkpoints import (
     started_from,
     with_run,
 )
-from .config import Section, load_train_config, read_yaml, validated
+from .config import Section, TrainConfig, read_yaml, validated
 
 log = logging.getLogger("pixart.train")
 
@@ -143,9 +143,11 @@ def step_config(recipe_path: Path, recipe: Recipe, step: Step, init: str | None)
     key = "teacher.init" if step.distill else "model.init"
     ours = [f"train.collective_timeout_s={recipe.collective_timeout_s}"] + ([f"{key}={init}"] if step.init else [])
     if step.distill:
-        from pixart.distill.config import load_distill_config as load
+        from pixart.distill.config import DistillConfig
+
+        load = DistillConfig.load
     else:
-        load = load_train_config
+        load = TrainConfig.load
     path = recipe_path.parent / (step.distill or step.config)
     try:
         return load(path, list(step.set) + ours)
