@@ -172,12 +172,14 @@ class BucketStream:
         if unread and epoch == self.counted and not self._replaying:
             self.stats.skipped[UNREAD] += unread
 
-    def _skip(self, pos: Pos, reason: str, key: str) -> None:
+    def _skip(self, pos: Pos, reason: str, key: str, warn: bool = True) -> None:
+        """Count a skipped sample, and warn of the first few (not of the aesthetic selection's: it is chosen, and
+        the loader says once how many it keeps)."""
         if pos[0] != self.counted:
             return
         self.stats.skipped[reason] += 1
         n = sum(self.stats.skipped.values())
-        if n <= 10 or n % 1000 == 0:
+        if warn and (n <= 10 or n % 1000 == 0):
             log.warning("skipped sample %s: %s (%d skipped so far in this worker)", key, reason, n)
 
     def _samples(self, start: Pos) -> Iterator[tuple[Pos, dict]]:
@@ -224,7 +226,7 @@ class BucketStream:
         key = raw.get("__key__", "?")
         reason = self.decoder.reject(raw)
         if reason:
-            self._skip(pos, reason, key)
+            self._skip(pos, reason, key, warn=False)
             return True
         try:
             bucket = self.decoder.bucket(raw)
