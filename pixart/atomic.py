@@ -39,23 +39,14 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
 
     An existing non-empty `target` is replaced only with `overwrite`. Never is a `target` written that is, holds
     or lies inside one of `sources` (pass a checkpoint as typed and as resolved: `latest` is a file naming a
-    folder), or that holds the current folder (`--out ""`, `--out .`). A kill at any moment leaves the old
-    `target`, the new one, or the old one parked as `.NAME.old`, which the next call puts back.
+    folder), that holds the current folder (`--out ""`, `--out .`), or that is a file. A kill at any moment leaves
+    the old `target`, the new one, or the old one parked as `.NAME.old`, which the next call puts back.
     """
-    if not str(target).strip():
-        raise PixArtError("--out is empty")
-    target = Path(target).resolve()
-    if target == Path.cwd() or target in Path.cwd().parents:
-        raise PixArtError(f"--out {target} holds the current directory; name a folder of its own")
-    for src in (Path(s).resolve() for s in sources):
-        if src == target or target in src.parents or src in target.parents:
-            raise PixArtError(f"--out {target} would overwrite the input {src}")
+    target = check_out_dir(target, overwrite, sources)
     old = target.with_name(f".{target.name}.old")
     if not target.exists() and old.exists():  # a previous replace was killed half-way
         os.replace(old, target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not overwrite:
-            raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
+        check_out_dir(target, overwrite, sources)
     with _writable(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_writers(target.parent)
@@ -64,21 +55,30 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, sources: tupl
         yield tmp
         share_modes(tmp)
         if target.exists():
-            _remove(old)
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _remove(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove(path: Path) -> None:
-    """A parked old output, folder or file (an --overwrite of a plain file parks the file)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def check_out_dir(target: str | os.PathLike, overwrite: bool = False, sources: tuple = ()) -> Path:
+    """What `atomic_dir` refuses, said before the work whose result it writes (loading T5-XXL takes minutes). A
+    file is the user's: never replaced by a folder, even with `overwrite`."""
+    if not str(target).strip():
+        raise PixArtError("--out is empty")
+    check_out_folder(target)
+    target = Path(target).resolve()
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise PixArtError(f"--out {target} holds the current directory; name a folder of its own")
+    for src in (Path(s).resolve() for s in sources):
+        if src == target or target in src.parents or src in target.parents:
+            raise PixArtError(f"--out {target} would overwrite the input {src}")
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        raise PixArtError(f"--out {target} already exists and is not empty; pass --overwrite to replace it")
+    return target
 
 
 @contextmanager

@@ -54,9 +54,11 @@ def test_only_this_hosts_dead_writers_temps_are_removed(tmp_path):
                                                                  own.name])
 
 
-def test_replacing_a_plain_file_with_a_folder_leaves_nothing_parked(tmp_path):
+def test_a_plain_file_is_never_replaced_by_a_folder(tmp_path):
+    """--out naming the user's file is a mistake, not an output of ours to replace, even with --overwrite."""
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with atomic_dir(target, overwrite=True) as tmp:
-        (tmp / "model.safetensors").write_text("new")
-    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"] and (target / "model.safetensors").is_file()
+    with pytest.raises(PixArtError, match=f"^--out {target} is not a folder$"):
+        with atomic_dir(target, overwrite=True):
+            raise AssertionError("written")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"] and target.read_text() == "old"

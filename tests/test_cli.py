@@ -169,6 +169,56 @@ def test_convert_dit_without_a_null_class(tmp_path):
     assert main(["convert-dit", str(tmp_path / "d.pt"), "--out", str(tmp_path / "o")]) == 0  # 9 classes + null
 
 
+def test_convert_dit_takes_the_class_count_from_a_training_checkpoints_args(tmp_path, capsys):
+    """facebookresearch/DiT's train.py saves {"model", "ema", "opt", "args"}, its argparse.Namespace holding
+    --num-classes: a DiT trained without label dropout has exactly that many rows and no null class to fold. The
+    released DiT-XL-2-256x256.pt is a bare state dict (1001 rows): there the null class is assumed, and said."""
+    import argparse
+
+    nodrop = build_model("DiT-S/2", input_size=8, depth=1, num_classes=10, class_dropout_prob=0.0)
+    state = nodrop.state_dict()
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(num_classes=10)}, tmp_path / "t.pt")
+    result = run_cli("convert-dit", tmp_path / "t.pt", "--out", tmp_path / "o")
+    assert result.returncode == 2 and "no null-class embedding" in result.stderr, result.stderr
+    dropped = build_model("DiT-S/2", input_size=8, depth=1, num_classes=10).state_dict()  # 11 rows
+    torch.save({"model": dropped, "ema": dropped, "opt": {}, "args": argparse.Namespace(num_classes=10)},
+               tmp_path / "t.pt")
+    torch.save(dropped, tmp_path / "bare.pt")
+    for src, said in (("t.pt", "10 DiT classes (from its args.num_classes)"),
+                      ("bare.pt", "10 DiT classes (assumed: the class table's last row is the null class; "
+                       "--num-classes says otherwise)")):
+        assert main(["convert-dit", str(tmp_path / src), "--out", str(tmp_path / src.replace(".", "-"))]) == 0
+        assert capsys.readouterr().out.strip().endswith(f"; {said}")
+
+
+@pytest.mark.parametrize("command", ["export-diffusers", "import", "convert-dit"])
+def test_a_bad_out_is_refused_before_anything_is_loaded(tmp_path, monkeypatch, capsys, command):
+    """Loading T5-XXL or an XL checkpoint takes minutes: what the final write would refuse comes first. A plain
+    file --out is the user's: never replaced by a folder, even with --overwrite."""
+    import pixart.checkpoint
+    import pixart.export.diffusers
+    import pixart.export.dit
+    import pixart.export.official
+
+    def loading(*args, **kwargs):
+        raise AssertionError("loaded before --out was checked")
+
+    for module, name in ((pixart.checkpoint, "load_model"), (pixart.export.diffusers, "import_diffusers"),
+                         (pixart.export.official, "import_official"), (pixart.export.dit, "load_dit")):
+        monkeypatch.setattr(module, name, loading)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("old")
+    (tmp_path / "file").write_text("mine")
+    for out, extra, message in (("full", [], f"--out {tmp_path / 'full'} already exists and is not empty; pass "
+                                             "--overwrite to replace it"),
+                                ("file", [], f"--out {tmp_path / 'file'} is not a folder"),
+                                ("file", ["--overwrite"], f"--out {tmp_path / 'file'} is not a folder")):
+        assert main([command, str(tmp_path / "src"), "--out", str(tmp_path / out), *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"pixart {command}: error: {message}"
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "full" / "old.txt").read_text() == "old"
+
+
 def test_outputs_are_never_silently_replaced(tmp_path, dit_file):
     _, path = dit_file
     ck = tmp_path / "ck"
@@ -197,8 +247,8 @@ def test_an_output_never_replaces_its_input_the_current_folder_or_a_pointer(tmp_
     os.replace(tmp_path / "ck", tmp_path / "ck-run" / "checkpoints" / "step-000002")
     latest = tmp_path / "ck-run" / "checkpoints" / "latest"
     latest.write_text("step-000002")
-    result = run_cli("export-diffusers", latest, "--out", latest, "--overwrite")  # the pointer itself
-    assert result.returncode == 2 and "would overwrite the input" in result.stderr
+    result = run_cli("export-diffusers", latest, "--out", latest, "--overwrite")  # the pointer itself: a file
+    assert result.returncode == 2 and f"--out {latest} is not a folder" in result.stderr
     assert latest.read_text() == "step-000002"
     assert main(["export-diffusers", str(latest), "--out", str(tmp_path / "export")]) == 0
     result = run_cli("import", tmp_path / "export", "--out", tmp_path / "export" / "transformer", "--overwrite")
@@ -234,7 +284,8 @@ def test_unwritable_output_is_one_line(tmp_path, dit_file):
     (tmp_path / "file").write_text("x")
     result = run_cli("convert-dit", path, "--out", tmp_path / "file" / "sub")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"error: {tmp_path / 'file' / 'sub'}: cannot write there (" in result.stderr, result.stderr
+    message = f"error: --out {tmp_path / 'file' / 'sub'} is not a folder ({tmp_path / 'file'} is a file)"
+    assert message in result.stderr, result.stderr  # before the DiT is read
 
 
 def test_ctrl_c_is_one_line_and_a_subcommand_names_itself(tmp_path, monkeypatch, capsys):

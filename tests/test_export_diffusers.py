@@ -236,3 +236,73 @@ def test_an_imported_export_samples_as_the_checkpoint_it_came_from(tmp_path, tin
         main(["sample", str(tmp_path / ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(out)])
         grids.append(np.asarray(Image.open(out)))
     assert np.array_equal(*grids)
+
+
+def hub_layout(folder, scheduler: dict | None = None):
+    """A pipeline folder as the hub's PixArt-alpha repos lay it out: transformer/ (and scheduler/), no
+    null_caption.safetensors. diffusers' scripts/convert_pixart_alpha_to_diffusers.py (and PixArt-alpha's
+    tools/convert_pixart_alpha_to_diffusers.py) drop `y_embedder.y_embedding`: the transformer has no slot for it."""
+    import json
+
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=1, cross_attention_dim=16, sample_size=8, caption_channels=CAP)
+    transformer.save_pretrained(folder / "transformer")
+    if scheduler is not None:
+        (folder / "scheduler").mkdir()
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    return folder
+
+
+def test_a_folder_without_a_null_caption_warns_and_its_made_up_one_is_never_exported(tmp_path):
+    """The made-up null caption is what `pixart sample` guides against: the import says so in one line, records
+    it, and an export of that checkpoint leaves it out rather than ship it as if the model had learned it."""
+    import subprocess
+    import sys
+
+    hub_layout(tmp_path / "hub")
+    run = [sys.executable, "-m", "pixart"]
+    result = subprocess.run([*run, "import", tmp_path / "hub", "--out", tmp_path / "ck"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        f"{tmp_path / 'hub'}: no null_caption.safetensors (diffusers keeps no null caption): the imported model's is "
+        "freshly initialised, so its classifier-free guidance is not the original model's until fine-tuning with "
+        "caption dropout teaches it this one")
+    assert result.stdout.strip() == f"wrote {tmp_path / 'ck'} (epsilon, null caption freshly initialised)"
+    assert (tmp_path / "ck" / "fresh_null_caption.json").is_file()
+    result = subprocess.run([*run, "export-diffusers", tmp_path / "ck", "--out", tmp_path / "again"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "no null caption: the import made one up" in result.stdout
+    assert not (tmp_path / "again" / "null_caption.safetensors").exists()
+    assert load_null_caption(tmp_path / "again") is None
+
+
+def test_a_scheduler_predicting_what_pixart_does_not_is_refused(tmp_path):
+    from pixart.export.diffusers import import_sampling
+
+    hub = hub_layout(tmp_path / "hub", {"_class_name": "DDPMScheduler", "prediction_type": "sample"})
+    with pytest.raises(PixArtError, match=r"scheduler_config.json: prediction_type 'sample'; a PixArt model "
+                                          r"predicts one of \('epsilon', 'v_prediction'\)"):
+        import_sampling(hub)
+
+
+def test_a_full_out_is_refused_before_the_pipeline_parts_load(tmp_path):
+    """Loading T5-XXL takes minutes: the refusal the final write would give comes first."""
+    from pixart.export.diffusers import PipelineParts
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("x")
+    missing = str(tmp_path / "no-such-t5")
+    with pytest.raises(PixArtError, match="already exists and is not empty; pass --overwrite"):
+        export(tiny("PixArt-S/2", input_size=8), tmp_path / "out", PipelineParts(missing, missing, missing))
+
+
+def test_exporting_a_file_says_to_import_it(tmp_path):
+    from pixart.export.diffusers import export_checkpoint
+
+    (tmp_path / "PixArt-XL-2-512x512.pth").write_bytes(b"PK\x03\x04")
+    with pytest.raises(PixArtError, match=r"PixArt-XL-2-512x512.pth: a file, not a checkpoint folder; an official "
+                                          r"PixArt-alpha .pth comes in with `pixart import .*PixArt-XL-2-512x512.pth "
+                                          r"--out DIR` first"):
+        export_checkpoint(tmp_path / "PixArt-XL-2-512x512.pth", tmp_path / "out")

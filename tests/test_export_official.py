@@ -47,7 +47,7 @@ def official_file(tmp_path, pixels: int, lewei_scale: float = 1.0):
 @pytest.mark.parametrize("pixels", [256, 512])
 def test_an_official_file_imports_at_the_resolution_its_pos_embed_records(tmp_path, pixels):
     path, original = official_file(tmp_path, pixels)
-    model = import_official(str(path), num_heads=4)
+    model = import_official(str(path), num_heads=4)[0]
     assert model.config.input_size == pixels // 8 and model.config.pe_interpolation == 1.0
     file_table = torch.load(path, weights_only=True)["state_dict"]["pos_embed"]
     torch.testing.assert_close(model.pos_embed.float(), file_table, atol=1e-6, rtol=0)
@@ -86,5 +86,57 @@ def test_a_file_that_is_no_torch_checkpoint_says_why_in_words(tmp_path, content,
 def test_a_legacy_torch_save_file_still_imports(tmp_path):
     path, original = official_file(tmp_path, 256)
     torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
-    model = import_official(str(path), num_heads=4)
+    model = import_official(str(path), num_heads=4)[0]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in original.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_copy_of_an_official_file_imports(tmp_path, dtype):
+    """fp16/bf16 copies of the official files are common; their pos_embed is the table rounded to that dtype (fp16
+    off by up to 5e-4, bf16 by 4e-3), which must not read as another table."""
+    path, original = official_file(tmp_path, 512)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    torch.save({"state_dict": {k: v.to(dtype) for k, v in state.items()}}, path)
+    model = import_official(str(path), num_heads=4)[0]
+    assert model.config.input_size == 64
+    for k, v in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v.to(dtype).float(), atol=0, rtol=0)
+
+
+def test_a_file_without_pos_embed_needs_the_input_size(tmp_path):
+    """Nothing else in the file says its resolution, and a guess runs but draws noise at any other."""
+    path, original = official_file(tmp_path, 512)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    del state["pos_embed"]
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(PixArtError, match="PixArt-tiny-512.pth: has no pos_embed, so its resolution is unknown; "
+                                          "pass --input-size"):
+        import_official(str(path), num_heads=4)
+    assert import_official(str(path), num_heads=4, input_size=64)[0].config.input_size == 64
+
+
+def test_a_weights_file_of_a_model_folder_says_to_pass_the_folder(tmp_path):
+    from pixart.checkpoint import save_checkpoint
+
+    model = build_model("PixArt-S/2", input_size=8, **TINY)
+    save_checkpoint(tmp_path / "ck", model.config, model.state_dict())  # its model.safetensors has no pos_embed
+    with pytest.raises(PixArtError, match=f"config.json lies beside it: a file of a model folder; pass the folder "
+                                          f"{tmp_path / 'ck'}$"):
+        import_official(str(tmp_path / "ck" / "model.safetensors"), num_heads=4)
+
+
+def test_the_import_says_which_weights_of_a_training_state_it_took(tmp_path, capsys):
+    """PixArt-alpha's train.py saves {'state_dict', 'state_dict_ema', 'optimizer', 'scheduler', 'epoch'}
+    (diffusion/utils/checkpoint.py, save_checkpoint); the released .pth files hold 'state_dict' alone."""
+    from pixart.checkpoint import load_model
+    from pixart.cli.main import main
+
+    path, _ = official_file(tmp_path, 256)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    ema = {k: v if k == "pos_embed" else v + 1 for k, v in state.items()}
+    torch.save({"state_dict": state, "state_dict_ema": ema, "epoch": 3}, path)
+    assert main(["import", str(path), "--out", str(tmp_path / "ck"), "--num-heads", "4"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'ck'} (epsilon, state_dict_ema (EMA) weights)"
+    assert torch.equal(load_model(tmp_path / "ck").t_block[1].weight, ema["t_block.1.weight"])
+    torch.save({"state_dict": state}, path)
+    assert import_official(str(path), num_heads=4)[1] == "state_dict"

@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                    help="init of the shared t_block: mean of the blocks' adaLN MLPs (default, least error over t), "
                    "block 0's, or zero")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="classes of the DiT (default: rows of its class table minus the null class)")
+                   help="classes of the DiT (default: a DiT training checkpoint's args.num_classes, else the rows of "
+                   "its class table minus the null class, as the released DiTs, trained with label dropout, have)")
     p.add_argument("--t-ref", type=int, default=500, help="timestep at which the modulation is exact (default 500)")
     p.add_argument("--caption-channels", type=int, default=4096, help="text-encoder width (default 4096, T5-XXL's)")
     p.add_argument("--max-length", type=int, default=120, help="caption tokens (default 120, PixArt-alpha's)")
@@ -33,7 +34,9 @@ def run(args) -> None:
 
     cfg = ReparamConfig(global_init=args.global_init, t_ref=args.t_ref, caption_channels=args.caption_channels,
                         max_length=args.max_length, seed=args.seed)
-    pixart = convert_dit(args.src, args.out, cfg, num_heads=args.num_heads, num_classes=args.num_classes,
-                         overwrite=args.overwrite)
+    pixart, provenance = convert_dit(args.src, args.out, cfg, num_heads=args.num_heads,
+                                     num_classes=args.num_classes, overwrite=args.overwrite)
     c = pixart.config
-    print(f"wrote {args.out}: {c.depth} blocks, width {c.hidden_size}, {c.num_heads} heads")
+    classes, said = provenance["dit_classes"], provenance["dit_classes_from"]
+    print(f"wrote {args.out}: {c.depth} blocks, width {c.hidden_size}, {c.num_heads} heads; {classes} DiT classes "
+          f"({said})")

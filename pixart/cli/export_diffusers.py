@@ -14,11 +14,12 @@ def add_parser(sub) -> None:
         "subfolder='transformer'). With --text-encoder, --tokenizer and --vae it writes a whole "
         "PixArtAlphaPipeline folder: a DPM-Solver++ scheduler, or for a one-step student (`pixart distill`'s "
         "checkpoint) a DDPM one and OUT/student.json, as the released PixArt-DMD ships. "
-        "OUT/null_caption.safetensors holds the model's null caption; pass it as "
-        "negative_prompt_embeds to sample as the official code does.",
+        "OUT/null_caption.safetensors holds the model's null caption, the unconditional input it was trained "
+        "with; pass it as negative_prompt_embeds rather than the pipeline's default T5(\"\") (docs/export.md). "
+        "A model imported from a folder without one has none to export.",
     )
     p.add_argument("ckpt", help="checkpoint folder (config.json + model.safetensors [+ ema.safetensors]), "
-                   "or a run's RUN/checkpoints/latest")
+                   "or a run's RUN/checkpoints/latest; an official .pth needs `pixart import` first")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="export the EMA weights (default: EMA when the checkpoint has them)")
@@ -31,7 +32,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from pixart.export.diffusers import PipelineParts, export_checkpoint
+    from pixart.checkpoint import checkpoint_folder
+    from pixart.export.diffusers import FRESH_NULL_FILE, PipelineParts, export_checkpoint
 
     parts = None
     if args.text_encoder or args.vae or args.tokenizer:
@@ -41,4 +43,6 @@ def run(args) -> None:
                               None if args.vae.lower() == "none" else args.vae)
     _, ema, prediction = export_checkpoint(args.ckpt, args.out, parts, ema=args.ema, overwrite=args.overwrite)
     kind = "pipeline" if parts else "transformer"
-    print(f"wrote diffusers {kind} to {args.out} ({'EMA' if ema else 'model'} weights, {prediction})")
+    fresh = (checkpoint_folder(args.ckpt) / FRESH_NULL_FILE).is_file()
+    print(f"wrote diffusers {kind} to {args.out} ({'EMA' if ema else 'model'} weights, {prediction}"
+          f"{f'; no null caption: the import made one up ({FRESH_NULL_FILE})' if fresh else ''})")

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("src", help="diffusers folder, or official .pth/.safetensors file")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--num-heads", type=int, help="attention heads of an official file (default: by width)")
-    p.add_argument("--input-size", type=int, help="latent side of an official file without pos_embed")
+    p.add_argument("--input-size", type=int, help="latent side (32: 256 px, 64: 512 px, 128: 1024 px) of an official "
+                   "file without pos_embed, which is refused without it (default: the file's pos_embed says)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what the model predicts (default: a diffusers folder's scheduler says; an official file: "
                    "epsilon, as PixArt-alpha)")
@@ -26,23 +27,39 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import json
 
+    from pixart.atomic import check_out_dir
     from pixart.checkpoint import DIFFUSION_FILE, ENCODERS_FILE, STUDENT_FILE, save_checkpoint
-    from pixart.export.diffusers import import_diffusers, import_encoders, import_sampling
+    from pixart.export.diffusers import (
+        FRESH_NULL_FILE,
+        NULL_CAPTION_FILE,
+        import_diffusers,
+        import_encoders,
+        import_sampling,
+        pipeline_root,
+    )
     from pixart.export.official import import_official
 
-    student, encoders = None, {}
+    check_out_dir(args.out, args.overwrite)
+    student, encoders, notes, extra = None, {}, [], {}
     if Path(args.src).is_dir():
-        model = import_diffusers(args.src)
         prediction, student = import_sampling(args.src)
+        model = import_diffusers(args.src)
         encoders = import_encoders(args.src)
+        if not (pipeline_root(args.src) / NULL_CAPTION_FILE).is_file():  # import_diffusers warned
+            notes.append("null caption freshly initialised")
+            extra[FRESH_NULL_FILE] = json.dumps({"source": str(args.src), "null_caption": (
+                "freshly initialised: the source had none; the model was not trained with it, so an export leaves "
+                "it out")}, indent=2)
     else:
-        model, prediction = import_official(args.src, args.num_heads, args.input_size), "epsilon"
+        (model, took), prediction = import_official(args.src, args.num_heads, args.input_size), "epsilon"
+        notes.append(f"{took} (EMA) weights" if "ema" in took else f"{took or 'bare state dict'} weights")
     prediction = args.prediction_type or prediction
-    extra = {DIFFUSION_FILE: json.dumps({"prediction_type": prediction}, indent=2)}
+    extra[DIFFUSION_FILE] = json.dumps({"prediction_type": prediction}, indent=2)
     if student is not None:
         extra[STUDENT_FILE] = json.dumps(student, indent=2)
+        notes.append("one-step student")
     if encoders:
         extra[ENCODERS_FILE] = json.dumps(encoders, indent=2)
     save_checkpoint(args.out, model.config, model.state_dict(), extra=extra, overwrite=args.overwrite,
                     sources=(args.src,))
-    print(f"wrote {args.out} ({prediction}{', one-step student' if student else ''})")
+    print(f"wrote {args.out} ({', '.join([prediction, *notes])})")

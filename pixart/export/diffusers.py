@@ -7,10 +7,16 @@ the components; `load_null_caption` reads it so a pipeline call can pass it as
 `negative_prompt_embeds` and reproduce the official sampler. Without it the
 pipeline's T5("") default still works, but is a condition the model was never
 trained on as "unconditional".
+
+A diffusers folder that did not come from us has no null caption (diffusers' and PixArt-alpha's conversion
+scripts drop `y_embedder.y_embedding`): the import makes one up and records it in
+`fresh_null_caption.json`, and an export of that checkpoint leaves `null_caption.safetensors` out rather than
+hand on a null caption the model never learned.
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +24,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pixart.atomic import atomic_dir
+from pixart.atomic import atomic_dir, check_out_dir
 from pixart.checkpoint import ENCODERS_FILE, STUDENT_FILE, load_into, load_student, read_json
 from pixart.errors import PixArtError
 from pixart.export.keymap import from_diffusers, to_diffusers
 from pixart.models import ModelConfig, PixArt
 
 NULL_CAPTION_FILE = "null_caption.safetensors"
+FRESH_NULL_FILE = "fresh_null_caption.json"  # in an imported checkpoint: its null caption is made up, not learned
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+log = logging.getLogger(__name__)
 
 
 def diffusers_config(config: ModelConfig) -> dict:
@@ -108,14 +118,17 @@ def one_step_scheduler(prediction_type: str):
 
 def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, scheduler=None,
            overwrite: bool = False, sources: tuple = (), prediction_type: str = "epsilon",
-           student: dict | None = None, files: tuple = (), encoders: dict | None = None) -> Path:
+           student: dict | None = None, files: tuple = (), encoders: dict | None = None,
+           null_caption: bool = True) -> Path:
     """Write `out/transformer` (and with `parts`, a whole `PixArtAlphaPipeline` folder), atomically, with
     copies of `files` (a checkpoint's Perfusion covariance). The default scheduler is DPM-Solver++ for the model's
     `prediction_type`; a one-step `student` ({"start_timestep"}) gets a DDPM scheduler and `out/student.json`,
     the call that samples it:
     pipe(prompt, num_inference_steps=1, timesteps=[start], guidance_scale=1).
     `encoders` (a checkpoint's encoders.json) goes to `out/encoders.json` for `pixart import`, less the parts
-    the pipeline folder holds itself."""
+    the pipeline folder holds itself. `null_caption=False` leaves out a null caption the model never learned (see
+    the module's doc)."""
+    check_out_dir(out, overwrite)
     if parts is not None and model.config.micro_conditions and model.config.input_size != PIPELINE_MS_SIZE:
         raise PixArtError(
             f"export: a pipeline of a size/aspect-conditioned (PixArtMS) model at input_size "
@@ -149,7 +162,8 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
             scheduler.save_pretrained(tmp / "scheduler")
         else:
             pipeline.save_pretrained(tmp)
-        save_file(null, tmp / NULL_CAPTION_FILE)
+        if null_caption:
+            save_file(null, tmp / NULL_CAPTION_FILE)
         for file in files:
             shutil.copyfile(file, tmp / Path(file).name)
         if encoders:
@@ -182,12 +196,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
     )
     from pixart.personalize.covariance import COVARIANCE_GLOB
 
+    check_out_dir(out, overwrite)
     typed, ckpt = ckpt, checkpoint_folder(ckpt)
+    if ckpt.is_file():
+        raise PixArtError(f"{typed}: a file, not a checkpoint folder; an official PixArt-alpha .pth comes in with "
+                          f"`pixart import {typed} --out DIR` first")
     ema = (ckpt / EMA_FILE).is_file() if ema is None else ema
     prediction = load_prediction_type(ckpt)
     model = load_model(ckpt, ema=ema).eval()
     export(model, out, parts, overwrite=overwrite, sources=(typed, ckpt), prediction_type=prediction,
-           student=load_student(ckpt), files=tuple(sorted(ckpt.glob(COVARIANCE_GLOB))), encoders=load_encoders(ckpt))
+           student=load_student(ckpt), files=tuple(sorted(ckpt.glob(COVARIANCE_GLOB))), encoders=load_encoders(ckpt),
+           null_caption=not (ckpt / FRESH_NULL_FILE).is_file())
     return Path(out), ema, prediction
 
 
@@ -208,6 +227,8 @@ def import_sampling(folder: str | Path) -> tuple[str, dict | None]:
     top = pipeline_root(folder)
     path = top / "scheduler" / "scheduler_config.json"
     prediction = str(read_json(path).get("prediction_type", "epsilon")) if path.is_file() else "epsilon"
+    if prediction not in PREDICTION_TYPES:
+        raise PixArtError(f"{path}: prediction_type {prediction!r}; a PixArt model predicts one of {PREDICTION_TYPES}")
     student = load_student(top)
     if student is not None:
         student.pop("call", None)
@@ -231,7 +252,8 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
     """A diffusers transformer folder (or a pipeline folder holding `transformer/`) -> our PixArt.
 
     diffusers keeps no null caption: ours comes from `null_caption.safetensors` when
-    the folder was exported by us, else it is freshly initialised from `seed`.
+    the folder was exported by us, else it is freshly initialised from `seed`, with a warning: guidance
+    against it is not the original model's.
     """
     from diffusers import PixArtTransformer2DModel
 
@@ -249,7 +271,11 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
         transformer = PixArtTransformer2DModel.from_pretrained(root, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise PixArtError(f"{root}: cannot load ({str(e).splitlines()[0]})") from None
-    null = load_null_caption(root.parent)  # we write it beside `transformer/`
+    null = load_null_caption(pipeline_root(folder))  # we write it beside `transformer/`
+    if null is None:
+        log.warning("%s: no %s (diffusers keeps no null caption): the imported model's is freshly initialised, so "
+                    "its classifier-free guidance is not the original model's until fine-tuning with caption dropout "
+                    "teaches it this one", folder, NULL_CAPTION_FILE)
     config = config_from_diffusers(dict(transformer.config), 120 if null is None else null.shape[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

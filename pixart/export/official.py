@@ -5,9 +5,11 @@ strict load; the only official extra is the fixed `pos_embed`, which we derive.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from pixart.checkpoint import load_into, read_state_dict, unwrap_state_dict
+from pixart.checkpoint import CONFIG_FILE, load_into, read_state_dict, unwrap_state_dict
 from pixart.errors import PixArtError
 from pixart.models import ModelConfig, PixArt
 from pixart.models.reparam import DEFAULT_HEADS
@@ -27,10 +29,15 @@ def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: i
         raise PixArtError(f"{source}: not a PixArt state dict (missing {e})") from None
     micro = "csize_embedder.mlp.0.weight" in state
     if input_size is None:
-        if "pos_embed" in state:  # official files keep the buffer for their training resolution
-            input_size = round(state["pos_embed"].shape[1] ** 0.5) * patch
-        else:
-            input_size = 128 if micro else 32
+        # official files keep the buffer for their training resolution; a guessed one runs, but draws noise
+        if "pos_embed" not in state:
+            beside = Path(source).parent / CONFIG_FILE
+            if beside.is_file():
+                raise PixArtError(f"{source}: has no pos_embed and {beside} lies beside it: a file of a model folder; "
+                                  f"pass the folder {beside.parent}")
+            raise PixArtError(f"{source}: has no pos_embed, so its resolution is unknown; pass --input-size, its "
+                              "latent side (32 for 256 px, 64 for 512 px, 128 for 1024 px)")
+        input_size = round(state["pos_embed"].shape[1] ** 0.5) * patch
     if num_heads is None:
         if hidden not in DEFAULT_HEADS:
             raise PixArtError(f"{source}: hidden size {hidden} is not a standard size; pass --num-heads")
@@ -44,15 +51,21 @@ def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: i
     )
 
 
-def import_official(path: str, num_heads: int | None = None, input_size: int | None = None) -> PixArt:
+def import_official(path: str, num_heads: int | None = None, input_size: int | None = None) -> tuple[PixArt, str]:
     """The file's model at the resolution its `pos_embed` was made for (the table itself is derived again, and
-    must equal the file's: it is fixed, never trained)."""
-    state = unwrap_state_dict(read_state_dict(path), path)
+    must equal the file's, up to the rounding of the file's dtype: it is fixed, never trained), and which weights
+    it took, as `unwrap_state_dict` picks: "state_dict_ema" (a training state's EMA), "state_dict", ..., or "" (a
+    bare state dict)."""
+    data = read_state_dict(path)
+    state = unwrap_state_dict(data, path)
+    took = next((k for k in ("ema", "state_dict_ema", "model", "state_dict") if isinstance(data.get(k), dict)), "")
     model = PixArt(infer_pixart_config(state, num_heads, input_size, path))
     table = state.pop("pos_embed", None)
-    if table is not None and (table.shape != model.pos_embed.shape or
-                              not torch.allclose(table.float(), model.pos_embed.float(), atol=1e-4)):
-        raise PixArtError(f"{path}: pos_embed {tuple(table.shape)} is not PixArt's sin-cos table for "
-                          f"{model.config.input_size * 8} px (lewei_scale {model.config.pe_interpolation:g}); "
-                          "pass --input-size to say its latent side")
-    return load_into(model, state, path)
+    if table is not None:
+        # the values lie in [-1, 1]: an fp16 copy is off by up to 5e-4, a bf16 one by 4e-3
+        atol = max(1e-4, torch.finfo(table.dtype).eps if table.is_floating_point() else 0)
+        if table.shape != model.pos_embed.shape or not torch.allclose(table.float(), model.pos_embed, atol=atol):
+            raise PixArtError(f"{path}: pos_embed {tuple(table.shape)} is not PixArt's sin-cos table for "
+                              f"{model.config.input_size * 8} px (lewei_scale {model.config.pe_interpolation:g}); "
+                              "pass --input-size to say its latent side")
+    return load_into(model, state, path), took
