@@ -62,6 +62,21 @@ def test_two_nodes_match_one_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], **WEIGHTS, msg=k)
 
 
+def test_a_stop_signal_on_one_node_stops_both_after_the_same_steps_checkpoint(tmp_path):
+    """`sbatch --signal=B:USR1@120` may reach one node's ranks before the other's: the ranks agree after each step,
+    so both write step 3's checkpoint (ckpt_every is 100) and stop; rerunning both nodes finishes the run."""
+    run_dir = tmp_path / "run"
+    train = {"ckpt_every": 100}
+    nodes = launch_nodes(run_dir, zero=2, train=train, fault={"rank": 1, "at": "after-step:2:SIGUSR1"})
+    assert [n.returncode != 0 for n in nodes] == [True, True]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-000003", nodes[1].stdout[-2000:]
+    assert "rank 1: stopped by SIGUSR1 after step 3" in nodes[1].stdout, nodes[1].stdout[-2000:]
+    assert "rank 0: stopped by another rank's stop signal after step 3" in nodes[0].stdout, nodes[0].stdout[-2000:]
+    again = launch_nodes(run_dir, zero=2, train=train)
+    assert [n.returncode for n in again] == [0, 0], again[0].stdout[-2000:]
+    assert "resumed from" in again[0].stdout and len(losses(run_dir)) == STEPS
+
+
 def test_a_lost_node_stops_the_other_within_the_collective_timeout(tmp_path):
     """Node 1 freezes (SIGSTOP: its sockets stay open, as when a machine drops off the network) after the first
     checkpoint; node 0 waits `train.collective_timeout_s` in its next collective, then exits with one line."""

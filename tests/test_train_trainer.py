@@ -130,6 +130,22 @@ def test_resume_after_kill_is_exact(cache, straight, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 3's first pass cut from the log
 
 
+def test_a_schedulers_sigterm_saves_the_step_and_the_rerun_resumes_exactly(cache, straight, tmp_path):
+    """SIGTERM (Kubernetes' eviction, Slurm's end of time) during step 3: the step ends, is saved although
+    ckpt_every is 2, and the run stops with one line and the shell's code for SIGTERM; a rerun goes on exactly."""
+    config = stage(cache, tmp_path)
+    stopped = train(config, tmp_path / "run", "after-step:2:SIGTERM")  # noted at the end of step 2, acted on after 3
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    latest = tmp_path / "run" / "checkpoints" / "step-000003"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == latest.name
+    assert f"pixart train: rank 0: stopped by SIGTERM after step 3, checkpoint {latest} written; rerun the same " \
+        "command to resume from it" in stopped.stderr.splitlines()
+    assert not (tmp_path / "run" / "DONE.json").exists()
+    resumed = train(config, tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same(straight, tmp_path / "run", 6)
+
+
 def test_kill_during_checkpoint_save_keeps_the_previous_one(cache, straight, tmp_path):
     config = stage(cache, tmp_path)
     killed = train(config, tmp_path / "run", "mid-save:4")

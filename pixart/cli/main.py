@@ -22,6 +22,7 @@ from pixart.cli import (
     train,
 )
 from pixart.errors import PixArtError
+from pixart.train.preemption import Preempted
 
 COMMANDS = (data, relabel, extract_features, train, launch, distill, convert_dit, import_checkpoint, export_diffusers,
             personalize, sample, bench, evaluate, demo)
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pixart {name}: error: {line}", file=sys.stderr)
         return 2
+    except Preempted as e:  # a scheduler's SIGTERM or SIGUSR1: the last step is saved
+        print(f"pixart {name}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C: what is written is whole, and a rerun goes on from it
         print(f"\npixart {name}: interrupted; rerun the same command to go on", file=sys.stderr)
         return 130

@@ -45,7 +45,15 @@ from pixart.train.encoders import cache_manifest, load_autoencoder, load_text_en
 from pixart.train.engine import build_engine, init_distributed
 from pixart.train.master import frozen_state, gather, master_fragments, scatter_into
 from pixart.train.monitor import Monitor
-from pixart.train.trainer import build_loader, check_finite, encoders_record, run_to_end, validate
+from pixart.train.preemption import StopSignals
+from pixart.train.trainer import (
+    build_loader,
+    check_finite,
+    encoders_record,
+    run_to_end,
+    stop_if_signalled,
+    validate,
+)
 from pixart.train.watchdog import StepWatchdog
 
 from . import losses
@@ -314,7 +322,7 @@ class DistillTrainer:
         self._regression_setup()
         return run_to_end(self, curve_keys=("dm", "fake", "regression", "gan_g"), ema=True)
 
-    def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
+    def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog, stop: StopSignals) -> None:
         cfg = self.cfg
         validator = self._validator()
         batches = iter(self.batches)
@@ -333,8 +341,10 @@ class DistillTrainer:
                 monitor.log(self.step, row)
                 bar.set_postfix(dm=f"{row.get('dm', 0):.4f}", fake=f"{row['fake']:.4f}")
                 sums, count, start = {}, 0, time.time()
-            if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
+            saved = self.step % cfg.train.ckpt_every == 0 or self.step == max_steps
+            if saved:
                 self.save()
+            stop_if_signalled(self, stop, saved)
             if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
                 validate(self, validator, monitor, ema=True)
             checkpoints.fault_point("after-step", self.step)

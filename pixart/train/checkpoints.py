@@ -194,9 +194,11 @@ def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, mode
 
 
 def fault_point(where: str, step: int) -> None:
-    """Tests' fault injection: PIXART_FAULT=<where>:<step> kills this process (SIGKILL) here."""
-    if os.environ.get("PIXART_FAULT") == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Tests' fault injection: PIXART_FAULT=<where>:<step> kills this process (SIGKILL) here;
+    <where>:<step>:<SIGNAL> sends it that signal (a scheduler's SIGTERM)."""
+    fault = os.environ.get("PIXART_FAULT", "").split(":")
+    if fault[:2] == [where, str(step)]:
+        os.kill(os.getpid(), getattr(signal, fault[2]) if len(fault) > 2 else signal.SIGKILL)
 
 
 def save(run_dir: Path, step: int, engines: dict, files: dict[str, str], model_state: dict | None,

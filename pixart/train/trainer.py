@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,7 @@ from .encoders import cache_manifest, load_autoencoder, load_text_encoder
 from .engine import build_engine, init_distributed
 from .master import frozen_state, gather, master_fragments, scatter_into
 from .monitor import Monitor, peak_flops, read_log, train_flops_per_sample
+from .preemption import Preempted, StopSignals
 from .watchdog import StepWatchdog, watching_peers
 
 log = logging.getLogger("pixart.train")
@@ -231,7 +233,7 @@ class Trainer:
         self._resume()
         return run_to_end(self, ema=self.cfg.validation.ema)
 
-    def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog) -> None:
+    def _loop(self, max_steps: int, monitor: Monitor, bar, watchdog: StepWatchdog, stop: StopSignals) -> None:
         cfg = self.cfg
         validator = self._validator()
         batches = iter(self.batches)
@@ -257,8 +259,10 @@ class Trainer:
                 monitor.log(self.step, scalars)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
                 window = _Window()
-            if self.step % cfg.train.ckpt_every == 0 or self.step == max_steps:
+            saved = self.step % cfg.train.ckpt_every == 0 or self.step == max_steps
+            if saved:
                 self.save()
+            stop_if_signalled(self, stop, saved)
             if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
                 validate(self, validator, monitor, self.cfg.validation.ema)
             checkpoints.fault_point("after-step", self.step)
@@ -288,13 +292,14 @@ def run_to_end(trainer, curve_keys: tuple[str, ...] = (), ema: bool = True) -> P
     monitor = Monitor(t.run_dir, t.step, t.main)
     bar = tqdm(total=cfg.train.max_steps, initial=t.step, desc=cfg.stage, disable=not t.main, dynamic_ncols=True)
     try:
-        with watching_peers(cfg.train.collective_timeout_s, t.rank, t.run_dir, lambda: t.step) as dog:
+        with watching_peers(cfg.train.collective_timeout_s, t.rank, t.run_dir, lambda: t.step) as dog, \
+                StopSignals() as stop:
             if t.step >= cfg.train.max_steps:  # resumed at the end: killed between the last save and its grid?
                 validator = t._validator()  # rank 0's; None elsewhere
                 grid = t.run_dir / "samples" / f"{checkpoints.step_name(t.step)}.png"
                 if any_rank(validator is not None and not grid.is_file(), t.device):
                     validate(t, validator, monitor, ema)
-            t._loop(cfg.train.max_steps, monitor, bar, dog)
+            t._loop(cfg.train.max_steps, monitor, bar, dog, stop)
     finally:
         bar.close()
         monitor.close()
@@ -307,6 +312,18 @@ def run_to_end(trainer, curve_keys: tuple[str, ...] = (), ema: bool = True) -> P
         atomic_write(t.run_dir / DONE_FILE, json.dumps(done, indent=2))
     dist.barrier()
     return final
+
+
+def stop_if_signalled(trainer, stop: StopSignals, saved: bool) -> None:
+    """After a step: when a stop signal reached any rank, every rank writes this step's checkpoint (unless it just
+    did) and stops with Preempted. Collective."""
+    if any_rank(stop.received is not None, trainer.device):
+        if not saved:
+            trainer.save()
+        by = signal.Signals(stop.received).name if stop.received else "another rank's stop signal"
+        raise Preempted(f"rank {trainer.rank}: stopped by {by} after step {trainer.step}, checkpoint "
+                        f"{checkpoints.latest_checkpoint(trainer.run_dir)} written; rerun the same command to resume "
+                        "from it", stop.received or signal.SIGTERM)
 
 
 def check_finite(trainer, loss: torch.Tensor, which: str = "") -> None:
