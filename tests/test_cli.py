@@ -380,3 +380,34 @@ def test_sample_warns_when_no_prompt_names_a_concept(tiny_concept_setup, tmp_pat
     assert "warning: no --prompt uses the concept word 'zorb' as a whole word; those concepts change nothing" in out
     assert main([*argv, "--prompt", "a photo of zorb", "--global-lock", "--columns", "3", "--batch", "2"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["sample", "ckpt", "--prompt", "a"],
+                                  ["data", "shapes", "--out", "o", "--count", "1"]])
+def test_a_seed_out_of_range_is_argparses_usage_error(argv, tmp_path, monkeypatch, capsys):
+    """-1 was taken (and failed later, or not at all), a 23-digit seed was a traceback from torch or numpy."""
+    monkeypatch.chdir(tmp_path)
+    for value in ("-1", "99999999999999999999999", "x"):
+        with pytest.raises(SystemExit, match="2"):
+            main([*argv, "--seed", value])
+        shown = f"{value} is not a seed from 0 to 2**63 - 1 (9223372036854775807)" if value != "x" else \
+            "'x' is not an integer"
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: argument --seed: {shown}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_refuses_a_prompt_that_is_not_utf8_and_warns_of_an_empty_one(tiny_concept_setup, tmp_path, capsys):
+    argv = ["sample", str(tiny_concept_setup / "ckpt"), "--steps", "1"]
+    bad = b"\xff\xfe bad".decode("utf-8", "surrogateescape")  # what the shell's bytes become in sys.argv
+    assert main([*argv, "--prompt", bad, "--out", str(tmp_path / "bad.png")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        r"pixart sample: error: --prompt '\xff\xfe bad' is not valid UTF-8 text; give prompts in UTF-8"
+    assert not (tmp_path / "bad.png").exists()
+    assert main([*argv, "--prompt", "", "--prompt", "a red circle", "--out", str(tmp_path / "e.png")]) == 0
+    assert "warning: --prompt '' is empty: its row is drawn from no words" in capsys.readouterr().out
+
+
+def test_bench_says_a_resolution_must_be_positive(tmp_path, capsys):
+    assert main(["bench", "--resolution", "0", "--out", str(tmp_path / "b.json")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "pixart bench: error: --resolution must be a positive multiple of 16 (16, 32, 48, ...), got 0"

@@ -84,7 +84,11 @@ def test_demo_rerun_skips_finished_work_also_in_a_moved_folder(demo, tmp_path, c
     finally:
         aside.rename(demo)
     assert {p: p.stat().st_mtime_ns for p in kept} == before
-    assert "was encoded with the T5 of a folder this one was moved or copied from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "was encoded with the T5 of a folder this one was moved or copied from" in out
+    assert "(this run's alone: it resumed a folder an earlier run started)" in out
+    assert json.loads((moved / "report" / "metrics.json").read_text())["resumed"] is True  # its seconds are partial
+    assert json.loads((demo / "report" / "metrics.json").read_text())["resumed"] is False
     outputs = json.loads((moved / "runs" / "launch.json").read_text())["outputs"]
     assert all(Path(o).is_relative_to(moved) for o in outputs.values()), outputs  # chained from its own
     facts = json.loads((moved / "runs" / "perfusion" / "facts.json").read_text())
@@ -293,3 +297,118 @@ def test_the_demos_t5_is_pretrained_again_after_a_run_without_pretraining(tmp_pa
         assert bool(sentinel_ids(AutoTokenizer.from_pretrained(folder))) == bool(steps)
         if steps:
             assert json.loads(record.read_text())["steps"] == steps
+
+
+def report_keys(value: dict, parent: str | None = None) -> set[str]:
+    """Every key name in a report, less those that are data (the phrasing kinds `kinds` and `examples` are keyed
+    by, listed in the page's table of kinds)."""
+    names = set()
+    for key, child in value.items():
+        if parent not in ("kinds", "examples"):
+            names.add(key)
+        if isinstance(child, dict):
+            names |= report_keys(child, key)
+    return names
+
+
+def test_the_page_documents_every_key_of_the_report_and_no_other(demo):
+    """docs/demo.md's "Reading the report" names each key metrics.json has (a reviewer found half of them
+    missing), and no key it lacks: every backticked lowercase name there, split at dots, is a report key."""
+    page = (Path(__file__).parents[1] / "docs" / "demo.md").read_text()
+    section = page.split("## Reading the report\n", 1)[1].split("\n## ", 1)[0]
+    spans = [s for s in re.findall(r"`([^`\n]+)`", section) if re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*", s)]
+    documented = {part for s in spans if s not in ("metrics.json", "metrics.jsonl", "null") for part in s.split(".")}
+    keys = report_keys(json.loads((demo / "report" / "metrics.json").read_text()))
+    assert keys - documented == set(), "report keys the page does not name"
+    assert documented - keys == set(), "names the page gives that the report does not have"
+
+
+def test_a_smoke_demo_reports_every_stages_training_rate(demo):
+    """At --scale 0.01 each stage logs often enough to have rows past its warm-up row (it logged once, every
+    10 steps, and `training` was {})."""
+    m = json.loads((demo / "report" / "metrics.json").read_text())
+    assert set(m["training"]) == {"stage1", "stage2", "stage3", "dmd"}
+    assert all(r["samples_per_s"] > 0 for r in m["training"].values())
+    assert all("of_matmul_peak" in m["training"][s] for s in ("stage1", "stage2", "stage3"))
+    assert m["resumed"] is False
+
+
+def test_scaled_down_stages_checkpoint_and_log_within_their_steps_and_scale_1_is_the_shipped_configs(tmp_path):
+    """Below scale 1 each stage checkpoints at the same fractions of its steps as at scale 1 (a kill at stage 2's
+    51 of 100 had restarted it at 0) and logs at least twice; at scale 1 the shipped values stand."""
+    import yaml
+
+    from pixart.demo.pipeline import CONFIGS, write_configs
+
+    for scale in (1.0, 0.1, 0.01, 1e-300):
+        folder = write_configs(tmp_path / str(scale), 0, scale).parent
+        for stage in ("stage1", "stage2", "stage3", "dmd"):
+            train = yaml.safe_load((folder / f"{stage}.yaml").read_text())["train"]
+            shipped = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text())["train"]
+            if scale == 1:
+                assert {k: train[k] for k in shipped} == shipped
+                continue
+            full = shipped["max_steps"]
+            assert train["ckpt_every"] == max(1, shipped["ckpt_every"] * train["max_steps"] // full), (scale, stage)
+            assert 1 <= train["log_every"] <= shipped["log_every"] and train["max_steps"] // train["log_every"] >= 2
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """The demo's first step, replaced: a test of a refusal fails at once, not after a run, if it is not refused."""
+    import pixart.demo.pipeline as pipeline
+
+    def make_data(*args):
+        raise AssertionError("the demo started working")
+
+    monkeypatch.setattr(pipeline, "make_data", make_data)
+
+
+def test_another_seed_or_scale_in_a_demo_folder_is_one_line_and_rewrites_nothing(demo, no_work, capsys):
+    configs = {p: p.read_bytes() for p in (demo / "configs").iterdir()}
+    for flag, value, was in (("--scale", "0.02", "0.01"), ("--seed", "1", "0")):
+        argv = ["--scale", "0.01", flag, value] if flag == "--seed" else [flag, value]
+        assert main(["demo", "--out", str(demo), *argv]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"pixart demo: error: {flag} {value}: {demo} holds a demo made with {flag} {was}; rerun with {flag} "
+            f"{was} to resume it, or choose another --out")
+    assert {p: p.read_bytes() for p in (demo / "configs").iterdir()} == configs
+    assert json.loads((demo / "demo.json").read_text()) == {"seed": 0, "scale": 0.01}
+
+
+def test_a_second_demo_into_a_busy_folder_is_one_line(tmp_path, no_work, capsys):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from pixart.train.recipe import lock_run; lock_run(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(120)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["demo", "--out", str(tmp_path), "--scale", "0.01"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pixart demo: error: another demo is running in {tmp_path} (pid {holder.pid} on ")
+    assert err.endswith("; wait for it or choose another --out") and "\n" not in err
+    assert [p.name for p in tmp_path.iterdir()] == [".launch.lock"]  # its record (demo.json) not even written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", ""], "--out is empty; name the demo's folder, e.g. --out demo_out"),
+    (["--out", "."], "--out {cwd} holds the current directory; name a folder of its own, e.g. --out demo_out"),
+    (["--out", "x", "--seed", "-1"], "argument --seed: -1 is not a seed from 0 to 2**32 - 1 (4294967295)"),
+    (["--out", "x", "--seed", "99999999999999999999999"],
+     "argument --seed: 99999999999999999999999 is not a seed from 0 to 2**32 - 1 (4294967295)"),
+])
+def test_a_bad_out_or_seed_is_one_line_and_writes_nothing(tmp_path, monkeypatch, no_work, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["demo", *argv])
+    except SystemExit as stop:  # argparse's usage error
+        code = stop.code
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"pixart demo: error: {message.format(cwd=tmp_path)}"
+    assert list(tmp_path.iterdir()) == []

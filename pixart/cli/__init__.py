@@ -31,14 +31,26 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "0 or more")
 
 
-def _int_at_least(text: str, least: int, what: str) -> int:
+def seed(text: str) -> int:
+    """An argparse `type` for --seed: 0 to 2**63 - 1, what torch's and numpy's generators both take; anything else
+    is argparse's one-line usage error, not a traceback from the first generator seeded with it."""
+    return _int_at_least(text, 0, f"a seed from 0 to 2**63 - 1 ({2**63 - 1})", 2**63 - 1)
+
+
+def seed32(text: str) -> int:
+    """--seed of a command that derives its per-step seeds from it by multiplying (Perfusion's seed * 1_000_003 +
+    step): 0 to 2**32 - 1, so that they stay within what a generator takes."""
+    return _int_at_least(text, 0, f"a seed from 0 to 2**32 - 1 ({2**32 - 1})", 2**32 - 1)
+
+
+def _int_at_least(text: str, least: int, what: str, most: int | None = None) -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < least:
+    if value < least or (most is not None and value > most):
         raise argparse.ArgumentTypeError(f"{value} is not {what}")
     return value
 

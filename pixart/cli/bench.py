@@ -46,7 +46,7 @@ def run(args) -> None:
     check_out_file(args.out, "bench.json", "JSON")  # now, not after minutes of timing
     device = pick_device(args.device)
     if args.resolution % 16 or args.resolution < 16:
-        raise PixArtError(f"--resolution must be a multiple of 16, got {args.resolution}")
+        raise PixArtError(f"--resolution must be a positive multiple of 16 (16, 32, 48, ...), got {args.resolution}")
     try:
         result = run_bench(BenchConfig(args.model, args.resolution, args.batch, args.tokens, device, args.compare,
                                        compile=args.compile, precision=args.precision, iters=args.iters,

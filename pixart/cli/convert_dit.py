@@ -1,6 +1,8 @@
 """`pixart convert-dit`: a facebookresearch/DiT checkpoint -> a reparameterized PixArt checkpoint folder."""
 from __future__ import annotations
 
+from pixart.cli import seed
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -24,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--t-ref", type=int, default=500, help="timestep at which the modulation is exact (default 500)")
     p.add_argument("--caption-channels", type=int, default=4096, help="text-encoder width (default 4096, T5-XXL's)")
     p.add_argument("--max-length", type=int, default=120, help="caption tokens (default 120, PixArt-alpha's)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the new cross-attention and caption layers")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seed for the new cross-attention and caption layers, 0 to 2**63 - 1 (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from data_pipelines.shapes import ASPECTS, BACKGROUND_LEVELS, BACKGROUNDS, SIZES
+from pixart.cli import seed
 from pixart.errors import PixArtError
 
 
@@ -16,7 +17,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.add_argument("--count", type=int, required=True, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="dataset seed, 0 to 2**63 - 1 (default 0)")
     p.add_argument("--resolution", type=int, default=64,
                    help="about resolution**2 pixels per image, sides multiples of 16 (default 64)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from pixart.cli import seed32
+
 EPILOG = """\
 examples:
   pixart personalize runs/stage3/checkpoints/latest --data my_mug/ --concept mymug --super mug \\
@@ -41,7 +43,7 @@ def add_parser(sub) -> None:
                    "the loss is masked to the object; 1: unmasked)")
     p.add_argument("--timesteps", choices=("uniform", "logit_normal"), default="uniform",
                    help="training timestep sampling (default uniform, Perfusion's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed32, default=0, help="seed of the training draws, 0 to 2**32 - 1 (default 0)")
     p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="stored precision of the concept (default fp16: 78 KB for PixArt-XL/2)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,

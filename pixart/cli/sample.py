@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.cli import positive_int
+from pixart.cli import positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -22,9 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--sampler", choices=("dpm-solver++", "ddim", "ddpm"), default="dpm-solver++",
                    help="diffusers scheduler (default dpm-solver++, as PixArt's own sampling)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the whole grid's noise, drawn row by row: the same command writes the same image "
-                   "(default 0)")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seed of the whole grid's noise, drawn row by row: the same command writes the same image; "
+                   "0 to 2**63 - 1 (default 0)")
     p.add_argument("--columns", type=positive_int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch", type=positive_int, default=8,
                    help="images sampled at once (default 8); lower it if memory runs out (the noise stays the same)")
@@ -127,6 +127,8 @@ def check_args(args) -> None:
         raise PixArtError(f"--out {args.out}: not an image file name (.png, .jpg, .webp, ...)")
     if not args.prompt and not args.label:
         raise PixArtError("give at least one --prompt (or --label for a class-conditional DiT)")
+    for prompt in args.prompt:
+        check_prompt(prompt)
     if not 1 <= args.steps <= 1000:
         raise PixArtError(f"--steps {args.steps}: give 1 to 1000 (the noise schedule's timesteps)")
     if not (math.isfinite(args.cfg) and args.cfg >= 0):
@@ -139,6 +141,24 @@ def check_args(args) -> None:
         raise PixArtError(f"--beta {args.beta}: must be a finite number")
     if (args.beta is not None or args.tau is not None or args.global_lock) and not args.concept:
         raise PixArtError("--beta, --tau and --global-lock set how --concept files apply; give a --concept")
+
+
+def check_prompt(prompt: str) -> None:
+    """A prompt the text encoder can read: bytes that are not UTF-8 reach Python as lone surrogates, which the
+    caption cleaning cannot encode (a traceback after the model loaded). An empty one is drawn from no words at
+    all, most likely not what was meant, so it is named."""
+    from pixart.errors import PixArtError
+
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            shown = ascii(prompt)[1:-1]
+        raise PixArtError(f"--prompt '{shown}' is not valid UTF-8 text; give prompts in UTF-8") from None
+    if not prompt.strip():
+        print(f"warning: --prompt {prompt!r} is empty: its row is drawn from no words (a caption-less image)")
 
 
 def concept_setup(args, ckpt, model, encoder) -> list:

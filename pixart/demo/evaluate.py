@@ -139,9 +139,10 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
             if "model_gflops" in r else ""
         print(f"{stage}: {r['samples_per_s']:.0f} samples/s{share}")
     h = metrics["heldout"]
+    again = " (this run's alone: it resumed a folder an earlier run started)" if metrics["resumed"] else ""
     print(f"held-out ({h['prompts']} prompts never seen in training): color {h['color']:.1%}, "
           f"position {h['position']:.1%}, shape {h['shape']:.1%}; judge's own accuracy "
-          f"{metrics['judge_self_accuracy']}; {metrics['seconds']:.0f} s on a CPU doing "
+          f"{metrics['judge_self_accuracy']}; {metrics['seconds']:.0f} s{again} on a CPU doing "
           f"{metrics['machine']['fp32_matmul_gflops']:.0f} fp32 GFLOP/s")
     ph, two = metrics["heldout_phrasings"]["mean"], metrics["two_objects"]
     print(f"held-out triples in user phrasings ({len(metrics['heldout_phrasings']['kinds'])} kinds): color "

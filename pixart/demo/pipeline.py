@@ -14,7 +14,8 @@
     through the teacher the held-out triples in user phrasings and held-out pairs of two objects;
 12. scores them with the judge, times both, measures their diversity, judges the concept: DIR/report/metrics.json.
 
-Rerunning resumes: finished steps are kept, an interrupted stage resumes from its checkpoint.
+Rerunning resumes: finished steps are kept, an interrupted stage resumes from its checkpoint. A folder keeps the
+--seed and --scale of its first run (DIR/demo.json), and one demo at a time writes it.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ SAMPLE_STEPS, CFG_SCALE = 20, 1.5
 # was lost in it, and position was never learned (docs/experiments.md).
 BACKGROUND_LEVELS = (104.0, 152.0)
 FINAL_SIDE = 64  # px: stage 3's resolution, at which the held-out prompts are drawn and judged
+RECORD = "demo.json"  # DIR's --seed and --scale
 
 
 def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
@@ -72,23 +74,68 @@ def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
 
     if not 0 < scale <= 10:
         raise PixArtError(f"--scale must be in (0, 10], got {scale}")
+    if not str(out).strip():
+        raise PixArtError("--out is empty; name the demo's folder, e.g. --out demo_out")
     out = Path(out).resolve()
-    machine = machine_reference()
-    start = time.time()
-    t5 = make_data(out, seed, scale)
-    recipe = write_configs(out, seed, scale, machine["fp32_matmul_gflops"] / 1000)
-    with step("staged training: stage 1 DiT -> reparameterize -> stage 2 -> stage 3 -> DMD one-step student"):
-        outputs = launch(recipe, out / "runs")
-    concept = personalize(out, outputs["stage3"], seed, scale)
-    with step("export stage 3 (with the concept's covariance) and the one-step student to diffusers"):
-        parts = PipelineParts(str(t5), str(t5), None)
-        export_checkpoint(outputs["stage3"], out / "export", parts, overwrite=True)
-        export_checkpoint(outputs["dmd"], out / "export-dmd", parts, overwrite=True)
-    metrics = evaluate(out, seed, scale, concept)
-    metrics["seconds"] = round(time.time() - start, 1)
-    metrics["machine"] = machine
-    report(out, outputs, metrics)
+    if out == Path.cwd() or out in Path.cwd().parents:  # its configs/, data/, runs/ ... among the user's files
+        raise PixArtError(f"--out {out} holds the current directory; name a folder of its own, e.g. --out demo_out")
+    lock = hold(out)
+    try:
+        resumed = claim(out, seed, scale)
+        machine = machine_reference()
+        start = time.time()
+        t5 = make_data(out, seed, scale)
+        recipe = write_configs(out, seed, scale, machine["fp32_matmul_gflops"] / 1000)
+        with step("staged training: stage 1 DiT -> reparameterize -> stage 2 -> stage 3 -> DMD one-step student"):
+            outputs = launch(recipe, out / "runs")
+        concept = personalize(out, outputs["stage3"], seed, scale)
+        with step("export stage 3 (with the concept's covariance) and the one-step student to diffusers"):
+            parts = PipelineParts(str(t5), str(t5), None)
+            export_checkpoint(outputs["stage3"], out / "export", parts, overwrite=True)
+            export_checkpoint(outputs["dmd"], out / "export-dmd", parts, overwrite=True)
+        metrics = evaluate(out, seed, scale, concept)
+        metrics["seconds"] = round(time.time() - start, 1)
+        metrics["resumed"] = resumed
+        metrics["machine"] = machine
+        report(out, outputs, metrics)
+    finally:
+        os.close(lock)
     return metrics
+
+
+def hold(out: Path) -> int:
+    """The demo's hold on its folder for the whole run (the launch's own lock covers only the training): a second
+    demo into the same folder stops at once, in one line. A kill releases it. Returns the file to close."""
+    from pixart.train.recipe import LOCK_FILE, lock_run
+
+    try:
+        return lock_run(out)
+    except PixArtError:
+        holder = (out / LOCK_FILE).read_text(errors="replace").strip() or "its process unknown"
+        raise PixArtError(f"another demo is running in {out} ({holder}); wait for it or choose another --out") \
+            from None
+
+
+def claim(out: Path, seed: int, scale: float) -> bool:
+    """DIR/demo.json records the --seed and --scale a folder is made with: a rerun with others would mix two
+    demos, so it stops here, before anything is rewritten. Returns whether an earlier run had started the folder
+    (its time then is not this run's)."""
+    import json
+
+    from pixart.atomic import atomic_write
+    from pixart.checkpoint import read_json
+
+    record = out / RECORD
+    made = read_json(record) if record.is_file() else {}
+    for flag, value in (("--seed", seed), ("--scale", scale)):
+        was = made.get(flag[2:], value)
+        if was != value:
+            raise PixArtError(f"{flag} {value}: {out} holds a demo made with {flag} {was}; rerun with {flag} {was} "
+                              "to resume it, or choose another --out")
+    resumed = record.is_file() or (out / "data").exists()  # or a folder from before the record
+    if not record.is_file():
+        atomic_write(record, json.dumps({"seed": seed, "scale": scale}))
+    return resumed
 
 
 def make_data(out: Path, seed: int, scale: float) -> Path:
@@ -222,7 +269,12 @@ def write_configs(out: Path, seed: int, scale: float, peak_tflops: float | None 
         data["train"]["seed"] = seed
         if peak_tflops and name != "dmd":
             data["train"]["peak_tflops"] = round(peak_tflops, 4)
-        data["train"]["max_steps"] = max(2, int(data["train"]["max_steps"] * scale))
+        train = data["train"]
+        full = train["max_steps"]
+        train["max_steps"] = steps = max(2, int(full * scale))
+        if scale < 1:  # as often per run as at scale 1: a kill mid-stage resumes, and rates have rows past warm-up
+            train["ckpt_every"] = max(1, train["ckpt_every"] * steps // full)
+            train["log_every"] = max(1, min(train["log_every"], steps // 10))
         if scale < 0.1:  # smoke runs: batches small enough for a few dozen images per bucket
             data["data"]["batch_size"] = max(4, int(data["data"]["batch_size"] * scale * 10))
         if name != "stage1":
