@@ -222,6 +222,7 @@ def test_missing_or_empty_shards_error(tmp_path):
 
 def test_rank_and_world_come_from_the_config_else_the_environment(feats, monkeypatch):
     """torchrun's $RANK/$WORLD_SIZE split the shards when no process group is up; a bad value is one line."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # another test's group may be up
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     loader = Loader(LoaderConfig(str(feats), batch_size=2))
