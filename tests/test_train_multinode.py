@@ -70,8 +70,9 @@ def test_a_stop_signal_on_one_node_stops_both_after_the_same_steps_checkpoint(tm
     nodes = launch_nodes(run_dir, zero=2, train=train, fault={"rank": 1, "at": "after-step:2:SIGUSR1"})
     assert [n.returncode != 0 for n in nodes] == [True, True]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-000003", nodes[1].stdout[-2000:]
-    assert "rank 1: stopped by SIGUSR1 after step 3" in nodes[1].stdout, nodes[1].stdout[-2000:]
-    assert "rank 0: stopped by another rank's stop signal after step 3" in nodes[0].stdout, nodes[0].stdout[-2000:]
+    assert "rank 1: equivalence stopped by SIGUSR1 after step 3" in nodes[1].stdout, nodes[1].stdout[-2000:]
+    assert "rank 0: equivalence stopped by another rank's stop signal after step 3" in nodes[0].stdout, \
+        nodes[0].stdout[-2000:]
     again = launch_nodes(run_dir, zero=2, train=train)
     assert [n.returncode for n in again] == [0, 0], again[0].stdout[-2000:]
     assert "resumed from" in again[0].stdout and len(losses(run_dir)) == STEPS

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -102,6 +103,14 @@ def dist_info(config: LoaderConfig) -> tuple[int, int]:
     if config.rank is None and config.world_size is None and group.is_available() and group.is_initialized():
         return group.get_rank(), group.get_world_size()
     return rank_and_world(config.rank, config.world_size)
+
+
+def _outlive_stop_signals(worker_id: int) -> None:
+    """A scheduler signals every process of a job (Slurm's SIGTERM, `--signal=USR1`), the loader's workers too:
+    they ignore it, so that the training process can finish its step and save (pixart.train.preemption) before it
+    shuts them down. They still end with it (DataLoader's watch on their parent)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _caption_mix(caption: str | dict[str, float]) -> dict[str, float]:
@@ -293,7 +302,7 @@ class Loader:
         c = self.config
         ds = BucketDataset(self.plan, self.decoder, self.buffer_size, dict(self._states), self.step)
         dl = DataLoader(ds, batch_size=None, num_workers=c.num_workers, pin_memory=c.pin_memory,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=_outlive_stop_signals)
         for batch in dl:
             st = batch.pop("_state")
             self._states[int(st["role"])] = st["state"]

@@ -3,10 +3,12 @@
 SIGTERM is what Kubernetes (eviction), Slurm (the end of a job's time, `scancel`) and torchrun (stopping its
 workers) send before they kill; SIGUSR1 is what `sbatch --signal=B:USR1@120` sends ahead of the end. A rank
 that gets one only notes it: the ranks agree after each step (a collective), so that all of them write the
-same step's checkpoint and stop, and a rerun resumes from it exactly. Ctrl-C (SIGINT) stays an interrupt.
+same step's checkpoint and stop, and a rerun resumes from it exactly. A second signal ends the process at once,
+as it would have without us; Ctrl-C (SIGINT) stays an interrupt.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -36,6 +38,9 @@ class StopSignals:
         return self
 
     def _note(self, signum: int, frame) -> None:
+        if self.received is not None:  # asked twice: stop now, as the signal does by default
+            self.__exit__()
+            os.kill(os.getpid(), signum)
         self.received = signum
 
     def __exit__(self, *exc) -> None:

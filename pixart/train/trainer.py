@@ -321,9 +321,9 @@ def stop_if_signalled(trainer, stop: StopSignals, saved: bool) -> None:
         if not saved:
             trainer.save()
         by = signal.Signals(stop.received).name if stop.received else "another rank's stop signal"
-        raise Preempted(f"rank {trainer.rank}: stopped by {by} after step {trainer.step}, checkpoint "
-                        f"{checkpoints.latest_checkpoint(trainer.run_dir)} written; rerun the same command to resume "
-                        "from it", stop.received or signal.SIGTERM)
+        raise Preempted(f"rank {trainer.rank}: {trainer.cfg.stage} stopped by {by} after step {trainer.step}, "
+                        f"checkpoint {checkpoints.latest_checkpoint(trainer.run_dir)} written; rerun the same command "
+                        "to resume from it", stop.received or signal.SIGTERM)
 
 
 def check_finite(trainer, loss: torch.Tensor, which: str = "") -> None:
