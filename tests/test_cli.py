@@ -213,7 +213,9 @@ def test_a_bad_out_is_refused_before_anything_is_loaded(tmp_path, monkeypatch, c
     for out, extra, message in (("full", [], f"--out {tmp_path / 'full'} already exists and is not empty; pass "
                                              "--overwrite to replace it"),
                                 ("file", [], f"--out {tmp_path / 'file'} is not a folder"),
-                                ("file", ["--overwrite"], f"--out {tmp_path / 'file'} is not a folder")):
+                                ("file", ["--overwrite"], f"--out {tmp_path / 'file'} is not a folder"),
+                                ("src", ["--overwrite"], f"--out {tmp_path / 'src'} would overwrite the input "
+                                                         f"{tmp_path / 'src'}")):
         assert main([command, str(tmp_path / "src"), "--out", str(tmp_path / out), *extra]) == 2
         assert capsys.readouterr().err.strip() == f"pixart {command}: error: {message}"
     assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "full" / "old.txt").read_text() == "old"

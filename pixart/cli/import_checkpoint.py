@@ -39,7 +39,7 @@ def run(args) -> None:
     )
     from pixart.export.official import import_official
 
-    check_out_dir(args.out, args.overwrite)
+    check_out_dir(args.out, args.overwrite, (args.src,))
     student, encoders, notes, extra = None, {}, [], {}
     if Path(args.src).is_dir():
         prediction, student = import_sampling(args.src)

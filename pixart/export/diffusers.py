@@ -128,7 +128,7 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
     `encoders` (a checkpoint's encoders.json) goes to `out/encoders.json` for `pixart import`, less the parts
     the pipeline folder holds itself. `null_caption=False` leaves out a null caption the model never learned (see
     the module's doc)."""
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, sources)
     if parts is not None and model.config.micro_conditions and model.config.input_size != PIPELINE_MS_SIZE:
         raise PixArtError(
             f"export: a pipeline of a size/aspect-conditioned (PixArtMS) model at input_size "
@@ -196,8 +196,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
     )
     from pixart.personalize.covariance import COVARIANCE_GLOB
 
-    check_out_dir(out, overwrite)
     typed, ckpt = ckpt, checkpoint_folder(ckpt)
+    check_out_dir(out, overwrite, (typed, ckpt))
     if ckpt.is_file():
         raise PixArtError(f"{typed}: a file, not a checkpoint folder; an official PixArt-alpha .pth comes in with "
                           f"`pixart import {typed} --out DIR` first")

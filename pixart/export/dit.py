@@ -59,8 +59,8 @@ def convert_dit(src: str | os.PathLike, out: str | os.PathLike, cfg: ReparamConf
                 overwrite: bool = False) -> tuple[PixArt, dict]:
     """Write `out` (config.json, model.safetensors, reparam.json) and return the PixArt model and the provenance
     that reparam.json holds."""
-    check_out_dir(out, overwrite)
     read = checkpoint_folder(src)  # a run's `latest` moves on: record the step folder it named
+    check_out_dir(out, overwrite, (src, read))
     dit, classes_from = load_dit(read, num_heads, num_classes)
     pixart = dit_to_pixart(dit, global_init=cfg.global_init, t_ref=cfg.t_ref, caption_channels=cfg.caption_channels,
                            model_max_length=cfg.max_length, seed=cfg.seed)
