@@ -90,15 +90,18 @@ def _unreadable_reason(e: Exception) -> str:
     return next((line for line in lines if "weights_only" not in line), type(e).__name__)
 
 
+def wrapper_key(obj: dict) -> str:
+    """Which of the official layouts' keys holds the weights `unwrap_state_dict` takes: 'ema' or 'model' (DiT's
+    trainer), 'state_dict_ema' or 'state_dict' (PixArt's), the EMA when there are both; "" for a raw state dict."""
+    return next((k for k in ("ema", "state_dict_ema", "model", "state_dict") if isinstance(obj.get(k), dict)), "")
+
+
 def unwrap_state_dict(obj, source: str) -> StateDict:
-    """The model's tensors out of the official layouts: raw, {'model', 'ema'} (DiT's trainer) or
-    {'state_dict', 'state_dict_ema'} (PixArt's); the EMA weights when there are both."""
+    """The model's tensors out of the official layouts (`wrapper_key`), or of a raw state dict."""
     if not isinstance(obj, dict):
         raise PixArtError(f"{source}: expected a state dict, found {type(obj).__name__}")
-    for key in ("ema", "state_dict_ema", "model", "state_dict"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    key = wrapper_key(obj)
+    obj = obj[key] if key else obj
     tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise PixArtError(f"{source}: no tensors found")

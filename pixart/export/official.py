@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pixart.checkpoint import CONFIG_FILE, load_into, read_state_dict, unwrap_state_dict
+from pixart.checkpoint import CONFIG_FILE, load_into, read_state_dict, unwrap_state_dict, wrapper_key
 from pixart.errors import PixArtError
 from pixart.models import ModelConfig, PixArt
 from pixart.models.reparam import DEFAULT_HEADS
@@ -54,11 +54,10 @@ def infer_pixart_config(state: dict, num_heads: int | None = None, input_size: i
 def import_official(path: str, num_heads: int | None = None, input_size: int | None = None) -> tuple[PixArt, str]:
     """The file's model at the resolution its `pos_embed` was made for (the table itself is derived again, and
     must equal the file's, up to the rounding of the file's dtype: it is fixed, never trained), and which weights
-    it took, as `unwrap_state_dict` picks: "state_dict_ema" (a training state's EMA), "state_dict", ..., or "" (a
-    bare state dict)."""
+    it took (`wrapper_key`: "state_dict_ema" for a training state's EMA, or "" for a bare state dict)."""
     data = read_state_dict(path)
     state = unwrap_state_dict(data, path)
-    took = next((k for k in ("ema", "state_dict_ema", "model", "state_dict") if isinstance(data.get(k), dict)), "")
+    took = wrapper_key(data)
     model = PixArt(infer_pixart_config(state, num_heads, input_size, path))
     table = state.pop("pos_embed", None)
     if table is not None:
