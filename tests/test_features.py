@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -177,6 +178,8 @@ def test_kill_then_resume_every_key_once(enc, raw, ref, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         extract_features(raw, out, _cfg(enc), progress=False, on_shard=die_after_first)
     (out / ".shard-000001.tar.tmp-999").write_bytes(b"half a tar")  # as a killed writer (pid 999) leaves it
+    dead = out / ".done" / f".shard-000001.json.tmp-{socket.gethostname()}-999999999-abc"  # killed in atomic_write
+    dead.write_text("{")
     with pytest.raises(PixArtError, match=r"incomplete: 1 of 3 shards done; rerun extract-features"):
         Manifest.load(out).check({})
     ex = extract_features(raw, out, _cfg(enc), progress=False, on_shard=lambda m: states.append(
@@ -185,7 +188,7 @@ def test_kill_then_resume_every_key_once(enc, raw, ref, tmp_path):
     assert states == [(1, False, False), (2, False, False), (3, True, True)]
     keys = [s.key for p in sorted(out.glob("*.tar")) for s in _read(p)]
     assert keys == sorted(set(keys)) and len(keys) == 11
-    assert not list(out.glob(".*.tmp*"))
+    assert not list(out.glob(".*.tmp*")) and not dead.exists()
     again = extract_features(raw, out, _cfg(enc), progress=False)  # nothing left to do
     assert again.results == [] and again.manifest.content_hash == ex.manifest.content_hash
     assert ex.manifest.content_hash == ref[1].manifest.content_hash  # same bytes as an unbroken run

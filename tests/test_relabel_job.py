@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,17 @@ import torch
 import webdataset as wds
 
 from data_pipelines.relabel.captioner import CaptionerConfig
-from data_pipelines.relabel.job import Batcher, RelabelConfig, _loader, _lock, assign, caption_shard, paths, relabel
+from data_pipelines.relabel.job import (
+    Batcher,
+    RelabelConfig,
+    _loader,
+    _lock,
+    assign,
+    caption_shard,
+    input_path,
+    paths,
+    relabel,
+)
 from data_pipelines.relabel.metadata import MetadataCaptioner
 from data_pipelines.relabel.quality import QualityConfig
 from data_pipelines.shapes import ShapesConfig, make_sample, write_shapes
@@ -437,15 +448,31 @@ def test_quality_retry_then_failed(world, tmp_path):
 def test_resume_from_torn_partial(world, tmp_path):
     tar = sorted((world / "shapes").glob("*.tar"))[2]
     keys = _keys(tar)
-    final, partial, _ = paths(tmp_path, tar.stem, "metadata")
+    final, partial, stats = paths(tmp_path, tar.stem, "metadata")
     kept = {"__key__": keys[5], "caption": "kept from the killed run", "model": "shapes-metadata-v1", "prompt": None,
             "status": "ok", "attempts": 1}
     partial.write_text(json.dumps(kept) + "\n" + '{"__key__": "' + keys[6] + '", "capt')  # torn mid-line
+    # the temp files of a writer killed on another host of a shared filesystem, in each of the shard's atomic writes
+    stale = [tmp_path / f".{n}.tmp-otherhost-1-abc" for n in (final.name, stats.name, input_path(tmp_path, tar.stem,
+                                                                                                  "metadata").name)]
+    for p in stale:
+        p.write_text("half")
     cap = MetadataCaptioner()
     run = caption_shard(str(tar), tar.stem, tmp_path, cap, Batcher(cap, 4), _cfg())
     rows = _rows(final)
     assert [r["__key__"] for r in rows] == keys and rows[5] == kept and run.skipped == 1 and run.done == 15
-    assert not partial.exists()
+    assert not partial.exists() and not any(p.exists() for p in stale)
+
+
+def test_a_run_removes_the_temp_files_of_this_hosts_killed_runs(world, tmp_path):
+    """A SIGKILL during the job record's or summary's atomic write leaves a temp file that no shard's lock covers."""
+    host = socket.gethostname()
+    tmp_path.mkdir(exist_ok=True)
+    dead = [tmp_path / f".{n}.tmp-{host}-999999999-abc" for n in ("metadata-job.json", "metadata-summary.json")]
+    for p in dead:
+        p.write_text("half")  # no process has that pid
+    relabel(world / "shapes", tmp_path, _cfg())
+    assert not any(p.exists() for p in dead)
 
 
 def _pixart(*argv):

@@ -34,6 +34,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import glob
 import importlib
 import inspect
 import json
@@ -52,7 +53,7 @@ import torch
 from data_pipelines.relabel import quality
 from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner, model_name
 from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
-from pixart.atomic import atomic_write, check_out_folder
+from pixart.atomic import atomic_write, check_out_folder, remove_dead_writers
 from pixart.data.manifest import file_sha256
 from pixart.data.shards import check_unique_names, input_id, input_record, rank_and_world, resolve_shards, same_input
 from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
@@ -376,11 +377,13 @@ def caption_shard(url: str, name: str, out: Path, captioner: Captioner, batcher:
         if final.exists():  # finished while we waited for the lock
             partial.unlink(missing_ok=True)
             return None
-        for stale in [*out.glob(f".{final.name}.tmp-*"), *out.glob(f".{stats_path.name}.tmp-*")]:
-            stale.unlink(missing_ok=True)  # a kill during the final writes
-        if not input_path(out, name, cap).exists():  # what a later run checks the input against
+        record = input_path(out, name, cap)
+        for written in (final, stats_path, record):
+            for stale in out.glob(f".{glob.escape(written.name)}.tmp-*"):
+                stale.unlink(missing_ok=True)  # a kill during an atomic write
+        if not record.exists():  # what a later run checks the input against
             try:
-                atomic_write(input_path(out, name, cap), json.dumps(input_record(url)))
+                atomic_write(record, json.dumps(input_record(url)))
             except (OSError, PixArtError):
                 pass  # gone since the job started: reading it fails below, and the shard stays unfinished
         rows = read_partial(f)
@@ -717,6 +720,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     mine = sorted(i for js in assign(len(urls), rank, world, cfg.workers) for i in js)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers(out)  # a killed run's temp files on this host; a shard's, from any host, go in caption_shard
     _model_prompt(out, names, cap)  # a finished file that cannot be read says so before the work, not after it
     usable = {i for i in mine if _forget_if_input_changed(out, names[i], urls[i], cap, log)}
 
