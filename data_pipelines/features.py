@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_pipelines.features_encode import Job, ShardResult, encode_shard, load_encoders
-from pixart.atomic import atomic_write, check_out_folder, remove_dead_writers
+from pixart.atomic import atomic_write, check_out_folder
 from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, file_sha256
 from pixart.data.shards import check_unique_names, input_record, is_url, rank_and_world, resolve_shards, same_input
 from pixart.errors import PixArtError
@@ -409,7 +409,6 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
     for i in todo:  # a killed run's half-written tar is never trusted
         for tmp in out.glob(f".{names[i]}.tar.tmp*"):
             tmp.unlink(missing_ok=True)
-    remove_dead_writers(out / DONE)  # a record's temp file, left by a kill on this host
     results: list[ShardResult] = []
     damaged: list[ShardResult] = []
     bar = tqdm(desc=f"features {len(todo)} shards", unit="img", disable=not progress)

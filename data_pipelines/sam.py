@@ -146,26 +146,44 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
     return {"__key__": sample["__key__"], "jpg": buf.getvalue(), "json": json.dumps(out_meta).encode()}
 
 
-def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> tuple[list[Path], Path]:
-    """The shards (and report) an --overwrite replaces, and an empty folder to write the new ones into: the old
-    set stays whole until the new one is (a kill in between leaves the old shards, and their report)."""
+def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> Path:
+    """An empty folder to write the new shards into, beside the old set, which stays whole until the new one is
+    (`_move_in`). A killed run's set that was being moved in is finished first."""
     check_out_folder(out)
     for src in srcs:
         if Path(src).resolve().parent == out.resolve() and Path(src).name.startswith(prefix + "-"):
             raise PixArtError(f"--out {out} would overwrite the input {src}")
-    old = sorted(out.glob(f"{prefix}-*.tar")) + ([out / REPORT] if (out / REPORT).exists() else [])
-    if old and not overwrite:
-        raise PixArtError(f"--out {out} already holds {prefix} shards; pass --overwrite to replace them")
+    new = out / f".{prefix}-new"
+    finished = (new / REPORT).is_file()
+    if finished:
+        _move_in(new, out, prefix)
+    if any(out.glob(f"{prefix}-*.tar")) and not overwrite:
+        why = " (a killed run's set, now moved in whole)" if finished else ""
+        raise PixArtError(f"--out {out} already holds {prefix} shards{why}; pass --overwrite to replace them")
     for p in out.glob(f".{prefix}-*.tar.tmp*"):
         p.unlink()
-    for p in [*out.glob(".sam-spill-*"), *out.glob(f".{prefix}-new")]:  # left by a killed run
+    for p in [*out.glob(".sam-spill-*"), new]:  # left by a killed run
         shutil.rmtree(p, ignore_errors=True)
-    new = out / f".{prefix}-new"
     try:
         new.mkdir(parents=True)
     except OSError as e:
         raise PixArtError(f"--out {out}: not a folder this user can write in ({e.strerror})") from None
-    return old, new
+    return new
+
+
+def _move_in(new: Path, out: Path, prefix: str) -> None:
+    """Replace the old set with the finished one in `new`, its report last: a kill half-way leaves `new`
+    holding the report, and the next run calls this again to finish."""
+    shards = json.loads((new / REPORT).read_text())["shards"]
+    (out / REPORT).unlink(missing_ok=True)  # no report beside a set half moved in
+    for p in out.glob(f"{prefix}-*.tar"):
+        if p.name not in shards:
+            p.unlink()
+    for name in shards:
+        if (new / name).exists():
+            os.replace(new / name, out / name)
+    os.replace(new / REPORT, out / REPORT)
+    new.rmdir()
 
 
 def _nothing_written(srcs: list[str], report: SamReport, paired: int) -> str:
@@ -187,7 +205,7 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
     if cfg.max_side < 1 or cfg.shard_size < 1 or cfg.hold_mb < 0:
         raise PixArtError("--max-side and --shard-size must be positive, --hold-mb not negative")
     srcs, out = resolve_shards(srcs), Path(out)
-    old, new = _prepare_out(out, srcs, overwrite, cfg.prefix)
+    new = _prepare_out(out, srcs, overwrite, cfg.prefix)
     report, writer, paired = SamReport(), None, 0
     bar = tqdm(desc="sam", unit="img", disable=not progress)
     try:
@@ -228,10 +246,6 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         raise
     finally:
         bar.close()
-    for p in old:
-        p.unlink()
-    for name in report.shards:
-        os.replace(new / name, out / name)
-    new.rmdir()
-    atomic_write(out / REPORT, json.dumps(asdict(report), indent=1))
+    atomic_write(new / REPORT, json.dumps(asdict(report), indent=1))
+    _move_in(new, out, cfg.prefix)
     return report

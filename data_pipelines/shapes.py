@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pixart.atomic import atomic_write, check_out_folder, remove_dead_writers
+from pixart.atomic import atomic_write, check_out_folder
 from pixart.data.tars import ShardWriter
 from pixart.errors import PixArtError
 
@@ -359,7 +359,6 @@ def write_shapes(out_dir: str | os.PathLike, count: int, seed: int = 0, resoluti
         atomic_write(path, json.dumps(manifest, indent=2))
     for stale in out.glob(".shapes-*.tar.tmp*"):  # left by a killed run
         stale.unlink(missing_ok=True)
-    remove_dead_writers(out)  # the manifest's temp file, left by a kill on this host
 
     jobs, shards = [], []
     for k, start in enumerate(range(0, count, shard_size)):

@@ -123,9 +123,11 @@ def check_out_folder(out: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write a file whole or not at all: a temp file beside it, fsync, rename."""
+    """Write a file whole or not at all: a temp file beside it, fsync, rename. The temp files of this host's
+    killed writers in that folder go first, so a rerun that writes there again leaves none behind."""
     path = Path(path)
     with _writable(path):
+        remove_dead_writers(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=_writer_prefix(path), dir=path.parent)
     try:
         with _writable(path), open(fd, "wb") as f:  # a full disk is named by the file, not left an OSError

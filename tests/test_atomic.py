@@ -12,9 +12,11 @@ from pixart.errors import PixArtError
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
     target = tmp_path / "DONE.json"
     target.write_text("old")
+    killed = tmp_path / f".summary.json.tmp-{socket.gethostname()}-999999999-abc"  # SIGKILLed in its atomic_write
+    killed.write_text("half")
     atomic_write(target, '{"steps": 6}')
     assert target.read_text() == '{"steps": 6}'
-    assert [p.name for p in tmp_path.iterdir()] == ["DONE.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["DONE.json"]  # a rerun's writes leave no temp of a killed run
     assert target.stat().st_mode & 0o777 == file_mode()  # the umask's modes, not mkstemp's 0600
 
 

@@ -3,8 +3,10 @@ shipped (shuffled members, the json's frame) on fixtures from the published sche
 import argparse
 import io
 import json
+import os
 import random
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +78,31 @@ def test_ingest_resizes_keeps_metadata_and_skips_damage(srcs, tmp_path):
     assert sorted(s["key"] for s in saved["skipped"]) == ["sa_2", "sa_3"]
     assert all(s["reason"].startswith("bad image") for s in saved["skipped"])
     assert [d["source"] for d in saved["damaged"]] == [srcs[1]] and saved["damaged"][0]["after"] == 1
+
+
+def test_a_kill_while_the_set_moves_in_is_finished_by_the_rerun(srcs, tmp_path, monkeypatch):
+    """The new set replaces the old one shard by shard; a kill half-way is finished, never left half old."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    ingest(srcs, ref, SamConfig(max_side=120, shard_size=1), progress=False)
+    ingest(srcs[:1], out, SamConfig(max_side=120, shard_size=1), progress=False)  # an old set
+    moved, replace = [], os.replace
+
+    def killed_after_one(src, dst):  # the second shard moved into --out never arrives
+        if Path(dst).parent == out:
+            if moved:
+                raise KeyboardInterrupt  # as a SIGKILL: nothing after it runs
+            moved.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(srcs, out, SamConfig(max_side=120, shard_size=1), overwrite=True, progress=False)
+    monkeypatch.setattr(os, "replace", replace)
+    assert not (out / REPORT).exists()  # a set half moved in has no report
+    with pytest.raises(PixArtError, match=r"already holds sam shards \(a killed run's set, now moved in whole\)"):
+        ingest(srcs, out, SamConfig(max_side=120, shard_size=1), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no .sam-new left
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in ref.iterdir())
 
 
 def test_keep_masks_and_small_images_untouched(srcs, tmp_path):

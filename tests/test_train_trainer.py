@@ -245,7 +245,9 @@ def test_a_killed_writers_temp_records_are_removed_when_the_run_resumes(cache, s
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     host = socket.gethostname()
-    dead = [run / "checkpoints" / f".latest.tmp-{host}-999999999-x", run / f".DONE.json.tmp-{host}-999999999-y"]
+    dead = [run / "checkpoints" / f".latest.tmp-{host}-999999999-x", run / f".DONE.json.tmp-{host}-999999999-y",
+            run / "samples" / f".step-000002.png.tmp-{host}-999999999-w"]  # a grid no resumed run draws again
+    (run / "samples").mkdir(exist_ok=True)
     live = run / f".config.yaml.tmp-{host}-{os.getppid()}-z"  # its writer still runs: not ours to remove
     for path in (*dead, live):
         path.write_text("half")

@@ -70,10 +70,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def clean_partial(run_dir: str | os.PathLike) -> None:
     """Remove what a kill left half-written (rank 0, before anything else): checkpoints, and the temp files of
-    the run's small records (`latest`, `config.yaml`, `DONE.json`)."""
+    the run's small records (`latest`, `config.yaml`, `DONE.json`) and sample grids (a resumed run does not
+    draw a grid of a step before its checkpoint again)."""
     root = Path(run_dir) / "checkpoints"
     if _rank() == 0:
         remove_dead_writers(Path(run_dir))
+        remove_dead_writers(Path(run_dir) / "samples")
         if root.is_dir():
             remove_dead_writers(root)
             for tmp in root.glob(".step-*.tmp"):
