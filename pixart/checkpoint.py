@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from pixart.atomic import atomic_dir
@@ -32,6 +32,18 @@ StateDict = dict[str, torch.Tensor]
 _ZIP = b"PK\x03\x04"  # torch.save's format since torch 1.6
 # torch.save's legacy format opens with its magic number, pickled with protocol 2
 _LEGACY = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def safetensors_bytes(tensors: StateDict, metadata: dict[str, str]) -> bytes:
+    """safetensors' `save`, with the metadata in key order: the library writes it in a random order, so a rerun's
+    file differed from the first in bytes though not in content. The header keeps its length, so the tensors'
+    offsets stand."""
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode().ljust(length)
+    return data[:8] + text + data[8 + length:] if len(text) == length else data
 
 
 def read_safetensors(path: str | os.PathLike, what: str, advice: str = "") -> tuple[dict[str, str], StateDict]:

@@ -10,6 +10,7 @@ from pixart.checkpoint import (
     load_model,
     read_safetensors,
     read_state_dict,
+    safetensors_bytes,
     save_checkpoint,
     unwrap_state_dict,
 )
@@ -81,6 +82,22 @@ def test_small_safetensors_files_are_read_whole_or_named_in_one_line(tmp_path):
     save_file({"X": torch.eye(2)}, good)
     with pytest.raises(PixArtError, match=r"good\.safetensors: not a covariance file \(no tensor C\)"):
         read_c_inv(good, "sha256:ab")
+
+
+def test_small_files_are_the_same_bytes_on_every_write(tmp_path):
+    """safetensors writes metadata in a random order (a Rust HashMap): a rerun's concept file differed in bytes."""
+    from safetensors.torch import save
+
+    tensors = {"value": torch.arange(6.0).reshape(2, 3), "embedding": torch.ones(4, dtype=torch.float16)}
+    meta = {"name": "zorb", "super": "bowl", "base_model": "sha256:ab", "beta": "0.7", "tau": "0.15", "é": "ü"}
+    assert len({save(tensors, metadata=meta) for _ in range(8)}) > 1  # what the library alone does
+    blobs = {safetensors_bytes(tensors, dict(reversed(meta.items()))) for _ in range(8)} | {
+        safetensors_bytes(tensors, meta)}
+    assert len(blobs) == 1
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(blobs.pop())
+    got_meta, got = read_safetensors(path, "concept file")  # safetensors itself reads it back whole
+    assert got_meta == meta and all(torch.equal(got[k], tensors[k]) for k in tensors)
 
 
 def test_pickles_with_code_are_refused(tmp_path):

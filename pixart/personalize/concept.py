@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save
 
 from pixart.atomic import atomic_write
-from pixart.checkpoint import read_safetensors
+from pixart.checkpoint import read_safetensors, safetensors_bytes
 from pixart.encoders.loading import DTYPES
 from pixart.errors import PixArtError
 
@@ -37,7 +36,7 @@ class Concept:
     def save(self, path: str | os.PathLike, dtype: str = "fp16") -> int:
         """Write atomically; returns the file's size in bytes."""
         tensors = {k: getattr(self, k).detach().to("cpu", DTYPES[dtype]).contiguous() for k in TENSORS}
-        data = save(tensors, metadata=self.metadata())
+        data = safetensors_bytes(tensors, self.metadata())
         atomic_write(path, data)
         return len(data)
 

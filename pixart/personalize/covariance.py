@@ -11,11 +11,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 from tqdm import tqdm
 
 from pixart.atomic import atomic_write
-from pixart.checkpoint import read_safetensors
+from pixart.checkpoint import read_safetensors, safetensors_bytes
 from pixart.errors import PixArtError
 
 
@@ -112,8 +111,8 @@ def load_or_estimate(ckpt: Path, identity: str, model, text_encoder, captions: s
     if rank < c.shape[0]:
         raise PixArtError(f"--captions {captions}: the caption tokens span {rank} of {c.shape[0]} dimensions, "
                           "so C cannot be inverted; give more (and more varied) captions")
-    atomic_write(path, save({"C": c.contiguous()}, metadata={"base_model": identity, "captions": str(len(texts)),
-                                                             "tokens": str(tokens)}))
+    atomic_write(path, safetensors_bytes({"C": c.contiguous()}, {"base_model": identity, "captions": str(len(texts)),
+                                                               "tokens": str(tokens)}))
     print(f"covariance: {len(texts)} captions, {tokens} tokens, condition number "
           f"{torch.linalg.cond(c).item():.3g}: {path}")
     return torch.linalg.inv(c)

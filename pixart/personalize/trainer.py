@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
@@ -25,6 +24,7 @@ from pixart.checkpoint import (
     load_model,
     load_prediction_type,
     read_safetensors,
+    safetensors_bytes,
 )
 from pixart.errors import PixArtError
 
@@ -357,7 +357,7 @@ class ConceptTrainer:
         meta = {"step": str(step), "seconds": repr(seconds), "history": json.dumps(history),
                 "concept": concept.name, "super": concept.super_word, "base_model": concept.base_model,
                 "settings": json.dumps(self._settings()), "out": out_in_run(self.cfg)}
-        atomic_write(path, save(tensors, metadata=meta))
+        atomic_write(path, safetensors_bytes(tensors, meta))
 
     def _load_state(self, path: Path):
         meta, t = read_state(path)
