@@ -178,8 +178,10 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "afile") == 2
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "afile" / "sub") == 2
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--threshold", "nan") == 2  # kept nothing, said 0 %
     errs = capsys.readouterr().err.strip().splitlines()
-    assert len(errs) == 6 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
+    assert len(errs) == 7 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
+    assert errs[6].endswith("--threshold nan: give a finite score") and not (tmp_path / "o").exists()
     assert "needs --model" in errs[2] and "not a CLIP model folder" in errs[3]
     assert errs[4].endswith(f"--out {tmp_path / 'afile'} is not a folder")
     assert errs[5].endswith(f"--out {tmp_path / 'afile' / 'sub'} is not a folder ({tmp_path / 'afile'} is a file)")

@@ -149,6 +149,9 @@ def test_missing_or_bad_config(tmp_path):
     (tmp_path / "config.json").write_text('{"arch": "pixart", "depth": "6"}')  # a hand edit
     with pytest.raises(PixArtError, match=r"config.json: depth must be an integer, got '6'"):
         load_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")  # was an AttributeError from .items()
+    with pytest.raises(PixArtError, match=r"config.json: not a model config \(a JSON list, not an object\)$"):
+        load_config(tmp_path)
 
 
 def test_a_runs_latest_pointer_resolves_to_the_step_it_names(tmp_path):

@@ -384,6 +384,19 @@ def test_sample_warns_when_no_prompt_names_a_concept(tiny_concept_setup, tmp_pat
     assert "warning" not in capsys.readouterr().out
 
 
+def test_counts_out_of_range_are_argparses_usage_error(tmp_path, monkeypatch, capsys):
+    """--columns 100000000 was the allocator's traceback, convert-dit --num-heads 0 a ZeroDivisionError."""
+    monkeypatch.chdir(tmp_path)
+    for argv, shown in ((["sample", "ckpt", "--prompt", "a", "--columns", "100000000"],
+                         "argument --columns: 100000000 is not from 1 to 256"),
+                        (["convert-dit", "dit.pt", "--out", "o", "--num-heads", "0"],
+                         "argument --num-heads: 0 is not a positive integer")):
+        with pytest.raises(SystemExit, match="2"):
+            main(argv)
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {shown}")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv", [["sample", "ckpt", "--prompt", "a"],
                                   ["data", "shapes", "--out", "o", "--count", "1"]])
 def test_a_seed_out_of_range_is_argparses_usage_error(argv, tmp_path, monkeypatch, capsys):

@@ -83,6 +83,9 @@ def test_import_of_a_plain_diffusers_folder(tmp_path):
     with torch.no_grad():
         theirs = diffusers_forward(transformer.eval(), x, t, y, torch.ones(1, 4))
         assert rel_err(model(x, t, y), theirs) <= reimplemented()
+    config.write_text(config.read_text().replace('"num_layers": 1', '"num_layers": "x"'))  # was a TypeError
+    with pytest.raises(PixArtError, match=r"t: cannot load \('str' object cannot be interpreted as an integer\)$"):
+        import_diffusers(tmp_path / "t")
 
 
 def test_export_refuses_what_diffusers_cannot_hold(tmp_path):

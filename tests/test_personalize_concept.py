@@ -58,6 +58,30 @@ def test_unreadable_or_foreign_files_are_refused(tmp_path):
         Concept.load(tmp_path / "other.safetensors")
 
 
+def test_damaged_concept_and_covariance_files_are_one_line(tmp_path):
+    """A gate that is not a number was a ValueError, a NaN embedding an all-black image, a singular or
+    ill-shaped covariance torch's LinAlgError."""
+    from safetensors.torch import load_file, save_file
+
+    from pixart.personalize.covariance import read_c_inv
+
+    good = tmp_path / "c.safetensors"
+    _concept().save(good, "fp32")
+    tensors, meta = load_file(good), _concept().metadata()
+    for change, shown in (({"beta": "high"}, r"metadata ValueError: could not convert string to float: 'high'"),
+                          ({"tau": "nan"}, r"tau not finite"),
+                          ({"embedding": float("nan")}, r"embedding not finite")):
+        t = {k: (torch.full_like(v, change[k]) if k in change else v) for k, v in tensors.items()}
+        save_file(t, tmp_path / "bad.safetensors", metadata={k: change.get(k, v) for k, v in meta.items()})
+        with pytest.raises(PixArtError, match=rf"bad\.safetensors: a damaged concept file \({shown}\)"):
+            Concept.load(tmp_path / "bad.safetensors")
+    for c, shown in ((torch.zeros(4, 4), r"C cannot be inverted"), (torch.ones(4, 3), r"C of shape \[4, 3\]"),
+                     (torch.full((2, 2), float("nan")), r"C of shape \[2, 2\], square and finite expected")):
+        save_file({"C": c}, tmp_path / "cov.safetensors", metadata={"base_model": "sha256:ab"})
+        with pytest.raises(PixArtError, match=rf"cov\.safetensors: a damaged covariance file \({shown}"):
+            read_c_inv(tmp_path / "cov.safetensors", "sha256:ab")
+
+
 def test_identity_sees_the_weights_it_depends_on_up_to_bf16():
     w = [torch.randn(4, 4), torch.randn(8, 4)]
     same = model_identity(w[:1], w[1:])

@@ -122,8 +122,10 @@ def test_bad_input_gives_one_line_each(tiny_concept_setup, tmp_path):
         _cfg(root, tmp_path, out=str(tmp_path / "c.pt"))
     with pytest.raises(PixArtError, match="--concept .circle. is already a word of the tokenizer"):
         ConceptTrainer(_cfg(root, tmp_path, concept="circle"))
-    with pytest.raises(PixArtError, match="--lr-value must be positive, got -1"):
+    with pytest.raises(PixArtError, match="--lr-value must be positive and finite, got -1"):
         _cfg(root, tmp_path, lr_value=-1)
+    with pytest.raises(PixArtError, match="--lr-embedding must be positive and finite, got inf"):
+        _cfg(root, tmp_path, lr_embedding=float("inf"))  # was taken, and its NaN loss blamed --lr-value
 
 
 def test_the_caption_corpus_reads_one_captioners_files_by_glob(tmp_path):

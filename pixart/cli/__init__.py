@@ -26,6 +26,11 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+def grid_columns(text: str) -> int:
+    """--columns of a PNG grid: past 256 images per prompt the grid outgrows an image and its noise the memory."""
+    return _int_at_least(text, 1, "from 1 to 256", 256)
+
+
 def non_negative_int(text: str) -> int:
     """An argparse `type` for counts where 0 means none (`--warmup`, `--decode-workers`)."""
     return _int_at_least(text, 0, "0 or more")

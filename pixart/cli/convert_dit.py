@@ -1,7 +1,7 @@
 """`pixart convert-dit`: a facebookresearch/DiT checkpoint -> a reparameterized PixArt checkpoint folder."""
 from __future__ import annotations
 
-from pixart.cli import seed
+from pixart.cli import positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("src", help="DiT checkpoint (.pt, .pth or .safetensors), e.g. DiT-XL-2-256x256.pt, or a "
                    "checkpoint folder of a class-conditional stage (its EMA weights are used)")
     p.add_argument("--out", required=True, help="output checkpoint folder (config.json + model.safetensors)")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: DiT's for S/B/L/XL widths)")
+    p.add_argument("--num-heads", type=positive_int, default=None,
+                   help="attention heads (default: DiT's for S/B/L/XL widths)")
     p.add_argument("--global-init", choices=("mean", "block0", "zero"), default="mean",
                    help="init of the shared t_block: mean of the blocks' adaLN MLPs (default, least error over t), "
                    "block 0's, or zero")

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    import math
+
     from tqdm import tqdm
 
     from data_pipelines.aesthetic import DEFAULT_THRESHOLD, LaionScorer, ShapesScorer, score_shards
@@ -38,6 +40,8 @@ def run(args) -> None:
     shards = resolve_shards(args.shards)
     check_unique_names(shards)  # before loading any model
     check_out_folder(args.out)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise PixArtError(f"--threshold {args.threshold}: give a finite score")
     if args.scorer == "laion":
         if not args.model:
             raise PixArtError("--scorer laion needs --model PATH (a CLIP model folder)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixart.cli import positive_int, seed
+from pixart.cli import grid_columns, positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=seed, default=0,
                    help="seed of the whole grid's noise, drawn row by row: the same command writes the same image; "
                    "0 to 2**63 - 1 (default 0)")
-    p.add_argument("--columns", type=positive_int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--columns", type=grid_columns, default=1, help="images per prompt (default 1, at most 256)")
     p.add_argument("--batch", type=positive_int, default=8,
                    help="images sampled at once (default 8); lower it if memory runs out (the noise stays the same)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),

@@ -269,7 +269,7 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
         raise PixArtError(f"{root}: not a diffusers PixArt folder (its config.json describes {what})")
     try:
         transformer = PixArtTransformer2DModel.from_pretrained(root, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError) as e:  # TypeError: a config.json value of another type
         raise PixArtError(f"{root}: cannot load ({str(e).splitlines()[0]})") from None
     null = load_null_caption(pipeline_root(folder))  # we write it beside `transformer/`
     if null is None:

@@ -82,6 +82,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "model config") -> ModelConfig:
+        if not isinstance(data, dict):
+            raise PixArtError(f"{source}: not a model config (a JSON {type(data).__name__}, not an object)")
         if problem := fields_problem(data):
             raise PixArtError(f"{source}: {problem}")
         return cls(**data)

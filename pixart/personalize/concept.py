@@ -52,8 +52,15 @@ class Concept:
         if meta.get("format") != FORMAT or missing:
             raise PixArtError(f"{path}: not a {FORMAT} concept file (format {meta.get('format')!r}, "
                               f"missing {missing or 'nothing'})")
-        return cls(meta["name"], meta["super"], base_model=meta["base_model"], beta=float(meta["beta"]),
-                   tau=float(meta["tau"]), **tensors)
+        try:
+            gate = {k: float(meta[k]) for k in ("beta", "tau")}
+            name, super_word, base_model = meta["name"], meta["super"], meta["base_model"]
+        except (KeyError, ValueError) as e:
+            raise PixArtError(f"{path}: a damaged concept file (metadata {type(e).__name__}: {e})") from None
+        bad = [k for k, v in (*gate.items(), *tensors.items()) if not torch.isfinite(torch.as_tensor(v)).all()]
+        if bad:
+            raise PixArtError(f"{path}: a damaged concept file ({', '.join(bad)} not finite)")
+        return cls(name, super_word, base_model=base_model, **gate, **tensors)
 
     def check_base(self, identity: str, source: str) -> None:
         if identity != self.base_model:

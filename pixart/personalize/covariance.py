@@ -81,7 +81,14 @@ def read_c_inv(path: str | os.PathLike, identity: str, source: str = "this model
         base = base or "unknown (no base_model in its metadata)"
         raise PixArtError(f"{path}: a covariance of base model {base}, but {source} is {identity}: use the "
                           "covariance file of this base model (beside its checkpoint)")
-    return torch.linalg.inv(tensors["C"].double())
+    c = tensors["C"].double()
+    if c.ndim != 2 or c.shape[0] != c.shape[1] or not torch.isfinite(c).all():
+        raise PixArtError(f"{path}: a damaged covariance file (C of shape {list(c.shape)}, square and finite "
+                          "expected): delete it to estimate it again")
+    c_inv, info = torch.linalg.inv_ex(c)
+    if info.item() != 0:
+        raise PixArtError(f"{path}: a damaged covariance file (C cannot be inverted): delete it to estimate it again")
+    return c_inv
 
 
 COVARIANCE_GLOB = "perfusion-covariance-*.safetensors"  # beside a checkpoint, and copied into its exports

@@ -3,6 +3,7 @@ the text encoder stays frozen (and bitwise unchanged). A state file in the run f
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -63,8 +64,8 @@ class PersonalizeConfig:
         if not self.out.endswith(".safetensors"):
             raise PixArtError(f"--out {self.out}: a concept file ends in .safetensors")
         for key in ("steps", "batch", "lr_value", "lr_embedding"):
-            if not getattr(self, key) > 0:
-                raise PixArtError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise PixArtError(f"--{key.replace('_', '-')} must be positive and finite, got {getattr(self, key)}")
         if not 0 <= self.mask_floor <= 1:
             raise PixArtError(f"--mask-floor must be in [0, 1], got {self.mask_floor}")
         if self.timesteps not in ("uniform", "logit_normal"):
@@ -318,7 +319,8 @@ class ConceptTrainer:
             target = noise if self.prediction == "epsilon" else schedule.v_target(x0, noise, t)
             loss = masked_loss(out.float(), target, mask)
             if not torch.isfinite(loss):
-                raise PixArtError(f"personalize: loss is {loss.item()} at step {step}; lower --lr-value")
+                raise PixArtError(f"personalize: loss is {loss.item()} at step {step}; lower --lr-value or "
+                                  "--lr-embedding")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
