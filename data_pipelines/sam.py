@@ -205,6 +205,7 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
     if cfg.max_side < 1 or cfg.shard_size < 1 or cfg.hold_mb < 0:
         raise PixArtError("--max-side and --shard-size must be positive, --hold-mb not negative")
     srcs, out = resolve_shards(srcs), Path(out)
+    created = not out.exists()
     new = _prepare_out(out, srcs, overwrite, cfg.prefix)
     report, writer, paired = SamReport(), None, 0
     bar = tqdm(desc="sam", unit="img", disable=not progress)
@@ -243,6 +244,8 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         if writer is not None:
             writer.abort()
         shutil.rmtree(new, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # a first run that failed leaves no empty --out
         raise
     finally:
         bar.close()

@@ -111,15 +111,15 @@ def remove_dead_writers(folder: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def check_out_folder(out: str | os.PathLike) -> None:
+def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> None:
     """An output folder, found fit before any work: not a file nor under one, and writable where it is (or would
-    be) made. One line naming --out, not an OSError from the first write."""
+    be) made. One line naming the flag, not an OSError from the first write."""
     out = Path(out)
     base = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder it is, or is made in
     if not base.is_dir():
-        raise PixArtError(f"--out {out} is not a folder" + (f" ({base} is a file)" if base != out else ""))
+        raise PixArtError(f"{flag} {out} is not a folder" + (f" ({base} is a file)" if base != out else ""))
     if not os.access(base, os.W_OK | os.X_OK):
-        raise PixArtError(f"--out {out}: not a folder this user can write in")
+        raise PixArtError(f"{flag} {out}: not a folder this user can write in")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from tolerance import reordered
 from pixart.checkpoint import load_model
 from pixart.cli.main import main
 from pixart.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -395,6 +398,15 @@ def test_counts_out_of_range_are_argparses_usage_error(tmp_path, monkeypatch, ca
             main(argv)
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {shown}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, config", [("train", "stage1.yaml"), ("distill", "dmd.yaml")])
+def test_a_run_dir_that_is_a_file_is_named_as_the_flag(tmp_path, capsys, command, config):
+    """It was `[Errno 17] File exists: '...'`, from the first mkdir."""
+    (tmp_path / "notes").write_text("mine")
+    assert main([command, str(ROOT / "configs" / "demo" / config), "--run-dir", str(tmp_path / "notes")]) == 2
+    assert capsys.readouterr().err.strip() == f"pixart {command}: error: --run-dir {tmp_path / 'notes'} is not a folder"
+    assert (tmp_path / "notes").read_text() == "mine"
 
 
 @pytest.mark.parametrize("argv", [["sample", "ckpt", "--prompt", "a"],

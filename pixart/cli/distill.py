@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import logging
 
+    from pixart.atomic import check_out_folder
     from pixart.distill.config import DistillConfig
     from pixart.distill.trainer import DistillTrainer
 
@@ -43,5 +44,7 @@ def run(args) -> None:
     cfg = DistillConfig.load(args.config, args.sets)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
-    final = DistillTrainer(cfg, args.run_dir or f"runs/{cfg.stage}").run()
+    run_dir = args.run_dir or f"runs/{cfg.stage}"
+    check_out_folder(run_dir, "--run-dir")
+    final = DistillTrainer(cfg, run_dir).run()
     print(f"{cfg.stage}: done; one-step student {final}")

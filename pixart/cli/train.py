@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import logging
 
+    from pixart.atomic import check_out_folder
     from pixart.train.config import TrainConfig
     from pixart.train.trainer import Trainer
 
@@ -41,5 +42,7 @@ def run(args) -> None:
     cfg = TrainConfig.load(args.config, args.sets)
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
-    final = Trainer(cfg, args.run_dir or f"runs/{cfg.stage}").run()
+    run_dir = args.run_dir or f"runs/{cfg.stage}"
+    check_out_folder(run_dir, "--run-dir")
+    final = Trainer(cfg, run_dir).run()
     print(f"{cfg.stage}: done; checkpoint {final}")
