@@ -311,6 +311,7 @@ def test_lpips_regression_reads_its_weights_from_a_file(tiny_feature_cache, teac
     ({"regression": {"weight": 0.25, "kind": "lpips"}}, "regression.lpips_weights: needed for kind lpips"),
     ({"dm": {"weight": 0}}, "nothing trains the generator"),
     ({"optim__grad_accum": 2}, "optim.grad_accum: distillation updates on one batch at a time"),
+    ({"deepspeed__config": "/"}, "deepspeed.config /: cannot read DeepSpeed JSON"),  # left config.yaml behind
 ])
 def test_bad_configs_are_one_line_naming_the_key(tiny_feature_cache, teacher, tmp_path, over, message, capsys):
     from pixart.cli.main import main

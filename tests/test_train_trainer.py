@@ -320,7 +320,10 @@ def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_p
     assert r.returncode == 2 and last.endswith(f"data.shards: {tmp_path}/nope: no such shard")
     r = train(stage(cache, tmp_path, model__init=str(tmp_path / "nope")), tmp_path / "run4")
     assert r.returncode == 2 and "nope: not a checkpoint folder" in r.stderr.strip().splitlines()[-1]
-    for run in ("run", "run2", "run3", "run4"):  # nothing written for a run that never started
+    (tmp_path / "ds.json").write_bytes(b"\xff{not utf-8")
+    r = train(stage(cache, tmp_path, deepspeed__config=str(tmp_path / "ds.json")), tmp_path / "run5")
+    assert r.returncode == 2 and "ds.json: cannot read DeepSpeed JSON" in r.stderr.strip().splitlines()[-1]
+    for run in ("run", "run2", "run3", "run4", "run5"):  # nothing written for a run that never started
         assert not (tmp_path / run).exists(), run
 
 

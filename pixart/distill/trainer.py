@@ -42,7 +42,7 @@ from pixart.models import model_from_config
 from pixart.train import checkpoints
 from pixart.train.ema import EMA
 from pixart.train.encoders import cache_manifest, load_autoencoder, load_text_encoder
-from pixart.train.engine import build_engine, init_distributed
+from pixart.train.engine import build_engine, deepspeed_config, init_distributed
 from pixart.train.master import frozen_state, gather, master_fragments, scatter_into
 from pixart.train.monitor import Monitor
 from pixart.train.preemption import StopSignals
@@ -120,6 +120,7 @@ class DistillTrainer:
         if r.weight:  # the run's pairs are drawn once, before step 1: a resume must not relabel them
             self.settings["regression.pairs"] = f"{r.pairs} by {r.sampler}, {r.steps} steps, CFG {r.cfg}"
         # only now: a bad teacher or shard, or a config that cannot resume the run, writes nothing
+        deepspeed_config(cfg, self.world)  # an unreadable deepspeed.config file, before the run folder
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
         self.engines = {GENERATOR: build_engine(generator, cfg, self.world)[0],
