@@ -74,7 +74,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses anyway
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PixArtError(f"{path}: not a readable checkpoint ({_unreadable_reason(e)})") from None
+        raise PixArtError(f"{path}: not a readable checkpoint ({unreadable_reason(e)})") from None
 
 
 def _check_torch_file(path: Path) -> None:
@@ -91,13 +91,13 @@ def _check_torch_file(path: Path) -> None:
                           "other than tensors, so it is refused without unpickling (weights_only)")
 
 
-def _unreadable_reason(e: Exception) -> str:
+def unreadable_reason(e: Exception) -> str:
     """Why torch or safetensors refused a file, in one line. torch's own text for a pickle holding more than
     tensors advises loading it with weights_only=False, i.e. running its code: we never pass that on."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    unpickler = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
-    if unpickler is not None:
-        what = unpickler.removeprefix("WeightsUnpickler error:").split(". ")[0].strip()
+    unpickler = next((line for line in lines if line.startswith(("WeightsUnpickler error:", "Trying to load"))), None)
+    if unpickler is not None:  # a global outside the allowlist, or in a module torch blocks outright (os, posix)
+        what = unpickler.removeprefix("WeightsUnpickler error:").split(". ")[0].strip().rstrip(".")
         return f"it holds objects other than tensors, which are never unpickled: {what}"
     return next((line for line in lines if "weights_only" not in line), type(e).__name__)
 

@@ -238,6 +238,30 @@ def test_a_rerun_that_cannot_resume_the_checkpoint_is_one_line_and_rewrites_noth
             check_resumable(run, world, settings, model)
 
 
+class _RunsCode:
+    """A pickle that runs a shell command when unpickled with weights_only=False."""
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_resume_reads_deepspeeds_states_as_data_and_never_runs_a_pickles_code(cache, straight, tmp_path):
+    """DeepSpeed's own loader unpickles with weights_only=False; a run folder from someone else must not run code."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    ran = tmp_path / "ran"
+    states = run / "checkpoints" / "step-000006" / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    torch.save({"module": _RunsCode(f"touch {ran}")}, states)
+    r = train(stage(cache, tmp_path), run, None, "--max-steps", "8")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert not ran.exists()
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == (f"pixart train: error: {states}: not read: it holds objects other than tensors, which are "
+                    "never unpickled: Trying to load unsupported GLOBAL posix.system whose module posix is blocked")
+
+
 def test_a_killed_writers_temp_records_are_removed_when_the_run_resumes(cache, straight, tmp_path):
     import shutil
     import socket

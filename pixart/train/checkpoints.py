@@ -23,6 +23,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from pixart.atomic import atomic_write, remove_dead_writers, share_modes
@@ -33,6 +34,7 @@ from pixart.checkpoint import (
     load_config,
     read_json,
     read_state_dict,
+    unreadable_reason,
     write_weights,
 )
 from pixart.errors import PixArtError
@@ -251,6 +253,7 @@ def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | N
     if ckpt is None:
         return None
     for tag, engine in engines.items():
+        read_states_as_data(engine)
         path, _ = engine.load_checkpoint(str(ckpt / DS_DIR), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
@@ -267,6 +270,24 @@ def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | N
     if _rank() == 0:
         log.info("resumed from %s at step %d", ckpt, trainer["step"])
     return trainer
+
+
+def read_states_as_data(engine) -> None:
+    """DeepSpeed unpickles its `.pt` states with weights_only=False, which runs any code a run folder holds; a
+    resumed run may be a teammate's or a download, so its states are read as tensors and plain values, plus the
+    three plain-data types DeepSpeed stores in them (ZeRO's stage, its loss scaler, a fragment's address)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise PixArtError(f"{path}: not read: {unreadable_reason(e)}") from None
+
+    engine.checkpoint_engine.load = load
 
 
 def _fsync_tree(folder: Path) -> None:
