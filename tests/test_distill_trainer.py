@@ -323,6 +323,20 @@ def test_bad_configs_are_one_line_naming_the_key(tiny_feature_cache, teacher, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_grids_with_no_named_decoder_are_refused_before_the_run_folder(tiny_feature_cache, teacher, tmp_path, capsys):
+    import shutil
+
+    from pixart.cli.main import main
+
+    bare = tmp_path / "bare"  # features without their manifest: nothing names the decoder the grid needs
+    shutil.copytree(tiny_feature_cache / "feats", bare, ignore=shutil.ignore_patterns("manifest.json"))
+    cfg = config(tiny_feature_cache, teacher, tmp_path, data__shards=str(bare), validation={"prompts": ["a circle"]})
+    assert main(["distill", str(cfg), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_class_conditional_or_student_teacher_is_refused(tiny_feature_cache, straight, tmp_path):
     dit = build_model("DiT-S/2", input_size=8, in_channels=48, depth=2, hidden_size=48, num_heads=4, num_classes=4)
     save_checkpoint(tmp_path / "dit", dit.config, dit.state_dict())

@@ -347,7 +347,13 @@ def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_p
     (tmp_path / "ds.json").write_bytes(b"\xff{not utf-8")
     r = train(stage(cache, tmp_path, deepspeed__config=str(tmp_path / "ds.json")), tmp_path / "run5")
     assert r.returncode == 2 and "ds.json: cannot read DeepSpeed JSON" in r.stderr.strip().splitlines()[-1]
-    for run in ("run", "run2", "run3", "run4", "run5"):  # nothing written for a run that never started
+    bare = tmp_path / "bare"  # features without their manifest: nothing names the decoder the grid needs
+    shutil.copytree(cache / "feats", bare, ignore=shutil.ignore_patterns("manifest.json"))
+    r = train(stage(cache, tmp_path, data__shards=str(bare), validation={"prompts": ["a red circle"]}),
+              tmp_path / "run6")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
+    for run in ("run", "run2", "run3", "run4", "run5", "run6"):  # nothing written for a run that never started
         assert not (tmp_path / run).exists(), run
 
 

@@ -24,10 +24,7 @@ def load_text_encoder(enc: EncodersSection, manifest: Manifest | None, device: s
     length and dtype)."""
     from pixart.encoders.text import TextEncoder, TextEncoderConfig
 
-    path = enc.text_encoder or (manifest.text_encoder if manifest else None)
-    if path is None:
-        raise PixArtError("encoders.text_encoder: needed (raw shards or validation prompts) and no feature manifest "
-                          "names one")
+    path = text_encoder_source(enc, manifest)
     dtype = manifest.dtype if manifest and not enc.text_encoder else enc.dtype
     max_length = manifest.max_length if manifest and not enc.text_encoder else enc.max_length
     return TextEncoder(TextEncoderConfig(path=path, dtype=dtype, max_length=max_length, device=device))
@@ -40,10 +37,25 @@ def load_autoencoder(enc: EncodersSection, manifest: Manifest | None, device: st
     from pixart.encoders.pixel import PixelAutoencoder
     from pixart.encoders.vae import ImageAutoencoder, VAEConfig
 
-    source = enc.vae or (manifest.image_encoder if manifest else None)
-    if source is None:
-        raise PixArtError("encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
+    source = autoencoder_source(enc, manifest)
     scale = manifest.scaling_factor if manifest and not enc.vae else scale
     if source.startswith("pixel:"):
         return PixelAutoencoder.from_id(source, device=device, scale_factor=scale or 1.0)
     return ImageAutoencoder(VAEConfig(path=source, device=device, scale_factor=scale))
+
+
+def text_encoder_source(enc: EncodersSection, manifest: Manifest | None) -> str:
+    """Where the text encoder comes from; checked before the run folder is written, loaded when needed."""
+    path = enc.text_encoder or (manifest.text_encoder if manifest else None)
+    if path is None:
+        raise PixArtError("encoders.text_encoder: needed (raw shards or validation prompts) and no feature manifest "
+                          "names one")
+    return path
+
+
+def autoencoder_source(enc: EncodersSection, manifest: Manifest | None) -> str:
+    """Where the VAE (or pixel autoencoder) comes from, for decoding validation grids or encoding raw shards."""
+    source = enc.vae or (manifest.image_encoder if manifest else None)
+    if source is None:
+        raise PixArtError("encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
+    return source
