@@ -2,7 +2,9 @@
 
 Each line is `{"__key__": ..., "score": ...}`; samples that cannot be scored are left
 out, counted by reason and reported. A shard of which nothing could be read (missing, HTTP 404, a failed
-`pipe:` command, not a tar) gets no sidecar, so an earlier run's stays. Two scorers:
+`pipe:` command, not a tar) gets no sidecar, so an earlier run's stays. A finished shard's record
+(`.done/<shard>.aesthetic.json`: its input and scorer) lets a rerun skip it, so a killed job resumes and a new
+threshold is counted from the sidecars without scoring again. Two scorers:
 
 - `shapes`: the shapes world's own `aesthetic` from the sample's `.json` (1 clean, lower damaged);
 - `laion`: LAION's improved aesthetic predictor: an MLP on the L2-normalised CLIP image
@@ -18,10 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pixart.atomic import atomic_write
+from pixart.data.manifest import file_sha256
+from pixart.data.shards import input_record, same_input
 from pixart.errors import PixArtError
 
 SIDECAR = "{}.aesthetic.jsonl"
 SUMMARY = "aesthetic-summary.json"
+RECORD = ".done/{}.aesthetic.json"  # written after the sidecar: the shard is finished
 DEFAULT_THRESHOLD = {"shapes": 0.5, "laion": 5.0}
 HEAD_FILE = "aesthetic_head.safetensors"
 NO_AESTHETIC = "json has no 'aesthetic'"  # a shard of another dataset, when none of a batch has one
@@ -48,6 +54,7 @@ class ShapesScorer:
     another dataset's shard: an error, rather than a run that scores nothing."""
 
     name = "shapes"
+    identity = {"scorer": "shapes"}
 
     def __call__(self, samples: list[dict]) -> list[float | str]:
         out = [_shapes_score(s) for s in samples]
@@ -115,6 +122,9 @@ class LaionScorer:
         self.head.load_state_dict(state)
         self.head.to(device).eval()
         self.device, self.torch = device, torch
+        weights = sorted(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin") and p.name != HEAD_FILE)
+        self.identity = {"scorer": "laion", "head": file_sha256(Path(head) if head else model / HEAD_FILE),
+                         "model": {p.name: file_sha256(p) for p in [model / "config.json", *weights]}}
 
     def __call__(self, samples: list[dict]) -> list[float | str]:
         from pixart.data.tars import decode_image
@@ -155,6 +165,7 @@ class Summary:
     scorer: str
     threshold: float
     shards: list[ShardResult] = field(default_factory=list)
+    reused: int = 0  # shards an earlier run had scored
 
     @property
     def samples(self) -> int:
@@ -203,7 +214,7 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
                  batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Summary:
     """Score every sample of every shard, write the sidecars and the summary; return the summary. A scorer returns
     a score or, for a sample it cannot score, why not."""
-    from pixart.atomic import atomic_write, check_out_folder
+    from pixart.atomic import check_out_folder
     from pixart.data.shards import check_unique_names
     from pixart.data.tars import TarDamage, iter_samples
 
@@ -212,6 +223,11 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
     check_out_folder(out)
     summary = Summary(scorer=scorer.name, threshold=threshold)
     for url, name in zip(shards, names, strict=True):
+        result = _finished(out, url, name, scorer.identity, threshold)
+        if result is not None:
+            summary.shards.append(result)
+            summary.reused += 1
+            continue
         result, lines, batch = ShardResult(name), [], []
         damage = TarDamage()
         for sample in iter_samples(url, damage):
@@ -222,7 +238,32 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
         result.error = damage.reason() if damage.error else None
         out.mkdir(parents=True, exist_ok=True)  # made only once there is something to write
         if damage.after or not damage.error:  # nothing read: no empty sidecar in place of an earlier one
+            (out / RECORD.format(name)).unlink(missing_ok=True)  # the old record, until the new sidecar is in
             atomic_write(out / SIDECAR.format(result.name), "".join(line + "\n" for line in lines))
+        if not damage.error:  # a damaged shard is read again by the next run
+            (out / RECORD.format(name)).parent.mkdir(exist_ok=True)
+            atomic_write(out / RECORD.format(name), json.dumps(
+                {"input": input_record(url), **scorer.identity, "samples": result.samples,
+                 "skipped_reasons": dict(result.reasons)}))
         summary.shards.append(result)
     atomic_write(out / SUMMARY, json.dumps(summary.to_json(), indent=2))
     return summary
+
+
+def _finished(out: Path, url: str, name: str, identity: dict, threshold: float) -> ShardResult | None:
+    """A shard an earlier run scored from this input with this scorer, counted at `threshold`; else None."""
+    record, sidecar = out / RECORD.format(name), out / SIDECAR.format(name)
+    try:
+        rec = json.loads(record.read_text())
+        scores = [json.loads(line)["score"] for line in sidecar.read_text().splitlines()]
+        if {k: rec.get(k) for k in identity} != identity or len(scores) != rec["samples"]:
+            return None
+        now = same_input(rec["input"], url)
+        reasons = Counter(rec["skipped_reasons"])
+    except (OSError, ValueError, KeyError, TypeError, PixArtError):  # no record, a torn one, an unreachable URL
+        return None
+    if now is None:
+        return None
+    if now != rec["input"]:  # the same bytes with a new mtime: remember it
+        atomic_write(record, json.dumps({**rec, "input": now}))
+    return ShardResult(name, len(scores), sum(score >= threshold for score in scores), reasons)

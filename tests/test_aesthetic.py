@@ -53,7 +53,7 @@ def clip(tmp_path_factory):
 def test_shapes_scores_are_the_metadata_and_kept_fraction_matches(tmp_path, shapes, capsys):
     assert run_cli(shapes, "--out", tmp_path / "s", "--threshold", 0.6) == 0
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == ["aesthetic-summary.json"] + [f"shapes-00000{i}.aesthetic.jsonl" for i in range(3)]
+    assert names == [".done", "aesthetic-summary.json"] + [f"shapes-00000{i}.aesthetic.jsonl" for i in range(3)]
     import webdataset as wds
 
     truth = {s["__key__"]: json.loads(s["json"])["aesthetic"]
@@ -148,7 +148,7 @@ def test_shapes_scorer_on_another_datasets_shards_is_one_error(tmp_path, shapes,
         "pixart data score-aesthetic: error: --scorer shapes reads the shapes world's metadata (KEY.json "
         f"'aesthetic'); the samples of {tmp_path / 'sam-000000.tar'} have none: use --scorer laion")
     assert not (tmp_path / "o").exists()
-    assert [p.name for p in (tmp_path / "o2").iterdir()] == ["shapes-000000.aesthetic.jsonl"]  # whole shards only
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == [".done", "shapes-000000.aesthetic.jsonl"]
 
 
 def test_a_shard_of_which_nothing_could_be_read_gets_no_sidecar(tmp_path, shapes, capsys):
@@ -160,13 +160,42 @@ def test_a_shard_of_which_nothing_could_be_read_gets_no_sidecar(tmp_path, shapes
     assert run_cli(shapes / "shapes-000000.tar", tmp_path / "empty-000000.tar", "pipe:false pipe-000000.tar",
                    "--out", tmp_path / "o") == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "aesthetic-summary.json", "pipe-000000.aesthetic.jsonl", "shapes-000000.aesthetic.jsonl"]
+        ".done", "aesthetic-summary.json", "pipe-000000.aesthetic.jsonl", "shapes-000000.aesthetic.jsonl"]
+    assert [p.name for p in (tmp_path / "o" / ".done").iterdir()] == ["shapes-000000.aesthetic.json"]
     assert sidecar(tmp_path / "o" / "pipe-000000.aesthetic.jsonl") == [{"__key__": "a", "score": 0.7}]
     shards = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())["shards"]
     for name in ("empty-000000", "pipe-000000"):
         assert shards[name]["error"].startswith("nothing could be read (") and shards[name]["samples"] == 0
     assert shards["shapes-000000"] == {"samples": 25, "kept": shards["shapes-000000"]["kept"], "skipped": 0,
                                        "skipped_reasons": {}, "error": None}
+
+
+def test_a_rerun_skips_finished_shards_and_counts_a_new_threshold_from_their_sidecars(tmp_path, shapes, capsys,
+                                                                                      monkeypatch):
+    import shutil
+
+    import data_pipelines.aesthetic as aesthetic
+
+    src = tmp_path / "in"
+    shutil.copytree(shapes, src)
+    assert run_cli(src, "--out", tmp_path / "o", "--threshold", 0.6) == 0
+    first = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
+    scored = []
+    monkeypatch.setattr(aesthetic, "_score_batch", lambda batch, *a: (scored.append(len(batch)), batch.clear()))
+    assert run_cli(src, "--out", tmp_path / "o", "--threshold", 0.9) == 0  # nothing scored again
+    assert not any(scored)
+    again = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
+    scores = [r["score"] for i in range(3) for r in sidecar(tmp_path / "o" / f"shapes-00000{i}.aesthetic.jsonl")]
+    assert again["samples"] == first["samples"] == 60 and again["kept"] == sum(x >= 0.9 for x in scores)
+    assert again["kept"] < first["kept"] == sum(x >= 0.6 for x in scores)
+    assert "60 samples scored in 3 shards (3 of them by an earlier run)" in capsys.readouterr().out
+
+    monkeypatch.undo()
+    with open(src / "shapes-000001.tar", "ab") as f:  # the input changed: that shard is scored again
+        f.write(b"\0" * 1024)
+    (tmp_path / "o" / ".done" / "shapes-000002.aesthetic.json").write_text('{"inp')  # a torn record: again
+    assert run_cli(src, "--out", tmp_path / "o") == 0
+    assert "60 samples scored in 3 shards (1 of them by an earlier run)" in capsys.readouterr().out
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):

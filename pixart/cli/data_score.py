@@ -10,7 +10,9 @@ def add_parser(sub) -> None:
         help="aesthetic scores of shard samples as sidecar files",
         description="Write DIR/<shard>.aesthetic.jsonl (one {\"__key__\", \"score\"} per sample) for every shard "
         "and DIR/aesthetic-summary.json, and report the fraction kept at --threshold. Samples that cannot be "
-        "scored are skipped and counted by reason. Scorers: 'shapes' reads the shapes world's metadata; 'laion' is "
+        "scored are skipped and counted by reason. A rerun skips the shards an earlier run finished with the same "
+        "input and scorer (a killed job resumes; a new --threshold is counted without scoring again). "
+        "Scorers: 'shapes' reads the shapes world's metadata; 'laion' is "
         "LAION's improved aesthetic predictor (CLIP image embedding -> MLP).",
     )
     p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
@@ -53,6 +55,7 @@ def run(args) -> None:
         s = score_shards(shards, args.out, scorer, threshold, batch_size=args.batch_size, progress=bar.update)
     broken = [r for r in s.shards if r.error]
     why = " (" + "; ".join(f"{n}: {reason}" for reason, n in s.reasons.most_common()) + ")" if s.skipped else ""
-    print(f"{s.samples} samples scored in {len(s.shards)} shards, {s.skipped} skipped{why}; "
+    earlier = f" ({s.reused} of them by an earlier run)" if s.reused else ""
+    print(f"{s.samples} samples scored in {len(s.shards)} shards{earlier}, {s.skipped} skipped{why}; "
           f"kept {s.kept} ({s.kept_fraction:.1%}) at {args.scorer} >= {threshold}" +
           (f"; {len(broken)} shards damaged: {', '.join(r.name for r in broken)}" if broken else ""))
