@@ -25,6 +25,7 @@ CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.saf
 DIFFUSION_FILE = "diffusion.json"  # {"prediction_type"}: what the sampler must assume (trained checkpoints)
 ENCODERS_FILE = "encoders.json"  # the text encoder and VAE it was trained with (trained checkpoints)
 STUDENT_FILE = "student.json"  # {"start_timestep", "teacher"}: a one-step distilled student (pixart distill)
+FRESH_NULL_FILE = "fresh_null_caption.json"  # in an imported checkpoint: its null caption is made up, not learned
 LATEST_POINTER = "latest"  # RUN/checkpoints/latest: a text file naming the newest step folder
 StateDict = dict[str, torch.Tensor]
 

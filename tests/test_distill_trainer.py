@@ -346,6 +346,27 @@ def test_a_class_conditional_or_student_teacher_is_refused(tiny_feature_cache, s
         assert r.returncode == 2 and message in r.stderr, r.stderr[-500:]
 
 
+def test_a_student_of_an_imported_teacher_keeps_the_record_of_its_made_up_null_caption(tiny_feature_cache, teacher,
+                                                                                        tmp_path):
+    """An import from diffusers makes its null caption up (export.md); the student never trains on the empty
+    caption, so it carries the record and its export leaves that null caption out, as the teacher's would."""
+    import shutil
+
+    from pixart.checkpoint import FRESH_NULL_FILE
+    from pixart.export.diffusers import export_checkpoint, load_null_caption
+
+    imported = tmp_path / "imported"
+    shutil.copytree(teacher, imported)
+    record = json.dumps({"source": "hub/PixArt-alpha", "null_caption": "freshly initialised"})
+    (imported / FRESH_NULL_FILE).write_text(record)
+    cfg = config(tiny_feature_cache, imported, tmp_path, train={"max_steps": 1, "log_every": 1, "ckpt_every": 1})
+    r = distill(cfg, tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (ckpt(tmp_path / "run", 1) / FRESH_NULL_FILE).read_text() == record
+    export_checkpoint(ckpt(tmp_path / "run", 1), tmp_path / "export")
+    assert load_null_caption(tmp_path / "export") is None
+
+
 def test_non_finite_loss_stops_before_the_update(tiny_feature_cache, tmp_path):
     model = build_model("PixArt-S/2", **ARCH)
     state = model.state_dict()

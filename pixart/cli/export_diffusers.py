@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from pixart.checkpoint import checkpoint_folder
-    from pixart.export.diffusers import FRESH_NULL_FILE, PipelineParts, export_checkpoint
+    from pixart.checkpoint import FRESH_NULL_FILE, checkpoint_folder
+    from pixart.export.diffusers import PipelineParts, export_checkpoint
 
     parts = None
     if args.text_encoder or args.vae or args.tokenizer:

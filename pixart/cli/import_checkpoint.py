@@ -28,9 +28,8 @@ def run(args) -> None:
     import json
 
     from pixart.atomic import check_out_dir
-    from pixart.checkpoint import DIFFUSION_FILE, ENCODERS_FILE, STUDENT_FILE, save_checkpoint
+    from pixart.checkpoint import DIFFUSION_FILE, ENCODERS_FILE, FRESH_NULL_FILE, STUDENT_FILE, save_checkpoint
     from pixart.export.diffusers import (
-        FRESH_NULL_FILE,
         NULL_CAPTION_FILE,
         import_diffusers,
         import_encoders,

@@ -25,6 +25,7 @@ from pixart.checkpoint import (
     DIFFUSION_FILE,
     EMA_FILE,
     ENCODERS_FILE,
+    FRESH_NULL_FILE,
     MODEL_FILE,
     STUDENT_FILE,
     checkpoint_folder,
@@ -318,6 +319,9 @@ class DistillTrainer:
                  DIFFUSION_FILE: json.dumps({"prediction_type": self.prediction}, indent=2),
                  ENCODERS_FILE: json.dumps(encoders_record(cfg, self.manifest), indent=2),
                  STUDENT_FILE: json.dumps(student, indent=2)}
+        made_up = checkpoint_folder(cfg.teacher.init) / FRESH_NULL_FILE
+        if made_up.is_file():  # an imported teacher's null caption: the student never trains on the empty caption
+            files[FRESH_NULL_FILE] = made_up.read_text()
         loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
         return checkpoints.save(self.run_dir, self.step, self.engines, files, self.full_weights(ema=False),
                                 self.full_weights(ema=True), loader, {"stage": cfg.stage, **self.settings},

@@ -25,13 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.atomic import atomic_dir, check_out_dir
-from pixart.checkpoint import ENCODERS_FILE, STUDENT_FILE, load_into, load_student, read_json
+from pixart.checkpoint import ENCODERS_FILE, FRESH_NULL_FILE, STUDENT_FILE, load_into, load_student, read_json
 from pixart.errors import PixArtError
 from pixart.export.keymap import from_diffusers, to_diffusers
 from pixart.models import ModelConfig, PixArt
 
 NULL_CAPTION_FILE = "null_caption.safetensors"
-FRESH_NULL_FILE = "fresh_null_caption.json"  # in an imported checkpoint: its null caption is made up, not learned
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 log = logging.getLogger(__name__)
