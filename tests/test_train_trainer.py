@@ -262,6 +262,23 @@ def test_resume_reads_deepspeeds_states_as_data_and_never_runs_a_pickles_code(ca
                     "never unpickled: Trying to load unsupported GLOBAL posix.system whose module posix is blocked")
 
 
+def test_an_fp16_runs_loss_scaler_is_read_as_data(tmp_path):
+    """fp16 needs a GPU in DeepSpeed, so its optimizer state's dynamic loss scaler is saved here directly, as
+    ZeRO's `state_dict()` stores it (`state_dict[LOSS_SCALER] = self.loss_scaler`)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from pixart.train.checkpoints import read_states_as_data
+
+    torch.save({"loss_scaler": DynamicLossScaler(2.0 ** 16, 500, 1.0, 2, False), "step": 7},
+               tmp_path / "optim_states.pt")
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace())
+    read_states_as_data(engine)
+    state = engine.checkpoint_engine.load(str(tmp_path / "optim_states.pt"), map_location="cpu")
+    assert state["loss_scaler"].cur_scale == 2.0 ** 16 and state["loss_scaler"].scale_window == 500
+
+
 def test_a_killed_writers_temp_records_are_removed_when_the_run_resumes(cache, straight, tmp_path):
     import shutil
     import socket

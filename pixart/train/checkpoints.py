@@ -275,14 +275,14 @@ def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | N
 def read_states_as_data(engine) -> None:
     """DeepSpeed unpickles its `.pt` states with weights_only=False, which runs any code a run folder holds; a
     resumed run may be a teammate's or a download, so its states are read as tensors and plain values, plus the
-    three plain-data types DeepSpeed stores in them (ZeRO's stage, its loss scaler, a fragment's address)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    plain-data types DeepSpeed stores in them (ZeRO's stage, its loss scalers, a fragment's address)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     def load(path: str, map_location=None):
         try:
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            with torch.serialization.safe_globals([DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:
             raise PixArtError(f"{path}: not read: {unreadable_reason(e)}") from None
