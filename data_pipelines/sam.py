@@ -8,6 +8,9 @@ frame its `image.width` x `image.height` names, whatever size the jpg was stored
 not the decoded jpg, is what gets scaled to the output size, one factor per axis.
 Members are paired by name (`sam_tar.py`). Damaged inputs are skipped and listed in
 `DIR/sam_report.json`, never fatal; a run that writes not one sample is an error, and leaves the old set.
+The new set is built in `DIR/.sam-new`, which records after each finished shard where the run stands: a killed
+run's rerun with the same inputs and settings goes on from there (re-reading the tar it was in, converting only
+what came after).
 """
 from __future__ import annotations
 
@@ -23,13 +26,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from pixart.atomic import atomic_write, check_out_folder
-from pixart.data.shards import resolve_shards
+from pixart.data.shards import input_id, resolve_shards
 from pixart.data.tars import IMAGE_EXTS, ShardWriter, decode_image
 from pixart.errors import PixArtError
 
 from .sam_tar import TarRead, read_pairs
 
 REPORT = "sam_report.json"
+PROGRESS = ".progress.json"  # in the new set's folder, after each finished shard: where a rerun goes on
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,9 @@ def convert(sample: dict, cfg: SamConfig) -> dict:
 
 
 def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> Path:
-    """An empty folder to write the new shards into, beside the old set, which stays whole until the new one is
-    (`_move_in`). A killed run's set that was being moved in is finished first."""
+    """The folder to write the new shards into (a killed run's is kept for `_resume_point`), beside the old set,
+    which stays whole until the new one is (`_move_in`). A killed run's set that was being moved in is finished
+    first."""
     check_out_folder(out)
     for src in srcs:
         if Path(src).resolve().parent == out.resolve() and Path(src).name.startswith(prefix + "-"):
@@ -162,19 +167,43 @@ def _prepare_out(out: Path, srcs: list[str], overwrite: bool, prefix: str) -> Pa
         raise PixArtError(f"--out {out} already holds {prefix} shards{why}; pass --overwrite to replace them")
     for p in out.glob(f".{prefix}-*.tar.tmp*"):
         p.unlink()
-    for p in [*out.glob(".sam-spill-*"), new]:  # left by a killed run
+    for p in out.glob(".sam-spill-*"):  # left by a killed run
         shutil.rmtree(p, ignore_errors=True)
     try:
-        new.mkdir(parents=True)
+        new.mkdir(parents=True, exist_ok=True)  # a killed run's, kept for `_resume_point`
     except OSError as e:
         raise PixArtError(f"--out {out}: not a folder this user can write in ({e.strerror})") from None
     return new
+
+
+def _resume_point(new: Path, settings: dict, inputs: list[dict]) -> dict | None:
+    """A killed run's progress in `new`, when it converted these inputs with these settings; otherwise `new`
+    is emptied and None returned."""
+    try:
+        state = json.loads((new / PROGRESS).read_text())
+        if state["settings"] == settings and state["inputs"] == inputs:
+            for p in new.iterdir():  # a shard finished after the last record is written again
+                if p.name != PROGRESS and p.name not in state["report"]["shards"]:
+                    p.unlink()
+            return state
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    shutil.rmtree(new)
+    new.mkdir()
+    return None
+
+
+def _discard(new: Path, out: Path, created: bool) -> None:
+    shutil.rmtree(new, ignore_errors=True)
+    if created:
+        shutil.rmtree(out, ignore_errors=True)  # a first run that failed leaves no empty --out
 
 
 def _move_in(new: Path, out: Path, prefix: str) -> None:
     """Replace the old set with the finished one in `new`, its report last: a kill half-way leaves `new`
     holding the report, and the next run calls this again to finish."""
     shards = json.loads((new / REPORT).read_text())["shards"]
+    (new / PROGRESS).unlink(missing_ok=True)  # finished: its report, not the progress, says what the set is
     (out / REPORT).unlink(missing_ok=True)  # no report beside a set half moved in
     for p in out.glob(f"{prefix}-*.tar"):
         if p.name not in shards:
@@ -207,13 +236,22 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
     srcs, out = resolve_shards(srcs), Path(out)
     created = not out.exists()
     new = _prepare_out(out, srcs, overwrite, cfg.prefix)
-    report, writer, paired = SamReport(), None, 0
+    settings = {k: v for k, v in asdict(cfg).items() if k != "hold_mb"}  # what the shards' bytes depend on
+    inputs = [input_id(src) for src in srcs]
+    state = _resume_point(new, settings, inputs)
+    report, writer = SamReport(), None
+    start, skip, paired = 0, 0, 0
+    if state is not None:
+        report, start, skip, paired = SamReport(**state["report"]), state["src"], state["pairs"], state["paired"]
     bar = tqdm(desc="sam", unit="img", disable=not progress)
     try:
-        for src in srcs:
-            read = TarRead()
+        for i, src in enumerate(srcs[start:], start):
+            read, pairs = TarRead(), 0
             for sample in read_pairs(src, read, int(cfg.hold_mb * 2**20), out):
                 bar.update(1)
+                pairs += 1
+                if i == start and pairs <= skip:  # converted by the killed run
+                    continue
                 paired += 1
                 try:
                     converted = convert(sample, cfg)
@@ -228,6 +266,9 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
                 if writer.count == cfg.shard_size:
                     report.shards.append(writer.close().name)
                     writer = None
+                    atomic_write(new / PROGRESS, json.dumps({"settings": settings, "inputs": inputs, "src": i,
+                                                             "pairs": pairs, "paired": paired,
+                                                             "report": asdict(report)}))
             for key, reason in read.unpaired:
                 report.skipped.append({"source": src, "key": key, "reason": reason})
             report.unpaired += len(read.unpaired)
@@ -238,17 +279,17 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
         if writer is not None:
             report.shards.append(writer.close().name)
             writer = None
-        if report.written == 0:  # an error, and the old set stays
-            raise PixArtError(_nothing_written(srcs, report, paired))
     except BaseException:
         if writer is not None:
             writer.abort()
-        shutil.rmtree(new, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)  # a first run that failed leaves no empty --out
+        if not (new / PROGRESS).is_file():  # not one shard finished: nothing to go on from
+            _discard(new, out, created)
         raise
     finally:
         bar.close()
+    if report.written == 0:  # an error, and the old set stays
+        _discard(new, out, created)
+        raise PixArtError(_nothing_written(srcs, report, paired))
     atomic_write(new / REPORT, json.dumps(asdict(report), indent=1))
     _move_in(new, out, cfg.prefix)
     return report

@@ -105,6 +105,44 @@ def test_a_kill_while_the_set_moves_in_is_finished_by_the_rerun(srcs, tmp_path, 
     assert all((out / p.name).read_bytes() == p.read_bytes() for p in ref.iterdir())
 
 
+def test_a_killed_run_goes_on_from_its_last_finished_shard(srcs, tmp_path, monkeypatch):
+    """SIGKILL while converting the 5th pair (sa_5, the second tar's first): the rerun re-reads the first tar,
+    converts only sa_5, and leaves the set and report a run without the kill writes, byte for byte."""
+    import data_pipelines.sam as sam
+
+    cfg = SamConfig(max_side=120, shard_size=1)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    ingest(srcs, ref, cfg, progress=False)
+    convert, calls, kill_at = sam.convert, [], [5]
+
+    def counted(sample, cfg):
+        calls.append(sample["__key__"])
+        if len(calls) == kill_at[0]:
+            raise KeyboardInterrupt  # as a SIGKILL: nothing after it runs but the writer's abort
+        return convert(sample, cfg)
+
+    monkeypatch.setattr(sam, "convert", counted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(srcs, out, cfg, progress=False)
+    assert calls == ["sa_1", "sa_2", "sa_3", "sa_4", "sa_5"]
+    assert sorted(p.name for p in (out / ".sam-new").iterdir()) == [".progress.json", "sam-000000.tar",
+                                                                    "sam-000001.tar"]
+    (out / ".sam-new" / ".sam-000002.tar.tmp-x").write_bytes(b"half")  # a writer's temp the kill left
+    calls.clear()
+    ingest(srcs, out, cfg, progress=False)
+    assert calls == ["sa_5"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in ref.iterdir())
+
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # killed again, then rerun with other settings: from the start
+        ingest(srcs, tmp_path / "o2", cfg, progress=False)
+    calls.clear()
+    kill_at[0] = None
+    ingest(srcs, tmp_path / "o2", SamConfig(max_side=100, shard_size=1), progress=False)
+    assert calls == ["sa_1", "sa_2", "sa_3", "sa_4", "sa_5"]
+
+
 def test_keep_masks_and_small_images_untouched(srcs, tmp_path):
     ingest(srcs[:1], tmp_path / "o", SamConfig(max_side=1024, keep_masks=True), progress=False)
     s = next(iter(wds.WebDataset(str(tmp_path / "o" / "sam-000000.tar"), shardshuffle=False)))

@@ -9,7 +9,8 @@ def add_parser(sub) -> None:
         "DIR/sam-NNNNNN.tar shards with the image resized to --max-side (aspect kept) and its metadata; "
         "annotations keep boxes, areas, points and scores scaled from the json's image.width x image.height to "
         "the new size, masks only with --keep-masks. Broken images, unpaired members, jpgs whose aspect differs "
-        "from their json's and damaged tars are skipped and listed in DIR/sam_report.json.")
+        "from their json's and damaged tars are skipped and listed in DIR/sam_report.json. A killed run, rerun with "
+        "the same inputs and settings, goes on from its last finished shard.")
     p.add_argument("src", nargs="+", help="SA-1B tars: files, folders, globs or brace patterns")
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.add_argument("--max-side", type=int, default=1024, help="longest side after resizing (default 1024)")
