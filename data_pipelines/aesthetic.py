@@ -122,9 +122,9 @@ class LaionScorer:
         self.head.load_state_dict(state)
         self.head.to(device).eval()
         self.device, self.torch = device, torch
-        weights = sorted(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin") and p.name != HEAD_FILE)
+        parts = sorted(p for p in model.iterdir() if p.is_file() and p.name != HEAD_FILE)  # weights, processor
         self.identity = {"scorer": "laion", "head": file_sha256(Path(head) if head else model / HEAD_FILE),
-                         "model": {p.name: file_sha256(p) for p in [model / "config.json", *weights]}}
+                         "model": {p.name: file_sha256(p) for p in parts}}
 
     def __call__(self, samples: list[dict]) -> list[float | str]:
         from pixart.data.tars import decode_image
@@ -203,7 +203,8 @@ def _score_batch(batch: list[dict], scorer: Callable, threshold: float, result: 
         if isinstance(score, str):  # why it was not scored
             result.reasons[score] += 1
             continue
-        lines.append(json.dumps({"__key__": sample["__key__"], "score": round(score, 6)}))
+        score = round(score, 6)  # as the sidecar keeps it, and the loader and a rerun read it
+        lines.append(json.dumps({"__key__": sample["__key__"], "score": score}))
         result.samples += 1
         result.kept += score >= threshold
     progress and progress(len(batch))
@@ -230,6 +231,10 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
             continue
         result, lines, batch = ShardResult(name), [], []
         damage = TarDamage()
+        try:  # before reading: a shard changed while it is scored is scored again by the next run
+            identity = input_record(url)
+        except (OSError, PixArtError):  # missing (reported below), or a URL that answers no HEAD: no record
+            identity = None
         for sample in iter_samples(url, damage):
             batch.append(sample)
             if len(batch) == batch_size:
@@ -240,10 +245,10 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
         if damage.after or not damage.error:  # nothing read: no empty sidecar in place of an earlier one
             (out / RECORD.format(name)).unlink(missing_ok=True)  # the old record, until the new sidecar is in
             atomic_write(out / SIDECAR.format(result.name), "".join(line + "\n" for line in lines))
-        if not damage.error:  # a damaged shard is read again by the next run
+        if identity is not None and not damage.error:  # a damaged shard is read again by the next run
             (out / RECORD.format(name)).parent.mkdir(exist_ok=True)
             atomic_write(out / RECORD.format(name), json.dumps(
-                {"input": input_record(url), **scorer.identity, "samples": result.samples,
+                {"input": identity, **scorer.identity, "samples": result.samples,
                  "skipped_reasons": dict(result.reasons)}))
         summary.shards.append(result)
     atomic_write(out / SUMMARY, json.dumps(summary.to_json(), indent=2))

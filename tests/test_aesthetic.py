@@ -105,6 +105,8 @@ def test_laion_scorer_is_clip_embedding_then_mlp(tmp_path, clip):
         emb = model(**proc(images=[Image.open(io.BytesIO(_png(0)))], return_tensors="pt")).image_embeds
         want = head(emb / emb.norm(dim=-1, keepdim=True)).item()
     assert rows[0]["score"] == approx(want, reordered(want))  # scored in a batch of 3, here alone
+    # a rerun reuses these scores only with the same head, weights and image processor
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(LaionScorer(clip).identity["model"])
     assert rows[0]["score"] != pytest.approx(rows[1]["score"])
 
 
@@ -196,6 +198,46 @@ def test_a_rerun_skips_finished_shards_and_counts_a_new_threshold_from_their_sid
     (tmp_path / "o" / ".done" / "shapes-000002.aesthetic.json").write_text('{"inp')  # a torn record: again
     assert run_cli(src, "--out", tmp_path / "o") == 0
     assert "60 samples scored in 3 shards (1 of them by an earlier run)" in capsys.readouterr().out
+
+
+class _Fixed:
+    """A scorer giving every sample one score; `during` runs once, after the first batch is scored."""
+    name, identity = "fixed", {"scorer": "fixed"}
+
+    def __init__(self, score, during=None):
+        self.score, self.during = score, during
+
+    def __call__(self, samples):
+        during, self.during = self.during, None
+        if during:
+            during()
+        return [self.score] * len(samples)
+
+
+def test_what_a_rerun_reuses_is_what_a_fresh_run_would_write(tmp_path, shapes, monkeypatch):
+    import shutil
+
+    import data_pipelines.aesthetic as aesthetic
+
+    src = tmp_path / "in" / "shapes-000000.tar"
+    src.parent.mkdir()
+    shutil.copy(shapes / "shapes-000000.tar", src)
+    # kept is counted from the score the sidecar keeps (rounded to 6 places), which the loader filters on
+    s = aesthetic.score_shards([str(src)], tmp_path / "o", _Fixed(4.9999996), 5.0, batch_size=8)
+    assert s.kept == 25 and aesthetic.score_shards([str(src)], tmp_path / "o", _Fixed(0.0), 5.0).kept == 25
+
+    # the input's identity is taken before reading: a shard changed while it was scored is scored again
+    grow = lambda: src.write_bytes(src.read_bytes() + b"\0" * 1024)  # noqa: E731
+    aesthetic.score_shards([str(src)], tmp_path / "o2", _Fixed(1.0, during=grow), 0.5, batch_size=8)
+    assert aesthetic.score_shards([str(src)], tmp_path / "o2", _Fixed(0.0), 0.5).kept == 0
+
+    # a URL that answers no HEAD (a presigned GET-only one): scored, with no record to resume from
+    def no_head(url):
+        raise PixArtError(f"{url}: cannot reach the shard (HTTPError: HTTP Error 403)")
+
+    monkeypatch.setattr(aesthetic, "input_record", no_head)
+    assert aesthetic.score_shards([str(src)], tmp_path / "o3", _Fixed(1.0), 0.5).kept == 25
+    assert not (tmp_path / "o3" / ".done").exists()
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):

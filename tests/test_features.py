@@ -464,11 +464,17 @@ def test_an_input_of_which_nothing_could_be_read_is_never_finished(enc, raw, tmp
 
 
 @contextlib.contextmanager
-def serve(folder):
-    """`folder` over HTTP on 127.0.0.1: the base URL."""
+def serve(folder, head: bool = True):
+    """`folder` over HTTP on 127.0.0.1: the base URL. Without `head`, HEAD requests get 403, as S3 answers them
+    for a presigned GET-only URL."""
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
+
+        def do_HEAD(self):
+            if head:
+                return super().do_HEAD()
+            self.send_error(403, "SignatureDoesNotMatch")
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -476,6 +482,17 @@ def serve(folder):
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
+
+
+def test_a_url_that_answers_no_head_is_known_by_its_text_and_resumes(enc, raw, tmp_path):
+    with serve(raw, head=False) as base:
+        urls = [f"{base}/shard-00000{i}.tar" for i in range(2)]
+        ex = extract_features(urls, tmp_path / "f", _cfg_txt(enc), progress=False)
+        assert ex.manifest.complete and len(ex.results) == 2
+        records = sorted((tmp_path / "f" / ".done").glob("*.json"))
+        assert [json.loads(r.read_text())["input"] for r in records] == [{"url": u} for u in urls]
+        again = extract_features(urls, tmp_path / "f", _cfg_txt(enc), progress=False)
+        assert again.manifest.complete and again.results == []  # kept, not encoded again
 
 
 def test_encoders_of_the_wrong_kind_are_one_line(enc, raw, tmp_path):
