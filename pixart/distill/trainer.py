@@ -73,7 +73,8 @@ GENERATOR, FAKE = "generator", "fake"  # the engines' tags in a checkpoint's dee
 
 
 def load_teacher(cfg: DistillConfig) -> tuple:
-    """(model config, prediction type, teacher weights), checked against the config."""
+    """(model config, prediction type, teacher weights, its fresh_null_caption.json or None), checked against the
+    config, all from the one folder `teacher.init` names now (a run's `latest` may move on)."""
     t = cfg.teacher
     folder = checkpoint_folder(t.init)
     if not (folder / CONFIG_FILE).is_file():
@@ -89,7 +90,9 @@ def load_teacher(cfg: DistillConfig) -> tuple:
         raise PixArtError(f"teacher.prediction: {t.prediction}, but the teacher predicts {prediction} "
                           f"({folder / DIFFUSION_FILE})")
     use_ema = t.ema and (folder / EMA_FILE).is_file()
-    return mc, prediction, read_state_dict(folder / (EMA_FILE if use_ema else MODEL_FILE))
+    made_up = folder / FRESH_NULL_FILE  # an import's null caption: the student never trains on the empty caption
+    return (mc, prediction, read_state_dict(folder / (EMA_FILE if use_ema else MODEL_FILE)),
+            made_up.read_text() if made_up.is_file() else None)
 
 
 class DistillTrainer:
@@ -98,7 +101,7 @@ class DistillTrainer:
 
     def __init__(self, cfg: DistillConfig, run_dir: str | os.PathLike, batches: Iterable[dict] | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.model_config, self.prediction, teacher_state = load_teacher(cfg)
+        self.model_config, self.prediction, teacher_state, self.made_up_null = load_teacher(cfg)
         self.device = init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
@@ -319,9 +322,8 @@ class DistillTrainer:
                  DIFFUSION_FILE: json.dumps({"prediction_type": self.prediction}, indent=2),
                  ENCODERS_FILE: json.dumps(encoders_record(cfg, self.manifest), indent=2),
                  STUDENT_FILE: json.dumps(student, indent=2)}
-        made_up = checkpoint_folder(cfg.teacher.init) / FRESH_NULL_FILE
-        if made_up.is_file():  # an imported teacher's null caption: the student never trains on the empty caption
-            files[FRESH_NULL_FILE] = made_up.read_text()
+        if self.made_up_null is not None:
+            files[FRESH_NULL_FILE] = self.made_up_null
         loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
         return checkpoints.save(self.run_dir, self.step, self.engines, files, self.full_weights(ema=False),
                                 self.full_weights(ema=True), loader, {"stage": cfg.stage, **self.settings},
