@@ -374,7 +374,7 @@ def test_damaged_input_shards_are_retried_unless_accepted(enc, raw, tmp_path, ca
     argv = ["extract-features", str(src), "--out", str(tmp_path / "c"), "--pixel-autoencoder",
             "--text-encoder", enc["t5"], "--resolution", "32"]
     args = parser.parse_args(argv)
-    args.run(args)
+    assert args.run(args) == 1  # the exit status: shards left for a rerun
     out = capsys.readouterr().out
     assert "encoded 4 samples in 1 shards (0 skipped)" in out and "1 of 3 shards done;" in out
     assert "2 shards damaged: cut-000000 (" in out and "junk-000000 (nothing could be read (ReadError" in out
@@ -383,7 +383,7 @@ def test_damaged_input_shards_are_retried_unless_accepted(enc, raw, tmp_path, ca
     m = Manifest.load(tmp_path / "c")
     assert not m.complete and not (tmp_path / "c" / "cut-000000.tar").exists()
     args = parser.parse_args(argv + ["--accept-damaged"])
-    args.run(args)
+    assert args.run(args) == 1  # the garbage one is never accepted
     out = capsys.readouterr().out
     assert "1 shard damaged, kept as read: cut-000000 (" in out and "2 of 3 shards done;" in out
     assert "1 shard damaged: junk-000000 (nothing could be read (ReadError" in out  # garbage: never an empty shard

@@ -134,6 +134,21 @@ def test_damaged_shard_is_retried_until_whole(world, tmp_path):
     assert list(kept.summary["shards"]["damaged_kept"]) == ["s-000000"]
 
 
+def test_the_command_exits_1_while_a_damaged_shard_is_left_to_retry(world, tmp_path):
+    """So that `pixart relabel ... && pixart extract-features ...` stops at a job that is not finished."""
+    from pixart.cli.main import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    whole = (world / "shapes" / "shapes-000000.tar").read_bytes()
+    (src / "s-000000.tar").write_bytes(whole[:len(whole) // 2])
+    argv = ["relabel", str(src), "--out", str(tmp_path / "out"), "--captioner", "metadata"]
+    assert main(argv) == 1
+    assert main([*argv[:3], str(tmp_path / "kept"), *argv[4:], "--accept-damaged"]) == 0  # finished as read
+    (src / "s-000000.tar").write_bytes(whole)
+    assert main(argv) == 0
+
+
 def crashing(config):
     """A captioner that raises on every call."""
     class Crash(MetadataCaptioner):

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         "scored are skipped and counted by reason. A rerun skips the shards an earlier run finished with the same "
         "input and scorer (a killed job resumes; a new --threshold is counted without scoring again). "
         "Scorers: 'shapes' reads the shapes world's metadata; 'laion' is "
-        "LAION's improved aesthetic predictor (CLIP image embedding -> MLP).",
+        "LAION's improved aesthetic predictor (CLIP image embedding -> MLP). Exits 1 while a damaged shard is left "
+        "for a rerun to retry.",
     )
     p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
     p.add_argument("--out", required=True, help="folder for the sidecar files")
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> None:
+def run(args) -> int:
     import math
 
     from tqdm import tqdm
@@ -58,4 +59,5 @@ def run(args) -> None:
     earlier = f" ({s.reused} of them by an earlier run)" if s.reused else ""
     print(f"{s.samples} samples scored in {len(s.shards)} shards{earlier}, {s.skipped} skipped{why}; "
           f"kept {s.kept} ({s.kept_fraction:.1%}) at {args.scorer} >= {threshold}" +
-          (f"; {len(broken)} shards damaged: {', '.join(r.name for r in broken)}" if broken else ""))
+          (f"; {len(broken)} shards damaged: {', '.join(r.name for r in broken)}; rerun to retry" if broken else ""))
+    return 1 if broken else 0  # shards left for a rerun

@@ -8,7 +8,8 @@ def add_parser(sub) -> None:
         description="Encode every sample of SHARDS once: images with the VAE (posterior mean and std kept) or "
         "the pixel autoencoder, captions with T5 (cleaned as PixArt does; valid tokens only). Writes "
         "DIR/<shard>.tar per input shard and DIR/manifest.json; a killed run resumes where it stopped. "
-        "Shards are split over nodes by RANK/WORLD_SIZE and over --workers local processes.")
+        "Shards are split over nodes by RANK/WORLD_SIZE and over --workers local processes. Exits 1 while a damaged "
+        "shard is left for a rerun to retry.")
     p.add_argument("shards", nargs="+", help="raw shards: folder, glob, brace pattern or URL")
     p.add_argument("--out", required=True, help="feature cache folder")
     enc = p.add_mutually_exclusive_group(required=True)
@@ -47,7 +48,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> None:
+def run(args) -> int:
     from data_pipelines.features import FeatureConfig, extract_features
     from pixart.cli import pick_device
 
@@ -63,3 +64,4 @@ def run(args) -> None:
         vae_subfolder=args.vae_subfolder, accept_damaged=args.accept_damaged)
     ex = extract_features(args.shards, args.out, cfg, overwrite=args.overwrite)
     print(ex.describe(args.out))
+    return 1 if ex.damaged else 0  # shards left for a rerun: a pipeline must not go on as if the cache were whole

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         args.own_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     name = " ".join(filter(None, (args.command, getattr(args, "job", None))))  # "data sam"
     try:
-        args.run(args)
+        status = args.run(args)  # a job that leaves damaged shards to retry returns 1
     except (PixArtError, OSError) as e:  # bad input and unwritable outputs: one line, no traceback
         print(f"pixart {name}: error: {e}", file=sys.stderr)
         return 2
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: what is written is whole, and a rerun goes on from it
         print(f"\npixart {name}: interrupted; rerun the same command to go on", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
         "caption length and distinct words beside the alt-texts'). Kill it any time and run the same command "
         "again: finished samples are kept, none is captioned twice. Shards are split over nodes by RANK/WORLD_SIZE "
         "and over --workers local processes (shard i to worker i mod WORLD_SIZE*workers). extract-features "
-        "--captions NAME reads the output.")
+        "--captions NAME reads the output. Exits 1 while a damaged shard is left for a rerun to retry.")
     p.add_argument("shards", nargs="+", help="SHARDS: folder, glob, brace pattern or webdataset URL")
     p.add_argument("--captioner", required=True,
                    help="metadata (the shapes world's truth as dense captions), metadata-short (the same as a user "
@@ -69,7 +69,7 @@ def captioner_config(args, device: str):
                            image_size=args.image_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
 
-def run(args) -> None:
+def run(args) -> int:
     from data_pipelines.relabel.job import RelabelConfig, relabel
     from data_pipelines.relabel.quality import QualityConfig
     from pixart.cli import pick_device
@@ -79,6 +79,8 @@ def run(args) -> None:
     if decode is None:
         decode = max(1, min(8, (os.cpu_count() or 1) // max(1, args.workers)))
     cap = captioner_config(args, device)
-    relabel(args.shards, args.out, RelabelConfig(cap, batch_size=args.batch_size, workers=args.workers,
-                                                 decode_workers=decode, quality=QualityConfig(max_words=args.max_words),
-                                                 accept_damaged=args.accept_damaged))
+    job = relabel(args.shards, args.out, RelabelConfig(cap, batch_size=args.batch_size, workers=args.workers,
+                                                       decode_workers=decode,
+                                                       quality=QualityConfig(max_words=args.max_words),
+                                                       accept_damaged=args.accept_damaged))
+    return 1 if any(r.damaged for r in job.runs) else 0  # shards left for a rerun
