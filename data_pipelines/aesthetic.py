@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixart.atomic import atomic_write
+from pixart.atomic import atomic_write, check_out_folder
 from pixart.data.manifest import file_sha256
-from pixart.data.shards import input_record, same_input
+from pixart.data.shards import check_unique_names, input_record, same_input
 from pixart.errors import PixArtError
 
 SIDECAR = "{}.aesthetic.jsonl"
@@ -215,8 +215,6 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
                  batch_size: int = 32, progress: Callable[[int], None] | None = None) -> Summary:
     """Score every sample of every shard, write the sidecars and the summary; return the summary. A scorer returns
     a score or, for a sample it cannot score, why not."""
-    from pixart.atomic import check_out_folder
-    from pixart.data.shards import check_unique_names
     from pixart.data.tars import TarDamage, iter_samples
 
     names = check_unique_names(shards)  # one sidecar per name: a second shard would overwrite the first

@@ -42,13 +42,7 @@ from pixart.errors import PixArtError
 from pixart.models import model_from_config
 from pixart.train import checkpoints
 from pixart.train.ema import EMA
-from pixart.train.encoders import (
-    autoencoder_source,
-    cache_manifest,
-    load_autoencoder,
-    load_text_encoder,
-    text_encoder_source,
-)
+from pixart.train.encoders import cache_manifest, check_named, load_autoencoder, load_text_encoder
 from pixart.train.engine import build_engine, deepspeed_config, init_distributed
 from pixart.train.master import frozen_state, gather, master_fragments, scatter_into
 from pixart.train.monitor import Monitor
@@ -132,10 +126,7 @@ class DistillTrainer:
         # only now: a bad teacher or shard, or a config that cannot resume the run, writes nothing
         deepspeed_config(cfg, self.world)  # an unreadable deepspeed.config file, before the run folder
         if cfg.validation.prompts or (r.weight and r.kind == "lpips"):  # grids, or LPIPS on decoded images
-            manifest = self.manifest or cache_manifest(cfg)  # their encoders named, before the run folder
-            autoencoder_source(cfg.encoders, manifest)
-            if cfg.validation.prompts:
-                text_encoder_source(cfg.encoders, manifest)
+            check_named(cfg.encoders, self.manifest or cache_manifest(cfg), text=bool(cfg.validation.prompts))
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
         self.engines = {GENERATOR: build_engine(generator, cfg, self.world)[0],

@@ -59,3 +59,11 @@ def autoencoder_source(enc: EncodersSection, manifest: Manifest | None) -> str:
     if source is None:
         raise PixArtError("encoders.vae: needed (raw shards or validation images) and no feature manifest names one")
     return source
+
+
+def check_named(enc: EncodersSection, manifest: Manifest | None, text: bool) -> None:
+    """Before the run folder is written: the decoder (and, with `text`, the text encoder) that validation grids or
+    LPIPS will load is named by the config or the feature manifest."""
+    autoencoder_source(enc, manifest)
+    if text:
+        text_encoder_source(enc, manifest)

@@ -50,7 +50,7 @@ from . import checkpoints, memory
 from .compile import compile_blocks
 from .config import TrainConfig
 from .ema import EMA
-from .encoders import autoencoder_source, cache_manifest, load_autoencoder, load_text_encoder, text_encoder_source
+from .encoders import cache_manifest, check_named, load_autoencoder, load_text_encoder
 from .engine import build_engine, deepspeed_config, init_distributed
 from .master import frozen_state, gather, master_fragments, scatter_into
 from .monitor import Monitor, peak_flops, read_log, train_flops_per_sample
@@ -120,7 +120,8 @@ class Trainer:
         self.batches = batches if batches is not None else build_loader(cfg, self.model_config.arch, self.device)
         self.settings = checkpoints.resume_settings(cfg, self.run_dir)
         deepspeed_config(cfg, self.world)  # an unreadable deepspeed.config file, too, before the run folder
-        self._check_validation_encoders()
+        if self._draws_grids():
+            check_named(cfg.encoders, self.manifest or cache_manifest(cfg), text=self.model_config.arch == "pixart")
         # only now: a bad init or shard, or a config that cannot resume the run, writes nothing
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.world)
@@ -168,14 +169,6 @@ class Trainer:
     def _draws_grids(self) -> bool:
         """A class-conditional stage draws its classes; a text-conditional one its validation prompts, if any."""
         return self.model_config.arch == "dit" or bool(self.cfg.validation.prompts)
-
-    def _check_validation_encoders(self) -> None:
-        """The encoders the grids need must be named (config or manifest) before the run folder is written."""
-        if self._draws_grids():
-            manifest = self.manifest or cache_manifest(self.cfg)
-            autoencoder_source(self.cfg.encoders, manifest)
-            if self.model_config.arch == "pixart":
-                text_encoder_source(self.cfg.encoders, manifest)
 
     def _validator(self):
         from .validation import Validator
