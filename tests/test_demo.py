@@ -102,7 +102,18 @@ def test_a_contended_cpu_is_named_beside_the_latencies():
     assert "the latencies are inflated" in contention_warning(360.0, 120.0)
 
 
+def test_a_teacher_without_diversity_gets_no_ratio():
+    from pixart.demo.dmd import diversity_line, over
+
+    assert over(0.05, 0.1) == 0.5 and over(0.0, 0.0) is None
+    assert diversity_line({"student": 0.05, "teacher": 0.1, "student_over_teacher": 0.5}) == \
+        "diversity 0.50x the teacher's"
+    assert "the teacher's 0" in diversity_line({"student": 0.0, "teacher": 0.0, "student_over_teacher": None})
+
+
 def test_demo_distills_a_one_step_student_and_reports_it(demo):
+    from pixart.demo.dmd import over
+
     m = json.loads((demo / "report" / "metrics.json").read_text())["dmd"]
     assert set(m["heldout"]) >= {"color", "position", "shape"} and m["heldout"]["prompts"] == 9
     assert m["teacher_heldout"]["color"] == json.loads((demo / "report" / "metrics.json").read_text())["heldout"][
@@ -113,7 +124,7 @@ def test_demo_distills_a_one_step_student_and_reports_it(demo):
         assert m["latency"][f"speedup_denoise_batch{batch}"] > 1  # one forward against 20 guided steps
     assert m["latency"]["fp32_matmul_gflops"] > 0  # the CPU's rate around the timing, beside the start's
     d = m["diversity"]
-    assert d["student_over_teacher"] == d["student"] / d["teacher"] and d["data"] > 0
+    assert d["student_over_teacher"] == over(d["student"], d["teacher"]) and d["data"] > 0
     assert Image.open(demo / "report" / "dmd.png").size == (8 * 64 * 2, 6 * 64 * 2)  # 4 teacher + 4 student
     assert load_student(demo / "export-dmd")["call"]["timesteps"] == [400]
 

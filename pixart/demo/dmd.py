@@ -32,6 +32,19 @@ def contention_warning(start_gflops: float, timing_gflops: float) -> str | None:
             f"{start_gflops:.0f} at the start: other work shared it, so the latencies are inflated")
 
 
+def over(a: float, b: float) -> float | None:
+    """a / b, or None where b is 0 (a teacher that scored nothing, or whose samples never vary)."""
+    return a / b if b else None
+
+
+def diversity_line(diversity: dict) -> str:
+    """The report's words for the student's diversity against the teacher's (no ratio to a teacher without any)."""
+    ratio = diversity["student_over_teacher"]
+    if ratio is None:
+        return f"diversity {diversity['student']:.3f}, the teacher's 0: its samples do not vary with the seed"
+    return f"diversity {ratio:.2f}x the teacher's"
+
+
 def latency(drawer: Drawer, prompt: str, batch: int, repeats: int = 5) -> dict:
     """Median seconds per image at `batch`: the denoising alone (text features -> latents: the transformer's
     forwards and the scheduler's steps) and end to end (prompt -> image through the whole pipeline call)."""
@@ -108,13 +121,13 @@ def evaluate_student(out: Path, teacher: Drawer, seed: int, judge, heldout_teach
                      "teacher": spread_per_prompt(teacher.images(repeated, seed + 1), DIVERSITY_SEEDS),
                      "data": data_spread(seen, DIVERSITY_SEEDS, seed),
                      "prompts": len(seen), "seeds": DIVERSITY_SEEDS}
-        diversity["student_over_teacher"] = diversity["student"] / diversity["teacher"]
+        diversity["student_over_teacher"] = over(diversity["student"], diversity["teacher"])
     grid_prompts = prompts[:: max(1, len(prompts) // 6)][:6]
     rows = []
     for p in grid_prompts:
         rows += teacher.images([p] * 4, seed + 2) + student.images([p] * 4, seed + 2)
     save_grid(rows, 8, out / "report" / "dmd.png", scale=2)
-    ratio = {k: scores[k] / heldout_teacher[k] if heldout_teacher[k] else None for k in ("color", "position", "shape")}
+    ratio = {k: over(scores[k], heldout_teacher[k]) for k in ("color", "position", "shape")}
     return {"heldout": scores, "teacher_heldout": {k: heldout_teacher[k] for k in ("color", "position", "shape")},
             "student_over_teacher": ratio, "latency": speed, "diversity": diversity,
             "sampler": f"one step from t={call['timesteps'][0]}, no guidance (DDPM pred_original_sample)"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pixart.train.monitor import read_log
 
-from .dmd import contention_warning, evaluate_student, matmul_gflops
+from .dmd import contention_warning, diversity_line, evaluate_student, matmul_gflops
 from .drawer import Drawer
 from .perfusion import evaluate_concept
 from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, PAIR_HOLDOUT, PHRASING_SPECS, SAMPLE_STEPS, TWO_OBJECT_PROMPTS
@@ -153,8 +153,8 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
         lat = d["latency"]
         print(f"one-step student (DMD): color {d['heldout']['color']:.1%}, position {d['heldout']['position']:.1%}, "
               f"shape {d['heldout']['shape']:.1%}; denoising {lat['speedup_denoise_batch1']:.0f}x faster than the "
-              f"teacher at batch 1 ({lat['speedup_end_to_end_batch1']:.1f}x end to end); diversity "
-              f"{d['diversity']['student_over_teacher']:.2f}x the teacher's")
+              f"teacher at batch 1 ({lat['speedup_end_to_end_batch1']:.1f}x end to end); "
+              f"{diversity_line(d['diversity'])}")
         warning = contention_warning(metrics["machine"]["fp32_matmul_gflops"], lat["fp32_matmul_gflops"])
         if warning:
             print(warning)
