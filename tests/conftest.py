@@ -26,6 +26,22 @@ def write_tar(path, members):
     return path
 
 
+def turned_photo(orientation: int, w: int = 24, h: int = 16) -> bytes:
+    """A JPEG stored as a phone stores a photo it took turned: w x h pixels as the sensor saw them, and an EXIF
+    orientation tag saying how to turn them for display (6 and 8: a quarter turn, shown h wide and w high)."""
+    import io
+
+    import numpy as np
+    from PIL import ExifTags, Image
+
+    px = np.random.default_rng(orientation).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
 def perturb_(model, std=0.05, seed=0):
     """Give a freshly initialised model non-trivial weights (inits zero many layers)."""
     g = torch.Generator().manual_seed(seed)

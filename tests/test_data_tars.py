@@ -3,12 +3,13 @@
 lowercases the extension) on member names found in public shards."""
 import io
 
+import numpy as np
 import pytest
 import webdataset as wds
-from conftest import write_tar
+from conftest import turned_photo, write_tar
 from PIL import Image
 
-from pixart.data.tars import decode_image, read_tar
+from pixart.data.tars import decode_image, displayed_size, read_tar
 
 
 def _jpeg() -> bytes:
@@ -70,3 +71,18 @@ def test_two_writers_of_one_shard_never_rename_each_others_half(tmp_path):
     assert [s["txt"] for s in read_tar(str(path))] == [b"from the rerun"]
     assert stat.S_IMODE(path.stat().st_mode) == file_mode()  # the team's, not mkstemp's 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar"]
+
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_photo_is_read_turned_as_its_exif_orientation_says_as_diffusers_reads_it(tmp_path, orientation):
+    """diffusers' `load_image` (its pipelines' image inputs; its DreamBooth scripts apply the same
+    `exif_transpose` to every instance photo) is the reference for how a photo is seen."""
+    from diffusers.utils import load_image
+
+    data = turned_photo(orientation)
+    (tmp_path / "photo.jpg").write_bytes(data)
+    want = np.asarray(load_image(str(tmp_path / "photo.jpg")))
+    assert want.shape[:2] == ((24, 16) if orientation in (6, 8) else (16, 24))  # a quarter turn swaps the sides
+    assert np.array_equal(np.asarray(decode_image({"jpg": data})), want)
+    assert displayed_size(data) == want.shape[:2]  # from the header alone, for bucketing before decoding

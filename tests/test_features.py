@@ -570,3 +570,34 @@ def test_a_folder_of_gzipped_shards(enc, raw, tmp_path):
     ex = extract_features(tmp_path / "gz", tmp_path / "f", _cfg_txt(enc), progress=False)
     assert [r.name for r in ex.results] == ["shard-000000.tar.gz"] and ex.manifest.count == 4
     assert [s.key for s in _read(tmp_path / "f" / "shard-000000.tar.gz.tar")] == [f"{k:06d}" for k in range(4)]
+
+
+def test_img2dataset_shards_are_read_as_they_are(enc, tmp_path):
+    """img2dataset's `--output_format webdataset`, as its `WebDatasetSampleWriter` (img2dataset/writer.py, 1.47)
+    writes it: keys of shard and index digits through webdataset's TarWriter, the image (jpg, or webp with
+    `--encode_format webp`), the caption as `txt`, its metadata as 4-space-indented `json`; beside each tar a
+    `.parquet` of every url (failed downloads too) and a `_stats.json`. A failed download has no member."""
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    fmt = {0: "jpg", 1: "webp", 3: "jpg"}  # index 2 failed to download
+    with wds.TarWriter(str(folder / "00000.tar")) as w:
+        for i, ext in fmt.items():
+            key, (iw, ih) = f"00000{i:04d}", ((48, 32), (32, 48), (40, 40), (32, 32))[i]
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(_png(iw, ih, i))).save(buf, "JPEG" if ext == "jpg" else "WEBP")
+            meta = {"url": f"https://example.com/{i}.jpg", "caption": CAPTIONS[i], "key": key, "status": "success",
+                    "error_message": None, "width": iw, "height": ih, "original_width": iw * 4,
+                    "original_height": ih * 4, "exif": "{}", "sha256": "0" * 64}
+            w.write({"__key__": key, ext: buf.getvalue(), "txt": CAPTIONS[i], "json": json.dumps(meta, indent=4)})
+    (folder / "00000.parquet").write_bytes(b"PAR1" + bytes(16) + b"PAR1")
+    (folder / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 3, "failed_to_download": 1}))
+    cfg = _cfg_txt(enc, vae=None, pixel_autoencoder=2, resolution=None, buckets="ms32")
+    ex = extract_features(folder, tmp_path / "f", cfg, progress=False)
+    assert [r.name for r in ex.results] == ["00000"]  # the parquet and the stats beside it are not shards
+    assert ex.manifest.count == 3 and not ex.manifest.shards[0].skipped
+    samples = _read(tmp_path / "f" / "00000.tar")
+    assert [s.key for s in samples] == ["000000000", "000000001", "000000003"]
+    for s, i in zip(samples, fmt, strict=True):
+        assert s.meta["captions"]["txt"] == CAPTIONS[i] and s.meta["url"] == f"https://example.com/{i}.jpg"
+        assert s.meta["target_hw"] == list(nearest_bucket(s.meta["height"], s.meta["width"], bucket_table("ms32"))[1])
+    assert [s.meta["target_hw"][0] < s.meta["target_hw"][1] for s in samples] == [True, False, False]

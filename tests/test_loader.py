@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import write_tar
+from conftest import turned_photo, write_tar
 from PIL import Image
 from tolerance import conditioned
 
@@ -180,6 +180,17 @@ def test_starving_raw_bucket_merged(tmp_path):
     assert loader.stats.merged == {"0.5": "1.0"} and loader.stats.starving == {}
     batches = take(loader, 4)
     assert "k0" in sum(keys_of(batches), []) and all(b["pixels"].shape[-2:] == (64, 64) for b in batches)
+
+
+def test_a_turned_photo_goes_to_the_bucket_of_its_displayed_shape(tmp_path):
+    """64 x 32 px as stored, tagged for a quarter turn: shown 32 wide and 64 high (diffusers' `load_image`
+    reads it so), so it belongs with the tall images, and trains upright."""
+    with wds.TarWriter(str(tmp_path / "a.tar")) as tw:  # jpg + txt, no json: its size is read from the header
+        for i in range(4):
+            tw.write({"__key__": f"p{i}", "jpg": turned_photo(6, w=64, h=32), "txt": b"a photo"})
+    batches = take(Loader(LoaderConfig(str(tmp_path), batch_size=2, buckets=64)), 2)
+    assert {b["bucket"] for b in batches} == {"2.0"}  # height / width
+    assert all(b["pixels"].shape[-2] > b["pixels"].shape[-1] for b in batches)
 
 
 def test_corrupt_samples_skipped_and_counted(tmp_path):

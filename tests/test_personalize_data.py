@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_tar
+from conftest import turned_photo, write_tar
 from PIL import Image
 
 from pixart.errors import PixArtError
@@ -68,6 +68,16 @@ def test_a_folder_and_its_bad_masks(tmp_path):
     (tmp_path / "masks" / "a.png").unlink()
     (item,) = read_concept_images(str(tmp_path))
     assert item.mask is None and item.caption is None
+
+
+def test_a_phones_photo_of_the_concept_is_read_upright_as_diffusers_dreambooth_reads_it(tmp_path):
+    """diffusers' DreamBooth scripts `exif_transpose` every instance photo, as its `load_image` does."""
+    from diffusers.utils import load_image
+
+    (tmp_path / "dog.jpg").write_bytes(turned_photo(6))
+    (item,) = read_concept_images(str(tmp_path))
+    assert np.array_equal(np.asarray(item.image), np.asarray(load_image(str(tmp_path / "dog.jpg"))))
+    assert item.image.size == (16, 24)  # shown 16 wide and 24 high
 
 
 def test_bad_samples_of_shards_are_skipped_and_said_and_a_folder_of_shards_is_read(tmp_path, capsys):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import io
 import json
 import logging
 from collections import Counter
@@ -17,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import PixArtError
 from .buckets import Table, nearest_bucket, resize_crop
 from .schema import FEATURES_EXT, FeatureSample
 from .shards import is_url, shard_name
-from .tars import DUPLICATE, IMAGE_EXTS, NOTHING_READ, decode_image, read_tar, stable_reason
+from .tars import DUPLICATE, IMAGE_EXTS, NOTHING_READ, decode_image, displayed_size, read_tar, stable_reason
 
 log = logging.getLogger("pixart.data")
 
@@ -159,8 +157,7 @@ class Decoder:
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             raise BadSample("no image")
-        w, h = Image.open(io.BytesIO(raw[ext])).size  # header only
-        return h, w
+        return displayed_size(raw[ext])
 
     def _raw(self, raw: dict, epoch: int) -> Item:
         key, meta = raw["__key__"], self._meta(raw)

@@ -97,9 +97,11 @@ def stable_reason(text: str) -> str:
 
 
 def decode_image(sample: dict):
-    """The sample's image as a PIL RGB image. ValueError("no image") or ("bad image: ...") says why not;
-    PIL raises many types for broken files, so every decoding error is turned into one."""
-    from PIL import Image
+    """The sample's image as a PIL RGB image, turned as its EXIF orientation says (as viewers show it, and as
+    diffusers' `load_image` and DreamBooth scripts read it: a phone's photo is stored sideways with a tag).
+    ValueError("no image") or ("bad image: ...") says why not; PIL raises many types for broken files, so every
+    decoding error is turned into one."""
+    from PIL import Image, ImageOps
 
     if DUPLICATE in sample:
         raise ValueError(f"duplicate file name {sample[DUPLICATE]}")
@@ -109,9 +111,19 @@ def decode_image(sample: dict):
     try:
         with Image.open(io.BytesIO(sample[ext])) as im:
             im.load()
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:
         raise ValueError(stable_reason(f"bad image: {type(e).__name__}: {e}")) from None
+
+
+def displayed_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an encoded image as `decode_image` returns it, from its header alone."""
+    from PIL import ExifTags, Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn: sides swap
+    return (w, h) if turned else (h, w)
 
 
 NOTHING_READ = "nothing could be read"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pixart.errors import PixArtError
 
@@ -34,7 +34,7 @@ class ConceptImage:
 def _open_image(source, label: str) -> Image.Image:
     try:
         with Image.open(source) as im:
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")  # upright, as diffusers' DreamBooth reads photos
     except Exception as e:
         raise PixArtError(f"{label}: cannot read image ({type(e).__name__})") from None
 
