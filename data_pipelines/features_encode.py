@@ -211,7 +211,8 @@ def encode_shard(url: str, name: str, job: Job, caption_files: dict[str, str | N
             w, h = img.size
             size = (job.resolution, job.resolution) if job.resolution else nearest_bucket(h, w, job.buckets)[1]
             meta.update(width=w, height=h, target_hw=list(size), captions=caps)
-            pixels = torch.from_numpy(np.asarray(resize_crop(img, size)).copy()).permute(2, 0, 1)
+            image = resize_crop(img, size, multi_aspect=not job.resolution)
+            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
             pending.setdefault(size, []).append(Pending(pos, key, pixels, meta))
             if len(pending[size]) == job.batch_size:
                 flush(pending.pop(size))

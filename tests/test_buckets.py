@@ -49,9 +49,34 @@ def test_scaled_tables_for_small_sides():
 def test_resize_crop_covers_then_centers():
     rgb = np.zeros((100, 300, 3), dtype=np.uint8)
     rgb[:, 100:200] = 255  # a white middle third
-    out = resize_crop(Image.fromarray(rgb), (64, 64))
+    out = resize_crop(Image.fromarray(rgb), (64, 64), multi_aspect=False)
     assert out.size == (64, 64)
     a = np.asarray(out)
     assert a[:, 8:56].min() > 200  # the centre is the white band, scaled to cover the height
-    tall = resize_crop(Image.fromarray(rgb), (96, 32))
+    tall = resize_crop(Image.fromarray(rgb), (96, 32), multi_aspect=True)
     assert tall.size == (32, 96)
+
+
+def test_resize_crop_makes_the_pixels_pixarts_transforms_make():
+    """Against torchvision's transforms as PixArt-alpha composes them. One resolution: tools/extract_features.py's
+    `extract_img_vae` and diffusion/data/transforms.py's `default_train`, `T.Resize(side)` (bilinear) then
+    `T.CenterCrop(side)`. Buckets: diffusion/data/datasets/InternalData_ms.py's `getdata`, its `resize_size` rule,
+    `T.Resize(resize_size, InterpolationMode.BICUBIC)`, then `T.CenterCrop(closest_size)`."""
+    import torchvision.transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    rng = np.random.default_rng(0)
+    sizes = [tuple(int(x) for x in hw) for hw in rng.integers(17, 400, (30, 2))]
+    for h, w in sizes + [(300, 300), (100, 301), (301, 100), (427, 640), (257, 255)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = T.Compose([T.Resize(64), T.CenterCrop(64)])(img)
+        assert np.array_equal(np.asarray(resize_crop(img, (64, 64), multi_aspect=False)), np.asarray(want)), (h, w)
+        closest_size = list(nearest_bucket(h, w, ASPECT_RATIO_256)[1])
+        if closest_size[0] / h > closest_size[1] / w:  # InternalData_ms.py, as written there
+            resize_size = closest_size[0], int(w * closest_size[0] / h)
+        else:
+            resize_size = int(h * closest_size[1] / w), closest_size[1]
+        want = T.Compose([T.Resize(resize_size, interpolation=InterpolationMode.BICUBIC),
+                          T.CenterCrop(closest_size)])(img)
+        got = resize_crop(img, tuple(closest_size), multi_aspect=True)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), (h, w)

@@ -77,12 +77,22 @@ def nearest_bucket(h: int, w: int, table: Table) -> tuple[str, tuple[int, int]]:
     return key, table[key]
 
 
-def resize_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize so the image covers (bh, bw), then center-crop: no padding, no distortion."""
+def resize_crop(image: Image.Image, size: tuple[int, int], multi_aspect: bool) -> Image.Image:
+    """Resize so the image covers (bh, bw), then center-crop: no padding, no distortion. The pixels are PixArt's:
+    - one resolution (a square `size`), as its feature extraction and `default_train` transform: torchvision's
+      `Resize(side)` (bilinear, the shorter side to `side`), then `CenterCrop(side)`;
+    - buckets (`multi_aspect`), as its InternalDataMS: a bicubic resize to sides computed as it computes them,
+      then torchvision's `CenterCrop`.
+    """
     bh, bw = size
     w, h = image.size
-    scale = max(bh / h, bw / w)
-    nh, nw = max(bh, round(h * scale)), max(bw, round(w * scale))
-    image = image.resize((nw, nh), Image.BICUBIC)
-    top, left = (nh - bh) // 2, (nw - bw) // 2
+    if not multi_aspect:  # torchvision's Resize(int): the shorter side to `bh`, the longer truncated
+        nh, nw = (int(bh * h / w), bh) if w <= h else (bh, int(bh * w / h))
+    elif bh / h > bw / w:
+        nh, nw = bh, int(w * bh / h)
+    else:
+        nh, nw = int(h * bw / w), bw
+    nh, nw = max(nh, bh), max(nw, bw)  # where float rounding truncates a side below the crop (torchvision would pad)
+    image = image.resize((nw, nh), Image.BICUBIC if multi_aspect else Image.BILINEAR)
+    top, left = int(round((nh - bh) / 2.0)), int(round((nw - bw) / 2.0))  # torchvision's CenterCrop
     return image.crop((left, top, left + bw, top + bh))

@@ -177,7 +177,8 @@ class Decoder:
             bucket = nearest_bucket(*self._raw_hw(raw), self.table)[0]
             bucket = (self.remap or {}).get(bucket, bucket)
             size = self.table[bucket]
-        pixels = torch.from_numpy(np.asarray(resize_crop(image, size)).copy()).permute(2, 0, 1)
+        cropped = resize_crop(image, size, multi_aspect=self.table is not None)
+        pixels = torch.from_numpy(np.asarray(cropped).copy()).permute(2, 0, 1)
         return Item(key, bucket, pixels, caption, None, (image.height, image.width), size[0] / size[1],
                     int(meta.get("label", -1)))
 
