@@ -40,6 +40,12 @@ def _png(w, h, seed):
     return buf.getvalue()
 
 
+def _jpg(w, h, seed):
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_png(w, h, seed))).save(buf, "JPEG")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc")
@@ -570,6 +576,17 @@ def test_a_folder_of_gzipped_shards(enc, raw, tmp_path):
     ex = extract_features(tmp_path / "gz", tmp_path / "f", _cfg_txt(enc), progress=False)
     assert [r.name for r in ex.results] == ["shard-000000.tar.gz"] and ex.manifest.count == 4
     assert [s.key for s in _read(tmp_path / "f" / "shard-000000.tar.gz.tar")] == [f"{k:06d}" for k in range(4)]
+
+
+def test_the_cls_member_becomes_the_samples_label(enc, tmp_path):
+    """webdataset's class member (`KEY.cls`: an integer as text, timm's `imagenet-1k-wds` shards' label) is kept as
+    the feature sample's `label`, which a class-conditional stage trains on; a `cls` that is no integer is skipped."""
+    with wds.TarWriter(str(tmp_path / "imagenet.tar")) as w:
+        for i, cls in enumerate(["3", "17", "x"]):
+            w.write({"__key__": f"n{i}", "jpg": _jpg(32, 32, i), "cls": cls, "json": json.dumps({"label": 99})})
+    ex = extract_features(tmp_path / "imagenet.tar", tmp_path / "f", _cfg_txt(enc), progress=False)
+    assert [s.meta["label"] for s in _read(tmp_path / "f" / "imagenet.tar")] == [3, 17]
+    assert ex.manifest.shards[0].skipped == [{"key": "n2", "reason": "bad cls: 'x' is not an integer"}]
 
 
 def test_img2dataset_shards_are_read_as_they_are(enc, tmp_path):

@@ -193,6 +193,20 @@ def test_a_turned_photo_goes_to_the_bucket_of_its_displayed_shape(tmp_path):
     assert all(b["pixels"].shape[-2] > b["pixels"].shape[-1] for b in batches)
 
 
+def test_a_class_conditional_loader_reads_the_cls_member_and_no_caption(tmp_path, feats):
+    """webdataset's class member (`KEY.cls`, an integer as text, as timm's ImageNet shards have it) is the label, and
+    with `caption=None` a sample needs no caption: raw shards give pixels and labels, feature shards no `y`."""
+    raw = tmp_path / "raw" / "a.tar"  # feats are in tmp_path
+    raw.parent.mkdir()
+    with wds.TarWriter(str(raw)) as tw:
+        for i in range(4):
+            tw.write({"__key__": f"n{i}", "png": _png(32, 32, i), "cls": str(7 + i).encode()})
+    (batch,) = take(Loader(LoaderConfig(str(raw), batch_size=4, resolution=32, caption=None)), 1)
+    assert sorted(batch["labels"].tolist()) == [7, 8, 9, 10] and batch["captions"] == [""] * 4
+    (batch,) = take(Loader(LoaderConfig(str(feats), batch_size=2, caption=None)), 1)
+    assert "y" not in batch and "mask" not in batch and batch["latents"].shape[0] == 2
+
+
 def test_corrupt_samples_skipped_and_counted(tmp_path):
     write_raw(tmp_path / "a.tar", [f"a{i}" for i in range(6)], [(32, 32)] * 6)
     with wds.TarWriter(str(tmp_path / "b.tar")) as tw:

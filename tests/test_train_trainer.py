@@ -348,6 +348,35 @@ def test_class_conditional_stage_trains_on_metadata_labels_and_draws_a_grid(cach
     assert done["checkpoint"] == str((tmp_path / "run" / "checkpoints" / "step-000003").absolute())
 
 
+def test_a_class_conditional_stage_trains_on_imagenet_shards_that_have_a_cls_and_no_caption(cache, tmp_path):
+    """ImageNet as timm's `imagenet-1k-wds` shards hold it (timm/data/readers/reader_wds.py reads
+    `int(sample["cls"])` beside `jpg`): no caption, no label in the json. Stage 1 reads no captions."""
+    import io
+
+    import webdataset as wds
+
+    (tmp_path / "imagenet").mkdir()
+    with wds.TarWriter(str(tmp_path / "imagenet" / "imagenet1k-train-0000.tar")) as w:
+        for i in range(8):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 32), (30 * i, 100, 200)).save(buf, "JPEG")
+            w.write({"__key__": f"n01440764_{i}", "jpg": buf.getvalue(), "cls": str(i % 3),
+                     "json": json.dumps({"filename": f"n01440764_{i}.JPEG"})})
+    dit = {"name": "DiT-S/2", "arch": {"input_size": 8, "in_channels": 48, "depth": 2, "hidden_size": 48,
+                                        "num_heads": 4, "num_classes": 3, "learn_sigma": False}}
+    config = stage(cache, tmp_path, model=dit, data__shards=str(tmp_path / "imagenet"), data__resolution=32,
+                   train__max_steps=2, encoders={"vae": "pixel:4"}, validation={"labels": [0, 2], "steps": 2})
+    r = train(config, tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(keys(tmp_path / "run")) == 2 and "missing caption" not in r.stderr
+    dit["arch"]["num_classes"] = 2  # class 2 is beyond the model's classes
+    r = train(stage(cache, tmp_path, "two.yaml", model=dit, data__shards=str(tmp_path / "imagenet"),
+                    data__resolution=32, encoders={"vae": "pixel:4"}), tmp_path / "run2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "has class 2; a class-conditional stage needs each sample's class in 0..1, as a `cls` member or a `label` "
+        "in its json")
+
+
 def test_cache_that_does_not_fit_the_model_is_refused_before_step_1(cache, tmp_path):
     arch = {"input_size": 8, "in_channels": 48, "depth": 2, "hidden_size": 48, "num_heads": 4,
             "caption_channels": 64}

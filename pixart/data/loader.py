@@ -14,8 +14,9 @@ With `scores_dir`, samples scored below `min_score` (or unscored) are skipped.
 
 Feature batches: latents (B, C, h, w) = (mean + std * noise - latent_shift) * latent_scale with
 noise seeded by (seed, epoch, key); y (B, L, D) caption features padded to the batch's longest
-caption; mask (B, L); keys; captions (text, when the metadata has it); labels (B,) the metadata's
-class `label` (-1 without one); data_info {img_hw (B, 2) original height/width, aspect_ratio (B, 1)
+caption, and mask (B, L) (neither when `caption` is None); keys; captions (text, when the metadata has it);
+labels (B,) the sample's class: its `cls` member (webdataset's and timm's), else its json's `label` (-1 without
+one); data_info {img_hw (B, 2) original height/width, aspect_ratio (B, 1)
 of the bucket}; bucket; step.
 Raw batches: pixels (B, 3, H, W) in [-1, 1] (resized to cover the bucket, center-cropped);
 captions; keys; labels; data_info; bucket; step. With encoders passed to `Loader`, raw batches are
@@ -55,7 +56,8 @@ class LoaderConfig:
     buckets: int | dict | None = None        # raw: a side (1024/512/256: PixArt's tables; else scaled) or a table
     bucket_multiple: int = 16                # raw: scaled-table sizes are multiples of this
     resolution: int | tuple[int, int] = 256  # raw, without buckets: every image resized-cropped to this
-    caption: str | dict[str, float] = "txt"  # a caption source, or a mix {source: probability}
+    caption: str | dict[str, float] | None = "txt"  # a caption source, a mix {source: probability}, or None:
+    # no captions are read (a class-conditional stage; its samples carry their class)
     latent_scale: float | None = None        # features: the VAE's scaling factor; None: the manifest's, else 1.0
     latent_shift: float | None = None        # None: the manifest's shift factor, else 0.0
     latent_downsample: int = 8               # features without width/height metadata: pixels per latent cell
@@ -113,7 +115,9 @@ def _outlive_stop_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _caption_mix(caption: str | dict[str, float]) -> dict[str, float]:
+def _caption_mix(caption: str | dict[str, float] | None) -> dict[str, float]:
+    if caption is None:
+        return {}
     mix = {caption: 1.0} if isinstance(caption, str) else {str(k): float(v) for k, v in caption.items()}
     if not mix or any(p < 0 for p in mix.values()) or sum(mix.values()) <= 0:
         raise PixArtError(f"caption: give a source name or {{source: probability}} with a positive sum, "
@@ -125,6 +129,8 @@ def _check_caption_sources(caption, sources: list[str], folder: str) -> None:
     """A folder must hold some source of the caption mix (each sample draws among the sources it has), else
     every sample would be skipped and the loader would starve epochs later; a missing few are a warning."""
     mix = _caption_mix(caption)
+    if not mix:
+        return
     absent = [s for s in mix if s not in sources]
     if len(absent) == len(mix):
         raise PixArtError(f"data.caption: none of {list(mix)} is in {folder} (its features hold captions {sources})")

@@ -21,7 +21,7 @@ from ..errors import PixArtError
 from .buckets import Table, nearest_bucket, resize_crop
 from .schema import FEATURES_EXT, FeatureSample
 from .shards import is_url, shard_name
-from .tars import DUPLICATE, IMAGE_EXTS, NOTHING_READ, decode_image, displayed_size, read_tar, stable_reason
+from .tars import DUPLICATE, IMAGE_EXTS, NOTHING_READ, class_of, decode_image, displayed_size, read_tar, stable_reason
 
 log = logging.getLogger("pixart.data")
 
@@ -136,7 +136,10 @@ class Decoder:
         except Exception as e:
             raise BadSample(f"bad {self.kind} sample ({type(e).__name__})") from e
 
-    def _pick(self, available: dict[str, object], key: str, epoch: int) -> str:
+    def _pick(self, available: dict[str, object], key: str, epoch: int) -> str | None:
+        """The caption source this sample trains on this epoch; None when no captions are read."""
+        if not self.caption:
+            return None
         names = [n for n in self.caption if n in available]
         if not names:
             raise BadSample("missing caption")
@@ -166,7 +169,7 @@ class Decoder:
             raise BadSample("no image")
         texts = {n: raw[n].decode("utf-8") for n in self.caption if isinstance(raw.get(n), bytes)}
         texts.update({n: t for n, t in meta.get("captions", {}).items() if n not in texts and isinstance(t, str)})
-        caption = texts[self._pick(texts, key, epoch)]
+        name = self._pick(texts, key, epoch)
         try:
             image = decode_image(raw)
         except ValueError as e:
@@ -179,8 +182,8 @@ class Decoder:
             size = self.table[bucket]
         cropped = resize_crop(image, size, multi_aspect=self.table is not None)
         pixels = torch.from_numpy(np.asarray(cropped).copy()).permute(2, 0, 1)
-        return Item(key, bucket, pixels, caption, None, (image.height, image.width), size[0] / size[1],
-                    int(meta.get("label", -1)))
+        return Item(key, bucket, pixels, texts[name] if name else "", None, (image.height, image.width),
+                    size[0] / size[1], class_of(raw, meta))
 
     def _features(self, raw: dict, epoch: int) -> Item:
         fs = FeatureSample.from_wds(raw)
@@ -188,15 +191,15 @@ class Decoder:
         if mean.dim() != 3 or mean.shape != std.shape:
             raise BadSample("bad latent shape")
         name = self._pick(fs.text, fs.key, epoch)
-        y = fs.text[name]
-        if y.dim() != 2:
+        y = fs.text[name] if name else None
+        if y is not None and y.dim() != 2:
             raise BadSample("bad caption features")
         g = torch.Generator().manual_seed(stable_seed(self.seed, "latent", epoch, fs.key))
         latent = (mean + std * torch.randn(mean.shape, generator=g) - self.latent_shift) * self.latent_scale
         h, w = mean.shape[-2:]
         ds = self.latent_downsample
         hw = (int(fs.meta.get("height", h * ds)), int(fs.meta.get("width", w * ds)))
-        caption = fs.meta.get("captions", {}).get(name, "")
+        caption = fs.meta.get("captions", {}).get(name, "") if name else ""
         return Item(fs.key, f"{h}x{w}", latent, caption if isinstance(caption, str) else "", y, hw, h / w,
                     int(fs.meta.get("label", -1)))
 

@@ -342,6 +342,9 @@ def collate(items: list[Item], kind: str) -> dict:
         pixels = np.stack([it.x.numpy() for it in items]).astype(np.float32) / np.float32(127.5) - np.float32(1)
         batch["pixels"] = torch.from_numpy(pixels)
         return batch
+    batch["latents"] = torch.from_numpy(np.stack([_bytes(it.x) for it in items])).view(items[0].x.dtype)
+    if items[0].y is None:  # no captions read (a class-conditional stage)
+        return batch
     B, L, (D,) = len(items), max(it.y.shape[0] for it in items), items[0].y.shape[1:]
     y = torch.zeros(B, L, D, dtype=items[0].y.dtype)
     mask = torch.zeros(B, L, dtype=torch.long)
@@ -350,8 +353,7 @@ def collate(items: list[Item], kind: str) -> dict:
         n = it.y.shape[0]
         y_bytes[i, :n] = _bytes(it.y.to(y.dtype))
         mask[i, :n] = 1
-    latents = torch.from_numpy(np.stack([_bytes(it.x) for it in items])).view(items[0].x.dtype)
-    batch.update(latents=latents, y=y, mask=mask)
+    batch.update(y=y, mask=mask)
     return batch
 
 

@@ -126,6 +126,14 @@ def displayed_size(data: bytes) -> tuple[int, int]:
     return (w, h) if turned else (h, w)
 
 
+def class_of(sample: dict, meta: dict) -> int:
+    """A sample's class for a class-conditional stage: its `cls` member (an integer as text: webdataset's
+    convention, which timm's ImageNet shards follow), else its json's `label`; -1 without either."""
+    if "cls" in sample:
+        return int(sample["cls"])
+    return int(meta.get("label", -1))
+
+
 NOTHING_READ = "nothing could be read"
 
 

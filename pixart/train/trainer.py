@@ -199,9 +199,12 @@ class Trainer:
         xt = self.schedule.q_sample(x0, t, noise)
         if self.model_config.arch == "dit":
             labels = batch["labels"].to(dev)
-            if (labels < 0).any():
-                raise PixArtError(f"data: a class-conditional stage needs a `label` in every sample's metadata "
-                                  f"(sample {batch['keys'][int((labels < 0).nonzero()[0])]} has none)")
+            bad = (labels < 0) | (labels >= self.model_config.num_classes)
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                raise PixArtError(f"data: sample {batch['keys'][i]} has class {int(labels[i])}; a class-conditional "
+                                  f"stage needs each sample's class in 0..{self.model_config.num_classes - 1}, as a "
+                                  f"`cls` member or a `label` in its json")
             out = self.engine(xt.to(self.dtype), t, labels, force_drop_ids=drop)
         else:
             info = {k: v.to(dev) for k, v in batch["data_info"].items()} if "data_info" in batch else None
@@ -361,7 +364,8 @@ def build_loader(cfg, arch: str, device: torch.device) -> Loader:
     if detect_kind(resolve_shards(d.shards)) == "raw":
         text = load_text_encoder(cfg.encoders, None, str(device)) if arch == "pixart" else None
         vae = load_autoencoder(cfg.encoders, None, str(device))
-    return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=cfg.train.seed, caption=d.caption,
+    caption = d.caption if arch == "pixart" else None  # a class-conditional stage reads no captions
+    return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=cfg.train.seed, caption=caption,
                                buckets=d.buckets, resolution=d.resolution, num_workers=d.num_workers,
                                scores_dir=d.scores_dir, min_score=d.min_score, expected=d.expected),
                   text_encoder=text, autoencoder=vae)
