@@ -183,6 +183,7 @@ def test_the_null_caption_snippet_of_the_export_page_runs(tmp_path, tiny_parts):
     import re
     from pathlib import Path
 
+    from pixart.encoders import TextEncoder, TextEncoderConfig
     from pixart.export.diffusers import PipelineParts
 
     t5, vae = tiny_parts
@@ -190,11 +191,15 @@ def test_the_null_caption_snippet_of_the_export_page_runs(tmp_path, tiny_parts):
     export(model, tmp_path / "pipe", PipelineParts(str(t5), str(t5), str(vae)))
     page = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "null_caption" in b)
+    prompt = "A RED Star in the <b>top left</b> corner"  # as trained, the pipeline sees it cleaned: lowercase, no tags
     snippet = snippet.replace('"export/pixart-xl2"', repr(str(tmp_path / "pipe"))).replace(
-        "num_inference_steps=20", "num_inference_steps=2, height=16, width=16, use_resolution_binning=False")
+        "num_inference_steps=20", "num_inference_steps=2, height=16, width=16, use_resolution_binning=False").replace(
+        '"a red star in the top left corner"', repr(prompt))
     scope = {}
     exec(snippet, scope)  # noqa: S102 (our own docs)
     assert scope["image"].size == (16, 16)
+    trained, _ = TextEncoder(TextEncoderConfig(str(t5), max_length=64, dtype="fp32")).encode([prompt])
+    assert torch.allclose(scope["embeds"], trained, atol=1e-6)
 
 
 def test_a_pipeline_folder_names_its_own_text_encoder_and_vae(tmp_path, tiny_parts):
@@ -241,7 +246,7 @@ def test_an_imported_export_samples_as_the_checkpoint_it_came_from(tmp_path, tin
     assert np.array_equal(*grids)
 
 
-def hub_layout(folder, scheduler: dict | None = None):
+def hub_layout(folder, scheduler: dict | None = None, safetensors: bool = True):
     """A pipeline folder as the hub's PixArt-alpha repos lay it out: transformer/ (and scheduler/), no
     null_caption.safetensors. diffusers' scripts/convert_pixart_alpha_to_diffusers.py (and PixArt-alpha's
     tools/convert_pixart_alpha_to_diffusers.py) drop `y_embedder.y_embedding`: the transformer has no slot for it."""
@@ -249,7 +254,9 @@ def hub_layout(folder, scheduler: dict | None = None):
 
     transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                            num_layers=1, cross_attention_dim=16, sample_size=8, caption_channels=CAP)
-    transformer.save_pretrained(folder / "transformer")
+    transformer.save_pretrained(folder / "transformer", safe_serialization=safetensors)
+    config = folder / "transformer" / "config.json"  # as the official repos (diffusers 0.22) name the class
+    config.write_text(config.read_text().replace('"PixArtTransformer2DModel"', '"Transformer2DModel"'))
     if scheduler is not None:
         (folder / "scheduler").mkdir()
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
@@ -279,6 +286,40 @@ def test_a_folder_without_a_null_caption_warns_and_its_made_up_one_is_never_expo
     assert "no null caption: the import made one up" in result.stdout
     assert not (tmp_path / "again" / "null_caption.safetensors").exists()
     assert load_null_caption(tmp_path / "again") is None
+
+
+def test_the_released_one_step_student_imports_from_its_torch_pickle(tmp_path, capsys):
+    """huggingface.co/PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512 ships transformer/ as config.json (class
+    Transformer2DModel, out_channels 8) and diffusion_pytorch_model.bin only, beside a DDPMScheduler config
+    (epsilon, clip_sample false); PixArt-sigma's app/app_pixart_dmd.py samples it with timesteps=[400],
+    guidance_scale=1, num_inference_steps=1. It imported as "no file named diffusion_pytorch_model.safetensors"."""
+    import json
+    import pickle
+
+    from pixart.cli.main import main
+
+    hub = hub_layout(tmp_path / "hub", {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+                                        "beta_start": 0.0001, "clip_sample": False, "num_train_timesteps": 1000,
+                                        "prediction_type": "epsilon"}, safetensors=False)
+    assert sorted(p.name for p in (hub / "transformer").iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
+    main(["import", str(hub), "--out", str(tmp_path / "ck"), "--start-timestep", "400"])
+    assert capsys.readouterr().out.strip() == (f"wrote {tmp_path / 'ck'} (epsilon, null caption freshly initialised, "
+                                               "one-step student)")
+    assert json.loads((tmp_path / "ck" / "student.json").read_text()) == {"start_timestep": 400}
+    assert json.loads((tmp_path / "ck" / "diffusion.json").read_text()) == {"prediction_type": "epsilon"}
+    model = import_diffusers(hub).eval()
+    transformer = PixArtTransformer2DModel.from_pretrained(hub / "transformer", use_safetensors=False).eval()
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([400]), torch.randn(1, 4, CAP)
+    with torch.no_grad():
+        assert rel_err(model(x, t, y), diffusers_forward(transformer, x, t, y, torch.ones(1, 4))) <= reimplemented()
+
+    with pytest.raises(SystemExit):
+        main(["import", str(hub), "--out", str(tmp_path / "bad"), "--start-timestep", "1000"])
+    assert "error: argument --start-timestep: 1000 is not a timestep from 1 to 999" in capsys.readouterr().err
+    (hub / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": print}))
+    with pytest.raises(PixArtError, match=r"diffusion_pytorch_model.bin: a plain Python pickle, not a torch.save "
+                                          r"checkpoint; .* refused without unpickling"):
+        import_diffusers(hub)
 
 
 def test_a_scheduler_predicting_what_pixart_does_not_is_refused(tmp_path):

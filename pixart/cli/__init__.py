@@ -36,6 +36,11 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "0 or more")
 
 
+def timestep(text: str) -> int:
+    """A one-step student's start timestep: 1 to 999 on the 1000-step training schedule (at 0 there is no noise)."""
+    return _int_at_least(text, 1, "a timestep from 1 to 999", 999)
+
+
 def seed(text: str) -> int:
     """An argparse `type` for --seed: 0 to 2**63 - 1, what torch's and numpy's generators both take; anything else
     is argparse's one-line usage error, not a traceback from the first generator seeded with it."""

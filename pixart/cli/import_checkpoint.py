@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pixart.cli import timestep
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -20,6 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what the model predicts (default: a diffusers folder's scheduler says; an official file: "
                    "epsilon, as PixArt-alpha)")
+    p.add_argument("--start-timestep", type=timestep, metavar="T",
+                   help="the model is a one-step distilled student that maps pure noise labelled t=T to an image "
+                   "(PixArt-Alpha-DMD-XL-2-512x512: 400), so `pixart sample` draws it in one step (default: the "
+                   "folder's student.json, which our exports of a student write; else a multi-step model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=run)
 
@@ -53,6 +59,8 @@ def run(args) -> None:
         (model, took), prediction = import_official(args.src, args.num_heads, args.input_size), "epsilon"
         notes.append(f"{took} (EMA) weights" if "ema" in took else f"{took or 'bare state dict'} weights")
     prediction = args.prediction_type or prediction
+    if args.start_timestep is not None:
+        student = {**(student or {}), "start_timestep": args.start_timestep}
     extra[DIFFUSION_FILE] = json.dumps({"prediction_type": prediction}, indent=2)
     if student is not None:
         extra[STUDENT_FILE] = json.dumps(student, indent=2)

@@ -25,12 +25,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pixart.atomic import atomic_dir, check_out_dir
-from pixart.checkpoint import ENCODERS_FILE, FRESH_NULL_FILE, STUDENT_FILE, load_into, load_student, read_json
+from pixart.checkpoint import (
+    ENCODERS_FILE,
+    FRESH_NULL_FILE,
+    STUDENT_FILE,
+    load_into,
+    load_student,
+    read_json,
+    read_state_dict,
+)
 from pixart.errors import PixArtError
 from pixart.export.keymap import from_diffusers, to_diffusers
 from pixart.models import ModelConfig, PixArt
 
 NULL_CAPTION_FILE = "null_caption.safetensors"
+TORCH_WEIGHTS = "diffusion_pytorch_model.bin"  # the weights of a folder saved without safetensors
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 log = logging.getLogger(__name__)
@@ -266,8 +275,14 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
     if described.get("_class_name") not in DIFFUSERS_CLASSES:
         what = described.get("_class_name") or described.get("model_type") or "something else"
         raise PixArtError(f"{root}: not a diffusers PixArt folder (its config.json describes {what})")
+    pickled = root / TORCH_WEIGHTS
     try:
-        transformer = PixArtTransformer2DModel.from_pretrained(root, use_safetensors=True)
+        if pickled.is_file() and not any(root.glob("*.safetensors")):
+            # released as a torch pickle only (PixArt-Alpha-DMD-XL-2-512x512): read without running its code
+            transformer = PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(root))
+            transformer.load_state_dict(read_state_dict(pickled))
+        else:
+            transformer = PixArtTransformer2DModel.from_pretrained(root, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:  # TypeError: a config.json value of another type
         raise PixArtError(f"{root}: cannot load ({str(e).splitlines()[0]})") from None
     null = load_null_caption(pipeline_root(folder))  # we write it beside `transformer/`
