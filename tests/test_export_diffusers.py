@@ -137,6 +137,44 @@ def test_full_pipeline_folder_loads_and_generates(tmp_path, tiny_parts):
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
 
 
+def test_a_pipeline_keeps_a_sentencepiece_tokenizer_as_the_hub_folders_hold_it(tmp_path, tiny_parts):
+    """The hub's PixArt-alpha/PixArt-XL-2-1024-MS tokenizer/ (and DeepFloyd/t5-v1_1-xxl) is spiece.model,
+    special_tokens_map.json and tokenizer_config.json ("tokenizer_class": "T5Tokenizer"), read by transformers 4
+    and 5. transformers 5's re-save keeps only tokenizer.json and a config that 4.x cannot parse: the export
+    copies the source's files instead."""
+    import json
+
+    import sentencepiece
+    from diffusers import PixArtAlphaPipeline
+    from transformers import AutoTokenizer
+
+    from pixart.export.diffusers import PipelineParts
+
+    source = tmp_path / "tokenizer"
+    source.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a red circle in the top left corner", "a blue square at the bottom right"] * 20),
+        model_prefix=str(source / "spiece"), vocab_size=32, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        hard_vocab_limit=False, minloglevel=2)
+    (source / "spiece.vocab").unlink()
+    tokens = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (source / "special_tokens_map.json").write_text(json.dumps(tokens))
+    (source / "tokenizer_config.json").write_text(json.dumps({**tokens, "extra_ids": 0, "model_max_length": 512,
+                                                              "tokenizer_class": "T5Tokenizer"}))
+    t5, vae = tiny_parts
+    export(tiny("PixArt-S/2", input_size=8), tmp_path / "pipe", PipelineParts(str(t5), str(source), str(vae)))
+    copied = tmp_path / "pipe" / "tokenizer"
+    assert sorted(p.name for p in copied.iterdir()) == ["special_tokens_map.json", "spiece.model",
+                                                        "tokenizer_config.json"]
+    for file in copied.iterdir():
+        assert file.read_bytes() == (source / file.name).read_bytes(), file.name
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["tokenizer"] == ["transformers",
+                                                                                           "T5Tokenizer"]
+    pipe = PixArtAlphaPipeline.from_pretrained(tmp_path / "pipe")
+    prompt = "a red square at the top left"
+    assert pipe.tokenizer(prompt).input_ids == AutoTokenizer.from_pretrained(source)(prompt).input_ids
+
+
 def test_pipeline_export_checks_the_text_encoder_width_and_the_vae_channels(tmp_path, tiny_parts):
     from pixart.export.diffusers import PipelineParts
 

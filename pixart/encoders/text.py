@@ -76,7 +76,28 @@ class TextEncoder:
                 tok_src, subfolder=tok_sub or "", local_files_only=c.local_files_only)
         except Exception as e:
             raise load_error("T5 tokenizer", tok_src, tok_sub, e) from e
+        self.tokenizer_source = (tok_src, tok_sub)
         self.model.to(c.device).eval().requires_grad_(False)
+
+    def tokenizer_files(self) -> list[str]:
+        """The tokenizer's own files, as its folder or hub repo holds them. An export copies these rather than the
+        installed transformers' re-save: transformers 5 writes only tokenizer.json and a config that 4.x cannot
+        read, where the hub's PixArt and T5 folders keep spiece.model, which every version reads."""
+        from transformers.tokenization_utils_base import (
+            ADDED_TOKENS_FILE,
+            FULL_TOKENIZER_FILE,
+            SPECIAL_TOKENS_MAP_FILE,
+            TOKENIZER_CONFIG_FILE,
+        )
+        from transformers.utils import cached_file
+
+        source, subfolder = self.tokenizer_source
+        names = {TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, ADDED_TOKENS_FILE, FULL_TOKENIZER_FILE,
+                 *type(self.tokenizer).vocab_files_names.values()}
+        found = (cached_file(source, name, subfolder=subfolder or "", local_files_only=True,
+                             _raise_exceptions_for_missing_entries=False,
+                             _raise_exceptions_for_connection_errors=False) for name in sorted(names))
+        return [path for path in found if path is not None]
 
     @property
     def dim(self) -> int:

@@ -170,6 +170,7 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
             scheduler.save_pretrained(tmp / "scheduler")
         else:
             pipeline.save_pretrained(tmp)
+            copy_tokenizer_files(text.tokenizer_files(), tmp / "tokenizer")
         if null_caption:
             save_file(null, tmp / NULL_CAPTION_FILE)
         for file in files:
@@ -180,6 +181,17 @@ def export(model: PixArt, out: str | Path, parts: PipelineParts | None = None, s
             call = {"num_inference_steps": 1, "timesteps": [student["start_timestep"]], "guidance_scale": 1.0}
             (tmp / STUDENT_FILE).write_text(json.dumps({**student, "call": call}, indent=2))
     return Path(out)
+
+
+def copy_tokenizer_files(files: list[str], folder: Path) -> None:
+    """The source tokenizer's files in place of the pipeline's re-save of it (see TextEncoder.tokenizer_files),
+    when its source has a tokenizer config to copy."""
+    if not any(Path(f).name == "tokenizer_config.json" for f in files):
+        return
+    shutil.rmtree(folder)
+    folder.mkdir()
+    for file in files:
+        shutil.copyfile(file, folder / Path(file).name)
 
 
 def exported_encoders(encoders: dict, parts: PipelineParts | None) -> dict:
