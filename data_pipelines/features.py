@@ -20,7 +20,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import threading
 import time
@@ -104,12 +103,9 @@ def _damage(results) -> str:
 def bucket_table(name: str) -> dict[str, tuple[int, int]]:
     """PixArt's aspect-bucket table by name: "ASPECT_RATIO_512", or "ms<side>" / "<side>" for any
     side (`pixart.data.buckets.table_for`), the same tables the raw-shard loader buckets with."""
-    from pixart.data.buckets import table_for
+    from pixart.data.buckets import bucket_side, table_for
 
-    m = re.fullmatch(r"(?:aspect_ratio_|ms)?(\d+)", name.strip().lower())
-    if not m or int(m.group(1)) < 16:
-        raise PixArtError(f"--buckets {name!r}: unknown bucket table; use ASPECT_RATIO_512, ms256 or a side like 1024")
-    return {k: tuple(hw) for k, hw in table_for(int(m.group(1))).items()}
+    return {k: tuple(hw) for k, hw in table_for(bucket_side(name)).items()}
 
 
 def _encoder_info(cfg: FeatureConfig) -> dict:

@@ -1,5 +1,6 @@
 """Aspect-ratio bucket tables, nearest bucket, resize-crop."""
 import numpy as np
+import pytest
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
 from PIL import Image
 
@@ -7,11 +8,13 @@ from pixart.data.buckets import (
     ASPECT_RATIO_256,
     ASPECT_RATIO_512,
     ASPECT_RATIO_1024,
+    bucket_side,
     nearest_bucket,
     resize_crop,
     scaled_table,
     table_for,
 )
+from pixart.errors import PixArtError
 
 
 def test_pixart_tables_have_40_ratios_from_quarter_to_four():
@@ -80,3 +83,15 @@ def test_resize_crop_makes_the_pixels_pixarts_transforms_make():
                           T.CenterCrop(closest_size)])(img)
         got = resize_crop(img, tuple(closest_size), multi_aspect=True)
         assert np.array_equal(np.asarray(got), np.asarray(want)), (h, w)
+
+
+def test_bucket_table_names_and_typos():
+    """PixArt-alpha names its tables ASPECT_RATIO_256, _512 and _1024 (diffusion/data/datasets/utils.py); a side of
+    ours is ms<side> or <side>. A typo is refused rather than read as another side."""
+    assert [bucket_side(n) for n in ("ASPECT_RATIO_512", "ms512", "512", " Ms64 ")] == [512, 512, 512, 64]
+    with pytest.raises(PixArtError, match=r"--buckets 'ASPECT_RATIO_51': PixArt's tables are ASPECT_RATIO_256, _512 "
+                                          r"and _1024; for another side use ms<side>"):
+        bucket_side("ASPECT_RATIO_51")
+    for typo in ("ms65", "8", "foo", "ms"):
+        with pytest.raises(PixArtError, match=rf"--buckets '{typo}': unknown bucket table; .*multiple of 16"):
+            bucket_side(typo)

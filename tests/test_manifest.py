@@ -45,6 +45,18 @@ def test_check_names_first_mismatch():
         m.check(TrainCfg())
 
 
+def test_names_of_one_bucket_table_compare_equal():
+    """docs/data.md extracts the 1024 px cache with --buckets ASPECT_RATIO_1024 (PixArt's name for the table) and
+    configs/pixart_xl2/stage4_aesthetic1024.yaml expects ms1024: one table, so one cache."""
+    m = _manifest(resolution=None, buckets="ASPECT_RATIO_1024")
+    for name in ("ms1024", "1024", "aspect_ratio_1024", "ASPECT_RATIO_1024"):
+        m.check({"buckets": name})
+    with pytest.raises(PixArtError, match="buckets ASPECT_RATIO_1024 != config ms512$"):
+        m.check({"buckets": "ms512"})
+    with pytest.raises(PixArtError, match="buckets ASPECT_RATIO_1024 != config None$"):
+        m.check({"buckets": None})
+
+
 def test_incomplete_is_refused_and_never_complete():
     m = _manifest(done=(True, False, True))
     assert not m.complete and m.done == 2 and m.count == 20

@@ -8,7 +8,11 @@ training tables hold the paper's 40 buckets from 0.25 to 4.
 """
 from __future__ import annotations
 
+import re
+
 from PIL import Image
+
+from pixart.errors import PixArtError
 
 Table = dict[str, tuple[int, int]]
 
@@ -26,6 +30,7 @@ def _table(name: str, side: int) -> Table:
 
 _SIDES = {"ASPECT_RATIO_1024": 1024, "ASPECT_RATIO_512": 512, "ASPECT_RATIO_256": 256}
 _BUILT: dict[int, Table] = {}
+_BUILT_SIDES = tuple(_SIDES.values())
 
 
 def pixart_table(side: int) -> Table:
@@ -39,6 +44,20 @@ def __getattr__(name: str) -> Table:  # ASPECT_RATIO_1024/512/256, built on firs
     if name in _SIDES:
         return pixart_table(_SIDES[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def bucket_side(name: str) -> int:
+    """The side a bucket table's name means: PixArt's own "ASPECT_RATIO_256", "_512" or "_1024", or "ms<side>" and
+    "<side>" for a side that is a multiple of 16 (a bucket's sizes are). The names of one table mean one side."""
+    m = re.fullmatch(r"(aspect_ratio_|ms)?(\d+)", str(name).strip().lower())
+    side = int(m.group(2)) if m else 0
+    if m and m.group(1) == "aspect_ratio_" and side not in _BUILT_SIDES:
+        raise PixArtError(f"--buckets {name!r}: PixArt's tables are ASPECT_RATIO_256, _512 and _1024; for another "
+                          "side use ms<side>")
+    if not m or side < 16 or side % 16:
+        raise PixArtError(f"--buckets {name!r}: unknown bucket table; use ASPECT_RATIO_512, ms256 or a side like "
+                          "1024 (a multiple of 16)")
+    return side
 
 
 def base_side(table: Table) -> int:

@@ -156,12 +156,23 @@ class Manifest:
                 missing = [s for s in want if s not in have]
                 if missing:
                     raise PixArtError(f"{where}: caption source {missing[0]!r} not in cache {have}")
-            elif want != have and not (key.endswith("encoder") and _same_path(want, have)):
+            elif want != have and not (key.endswith("encoder") and _same_path(want, have)) and not (
+                    key == "buckets" and _same_buckets(want, have)):
                 raise PixArtError(f"{where}: {key} {have} != config {want}")
         if not self.complete:
             raise PixArtError(f"{where} is incomplete: {self.done} of {len(self.shards)} shards done; "
                               "rerun extract-features to finish")
         return self
+
+
+def _same_buckets(a, b) -> bool:
+    """Two names of one bucket table ("ASPECT_RATIO_1024", "ms1024", "1024")."""
+    from .buckets import bucket_side
+
+    try:
+        return a is not None and b is not None and bucket_side(a) == bucket_side(b)
+    except PixArtError:
+        return False
 
 
 def is_remote(folder: str | os.PathLike) -> bool:
