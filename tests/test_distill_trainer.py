@@ -299,6 +299,7 @@ def test_lpips_regression_reads_its_weights_from_a_file(tiny_feature_cache, teac
                  regression={"weight": 0.25, "kind": "lpips", "lpips_weights": str(tmp_path / "other.safetensors")})
     r = distill(bad, tmp_path / "bad")
     assert r.returncode == 2 and "regression.lpips_weights" in r.stderr and "not LPIPS(VGG) weights" in r.stderr
+    assert not (tmp_path / "bad").exists()  # refused before the run folder is made
 
 
 @pytest.mark.parametrize("over, message", [

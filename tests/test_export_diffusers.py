@@ -388,3 +388,8 @@ def test_exporting_a_file_says_to_import_it(tmp_path):
                                           r"PixArt-alpha .pth comes in with `pixart import .*PixArt-XL-2-512x512.pth "
                                           r"--out DIR` first"):
         export_checkpoint(tmp_path / "PixArt-XL-2-512x512.pth", tmp_path / "out")
+    model = tiny("PixArt-S/2", input_size=8)
+    save_checkpoint(tmp_path / "ckpt", model.config, model.state_dict())
+    with pytest.raises(PixArtError, match=r"ckpt/model.safetensors: a file of the checkpoint folder .*ckpt; pass the "
+                                          r"folder$"):  # not `pixart import`, which says to pass the folder here
+        export_checkpoint(tmp_path / "ckpt" / "model.safetensors", tmp_path / "out")

@@ -127,6 +127,7 @@ class DistillTrainer:
         deepspeed_config(cfg, self.world)  # an unreadable deepspeed.config file, before the run folder
         if cfg.validation.prompts or (r.weight and r.kind == "lpips"):  # grids, or LPIPS on decoded images
             check_named(cfg.encoders, self.manifest or cache_manifest(cfg), text=bool(cfg.validation.prompts))
+        self.lpips = load_lpips(r.lpips_weights, self.device) if r.weight and r.kind == "lpips" else None
         checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
         self.engines = {GENERATOR: build_engine(generator, cfg, self.world)[0],
@@ -141,7 +142,7 @@ class DistillTrainer:
         self.null_y = self.teacher.y_embedder.y_embedding
         self.step = 0
         self.pairs: Pairs | None = None
-        self.lpips = self.decoder = None
+        self.decoder = None
 
     # -- randomness ------------------------------------------------------------------------------------
     def _draws(self, keys: list[str], role: str, shape, t_range: tuple[int, int] | None = None) -> dict:
@@ -283,7 +284,6 @@ class DistillTrainer:
         if not r.weight:
             return
         if r.kind == "lpips":
-            self.lpips = load_lpips(r.lpips_weights, self.device)
             self.decoder = load_autoencoder(cfg.encoders, self.manifest or cache_manifest(cfg), str(self.device))
         path = self.run_dir / PAIRS_FILE
         if self.main and not path.is_file():

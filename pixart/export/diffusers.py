@@ -218,6 +218,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
 
     typed, ckpt = ckpt, checkpoint_folder(ckpt)
     check_out_dir(out, overwrite, (typed, ckpt))
+    if ckpt.is_file() and (ckpt.parent / "config.json").is_file():  # model.safetensors of a checkpoint folder
+        raise PixArtError(f"{typed}: a file of the checkpoint folder {ckpt.parent}; pass the folder")
     if ckpt.is_file():
         raise PixArtError(f"{typed}: a file, not a checkpoint folder; an official PixArt-alpha .pth comes in with "
                           f"`pixart import {typed} --out DIR` first")
