@@ -242,7 +242,8 @@ def test_a_reparam_source_file_is_relative_to_the_recipe_and_checked_first(tmp_p
     assert reparam_source(tmp_path / "r.yaml", {}, s) == str(tmp_path / "nothere.pt")
     assert reparam_source(tmp_path / "r.yaml", {"s": "/o/s/checkpoint"}, t) == "/o/s/checkpoint"
     with pytest.raises(PixArtError, match=re.escape(
-            f"{tmp_path / 'r.yaml'}: step s: reparam.source nothere.pt: no such file")):
+            f"{tmp_path / 'r.yaml'}: step s: reparam.source nothere.pt: no such file ({tmp_path / 'nothere.pt'}: the "
+            "path is relative to the recipe file)")):
         check_inputs(tmp_path / "r.yaml", s, None)
     (tmp_path / "nothere.pt").write_bytes(b"")
     check_inputs(tmp_path / "r.yaml", s, None)
