@@ -238,6 +238,33 @@ def test_a_rerun_that_cannot_resume_the_checkpoint_is_one_line_and_rewrites_noth
             check_resumable(run, world, settings, model)
 
 
+def test_a_run_folder_another_run_holds_is_refused_and_left_as_it_was(cache, straight, tmp_path):
+    """Two `pixart train` into one folder wrote the same checkpoints (a reviewer's pair ended in "latest names
+    step-000130, which is not a complete checkpoint"): the second stops in one line naming the first."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    before = sorted(p.name for p in run.rglob("*"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pixart.train.checkpoints import "
+         "RUN_LOCK, hold_folder; hold_folder(Path(sys.argv[1]), RUN_LOCK, 'run'); print('held', flush=True); "
+         "time.sleep(120)", str(run)], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = train(stage(cache, tmp_path), run, None, "--max-steps", "8")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(rf"error: {re.escape(str(run))} is in use by another pixart train or distill run "
+                     rf"\(pid {holder.pid} on .+\)$", r.stderr.strip().splitlines()[-1]), r.stderr[-500:]
+    assert sorted(p.name for p in run.rglob("*")) == before
+    r = train(stage(cache, tmp_path), run, None, "--max-steps", "8")  # the holder is gone: the run resumes
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "checkpoints" / "step-000008").is_dir()
+
+
 class _RunsCode:
     """A pickle that runs a shell command when unpickled with weights_only=False."""
     def __init__(self, command: str):

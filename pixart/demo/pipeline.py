@@ -67,6 +67,7 @@ RECORD = "demo.json"  # DIR's --seed and --scale
 def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
     """Run every step into `out` (resuming what a previous run finished); returns the report's metrics."""
     from pixart.export.diffusers import PipelineParts, export_checkpoint
+    from pixart.train.checkpoints import release_folder
     from pixart.train.recipe import launch
 
     from .evaluate import evaluate, machine_reference, report
@@ -99,7 +100,7 @@ def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
         metrics["machine"] = machine
         report(out, outputs, metrics)
     finally:
-        os.close(lock)
+        release_folder(lock)
     return metrics
 
 

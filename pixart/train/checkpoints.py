@@ -187,14 +187,62 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
 
 
 def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, model: ModelConfig) -> None:
-    """Rank 0 makes the run folder and writes the resolved config (that file alone reruns the run); every rank
-    then waits while what a kill left half-written is removed. A rerun whose config cannot resume the run's
-    checkpoint (`check_resumable`) stops first, with nothing rewritten."""
+    """Rank 0 makes the run folder, holds it (`hold_folder`: two runs writing one folder's checkpoints would
+    corrupt them) and writes the resolved config (that file alone reruns the run); every rank then waits while
+    what a kill left half-written is removed. A rerun whose config cannot resume the run's checkpoint
+    (`check_resumable`), or a folder another run holds, stops first, with nothing rewritten."""
     check_resumable(run_dir, world, settings, model)
+    busy, what = None, "train or distill run"
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            hold_folder(run_dir, RUN_LOCK, what)
+        except PixArtError as e:
+            busy = e
+    if dist.is_initialized():  # every rank stops when rank 0 could not hold the folder
+        flags = [None] * world
+        dist.all_gather_object(flags, busy is not None)
+        busy = busy or (PixArtError(f"{run_dir} is in use by another pixart {what}") if any(flags) else None)
+    if busy is not None:
+        raise busy
+    if _rank() == 0:
         atomic_write(run_dir / "config.yaml", resolved_yaml)
     clean_partial(run_dir)
+
+
+RUN_LOCK = ".run.lock"
+_HELD: dict[str, int] = {}  # (lock file, its open file): held until the process ends
+
+
+def hold_folder(folder: Path, name: str, what: str) -> int:
+    """An exclusive lock on FOLDER/NAME, which the system releases when the process ends, a kill included: while
+    another process holds it, one line naming that process. A process may hold a folder again (a launch's
+    stages, tests); returns the lock's open file."""
+    import fcntl
+    import socket
+
+    path = str((folder / name).resolve())
+    if path in _HELD:
+        return _HELD[path]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "its process unknown"
+        os.close(fd)
+        raise PixArtError(f"{folder} is in use by another pixart {what} ({holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    _HELD[path] = fd
+    return fd
+
+
+def release_folder(fd: int) -> None:
+    """Give up a `hold_folder` lock before the process ends."""
+    for path, held in list(_HELD.items()):
+        if held == fd:
+            del _HELD[path]
+    os.close(fd)
 
 
 def fault_point(where: str, step: int) -> None:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import socket
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -39,8 +38,10 @@ from .checkpoints import (
     RUN_ID,
     TRAINER_FILE,
     changed_input,
+    hold_folder,
     init_of,
     latest_checkpoint,
+    release_folder,
     run_id_of,
     started_from,
     with_run,
@@ -257,27 +258,14 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
             atomic_write(root / "launch.json", json.dumps({"recipe": str(recipe_path), "outputs": outputs}, indent=2))
     finally:
         if lock is not None:
-            os.close(lock)
+            release_folder(lock)
     return outputs
 
 
 def lock_run(root: Path) -> int:
-    """Rank 0's hold on the run folder for a launch: an exclusive lock on RUN/.launch.lock, which the system
-    releases when the process ends, a kill included. Returns the file to close; while another launch holds it,
-    one line naming that launch's process."""
-    import fcntl
-
+    """Rank 0's hold on the run folder for a launch (RUN/.launch.lock; `checkpoints.hold_folder`)."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "its process unknown"
-        os.close(fd)
-        raise PixArtError(f"{root} is in use by another pixart launch ({holder})") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    return fd
+    return hold_folder(root, LOCK_FILE, "launch")
 
 
 def run_reparam(recipe: Recipe, root: Path, step: Step, src: str, say) -> str:
