@@ -108,11 +108,20 @@ class LaionScorer:
         import torch
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+        from pixart.encoders.loading import config_kind, local_config
+
         model = Path(model)
         if not (model / "config.json").is_file():
             raise PixArtError(f"--model {model}: not a CLIP model folder (no config.json)")
-        self.clip = CLIPVisionModelWithProjection.from_pretrained(model).to(device).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(model)
+        config = local_config(str(model), None) or {}
+        if config.get("model_type") not in ("clip", "clip_vision_model"):
+            raise PixArtError(f"--model {model}: not a CLIP model (its config has {config_kind(config)}, not "
+                              "model_type 'clip')")
+        try:
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(model).to(device).eval()
+            self.processor = CLIPImageProcessor.from_pretrained(model)
+        except (OSError, ValueError) as e:  # no weights, or no preprocessor_config.json
+            raise PixArtError(f"--model {model}: cannot load its CLIP ({str(e).strip().splitlines()[0]})") from None
         state = _read_head(Path(head) if head else model / HEAD_FILE)
         dim = self.clip.config.projection_dim
         if state["layers.0.weight"].shape[1] != dim:
