@@ -54,6 +54,10 @@ class SamReport:
     unpaired: int = 0  # of the skipped: a jpg without its json or a json without its jpg
     spilled: int = 0  # members that waited for their pair on disk (streams past `hold_mb`)
     damaged: list[dict] = field(default_factory=list)  # {"source", "error", "after"}: tars read up to the damage
+    nothing_to_do: bool = False  # a rerun: --out holds what these inputs with these settings make (not saved)
+
+    def saved(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "nothing_to_do"}
 
 
 class BadSample(Exception):
@@ -234,10 +238,13 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
     if cfg.max_side < 1 or cfg.shard_size < 1 or cfg.hold_mb < 0:
         raise PixArtError("--max-side and --shard-size must be positive, --hold-mb not negative")
     srcs, out = resolve_shards(srcs), Path(out)
-    created = not out.exists()
-    new = _prepare_out(out, srcs, overwrite, cfg.prefix)
     settings = {k: v for k, v in asdict(cfg).items() if k != "hold_mb"}  # what the shards' bytes depend on
     inputs = [input_id(src) for src in srcs]
+    done = None if overwrite else _finished(out, srcs, settings, inputs)
+    if done is not None:
+        return done
+    created = not out.exists()
+    new = _prepare_out(out, srcs, overwrite, cfg.prefix)
     state = _resume_point(new, settings, inputs)
     report, writer = SamReport(), None
     start, skip, paired = 0, 0, 0
@@ -268,7 +275,7 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
                     writer = None
                     atomic_write(new / PROGRESS, json.dumps({"settings": settings, "inputs": inputs, "src": i,
                                                              "pairs": pairs, "paired": paired,
-                                                             "report": asdict(report)}))
+                                                             "report": report.saved()}))
             for key, reason in read.unpaired:
                 report.skipped.append({"source": src, "key": key, "reason": reason})
             report.unpaired += len(read.unpaired)
@@ -290,6 +297,22 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
     if report.written == 0:  # an error, and the old set stays
         _discard(new, out, created)
         raise PixArtError(_nothing_written(srcs, report, paired))
-    atomic_write(new / REPORT, json.dumps(asdict(report), indent=1))
+    made_from = {"sources": srcs, "inputs": inputs, "settings": settings}
+    atomic_write(new / REPORT, json.dumps({**report.saved(), "made_from": made_from}, indent=1))
     _move_in(new, out, cfg.prefix)
     return report
+
+
+def _finished(out: Path, srcs: list[str], settings: dict, inputs: list[dict]) -> SamReport | None:
+    """The report of the set in `out`, when a finished run made it from these inputs with these settings and
+    every shard it lists is there: a rerun has nothing to do."""
+    try:
+        saved = json.loads((out / REPORT).read_text())
+        if saved["made_from"] != json.loads(json.dumps({"sources": srcs, "inputs": inputs, "settings": settings})):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not all((out / name).is_file() for name in saved["shards"]):
+        return None
+    kept = {k: v for k, v in saved.items() if k in SamReport().saved()}
+    return SamReport(**kept, nothing_to_do=True)

@@ -157,8 +157,13 @@ def test_cli_and_refusals(srcs, tmp_path, capsys):
     args = parser.parse_args(["sam", *srcs, "--out", str(out), "--max-side", "64"])
     args.run(args)
     assert "3 images in 1 shards" in capsys.readouterr().out
-    with pytest.raises(PixArtError, match="--overwrite"):
-        args.run(args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args.run(args)  # a rerun of a finished job, as relabel and extract-features take one
+    assert capsys.readouterr().out.strip() == (f"nothing to do: {out} holds the 3 images in 1 shards that these "
+                                               "inputs and settings make (--overwrite makes them again)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(PixArtError, match="--overwrite"):  # other settings would replace the set
+        args.run(parser.parse_args(["sam", *srcs, "--out", str(out), "--max-side", "32"]))
     # --overwrite with an input that fails: the old shards and their report stay as they were
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)

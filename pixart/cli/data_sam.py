@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
         "annotations keep boxes, areas, points and scores scaled from the json's image.width x image.height to "
         "the new size, masks only with --keep-masks. Broken images, unpaired members, jpgs whose aspect differs "
         "from their json's and damaged tars are skipped and listed in DIR/sam_report.json. A killed run, rerun with "
-        "the same inputs and settings, goes on from its last finished shard.")
+        "the same inputs and settings, goes on from its last finished shard; a finished one has nothing to do.")
     p.add_argument("src", nargs="+", help="SA-1B tars: files, folders, globs or brace patterns")
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.add_argument("--max-side", type=int, default=1024, help="longest side after resizing (default 1024)")
@@ -29,6 +29,10 @@ def run(args) -> None:
     cfg = SamConfig(max_side=args.max_side, shard_size=args.shard_size, keep_masks=args.keep_masks,
                     hold_mb=args.hold_mb)
     r = ingest(args.src, args.out, cfg, overwrite=args.overwrite)
+    if r.nothing_to_do:
+        print(f"nothing to do: {args.out} holds the {r.written} images in {len(r.shards)} shards that these inputs "
+              "and settings make (--overwrite makes them again)")
+        return
     damaged = f": {', '.join(d['source'] for d in r.damaged)}" if r.damaged else ""
     print(f"wrote {r.written} images in {len(r.shards)} shards to {args.out}; skipped {len(r.skipped)} "
           f"({r.unpaired} unpaired members), damaged tars {len(r.damaged)}{damaged} (see {args.out}/sam_report.json)")
