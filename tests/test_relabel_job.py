@@ -243,11 +243,11 @@ def numbers(config):
 
 
 def test_a_custom_captioner_is_checked(world, tmp_path):
-    """`module:callable` must build an object with name, model_id, prompt and caption(); each lack, or a constructor
+    """`module:callable` must build an object with model_id, prompt and caption(); each lack, or a constructor
     that raises, is one line and leaves nothing; a caption that is not a str fails its sample, with the reason."""
     for name, said in (("ROOT", "ROOT is a PosixPath, not a callable that builds a captioner from a CaptionerConfig"),
-                       ("not_a_captioner", "returned a function, not a captioner: it lacks name, model_id, prompt, "
-                        "a method caption(samples) (a captioner has name, model_id, prompt and caption(samples))"),
+                       ("not_a_captioner", "returned a function, not a captioner: it lacks model_id, prompt, "
+                        "a method caption(samples) (a captioner has model_id, prompt and caption(samples))"),
                        ("half_a_captioner", "returned a Half, not a captioner: it lacks model_id, a method "
                         "caption(samples) ("),
                        ("broken_constructor", "its constructor failed: ValueError: no GPU here")):

@@ -78,7 +78,6 @@ def model_name(model):
 
 
 class Captioner(Protocol):
-    name: str
     model_id: str
     prompt: str
 

@@ -104,12 +104,13 @@ def label(name: str) -> str:
     return name.rsplit(":", 1)[-1]
 
 
-PROTOCOL = ("name", "model_id", "prompt")  # a captioner's attributes, beside its method caption(samples)
+PROTOCOL = ("model_id", "prompt")  # a captioner's attributes, beside its method caption(samples); its files are
+# named by the --captioner spec (`label`), known before it loads
 
 
 def load_captioner(config: CaptionerConfig) -> Captioner:
     """A registered captioner (`build_captioner`), or your own: `module:callable`, called with the config,
-    which must return an object with the attributes `name`, `model_id`, `prompt` and a method `caption`."""
+    which must return an object with the attributes `model_id`, `prompt` and a method `caption`."""
     if ":" not in config.name:
         return build_captioner(config)
     module, attr = config.name.rsplit(":", 1)
