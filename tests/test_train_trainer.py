@@ -265,6 +265,30 @@ def test_a_run_folder_another_run_holds_is_refused_and_left_as_it_was(cache, str
     assert (run / "checkpoints" / "step-000008").is_dir()
 
 
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    """NFS without lockd, or a FUSE store, refuse fcntl locks (ENOLCK): a run folder there is not "in use"."""
+    import errno
+    import fcntl
+
+    from pixart.errors import PixArtError
+    from pixart.train.checkpoints import hold_folder, release_folder
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    release_folder(hold_folder(tmp_path, ".run.lock", "run"))
+    assert caplog.messages == [f"{tmp_path}: cannot be locked here (No locks available), so nothing stops a second "
+                               "pixart run from writing it"]
+
+    def held(fd, op):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "lockf", held)
+    with pytest.raises(PixArtError, match=rf"^{re.escape(str(tmp_path))} is in use by another pixart run \(pid "):
+        hold_folder(tmp_path, ".run.lock", "run")
+
+
 class _RunsCode:
     """A pickle that runs a shell command when unpickled with weights_only=False."""
     def __init__(self, command: str):

@@ -15,6 +15,7 @@ on the next start) and `latest` on the previous checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -227,10 +228,14 @@ def hold_folder(folder: Path, name: str, what: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "its process unknown"
-        os.close(fd)
-        raise PixArtError(f"{folder} is in use by another pixart {what} ({holder})") from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+            log.warning("%s: cannot be locked here (%s), so nothing stops a second pixart %s from writing it",
+                        folder, e.strerror, what)
+        else:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "its process unknown"
+            os.close(fd)
+            raise PixArtError(f"{folder} is in use by another pixart {what} ({holder})") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     _HELD[path] = fd
