@@ -113,10 +113,15 @@ class LaionScorer:
         model = Path(model)
         if not (model / "config.json").is_file():
             raise PixArtError(f"--model {model}: not a CLIP model folder (no config.json)")
-        config = local_config(str(model), None) or {}
+        config = local_config(str(model), None)
+        if config is None:
+            raise PixArtError(f"--model {model}: its config.json is not a JSON object")
         if config.get("model_type") not in ("clip", "clip_vision_model"):
             raise PixArtError(f"--model {model}: not a CLIP model (its config has {config_kind(config)}, not "
                               "model_type 'clip')")
+        if not (model / "preprocessor_config.json").is_file():
+            raise PixArtError(f"--model {model}: no preprocessor_config.json (CLIP's image processor; the hub's CLIP "
+                              "folders have it)")
         try:
             self.clip = CLIPVisionModelWithProjection.from_pretrained(model).to(device).eval()
             self.processor = CLIPImageProcessor.from_pretrained(model)

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pixart.atomic import atomic_write, check_out_folder
-from pixart.data.shards import input_id, resolve_shards
+from pixart.data.shards import input_id, is_url, resolve_shards
 from pixart.data.tars import IMAGE_EXTS, ShardWriter, decode_image
 from pixart.errors import PixArtError
 
@@ -297,10 +297,15 @@ def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig()
     if report.written == 0:  # an error, and the old set stays
         _discard(new, out, created)
         raise PixArtError(_nothing_written(srcs, report, paired))
-    made_from = {"sources": srcs, "inputs": inputs, "settings": settings}
+    made_from = {"sources": _where(srcs), "inputs": inputs, "settings": settings}
     atomic_write(new / REPORT, json.dumps({**report.saved(), "made_from": made_from}, indent=1))
     _move_in(new, out, cfg.prefix)
     return report
+
+
+def _where(srcs: list[str]) -> list[str]:
+    """The inputs as a rerun from another folder, or by another path to the same files, names them too."""
+    return [src if is_url(src) else os.path.realpath(src) for src in srcs]
 
 
 def _finished(out: Path, srcs: list[str], settings: dict, inputs: list[dict]) -> SamReport | None:
@@ -308,7 +313,8 @@ def _finished(out: Path, srcs: list[str], settings: dict, inputs: list[dict]) ->
     every shard it lists is there: a rerun has nothing to do."""
     try:
         saved = json.loads((out / REPORT).read_text())
-        if saved["made_from"] != json.loads(json.dumps({"sources": srcs, "inputs": inputs, "settings": settings})):
+        if saved["made_from"] != json.loads(json.dumps({"sources": _where(srcs), "inputs": inputs,
+                                                        "settings": settings})):
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

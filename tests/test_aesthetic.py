@@ -251,18 +251,25 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     (tmp_path / "t5").mkdir()  # the text encoder's folder, given for the CLIP's: transformers' 40-line report before
     (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5", "d_model": 8}')
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", tmp_path / "t5") == 2
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "clip",')  # cut short
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", tmp_path / "t5") == 2
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "clip"}')  # and no preprocessor_config.json
+    assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--scorer", "laion", "--model", tmp_path / "t5") == 2
     (tmp_path / "afile").write_text("mine")
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "afile") == 2
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "afile" / "sub") == 2
     assert run_cli(tmp_path / "a.tar", "--out", tmp_path / "o", "--threshold", "nan") == 2  # kept nothing, said 0 %
     errs = capsys.readouterr().err.strip().splitlines()
-    assert len(errs) == 8 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
-    assert errs[7].endswith("--threshold nan: give a finite score") and not (tmp_path / "o").exists()
+    assert len(errs) == 10 and all(e.startswith("pixart data score-aesthetic: error:") for e in errs)
+    assert errs[9].endswith("--threshold nan: give a finite score") and not (tmp_path / "o").exists()
     assert "needs --model" in errs[2] and "not a CLIP model folder" in errs[3]
     assert errs[4].endswith(f"--model {tmp_path / 't5'}: not a CLIP model (its config has model_type 't5', not "
                             "model_type 'clip')")
-    assert errs[5].endswith(f"--out {tmp_path / 'afile'} is not a folder")
-    assert errs[6].endswith(f"--out {tmp_path / 'afile' / 'sub'} is not a folder ({tmp_path / 'afile'} is a file)")
+    assert errs[5].endswith(f"--model {tmp_path / 't5'}: its config.json is not a JSON object")
+    assert errs[6].endswith(f"--model {tmp_path / 't5'}: no preprocessor_config.json (CLIP's image processor; the "
+                            "hub's CLIP folders have it)")
+    assert errs[7].endswith(f"--out {tmp_path / 'afile'} is not a folder")
+    assert errs[8].endswith(f"--out {tmp_path / 'afile' / 'sub'} is not a folder ({tmp_path / 'afile'} is a file)")
     assert (tmp_path / "afile").read_text() == "mine"
 
 

@@ -354,10 +354,45 @@ def test_the_released_one_step_student_imports_from_its_torch_pickle(tmp_path, c
     with pytest.raises(SystemExit):
         main(["import", str(hub), "--out", str(tmp_path / "bad"), "--start-timestep", "1000"])
     assert "error: argument --start-timestep: 1000 is not a timestep from 1 to 999" in capsys.readouterr().err
-    (hub / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": print}))
+    weights = hub / "transformer" / "diffusion_pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    shards = {"diffusion_pytorch_model-00001-of-00002.bin": dict(list(state.items())[:5]),
+              "diffusion_pytorch_model-00002-of-00002.bin": dict(list(state.items())[5:])}
+    for name, part in shards.items():  # diffusers' sharded layout, with the index naming each weight's file
+        torch.save(part, hub / "transformer" / name)
+    weights.rename(tmp_path / "whole.bin")
+    (hub / "transformer" / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    again = import_diffusers(hub)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items()
+               if k != "y_embedder.y_embedding")  # the null caption is made up: the hub keeps none
+    for name in shards:
+        (hub / "transformer" / name).unlink()
+    (hub / "transformer" / "diffusion_pytorch_model.bin.index.json").unlink()
+    del state["proj_out.weight"]
+    torch.save(state, weights)
+    with pytest.raises(PixArtError, match=r"transformer: its weights do not fit its config.json \(no proj_out.weight; "
+                                          r"1 missing, 0 unknown\)$"):
+        import_diffusers(hub)
+    torch.save({"w": _RunsCode(f"touch {tmp_path / 'ran'}")}, weights)  # code in a pickle is never run
+    with pytest.raises(PixArtError, match=r"diffusion_pytorch_model.bin: not a readable checkpoint \(it holds objects "
+                                          r"other than tensors"):
+        import_diffusers(hub)
+    assert not (tmp_path / "ran").exists()
+    weights.write_bytes(pickle.dumps({"w": print}))
     with pytest.raises(PixArtError, match=r"diffusion_pytorch_model.bin: a plain Python pickle, not a torch.save "
                                           r"checkpoint; .* refused without unpickling"):
         import_diffusers(hub)
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when unpickled with weights_only=False."""
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
 
 
 def test_a_scheduler_predicting_what_pixart_does_not_is_refused(tmp_path):

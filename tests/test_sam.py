@@ -162,6 +162,7 @@ def test_cli_and_refusals(srcs, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == (f"nothing to do: {out} holds the 3 images in 1 shards that these "
                                                "inputs and settings make (--overwrite makes them again)")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert ingest([os.path.relpath(src) for src in srcs], out, SamConfig(max_side=64)).nothing_to_do  # another path
     with pytest.raises(PixArtError, match="--overwrite"):  # other settings would replace the set
         args.run(parser.parse_args(["sam", *srcs, "--out", str(out), "--max-side", "32"]))
     # --overwrite with an input that fails: the old shards and their report stay as they were

@@ -289,6 +289,30 @@ def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, cap
         hold_folder(tmp_path, ".run.lock", "run")
 
 
+def test_a_folder_removed_and_made_again_is_held_again_and_a_finished_run_lets_go(tmp_path):
+    """One process (a notebook, a sweep) that deletes a run folder to redo it holds the new folder, not the
+    deleted lock file; and a run that finished gives its folder up for the next one."""
+    import shutil
+
+    from pixart.train.checkpoints import RUN_LOCK, hold_folder, release_run
+
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+             "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+
+    def another_process_can_lock() -> bool:
+        return subprocess.run([sys.executable, "-c", probe, str(run / RUN_LOCK)], capture_output=True).returncode == 0
+
+    run = tmp_path / "run"
+    run.mkdir()
+    hold_folder(run, RUN_LOCK, "run")
+    shutil.rmtree(run)
+    run.mkdir()
+    hold_folder(run, RUN_LOCK, "run")
+    assert not another_process_can_lock()
+    release_run(run)
+    assert another_process_can_lock()
+
+
 class _RunsCode:
     """A pickle that runs a shell command when unpickled with weights_only=False."""
     def __init__(self, command: str):

@@ -208,6 +208,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
     prediction type it was trained with in the scheduler. Returns (out, ema used, prediction type)."""
     from pixart.checkpoint import (
         EMA_FILE,
+        MODEL_FILE,
         checkpoint_folder,
         load_encoders,
         load_model,
@@ -218,7 +219,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, parts: PipelineParts | 
 
     typed, ckpt = ckpt, checkpoint_folder(ckpt)
     check_out_dir(out, overwrite, (typed, ckpt))
-    if ckpt.is_file() and (ckpt.parent / "config.json").is_file():  # model.safetensors of a checkpoint folder
+    if ckpt.is_file() and (ckpt.parent / MODEL_FILE).is_file():  # a file of one of our checkpoint folders
         raise PixArtError(f"{typed}: a file of the checkpoint folder {ckpt.parent}; pass the folder")
     if ckpt.is_file():
         raise PixArtError(f"{typed}: a file, not a checkpoint folder; an official PixArt-alpha .pth comes in with "
@@ -270,6 +271,16 @@ def import_encoders(folder: str | Path) -> dict:
     return record
 
 
+def torch_weights(root: Path) -> list[Path]:
+    """The torch pickle files of a diffusers folder saved without safetensors: one, or the shards its index names."""
+    index = root / f"{TORCH_WEIGHTS}.index.json"
+    if index.is_file():
+        described = read_json(index)
+        shards = described.get("weight_map", {}).values() if isinstance(described, dict) else []
+        return [root / name for name in sorted(set(map(str, shards)))]
+    return [root / TORCH_WEIGHTS] if (root / TORCH_WEIGHTS).is_file() else []
+
+
 def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
     """A diffusers transformer folder (or a pipeline folder holding `transformer/`) -> our PixArt.
 
@@ -289,14 +300,21 @@ def import_diffusers(folder: str | Path, seed: int = 0) -> PixArt:
     if described.get("_class_name") not in DIFFUSERS_CLASSES:
         what = described.get("_class_name") or described.get("model_type") or "something else"
         raise PixArtError(f"{root}: not a diffusers PixArt folder (its config.json describes {what})")
-    pickled = root / TORCH_WEIGHTS
+    pickled = torch_weights(root)
     try:
-        if pickled.is_file() and not any(root.glob("*.safetensors")):
-            # released as a torch pickle only (PixArt-Alpha-DMD-XL-2-512x512): read without running its code
+        if pickled and not any(root.glob("*.safetensors")):
+            # released as torch pickles only (PixArt-Alpha-DMD-XL-2-512x512): read without running their code
             transformer = PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(root))
-            transformer.load_state_dict(read_state_dict(pickled))
+            state = {k: v for path in pickled for k, v in read_state_dict(path).items()}
+            missing, unexpected = transformer.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                first = f"no {missing[0]}" if missing else f"an unknown {unexpected[0]}"
+                raise PixArtError(f"{root}: its weights do not fit its config.json ({first}; {len(missing)} missing, "
+                                  f"{len(unexpected)} unknown)")
         else:
             transformer = PixArtTransformer2DModel.from_pretrained(root, use_safetensors=True)
+    except PixArtError:
+        raise
     except (OSError, ValueError, RuntimeError, TypeError) as e:  # TypeError: a config.json value of another type
         raise PixArtError(f"{root}: cannot load ({str(e).splitlines()[0]})") from None
     null = load_null_caption(pipeline_root(folder))  # we write it beside `transformer/`

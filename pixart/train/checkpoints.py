@@ -192,20 +192,20 @@ def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, mode
     corrupt them) and writes the resolved config (that file alone reruns the run); every rank then waits while
     what a kill left half-written is removed. A rerun whose config cannot resume the run's checkpoint
     (`check_resumable`), or a folder another run holds, stops first, with nothing rewritten."""
-    check_resumable(run_dir, world, settings, model)
-    busy, what = None, "train or distill run"
+    busy = None
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            hold_folder(run_dir, RUN_LOCK, what)
+            hold_folder(run_dir, RUN_LOCK, "train or distill run")
         except PixArtError as e:
-            busy = e
-    if dist.is_initialized():  # every rank stops when rank 0 could not hold the folder
-        flags = [None] * world
-        dist.all_gather_object(flags, busy is not None)
-        busy = busy or (PixArtError(f"{run_dir} is in use by another pixart {what}") if any(flags) else None)
+            busy = str(e)
+    if dist.is_initialized():  # every rank stops, with rank 0's line, when rank 0 could not hold the folder
+        said = [None] * world
+        dist.all_gather_object(said, busy)
+        busy = said[0]
     if busy is not None:
-        raise busy
+        raise PixArtError(busy)
+    check_resumable(run_dir, world, settings, model)
     if _rank() == 0:
         atomic_write(run_dir / "config.yaml", resolved_yaml)
     clean_partial(run_dir)
@@ -224,7 +224,11 @@ def hold_folder(folder: Path, name: str, what: str) -> int:
 
     path = str((folder / name).resolve())
     if path in _HELD:
-        return _HELD[path]
+        held = _HELD.pop(path)
+        if os.path.exists(path) and os.fstat(held).st_ino == os.stat(path).st_ino:
+            _HELD[path] = held
+            return held
+        os.close(held)  # its file was deleted (the folder removed to redo it): lock the new one
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,6 +244,14 @@ def hold_folder(folder: Path, name: str, what: str) -> int:
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     _HELD[path] = fd
     return fd
+
+
+def release_run(run_dir: Path) -> None:
+    """Give up the run folder's hold (rank 0's) once its run is done, so that a long-lived process (a notebook, a
+    sweep) does not keep it from the next run."""
+    fd = _HELD.get(str((Path(run_dir) / RUN_LOCK).resolve()))
+    if fd is not None:
+        release_folder(fd)
 
 
 def release_folder(fd: int) -> None:

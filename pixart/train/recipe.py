@@ -173,7 +173,8 @@ def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
         source = step.reparam.source
         if _looks_like_file(source) and not (recipe_path.parent / source).exists():
             raise PixArtError(f"{recipe_path}: step {step.name}: reparam.source {source}: no such file "
-                              f"({recipe_path.parent / source}: the path is relative to the recipe file)")
+                              f"({os.path.normpath(recipe_path.parent / source)}: the path is relative to the "
+                              "recipe file)")
         return
     source = recipe_path.parent / (step.distill or step.config)
     try:

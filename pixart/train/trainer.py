@@ -321,6 +321,7 @@ def run_to_end(trainer, curve_keys: tuple[str, ...] = (), ema: bool = True) -> P
                 **t.settings}
         atomic_write(t.run_dir / DONE_FILE, json.dumps(done, indent=2))
     dist.barrier()
+    checkpoints.release_run(t.run_dir)
     return final
 
 
