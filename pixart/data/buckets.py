@@ -30,7 +30,7 @@ def _table(name: str, side: int) -> Table:
 
 _SIDES = {"ASPECT_RATIO_1024": 1024, "ASPECT_RATIO_512": 512, "ASPECT_RATIO_256": 256}
 _BUILT: dict[int, Table] = {}
-_BUILT_SIDES = tuple(_SIDES.values())
+_PIXART_SIDES = tuple(_SIDES.values())
 
 
 def pixart_table(side: int) -> Table:
@@ -51,7 +51,7 @@ def bucket_side(name: str) -> int:
     "<side>" for a side that is a multiple of 16 (a bucket's sizes are). The names of one table mean one side."""
     m = re.fullmatch(r"(aspect_ratio_|ms)?(\d+)", str(name).strip().lower())
     side = int(m.group(2)) if m else 0
-    if m and m.group(1) == "aspect_ratio_" and side not in _BUILT_SIDES:
+    if m and m.group(1) == "aspect_ratio_" and side not in _PIXART_SIDES:
         raise PixArtError(f"--buckets {name!r}: PixArt's tables are ASPECT_RATIO_256, _512 and _1024; for another "
                           "side use ms<side>")
     if not m or side < 16 or side % 16:

@@ -212,7 +212,7 @@ def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, mode
 
 
 RUN_LOCK = ".run.lock"
-_HELD: dict[str, int] = {}  # (lock file, its open file): held until the process ends
+_HELD: dict[str, int] = {}  # lock file -> its open file, held until released or the process ends
 
 
 def hold_folder(folder: Path, name: str, what: str) -> int:
