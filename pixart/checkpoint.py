@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -141,13 +142,17 @@ def load_into(model: nn.Module, state_dict: StateDict, source: str) -> nn.Module
 
 
 def save_checkpoint(out_dir, config: ModelConfig, model_state: StateDict, ema_state: StateDict | None = None,
-                    extra: dict[str, str] | None = None, overwrite: bool = False, sources: tuple = ()) -> Path:
-    """Write the folder atomically (see `atomic_dir`); `extra` adds small text files (e.g. provenance)."""
+                    extra: dict[str, str] | None = None, overwrite: bool = False, sources: tuple = (),
+                    files: tuple = ()) -> Path:
+    """Write the folder atomically (see `atomic_dir`); `extra` adds small text files (e.g. provenance), `files`
+    copies of files (a Perfusion covariance)."""
     with atomic_dir(out_dir, overwrite, sources) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json())
         write_weights(tmp, model_state, ema_state)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        for file in files:
+            shutil.copyfile(file, tmp / Path(file).name)
     return Path(out_dir)
 
 

@@ -256,8 +256,9 @@ def test_a_pipeline_folder_names_its_own_text_encoder_and_vae(tmp_path, tiny_par
 
 def test_an_imported_export_samples_as_the_checkpoint_it_came_from(tmp_path, tiny_parts):
     """export-diffusers, then import: the imported checkpoint names the pipeline's own text encoder and keeps what
-    the pipeline folder cannot say (the pixel autoencoder, the latents' scale, the caption length), so that
-    `pixart sample` needs no flags and draws what the original draws (a scale of 1 had oversaturated it)."""
+    the pipeline folder cannot say (the pixel autoencoder, the latents' scale, the caption length) and the
+    Perfusion covariance, so that `pixart sample` needs no flags and draws what the original draws (a scale of 1
+    had oversaturated it)."""
     import json
 
     from PIL import Image
@@ -271,11 +272,14 @@ def test_an_imported_export_samples_as_the_checkpoint_it_came_from(tmp_path, tin
               "scaling_factor": 3.0}
     save_checkpoint(tmp_path / "ckpt", model.config, model.state_dict(),
                     extra={ENCODERS_FILE: json.dumps(record)})
+    covariance = tmp_path / "ckpt" / "perfusion-covariance-0123abcd.safetensors"  # what `personalize` leaves there
+    covariance.write_bytes(b"C")
     main(["export-diffusers", str(tmp_path / "ckpt"), "--out", str(tmp_path / "pipe"), "--text-encoder", str(t5),
           "--vae", "none"])
     main(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "imported")])
     imported = json.loads((tmp_path / "imported" / ENCODERS_FILE).read_text())
     assert imported == {**record, "text_encoder": str((tmp_path / "pipe").resolve())}
+    assert (tmp_path / "imported" / covariance.name).read_bytes() == b"C"  # so `sample --concept` needs no flag
     grids = []
     for ckpt in ("ckpt", "imported"):
         out = tmp_path / f"{ckpt}.png"

@@ -43,13 +43,15 @@ def run(args) -> None:
         pipeline_root,
     )
     from pixart.export.official import import_official
+    from pixart.personalize.covariance import COVARIANCE_GLOB
 
     check_out_dir(args.out, args.overwrite, (args.src,))
-    student, encoders, notes, extra = None, {}, [], {}
+    student, encoders, notes, extra, files = None, {}, [], {}, ()
     if Path(args.src).is_dir():
         prediction, student = import_sampling(args.src)
         model = import_diffusers(args.src)
         encoders = import_encoders(args.src)
+        files = tuple(sorted(pipeline_root(args.src).glob(COVARIANCE_GLOB)))  # what the export copied, back
         if not (pipeline_root(args.src) / NULL_CAPTION_FILE).is_file():  # import_diffusers warned
             notes.append("null caption freshly initialised")
             extra[FRESH_NULL_FILE] = json.dumps({"source": str(args.src), "null_caption": (
@@ -68,5 +70,5 @@ def run(args) -> None:
     if encoders:
         extra[ENCODERS_FILE] = json.dumps(encoders, indent=2)
     save_checkpoint(args.out, model.config, model.state_dict(), extra=extra, overwrite=args.overwrite,
-                    sources=(args.src,))
+                    sources=(args.src,), files=files)
     print(f"wrote {args.out} ({', '.join([prediction, *notes])})")
