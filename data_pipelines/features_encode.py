@@ -19,7 +19,7 @@ from PIL import Image
 
 from pixart.data.buckets import nearest_bucket, resize_crop
 from pixart.data.schema import FEATURES_EXT, FeatureSample
-from pixart.data.tars import ShardWriter, TarDamage, decode_image, iter_samples, stable_reason
+from pixart.data.tars import ShardWriter, TarDamage, class_of, decode_image, iter_samples, stable_reason
 from pixart.errors import PixArtError
 
 META_DROP = ("annotations",)  # heavy raw metadata stays in the raw shard
@@ -115,11 +115,7 @@ def _decode(sample: dict) -> tuple[Image.Image, dict]:
         except (ValueError, AttributeError) as e:
             raise ValueError(f"bad json: {e}") from None
     if "cls" in sample:  # the class, as webdataset's and timm's shards give it: kept as the loader's `label`
-        try:
-            meta["label"] = int(sample["cls"])
-        except ValueError:
-            text = bytes(sample["cls"][:20]).decode("utf-8", "replace")
-            raise ValueError(f"bad cls: {text!r} is not an integer") from None
+        meta["label"] = class_of(sample, meta)
     return img, meta
 
 

@@ -130,7 +130,11 @@ def class_of(sample: dict, meta: dict) -> int:
     """A sample's class for a class-conditional stage: its `cls` member (an integer as text: webdataset's
     convention, which timm's ImageNet shards follow), else its json's `label`; -1 without either."""
     if "cls" in sample:
-        return int(sample["cls"])
+        try:
+            return int(sample["cls"])
+        except ValueError:
+            text = bytes(sample["cls"][:20]).decode("utf-8", "replace")
+            raise ValueError(f"bad cls: {text!r} is not an integer") from None
     return int(meta.get("label", -1))
 
 
