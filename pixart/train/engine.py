@@ -5,6 +5,7 @@ One process with no launcher gets a one-rank group of its own; under `torchrun` 
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -48,6 +49,7 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
         try:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
+            atexit.register(leave_process_group)
         except RuntimeError as e:
             if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and SEPARATE_STORE not in os.environ:
                 raise PixArtError(_RESTART_HINT.format(e=(str(e).strip().splitlines() or [""])[0][:200])) from None
@@ -61,6 +63,14 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, if one is up, while the interpreter is whole: left to the interpreter's exit,
+    gloo's threads can abort the process ("terminate called without an active exception", pytorch/pytorch#190489).
+    `init_distributed` registers it to run at exit (not sooner: DeepSpeed keeps the group it was started with)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _skip_shm_op() -> None:
