@@ -3,6 +3,7 @@ serve them, RFC 9110 §14 and §8.8.3), with a hook that cuts connections mid-sh
 server, which speaks the S3 wire protocol to s3fs."""
 import gzip
 import hashlib
+import os
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
     cuts: list = []
     statuses: list = []  # each request pops one entry and, when it is a number, answers that error status
+    after_cut: list = []  # each cut connection pops one callable and calls it (to replace the file meanwhile)
 
     def log_message(self, *args):
         pass
@@ -56,6 +58,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self.wfile.write(body if cut is None else body[:cut])
         if cut is not None:
             self.close_connection = True
+            if self.after_cut:
+                self.after_cut.pop(0)()
 
 
 @pytest.fixture
@@ -67,7 +71,7 @@ def server(tmp_path):
 
 
 def _serve(folder):
-    RangeHandler.cuts, RangeHandler.statuses = [], []
+    RangeHandler.cuts, RangeHandler.statuses, RangeHandler.after_cut = [], [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(folder)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -93,6 +97,37 @@ def test_http_brace_patterns_read_like_local_files(server):
         got, damage = _keys(url)
         want, _ = _keys(str(local))
         assert got == want and len(got) == 12 and not damage.error
+
+
+def test_webdataset_list_separator(server):
+    """`A::B` is two specs, as webdataset's `expand_urls` splits them (webdataset/shardlists.py)."""
+    base, _ = server
+    urls = resolve_shards(f"{base}/shapes-{{000000..000001}}.tar::{base}/x/shapes-000000.tar")
+    assert urls == [f"{base}/shapes-000000.tar", f"{base}/shapes-000001.tar", f"{base}/x/shapes-000000.tar"]
+
+
+def test_the_first_request_is_retried_and_a_missing_shard_is_not(server):
+    """A 503 or a timeout on the first request is retried as a reconnect is (webdataset's curl opener retries
+    too: `curl --retry 30`, webdataset/gopen.py); a 404 is not."""
+    base, _ = server
+    RangeHandler.statuses = [503, 503]
+    got, damage = _keys(f"{base}/shapes-000000.tar")
+    assert len(got) == 12 and not damage.error and not RangeHandler.statuses
+    RangeHandler.statuses = [404, None]
+    got, damage = _keys(f"{base}/shapes-000000.tar")
+    assert got == [] and "HTTP Error 404" in damage.error and RangeHandler.statuses == [None]
+
+
+def test_a_shard_replaced_while_it_is_read_is_damage_not_a_splice(server):
+    """The reconnect asks for the rest of the same ETag (If-Range, RFC 9110 §13.1.5); a server that sends the rest
+    of another file anyway is caught by its ETag: the samples before the cut are kept, nothing after it."""
+    base, folder = server
+    size = (folder / "shapes-000000.tar").stat().st_size
+    other = (folder / "shapes-000001.tar").read_bytes()
+    RangeHandler.cuts = [size // 2]
+    RangeHandler.after_cut = [lambda: (folder / "shapes-000000.tar").write_bytes(other)]
+    got, damage = _keys(f"{base}/shapes-000000.tar")
+    assert 0 < len(got) < 12 and "replaced while it was read" in damage.error
 
 
 def test_a_dropped_connection_resumes_at_the_byte_it_reached(server):
@@ -231,6 +266,7 @@ def s3(tmp_path, monkeypatch):
 def test_s3_prefixes_globs_and_brace_patterns(s3):
     want = ["s3://data/shapes/shapes-000000.tar", "s3://data/shapes/shapes-000001.tar"]
     assert resolve_shards("s3://data/shapes/") == want
+    assert resolve_shards("s3://data/shapes") == want  # a prefix, as a local folder needs no slash either
     assert resolve_shards("s3://data/shapes/*.tar") == want
     assert resolve_shards("s3://data/shapes/shapes-{000000..000001}.tar") == want
     for url, local in zip(want, sorted(s3.glob("*.tar")), strict=True):
@@ -266,8 +302,73 @@ def test_the_shard_cache_fills_once_then_serves_and_stays_bounded(server, tmp_pa
     RangeHandler.cuts = [size // 2] + [0] * 10  # a read that fails leaves no partial copy
     (folder / "shapes-000000.tar").write_bytes((folder / "shapes-000000.tar").read_bytes())
     monkeypatch.setattr(remote, "remote_identity", lambda u: {"url": u, "etag": "new"})
-    _keys(url)
+    got, damage = _keys(url)
+    assert 0 < len(got) < 12 and "gave up at byte" in damage.error  # what came before the cut is kept
     assert all(not p.name.startswith(".") for p in cache.iterdir())
+
+
+def test_a_full_disk_leaves_the_shard_cache_without_a_cut_copy(server, tmp_path, monkeypatch, caplog):
+    """The copy fails to be written (ENOSPC) half-way: the read goes on, uncached, and nothing is renamed into the
+    cache, which the next read, with room again, fills whole."""
+    import errno
+
+    base, folder = server
+    cache, size = tmp_path / "cache", (folder / "shapes-000000.tar").stat().st_size
+    monkeypatch.setenv(remote.CACHE_ENV, str(cache))
+
+    class HalfFull:
+        def __init__(self, path, mode):
+            self.file, self.room = open(path, mode), size // 2
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(remote, "open", lambda path, mode: HalfFull(path, mode) if "w" in mode else open(path, mode),
+                        raising=False)
+    got, damage = _keys(f"{base}/shapes-000000.tar")
+    assert len(got) == 12 and not damage.error
+    assert list(cache.iterdir()) == [] and "No space left on device" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setenv(remote.CACHE_ENV, str(cache))
+    assert _keys(f"{base}/shapes-000000.tar")[0] == got
+    assert [p.stat().st_size for p in cache.iterdir()] == [size]
+
+
+def test_presigned_urls_are_cached_by_path_or_read_past_the_cache(server, tmp_path, monkeypatch):
+    """A presigned URL's query (hundreds of bytes) is no file name; one that answers no HEAD (its signature covers
+    GET alone) has no identity to cache it under: it is read uncached, not lost."""
+    base, folder = server
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(remote.CACHE_ENV, str(cache))
+    url = f"{base}/shapes-000000.tar?X-Amz-Signature={'f' * 400}&X-Amz-Expires=3600"
+    assert len(_keys(url)[0]) == 12
+    assert [p.name.split("-", 1)[1] for p in cache.iterdir()] == ["shapes-000000.tar"]
+    RangeHandler.statuses = [403]  # the HEAD
+    got, damage = _keys(f"{base}/shapes-000001.tar")
+    assert len(got) == 12 and not damage.error and len(list(cache.iterdir())) == 1
+
+
+def test_the_shard_cache_removes_the_copies_of_killed_readers(server, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    base, _ = server
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = cache / f".0123-shapes-000001.tar.{int(dead.stdout)}.tmp"
+    live = cache / f".0123-shapes-000002.tar.{os.getpid()}.tmp"
+    for p in (orphan, live):
+        p.write_bytes(b"x" * 100)
+    monkeypatch.setenv(remote.CACHE_ENV, str(cache))
+    assert len(_keys(f"{base}/shapes-000000.tar")[0]) == 12
+    assert not orphan.exists() and live.exists()
 
 
 @pytest.fixture
@@ -344,7 +445,8 @@ def test_a_remote_manifest_is_none_only_when_missing_else_an_error_naming_it(fea
     RangeHandler.statuses = [503, 503]
     assert find_manifest(f"{base}/feats") == Manifest.load(www / "feats") and not RangeHandler.statuses
     RangeHandler.statuses = [503] * 10
-    with pytest.raises(PixArtError, match=rf"^{base}/feats/manifest.json: cannot be read \(HTTPError: HTTP Error 503"):
+    with pytest.raises(PixArtError, match=rf"^{base}/feats/manifest.json: cannot be read \(ConnectionError: gave up at "
+                                          r"byte 0 after 3 reconnects \(HTTPError: HTTP Error 503"):
         find_manifest(f"{base}/feats")
     assert len(RangeHandler.statuses) == 10 - 4  # the first try and remote.DEFAULT_POLICY's 3 retries
     RangeHandler.statuses = [403, None]
@@ -354,8 +456,8 @@ def test_a_remote_manifest_is_none_only_when_missing_else_an_error_naming_it(fea
         find_manifest(f"{base}/feats")
     assert RangeHandler.statuses == [None]  # a 400 is not retried
     RangeHandler.statuses = []
-    with pytest.raises(PixArtError, match=r"^http://127.0.0.1:1/feats/manifest.json: cannot be read \(URLError: .*"
-                                          r"refused"):
+    with pytest.raises(PixArtError, match=r"^http://127.0.0.1:1/feats/manifest.json: cannot be read \(ConnectionError: "
+                                          r"gave up at byte 0 after 3 reconnects \(URLError: .*refused"):
         find_manifest("http://127.0.0.1:1/feats")
     (www / "feats" / "manifest.json").write_text("<html>moved</html>")
     with pytest.raises(PixArtError, match=rf"^{base}/feats/manifest.json: not a feature manifest \("):
@@ -377,7 +479,8 @@ def test_a_shard_that_cannot_be_read_is_named_not_the_text_encoder(server, tmp_p
     with pytest.raises(PixArtError, match=missing + r"; no readable sample in the other 1 shard\(s\) either$"):
         detect_kind([f"{base}/nope.tar", f"{base}/gone.tar"])
     assert detect_kind([f"{base}/nope.tar", f"{base}/shapes-000001.tar"]) == "raw"  # one readable shard tells
-    with pytest.raises(PixArtError, match=r"^http://127.0.0.1:1/x.tar: cannot reach the shard \(URLError: .*refused"):
+    with pytest.raises(PixArtError, match=r"^http://127.0.0.1:1/x.tar: cannot reach the shard \(ConnectionError: "
+                                          r"gave up at byte 0 after 3 reconnects \(URLError: .*refused"):
         detect_kind(["http://127.0.0.1:1/x.tar"])
     (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(PixArtError, match=rf"^{tmp_path}/junk.tar: nothing could be read \(ReadError: "):

@@ -2,9 +2,9 @@
 
 A shard is read as one byte stream. When the connection drops (reset, timeout, a short body), the reader
 reconnects with `Range: bytes=<offset>-` and goes on from the byte it reached, so the tar reader never sees the
-cut: the sample it was reading comes out whole. After `attempts` failed reconnects (with exponential backoff) it
-gives up with an error that names the shard and the byte; the tar reader then ends the shard there and reports
-the damage, keeping every sample read before it.
+cut: the sample it was reading comes out whole; a shard replaced meanwhile (another ETag) is an error, not a
+splice of two files. After `attempts` failed tries (with exponential backoff) it gives up with an error that names
+the byte; the tar reader then ends the shard there and reports the damage, keeping every sample read before it.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from pathlib import Path
 import fsspec
 
 from pixart.errors import PixArtError
+
+log = logging.getLogger(__name__)
 
 TRANSIENT = (ConnectionError, TimeoutError, http.client.IncompleteRead, http.client.RemoteDisconnected,
              urllib.error.URLError, OSError)
@@ -47,53 +51,72 @@ def is_http(url: str) -> bool:
 
 
 class RetryingHTTPReader(io.RawIOBase):
-    """A forward-only binary stream of `url`'s body that reconnects where it stopped."""
+    """A forward-only binary stream of `url`'s body that reconnects where it stopped. The first request is
+    retried as the reconnects are; a 4xx other than 408 and 429 is not (a missing or forbidden shard stays so)."""
 
     def __init__(self, url: str, policy: RetryPolicy = DEFAULT_POLICY):
         super().__init__()
         self.url, self.policy = url, policy
-        self.offset, self.size, self.reconnects = 0, None, 0
+        self.offset, self.size, self.etag, self.reconnects = 0, None, None, 0
         self._response = None
-        self._connect()
+        self._retrying(self._connect)
 
     def _connect(self) -> None:
         headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
+        if self.offset and self.etag and not self.etag.startswith("W/"):
+            headers["If-Range"] = self.etag  # RFC 9110 §13.1.5: a shard replaced since comes whole, not as a tail
         response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
                                           timeout=self.policy.timeout_s)
+        etag = response.headers.get("ETag")
+        if self.offset and self.etag and etag and etag != self.etag:
+            response.close()
+            raise PixArtError(f"{self.url}: replaced while it was read (ETag {self.etag}, then {etag}), "
+                              f"at byte {self.offset}")
         if self.offset and response.status != 206:  # the server ignored the range: skip to where we were
             skipped = 0
             while skipped < self.offset:
                 chunk = response.read(min(1 << 20, self.offset - skipped))
                 if not chunk:
-                    raise ConnectionError(f"{self.url}: body ended at byte {skipped}, before {self.offset}")
+                    raise ConnectionError(f"body ended at byte {skipped}, before {self.offset}")
                 skipped += len(chunk)
-        if self.size is None:
+        if not self.offset:
             length = response.headers.get("Content-Length")
-            self.size = int(length) if length is not None else None
+            self.size, self.etag = (int(length) if length is not None else None), etag
         self._response = response
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        return self._retrying(lambda: self._read_into(buffer))
+
+    def _read_into(self, buffer) -> int:
+        if self._response is None:
+            self._connect()
+        n = self._response.readinto(buffer)
+        if n == 0 and self.size is not None and self.offset < self.size:
+            raise http.client.IncompleteRead(b"", self.size - self.offset)
+        self.offset += n
+        return n
+
+    def _retrying(self, action):
         failures = 0
         while True:
             try:
-                if self._response is None:
-                    self._connect()
-                n = self._response.readinto(buffer)
-                if n == 0 and self.size is not None and self.offset < self.size:
-                    raise http.client.IncompleteRead(b"", self.size - self.offset)
-                self.offset += n
-                return n
+                return action()
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code not in (408, 429):
+                    raise
+                error = e
             except TRANSIENT as e:
-                self._drop()
-                if failures >= self.policy.attempts:
-                    raise ConnectionError(f"{self.url}: gave up at byte {self.offset} after {failures} reconnects "
-                                          f"({type(e).__name__}: {e})") from None
-                time.sleep(self.policy.backoff_s * 2 ** failures)
-                failures += 1
-                self.reconnects += 1
+                error = e
+            self._drop()
+            if failures >= self.policy.attempts:
+                raise ConnectionError(f"gave up at byte {self.offset} after {failures} reconnects "
+                                      f"({type(error).__name__}: {error})") from None
+            time.sleep(self.policy.backoff_s * 2 ** failures)
+            failures += 1
+            self.reconnects += 1
 
     def _drop(self) -> None:
         if self._response is not None:
@@ -165,6 +188,7 @@ def is_fsspec(url: str) -> bool:
 
 
 CACHE_ENV, CACHE_GB_ENV = "PIXART_SHARD_CACHE", "PIXART_SHARD_CACHE_GB"
+_said_uncached = False  # the warning that a shard is read past the cache: once a process
 
 
 class ShardCache:
@@ -184,16 +208,28 @@ class ShardCache:
 
     def path(self, url: str) -> Path:
         key = hashlib.sha256(json.dumps(remote_identity(url), sort_keys=True).encode()).hexdigest()[:24]
-        return self.folder / f"{key}-{url.rstrip('/').split('/')[-1]}"
+        name = urllib.parse.urlsplit(url).path.rstrip("/").split("/")[-1]  # a presigned URL's query is no name
+        return self.folder / f"{key}-{name[-100:]}"
 
     def open(self, url: str, opener):
-        path = self.path(url)
+        try:
+            path = self.path(url)
+        except PixArtError as e:  # no identity (a presigned URL answers no HEAD): read it, uncached
+            global _said_uncached
+            if not _said_uncached:
+                log.warning("shard cache: %s; such shards are read without caching them", e)
+                _said_uncached = True
+            return opener(url)
         if path.is_file():
             os.utime(path)  # most recently read
             return open(path, "rb")
         return io.BufferedReader(_Filling(opener(url), path, self), buffer_size=READ_BUFFER)
 
     def evict(self, keep: Path) -> None:
+        """Least recently read first, until the cache fits; with the temp copies of killed readers."""
+        for tmp in self.folder.glob(".*.tmp"):
+            if _reader_is_gone(tmp):
+                tmp.unlink(missing_ok=True)
         files = sorted((p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")),
                        key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
@@ -205,9 +241,24 @@ class ShardCache:
                 p.unlink(missing_ok=True)
 
 
+def _reader_is_gone(tmp: Path) -> bool:
+    """A temp copy (`.NAME.PID.tmp`) whose reader was killed: nothing else removes it."""
+    pid = tmp.name.rsplit(".", 2)[-2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process
+        pass
+    return False
+
+
 class _Filling(io.RawIOBase):
     """Reads the remote stream and copies it into the cache; the copy is renamed into place only when the
-    stream ended, so an interrupted read leaves nothing behind."""
+    stream ended and every byte was written, so an interrupted read or a full disk leaves nothing behind (the
+    read goes on, uncached)."""
 
     def __init__(self, stream, target: Path, cache: ShardCache):
         super().__init__()
@@ -219,37 +270,67 @@ class _Filling(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        data = self.stream.read(len(buffer))
+        data = self._read(len(buffer))
         if not data:
             self._finish()
             return 0
         buffer[:len(data)] = data
-        self.copy.write(data)
+        self._write(data)
         return len(data)
 
+    def _read(self, size: int) -> bytes:
+        """At most one read of the remote stream: a failure after some bytes then loses none of them."""
+        return getattr(self.stream, "read1", self.stream.read)(size)
+
+    def _write(self, data: bytes) -> None:
+        if self.copy is None:
+            return
+        try:
+            self.copy.write(data)
+        except OSError as e:
+            self._give_up(e)
+
     def _finish(self) -> None:
-        if not self.copy.closed:
+        if self.copy is None:
+            return
+        try:  # a full disk may say so only at the flush; a crash after the rename leaves the whole copy
+            self.copy.flush()
+            os.fsync(self.copy.fileno())
             self.copy.close()
             os.replace(self.tmp, self.target)
-            self.cache.evict(keep=self.target)
+        except OSError as e:
+            self._give_up(e)
+            return
+        self.copy = None
+        self.cache.evict(keep=self.target)
+
+    def _give_up(self, error: OSError | None) -> None:
+        """Drop the copy; the stream goes on."""
+        if error is not None:
+            log.warning("shard cache: cannot keep %s (%s); read without caching it", self.target.name, error)
+        try:
+            self.copy.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
+        self.copy = None
 
     def close(self) -> None:
-        if not self.copy.closed:
+        if self.copy is not None:
             self._drain(64 << 10)  # a tar reader stops at the end-of-archive block, before the record padding
-        if not self.copy.closed:  # stopped early (or damaged): drop the partial copy
-            self.copy.close()
-            self.tmp.unlink(missing_ok=True)
+        if self.copy is not None:  # stopped early (or damaged): drop the partial copy
+            self._give_up(None)
         self.stream.close()
         super().close()
 
     def _drain(self, limit: int) -> None:
         try:
-            while limit > 0:
-                data = self.stream.read(min(limit, 1 << 14))
+            while limit > 0 and self.copy is not None:
+                data = self._read(min(limit, 1 << 14))
                 if not data:
                     self._finish()
                     return
-                self.copy.write(data)
+                self._write(data)
                 limit -= len(data)
         except OSError:
             pass
@@ -314,20 +395,15 @@ def read_object(url: str, policy: RetryPolicy | None = None) -> bytes | None:
                     return f.read()
             except FileNotFoundError:
                 return None
-    failures = 0
-    while True:
-        try:
-            with open_http(url, policy) as f:
-                return f.read()
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403, 404, 410):
-                return None
-            if e.code < 500 or failures >= policy.attempts:
-                raise PixArtError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
-        except (OSError, http.client.HTTPException) as e:  # unreachable, or the body broke off past its retries
-            raise PixArtError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
-        time.sleep(policy.backoff_s * 2 ** failures)
-        failures += 1
+    try:
+        with open_http(url, policy) as f:  # 5xx and dropped connections are retried there
+            return f.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403, 404, 410):
+            return None
+        raise PixArtError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
+    except (OSError, http.client.HTTPException) as e:  # unreachable, or the body broke off past its retries
+        raise PixArtError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
 
 
 def remote_identity(url: str) -> dict:

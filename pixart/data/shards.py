@@ -28,15 +28,16 @@ def is_url(spec: str) -> bool:
 
 
 def resolve_shards(specs: str | os.PathLike | list) -> list[str]:
-    """Sorted, de-duplicated shard list; raises PixArtError naming a spec that matches nothing."""
+    """Sorted, de-duplicated shard list of paths, folders, globs, brace patterns, URLs and object-store prefixes
+    (several joined by `::`, as webdataset's); raises PixArtError naming a spec that matches nothing."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     shards: list[str] = []
-    for spec in map(str, specs):
+    for spec in (part for given in map(str, specs) for part in given.split("::")):  # webdataset's list separator
         if is_url(spec):
             found = []
             for url in braceexpand(spec):
-                listed = is_fsspec(url) and (url.endswith("/") or glob.has_magic(url))
+                listed = is_fsspec(url) and (glob.has_magic(url) or not url.endswith(SHARD_SUFFIXES))  # a prefix
                 found.extend(list_shards(url) if listed else [url])
             if not found:
                 raise PixArtError(f"{spec}: no shards found")

@@ -34,11 +34,11 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
     sample: dict | None = None
     try:
         stream = open_shard(url)
-        seekable = getattr(stream, "seekable", lambda: False)()  # local files: ~8x faster than stream mode
-        mode = "r:*" if seekable else "r|*"
-        if not seekable and is_plain_tar(stream):  # http(s): read in file mode too, without seeking back
-            stream, seekable, mode = ForwardSeeking(stream), True, "r:"
         try:
+            seekable = getattr(stream, "seekable", lambda: False)()  # local files: ~8x faster than stream mode
+            mode = "r:*" if seekable else "r|*"
+            if not seekable and is_plain_tar(stream):  # http(s): read in file mode too, without seeking back
+                stream, seekable, mode = ForwardSeeking(stream), True, "r:"
             with tarfile.open(fileobj=stream, mode=mode) as tar:
                 for member in tar:
                     split = member_key(member)
