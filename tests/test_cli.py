@@ -331,6 +331,24 @@ def test_a_peer_lost_outside_the_training_loop_is_one_line(monkeypatch, capsys, 
     assert err.endswith("rerun every node's command to resume from the last checkpoint") and "\n" not in err
 
 
+def test_a_peer_lost_after_a_torchrun_restart_says_to_give_each_attempt_its_own_store(monkeypatch, capsys):
+    """After a restart with torchrun's shared store, the old attempt's addresses refuse rank 0 too, outside
+    set-up's own hint (pytorch/pytorch#135712): every rank says what fixes it, not to rerun into the same."""
+    from pixart.cli import launch
+
+    def refused(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] Connection refused")
+
+    monkeypatch.setattr(launch, "run", refused)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    assert main(["launch", "recipe.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the process group could not form after a torchrun restart ([../third_party/gloo" in err
+    assert err.endswith("set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment on every node, so that "
+                        "each attempt meets in a store of its own") and "\n" not in err
+
+
 def test_other_runtime_errors_still_show_their_traceback(monkeypatch):
     from pixart.cli import launch
 

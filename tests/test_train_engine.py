@@ -76,6 +76,27 @@ def test_a_group_of_one_does_not_build_the_shared_memory_op(tmp_path):
     assert "group left: True" in r.stdout  # destroyed at exit, not left to gloo's threads (pytorch/pytorch#190489)
 
 
+def test_srun_tasks_without_a_launcher_are_refused(monkeypatch):
+    """`srun -n 2 python -m pixart train` gives each task SLURM_* variables and no WORLD_SIZE (srun(1)): each
+    would train alone, into one folder. Under `srun torchrun` the workers have WORLD_SIZE and go on."""
+    import deepspeed
+
+    from pixart.errors import PixArtError
+
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: joined.append(kw))
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(PixArtError, match=r"^srun started 2 tasks \(SLURM_STEP_NUM_TASKS\) but no launcher told them "
+                                          r"their ranks \(no WORLD_SIZE\): run one torchrun per node under srun"):
+        init_distributed()
+    assert not joined
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    init_distributed()
+    assert len(joined) == 1
+
+
 def test_a_restarted_worker_that_cannot_join_says_to_give_each_attempt_its_own_store(monkeypatch):
     """torchrun's shared rendezvous store hands restarted workers the old attempt's gloo addresses: instead of
     gloo's traceback, one line naming the variable that fixes it (pytorch/pytorch#135712)."""

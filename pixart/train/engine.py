@@ -18,6 +18,7 @@ from pixart.errors import PixArtError
 from pixart.models import DiT, PixArt
 
 from .config import TrainConfig
+from .watchdog import restart_hint
 
 
 def _free_port() -> int:
@@ -26,10 +27,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-SEPARATE_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-# torchrun's shared rendezvous store hands restarted workers the previous attempt's addresses (pytorch/pytorch#135712)
-_RESTART_HINT = (f"the process group could not form after a torchrun restart ({{e}}); set {SEPARATE_STORE}=1 in "
-                 "torchrun's environment on every node, so that each attempt meets in a store of its own")
 
 
 def init_distributed(timeout_s: float = 600) -> torch.device:
@@ -41,6 +38,11 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
 
     cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
+        srun_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+        if srun_tasks > 1 and "WORLD_SIZE" not in os.environ:  # else each task trains alone, into one folder
+            raise PixArtError(f"srun started {srun_tasks} tasks (SLURM_STEP_NUM_TASKS) but no launcher told them "
+                              "their ranks (no WORLD_SIZE): run one torchrun per node under srun "
+                              "(docs/training.md, Slurm)")
         alone = {} if "WORLD_SIZE" in os.environ else dict(  # no launcher: a group of one
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.update(alone)
@@ -51,8 +53,9 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
                                        timeout=timedelta(seconds=timeout_s))
             atexit.register(leave_process_group)
         except RuntimeError as e:
-            if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and SEPARATE_STORE not in os.environ:
-                raise PixArtError(_RESTART_HINT.format(e=(str(e).strip().splitlines() or [""])[0][:200])) from None
+            hint = restart_hint(e)
+            if hint is not None:
+                raise PixArtError(hint) from None
             raise
         finally:  # child processes (a nested run) must not take our group of one for a launcher's
             for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

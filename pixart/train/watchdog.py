@@ -43,15 +43,35 @@ def peer_lost_message(e: Exception, rank: int, step: int, run_dir: Path) -> str:
             "to resume from it")
 
 
+SEPARATE_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def restart_hint(e: BaseException) -> str | None:
+    """The line for a group that cannot form or talk after a torchrun restart: torchrun's shared rendezvous store
+    hands restarted workers the previous attempt's addresses (pytorch/pytorch#135712). None on a first attempt,
+    or with a store per attempt already."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0) == 0 or SEPARATE_STORE in os.environ:
+        return None
+    return (f"the process group could not form after a torchrun restart ({_first_line(e)}); set {SEPARATE_STORE}=1 "
+            "in torchrun's environment on every node, so that each attempt meets in a store of its own")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def lost_peer_line(e: BaseException) -> str | None:
     """One line for a communication failure outside a training loop (set-up, the loader's first exchange,
-    teardown), where `watching_peers` does not reach: which rank, and that a rerun resumes. None for any other
-    error. The store's errors (a node that never joined: `DistStoreError: wait timeout`) are DistErrors too."""
+    teardown), where `watching_peers` does not reach: which rank, and that a rerun resumes (or, after a torchrun
+    restart, `restart_hint`). None for any other error. The store's errors (a node that never joined:
+    `DistStoreError: wait timeout`) are DistErrors too."""
     if not isinstance(e, RuntimeError) or not is_comm_failure(e):
         return None
     rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return (f"rank {rank}: another rank or node was lost or never joined ({type(e).__name__}: {reason}); "
+    hint = restart_hint(e)
+    if hint is not None:
+        return f"rank {rank}: {hint}"
+    return (f"rank {rank}: another rank or node was lost or never joined ({type(e).__name__}: {_first_line(e)}); "
             "rerun every node's command to resume from the last checkpoint")
 
 
