@@ -99,13 +99,6 @@ def test_http_brace_patterns_read_like_local_files(server):
         assert got == want and len(got) == 12 and not damage.error
 
 
-def test_webdataset_list_separator(server):
-    """`A::B` is two specs, as webdataset's `expand_urls` splits them (webdataset/shardlists.py)."""
-    base, _ = server
-    urls = resolve_shards(f"{base}/shapes-{{000000..000001}}.tar::{base}/x/shapes-000000.tar")
-    assert urls == [f"{base}/shapes-000000.tar", f"{base}/shapes-000001.tar", f"{base}/x/shapes-000000.tar"]
-
-
 def test_the_first_request_is_retried_and_a_missing_shard_is_not(server):
     """A 503 or a timeout on the first request is retried as a reconnect is (webdataset's curl opener retries
     too: `curl --retry 30`, webdataset/gopen.py); a 404 is not."""
@@ -118,16 +111,22 @@ def test_the_first_request_is_retried_and_a_missing_shard_is_not(server):
     assert got == [] and "HTTP Error 404" in damage.error and RangeHandler.statuses == [None]
 
 
-def test_a_shard_replaced_while_it_is_read_is_damage_not_a_splice(server):
+def test_a_shard_replaced_while_it_is_read_is_damage_not_a_splice(server, tmp_path, monkeypatch):
     """The reconnect asks for the rest of the same ETag (If-Range, RFC 9110 §13.1.5); a server that sends the rest
     of another file anyway is caught by its ETag: the samples before the cut are kept, nothing after it."""
     base, folder = server
     size = (folder / "shapes-000000.tar").stat().st_size
-    other = (folder / "shapes-000001.tar").read_bytes()
+    mine, other = (folder / "shapes-000000.tar").read_bytes(), (folder / "shapes-000001.tar").read_bytes()
     RangeHandler.cuts = [size // 2]
     RangeHandler.after_cut = [lambda: (folder / "shapes-000000.tar").write_bytes(other)]
     got, damage = _keys(f"{base}/shapes-000000.tar")
     assert 0 < len(got) < 12 and "replaced while it was read" in damage.error
+    monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "cache"))  # and the shard cache keeps no copy of either
+    RangeHandler.cuts = [size // 2]
+    RangeHandler.after_cut = [lambda: (folder / "shapes-000000.tar").write_bytes(mine)]
+    got, damage = _keys(f"{base}/shapes-000000.tar")
+    assert 0 < len(got) < 12 and "replaced while it was read" in damage.error
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_a_dropped_connection_resumes_at_the_byte_it_reached(server):
@@ -265,9 +264,14 @@ def s3(tmp_path, monkeypatch):
 
 
 def test_s3_prefixes_globs_and_brace_patterns(s3):
+    import fsspec
+
     want = ["s3://data/shapes/shapes-000000.tar", "s3://data/shapes/shapes-000001.tar"]
     assert resolve_shards("s3://data/shapes/") == want
     assert resolve_shards("s3://data/shapes") == want  # a prefix, as a local folder needs no slash either
+    fsspec.filesystem("s3").put(str(s3 / "shapes-000000.tar"), "data/odd/shard-without-suffix")
+    assert resolve_shards("s3://data/odd/shard-without-suffix") == ["s3://data/odd/shard-without-suffix"]
+    assert len(_keys("s3://data/odd/shard-without-suffix")[0]) == 12
     assert resolve_shards("s3://data/shapes/*.tar") == want
     assert resolve_shards("s3://data/shapes/shapes-{000000..000001}.tar") == want
     for url, local in zip(want, sorted(s3.glob("*.tar")), strict=True):
@@ -275,7 +279,7 @@ def test_s3_prefixes_globs_and_brace_patterns(s3):
         assert got == _keys(str(local))[0] and len(got) == 12 and not damage.error
     identity = remote.remote_identity(want[0])
     assert identity["etag"] == hashlib.md5((s3 / "shapes-000000.tar").read_bytes()).hexdigest()
-    import fsspec  # a prefix lists gzipped shards too, as a local folder does
+    # a prefix lists gzipped shards too, as a local folder does
 
     zipped = gzip.compress((s3 / "shapes-000000.tar").read_bytes())
     fsspec.filesystem("s3").pipe("data/shapes/shapes-000002.tar.gz", zipped)
@@ -353,6 +357,8 @@ def test_presigned_urls_are_cached_by_path_or_read_past_the_cache(server, tmp_pa
     RangeHandler.statuses = [403]  # the HEAD
     got, damage = _keys(f"{base}/shapes-000001.tar")
     assert len(got) == 12 and not damage.error and len(list(cache.iterdir())) == 1
+    got, damage = _keys(f"{base}/nope.tar")  # a HEAD that finds nothing is no presigned URL: the shard is missing
+    assert got == [] and "cannot reach the shard (HTTPError: HTTP Error 404" in damage.error
 
 
 def test_the_shard_cache_removes_the_copies_of_killed_readers(server, tmp_path, monkeypatch):

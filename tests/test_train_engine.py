@@ -1,5 +1,6 @@
 """The DeepSpeed engine's optimizer: torch's fused AdamW, which must step exactly like the plain one."""
 import copy
+import os
 
 import pytest
 import torch
@@ -86,15 +87,25 @@ def test_srun_tasks_without_a_launcher_are_refused(monkeypatch):
     joined = []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: joined.append(kw))
+    monkeypatch.setattr("pixart.train.engine._skip_shm_op", lambda: None)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(PixArtError, match=r"^srun started 2 tasks \(SLURM_STEP_NUM_TASKS\) but no launcher told them "
-                                          r"their ranks \(no WORLD_SIZE\): run one torchrun per node under srun"):
+                                          r"their ranks \(no WORLD_SIZE\): run one torchrun per node under srun "
+                                          r"\(docs/training.md, Slurm\), or set WORLD_SIZE=1 where each task trains "
+                                          r"alone$"):
         init_distributed()
     assert not joined
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one task of a sweep, training alone: a group of one of its own
+    monkeypatch.setenv("MASTER_ADDR", "node7")
+    seen = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.append(os.environ["MASTER_ADDR"]))
     init_distributed()
-    assert len(joined) == 1
+    assert seen == ["127.0.0.1"] and os.environ["MASTER_ADDR"] == "node7" and os.environ["WORLD_SIZE"] == "1"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under srun torchrun: the launcher's ranks
+    monkeypatch.setenv("RANK", "1")
+    init_distributed()
+    assert seen == ["127.0.0.1", "node7"]
 
 
 def test_a_restarted_worker_that_cannot_join_says_to_give_each_attempt_its_own_store(monkeypatch):

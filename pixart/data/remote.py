@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -109,6 +110,8 @@ class RetryingHTTPReader(io.RawIOBase):
                     raise
                 error = e
             except TRANSIENT as e:
+                if isinstance(getattr(e, "reason", None), ssl.SSLCertVerificationError):
+                    raise  # a certificate stays wrong
                 error = e
             self._drop()
             if failures >= self.policy.attempts:
@@ -214,7 +217,7 @@ class ShardCache:
     def open(self, url: str, opener):
         try:
             path = self.path(url)
-        except PixArtError as e:  # no identity (a presigned URL answers no HEAD): read it, uncached
+        except NoIdentity as e:  # a presigned URL answers no HEAD: read it, uncached
             global _said_uncached
             if not _said_uncached:
                 log.warning("shard cache: %s; such shards are read without caching them", e)
@@ -230,14 +233,20 @@ class ShardCache:
         for tmp in self.folder.glob(".*.tmp"):
             if _reader_is_gone(tmp):
                 tmp.unlink(missing_ok=True)
-        files = sorted((p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")),
-                       key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
+        files = []
+        for p in self.folder.iterdir():
+            try:  # another reader may evict it meanwhile
+                stat = p.stat()
+            except FileNotFoundError:
+                continue
+            if not p.name.startswith("."):
+                files.append((stat.st_mtime, stat.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
             if total <= self.max_bytes:
                 break
             if p != keep:
-                total -= p.stat().st_size
+                total -= size
                 p.unlink(missing_ok=True)
 
 
@@ -316,12 +325,14 @@ class _Filling(io.RawIOBase):
         self.copy = None
 
     def close(self) -> None:
-        if self.copy is not None:
-            self._drain(64 << 10)  # a tar reader stops at the end-of-archive block, before the record padding
-        if self.copy is not None:  # stopped early (or damaged): drop the partial copy
-            self._give_up(None)
-        self.stream.close()
-        super().close()
+        try:
+            if self.copy is not None:
+                self._drain(64 << 10)  # a tar reader stops at the end-of-archive block, before the record padding
+        finally:
+            if self.copy is not None:  # stopped early (or damaged): drop the partial copy
+                self._give_up(None)
+            self.stream.close()
+            super().close()
 
     def _drain(self, limit: int) -> None:
         try:
@@ -332,7 +343,7 @@ class _Filling(io.RawIOBase):
                     return
                 self._write(data)
                 limit -= len(data)
-        except OSError:
+        except (OSError, ValueError):  # the shard is damaged (or replaced): no copy of it
             pass
 
 
@@ -374,10 +385,13 @@ SHARD_SUFFIXES = (".tar", ".tar.gz")  # what a folder or prefix lists: the tars 
 
 
 def list_shards(url: str) -> list[str]:
-    """The shards under an object-store prefix (`s3://bucket/prefix/`), or matching a glob, as full URLs."""
+    """The shards under an object-store prefix (`s3://bucket/prefix/`), or matching a glob, as full URLs; an
+    object's own URL when it is one."""
     with object_store_errors(url, "cannot list shards"):
         fs, path = fsspec.core.url_to_fs(url)
         found = fs.glob(path) if any(c in path for c in "*?[") else fs.ls(path, detail=False)
+    if found == [path]:  # not a prefix: one object, whatever its name
+        return [url]
     scheme = url.split("://", 1)[0]
     return sorted(f"{scheme}://{p}" for p in found if p.endswith(SHARD_SUFFIXES))
 
@@ -406,6 +420,13 @@ def read_object(url: str, policy: RetryPolicy | None = None) -> bytes | None:
         raise PixArtError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
 
 
+NO_HEAD = (403, 405, 501)  # a URL that answers GET, not HEAD: a presigned one is signed for GET alone
+
+
+class NoIdentity(PixArtError):
+    """The URL answers no HEAD, so its bytes have no identity short of reading them."""
+
+
 def remote_identity(url: str) -> dict:
     """What identifies a remote shard's bytes without reading them: its ETag (object stores, most HTTP servers),
     else its size and modification time; `pipe:` commands only by their text. A changed shard under the same URL
@@ -418,7 +439,8 @@ def remote_identity(url: str) -> dict:
                 h = response.headers
                 return _identity(url, h.get("ETag"), h.get("Content-Length"), h.get("Last-Modified"))
         except (OSError, http.client.HTTPException) as e:  # HTTPError, URLError, timeouts
-            raise PixArtError(f"{url}: cannot reach the shard ({type(e).__name__}: {e})") from None
+            error = NoIdentity if isinstance(e, urllib.error.HTTPError) and e.code in NO_HEAD else PixArtError
+            raise error(f"{url}: cannot reach the shard ({type(e).__name__}: {e})") from None
     if is_fsspec(url):
         with object_store_errors(url, "cannot reach the shard"):
             fs, path = fsspec.core.url_to_fs(url)

@@ -28,12 +28,12 @@ def is_url(spec: str) -> bool:
 
 
 def resolve_shards(specs: str | os.PathLike | list) -> list[str]:
-    """Sorted, de-duplicated shard list of paths, folders, globs, brace patterns, URLs and object-store prefixes
-    (several joined by `::`, as webdataset's); raises PixArtError naming a spec that matches nothing."""
+    """Sorted, de-duplicated shard list of paths, folders, globs, brace patterns, URLs and object-store prefixes;
+    raises PixArtError naming a spec that matches nothing."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     shards: list[str] = []
-    for spec in (part for given in map(str, specs) for part in given.split("::")):  # webdataset's list separator
+    for spec in map(str, specs):
         if is_url(spec):
             found = []
             for url in braceexpand(spec):

@@ -42,25 +42,31 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
         if srun_tasks > 1 and "WORLD_SIZE" not in os.environ:  # else each task trains alone, into one folder
             raise PixArtError(f"srun started {srun_tasks} tasks (SLURM_STEP_NUM_TASKS) but no launcher told them "
                               "their ranks (no WORLD_SIZE): run one torchrun per node under srun "
-                              "(docs/training.md, Slurm)")
-        alone = {} if "WORLD_SIZE" in os.environ else dict(  # no launcher: a group of one
+                              "(docs/training.md, Slurm), or set WORLD_SIZE=1 where each task trains alone")
+        world = os.environ.get("WORLD_SIZE")
+        launched = world is not None and (world != "1" or "RANK" in os.environ)  # a bare WORLD_SIZE=1: alone
+        alone = {} if launched else dict(  # no launcher: a group of one
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        before = {key: os.environ.get(key) for key in alone}
         os.environ.update(alone)
         if os.environ["WORLD_SIZE"] == "1":  # one rank shares memory with no one: skip compiling DeepSpeed's
             _skip_shm_op()  # CPU shared-memory all-reduce op (about a minute on a fresh 2-core machine)
         try:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
-            atexit.register(leave_process_group)
+            if not cuda:  # gloo's threads, not NCCL's: destroying an NCCL group waits on its collectives
+                atexit.register(leave_process_group)
         except RuntimeError as e:
             hint = restart_hint(e)
             if hint is not None:
                 raise PixArtError(hint) from None
             raise
         finally:  # child processes (a nested run) must not take our group of one for a launcher's
-            for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                if key in alone:
-                    os.environ.pop(key)  # LOCAL_RANK stays: DeepSpeed reads it later
+            for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # LOCAL_RANK stays: DeepSpeed reads it
+                if key in alone and before[key] is None:
+                    os.environ.pop(key)
+                elif key in alone:
+                    os.environ[key] = before[key]
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
@@ -71,7 +77,8 @@ def init_distributed(timeout_s: float = 600) -> torch.device:
 def leave_process_group() -> None:
     """Destroy the process group, if one is up, while the interpreter is whole: left to the interpreter's exit,
     gloo's threads can abort the process ("terminate called without an active exception", pytorch/pytorch#190489).
-    `init_distributed` registers it to run at exit (not sooner: DeepSpeed keeps the group it was started with)."""
+    `init_distributed` registers it to run at exit for gloo (not sooner: DeepSpeed keeps the group it was started
+    with; not for NCCL, whose destroy waits on a lost peer's collective, pytorch/pytorch#141510)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -68,7 +68,7 @@ def lost_peer_line(e: BaseException) -> str | None:
     if not isinstance(e, RuntimeError) or not is_comm_failure(e):
         return None
     rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
-    hint = restart_hint(e)
+    hint = restart_hint(e) if "refused" in str(e) else None  # the old attempt's addresses
     if hint is not None:
         return f"rank {rank}: {hint}"
     return (f"rank {rank}: another rank or node was lost or never joined ({type(e).__name__}: {_first_line(e)}); "
