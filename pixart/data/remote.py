@@ -223,9 +223,11 @@ class ShardCache:
                 log.warning("shard cache: %s; such shards are read without caching them", e)
                 _said_uncached = True
             return opener(url)
-        if path.is_file():
+        try:
             os.utime(path)  # most recently read
             return open(path, "rb")
+        except FileNotFoundError:  # not cached, or evicted by another reader just now
+            pass
         return io.BufferedReader(_Filling(opener(url), path, self), buffer_size=READ_BUFFER)
 
     def evict(self, keep: Path) -> None:
@@ -239,7 +241,7 @@ class ShardCache:
                 stat = p.stat()
             except FileNotFoundError:
                 continue
-            if not p.name.startswith("."):
+            if not p.name.startswith("."):  # not a temp copy
                 files.append((stat.st_mtime, stat.st_size, p))
         total = sum(size for _, size, _ in files)
         for _, size, p in sorted(files):

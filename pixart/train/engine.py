@@ -27,8 +27,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 def init_distributed(timeout_s: float = 600) -> torch.device:
     """Join (or, alone, create) the process group, whose collectives give up after `timeout_s` (a lost node);
     returns this rank's device. Joining waits as long: torchrun's agents have already met when it starts."""
