@@ -192,19 +192,7 @@ def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, mode
     corrupt them) and writes the resolved config (that file alone reruns the run); every rank then waits while
     what a kill left half-written is removed. A rerun whose config cannot resume the run's checkpoint
     (`check_resumable`), or a folder another run holds, stops first, with nothing rewritten."""
-    busy = None
-    if _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            hold_folder(run_dir, RUN_LOCK, "train or distill run")
-        except PixArtError as e:
-            busy = str(e)
-    if dist.is_initialized():  # every rank stops, with rank 0's line, when rank 0 could not hold the folder
-        said = [None] * world
-        dist.all_gather_object(said, busy)
-        busy = said[0]
-    if busy is not None:
-        raise PixArtError(busy)
+    hold_on_rank0(run_dir, RUN_LOCK, "train or distill run")
     check_resumable(run_dir, world, settings, model)
     if _rank() == 0:
         atomic_write(run_dir / "config.yaml", resolved_yaml)
@@ -213,6 +201,25 @@ def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, mode
 
 RUN_LOCK = ".run.lock"
 _HELD: dict[str, int] = {}  # lock file -> its open file, held until released or the process ends
+
+
+def hold_on_rank0(folder: Path, name: str, what: str) -> int | None:
+    """Rank 0 makes the folder and holds it (`hold_folder`; returns the lock there); when it cannot, every rank
+    stops with rank 0's line."""
+    lock, busy = None, None
+    if _rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = hold_folder(folder, name, what)
+        except PixArtError as e:
+            busy = str(e)
+    if dist.is_initialized():
+        said = [busy]
+        dist.broadcast_object_list(said, src=0)
+        busy = said[0]
+    if busy is not None:
+        raise PixArtError(busy)
+    return lock
 
 
 def hold_folder(folder: Path, name: str, what: str) -> int:

@@ -38,7 +38,7 @@ from .checkpoints import (
     RUN_ID,
     TRAINER_FILE,
     changed_input,
-    hold_folder,
+    hold_on_rank0,
     init_of,
     latest_checkpoint,
     release_folder,
@@ -213,7 +213,7 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     from pixart.distill.trainer import DistillTrainer
 
     from .engine import init_distributed
-    from .trainer import Trainer, any_rank, is_done
+    from .trainer import Trainer, is_done
 
     recipe_path = Path(recipe_path).resolve()
     recipe = load_recipe(recipe_path)
@@ -221,19 +221,10 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
         cfg = None if step.reparam else step_config(recipe_path, recipe, step, "<the output of an earlier step>")
         check_inputs(recipe_path, step, cfg)
     root = Path(run_dir or Path("runs") / recipe.name).resolve()
-    device = init_distributed(recipe.collective_timeout_s)
+    init_distributed(recipe.collective_timeout_s)
     rank = dist.get_rank()
     say = log.info if rank == 0 else log.debug  # under torchrun: one copy of each line
-    lock, busy = None, None
-    if rank == 0:
-        try:
-            lock = lock_run(root)
-        except PixArtError as e:
-            busy = e
-    if any_rank(busy is not None, device) and busy is None:  # every rank stops when rank 0 could not lock it
-        busy = PixArtError(f"{root} is in use by another pixart launch")
-    if busy is not None:
-        raise busy
+    lock = lock_run(root)
     try:
         outputs: dict[str, str] = {}
         for step in recipe.stages:
@@ -263,10 +254,9 @@ def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = N
     return outputs
 
 
-def lock_run(root: Path) -> int:
-    """Rank 0's hold on the run folder for a launch (RUN/.launch.lock; `checkpoints.hold_folder`)."""
-    root.mkdir(parents=True, exist_ok=True)
-    return hold_folder(root, LOCK_FILE, "launch")
+def lock_run(root: Path) -> int | None:
+    """The launch's hold on its run folder (RUN/.launch.lock), rank 0's; every rank stops when it cannot."""
+    return hold_on_rank0(root, LOCK_FILE, "launch")
 
 
 def run_reparam(recipe: Recipe, root: Path, step: Step, src: str, say) -> str:
