@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from dist_worker import global_batches, inject_fault, rank_slice
+from dist_worker import ResumableBatches, inject_fault
 
 from pixart.distill.config import DistillConfig
 from pixart.distill.trainer import DistillTrainer
@@ -31,5 +31,5 @@ if __name__ == "__main__":
         "deepspeed": {"zero_stage": zero, "precision": "fp32"},
     })
     inject_fault(rank)
-    batches = global_batches(steps * 2, global_batch)  # one batch per fake update (the generator's is reused)
-    DistillTrainer(cfg, run_dir, batches=rank_slice(batches, rank, world)).run()
+    batches = ResumableBatches(steps * 2, global_batch, rank, world)  # one per fake update (the generator's reused)
+    DistillTrainer(cfg, run_dir, batches=batches).run()

@@ -4,6 +4,7 @@
 
 MODEL_FLAGS: comma-separated (possibly empty) boolean `model.` options to switch on, e.g. `compile,grad_checkpointing`.
 DIST_WORKER_TRAIN (environment, JSON): `train.` settings merged over the defaults, e.g. {"ckpt_every": 5}.
+DIST_WORKER_DEEPSPEED (environment): a DeepSpeed JSON file for `deepspeed.config`.
 DIST_WORKER_FAULT (environment, JSON): {"rank": R, "at": "after-step:N"} kills rank R with SIGKILL there, in the
 first attempt only (an elastic restart, TORCHELASTIC_RESTART_COUNT > 0, runs clean).
 
@@ -77,7 +78,7 @@ def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, 
         "train": {"max_steps": steps, "log_every": 1, "ckpt_every": steps,
                   **json.loads(os.environ.get("DIST_WORKER_TRAIN", "{}"))},
         "ema": {"decay": 0.9},
-        "deepspeed": {"zero_stage": zero, "precision": precision},
+        "deepspeed": {"zero_stage": zero, "precision": precision, "config": os.environ.get("DIST_WORKER_DEEPSPEED")},
     })
 
 

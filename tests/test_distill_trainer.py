@@ -134,10 +134,10 @@ def test_resume_after_kill_is_exact(straight, tiny_feature_cache, teacher, tmp_p
 
 
 def dist_launch(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3,
-                batch: int = 4) -> subprocess.CompletedProcess:
+                batch: int = 4, train: dict | None = None) -> subprocess.CompletedProcess:
     worker = ROOT / "tests" / "dist_distill_worker.py"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DIST_WORKER_TRAIN=json.dumps(train or {}))
     args = [str(worker), str(run_dir), str(teacher), str(zero), str(batch), str(steps)]
     if nproc > 1:
         import socket
@@ -152,8 +152,9 @@ def dist_launch(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int 
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def dist_run(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3, batch: int = 4) -> Path:
-    r = dist_launch(run_dir, teacher, zero, nproc, steps, batch)
+def dist_run(run_dir: Path, teacher: Path, zero: int, nproc: int, steps: int = 3, batch: int = 4,
+             train: dict | None = None) -> Path:
+    r = dist_launch(run_dir, teacher, zero, nproc, steps, batch, train)
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
@@ -185,6 +186,21 @@ def test_two_ranks_match_one_process(small_teacher, one_process, tmp_path, zero)
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6), key
     for file in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(ckpt(one, 3) / file), load_file(ckpt(two, 3) / file)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], **adam_steps(1e-3, 3), msg=f"{file} {k}")
+
+
+def test_a_distillation_resumed_on_fewer_processes_ends_where_one_process_does(small_teacher, one_process, tmp_path):
+    """`train.elastic` for both ZeRO-2 engines, the generator's and the fake score's: each one's partitioned state
+    is converted for one process, and on the same global batches the run ends on one process's weights."""
+    run_dir = dist_run(tmp_path / "run", small_teacher, zero=2, nproc=2, train={"max_steps": 2, "ckpt_every": 2})
+    dist_run(run_dir, small_teacher, zero=2, nproc=1, train={"elastic": True})
+    assert sorted(p.name for p in (ckpt(run_dir, 2) / "deepspeed-universal").iterdir()) == ["fake", "generator"]
+    for key in ("dm", "fake"):
+        a, b = [r[key] for r in metrics(one_process)], [r[key] for r in metrics(run_dir)]
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), key
+    for file in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(ckpt(one_process, 3) / file), load_file(ckpt(run_dir, 3) / file)
         for k in a:
             torch.testing.assert_close(b[k], a[k], **adam_steps(1e-3, 3), msg=f"{file} {k}")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_distributed import GLOBAL_BATCH, ROOT, STEPS, WEIGHTS, WORKER, _port, final, losses, run
-from tolerance import approx, reordered
+from tolerance import adam_steps, approx, reordered
 
 
 def worker_env(train: dict | None = None, fault: dict | None = None) -> dict:
@@ -184,3 +184,53 @@ def test_an_elastic_restart_resumes_from_the_last_checkpoint_by_itself(uninterru
     assert "a collective failed during step 7" in nodes[0].stdout  # the first attempt did fail
     assert "resumed from " + str(run_dir / "checkpoints/step-000004") in nodes[0].stdout
     assert_same_run(run_dir, uninterrupted)
+
+
+def test_a_node_lost_for_good_leaves_the_other_to_finish_under_elastic(uninterrupted, tmp_path):
+    """`torchrun --nnodes 1:2 --max-restarts 1` and `train.elastic`: node 1 freezes after step 6 (SIGSTOP), then
+    dies whole, agent and worker (SIGKILL), and does not come back. Node 0's agent restarts its worker alone, which
+    converts the step-4 checkpoint for one process and ends near where the two nodes would have: the same global
+    batches, only the reduction order differs."""
+    import time
+
+    import psutil
+
+    run_dir, port = tmp_path / "run", _port()
+    run_dir.mkdir()
+    env = worker_env({**RESUME_TRAIN, "elastic": True}, {"rank": 1, "at": "after-step:6:SIGSTOP"})
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    args = [str(WORKER), str(run_dir), "2", "fp32", str(GLOBAL_BATCH), str(RESUME_STEPS), "1e-3", ""]
+    logs = [open(tmp_path / f"node{rank}.log", "w") for rank in range(2)]
+    procs = []
+    try:
+        for log in logs:  # node 0 first: its agent hosts the rendezvous, as node0 does on a cluster
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1",
+                 "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                 "--rdzv-id", "test", "--rdzv-conf", "last_call_timeout=5", *args],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+            time.sleep(3)
+        node1, deadline = psutil.Process(procs[1].pid), time.monotonic() + 300
+        while not any(p.status() == psutil.STATUS_STOPPED for p in node1.children(recursive=True)):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "node 1 never reached step 6"
+            time.sleep(0.2)
+        for p in [node1, *node1.children(recursive=True)]:
+            p.kill()
+        procs[0].wait(timeout=300)
+    finally:
+        for p in procs:
+            for child in psutil.Process(p.pid).children(recursive=True) if p.poll() is None else []:
+                child.kill()
+            p.kill()
+        for log in logs:
+            log.close()
+    out = (tmp_path / "node0.log").read_text()
+    assert procs[0].returncode == 0, out[-3000:]
+    assert "a collective failed during step 7" in out  # the first attempt did lose its peer
+    assert "resumed from " + str(run_dir / "checkpoints/step-000004") in out
+    assert "to a universal checkpoint for another world size" in out  # (its folder is pruned by the end)
+    assert losses(run_dir) == approx(losses(uninterrupted), reordered(losses(uninterrupted)))
+    last = f"checkpoints/step-{RESUME_STEPS:06d}/model.safetensors"
+    a, b = load_file(uninterrupted / last), load_file(run_dir / last)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], **adam_steps(1e-3, RESUME_STEPS - 1.5), msg=k)

@@ -354,7 +354,8 @@ def test_a_run_names_its_input_the_same_wherever_the_recipe_run_was_moved(tmp_pa
 
 def test_the_recipe_timeout_governs_each_steps_watchdog_and_a_bad_set_names_the_recipe(tmp_path):
     """The launch's process group has the recipe's `collective_timeout_s`; each step's watchdog
-    (`train.collective_timeout_s`) gets the same. A bad key in a step's `set:` is the recipe's, not its file's."""
+    (`train.collective_timeout_s`) gets the same. The recipe's `elastic: true` is every step's; without it a step
+    keeps its own. A bad key in a step's `set:` is the recipe's, not its file's."""
     from pixart.train.recipe import step_config
 
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"stage": "s", "data": {"shards": "x"},
@@ -363,5 +364,10 @@ def test_the_recipe_timeout_governs_each_steps_watchdog_and_a_bad_set_names_the_
         {"name": "s", "config": "s.yaml"}, {"name": "t", "config": "s.yaml", "set": ["optim.lrr=1"]}]}))
     recipe = load_recipe(tmp_path / "r.yaml")
     assert step_config(tmp_path / "r.yaml", recipe, recipe.stages[0], None).train.collective_timeout_s == 42
+    assert not step_config(tmp_path / "r.yaml", recipe, recipe.stages[0], None).train.elastic
+    for elastic, step_set in ((True, []), (False, ["train.elastic=true"])):
+        rewritten = recipe.model_copy(update={"elastic": elastic, "stages": [
+            recipe.stages[0].model_copy(update={"set": step_set})]})
+        assert step_config(tmp_path / "r.yaml", rewritten, rewritten.stages[0], None).train.elastic
     with pytest.raises(PixArtError, match=re.escape(f"{tmp_path / 'r.yaml'}: step t's set: optim.lrr: unknown key")):
         step_config(tmp_path / "r.yaml", recipe, recipe.stages[1], None)

@@ -15,7 +15,8 @@ examples:
 The run folder gets config.yaml (resolved), checkpoints/ (latest, step-N/ with config.json +
 model.safetensors + ema.safetensors for `export-diffusers` and the next stage), metrics.jsonl,
 tensorboard/, samples/ (validation grids), loss.png and DONE.json. Rerunning the same command
-resumes from checkpoints/latest, exactly.
+resumes from checkpoints/latest, exactly; on another number of processes (a lost node) only with
+--set train.elastic=true (docs/training.md, "Fewer nodes").
 """
 
 

@@ -128,10 +128,12 @@ class DistillTrainer:
         if cfg.validation.prompts or (r.weight and r.kind == "lpips"):  # grids, or LPIPS on decoded images
             check_named(cfg.encoders, self.manifest or cache_manifest(cfg), text=bool(cfg.validation.prompts))
         self.lpips = load_lpips(r.lpips_weights, self.device) if r.weight and r.kind == "lpips" else None
-        checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config,
+                             cfg.train.elastic)
         fake_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": cfg.fake.lr or cfg.optim.lr})})
-        self.engines = {GENERATOR: build_engine(generator, cfg, self.world)[0],
-                        FAKE: build_engine(fake, fake_cfg, self.world)[0]}
+        universal = checkpoints.needs_universal(self.run_dir, self.world)
+        self.engines = {GENERATOR: build_engine(generator, cfg, self.world, universal)[0],
+                        FAKE: build_engine(fake, fake_cfg, self.world, universal)[0]}
         self.fragments = {}
         for tag, engine in self.engines.items():
             engine.module.eval()  # no caption dropout: the student and the fake score see every caption

@@ -7,6 +7,8 @@
         loader-rank{R}.json                                each rank's data position
         deepspeed/state/...                                DeepSpeed's (sharded) optimizer state (one folder
                                                            per engine: distillation has generator/, fake/)
+        deepspeed-universal/state/...                      the same, converted by DeepSpeed's ds_to_universal
+                                                           when the run resumed at another world size
     RUN/checkpoints/latest                                 "step-000500", replaced atomically
 
 A checkpoint is written under `.step-000500.tmp` by all ranks and renamed by rank 0 only when
@@ -21,7 +23,10 @@ import logging
 import os
 import shutil
 import signal
+import time
 import uuid
+from argparse import Namespace
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -42,6 +47,7 @@ from pixart.errors import PixArtError
 from pixart.models.config import ModelConfig
 
 TRAINER_FILE, DS_DIR, DS_TAG = "trainer.json", "deepspeed", "state"
+UNIVERSAL_DIR = "deepspeed-universal"  # DeepSpeed's state converted for another world size
 RUN_ID = "run_id"  # a run's identity, made when its first start writes nothing yet; kept by every resume
 log = logging.getLogger("pixart.train")
 
@@ -154,17 +160,18 @@ def with_run(name, run_id) -> str:
     return f"{name} (run {run_id})" if run_id else f"{name}"
 
 
-def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfig) -> None:
+def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfig, elastic: bool = False) -> None:
     """Refuse, in one line, to resume a checkpoint this run could not load exactly: one saved by another number
-    of processes, with other `settings` ({"deepspeed.precision": ..., ...}, as its trainer.json records them),
-    from another init, or of another model."""
+    of processes (unless `elastic`: `train.elastic`), with other `settings` ({"deepspeed.precision": ..., ...}, as
+    its trainer.json records them), from another init, or of another model."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return
     fresh = "; a run resumes as it was saved (another --run-dir with model.init set to it starts from its weights)"
-    saved = len(list(ckpt.glob("loader-rank*.json")))
-    if saved != world:
-        raise PixArtError(f"{ckpt}: saved at world size {saved}, resumed at {world}{fresh}")
+    saved = saved_world(ckpt)
+    if saved != world and not elastic:
+        raise PixArtError(f"{ckpt}: saved at world size {saved}, resumed at {world}; set train.elastic=true to "
+                          "continue it at this size (its data position restarts the epoch)")
     recorded = read_json(ckpt / TRAINER_FILE)
     was, now = run_kind(recorded), run_kind(settings)
     if was and now and was != now:  # the other command's checkpoint: its config must not be overwritten
@@ -187,13 +194,27 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
         raise PixArtError(f"{ckpt}: its model differs from this config's ({changed}){fresh}")
 
 
-def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, model: ModelConfig) -> None:
+def saved_world(ckpt: Path) -> int:
+    """How many processes saved checkpoint `ckpt`: each wrote its data position."""
+    return len(list(ckpt.glob("loader-rank*.json")))
+
+
+def needs_universal(run_dir: str | os.PathLike, world: int) -> bool:
+    """Whether resuming `run_dir` at `world` processes needs DeepSpeed's universal checkpoint: its latest
+    checkpoint was saved at another world size with ZeRO-partitioned optimizer state (`*optim_states.pt`). ZeRO 0
+    keeps the whole state in every process (in `mp_rank_00_model_states.pt`), which loads at any world size."""
+    ckpt = latest_checkpoint(run_dir)
+    return ckpt is not None and saved_world(ckpt) != world and any((ckpt / DS_DIR).rglob("*optim_states.pt"))
+
+
+def open_run(run_dir: Path, resolved_yaml: str, world: int, settings: dict, model: ModelConfig,
+             elastic: bool = False) -> None:
     """Rank 0 makes the run folder, holds it (`hold_folder`: two runs writing one folder's checkpoints would
     corrupt them) and writes the resolved config (that file alone reruns the run); every rank then waits while
     what a kill left half-written is removed. A rerun whose config cannot resume the run's checkpoint
     (`check_resumable`), or a folder another run holds, stops first, with nothing rewritten."""
     hold_on_rank0(run_dir, RUN_LOCK, "train or distill run")
-    check_resumable(run_dir, world, settings, model)
+    check_resumable(run_dir, world, settings, model, elastic)
     if _rank() == 0:
         atomic_write(run_dir / "config.yaml", resolved_yaml)
     clean_partial(run_dir)
@@ -320,19 +341,26 @@ def prune(root: Path, keep_last: int) -> None:
 def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | None:
     """Resume from the run's latest checkpoint, if any: DeepSpeed's state into each of `engines` {tag: engine},
     the EMA, and this rank's data position into `batches` (when it keeps one). Returns the trainer state
-    (`step`, ...) or None before the first save."""
+    (`step`, ...) or None before the first save.
+
+    An engine built to load a universal checkpoint (`needs_universal`) reads the state converted for it; at
+    another world size rank R reads the data position of saved rank R mod the saved world size, which the
+    shard loader turns into a restart of its epoch."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None
-    for tag, engine in engines.items():
-        read_states_as_data(engine)
-        path, _ = engine.load_checkpoint(str(ckpt / DS_DIR), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise PixArtError(f"{ckpt}: DeepSpeed could not load its state ({DS_DIR}/{tag})")
+    with states_read_as_data():
+        for tag, engine in engines.items():
+            folder = universal_state(ckpt, tag) if engine.load_universal_checkpoint() else ckpt / DS_DIR
+            path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+            if path is None:
+                raise PixArtError(f"{ckpt}: DeepSpeed could not load its state ({folder.name}/{tag})")
+            if engine.load_universal_checkpoint():
+                own_step_counts(engine.basic_optimizer)
     if (ckpt / EMA_FILE).is_file():
         ema.load_full_state(read_state_dict(ckpt / EMA_FILE), str(ckpt / EMA_FILE))
-    loader_file = ckpt / f"loader-rank{_rank()}.json"
+    loader_file = ckpt / f"loader-rank{_rank() % max(1, saved_world(ckpt))}.json"
     if not loader_file.is_file():
         raise PixArtError(f"{loader_file}: missing: this rank's data position was not saved (an incomplete checkpoint)")
     loader_state = read_json(loader_file)
@@ -344,22 +372,70 @@ def restore(run_dir: str | os.PathLike, engines: dict, ema, batches) -> dict | N
     return trainer
 
 
-def read_states_as_data(engine) -> None:
-    """DeepSpeed unpickles its `.pt` states with weights_only=False, which runs any code a run folder holds; a
-    resumed run may be a teammate's or a download, so its states are read as tensors and plain values, plus the
-    plain-data types DeepSpeed stores in them (ZeRO's stage, its loss scalers, a fragment's address)."""
+def universal_state(ckpt: Path, tag: str) -> Path:
+    """Rank 0 converts engine `tag`'s ZeRO state in `ckpt` with DeepSpeed's `ds_to_universal` (once: a rerun reuses
+    it; a kill mid-way leaves only a temp folder, redone), while the other ranks wait; returns the folder of the
+    converted state, for `load_checkpoint` with `checkpoint.load_universal`. One extraction process: workers
+    started by spawn or forkserver would not read through `states_read_as_data`. The others wait in a barrier,
+    so the conversion must end within `train.collective_timeout_s`. A universal load restores the trained
+    parameters only, not the module's state dict: our models' buffers are fixed tables (`pos_embed`) or made
+    from the seed or the init (`y_embedding`), as at the run's start."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    target = ckpt / UNIVERSAL_DIR
+    if _rank() == 0 and not (target / tag).is_dir():
+        tmp = ckpt / f".{UNIVERSAL_DIR}-{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint for another world size (DeepSpeed's ds_to_universal)",
+                 ckpt / DS_DIR / tag)
+        start = time.monotonic()
+        with open(os.devnull, "w") as null, redirect_stdout(null):  # its prints (tqdm's bars go to stderr)
+            ds_to_universal(Namespace(input_folder=str(ckpt / DS_DIR / tag), output_folder=str(tmp / tag),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True))
+        _fsync_tree(tmp / tag)
+        target.mkdir(exist_ok=True)
+        os.replace(tmp / tag, target / tag)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted %s in %.0f s", tag, time.monotonic() - start)
+    _barrier()
+    return target
+
+
+def own_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """DeepSpeed's universal load assigns Adam's `step` straight into the optimizer's state: one CPU tensor shared
+    by every parameter group (ZeRO-3's sub-groups), where each update would count it again, and off the device
+    that fused AdamW needs it on. Give each its own float32 copy on its parameter's device, as torch's
+    `Optimizer.load_state_dict` does for a fused optimizer."""
+    for param, state in optimizer.state.items():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].to(param.device, torch.float32, copy=True)
+
+
+@contextmanager
+def states_read_as_data():
+    """DeepSpeed unpickles its `.pt` states (and `ds_to_universal` its inputs) with weights_only=False, which runs
+    any code a run folder holds; a resumed run may be a teammate's or a download, so while they read, `torch.load`
+    reads tensors and plain values only, plus the plain-data types DeepSpeed stores in them (ZeRO's stage, its loss
+    scalers, a fragment's address)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    def load(path: str, map_location=None):
+    real = torch.load
+
+    def load(f, *args, **kwargs):
         try:
             with torch.serialization.safe_globals([DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]):
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return real(f, *args, **{**kwargs, "weights_only": True})
         except Exception as e:
-            raise PixArtError(f"{path}: not read: {unreadable_reason(e)}") from None
+            raise PixArtError(f"{f}: not read: {unreadable_reason(e)}") from None
 
-    engine.checkpoint_engine.load = load
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -118,6 +118,10 @@ class TrainSection(Section):
     # time, not PyTorch's 30 minutes. 10 minutes outlasts every legitimate wait we have (rank 0 writing an XL
     # checkpoint with its optimizer state, ~7 GB, or drawing a validation grid, while the others wait).
     collective_timeout_s: float = Field(600, gt=0)
+    # Resume a checkpoint saved by another number of processes (after losing a node, or under torchrun --nnodes
+    # MIN:MAX): ZeRO state is converted with DeepSpeed's ds_to_universal; the per-process batch stays, so the global
+    # batch follows the process count, and the data restarts its epoch. False: such a rerun is refused.
+    elastic: bool = False
 
 
 class EmaSection(Section):

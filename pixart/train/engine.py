@@ -89,8 +89,9 @@ def _skip_shm_op() -> None:
         backend.build_shm_op = lambda: None
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON: the user's file (if any) under the keys the stage config owns."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON: the user's file (if any) under the keys the stage config owns; `load_universal` for a
+    run resumed at another world size (`checkpoints.needs_universal`)."""
     ds: dict = {}
     if cfg.deepspeed.config:
         path = Path(cfg.deepspeed.config)
@@ -111,10 +112,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     )
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.deepspeed.zero_stage}
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW: ZeRO only partitions its state
+    ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": load_universal}
     return ds
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """deepspeed.initialize with torch's fused AdamW (one kernel over all tensors, on GPUs and CPUs alike:
     3x faster than the default on a 2-core CPU) and the warmup schedule.
 
@@ -132,7 +134,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     # PixArt's own schedule (diffusion/utils/lr_scheduler.py): linear warmup from lr 0 at the first step, then flat
     schedule = partial(get_constant_schedule_with_warmup, num_warmup_steps=o.warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size))
+        model=model, optimizer=optimizer, lr_scheduler=schedule,
+        config=deepspeed_config(cfg, world_size, load_universal))
     if world_size == 1 and cfg.deepspeed.zero_stage == 0:
         engine.enable_backward_allreduce = False  # one rank: its "all-reduce" would only copy every gradient twice
     if not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()):

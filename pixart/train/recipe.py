@@ -98,6 +98,7 @@ class Recipe(Section):
     name: str
     stages: list[Step]
     collective_timeout_s: float = Field(600, gt=0)  # the launch's process group (train.collective_timeout_s)
+    elastic: bool = False  # every step's train.elastic: a step resumes at another world size (fewer nodes)
 
     @model_validator(mode="after")
     def _order(self) -> Recipe:
@@ -140,9 +141,11 @@ def reparam_source(recipe_path: Path, outputs: dict[str, str], step: Step) -> st
 def step_config(recipe_path: Path, recipe: Recipe, step: Step, init: str | None):
     """A training or distillation step's config, with `init` (an earlier step's output) as its starting weights
     and the recipe's `collective_timeout_s` as its `train.collective_timeout_s` (its watchdog's), since the launch's
-    process group has the recipe's. A bad key in the step's `set:` is blamed on the recipe, not the config file."""
+    process group has the recipe's; `elastic: true` sets every step's `train.elastic`. A bad key in the step's `set:`
+    is blamed on the recipe, not the config file."""
     key = "teacher.init" if step.distill else "model.init"
-    ours = [f"train.collective_timeout_s={recipe.collective_timeout_s}"] + ([f"{key}={init}"] if step.init else [])
+    ours = [f"train.collective_timeout_s={recipe.collective_timeout_s}", *(["train.elastic=true"] * recipe.elastic),
+            *([f"{key}={init}"] if step.init else [])]
     if step.distill:
         from pixart.distill.config import DistillConfig
 
@@ -203,8 +206,8 @@ def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
 LOCK_FILE = ".launch.lock"
 # config keys that do not shape a step's output: a done step whose config changed only there is skipped silently
 FREE_KEYS = {"model.init", "teacher.init", "train.log_every", "train.ckpt_every", "train.keep_last",
-             "train.peak_tflops", "train.record_keys", "train.collective_timeout_s", "data.num_workers",
-             "data.shard_cache", "data.shard_cache_gb"}
+             "train.peak_tflops", "train.record_keys", "train.collective_timeout_s", "train.elastic",
+             "data.num_workers", "data.shard_cache", "data.shard_cache_gb"}
 
 
 def launch(recipe_path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict[str, str]:

@@ -123,8 +123,10 @@ class Trainer:
         if self._draws_grids():
             check_named(cfg.encoders, self.manifest or cache_manifest(cfg), text=self.model_config.arch == "pixart")
         # only now: a bad init or shard, or a config that cannot resume the run, writes nothing
-        checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config)
-        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, self.world)
+        checkpoints.open_run(self.run_dir, cfg.resolved_yaml(), self.world, self.settings, self.model_config,
+                             cfg.train.elastic)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            model, cfg, self.world, checkpoints.needs_universal(self.run_dir, self.world))
         self.fragments = master_fragments(self.engine.module)
         # DeepSpeed builds bf16/fp16 masters from the low-precision copy: give them the exact fp32 init.
         scatter_into(self.fragments, [f.view for f in self.fragments], fp32_init, "init")
