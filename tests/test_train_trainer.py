@@ -231,7 +231,8 @@ def test_a_rerun_that_cannot_resume_the_checkpoint_is_one_line_and_rewrites_noth
     saved = {"deepspeed.precision": "fp32", "deepspeed.zero_stage": 1}
     check_resumable(run, 1, saved, model)  # what the run was saved with resumes
     for world, settings, message in (
-            (2, saved, "saved at world size 1, resumed at 2; set train.elastic=true to continue it at this size"),
+            (2, saved, "saved at world size 1, resumed at 2; set train.elastic=true (in a recipe, elastic: true at "
+                       "its top) to continue it at this size"),
             (1, {**saved, "deepspeed.precision": "bf16"}, "deepspeed.precision 'fp32', this config has 'bf16'"),
             (1, {**saved, "deepspeed.zero_stage": 3}, "saved with deepspeed.zero_stage 1, this config has 3"),
             (1, {**saved, "model.init": "s1/checkpoints/step-000002"},  # it started from no init: not another one
@@ -357,6 +358,8 @@ def test_an_fp16_runs_loss_scaler_is_read_as_data(tmp_path):
 
 
 def test_a_killed_writers_temp_records_are_removed_when_the_run_resumes(cache, straight, tmp_path):
+    """Also a conversion for another world size killed mid-way, whose rerun went back to the old size: up to twice
+    the DeepSpeed state's size on disk, hidden."""
     import shutil
     import socket
 
@@ -365,13 +368,15 @@ def test_a_killed_writers_temp_records_are_removed_when_the_run_resumes(cache, s
     host = socket.gethostname()
     dead = [run / "checkpoints" / f".latest.tmp-{host}-999999999-x", run / f".DONE.json.tmp-{host}-999999999-y",
             run / "samples" / f".step-000002.png.tmp-{host}-999999999-w"]  # a grid no resumed run draws again
+    converting = run / "checkpoints" / "step-000006" / ".deepspeed-universal-state.tmp"  # killed mid-way
+    (converting / "state").mkdir(parents=True)
     (run / "samples").mkdir(exist_ok=True)
     live = run / f".config.yaml.tmp-{host}-{os.getppid()}-z"  # its writer still runs: not ours to remove
     for path in (*dead, live):
         path.write_text("half")
     r = train(stage(cache, tmp_path), run)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not any(p.exists() for p in dead) and live.exists()
+    assert not any(p.exists() for p in (*dead, converting)) and live.exists()
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(cache, tmp_path):

@@ -12,7 +12,8 @@ not exist yet (local shards, scores, an init no step makes) are named in a warni
 may be made while the first stages train. Rerun the same command after an interruption: finished
 steps are skipped and the interrupted one resumes from its last checkpoint. Under torchrun or the
 deepspeed launcher every rank runs it (rank 0 prints). Under a recipe, every step's
-train.collective_timeout_s is the recipe's collective_timeout_s. A step whose recorded input (the
+train.collective_timeout_s is the recipe's collective_timeout_s, and `elastic: true` at the recipe's top lets
+every step resume on another number of processes (a node lost for good). A step whose recorded input (the
 `init` it was made from, and the id of the run that made it) is not the one it would get now is
 refused, not skipped or resumed; so is extending a step past the checkpoint later steps were made
 from. A finished step whose config changed since is skipped with a warning naming the keys. A

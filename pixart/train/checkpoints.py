@@ -78,7 +78,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def clean_partial(run_dir: str | os.PathLike) -> None:
-    """Remove what a kill left half-written (rank 0, before anything else): checkpoints, and the temp files of
+    """Remove what a kill left half-written (rank 0, before anything else): checkpoints and their conversions
+    for another world size (`universal_state`), and the temp files of
     the run's small records (`latest`, `config.yaml`, `DONE.json`) and sample grids (a resumed run does not
     draw a grid of a step before its checkpoint again)."""
     root = Path(run_dir) / "checkpoints"
@@ -87,7 +88,7 @@ def clean_partial(run_dir: str | os.PathLike) -> None:
         remove_dead_writers(Path(run_dir) / "samples")
         if root.is_dir():
             remove_dead_writers(root)
-            for tmp in root.glob(".step-*.tmp"):
+            for tmp in [*root.glob(".step-*.tmp"), *root.glob(f"step-*/.{UNIVERSAL_DIR}-*.tmp")]:
                 shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
 
@@ -170,8 +171,13 @@ def check_resumable(run_dir: Path, world: int, settings: dict, model: ModelConfi
     fresh = "; a run resumes as it was saved (another --run-dir with model.init set to it starts from its weights)"
     saved = saved_world(ckpt)
     if saved != world and not elastic:
-        raise PixArtError(f"{ckpt}: saved at world size {saved}, resumed at {world}; set train.elastic=true to "
-                          "continue it at this size (its data position restarts the epoch)")
+        raise PixArtError(f"{ckpt}: saved at world size {saved}, resumed at {world}; set train.elastic=true (in a "
+                          "recipe, elastic: true at its top) to continue it at this size (its data position "
+                          "restarts the epoch)")
+    if saved != world and _rank() == 0:
+        log.warning("%s: saved at world size %d, resumed at %d (train.elastic): the global batch is now %d/%d of "
+                    "what it was, unless data.batch_size or optim.grad_accum changed with it", ckpt, saved, world,
+                    world, saved)
     recorded = read_json(ckpt / TRAINER_FILE)
     was, now = run_kind(recorded), run_kind(settings)
     if was and now and was != now:  # the other command's checkpoint: its config must not be overwritten
@@ -397,7 +403,7 @@ def universal_state(ckpt: Path, tag: str) -> Path:
         target.mkdir(exist_ok=True)
         os.replace(tmp / tag, target / tag)
         shutil.rmtree(tmp, ignore_errors=True)
-        log.info("converted %s in %.0f s", tag, time.monotonic() - start)
+        log.info("converted it to %s in %.0f s", target / tag, time.monotonic() - start)
     _barrier()
     return target
 
