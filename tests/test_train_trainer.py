@@ -346,14 +346,15 @@ def test_resume_reads_deepspeeds_states_as_data_and_never_runs_a_pickles_code(ca
 def test_an_fp16_runs_loss_scaler_is_read_as_data(tmp_path):
     """fp16 needs a GPU in DeepSpeed, so its optimizer state's dynamic loss scaler is saved here directly, as
     ZeRO's `state_dict()` stores it (`state_dict[LOSS_SCALER] = self.loss_scaler`)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
     from pixart.train.checkpoints import states_read_as_data
 
     torch.save({"loss_scaler": DynamicLossScaler(2.0 ** 16, 500, 1.0, 2, False), "step": 7},
                tmp_path / "optim_states.pt")
-    with states_read_as_data():  # DeepSpeed asks for weights_only=False
-        state = torch.load(str(tmp_path / "optim_states.pt"), map_location="cpu", weights_only=False)
+    with states_read_as_data():  # DeepSpeed's own reader, which asks torch.load for weights_only=False
+        state = TorchCheckpointEngine().load(str(tmp_path / "optim_states.pt"), map_location="cpu")
     assert state["loss_scaler"].cur_scale == 2.0 ** 16 and state["loss_scaler"].scale_window == 500
 
 
