@@ -3,6 +3,7 @@ import pytest
 import torch
 from conftest import perturb_
 from diffusers import PixArtTransformer2DModel
+from pickles import RunsCode
 from tolerance import reimplemented, rel_err
 
 from pixart.checkpoint import save_checkpoint
@@ -378,7 +379,7 @@ def test_the_released_one_step_student_imports_from_its_torch_pickle(tmp_path, c
     with pytest.raises(PixArtError, match=r"transformer: its weights do not fit its config.json \(no proj_out.weight; "
                                           r"1 missing, 0 unknown\)$"):
         import_diffusers(hub)
-    torch.save({"w": _RunsCode(f"touch {tmp_path / 'ran'}")}, weights)  # code in a pickle is never run
+    torch.save({"w": RunsCode(f"touch {tmp_path / 'ran'}")}, weights)  # code in a pickle is never run
     with pytest.raises(PixArtError, match=r"diffusion_pytorch_model.bin: not a readable checkpoint \(it holds objects "
                                           r"other than tensors"):
         import_diffusers(hub)
@@ -387,16 +388,6 @@ def test_the_released_one_step_student_imports_from_its_torch_pickle(tmp_path, c
     with pytest.raises(PixArtError, match=r"diffusion_pytorch_model.bin: a plain Python pickle, not a torch.save "
                                           r"checkpoint; .* refused without unpickling"):
         import_diffusers(hub)
-
-
-class _RunsCode:
-    """A pickle that runs a shell command when unpickled with weights_only=False."""
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        import os
-        return os.system, (self.command,)
 
 
 def test_a_scheduler_predicting_what_pixart_does_not_is_refused(tmp_path):

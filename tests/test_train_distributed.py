@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pickles import RunsCode
 from safetensors.torch import load_file
 from tolerance import adam_steps, approx, reordered
 
@@ -105,14 +106,6 @@ def test_a_run_resumed_at_another_world_size_ends_where_an_uninterrupted_one_doe
     assert converted.is_dir() == (zero > 0)  # ZeRO 0's whole state loads at any world size as it is
 
 
-class _RunsCode:
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 def test_converting_for_another_world_size_never_runs_a_pickles_code(tmp_path):
     """DeepSpeed's ds_to_universal unpickles every state file with weights_only=False; a run folder may be a
     teammate's or a download, so the conversion reads them as data too."""
@@ -120,7 +113,7 @@ def test_converting_for_another_world_size_never_runs_a_pickles_code(tmp_path):
     shard = run_dir / "checkpoints" / "step-000002" / "deepspeed" / "state" / \
         "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     ran = tmp_path / "ran"
-    torch.save({"optimizer_state_dict": _RunsCode(f"touch {ran}")}, shard)
+    torch.save({"optimizer_state_dict": RunsCode(f"touch {ran}")}, shard)
     run(run_dir, 2, 1, train={"elastic": True}, fails=True)
     assert not ran.exists()
     assert f"{shard}: not read: it holds objects other than tensors" in (run_dir / "stderr.log").read_text()

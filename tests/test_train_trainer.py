@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pickles import RunsCode
 from PIL import Image
 from safetensors.torch import load_file
 from tolerance import adam_steps, reordered
@@ -319,22 +320,13 @@ def test_a_folder_removed_and_made_again_is_held_again_and_a_finished_run_lets_g
     assert another_process_can_lock()
 
 
-class _RunsCode:
-    """A pickle that runs a shell command when unpickled with weights_only=False."""
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 def test_resume_reads_deepspeeds_states_as_data_and_never_runs_a_pickles_code(cache, straight, tmp_path):
     """DeepSpeed's own loader unpickles with weights_only=False; a run folder from someone else must not run code."""
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     ran = tmp_path / "ran"
     states = run / "checkpoints" / "step-000006" / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
-    torch.save({"module": _RunsCode(f"touch {ran}")}, states)
+    torch.save({"module": RunsCode(f"touch {ran}")}, states)
     r = train(stage(cache, tmp_path), run, None, "--max-steps", "8")
     assert r.returncode == 2, r.stderr[-2000:]
     assert not ran.exists()
