@@ -7,6 +7,8 @@ DIST_WORKER_TRAIN (environment, JSON): `train.` settings merged over the default
 DIST_WORKER_DEEPSPEED (environment): a DeepSpeed JSON file for `deepspeed.config`.
 DIST_WORKER_FAULT (environment, JSON): {"rank": R, "at": "after-step:N"} kills rank R with SIGKILL there, in the
 first attempt only (an elastic restart, TORCHELASTIC_RESTART_COUNT > 0, runs clean).
+DIST_WORKER_SLOW_CONVERSION (environment, seconds): DeepSpeed's ds_to_universal takes at least that long (an XL
+state on a shared filesystem).
 
 Every rank takes its contiguous slice of the same global batches, so any world size trains on the
 same data. Not a test module: pytest collects only test_*.py.
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -67,6 +70,18 @@ def inject_fault(rank: int) -> None:
         os.environ["PIXART_FAULT"] = fault["at"]
 
 
+def slow_conversion(seconds: float) -> None:
+    import deepspeed.checkpoint.ds_to_universal as ds_to_universal
+
+    convert = ds_to_universal.main
+
+    def slow(args):
+        time.sleep(seconds)
+        return convert(args)
+
+    ds_to_universal.main = slow
+
+
 def config(zero: int, precision: str, batch: int, steps: int, lr: float = 1e-3, flags: tuple[str, ...] = ()):
     return TrainConfig.model_validate({
         "stage": "equivalence",
@@ -93,4 +108,6 @@ if __name__ == "__main__":
     flags = tuple(filter(None, sys.argv[7].split(","))) if len(sys.argv) > 7 else ()
     cfg = config(zero, precision, global_batch // world, steps, lr, flags)
     inject_fault(rank)
+    if "DIST_WORKER_SLOW_CONVERSION" in os.environ:
+        slow_conversion(float(os.environ["DIST_WORKER_SLOW_CONVERSION"]))
     Trainer(cfg, run_dir, batches=ResumableBatches(steps, global_batch, rank, world)).run()

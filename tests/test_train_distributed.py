@@ -31,12 +31,15 @@ def _port() -> int:
 
 
 def run(run_dir: Path, zero: int, nproc: int, precision: str = "fp32", lr: float = 1e-3, flags: str = "",
-        torch_logs: str = "", train: dict | None = None, fails: bool = False, ds_json: dict | None = None) -> Path:
-    """Trains the worker's stage into `run_dir` (`train`: its `train.` settings; `ds_json`: a DeepSpeed JSON) and
-    asserts it succeeds (or, with `fails`, that it does not); its stderr is kept as `run_dir/stderr.log`."""
+        torch_logs: str = "", train: dict | None = None, fails: bool = False, ds_json: dict | None = None,
+        conversion_s: float = 0) -> Path:
+    """Trains the worker's stage into `run_dir` (`train`: its `train.` settings; `ds_json`: a DeepSpeed JSON;
+    `conversion_s`: how long ds_to_universal takes at least) and asserts it succeeds (or, with `fails`, that it
+    does not); its stderr is kept as `run_dir/stderr.log`."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), DIST_WORKER_TRAIN=json.dumps(train or {}),
-               **({"TORCH_LOGS": torch_logs} if torch_logs else {}))
+               **({"TORCH_LOGS": torch_logs} if torch_logs else {}),
+               **({"DIST_WORKER_SLOW_CONVERSION": str(conversion_s)} if conversion_s else {}))
     if ds_json:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         (run_dir.parent / "deepspeed.json").write_text(json.dumps(ds_json))
@@ -92,10 +95,12 @@ def test_a_run_resumed_at_another_world_size_ends_where_an_uninterrupted_one_doe
     ZeRO's partitioned optimizer state is converted by DeepSpeed's own ds_to_universal, and every Adam moment
     and step count must survive: on the same global batches, the run ends on the weights of one uninterrupted
     process. ZeRO-3 runs with several parameter sub-groups, to which DeepSpeed's universal load hands one shared
-    step tensor (each sub-group's update would count it again)."""
+    step tensor (each sub-group's update would count it again). Where several ranks wait for rank 0's conversion,
+    it outlasts their collective timeout, as an XL state's may: they wait on a group of their own."""
     ds_json = {"zero_optimization": {"sub_group_size": 20_000}} if zero == 3 else None
     run_dir = run(tmp_path / "run", zero, before, train={"max_steps": 2, "ckpt_every": 2}, ds_json=ds_json)
-    run(run_dir, zero, after, train={"elastic": True}, ds_json=ds_json)
+    slow = {"train": {"elastic": True, "collective_timeout_s": 5}, "conversion_s": 10} if after > 1 else {}
+    run(run_dir, zero, after, **{"train": {"elastic": True}, "ds_json": ds_json, **slow})
     assert "resumed from" in (run_dir / "stderr.log").read_text()
     assert losses(run_dir) == approx(losses(single), reordered(losses(single)))
     for file in ("model.safetensors", "ema.safetensors"):

@@ -229,6 +229,8 @@ def test_a_node_lost_for_good_leaves_the_other_to_finish_under_elastic(uninterru
     assert "a collective failed during step 7" in out  # the first attempt did lose its peer
     assert "resumed from " + str(run_dir / "checkpoints/step-000004") in out
     assert "to a universal checkpoint for another world size" in out  # (its folder is pruned by the end)
+    gone = [json.loads(line)["step"] for line in (run_dir / "keys-rank1.jsonl").read_text().splitlines()]
+    assert gone == [1, 2, 3, 4]  # node 1's steps 5 and 6 were redone without it
     assert losses(run_dir) == approx(losses(uninterrupted), reordered(losses(uninterrupted)))
     last = f"checkpoints/step-{RESUME_STEPS:06d}/model.safetensors"
     a, b = load_file(uninterrupted / last), load_file(run_dir / last)

@@ -27,6 +27,7 @@ import time
 import uuid
 from argparse import Namespace
 from contextlib import contextmanager, redirect_stdout
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from pixart.models.config import ModelConfig
 TRAINER_FILE, DS_DIR, DS_TAG = "trainer.json", "deepspeed", "state"
 UNIVERSAL_DIR = "deepspeed-universal"  # DeepSpeed's state converted for another world size
 RUN_ID = "run_id"  # a run's identity, made when its first start writes nothing yet; kept by every resume
+CONVERSION_WAIT = timedelta(hours=6)  # how long the other ranks wait for rank 0's `universal_state`
 log = logging.getLogger("pixart.train")
 
 
@@ -382,12 +384,14 @@ def universal_state(ckpt: Path, tag: str) -> Path:
     """Rank 0 converts engine `tag`'s ZeRO state in `ckpt` with DeepSpeed's `ds_to_universal` (once: a rerun reuses
     it; a kill mid-way leaves only a temp folder, redone), while the other ranks wait; returns the folder of the
     converted state, for `load_checkpoint` with `checkpoint.load_universal`. One extraction process: workers
-    started by spawn or forkserver would not read through `states_read_as_data`. The others wait in a barrier,
-    so the conversion must end within `train.collective_timeout_s`. A universal load restores the trained
-    parameters only, not the module's state dict: our models' buffers are fixed tables (`pos_embed`) or made
-    from the seed or the init (`y_embedding`), as at the run's start."""
+    started by spawn or forkserver would not read through `states_read_as_data`. The others wait on a gloo group
+    of their own for up to `CONVERSION_WAIT`, not the run's collective timeout, which an XL state on a shared
+    filesystem may outlast (a rank 0 that dies ends their wait at once: its sockets close). A universal load
+    restores the trained parameters only, not the module's state dict: our models' buffers are fixed tables
+    (`pos_embed`) or made from the seed or the init (`y_embedding`), as at the run's start."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    waiting = dist.new_group(backend="gloo", timeout=CONVERSION_WAIT) if dist.is_initialized() else None
     target = ckpt / UNIVERSAL_DIR
     if _rank() == 0 and not (target / tag).is_dir():
         tmp = ckpt / f".{UNIVERSAL_DIR}-{tag}.tmp"
@@ -404,7 +408,9 @@ def universal_state(ckpt: Path, tag: str) -> Path:
         os.replace(tmp / tag, target / tag)
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("converted it to %s in %.0f s", target / tag, time.monotonic() - start)
-    _barrier()
+    if waiting is not None:
+        dist.barrier(group=waiting)
+        dist.destroy_process_group(waiting)
     return target
 
 

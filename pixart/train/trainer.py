@@ -249,7 +249,7 @@ class Trainer:
         cfg = self.cfg
         validator = self._validator()
         batches = iter(self.batches)
-        keys = _KeyLog(self.run_dir / f"keys-rank{self.rank}.jsonl", self.step) if cfg.train.record_keys else None
+        keys = _KeyLog(self.run_dir, self.rank, self.world, self.step) if cfg.train.record_keys else None
         window = _Window()
         while self.step < max_steps:
             for _ in range(cfg.optim.grad_accum):
@@ -429,13 +429,17 @@ class _Window:
 
 
 class _KeyLog:
-    """keys-rank<R>.jsonl: {"step", "keys"} per micro-batch, cut back to the resumed step on restart."""
+    """keys-rank<R>.jsonl: {"step", "keys"} per micro-batch, cut back to the resumed step on restart; rank 0 also
+    cuts the logs of ranks a run resumed on fewer processes (`train.elastic`) no longer has."""
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.is_file():
-            rows = [r for r in read_log(path) if r["step"] <= resume_step]
-            atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    def __init__(self, run_dir: Path, rank: int, world: int, resume_step: int):
+        self.path = run_dir / f"keys-rank{rank}.jsonl"
+        ranks = {p: p.stem.removeprefix("keys-rank") for p in run_dir.glob("keys-rank*.jsonl")}
+        gone = [p for p, r in ranks.items() if r.isdigit() and int(r) >= world]
+        for path in [self.path, *(gone if rank == 0 else [])]:
+            if path.is_file():
+                rows = [r for r in read_log(path) if r["step"] <= resume_step]
+                atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, step: int, keys: list[str]) -> None:
         with open(self.path, "a") as f:
