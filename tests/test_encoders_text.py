@@ -95,6 +95,26 @@ def test_encode_shapes_mask_and_padding(enc32):
     assert mask[0, : lengths[0]].all() and not mask[0, lengths[0]:].any()
 
 
+@pytest.mark.parametrize("clean", [True, False])
+def test_features_and_mask_are_diffusers_pixart_pipelines(t5_dir, clean):
+    """What the transformer reads at training time must be what diffusers' PixArtAlphaPipeline.encode_prompt
+    (diffusers/pipelines/pixart_alpha/pipeline_pixart_alpha.py: max_sequence_length 120, its negative prompt "")
+    gives it at sampling time, cleaned or not, for a caption past 120 tokens, markup and a URL too."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline(tokenizer=AutoTokenizer.from_pretrained(t5_dir), vae=None, transformer=None,
+                               text_encoder=T5EncoderModel.from_pretrained(t5_dir), scheduler=None)
+    captions = [*CAPS, "A RED chair, https://example.com/a.png <b>bold</b> &amp; more" + " words" * 150]
+    feats, mask = TextEncoder(TextEncoderConfig(str(t5_dir), dtype="fp32", clean=clean)).encode(captions)
+    theirs, their_mask, negative, negative_mask = pipe.encode_prompt(
+        captions, negative_prompt="", device="cpu", clean_caption=clean, max_sequence_length=120)
+    assert torch.equal(mask, their_mask.long()) and mask[-1].all()
+    torch.testing.assert_close(feats, theirs)
+    null, null_mask = TextEncoder(TextEncoderConfig(str(t5_dir), dtype="fp32", clean=clean)).encode([""])
+    torch.testing.assert_close(null.expand_as(negative), negative)
+    assert torch.equal(null_mask.expand_as(negative_mask), negative_mask.long())
+
+
 def test_truncation_keeps_eos(t5_dir):
     enc = TextEncoder(TextEncoderConfig(str(t5_dir), dtype="fp32", max_length=8))
     ids, mask = enc.tokenize(["a photo of a cat sitting on a red chair by the lake at night"])
