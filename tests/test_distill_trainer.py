@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import perturb_
+from deepspeed.accelerator import get_accelerator
 from safetensors.torch import load_file
 from tolerance import adam_steps, reimplemented, rel_err, reordered
 
@@ -329,6 +330,8 @@ def test_lpips_regression_reads_its_weights_from_a_file(tiny_feature_cache, teac
     ({"dm": {"weight": 0}}, "nothing trains the generator"),
     ({"optim__grad_accum": 2}, "optim.grad_accum: distillation updates on one batch at a time"),
     ({"deepspeed__config": "/"}, "deepspeed.config /: cannot read DeepSpeed JSON"),  # left config.yaml behind
+    pytest.param({"deepspeed__precision": "fp16"}, "deepspeed.precision fp16: DeepSpeed does not support it",
+                 marks=pytest.mark.skipif(get_accelerator().is_fp16_supported(), reason="a CPU with fp16")),
 ])
 def test_bad_configs_are_one_line_naming_the_key(tiny_feature_cache, teacher, tmp_path, over, message, capsys):
     from pixart.cli.main import main

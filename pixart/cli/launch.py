@@ -22,7 +22,7 @@ file reparam.source is relative to the recipe file. One launch at a time per run
 examples:
   pixart launch configs/pixart_xl2/recipe.yaml --run-dir runs/pixart-xl2
   torchrun --nproc_per_node 8 -m pixart launch configs/pixart_xl2/recipe.yaml
-  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 8 --max-restarts 3 \\
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node 8 --max-restarts 3 \\
       -m pixart launch configs/pixart_xl2/recipe.yaml
 """
 

@@ -43,7 +43,7 @@ from pixart.models import model_from_config
 from pixart.train import checkpoints
 from pixart.train.ema import EMA
 from pixart.train.encoders import cache_manifest, check_named, load_autoencoder, load_text_encoder
-from pixart.train.engine import build_engine, deepspeed_config, init_distributed
+from pixart.train.engine import build_engine, check_deepspeed, init_distributed
 from pixart.train.master import frozen_state, gather, master_fragments, scatter_into
 from pixart.train.monitor import Monitor
 from pixart.train.preemption import StopSignals
@@ -124,7 +124,7 @@ class DistillTrainer:
         if r.weight:  # the run's pairs are drawn once, before step 1: a resume must not relabel them
             self.settings["regression.pairs"] = f"{r.pairs} by {r.sampler}, {r.steps} steps, CFG {r.cfg}"
         # only now: a bad teacher or shard, or a config that cannot resume the run, writes nothing
-        deepspeed_config(cfg, self.world)  # an unreadable deepspeed.config file, before the run folder
+        check_deepspeed(cfg, self.world)  # an unreadable deepspeed.config file or precision, before the run folder
         if cfg.validation.prompts or (r.weight and r.kind == "lpips"):  # grids, or LPIPS on decoded images
             check_named(cfg.encoders, self.manifest or cache_manifest(cfg), text=bool(cfg.validation.prompts))
         self.lpips = load_lpips(r.lpips_weights, self.device) if r.weight and r.kind == "lpips" else None

@@ -116,6 +116,19 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
     return ds
 
 
+def check_deepspeed(cfg: TrainConfig, world_size: int) -> None:
+    """What DeepSpeed would refuse inside `build_engine`, in one line before a run writes anything: an unreadable
+    deepspeed.config, and a precision its accelerator does not support here (fp16 on most CPUs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed_config(cfg, world_size)
+    precision, accelerator = cfg.deepspeed.precision, get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}.get(precision)
+    if supported is not None and not supported():
+        raise PixArtError(f"deepspeed.precision {precision}: DeepSpeed does not support it on this machine "
+                          f"({accelerator.device_name()}); use {'bf16 or ' * (precision == 'fp16')}fp32")
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """deepspeed.initialize with torch's fused AdamW (one kernel over all tensors, on GPUs and CPUs alike:
     3x faster than the default on a 2-core CPU) and the warmup schedule.

@@ -51,7 +51,7 @@ from .compile import compile_blocks
 from .config import TrainConfig
 from .ema import EMA
 from .encoders import cache_manifest, check_named, load_autoencoder, load_text_encoder
-from .engine import build_engine, deepspeed_config, init_distributed
+from .engine import build_engine, check_deepspeed, init_distributed
 from .master import frozen_state, gather, master_fragments, scatter_into
 from .monitor import Monitor, peak_flops, read_log, train_flops_per_sample
 from .preemption import Preempted, StopSignals
@@ -119,7 +119,7 @@ class Trainer:
 
         self.batches = batches if batches is not None else build_loader(cfg, self.model_config.arch, self.device)
         self.settings = checkpoints.resume_settings(cfg, self.run_dir)
-        deepspeed_config(cfg, self.world)  # an unreadable deepspeed.config file, too, before the run folder
+        check_deepspeed(cfg, self.world)  # an unreadable deepspeed.config file or precision, before the run folder
         if self._draws_grids():
             check_named(cfg.encoders, self.manifest or cache_manifest(cfg), text=self.model_config.arch == "pixart")
         # only now: a bad init or shard, or a config that cannot resume the run, writes nothing

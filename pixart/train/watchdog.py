@@ -47,13 +47,23 @@ SEPARATE_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def restart_hint(e: BaseException) -> str | None:
-    """The line for a group that cannot form or talk after a torchrun restart: torchrun's shared rendezvous store
-    hands restarted workers the previous attempt's addresses (pytorch/pytorch#135712). None on a first attempt,
-    or with a store per attempt already."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0) == 0 or SEPARATE_STORE in os.environ:
+    """The line for a group that cannot connect under torchrun restarts: torchrun's shared rendezvous store hands
+    restarted workers the previous attempt's addresses (pytorch/pytorch#135712). A worker restarted because
+    another node rejoined keeps TORCHELASTIC_RESTART_COUNT 0, so any attempt of a launch with restarts may be one.
+    None for other errors, without restarts, or with a store per attempt already."""
+    connecting = any(s in str(e) for s in ("refused", "connectFullMesh"))
+    if not connecting or SEPARATE_STORE in os.environ or not _env_int("TORCHELASTIC_MAX_RESTARTS"):
         return None
-    return (f"the process group could not form after a torchrun restart ({_first_line(e)}); set {SEPARATE_STORE}=1 "
-            "in torchrun's environment on every node, so that each attempt meets in a store of its own")
+    fix = f"set {SEPARATE_STORE}=1 in torchrun's environment on every node, so that each attempt meets in a store " \
+          "of its own"
+    if _env_int("TORCHELASTIC_RESTART_COUNT"):
+        return f"the process group could not form after a torchrun restart ({_first_line(e)}); {fix}"
+    return (f"the process group could not form ({_first_line(e)}); if torchrun restarted these workers (a lost "
+            f"worker, or a node that rejoined), {fix}")
+
+
+def _env_int(name: str) -> int:
+    return int(os.environ.get(name, 0) or 0)
 
 
 def _first_line(e: BaseException) -> str:
@@ -68,7 +78,7 @@ def lost_peer_line(e: BaseException) -> str | None:
     if not isinstance(e, RuntimeError) or not is_comm_failure(e):
         return None
     rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
-    hint = restart_hint(e) if "refused" in str(e) else None  # the old attempt's addresses
+    hint = restart_hint(e)  # the old attempt's addresses
     if hint is not None:
         return f"rank {rank}: {hint}"
     return (f"rank {rank}: another rank or node was lost or never joined ({type(e).__name__}: {_first_line(e)}); "
