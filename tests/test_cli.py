@@ -340,7 +340,7 @@ def test_a_peer_lost_after_a_torchrun_restart_says_to_give_each_attempt_its_own_
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] Connection refused")
 
     monkeypatch.setattr(launch, "run", refused)
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "pixart")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     assert main(["launch", "recipe.yaml"]) == 2

@@ -121,19 +121,22 @@ def test_a_restarted_worker_that_cannot_join_says_to_give_each_attempt_its_own_s
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(deepspeed, "init_distributed", refused)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "pixart")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     with pytest.raises(PixArtError, match=r"after a torchrun restart \(Gloo connectFullMesh failed.*\); set "
                                           r"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         init_distributed()
-    # a worker restarted because another node rejoined: torchrun leaves its count at 0
+    # a worker restarted because a node rejoined: torchrun leaves its count at 0, even under --max-restarts 0
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     with pytest.raises(PixArtError, match=r"could not form \(Gloo connectFullMesh failed.*\); if torchrun restarted "
                                           r"these workers .*, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         init_distributed()
-    for env, value in (("TORCHELASTIC_MAX_RESTARTS", "0"), ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")):
-        monkeypatch.setenv(env, value)  # no restarts, or a store per attempt already: gloo's own error
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # a store per attempt already: gloo's own error
+    for without_torchrun in (False, True):
+        if without_torchrun:
+            monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+            monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # another launcher, which restarts nothing
         with pytest.raises(RuntimeError, match="connectFullMesh") as e:
             init_distributed()
         assert not isinstance(e.value, PixArtError)

@@ -384,34 +384,51 @@ def universal_state(ckpt: Path, tag: str) -> Path:
     """Rank 0 converts engine `tag`'s ZeRO state in `ckpt` with DeepSpeed's `ds_to_universal` (once: a rerun reuses
     it; a kill mid-way leaves only a temp folder, redone), while the other ranks wait; returns the folder of the
     converted state, for `load_checkpoint` with `checkpoint.load_universal`. One extraction process: workers
-    started by spawn or forkserver would not read through `states_read_as_data`. The others wait on a gloo group
-    of their own for up to `CONVERSION_WAIT`, not the run's collective timeout, which an XL state on a shared
-    filesystem may outlast (a rank 0 that dies ends their wait at once: its sockets close). A universal load
-    restores the trained parameters only, not the module's state dict: our models' buffers are fixed tables
-    (`pos_embed`) or made from the seed or the init (`y_embedding`), as at the run's start."""
+    started by spawn or forkserver would not read through `states_read_as_data`. The others wait on the process
+    group's rendezvous store, for up to `CONVERSION_WAIT` rather than the run's collective timeout, which an XL
+    state on a shared filesystem may outlast; rank 0 posts there whether it converted, so a failed conversion
+    stops them with its reason. A universal load restores the trained parameters only, not the module's state
+    dict: our models' buffers are fixed tables (`pos_embed`) or made from the seed or the init (`y_embedding`),
+    as at the run's start."""
+    target, key = ckpt / UNIVERSAL_DIR, f"pixart.universal_state:{ckpt.resolve()}:{tag}"
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() and dist.get_world_size() > 1 \
+        else None
+    if _rank() == 0:
+        outcome = "ok"
+        try:
+            if not (target / tag).is_dir():
+                _convert(ckpt, tag)
+        except BaseException as e:
+            outcome = f"failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}"
+            raise
+        finally:
+            if store is not None:
+                store.set(key, outcome)
+    elif store is not None:
+        store.wait([key], CONVERSION_WAIT)
+        outcome = store.get(key).decode()
+        if outcome != "ok":
+            raise PixArtError(f"{ckpt / DS_DIR / tag}: rank 0 could not convert it for this world size ({outcome})")
+    return target
+
+
+def _convert(ckpt: Path, tag: str) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    waiting = dist.new_group(backend="gloo", timeout=CONVERSION_WAIT) if dist.is_initialized() else None
-    target = ckpt / UNIVERSAL_DIR
-    if _rank() == 0 and not (target / tag).is_dir():
-        tmp = ckpt / f".{UNIVERSAL_DIR}-{tag}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("converting %s to a universal checkpoint for another world size (DeepSpeed's ds_to_universal)",
-                 ckpt / DS_DIR / tag)
-        start = time.monotonic()
-        with open(os.devnull, "w") as null, redirect_stdout(null):  # its prints (tqdm's bars go to stderr)
-            ds_to_universal(Namespace(input_folder=str(ckpt / DS_DIR / tag), output_folder=str(tmp / tag),
-                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                      strict=True, inject_missing_state=True))
-        _fsync_tree(tmp / tag)
-        target.mkdir(exist_ok=True)
-        os.replace(tmp / tag, target / tag)
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("converted it to %s in %.0f s", target / tag, time.monotonic() - start)
-    if waiting is not None:
-        dist.barrier(group=waiting)
-        dist.destroy_process_group(waiting)
-    return target
+    target, tmp = ckpt / UNIVERSAL_DIR, ckpt / f".{UNIVERSAL_DIR}-{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to a universal checkpoint for another world size (DeepSpeed's ds_to_universal)",
+             ckpt / DS_DIR / tag)
+    start = time.monotonic()
+    with open(os.devnull, "w") as null, redirect_stdout(null):  # its prints (tqdm's bars go to stderr)
+        ds_to_universal(Namespace(input_folder=str(ckpt / DS_DIR / tag), output_folder=str(tmp / tag),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=True))
+    _fsync_tree(tmp / tag)
+    target.mkdir(exist_ok=True)
+    os.replace(tmp / tag, target / tag)
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted it to %s in %.0f s", target / tag, time.monotonic() - start)
 
 
 def own_step_counts(optimizer: torch.optim.Optimizer) -> None:

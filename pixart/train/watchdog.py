@@ -47,19 +47,19 @@ SEPARATE_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def restart_hint(e: BaseException) -> str | None:
-    """The line for a group that cannot connect under torchrun restarts: torchrun's shared rendezvous store hands
-    restarted workers the previous attempt's addresses (pytorch/pytorch#135712). A worker restarted because
-    another node rejoined keeps TORCHELASTIC_RESTART_COUNT 0, so any attempt of a launch with restarts may be one.
-    None for other errors, without restarts, or with a store per attempt already."""
+    """The line for a group that cannot connect under torchrun: its shared rendezvous store hands restarted workers
+    the previous attempt's addresses (pytorch/pytorch#135712). A worker restarted because a node joined or
+    rejoined keeps TORCHELASTIC_RESTART_COUNT 0, even under `--max-restarts 0`, so any torchrun attempt may be one.
+    None for other errors, outside torchrun, or with a store per attempt already."""
     connecting = any(s in str(e) for s in ("refused", "connectFullMesh"))
-    if not connecting or SEPARATE_STORE in os.environ or not _env_int("TORCHELASTIC_MAX_RESTARTS"):
+    if not connecting or SEPARATE_STORE in os.environ or "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     fix = f"set {SEPARATE_STORE}=1 in torchrun's environment on every node, so that each attempt meets in a store " \
           "of its own"
     if _env_int("TORCHELASTIC_RESTART_COUNT"):
         return f"the process group could not form after a torchrun restart ({_first_line(e)}); {fix}"
-    return (f"the process group could not form ({_first_line(e)}); if torchrun restarted these workers (a lost "
-            f"worker, or a node that rejoined), {fix}")
+    return (f"the process group could not form ({_first_line(e)}); if torchrun restarted these workers (a node "
+            f"joined or rejoined), {fix}")
 
 
 def _env_int(name: str) -> int:
