@@ -56,14 +56,10 @@ def restart_hint(e: BaseException) -> str | None:
         return None
     fix = f"set {SEPARATE_STORE}=1 in torchrun's environment on every node, so that each attempt meets in a store " \
           "of its own"
-    if _env_int("TORCHELASTIC_RESTART_COUNT"):
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0):
         return f"the process group could not form after a torchrun restart ({_first_line(e)}); {fix}"
     return (f"the process group could not form ({_first_line(e)}); if torchrun restarted these workers (a node "
             f"joined or rejoined), {fix}")
-
-
-def _env_int(name: str) -> int:
-    return int(os.environ.get(name, 0) or 0)
 
 
 def _first_line(e: BaseException) -> str:
