@@ -44,7 +44,7 @@ from pixart.checkpoint import (
     unreadable_reason,
     write_weights,
 )
-from pixart.errors import PixArtError
+from pixart.errors import PixArtError, first_line
 from pixart.models.config import ModelConfig
 
 TRAINER_FILE, DS_DIR, DS_TAG = "trainer.json", "deepspeed", "state"
@@ -399,7 +399,7 @@ def universal_state(ckpt: Path, tag: str) -> Path:
             if not (target / tag).is_dir():
                 _convert(ckpt, tag)
         except BaseException as e:
-            outcome = f"failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}"
+            outcome = f"failed: {first_line(e, 300)}"
             raise
         finally:
             if store is not None:

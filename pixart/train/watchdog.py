@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pixart.errors import PixArtError
+from pixart.errors import PixArtError, first_line
 
 from . import checkpoints
 
@@ -36,7 +36,7 @@ def is_comm_failure(e: RuntimeError) -> bool:
 
 
 def peer_lost_message(e: Exception, rank: int, step: int, run_dir: Path) -> str:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    reason = first_line(e)
     latest = checkpoints.latest_checkpoint(run_dir)
     return (f"rank {rank}: a collective failed during step {step + 1}, so another rank or node is gone "
             f"({type(e).__name__}: {reason}). Last good checkpoint: {latest or 'none yet'}; rerun every node "
@@ -57,13 +57,9 @@ def restart_hint(e: BaseException) -> str | None:
     fix = f"set {SEPARATE_STORE}=1 in torchrun's environment on every node, so that each attempt meets in a store " \
           "of its own"
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0):
-        return f"the process group could not form after a torchrun restart ({_first_line(e)}); {fix}"
-    return (f"the process group could not form ({_first_line(e)}); if torchrun restarted these workers (a node "
+        return f"the process group could not form after a torchrun restart ({first_line(e)}); {fix}"
+    return (f"the process group could not form ({first_line(e)}); if torchrun restarted these workers (a node "
             f"joined or rejoined), {fix}")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def lost_peer_line(e: BaseException) -> str | None:
@@ -77,7 +73,7 @@ def lost_peer_line(e: BaseException) -> str | None:
     hint = restart_hint(e)  # the old attempt's addresses
     if hint is not None:
         return f"rank {rank}: {hint}"
-    return (f"rank {rank}: another rank or node was lost or never joined ({type(e).__name__}: {_first_line(e)}); "
+    return (f"rank {rank}: another rank or node was lost or never joined ({type(e).__name__}: {first_line(e)}); "
             "rerun every node's command to resume from the last checkpoint")
 
 
