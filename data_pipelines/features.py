@@ -37,8 +37,10 @@ from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, fi
 from pixart.data.shards import check_unique_names, input_record, is_url, rank_and_world, resolve_shards, same_input
 from pixart.errors import PixArtError
 from pixart.lifetime import die_with
+from pixart.progress import ShardBar
 
 DONE = ".done"  # one record per finished shard: the ground truth the manifest is rebuilt from
+MANIFEST_EVERY_S = 30.0  # how often a running job rewrites manifest.json (the records above stay the truth)
 DEFAULT_RESOLUTION = 256
 
 
@@ -308,11 +310,6 @@ def _finish_move_in(out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _caption_ids(files: dict[str, str | None]) -> dict[str, dict]:
-    """The caption sidecars a shard was encoded with, identified as local input shards are."""
-    return {src: input_record(path) for src, path in files.items() if path}
-
-
 def _drop_if_input_changed(out: Path, name: str, url: str, captions: dict[str, str | None]) -> None:
     """Forget a finished shard whose input shard or caption sidecars are not the ones it was encoded from
     (regenerated data, captions relabeled into another folder)."""
@@ -362,7 +359,7 @@ def _commit(out: Path, res: ShardResult, url: str, captions: dict[str, str | Non
     except (OSError, PixArtError):  # a URL that answers no HEAD (presigned GET-only): known by its text, as pipe:
         source = {"url": url}
     rec = {"count": res.count, "sha256": file_sha256(tar), "bytes": tar.stat().st_size, "skipped": res.skipped,
-           "input": source, "captions": _caption_ids(captions),
+           "input": source, "captions": {src: input_record(path) for src, path in captions.items() if path},
            **{k: v for k, v in dataclasses.asdict(res).items()
               if k not in ("name", "count", "skipped", "seconds", "read")}}
     atomic_write(out / DONE / f"{res.name}.json", json.dumps(rec))
@@ -411,21 +408,30 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
     done = {s.name for s in manifest.shards if s.complete}
     todo = [i for i in mine if names[i] not in done]
     url_of, captions_of = dict(zip(names, urls, strict=True)), dict(zip(names, captions, strict=True))
-    for i in todo:  # a killed run's half-written tar is never trusted
-        for tmp in out.glob(f".{names[i]}.tar.tmp*"):
+    unfinished = {names[i] for i in todo}
+    for tmp in out.glob(".*.tar.tmp*"):  # a killed run's half-written tar is never trusted
+        if tmp.name[1:].split(".tar.tmp")[0] in unfinished:
             tmp.unlink(missing_ok=True)
+    position = {s.name: j for j, s in enumerate(manifest.shards)}
+    saved_at = time.monotonic()
     results: list[ShardResult] = []
     damaged: list[ShardResult] = []
-    bar = tqdm(desc=f"features {len(todo)} shards", unit="img", disable=not progress)
+    bar = ShardBar(len(todo), desc=f"features {len(todo)} shards", unit="img", disable=not progress)
 
     def finish(res: ShardResult) -> None:
-        nonlocal manifest
+        """The shard's record, its manifest entry, and the manifest on disk when complete or every
+        MANIFEST_EVERY_S: rewriting the whole of it after every shard grew as shards squared."""
+        nonlocal saved_at
         if res.damaged and not (cfg.accept_damaged and res.read):  # no record: the shard stays unfinished
             damaged.append(res)
             return
         _commit(out, res, url_of[res.name], captions_of[res.name])
         results.append(res)
-        manifest = _refresh(out, header)
+        bar.shard_done(res.read)
+        manifest.shards[position[res.name]] = _entry(out, res.name)
+        if manifest.complete or time.monotonic() - saved_at > MANIFEST_EVERY_S:
+            manifest.save(out)
+            saved_at = time.monotonic()
         bar.set_postfix(shards=f"{manifest.done}/{len(names)}", skipped=sum(len(r.skipped) for r in results))
         if on_shard:
             on_shard(manifest)
@@ -441,6 +447,8 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
             _run_pool(workers, job, [(urls[i], names[i], captions[i]) for i in todo], bar, finish)
     finally:
         bar.close()
+        if results:  # also when stopped; and with the other ranks' shards: the last rank to finish completes it
+            manifest = _refresh(out, header)
     if out != target and manifest.complete:
         _move_in(out, target)
     return Extraction(manifest, results, damaged, time.perf_counter() - t0)
@@ -480,21 +488,19 @@ def _run_pool(workers: int, job: Job, tasks: list, bar, finish) -> None:
                           "rerun to resume") from None
 
 
-def pixart_text_bytes(dim: int = 4096, max_length: int = 120) -> int:
-    """Bytes of one caption in PixArt's cache layout: an npz of the padded fp32 (1, L, D) features
-    and the int64 (1, L) mask, as its extract_features tool saves them (exact, via numpy)."""
+def pixart_text_bytes(dim: int) -> int:
+    """Bytes of one caption in PixArt's cache layout: an npz of the padded fp32 (1, 120, D) features
+    and the int64 (1, 120) mask, as its extract_features tool saves them (exact, via numpy)."""
     import io
 
     import numpy as np
     buf = io.BytesIO()
-    np.savez(buf, caption_feature=np.zeros((1, max_length, dim), np.float32),
-             attention_mask=np.zeros((1, max_length), np.int64))
+    np.savez(buf, caption_feature=np.zeros((1, 120, dim), np.float32), attention_mask=np.zeros((1, 120), np.int64))
     return buf.getbuffer().nbytes
 
 
-def ours_text_bytes(tokens: int, dim: int, element_size: int = 2, sources: int = 1) -> int:
-    """Bytes of `tokens` valid tokens per caption in our layout, safetensors header included."""
+def ours_text_bytes(tokens: int, dim: int) -> int:
+    """Bytes of `tokens` valid bf16 tokens of one caption in our layout, safetensors header included."""
     import torch
     from safetensors.torch import save
-    dtype = {2: torch.bfloat16, 4: torch.float32}[element_size]
-    return len(save({f"text.s{i}": torch.zeros(tokens, dim, dtype=dtype) for i in range(sources)}))
+    return len(save({"text.s0": torch.zeros(tokens, dim, dtype=torch.bfloat16)}))

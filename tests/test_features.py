@@ -319,6 +319,25 @@ def _cfg_txt(enc, **kw):
     return _cfg(enc, captions=("txt",), **kw)
 
 
+def test_a_job_reads_each_shards_record_a_bounded_number_of_times(enc, tmp_path, monkeypatch):
+    """The manifest follows each finished shard in memory and reaches the disk when complete (or every
+    MANIFEST_EVERY_S): rebuilding it from every record after each shard grew as shards squared (70 minutes of
+    bookkeeping for 10,000 shards)."""
+    import data_pipelines.features as features
+    (tmp_path / "in").mkdir()
+    for s in range(12):
+        with wds.TarWriter(str(tmp_path / "in" / f"shard-{s:06d}.tar")) as w:
+            w.write({"__key__": f"{s:06d}", "png": _png(32, 32, s), "txt": CAPTIONS[s % 5].encode()})
+    reads, saves = [], []
+    monkeypatch.setattr(features, "_entry", lambda out, name, read=features._entry: reads.append(name) or
+                        read(out, name))
+    monkeypatch.setattr(Manifest, "save", lambda m, folder, save=Manifest.save: saves.append(m.done) or
+                        save(m, folder))
+    ex = extract_features(tmp_path / "in", tmp_path / "f", _cfg_txt(enc), progress=False)
+    assert ex.manifest.complete and Manifest.load(tmp_path / "f").content_hash == ex.manifest.content_hash
+    assert len(reads) == 3 * 12 and saves == [0, 12, 12]  # at the start, when complete, and the final reread
+
+
 def test_changed_input_is_encoded_again(enc, raw, tmp_path):
     """Same shard name, other content (a world regenerated with another seed): the cache follows."""
     src = tmp_path / "in" / "shard-000000.tar"

@@ -532,6 +532,7 @@ def _run_workers(todo: list[list[tuple[str, str]]], out: Path, cfg: RelabelConfi
             bar.update(msg[1])
         elif msg[0] == "shard":
             runs.append(ShardRun(**msg[1]))
+            bar.shard_done(runs[-1].done + runs[-1].failed)
             bar.set_postfix(shards=len(runs))
         elif msg[0] == "log":
             bar.write(msg[1])
@@ -704,7 +705,7 @@ def assign(shards: int, rank: int, world: int, workers: int) -> list[list[int]]:
 def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None = None, world: int | None = None,
             log: Callable[[str], None] = print) -> Relabeling:
     """Caption this rank's unfinished shards into `out`; write and print the job summary."""
-    from tqdm import tqdm
+    from pixart.progress import ShardBar
 
     t0 = time.perf_counter()
     rank, world = rank_and_world(rank, world)
@@ -741,7 +742,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
             f"all {len(urls)} shards already captioned by {cap}; nothing to do" if not left else
             f"rank {rank}: its shards are already captioned by {cap} ({left} of other ranks remain); nothing to do")
     else:
-        bar = tqdm(desc=f"relabel {cap}: {n_todo} shards", unit="caption", disable=not cfg.progress)
+        bar = ShardBar(n_todo, desc=f"relabel {cap}: {n_todo} shards", unit="caption", disable=not cfg.progress)
         try:
             if cfg.workers == 1:
                 captioner = load_captioner(cfg.captioner)
@@ -751,6 +752,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
                     run = caption_shard(url, name, out, captioner, batcher, cfg, progress=bar.update)
                     if run is not None:
                         runs.append(run)
+                        bar.shard_done(run.done + run.failed)
                         bar.set_postfix(shards=len(runs))
             else:
                 runs = _run_workers(todo, out, cfg, bar)

@@ -52,15 +52,12 @@ class LoaderConfig:
     shards: str | list[str]
     batch_size: int = 8
     seed: int = 0
-    kind: str = "auto"                       # "auto" | "raw" | "features"
     buckets: int | dict | None = None        # raw: a side (1024/512/256: PixArt's tables; else scaled) or a table
-    bucket_multiple: int = 16                # raw: scaled-table sizes are multiples of this
     resolution: int | tuple[int, int] = 256  # raw, without buckets: every image resized-cropped to this
     caption: str | dict[str, float] | None = "txt"  # a caption source, a mix {source: probability}, or None:
     # no captions are read (a class-conditional stage; its samples carry their class)
     latent_scale: float | None = None        # features: the VAE's scaling factor; None: the manifest's, else 1.0
     latent_shift: float | None = None        # None: the manifest's shift factor, else 0.0
-    latent_downsample: int = 8               # features without width/height metadata: pixels per latent cell
     num_workers: int = 0
     rank: int | None = None                  # None: torch.distributed if initialised, else $RANK
     world_size: int | None = None            # None: torch.distributed if initialised, else $WORLD_SIZE
@@ -70,13 +67,10 @@ class LoaderConfig:
     expected: dict | None = None             # features: settings the manifests must match (Manifest.check)
     scores_dir: str | None = None            # aesthetic selection: DIR/<shard>.aesthetic.jsonl; unscored are skipped
     min_score: float | None = None           # with scores_dir: skip samples scored below this
-    pin_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise PixArtError(f"batch_size must be positive, got {self.batch_size}")
-        if self.kind not in ("auto", "raw", "features"):
-            raise PixArtError(f"kind must be auto, raw or features, got {self.kind!r}")
         if self.num_workers < 0:
             raise PixArtError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.min_score is not None and not self.scores_dir:
@@ -170,14 +164,13 @@ class Loader:
             raise PixArtError(f"{c.shards!r}: empty shard list")
         self.rank, self.world_size = dist_info(c)
         self.text_encoder, self.autoencoder = text_encoder, autoencoder
-        kind = detect_kind(shards) if c.kind == "auto" else c.kind
+        kind = detect_kind(shards)
         table: Table | None = None
         if kind == "raw" and c.buckets is not None:
-            table = dict(c.buckets) if isinstance(c.buckets, dict) else table_for(int(c.buckets), c.bucket_multiple)
+            table = dict(c.buckets) if isinstance(c.buckets, dict) else table_for(int(c.buckets))
         res = (c.resolution, c.resolution) if isinstance(c.resolution, int) else tuple(c.resolution)
         scores = Scores(c.scores_dir, c.min_score) if c.scores_dir else None
-        self.decoder = d = Decoder(kind, c.seed, _caption_mix(c.caption), table, res, None,
-                                   latent_downsample=c.latent_downsample, scores=scores)
+        self.decoder = d = Decoder(kind, c.seed, _caption_mix(c.caption), table, res, scores=scores)
         inputs = self._shared(lambda: self._inputs(shards))
         d.latent_scale = c.latent_scale if c.latent_scale is not None else inputs["scale"]
         d.latent_shift = c.latent_shift if c.latent_shift is not None else inputs["shift"]
@@ -247,9 +240,12 @@ class Loader:
         ms = [m for m in manifests.values() if m is not None]
         counts: list[Counter | None] = [None] * len(shards)
         kept = total = 0
+        by_name: dict[int, dict] = {}  # each manifest's entries by shard name: a lookup per shard, not a scan
         for i, url in enumerate(shards):
             m = manifests.get(url)
-            entry = next((e for e in m.shards if e.name == shard_name(url)), None) if m else None
+            if m is not None and id(m) not in by_name:
+                by_name[id(m)] = {e.name: e for e in m.shards}
+            entry = by_name[id(m)].get(shard_name(url)) if m is not None else None
             if entry is None or not entry.buckets:
                 continue
             f = max(1, int(m.downsample_factor))
@@ -307,8 +303,8 @@ class Loader:
     def __iter__(self):
         c = self.config
         ds = BucketDataset(self.plan, self.decoder, self.buffer_size, dict(self._states), self.step)
-        dl = DataLoader(ds, batch_size=None, num_workers=c.num_workers, pin_memory=c.pin_memory,
-                        persistent_workers=False, worker_init_fn=_outlive_stop_signals)
+        dl = DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
+                        worker_init_fn=_outlive_stop_signals)
         for batch in dl:
             st = batch.pop("_state")
             self._states[int(st["role"])] = st["state"]
@@ -344,11 +340,6 @@ class Loader:
                 out.skipped[k] = out.skipped.get(k, 0) + v
             out.damaged_shards.update(dict.fromkeys(w.get("damaged_shards", {}), 1))
         return out
-
-    @property
-    def epoch(self) -> int:
-        """The oldest epoch any of this rank's workers is reading."""
-        return min((int(s["epoch"]) for s in self._states.values()), default=0)
 
     def _signature(self) -> dict:
         return {"seed": self.config.seed, "rank": self.rank, "world_size": self.world_size,

@@ -55,10 +55,10 @@ class RetryingHTTPReader(io.RawIOBase):
     """A forward-only binary stream of `url`'s body that reconnects where it stopped. The first request is
     retried as the reconnects are; a 4xx other than 408 and 429 is not (a missing or forbidden shard stays so)."""
 
-    def __init__(self, url: str, policy: RetryPolicy = DEFAULT_POLICY):
+    def __init__(self, url: str, policy: RetryPolicy):
         super().__init__()
         self.url, self.policy = url, policy
-        self.offset, self.size, self.etag, self.reconnects = 0, None, None, 0
+        self.offset, self.size, self.etag = 0, None, None
         self._response = None
         self._retrying(self._connect)
 
@@ -119,7 +119,6 @@ class RetryingHTTPReader(io.RawIOBase):
                                       f"({type(error).__name__}: {error})") from None
             time.sleep(self.policy.backoff_s * 2 ** failures)
             failures += 1
-            self.reconnects += 1
 
     def _drop(self) -> None:
         if self._response is not None:
@@ -134,8 +133,8 @@ class RetryingHTTPReader(io.RawIOBase):
         super().close()
 
 
-def open_http(url: str, policy: RetryPolicy | None = None) -> io.BufferedReader:
-    return io.BufferedReader(RetryingHTTPReader(url, policy or DEFAULT_POLICY), buffer_size=READ_BUFFER)
+def open_http(url: str) -> io.BufferedReader:
+    return io.BufferedReader(RetryingHTTPReader(url, DEFAULT_POLICY), buffer_size=READ_BUFFER)
 
 
 class ForwardSeeking(io.RawIOBase):
@@ -398,12 +397,11 @@ def list_shards(url: str) -> list[str]:
     return sorted(f"{scheme}://{p}" for p in found if p.endswith(SHARD_SUFFIXES))
 
 
-def read_object(url: str, policy: RetryPolicy | None = None) -> bytes | None:
+def read_object(url: str) -> bytes | None:
     """A small remote file's bytes (a feature manifest), or None when it does not exist (HTTP 404 or 410, an
     object store's FileNotFoundError) or may not be read (HTTP 401 or 403: a presigned shard URL's signature
     covers that shard alone). HTTP 5xx is retried as a shard's reconnects are; any other failure is a
     PixArtError naming the URL, so that an unreachable cache is not taken for one without a manifest."""
-    policy = policy or DEFAULT_POLICY
     if is_fsspec(url):
         with object_store_errors(url, "cannot be read"):
             try:
@@ -412,7 +410,7 @@ def read_object(url: str, policy: RetryPolicy | None = None) -> bytes | None:
             except FileNotFoundError:
                 return None
     try:
-        with open_http(url, policy) as f:  # 5xx and dropped connections are retried there
+        with open_http(url) as f:  # 5xx and dropped connections are retried there
             return f.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403, 404, 410):

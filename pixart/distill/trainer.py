@@ -51,9 +51,8 @@ from pixart.train.trainer import (
     build_loader,
     check_finite,
     encoders_record,
+    end_step,
     run_to_end,
-    stop_if_signalled,
-    validate,
 )
 from pixart.train.watchdog import StepWatchdog
 
@@ -352,14 +351,7 @@ class DistillTrainer:
                 monitor.log(self.step, row)
                 bar.set_postfix(dm=f"{row.get('dm', 0):.4f}", fake=f"{row['fake']:.4f}")
                 sums, count, start = {}, 0, time.time()
-            saved = self.step % cfg.train.ckpt_every == 0 or self.step == max_steps
-            if saved:
-                self.save()
-            stop_if_signalled(self, stop, saved)
-            if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
-                validate(self, validator, monitor, ema=True)
-            checkpoints.fault_point("after-step", self.step)
-            watchdog.beat()
+            end_step(self, max_steps, validator, monitor, watchdog, stop, ema=True)
 
     def _scalars(self, sums: dict[str, float], count: int, seconds: float) -> dict[str, float]:
         """Means over the window (and over ranks), learning rates and gradient norms, samples per second."""

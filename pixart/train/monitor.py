@@ -6,6 +6,7 @@ log reads as if it had never stopped.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -107,16 +108,20 @@ def save_loss_curve(runs: dict[str, list[dict]], out: Path, key: str = "loss") -
         if not steps:
             continue
         line = ax.plot(steps, values, alpha=0.25)[0]
-        k = max(1, len(values) // 20)
-        windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
-        smooth = [sum(w) / len(w) for w in windows]
-        ax.plot(steps, smooth, color=line.get_color(), label=label)
+        ax.plot(steps, trailing_mean(values, max(1, len(values) // 20)), color=line.get_color(), label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, out)
+
+
+def trailing_mean(values: list[float], k: int) -> list[float]:
+    """Each value's mean with the k - 1 before it (fewer at the start), from running sums: linear in the points,
+    where a list of windows held k times as many (34 GB for the curve of 300k logged steps)."""
+    sums = list(itertools.accumulate(values, initial=0.0))
+    return [(sums[i + 1] - sums[max(0, i + 1 - k)]) / min(i + 1, k) for i in range(len(values))]
 
 
 def save_figure(fig, out: Path) -> None:

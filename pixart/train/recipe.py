@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pixart.atomic import atomic_write, remove_dead_writers
 from pixart.checkpoint import checkpoint_folder, read_json
+from pixart.distill.config import DistillConfig
 from pixart.errors import PixArtError
 
 from .checkpoints import (
@@ -143,15 +144,10 @@ def step_config(recipe_path: Path, recipe: Recipe, step: Step, init: str | None)
     and the recipe's `collective_timeout_s` as its `train.collective_timeout_s` (its watchdog's), since the launch's
     process group has the recipe's; `elastic: true` sets every step's `train.elastic`. A bad key in the step's `set:`
     is blamed on the recipe, not the config file."""
-    key = "teacher.init" if step.distill else "model.init"
+    key = step.input_key()
     ours = [f"train.collective_timeout_s={recipe.collective_timeout_s}", *(["train.elastic=true"] * recipe.elastic),
             *([f"{key}={init}"] if step.init else [])]
-    if step.distill:
-        from pixart.distill.config import DistillConfig
-
-        load = DistillConfig.load
-    else:
-        load = TrainConfig.load
+    load = DistillConfig.load if step.distill else TrainConfig.load
     path = recipe_path.parent / (step.distill or step.config)
     try:
         return load(path, list(step.set) + ours)
@@ -167,7 +163,7 @@ def check_inputs(recipe_path: Path, step: Step, cfg) -> None:
     exist yet (local shards or scores, an init no earlier step makes) are named in a warning, since they may be
     made while the first stages train. URLs are not listed: a store may be slow to reach, and the loader names a
     wrong one."""
-    from pixart.checkpoint import checkpoint_folder, load_config
+    from pixart.checkpoint import load_config
     from pixart.data.shards import is_url, resolve_shards
 
     from .engine import deepspeed_config

@@ -89,10 +89,6 @@ def load_init(model: torch.nn.Module, state: dict, source: str) -> None:
     load_into(model, state, source)
 
 
-class NonFiniteLoss(PixArtError):
-    pass
-
-
 class Trainer:
     """`Trainer(cfg, run_dir).run()` trains to `train.max_steps` (resuming from `run_dir`) and returns
     the last checkpoint. `batches` replaces the shard loader (e.g. a fixed list in tests)."""
@@ -271,14 +267,7 @@ class Trainer:
                 monitor.log(self.step, scalars)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
                 window = _Window()
-            saved = self.step % cfg.train.ckpt_every == 0 or self.step == max_steps
-            if saved:
-                self.save()
-            stop_if_signalled(self, stop, saved)
-            if (cfg.validation.every and self.step % cfg.validation.every == 0) or self.step == max_steps:
-                validate(self, validator, monitor, self.cfg.validation.ema)
-            checkpoints.fault_point("after-step", self.step)
-            watchdog.beat()
+            end_step(self, max_steps, validator, monitor, watchdog, stop, cfg.validation.ema)
 
     def _scalars(self, w: _Window) -> dict[str, float]:
         mean = torch.tensor([w.loss / w.steps], device=self.device)
@@ -327,24 +316,34 @@ def run_to_end(trainer, curve_keys: tuple[str, ...] = (), ema: bool = True) -> P
     return final
 
 
-def stop_if_signalled(trainer, stop: StopSignals, saved: bool) -> None:
-    """After a step: when a stop signal reached any rank, every rank writes this step's checkpoint (unless it just
-    did) and stops with Preempted. Collective."""
-    if any_rank(stop.received is not None, trainer.device):
+def end_step(trainer, max_steps: int, validator, monitor: Monitor, watchdog: StepWatchdog, stop: StopSignals,
+             ema: bool) -> None:
+    """After each step of a trainer's `_loop`, on every rank (collective): the checkpoint when due; when a stop
+    signal reached any rank, this step's checkpoint (unless just written) and Preempted; the validation grid when
+    due; tests' fault point; the watchdog's beat."""
+    t, cfg = trainer, trainer.cfg
+    saved = t.step % cfg.train.ckpt_every == 0 or t.step == max_steps
+    if saved:
+        t.save()
+    if any_rank(stop.received is not None, t.device):
         if not saved:
-            trainer.save()
+            t.save()
         by = signal.Signals(stop.received).name if stop.received else "another rank's stop signal"
-        raise Preempted(f"rank {trainer.rank}: {trainer.cfg.stage} stopped by {by} after step {trainer.step}, "
-                        f"checkpoint {checkpoints.latest_checkpoint(trainer.run_dir)} written; rerun the same command "
-                        "to resume from it", stop.received or signal.SIGTERM)
+        raise Preempted(f"rank {t.rank}: {cfg.stage} stopped by {by} after step {t.step}, checkpoint "
+                        f"{checkpoints.latest_checkpoint(t.run_dir)} written; rerun the same command to resume from "
+                        "it", stop.received or signal.SIGTERM)
+    if (cfg.validation.every and t.step % cfg.validation.every == 0) or t.step == max_steps:
+        validate(t, validator, monitor, ema)
+    checkpoints.fault_point("after-step", t.step)
+    watchdog.beat()
 
 
 def check_finite(trainer, loss: torch.Tensor, which: str = "") -> None:
     """Stop every rank before an update whose loss is not finite on any, naming the last good checkpoint."""
-    if not all_finite(loss, trainer.device):
+    if any_rank(not torch.isfinite(loss), trainer.device):
         latest = checkpoints.latest_checkpoint(trainer.run_dir)
-        raise NonFiniteLoss(f"step {trainer.step + 1}: the {which + ' ' if which else ''}loss is {loss.item()} (not "
-                            f"finite); stopped before the update. Last good checkpoint, intact: {latest or 'none yet'}")
+        raise PixArtError(f"step {trainer.step + 1}: the {which + ' ' if which else ''}loss is {loss.item()} (not "
+                          f"finite); stopped before the update. Last good checkpoint, intact: {latest or 'none yet'}")
 
 
 def validate(trainer, validator, monitor: Monitor, ema: bool) -> None:
@@ -382,11 +381,6 @@ def encoders_record(cfg, manifest) -> dict:
             "dtype": e.dtype if e.text_encoder or not m else m.dtype,  # of the text features it learned from
             "image_encoder": e.vae or (m.image_encoder if m else None),
             "scaling_factor": m.scaling_factor if m and not e.vae else None}
-
-
-def all_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    """Whether the loss is finite on every rank (a collective: every rank stops together)."""
-    return not any_rank(not torch.isfinite(loss), device)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
