@@ -38,6 +38,20 @@ def test_samples_are_grouped_as_webdataset_groups_them(tmp_path):
     assert decode_image(ours[0]).size == (8, 8)  # KEY.JPG is an image, not "no image"
 
 
+def test_samples_not_kept_come_as_their_keys_with_no_member_read(tmp_path, monkeypatch):
+    import tarfile
+    path = str(write_tar(tmp_path / "s.tar", [(f"{k:06d}.{ext}", f"{k}{ext}".encode())
+                                               for k in range(6) for ext in ("txt", "cls")]))
+    reads = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, m: reads.append(m.name) or extract(tar, m))
+    got = list(read_tar(path, keep=lambda i: i % 3 == 1))
+    assert [s["__key__"] for s in got] == [f"{k:06d}" for k in range(6)]  # every sample keeps its index
+    assert [sorted(s) for s in got] == [["__key__", "__url__"], ["__key__", "__url__", "cls", "txt"],
+                                        ["__key__", "__url__"]] * 2
+    assert got[4]["txt"] == b"4txt" and reads == ["000001.txt", "000001.cls", "000004.txt", "000004.cls"]
+
+
 def test_a_sample_with_two_members_of_one_name_is_refused(tmp_path):
     jpg = _jpeg()
     path = str(write_tar(tmp_path / "d.tar", [("a.jpg", jpg), ("a.jpg", jpg), ("a.txt", b"x"), ("b.jpg", jpg)]))

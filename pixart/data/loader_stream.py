@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,7 +182,8 @@ class BucketStream:
         if warn and (n <= 10 or n % 1000 == 0):
             log.warning("skipped sample %s: %s (%d skipped so far in this worker)", key, reason, n)
 
-    def _samples(self, start: Pos) -> Iterator[tuple[Pos, dict]]:
+    def _samples(self, start: Pos, need: Callable[[Pos], bool] | None = None) -> Iterator[tuple[Pos, dict]]:
+        """This slot's samples from `start` on, epoch after epoch; those `need` rejects come as their keys alone."""
         epoch, unit0, index0 = start
         empty = 0
         while True:
@@ -192,7 +193,13 @@ class BucketStream:
                     continue
                 damage: list[tuple[str, Exception]] = []
                 read, on_error = 0, (lambda url, exc, seen=damage: seen.append((url, exc)))
-                for i, raw in enumerate(read_tar(self.plan.shards[shard], on_error)):
+
+                def keep(i: int, unit: tuple = (epoch, u), first: int = index0 if u == unit0 else 0,
+                         phase: int | None = phase) -> bool:
+                    return i >= first and (phase is None or (i + phase) % self.plan.slots == self.slot) and \
+                        (need is None or need((*unit, i)))
+
+                for i, raw in enumerate(read_tar(self.plan.shards[shard], on_error, keep)):
                     read = i + 1
                     if u == unit0 and i < index0:
                         continue
@@ -303,8 +310,9 @@ class BucketStream:
         wanted = {tuple(p): b for b, ps in state.get("buffered", {}).items() for p in ps}
         if not wanted or self.last is None:
             return
-        # Re-read from the oldest buffered sample up to the last one read, keeping the buffered ones.
-        stream = self._samples(min(wanted))
+        # Re-read from the oldest buffered sample up to the last one read, keeping the buffered ones (only their
+        # members are read: the rest of an epoch's share between them can be most of it).
+        stream = self._samples(min(wanted), need=lambda pos: pos in wanted or pos >= self.last)
         self._replaying = True
         for pos, raw in stream:
             if pos > self.last:

@@ -29,9 +29,12 @@ DUPLICATE = "__duplicate__"  # a sample holding two members of one name: which o
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
-def read_tar(url: str, on_error=None) -> Iterator[dict]:
-    """Samples of one tar, in file order. Damage ends the shard and calls on_error(url, exc)."""
+def read_tar(url: str, on_error=None, keep=None) -> Iterator[dict]:
+    """Samples of one tar, in file order. Damage ends the shard and calls on_error(url, exc). Where `keep(i)` is
+    false the i-th sample comes as its key alone, its members unread (a local tar seeks past them): a slot that
+    keeps one sample in N of a shard, or a resume that replays up to its last one, reads no more bytes than it uses."""
     sample: dict | None = None
+    index, wanted = -1, True
     try:
         stream = open_shard(url)
         try:
@@ -50,6 +53,10 @@ def read_tar(url: str, on_error=None) -> Iterator[dict]:
                         sample = None
                     if sample is None:
                         sample = {"__key__": key, "__url__": url}
+                        index += 1
+                        wanted = keep is None or keep(index)
+                    if not wanted:
+                        continue
                     if ext in sample:  # webdataset stops the stream there; we skip the sample (decoding raises)
                         sample[DUPLICATE] = f"{key}.{ext}"
                     sample[ext] = tar.extractfile(member).read()
