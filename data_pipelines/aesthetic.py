@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixart.atomic import atomic_write, check_out_folder
+from pixart.atomic import atomic_write, check_out_folder, remove_dead_writers
 from pixart.data.manifest import file_sha256
 from pixart.data.shards import check_unique_names, input_record, same_input
 from pixart.errors import PixArtError
@@ -234,6 +234,9 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
     names = check_unique_names(shards)  # one sidecar per name: a second shard would overwrite the first
     out = Path(out_dir)
     check_out_folder(out)
+    for folder in (out, out / ".done"):  # a killed run's temps (atomic_write clears a folder once per process)
+        if folder.is_dir():
+            remove_dead_writers(folder)
     summary = Summary(scorer=scorer.name, threshold=threshold)
     for url, name in zip(shards, names, strict=True):
         result = _finished(out, url, name, scorer.identity, threshold)

@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_pipelines.features_encode import Job, ShardResult, encode_shard, load_encoders
-from pixart.atomic import atomic_write, check_out_folder
+from pixart.atomic import atomic_write, check_out_folder, remove_dead_writers
 from pixart.data.manifest import MANIFEST, Manifest, ShardEntry, config_hash, file_sha256
 from pixart.data.shards import check_unique_names, input_record, is_url, rank_and_world, resolve_shards, same_input
 from pixart.errors import PixArtError
@@ -402,6 +402,8 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
     # the manifest describes the whole folder: shards of earlier runs on other subsets stay listed
     header = dataclasses.replace(header, shards=[ShardEntry(n) for n in sorted(set(names) | set(known))])
     mine = [i for i in range(len(urls)) if i % world == rank]
+    for folder in (out, out / DONE):  # a killed run's temps (atomic_write clears a folder once per process)
+        remove_dead_writers(folder)
     for i in mine:
         _drop_if_input_changed(out, names[i], urls[i], captions[i])
     manifest = _refresh(out, header)
@@ -410,7 +412,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
     url_of, captions_of = dict(zip(names, urls, strict=True)), dict(zip(names, captions, strict=True))
     unfinished = {names[i] for i in todo}
     for tmp in out.glob(".*.tar.tmp*"):  # a killed run's half-written tar is never trusted
-        if tmp.name[1:].split(".tar.tmp")[0] in unfinished:
+        if tmp.name[1:].rpartition(".tar.tmp")[0] in unfinished:
             tmp.unlink(missing_ok=True)
     position = {s.name: j for j, s in enumerate(manifest.shards)}
     saved_at = time.monotonic()
@@ -427,7 +429,7 @@ def extract_features(shards, out: str | os.PathLike, cfg: FeatureConfig, overwri
             return
         _commit(out, res, url_of[res.name], captions_of[res.name])
         results.append(res)
-        bar.shard_done(res.read)
+        bar.shard_done(res.count)  # as the bar counts: encoded samples
         manifest.shards[position[res.name]] = _entry(out, res.name)
         if manifest.complete or time.monotonic() - saved_at > MANIFEST_EVERY_S:
             manifest.save(out)

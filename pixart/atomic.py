@@ -96,10 +96,14 @@ def _writer_prefix(target: Path) -> str:
     return f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
 
 
+_SWEPT: set[Path] = set()  # folders this process has cleared of dead writers' temps
+
+
 def remove_dead_writers(folder: Path) -> None:
     """Remove the temp files and folders of this host's killed writers in `folder`, which would stay forever."""
     from pixart.lifetime import alive
 
+    _SWEPT.add(Path(folder).absolute())
     marker = f".tmp-{socket.gethostname()}-"
     for tmp in Path(folder).glob(f".*{glob.escape(marker)}*-*"):
         # PID-SUFFIX, the suffix mkstemp's (letters, digits, _): so host "node" never reads host "node-4"'s temps
@@ -124,10 +128,12 @@ def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> None:
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write a file whole or not at all: a temp file beside it, fsync, rename. The temp files of this host's
-    killed writers in that folder go first, so a rerun that writes there again leaves none behind."""
+    killed writers in that folder go at this process's first write there, so a rerun that writes there again
+    leaves none behind; once, since listing a folder of 40,000 captions at every write made a job quadratic."""
     path = Path(path)
     with _writable(path):
-        remove_dead_writers(path.parent)
+        if path.parent.absolute() not in _SWEPT:
+            remove_dead_writers(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=_writer_prefix(path), dir=path.parent)
     try:
         with _writable(path), open(fd, "wb") as f:  # a full disk is named by the file, not left an OSError

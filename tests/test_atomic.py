@@ -64,3 +64,21 @@ def test_a_plain_file_is_never_replaced_by_a_folder(tmp_path):
         with atomic_dir(target, overwrite=True):
             raise AssertionError("written")
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"] and target.read_text() == "old"
+
+
+def test_a_process_clears_a_folder_of_dead_writers_once_not_at_every_write(tmp_path, monkeypatch):
+    """Listing a folder of 40,000 captions at every write made a data job quadratic; an explicit sweep (a job's
+    start) still clears what a writer killed since left."""
+    import pixart.atomic as atomic
+    sweeps = []
+    monkeypatch.setattr(atomic, "remove_dead_writers", lambda folder, sweep=atomic.remove_dead_writers: (
+        sweeps.append(folder), sweep(folder)))
+    for i in range(5):
+        atomic_write(tmp_path / f"{i}.json", "{}")
+    assert sweeps == [tmp_path]
+    dead = tmp_path / f".5.json.tmp-{socket.gethostname()}-999999999-abc"
+    dead.write_text("half")
+    atomic_write(tmp_path / "5.json", "{}")
+    assert dead.exists()
+    remove_dead_writers(tmp_path)
+    assert not dead.exists()

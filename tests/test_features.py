@@ -329,6 +329,7 @@ def test_a_job_reads_each_shards_record_a_bounded_number_of_times(enc, tmp_path,
         with wds.TarWriter(str(tmp_path / "in" / f"shard-{s:06d}.tar")) as w:
             w.write({"__key__": f"{s:06d}", "png": _png(32, 32, s), "txt": CAPTIONS[s % 5].encode()})
     reads, saves = [], []
+    monkeypatch.setattr(features, "MANIFEST_EVERY_S", 1e9)  # no timed save on a slow machine
     monkeypatch.setattr(features, "_entry", lambda out, name, read=features._entry: reads.append(name) or
                         read(out, name))
     monkeypatch.setattr(Manifest, "save", lambda m, folder, save=Manifest.save: saves.append(m.done) or

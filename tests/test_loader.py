@@ -4,6 +4,8 @@ import itertools
 import json
 import logging
 import re
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -161,7 +163,7 @@ def test_a_resume_reads_the_members_of_its_buffered_samples_alone(tmp_path, monk
     assert {b: len(ps) for b, ps in state["workers"]["0"]["buffered"].items()} == {"4x6": 5}
     payloads, read = [], stream.read_tar
     monkeypatch.setattr(stream, "read_tar", lambda url, on_error=None, keep=None: (
-        payloads.append(len(s) > 2) or s for s in read(url, on_error, keep)))
+        payloads.append(len(s) > 2) or s for s in read(url, on_error, **({"keep": keep} if keep else {}))))
     second = Loader(cfg)
     second.load_state_dict(state)
     rest = iter(second)
@@ -181,6 +183,20 @@ def test_resume_exact_with_workers(feats):
     assert keys_of(part + rest) == keys_of(straight)
     for a, b in zip(part + rest, straight, strict=True):  # the latent noise is the same too
         assert torch.equal(a["latents"], b["latents"])
+
+
+def test_a_process_that_fails_while_its_workers_read_exits(feats):
+    """The workers ignore SIGTERM (preemption), the signal multiprocessing ends them with at exit: a training process
+    that failed with an uncaught exception (a bug, an out-of-memory error) hung at exit forever, never reaching the
+    launcher that would restart it."""
+    script = (f"from pixart.data.loader import Loader, LoaderConfig\n"
+              f"def train():  # as Trainer._loop holds its batches\n"
+              f"    batches = iter(Loader(LoaderConfig({str(feats)!r}, batch_size=2, num_workers=1)))\n"
+              f"    next(batches)\n"
+              f"    raise RuntimeError('a step failed')\n"
+              f"train()\n")
+    failed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and failed.stderr.strip().endswith("RuntimeError: a step failed")
 
 
 def test_deterministic_and_seed_dependent(feats):

@@ -53,7 +53,7 @@ import torch
 from data_pipelines.relabel import quality
 from data_pipelines.relabel.captioner import VLM_NAMES, Captioner, CaptionerConfig, build_captioner, model_name
 from data_pipelines.relabel.stats import ShardStats, format_summary, summarize
-from pixart.atomic import atomic_write, check_out_folder
+from pixart.atomic import atomic_write, check_out_folder, remove_dead_writers
 from pixart.data.manifest import file_sha256
 from pixart.data.shards import check_unique_names, input_id, input_record, rank_and_world, resolve_shards, same_input
 from pixart.data.tars import IMAGE_EXTS, decode_image, stable_reason
@@ -722,6 +722,7 @@ def relabel(shards, out: str | os.PathLike, cfg: RelabelConfig, rank: int | None
     mine = sorted(i for js in assign(len(urls), rank, world, cfg.workers) for i in js)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers(out)  # a killed run's temps (atomic_write clears a folder once per process)
     _model_prompt(out, names, cap)  # a finished file that cannot be read says so before the work, not after it
     usable = {i for i in mine if _forget_if_input_changed(out, names[i], urls[i], cap, log)}
 

@@ -24,10 +24,12 @@ encoded in the main process into the feature-batch fields (latents are then VAE-
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import signal
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -107,6 +109,18 @@ def _outlive_stop_signals(worker_id: int) -> None:
     shuts them down. They still end with it (DataLoader's watch on their parent)."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()  # this process's DataLoader iterators that have workers
+
+
+@atexit.register  # after multiprocessing's own exit hook (imported with torch), so it runs before it
+def _stop_workers_at_exit() -> None:
+    """Multiprocessing ends daemonic children at exit with SIGTERM, which these workers ignore: a process leaving on
+    an uncaught exception (its traceback keeps the iterator alive) would wait for them forever. They are told to
+    stop as DataLoader tells them when its iterator is collected."""
+    for it in list(_WITH_WORKERS):
+        it._shutdown_workers()
 
 
 def _caption_mix(caption: str | dict[str, float] | None) -> dict[str, float]:
@@ -305,7 +319,10 @@ class Loader:
         ds = BucketDataset(self.plan, self.decoder, self.buffer_size, dict(self._states), self.step)
         dl = DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
                         worker_init_fn=_outlive_stop_signals)
-        for batch in dl:
+        batches = iter(dl)
+        if c.num_workers:
+            _WITH_WORKERS.add(batches)
+        for batch in batches:
             st = batch.pop("_state")
             self._states[int(st["role"])] = st["state"]
             self.step += 1
