@@ -234,7 +234,7 @@ def score_shards(shards: list[str], out_dir: str | os.PathLike, scorer: Callable
     names = check_unique_names(shards)  # one sidecar per name: a second shard would overwrite the first
     out = Path(out_dir)
     check_out_folder(out)
-    for folder in (out, out / ".done"):  # a killed run's temps (atomic_write clears a folder once per process)
+    for folder in (out, (out / RECORD).parent):  # a killed run's temps (atomic_write clears a folder once per process)
         if folder.is_dir():
             remove_dead_writers(folder)
     summary = Summary(scorer=scorer.name, threshold=threshold)
