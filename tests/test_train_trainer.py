@@ -1,5 +1,6 @@
 """The training stage end to end on a real (tiny) feature cache: resume, kills, NaN, damaged shards."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -564,6 +565,23 @@ def test_raw_shards_are_encoded_by_frozen_encoders_in_the_training_process(cache
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     assert json.loads((ckpt / "encoders.json").read_text())["image_encoder"] == "pixel:4"
     assert len(keys(tmp_path / "run")) == 2
+
+
+def test_data_scan_samples_bounds_the_start_up_scan_of_raw_shards(cache, caplog):
+    """Raw shards carry no bucket counts: by default every sample is read at each start; `data.scan_samples` reads
+    the first N (4 shards of 8 here) and gives the shards past them the scanned ones' mean."""
+    from pixart.train.config import TrainConfig
+    from pixart.train.trainer import build_loader
+
+    cfg = {"shards": str(cache / "raw"), "resolution": 32, "batch_size": 2, "num_workers": 0}
+    enc = {"text_encoder": str(cache / "t5"), "vae": "pixel:4", "dtype": "fp32"}
+    for scan, read in ((None, 32), (12, 12)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pixart.data"):
+            loader = build_loader(TrainConfig(data={**cfg, "scan_samples": scan}, encoders=enc), "pixart",
+                                  torch.device("cpu"))
+        assert f"scanned {read} samples of 4 shards for bucket counts" in caplog.text
+        assert sum(loader.stats.populations.values()) == 32  # 8 + 8 read whole, the other two shards their mean
 
 
 def test_compiled_blocks_train_like_eager(cache, tmp_path):

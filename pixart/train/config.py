@@ -72,6 +72,7 @@ class DataSection(Section):
     caption: str | dict[str, float] = "txt"  # a caption source, or a mix {source: probability}
     buckets: int | None = None  # raw shards: aspect buckets for this side
     resolution: int = 256  # raw shards without buckets
+    scan_samples: int | None = Field(None, ge=1)  # shards without bucket counts: scan the first N (None: every one)
     num_workers: int = Field(1, ge=0)
     scores_dir: str | None = None  # aesthetic subset: DIR/<shard>.aesthetic.jsonl
     min_score: float | None = None

@@ -369,7 +369,8 @@ def build_loader(cfg, arch: str, device: torch.device) -> Loader:
     caption = d.caption if arch == "pixart" else None  # a class-conditional stage reads no captions
     return Loader(LoaderConfig(shards=d.shards, batch_size=d.batch_size, seed=cfg.train.seed, caption=caption,
                                buckets=d.buckets, resolution=d.resolution, num_workers=d.num_workers,
-                               scores_dir=d.scores_dir, min_score=d.min_score, expected=d.expected),
+                               scores_dir=d.scores_dir, min_score=d.min_score, expected=d.expected,
+                               scan_samples=d.scan_samples),
                   text_encoder=text, autoencoder=vae)
 
 
