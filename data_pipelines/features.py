@@ -115,19 +115,19 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
     from diffusers import AutoencoderKL
     from transformers import AutoConfig
 
-    from pixart.encoders.loading import check_source, config_kind, load_error, local_config
+    from pixart.encoders.loading import check_source, config_kind, load_error, local_config, pipeline_part
 
     def ident(p: str) -> str:
         return str(Path(p).resolve()) if Path(p).exists() else p
 
     te = check_source(cfg.text_encoder, "T5 text encoder")
-    tcfg = local_config(te, cfg.text_encoder_subfolder)
+    tsub = pipeline_part(te, cfg.text_encoder_subfolder, "text_encoder")  # as the loaders read a pipeline folder
+    tcfg = local_config(te, tsub)
     if tcfg is None or "model_type" in tcfg:  # not a diffusers folder (a VAE's), which AutoConfig cannot read
         try:
-            tcfg = AutoConfig.from_pretrained(te, subfolder=cfg.text_encoder_subfolder or "",
-                                              local_files_only=cfg.local_files_only).to_dict()
+            tcfg = AutoConfig.from_pretrained(te, subfolder=tsub or "", local_files_only=cfg.local_files_only).to_dict()
         except Exception as e:
-            raise load_error("T5 text encoder", te, cfg.text_encoder_subfolder, e) from e
+            raise load_error("T5 text encoder", te, tsub, e) from e
     if "d_model" not in tcfg or "model_type" not in tcfg:  # a VLM's or a VAE's folder: no T5 width
         raise PixArtError(f"T5 text encoder: '{te}' is not a T5 encoder (its config, {config_kind(tcfg)}, "
                           "has no d_model)")
@@ -135,11 +135,11 @@ def _encoder_info(cfg: FeatureConfig) -> dict:
             "text_encoder_hash": config_hash(tcfg, ("transformers_version", "torch_dtype", "dtype"))}
     if cfg.vae:
         vae = check_source(cfg.vae, "VAE")
+        vsub = pipeline_part(vae, cfg.vae_subfolder, "vae")
         try:
-            vcfg = dict(AutoencoderKL.load_config(vae, subfolder=cfg.vae_subfolder,
-                                                  local_files_only=cfg.local_files_only))
+            vcfg = dict(AutoencoderKL.load_config(vae, subfolder=vsub, local_files_only=cfg.local_files_only))
         except Exception as e:
-            raise load_error("VAE", vae, cfg.vae_subfolder, e) from e
+            raise load_error("VAE", vae, vsub, e) from e
         missing = [k for k in ("latent_channels", "block_out_channels") if k not in vcfg]
         if missing:  # a T5's or a VLM's folder
             raise PixArtError(f"VAE: '{vae}' is not a VAE (its config has no {missing[0]})")

@@ -536,6 +536,29 @@ def test_encoders_of_the_wrong_kind_are_one_line(enc, raw, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_diffusers_pipeline_folder_names_its_own_encoders(enc, raw, ref, tmp_path):
+    """`--text-encoder P --vae P` on a pipeline folder (as diffusers' `save_pretrained` lays it out: text_encoder/,
+    tokenizer/, vae/ beside model_index.json) encodes as the encoders' own folders do, as every other loader reads it."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    transformer = PixArtTransformer2DModel(sample_size=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                           in_channels=4, out_channels=4, caption_channels=32, cross_attention_dim=16,
+                                           patch_size=2, norm_type="ada_norm_single")
+    PixArtAlphaPipeline(tokenizer=AutoTokenizer.from_pretrained(enc["t5"]),
+                        text_encoder=T5EncoderModel.from_pretrained(enc["t5"]),
+                        vae=AutoencoderKL.from_pretrained(enc["vae"]), transformer=transformer,
+                        scheduler=DPMSolverMultistepScheduler()).save_pretrained(tmp_path / "pipe")
+    pipe = str(tmp_path / "pipe")
+    got = extract_features(raw, tmp_path / "f", _cfg(enc, text_encoder=pipe, vae=pipe), progress=False)
+    want = Manifest.load(ref[0])
+    assert got.manifest.text_encoder_hash == want.text_encoder_hash
+    assert got.manifest.image_encoder_hash == want.image_encoder_hash
+    for name in ("shard-000000.tar", "shard-000002.tar"):
+        for a, b in zip(_read(ref[0] / name), _read(tmp_path / "f" / name), strict=True):
+            assert torch.equal(a.latent_mean, b.latent_mean) and torch.equal(a.text["meta"], b.text["meta"])
+
+
 def test_a_cache_with_no_finished_shard_takes_other_settings(enc, raw, tmp_path):
     """A first shard that failed (another shard's captions) leaves a manifest naming settings no features were made
     with: a rerun with other settings is no rerun of that cache, and needs no --overwrite."""
