@@ -538,7 +538,7 @@ def test_encoders_of_the_wrong_kind_are_one_line(enc, raw, tmp_path):
 
 def test_a_diffusers_pipeline_folder_names_its_own_encoders(enc, raw, ref, tmp_path):
     """`--text-encoder P --vae P` on a pipeline folder (as diffusers' `save_pretrained` lays it out: text_encoder/,
-    tokenizer/, vae/ beside model_index.json) encodes as the encoders' own folders do, as every other loader reads it."""
+    tokenizer/, vae/ beside model_index.json) encodes as the encoders' own folders do, as the other loaders read it."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
