@@ -1,4 +1,6 @@
 """The concept file: round trip, size for PixArt-XL/2 (shapes read off a meta-device model), base-model identity."""
+import re
+
 import pytest
 import torch
 
@@ -54,8 +56,14 @@ def test_unreadable_or_foreign_files_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(PixArtError, match="not a pixart-perfusion-1 concept file"):
+    with pytest.raises(PixArtError, match=r"other\.safetensors: not a pixart-perfusion-1 concept file \(format None, "
+                                          r"missing value_targets, i_star, i_super, embedding\)$"):
         Concept.load(tmp_path / "other.safetensors")
+    c = _concept()
+    tensors = {k: getattr(c, k) for k in ("value_targets", "i_star", "i_super", "embedding")}
+    save_file(tensors, tmp_path / "bare.safetensors")
+    with pytest.raises(PixArtError, match=r"bare\.safetensors: not a pixart-perfusion-1 concept file \(format None\)$"):
+        Concept.load(tmp_path / "bare.safetensors")  # its tensors, no metadata
 
 
 def test_damaged_concept_and_covariance_files_are_one_line(tmp_path):
@@ -90,4 +98,17 @@ def test_identity_sees_the_weights_it_depends_on_up_to_bf16():
     changed[0, 0] += 0.1
     assert model_identity(w[:1], [changed]) != same
     with pytest.raises(PixArtError, match="trained on base model .* but other.pt is"):
-        _concept().check_base(same, "other.pt")
+        _concept().check_base(same, "other.pt", 3, 8)
+
+
+@pytest.mark.parametrize("model, bad", [((4, 8, 16), "value_targets has shape (3, 8), but m needs (4, 8)"),
+                                        ((3, 16, 16), "value_targets has shape (3, 8), but m needs (3, 16)"),
+                                        ((3, 8, 32), "embedding has shape (16,), but m needs (32,)")])
+def test_a_concept_that_does_not_fit_the_model_is_one_line(model, bad):
+    """A file claiming this base model whose tensors do not fit it (damaged, or read with a text encoder of another
+    width) is refused, not applied to some blocks or failing inside the tokenizer's embedding table."""
+    c = _concept()
+    c.check_base(c.base_model, "m", 3, 8, 16)
+    c.check_base(c.base_model, "m", 3, 8)  # no text encoder to check against
+    with pytest.raises(PixArtError, match=rf"^concept 'zork': {re.escape(bad)}$"):
+        c.check_base(c.base_model, "m", *model)

@@ -174,9 +174,10 @@ def concept_setup(args, ckpt, model, encoder) -> list:
         if c.name in (seen := [d.name for d in concepts[:i]]):
             raise PixArtError(f"--concept {args.concept[i]}: its word {c.name!r} is also "
                               f"{args.concept[seen.index(c.name)]}'s; one concept per word")
-    identity = pixart_identity(model)
+    identity, kv = pixart_identity(model), model.blocks[0].cross_attn.kv_linear
+    text_dim = encoder.model.get_input_embeddings().weight.shape[1]
     for c in concepts:
-        c.check_base(identity, str(ckpt))
+        c.check_base(identity, str(ckpt), len(model.blocks), getattr(kv, "linear", kv).in_features, text_dim)
         set_embedding(encoder.model, add_concept_token(encoder.tokenizer, encoder.model, c.name), c.embedding)
     unused = [c.name for c in concepts if not any(_word(c.name).search(p) for p in args.prompt)]
     if unused:  # "zorbs" is not "zorb": such a prompt samples the base model, and looks like a weak concept

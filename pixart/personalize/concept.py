@@ -50,8 +50,8 @@ class Concept:
         missing = [k for k in TENSORS if k not in found]
         tensors = {k: found[k].float() for k in TENSORS if k in found}
         if meta.get("format") != FORMAT or missing:
-            raise PixArtError(f"{path}: not a {FORMAT} concept file (format {meta.get('format')!r}, "
-                              f"missing {missing or 'nothing'})")
+            lacks = f", missing {', '.join(missing)}" if missing else ""
+            raise PixArtError(f"{path}: not a {FORMAT} concept file (format {meta.get('format')!r}{lacks})")
         try:
             gate = {k: float(meta[k]) for k in ("beta", "tau")}
             name, super_word, base_model = meta["name"], meta["super"], meta["base_model"]
@@ -62,10 +62,17 @@ class Concept:
             raise PixArtError(f"{path}: a damaged concept file ({', '.join(bad)} not finite)")
         return cls(name, super_word, base_model=base_model, **gate, **tensors)
 
-    def check_base(self, identity: str, source: str) -> None:
+    def check_base(self, identity: str, source: str, depth: int, width: int, text_dim: int | None = None) -> None:
+        """Refuse a concept of another base model, or one whose tensors do not fit this one (a damaged file, or a
+        text encoder of another width)."""
         if identity != self.base_model:
             raise PixArtError(f"concept {self.name!r} was trained on base model {self.base_model}, "
                               f"but {source} is {identity}: a concept only works on its own base model")
+        want = {"value_targets": (depth, width), "i_star": (width,), "i_super": (width,), "embedding": (text_dim,)}
+        for key, shape in want.items():
+            got = tuple(getattr(self, key).shape)
+            if got != shape and None not in shape:
+                raise PixArtError(f"concept {self.name!r}: {key} has shape {got}, but {source} needs {shape}")
 
 
 def model_identity(caption_proj: list[torch.Tensor], kv_weights: list[torch.Tensor]) -> str:

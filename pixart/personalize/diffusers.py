@@ -46,9 +46,12 @@ def apply_concepts(target, concepts: Sequence[str | os.PathLike | Concept], cova
     covariance of another base model are refused. Returns `target`."""
     transformer = getattr(target, "transformer", target)
     concepts = [c if isinstance(c, Concept) else Concept.load(c) for c in concepts]
-    identity = diffusers_identity(transformer)
+    identity, blocks = diffusers_identity(transformer), transformer.transformer_blocks
+    encoder = getattr(target, "text_encoder", None)
+    text_dim = encoder.get_input_embeddings().weight.shape[1] if encoder is not None else None
     for c in concepts:
-        c.check_base(identity, type(transformer).__name__)
+        c.check_base(identity, type(transformer).__name__, len(blocks), _unwrap(blocks[0].attn2.to_k).in_features,
+                     text_dim)
     c_inv = read_c_inv(covariance, identity, type(transformer).__name__)
     gates = [GateSettings(c.beta if beta is None else beta, c.tau if tau is None else tau) for c in concepts]
     for j, block in enumerate(transformer.transformer_blocks):
