@@ -164,7 +164,7 @@ def check_prompt(prompt: str) -> None:
 def concept_setup(args, ckpt, model, encoder) -> list:
     """Load the concept files, refuse them on another base model, and teach the text encoder their words."""
     from pixart.errors import PixArtError
-    from pixart.personalize.concept import Concept, pixart_identity
+    from pixart.personalize.concept import Concept, pixart_identity, pixart_shape
     from pixart.personalize.tokens import add_concept_token, set_embedding
 
     if encoder is None:
@@ -174,10 +174,9 @@ def concept_setup(args, ckpt, model, encoder) -> list:
         if c.name in (seen := [d.name for d in concepts[:i]]):
             raise PixArtError(f"--concept {args.concept[i]}: its word {c.name!r} is also "
                               f"{args.concept[seen.index(c.name)]}'s; one concept per word")
-    identity, kv = pixart_identity(model), model.blocks[0].cross_attn.kv_linear
-    text_dim = encoder.model.get_input_embeddings().weight.shape[1]
+    identity, text_dim = pixart_identity(model), encoder.model.get_input_embeddings().weight.shape[1]
     for c in concepts:
-        c.check_base(identity, str(ckpt), len(model.blocks), getattr(kv, "linear", kv).in_features, text_dim)
+        c.check_base(identity, str(ckpt), *pixart_shape(model), text_dim)
         set_embedding(encoder.model, add_concept_token(encoder.tokenizer, encoder.model, c.name), c.embedding)
     unused = [c.name for c in concepts if not any(_word(c.name).search(p) for p in args.prompt)]
     if unused:  # "zorbs" is not "zorb": such a prompt samples the base model, and looks like a weak concept

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .concept import Concept, pixart_identity
+from .concept import Concept, pixart_identity, pixart_shape
 from .edit import EditedProjection, GateSettings
 from .tokens import add_concept_token, set_embedding
 
@@ -47,10 +47,10 @@ def apply_concepts(model: nn.Module, concepts: Sequence[Concept], c_inv: Tensor,
     override each concept's defaults. Refuses concepts trained on another base model."""
     remove_concepts(model)
     if check:
-        identity, kv = pixart_identity(model), model.blocks[0].cross_attn.kv_linear
+        identity = pixart_identity(model)
         text_dim = text_encoder.model.get_input_embeddings().weight.shape[1] if text_encoder is not None else None
         for c in concepts:
-            c.check_base(identity, "this model", len(model.blocks), getattr(kv, "linear", kv).in_features, text_dim)
+            c.check_base(identity, "this model", *pixart_shape(model), text_dim)
     gates = [GateSettings(c.beta if beta is None else beta, c.tau if tau is None else tau) for c in concepts]
     edits = []
     for j, block in enumerate(model.blocks):
