@@ -191,6 +191,8 @@ def load_config(ckpt_dir) -> ModelConfig:
     path = folder / CONFIG_FILE
     if not path.is_file() and not folder.exists():
         raise PixArtError(f"{ckpt_dir}: not a checkpoint folder (no such folder)")
+    if folder.is_file():
+        raise PixArtError(f"{ckpt_dir}: a file, not a checkpoint folder; pass the folder that holds {CONFIG_FILE}")
     if not path.is_file():
         run = folder / "checkpoints" / LATEST_POINTER
         hint = f"; it is a run folder: pass {run}" if run.is_file() else ""
@@ -209,10 +211,11 @@ def load_prediction_type(ckpt_dir) -> str:
     path = Path(ckpt_dir) / DIFFUSION_FILE
     if not path.is_file():
         return "epsilon"
-    try:
-        return str(json.loads(path.read_text())["prediction_type"])
-    except (ValueError, KeyError) as e:
-        raise PixArtError(f"{path}: invalid ({e})") from None
+    record = read_json(path)
+    kind = record.get("prediction_type") if isinstance(record, dict) else None
+    if kind not in ("epsilon", "v_prediction"):
+        raise PixArtError(f"{path}: prediction_type must be \"epsilon\" or \"v_prediction\", got {kind!r}")
+    return kind
 
 
 def load_student(folder) -> dict | None:

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from pixart.checkpoint import (
+    DIFFUSION_FILE,
     checkpoint_folder,
     load_config,
     load_encoders,
     load_model,
+    load_prediction_type,
     read_safetensors,
     read_state_dict,
     safetensors_bytes,
@@ -166,6 +168,9 @@ def test_a_runs_latest_pointer_resolves_to_the_step_it_names(tmp_path):
     assert checkpoint_folder(tmp_path / "checkpoints" / "step-000004") == tmp_path / "checkpoints" / "step-000004"
     with pytest.raises(PixArtError, match=r"\(no config.json\); it is a run folder: pass .*checkpoints/latest"):
         load_model(tmp_path)  # the run folder itself
+    weights = tmp_path / "checkpoints" / "step-000004" / "model.safetensors"
+    with pytest.raises(PixArtError, match=r"model.safetensors: a file, not a checkpoint folder; pass the folder"):
+        load_model(weights)  # a file inside it, as a tab completion gives
     latest.write_text("step-000009")
     with pytest.raises(PixArtError, match="latest: names 'step-000009', which is not a checkpoint folder"):
         checkpoint_folder(latest)
@@ -178,6 +183,12 @@ def test_corrupt_records_are_one_line_errors_naming_the_file(tmp_path):
         load_encoders(tmp_path / "ck")
     assert "\n" not in str(e.value)
     assert load_encoders(tmp_path) == {}  # no record: the caller asks for the encoders
+    assert load_prediction_type(tmp_path / "ck") == "epsilon"  # no record: DiT's and PixArt's objective
+    for record, said in (("{}", "got None"), ('{"prediction_type": "sample"}', "got 'sample'"), ("[1]", "got None")):
+        (tmp_path / "ck" / DIFFUSION_FILE).write_text(record)
+        with pytest.raises(PixArtError, match=rf'diffusion\.json: prediction_type must be "epsilon" or '
+                                              rf'"v_prediction", {said}$'):
+            load_prediction_type(tmp_path / "ck")
 
 
 def test_existing_outputs_are_replaced_only_when_asked(tmp_path):

@@ -67,6 +67,8 @@ def test_circular_base_and_missing_file(tmp_path):
         TrainConfig.load(tmp_path / "a.yaml")
     with pytest.raises(PixArtError, match="no such config file"):
         TrainConfig.load(tmp_path / "nope.yaml")
+    with pytest.raises(PixArtError, match=r": a folder, not a config file; pass a YAML file"):
+        TrainConfig.load(tmp_path)
     (tmp_path / "bad.yaml").write_text("stage: s\ndata: [unclosed")
     with pytest.raises(PixArtError, match=r"bad.yaml: invalid YAML \(.*line 2"):
         TrainConfig.load(tmp_path / "bad.yaml")

@@ -211,6 +211,8 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """The YAML at `path` merged over its `base:` chain; relative paths in `base` are the file's."""
     if path in seen:
         raise PixArtError(f"{path}: circular base: {' -> '.join(map(str, seen + (path,)))}")
+    if path.is_dir():
+        raise PixArtError(f"{path}: a folder, not a config file; pass a YAML file, e.g. configs/demo/stage2.yaml")
     if not path.is_file():
         raise PixArtError(f"{path}: no such config file")
     data = read_yaml(path)
