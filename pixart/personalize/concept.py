@@ -85,13 +85,18 @@ def model_identity(caption_proj: list[torch.Tensor], kv_weights: list[torch.Tens
     return "sha256:" + h.hexdigest()[:16]
 
 
+def _kv_linear(block):
+    """A block's cross-attention key/value projection, unwrapped where a concept edits it."""
+    kv = block.cross_attn.kv_linear
+    return getattr(kv, "linear", kv)
+
+
 def pixart_shape(model) -> tuple[int, int]:
     """(depth, width) of what a concept edits in our model: its blocks, and their cross-attention's input width."""
-    kv = model.blocks[0].cross_attn.kv_linear
-    return len(model.blocks), getattr(kv, "linear", kv).in_features  # an edited block wraps its linear
+    return len(model.blocks), _kv_linear(model.blocks[0]).in_features
 
 
 def pixart_identity(model) -> str:
     proj = model.y_embedder.y_proj
-    kv = [getattr(b.cross_attn.kv_linear, "linear", b.cross_attn.kv_linear).weight for b in model.blocks]  # edited?
+    kv = [_kv_linear(b).weight for b in model.blocks]
     return model_identity([proj.fc1.weight, proj.fc2.weight], kv)
