@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -235,8 +236,11 @@ def _nothing_written(srcs: list[str], report: SamReport, paired: int) -> str:
 def ingest(srcs: list[str], out: str | os.PathLike, cfg: SamConfig = SamConfig(),
            overwrite: bool = False, progress: bool = True) -> SamReport:
     """Convert every sample of `srcs` into `out/<prefix>-NNNNNN.tar` shards of `shard_size` samples."""
-    if cfg.max_side < 1 or cfg.shard_size < 1 or cfg.hold_mb < 0:
-        raise PixArtError("--max-side and --shard-size must be positive, --hold-mb not negative")
+    for flag, value in (("--max-side", cfg.max_side), ("--shard-size", cfg.shard_size)):
+        if value < 1:
+            raise PixArtError(f"{flag} {value}: must be positive")
+    if not (math.isfinite(cfg.hold_mb) and cfg.hold_mb >= 0):
+        raise PixArtError(f"--hold-mb {cfg.hold_mb}: must be a number of megabytes, 0 or more")
     srcs, out = resolve_shards(srcs), Path(out)
     settings = {k: v for k, v in asdict(cfg).items() if k != "hold_mb"}  # what the shards' bytes depend on
     inputs = [input_id(src) for src in srcs]

@@ -412,7 +412,20 @@ def test_counts_out_of_range_are_argparses_usage_error(tmp_path, monkeypatch, ca
     for argv, shown in ((["sample", "ckpt", "--prompt", "a", "--columns", "100000000"],
                          "argument --columns: 100000000 is not from 1 to 256"),
                         (["convert-dit", "dit.pt", "--out", "o", "--num-heads", "0"],
-                         "argument --num-heads: 0 is not a positive integer")):
+                         "argument --num-heads: 0 is not a positive integer"),
+                        # a traceback from torch, and a checkpoint written with no caption tokens (a review's finds)
+                        (["convert-dit", "dit.pt", "--out", "o", "--caption-channels", "-1"],
+                         "argument --caption-channels: -1 is not a positive integer"),
+                        (["convert-dit", "dit.pt", "--out", "o", "--max-length", "0"],
+                         "argument --max-length: 0 is not a positive integer"),
+                        (["convert-dit", "dit.pt", "--out", "o", "--t-ref", "1000"],
+                         "argument --t-ref: 1000 is not a timestep from 0 to 999"),
+                        (["extract-features", "s.tar", "--out", "o", "--max-length", "0"],
+                         "argument --max-length: 0 is not a positive integer"),
+                        (["data", "shapes", "--count", "8", "--out", "o", "--workers", "-3"],
+                         "argument --workers: -3 is not a positive integer"),
+                        (["data", "sam", "a.tar", "--out", "o", "--max-side", "-5"],
+                         "argument --max-side: -5 is not a positive integer")):
         with pytest.raises(SystemExit, match="2"):
             main(argv)
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {shown}")

@@ -53,7 +53,12 @@ def test_bad_overrides_are_clear_errors():
                                 ("depth", 6.0, "depth must be an integer, got 6.0"),
                                 ("hidden_size", True, "hidden_size must be an integer, got True"),
                                 ("learn_sigma", 1, "learn_sigma must be true or false, got 1"),
-                                ("mlp_ratio", "4", "mlp_ratio must be a number, got '4'")):
+                                ("mlp_ratio", "4", "mlp_ratio must be a number, got '4'"),
+                                ("model_max_length", 0, "model_max_length must be positive, got 0"),
+                                ("caption_channels", -1, "caption_channels must be positive, got -1"),
+                                ("mlp_ratio", float("nan"), "mlp_ratio must be a finite number, got nan"),
+                                ("pe_interpolation", 0, "pe_interpolation must be positive, got 0"),
+                                ("class_dropout_prob", 1.5, "must be a probability from 0 to 1, got 1.5")):
         with pytest.raises(PixArtError, match=message):
             build_model("PixArt-S/2", **{key: value})
     assert build_model("PixArt-S/2", depth=1, mlp_ratio=4).config.mlp_ratio == 4.0  # an int where a float goes

@@ -194,6 +194,14 @@ def test_cli_and_refusals(srcs, tmp_path, capsys):
     with pytest.raises(PixArtError, match=r"^--out .*afile/sub is not a folder \(.*afile is a file\)$"):
         ingest(srcs, tmp_path / "afile" / "sub", progress=False)
     assert (tmp_path / "afile").read_text() == "mine"
+    # bad settings: each names its flag and value, before anything is read or written
+    for cfg, message in ((SamConfig(max_side=-5), r"^--max-side -5: must be positive$"),
+                         (SamConfig(shard_size=0), r"^--shard-size 0: must be positive$"),
+                         (SamConfig(hold_mb=float("nan")), r"^--hold-mb nan: must be a number of megabytes"),
+                         (SamConfig(hold_mb=float("inf")), r"^--hold-mb inf: must be a number of megabytes")):
+        with pytest.raises(PixArtError, match=message):
+            ingest(srcs, tmp_path / "w", cfg, progress=False)
+    assert not (tmp_path / "w").exists()
 
 
 def test_overwrite_with_tars_of_another_dataset_keeps_the_old_set(srcs, tmp_path):

@@ -230,6 +230,12 @@ def test_a_misspelt_recipe_key_or_a_folder_is_named(tmp_path):
         load_recipe(tmp_path / "r.yaml")
     with pytest.raises(PixArtError, match=re.escape(f"{tmp_path} is a folder, not a recipe file")):
         load_recipe(tmp_path)
+    for config, command in (("pixart_xl2/stage2_sam256.yaml", "train"), ("demo/stage2.yaml", "train"),
+                            ("pixart_xl2/dmd512.yaml", "distill")):  # a stage's config given to `launch`
+        path = ROOT / "configs" / config
+        with pytest.raises(PixArtError, match=re.escape(f"{path}: one stage's config, not a recipe (a recipe lists "
+                                                        f"`stages:`); run it with `pixart {command} {path}`")):
+            load_recipe(path)
 
 
 def test_a_reparam_source_file_is_relative_to_the_recipe_and_checked_first(tmp_path):

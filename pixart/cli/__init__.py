@@ -41,6 +41,11 @@ def timestep(text: str) -> int:
     return _int_at_least(text, 1, "a timestep from 1 to 999", 999)
 
 
+def train_timestep(text: str) -> int:
+    """A timestep of the 1000-step training schedule, 0 to 999 (`convert-dit --t-ref`)."""
+    return _int_at_least(text, 0, "a timestep from 0 to 999", 999)
+
+
 def seed(text: str) -> int:
     """An argparse `type` for --seed: 0 to 2**63 - 1, what torch's and numpy's generators both take; anything else
     is argparse's one-line usage error, not a traceback from the first generator seeded with it."""

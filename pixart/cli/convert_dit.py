@@ -1,7 +1,7 @@
 """`pixart convert-dit`: a facebookresearch/DiT checkpoint -> a reparameterized PixArt checkpoint folder."""
 from __future__ import annotations
 
-from pixart.cli import positive_int, seed
+from pixart.cli import positive_int, seed, train_timestep
 
 
 def add_parser(sub) -> None:
@@ -21,12 +21,13 @@ def add_parser(sub) -> None:
     p.add_argument("--global-init", choices=("mean", "block0", "zero"), default="mean",
                    help="init of the shared t_block: mean of the blocks' adaLN MLPs (default, least error over t), "
                    "block 0's, or zero")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes of the DiT (default: a DiT training checkpoint's args.num_classes, else the rows of "
                    "its class table minus the null class, as the released DiTs, trained with label dropout, have)")
-    p.add_argument("--t-ref", type=int, default=500, help="timestep at which the modulation is exact (default 500)")
-    p.add_argument("--caption-channels", type=int, default=4096, help="text-encoder width (default 4096, T5-XXL's)")
-    p.add_argument("--max-length", type=int, default=120, help="caption tokens (default 120, PixArt-alpha's)")
+    p.add_argument("--t-ref", type=train_timestep, default=500,
+                   help="timestep at which the modulation is exact, 0 to 999 (default 500)")
+    p.add_argument("--caption-channels", type=positive_int, default=4096, help="text-encoder width (default 4096, T5-XXL's)")
+    p.add_argument("--max-length", type=positive_int, default=120, help="caption tokens (default 120, PixArt-alpha's)")
     p.add_argument("--seed", type=seed, default=0,
                    help="seed for the new cross-attention and caption layers, 0 to 2**63 - 1 (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")

@@ -1,6 +1,8 @@
 """`pixart data sam`: SA-1B tars -> webdataset shards (resized JPEG + metadata json per image)."""
 from __future__ import annotations
 
+from pixart.cli import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -13,8 +15,8 @@ def add_parser(sub) -> None:
         "the same inputs and settings, goes on from its last finished shard; a finished one has nothing to do.")
     p.add_argument("src", nargs="+", help="SA-1B tars: files, folders, globs or brace patterns")
     p.add_argument("--out", required=True, help="output folder for the shards")
-    p.add_argument("--max-side", type=int, default=1024, help="longest side after resizing (default 1024)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default 1000)")
+    p.add_argument("--max-side", type=positive_int, default=1024, help="longest side after resizing (default 1024)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per output shard (default 1000)")
     p.add_argument("--keep-masks", action="store_true", help="keep the RLE masks (at the original resolution)")
     p.add_argument("--hold-mb", type=float, default=256,
                    help="memory for members of a streamed tar (pipe:, http) waiting for their pair; past it they "

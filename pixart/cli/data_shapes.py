@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from data_pipelines.shapes import ASPECTS, BACKGROUND_LEVELS, BACKGROUNDS, SIZES
-from pixart.cli import seed
+from pixart.cli import positive_int, seed
 from pixart.errors import PixArtError
 
 
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--damaged-fraction", type=float, default=0.5,
                    help="share of damaged, low-aesthetic images (default 0.5)")
-    p.add_argument("--workers", type=int, default=1, help="processes rendering shards in parallel (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes rendering shards in parallel (default 1)")
     p.add_argument("--max-objects", type=int, default=3, help="objects per image, 1 to this many (default 3)")
     p.add_argument("--sizes", default="small,large", help="object sizes drawn (default small,large)")
     p.add_argument("--aspects", default=",".join(ASPECTS), help=f"aspect ratios drawn (default {','.join(ASPECTS)})")

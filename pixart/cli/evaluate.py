@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("shards", nargs="+", help="SHARDS: folders, globs, brace patterns or URLs")
     p.add_argument("--out", help="also write the metrics to this JSON file (atomically; checked before the work)")
-    p.add_argument("--limit", type=positive_int, default=None, help="score at most this many images")
+    p.add_argument("--limit", type=positive_int, default=None, help="score at most this many images (default: all)")
     p.set_defaults(run=run)
 
 

@@ -1,6 +1,8 @@
 """`pixart extract-features`: latents + T5 features of raw shards into sidecar shards with a manifest."""
 from __future__ import annotations
 
+from pixart.cli import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -32,11 +34,11 @@ def add_parser(sub) -> None:
                    "<shard>.<name>.jsonl sit next to the shards or in --captions-dir (default txt)")
     p.add_argument("--captions-dir", help="folder of sidecar caption jsonl files")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--resolution", type=int, help="square side after resize + center crop (default 256)")
+    size.add_argument("--resolution", type=positive_int, help="square side after resize + center crop (default 256)")
     size.add_argument("--buckets", help="aspect-bucket table name (e.g. ms512): each image to its nearest bucket")
-    p.add_argument("--max-length", type=int, default=120, help="T5 tokens (default 120)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call (default 16)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes, split by shard (default 1)")
+    p.add_argument("--max-length", type=positive_int, default=120, help="T5 tokens (default 120)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per encoder call (default 16)")
+    p.add_argument("--workers", type=positive_int, default=1, help="local worker processes, split by shard (default 1)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="T5 compute and stored text dtype (default bf16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

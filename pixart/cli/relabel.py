@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--seed", type=seed32, default=0,
-                   help="phrasing / sampling seed, 0 to 2**32 - 1; a retry uses seed + 1")
+                   help="phrasing / sampling seed, 0 to 2**32 - 1; a retry uses seed + 1 (default 0)")
     p.add_argument("--max-new-tokens", type=positive_int, default=160, help="VLM generation limit (default 160)")
     p.add_argument("--max-words", type=positive_int, default=150, help="longer captions are rejected (default 150)")
     p.add_argument("--accept-damaged", action="store_true",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,14 +97,23 @@ _TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool
 
 
 def field_problem(name: str, value) -> str | None:
-    """Why `value` cannot be the ModelConfig field `name` (an unknown key, or a value of the wrong type), or None:
-    a "6" or 6.0 for `depth` in a hand-edited config.json must not surface later as a TypeError."""
+    """Why `value` cannot be the ModelConfig field `name` (an unknown key, a value of the wrong type, a size below 1),
+    or None: a "6" or 6.0 for `depth` in a hand-edited config.json, or a 0 for `model_max_length` from a flag, must
+    not surface later as a TypeError or as a model with no tokens."""
     field = next((f for f in dataclasses.fields(ModelConfig) if f.name == name), None)
     if field is None:
         return f"unknown key {name!r}"
     types, what = _TYPES.get(field.type, (str, "a string"))
     if isinstance(value, bool) != (field.type == "bool") or not isinstance(value, types):
         return f"{name} must be {what}, got {value!r}"
+    if field.type == "int" and value < 1:  # every int field is a size or a count
+        return f"{name} must be positive, got {value}"
+    if field.type == "float" and not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    if name in ("mlp_ratio", "pe_interpolation") and value <= 0:
+        return f"{name} must be positive, got {value!r}"
+    if name == "class_dropout_prob" and not 0 <= value <= 1:
+        return f"{name} must be a probability from 0 to 1, got {value!r}"
     return None
 
 

@@ -127,6 +127,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise PixArtError(f"{path}: no such recipe file")
     data = read_yaml(path)
+    if isinstance(data, dict) and "stages" not in data and {"stage", "base", "teacher"} & data.keys():
+        command = "distill" if "teacher" in data else "train"
+        raise PixArtError(f"{path}: one stage's config, not a recipe (a recipe lists `stages:`); run it with "
+                          f"`pixart {command} {path}`")
     for key in data if isinstance(data, dict) else ():  # before a missing `stages`, which a misspelt one causes
         if key not in Recipe.model_fields:
             raise PixArtError(f"{path}: {key}: unknown key")
