@@ -7,6 +7,7 @@ distills on the same data. The GAN head and two fake updates per generator updat
 DIST_WORKER_FAULT (environment) as in tests/dist_worker.py. Not a test module.
 """
 import json
+import logging
 import os
 import sys
 
@@ -16,6 +17,7 @@ from pixart.distill.config import DistillConfig
 from pixart.distill.trainer import DistillTrainer
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # "resumed from ..." shows in the output
     run_dir, teacher, zero = sys.argv[1], sys.argv[2], int(sys.argv[3])
     global_batch, steps = int(sys.argv[4]), int(sys.argv[5])
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))

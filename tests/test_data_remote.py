@@ -23,6 +23,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     cuts: list = []
     statuses: list = []  # each request pops one entry and, when it is a number, answers that error status
     after_cut: list = []  # each cut connection pops one callable and calls it (to replace the file meanwhile)
+    ranges: list = []  # the Range header of each GET (None without one), for tests to read
 
     def log_message(self, *args):
         pass
@@ -42,6 +43,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
             return
         start = 0
         rng = self.headers.get("Range")
+        if not head:
+            self.ranges.append(rng)
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
             self.send_response(206)
@@ -133,11 +136,15 @@ def test_a_dropped_connection_resumes_at_the_byte_it_reached(server):
     base, folder = server
     url = f"{base}/shapes-000000.tar"
     size = (folder / "shapes-000000.tar").stat().st_size
-    RangeHandler.cuts = [size // 3, size // 3]  # two cuts mid-shard, then whole
-    got, damage = _keys(url)
-    assert len(got) == 12 and not damage.error
+    RangeHandler.cuts, RangeHandler.ranges = [size // 3, size // 3], []  # two cuts mid-shard, then whole
+    damage = TarDamage()
+    got = list(iter_samples(url, damage))
+    assert not damage.error and RangeHandler.cuts == []  # both cuts were met
+    # each new connection asks for the byte the last one reached
+    assert [r for r in RangeHandler.ranges if r] == [f"bytes={size // 3}-", f"bytes={2 * (size // 3)}-"]
     want = {s["__key__"]: s for s in iter_samples(str(folder / "shapes-000000.tar"))}
-    for s in iter_samples(url):  # every member's bytes arrive intact
+    assert sorted(s["__key__"] for s in got) == sorted(want)
+    for s in got:  # every member's bytes arrive intact through the cuts
         assert all(s[k] == want[s["__key__"]][k] for k in want[s["__key__"]] if k not in ("__url__",))
 
 

@@ -108,10 +108,11 @@ def test_a_run_writes_a_one_step_student(straight, teacher):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("dm", "fake", "gan_g", "gan_d", "loss_g", "lr_generator", "lr_fake", "grad_norm_generator"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), key
-    # the student moved away from the teacher, the EMA lags behind it
-    w = load_file(final / "model.safetensors")
+    # the student moved away from the teacher, the EMA lags behind it (between the two)
+    w, ema = load_file(final / "model.safetensors"), load_file(final / "ema.safetensors")
     t = load_file(teacher / "model.safetensors")
     assert any(not torch.equal(w[k], t[k]) for k in t)
+    assert any(not torch.equal(ema[k], w[k]) for k in w) and any(not torch.equal(ema[k], t[k]) for k in t)
 
 
 def test_tensorboard_has_every_loss(straight):
@@ -126,7 +127,10 @@ def test_resume_after_kill_is_exact(straight, tiny_feature_cache, teacher, tmp_p
     cfg = config(tiny_feature_cache, teacher, tmp_path, gan={"generator_weight": 1e-2})
     killed = distill(cfg, tmp_path / "run", "after-step:3")
     assert killed.returncode == -9
-    assert distill(cfg, tmp_path / "run").returncode == 0
+    resumed = distill(cfg, tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # a rerun from scratch would end on the same weights (fp32 on the CPU): the log says it resumed
+    assert f"resumed from {ckpt(tmp_path / 'run', 2)} at step 2" in resumed.stderr
     for file in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(ckpt(straight, 4) / file), load_file(ckpt(tmp_path / "run", 4) / file)
         assert all(torch.equal(a[k], b[k]) for k in a), file  # bitwise, fp32 on the CPU
@@ -195,7 +199,9 @@ def test_a_distillation_resumed_on_fewer_processes_ends_where_one_process_does(s
     """`train.elastic` for both ZeRO-2 engines, the generator's and the fake score's: each one's partitioned state
     is converted for one process, and on the same global batches the run ends on one process's weights."""
     run_dir = dist_run(tmp_path / "run", small_teacher, zero=2, nproc=2, train={"max_steps": 2, "ckpt_every": 2})
-    dist_run(run_dir, small_teacher, zero=2, nproc=1, train={"elastic": True})
+    resumed = dist_launch(run_dir, small_teacher, zero=2, nproc=1, train={"elastic": True})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt(run_dir, 2)} at step 2" in resumed.stderr  # not a run from scratch, which ends the same
     assert sorted(p.name for p in (ckpt(run_dir, 2) / "deepspeed-universal").iterdir()) == ["fake", "generator"]
     for key in ("dm", "fake"):
         a, b = [r[key] for r in metrics(one_process)], [r[key] for r in metrics(run_dir)]
@@ -305,6 +311,11 @@ def test_lpips_regression_reads_its_weights_from_a_file(tiny_feature_cache, teac
 
     metric = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)  # random weights: no download
     save_model(metric, tmp_path / "lpips.safetensors")  # what the docs tell users to write once
+    from pixart.distill.trainer import load_lpips
+
+    loaded = load_lpips(str(tmp_path / "lpips.safetensors"), torch.device("cpu")).state_dict()
+    assert loaded.keys() == metric.state_dict().keys()  # every weight from the file, none left at its random init
+    assert all(torch.equal(loaded[k], v) for k, v in metric.state_dict().items())
     (tmp_path / "other.safetensors").write_bytes((tmp_path / "lpips.safetensors").read_bytes()[:100])
     cfg = config(tiny_feature_cache, teacher, tmp_path, train={"max_steps": 1, "ckpt_every": 1},
                  regression={"weight": 0.25, "pairs": 4, "steps": 2, "kind": "lpips",

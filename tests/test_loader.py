@@ -36,15 +36,18 @@ def write_raw(path, keys, sizes):
                       "json": json.dumps({"width": w, "height": h}).encode()})
 
 
-def write_features(path, keys, shapes, seed=0, dim=8):
-    g = torch.Generator().manual_seed(seed)
+def write_features(path, keys, shapes, seed=0, dim=8, std=0.1):
+    """Feature shard `path`; returns what it stores, by key."""
+    g, stored = torch.Generator().manual_seed(seed), {}
     with wds.TarWriter(str(path)) as tw:
         for i, (key, (h, w)) in enumerate(zip(keys, shapes, strict=True)):
             n = 2 + i % 5
-            fs = FeatureSample(key, torch.randn(4, h, w, generator=g), torch.rand(4, h, w, generator=g) * 0.1,
+            fs = FeatureSample(key, torch.randn(4, h, w, generator=g), torch.rand(4, h, w, generator=g) * std,
                                {"txt": torch.randn(n, dim, generator=g)},
-                               {"width": w * 8, "height": h * 8, "captions": {"txt": f"cap {key}"}})
+                               {"width": w * 8 + i, "height": h * 8, "captions": {"txt": f"cap {key}"}})
             tw.write(fs.to_wds())
+            stored[key] = fs
+    return stored
 
 
 @pytest.fixture
@@ -95,6 +98,29 @@ def test_feature_batch_fields(feats):
     assert b["mask"].shape == (B, L) and b["mask"].sum(1).max() == L  # padded to the longest caption
     assert b["data_info"]["img_hw"].shape == (B, 2) and b["data_info"]["aspect_ratio"].shape == (B, 1)
     assert b["captions"][0].startswith("cap ")
+
+
+def test_a_batch_holds_each_samples_stored_features(tmp_path):
+    """Sample by sample against what the shard stores: the latent mean shifted and scaled as the manifest says
+    (its std 0: no posterior noise), the caption's features padded to the batch's longest with the mask marking
+    them, PixArt's img_hw (height, width of the source image) and aspect ratio (of the latent), the caption text."""
+    keys, shapes = [f"k{i}" for i in range(6)], [(4, 4), (4, 6)] * 3
+    stored = write_features(tmp_path / "web-000000.tar", keys, shapes, std=0.0)
+    write_manifest(tmp_path, {"web-000000": (6, {"32x32": 3, "32x48": 3})}, scaling=0.5, shift=0.25)
+    seen = set()
+    for b in take(Loader(LoaderConfig(str(tmp_path), batch_size=3, seed=1)), 2):
+        L = b["y"].shape[1]
+        for i, key in enumerate(b["keys"]):
+            fs, n = stored[key], stored[key].text["txt"].shape[0]
+            assert torch.equal(b["latents"][i], (fs.latent_mean - 0.25) * 0.5), key
+            assert torch.equal(b["y"][i, :n], fs.text["txt"]) and not b["y"][i, n:].any(), key
+            assert b["mask"][i].tolist() == [1] * n + [0] * (L - n), key
+            assert b["data_info"]["img_hw"][i].tolist() == [fs.meta["height"], fs.meta["width"]], key
+            h, w = fs.latent_mean.shape[1:]
+            assert b["data_info"]["aspect_ratio"][i].item() == pytest.approx(h / w), key
+            assert b["captions"][i] == f"cap {key}"
+            seen.add(key)
+    assert seen == set(keys)
 
 
 def test_two_ranks_three_uneven_shards_cover_each_epoch(feats):

@@ -265,8 +265,10 @@ def test_a_custom_captioner_is_checked(world, tmp_path):
 def test_decode_in_workers_or_not_same_bytes(world, tmp_path):
     for n in (0, 2):
         relabel(world / "shapes", tmp_path / str(n), _cfg(decode_workers=n), log=lambda m: None)
-    for f in (tmp_path / "0").glob("*.jsonl"):
-        assert f.read_bytes() == (tmp_path / "2" / f.name).read_bytes()
+    files = sorted(f.name for f in (tmp_path / "0").glob("*.jsonl"))
+    assert len(files) == 3 and files == sorted(f.name for f in (tmp_path / "2").glob("*.jsonl"))  # one per shard
+    for name in files:
+        assert (tmp_path / "0" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
 
 
 def test_assignment_is_disjoint_and_complete():

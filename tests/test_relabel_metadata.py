@@ -23,12 +23,24 @@ def samples():
     return out
 
 
-def _object_clause(caption: str, obj: dict) -> str:
-    """The clause naming this object (split at ';' or ',' and ' and ' where objects are listed)."""
+def _object_clause(caption: str, obj: dict, objects: list[dict]) -> list[str]:
+    """The clauses naming this object (split at ';' or ',' and ' and ' where objects are listed); a piece naming no
+    object belongs to the next one ("and in the upper right, a little pink star")."""
     parts = re.split(r";|: | and (?=an? |in |at |on |along )|, (?=an? )", caption.lower())
-    hits = [p for p in parts if obj["color"] in p and obj["shape"] in p]
+    clauses, before = [], ""
+    for part in parts:
+        if any(o["color"] in part and o["shape"] in part for o in objects):
+            clauses.append(before + part)
+            before = ""
+        else:
+            before += part + " "
+    hits = [c for c in clauses if obj["color"] in c and obj["shape"] in c]
     assert hits, (caption, obj)
     return hits
+
+
+def _position_pattern(word: str) -> str:
+    return VERT.get(word, rf"\b{word}\b" if word != "center" else r"\b(center|middle)\b")
 
 
 def test_names_everything(samples):
@@ -39,8 +51,7 @@ def test_names_everything(samples):
             assert o["color"] in low and o["shape"] in low
             assert re.search(SIZE[o["size"]], low), (text, o)
             for word in o["position"].split():
-                assert re.search(VERT.get(word, rf"\b{word}\b" if word != "center" else r"\b(center|middle)\b"),
-                                 low), (text, o)
+                assert re.search(_position_pattern(word), low), (text, o)
         assert re.search(BACKGROUND[meta["background"]], low), text
         if meta["quality"] == "clean":
             assert re.search(r"\b(clean|crisp)\b", low), text
@@ -57,8 +68,10 @@ def test_position_and_size_stay_with_their_object(samples):
         if len({(o["color"], o["shape"]) for o in objs}) < len(objs):
             continue  # two look-alike objects: no way to tell the clauses apart
         for o in objs:
-            clause = " ".join(_object_clause(text, o))
+            clause = " ".join(_object_clause(text, o, objs))
             assert re.search(SIZE[o["size"]], clause), (text, o)
+            for word in o["position"].split():
+                assert re.search(_position_pattern(word), clause), (text, o)
 
 
 def test_deterministic_per_seed_and_varied(samples):
@@ -89,8 +102,7 @@ def test_short_names_each_object_in_a_few_words_and_nothing_else(samples):
         for o in objs:
             assert o["color"] in low and o["shape"] in low, (text, o)
             for word in o["position"].split():
-                assert re.search(VERT.get(word, rf"\b{word}\b" if word != "center" else r"\b(center|middle)\b"),
-                                 low), (text, o)
+                assert re.search(_position_pattern(word), low), (text, o)
         assert not re.search(r"background|plain|gradient|textur|clean|crisp|degraded|noisy|image|picture|scene|\.",
                              low), text
         assert len(text.split()) <= 9 * len(objs) and check(text) is None, text  # few words, a healthy caption
