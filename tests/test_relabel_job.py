@@ -336,8 +336,9 @@ def test_a_finished_file_that_is_not_utf8_is_one_line_before_work(world, tmp_pat
 
 
 def test_a_raw_sa1b_tar_is_refused(tmp_path):
-    """SA-1B tars as Meta ships them: members shuffled, a key's jpg and json apart. Refused in one line (not half
-    the images "bad image"), with nothing left behind."""
+    """SA-1B tars as Meta ships them: members shuffled, a key's jpg and json apart, the json in SA-1B's published
+    schema (facebookresearch/segment-anything, README.md, "Dataset"; tests/test_sam.py has real annotations).
+    Refused in one line (not half the images "bad image"), with nothing left behind."""
     import io
     import random
 
@@ -347,7 +348,9 @@ def test_a_raw_sa1b_tar_is_refused(tmp_path):
     for i in range(30):
         buf = io.BytesIO()
         Image.new("RGB", (40, 30), (8 * i, 20, 30)).save(buf, format="JPEG")
-        members += [(f"sa_{i}.jpg", buf.getvalue()), (f"sa_{i}.json", json.dumps({"image": {"image_id": i}}).encode())]
+        image = {"image_id": i, "width": 40, "height": 30, "file_name": f"sa_{i}.jpg"}
+        members += [(f"sa_{i}.jpg", buf.getvalue()),
+                    (f"sa_{i}.json", json.dumps({"image": image, "annotations": []}).encode())]
     random.Random(0).shuffle(members)
     (tmp_path / "sa").mkdir()
     tar = tmp_path / "sa" / "sa_000000.tar"

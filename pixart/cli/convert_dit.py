@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
                    "its class table minus the null class, as the released DiTs, trained with label dropout, have)")
     p.add_argument("--t-ref", type=train_timestep, default=500,
                    help="timestep at which the modulation is exact, 0 to 999 (default 500)")
-    p.add_argument("--caption-channels", type=positive_int, default=4096, help="text-encoder width (default 4096, T5-XXL's)")
+    p.add_argument("--caption-channels", type=positive_int, default=4096,
+                   help="text-encoder width (default 4096, T5-XXL's)")
     p.add_argument("--max-length", type=positive_int, default=120, help="caption tokens (default 120, PixArt-alpha's)")
     p.add_argument("--seed", type=seed, default=0,
                    help="seed for the new cross-attention and caption layers, 0 to 2**63 - 1 (default 0)")

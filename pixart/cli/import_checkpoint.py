@@ -17,8 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("src", help="diffusers folder, or official .pth/.safetensors file")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--num-heads", type=positive_int, help="attention heads of an official file (default: by width)")
-    p.add_argument("--input-size", type=positive_int, help="latent side (32: 256 px, 64: 512 px, 128: 1024 px) of an official "
-                   "file without pos_embed, which is refused without it (default: the file's pos_embed says)")
+    p.add_argument("--input-size", type=positive_int,
+                   help="latent side (32: 256 px, 64: 512 px, 128: 1024 px) of an official file without pos_embed, "
+                   "which is refused without it (default: the file's pos_embed says)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what the model predicts (default: a diffusers folder's scheduler says; an official file: "
                    "epsilon, as PixArt-alpha)")
