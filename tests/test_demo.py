@@ -235,16 +235,18 @@ def test_the_shape_probe_names_a_folder_without_an_export(tmp_path):
                                                f"`pixart demo --out {tmp_path}` first"]
 
 
-def test_the_caption_experiment_scores_held_out_pairs_in_a_two_object_world(demo, tmp_path):
-    """tools/exp_captions.py on a world written with two-object scenes also scores every pair that world held out.
-    The smoke demo's world has one object per scene, so a copy of its record says otherwise (and holds out other
-    pairs than the demo's constant); the scores' values are the judge's (tested in test_eval_two_objects), here
-    only their presence and count."""
-    import shutil
+def test_the_caption_experiment_writes_a_two_object_world_and_scores_its_held_out_pairs(demo):
+    """tools/exp_captions.py --two-objects F writes the demo's 32 px world again with a share F of its scenes two
+    objects, beside the demo, and trains on it from the demo's reparameterized checkpoint; it then also scores every
+    pair that world held out. The scores' values are the judge's (tested in test_eval_two_objects), here their
+    presence and count, and that the world and the runs are the new ones, not the demo's."""
     import subprocess
     import sys
     from pathlib import Path
 
+    import yaml
+
+    from pixart.demo.pipeline import PAIR_HOLDOUT
     from pixart.eval.two_objects import held_out_pairs
 
     tools = Path(__file__).resolve().parents[1] / "tools"
@@ -253,25 +255,31 @@ def test_the_caption_experiment_scores_held_out_pairs_in_a_two_object_world(demo
         from stage2_runs import held_out_pair_world
     finally:
         sys.path.remove(str(tools))
-    assert held_out_pair_world(demo) is None and held_out_pair_world(tmp_path) is None  # one object; no record
+    assert held_out_pair_world(demo) is None  # the demo's own world: one object per scene
 
-    (tmp_path / "configs").mkdir()
-    shutil.copy(demo / "configs" / "stage2.yaml", tmp_path / "configs")  # its paths still name the demo's features
-    world = json.loads((demo / "data" / "shapes32" / "shapes.json").read_text())
-    world["config"] |= {"two_object_fraction": 0.3, "pair_holdout": 5}
-    (tmp_path / "data" / "shapes32").mkdir(parents=True)
-    (tmp_path / "data" / "shapes32" / "shapes.json").write_text(json.dumps(world))
-    run = subprocess.run([sys.executable, str(tools / "exp_captions.py"), "--demo", str(tmp_path), "--steps", "2"],
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(tools / "exp_captions.py"), "--demo", str(demo), "--two-objects", "0.5",
+                          "--steps", "2"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+    world = demo / "experiments" / "two-objects-0.5"
+    record = held_out_pair_world(world)  # None for a world of one object per scene
+    assert record and record["two_object_fraction"] == 0.5 and record["pair_holdout"] == PAIR_HOLDOUT
+    config = yaml.safe_load((world / "configs" / "stage2.yaml").read_text())
+    assert config["model"]["init"] == str(world / "runs" / "reparam" / "checkpoint")
+    assert config["data"]["shards"] == str(world / "features" / "sq32")
+    captions = (world / "data" / "captions32" / "shapes-000000.metadata.jsonl").read_text()
+    assert " two shapes" in captions  # the relabeling job described two-object scenes
     header, dense, sparse = [line for line in run.stdout.splitlines() if "%" in line or line.startswith("variant")]
     assert header.split()[-5:] == ["two:", "both", "right", "swapped", "missing"]
     assert dense.startswith("dense captions") and sparse.startswith("sparse alt-text")
     assert all(len(re.findall(r"\d+\.\d%", row)) == 6 for row in (dense, sparse))
-    for result in json.loads((tmp_path / "experiments" / "captions.json").read_text()):
+    for result in json.loads((world / "experiments" / "captions.json").read_text()):
         two = result["two_objects"]
-        assert two["prompts"] == len(held_out_pairs(5)) != len(held_out_pairs(8))
+        assert two["prompts"] == len(held_out_pairs(PAIR_HOLDOUT))
         assert all(0 <= two[k] <= 1 for k in ("both_right", "swapped", "missing"))
+    bad = subprocess.run([sys.executable, str(tools / "exp_captions.py"), "--demo", str(demo), "--two-objects", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("--two-objects 0.0: a share of the scenes, above 0 "
+                                                               "and at most 1")
 
 
 def test_the_t5_pretraining_corpus_describes_each_scene_twice():

@@ -3,13 +3,75 @@
 Stage 2 from the same reparameterized checkpoint, same steps and seed, trained once on the
 relabeling job's dense captions and once on the shapes world's `.txt` alt-text (sparse, noisy,
 web-like); both scored by the judge on the held-out prompts, and in a world with two-object scenes
-(`TWO_OBJECT_FRACTION` in pixart/demo/pipeline.py) on every held-out pair of objects too.
+on every held-out pair of objects too. `--two-objects F` writes such a world beside the demo's (its
+32 px world again with a share F of the scenes two objects, relabeled and encoded as the demo does,
+in DIR/experiments/two-objects-F/) and trains on it from the demo's reparameterized checkpoint.
 
     pixart demo --out demo_out                       # once: data, features, stage 1, reparam
     python tools/exp_captions.py --demo demo_out [--steps 600]
+    python tools/exp_captions.py --demo demo_out --two-objects 1.0 --steps 6000
 """
+import json
+import shutil
+from pathlib import Path
+
+import yaml
 from stage2_runs import main
+
+
+def two_object_world(demo: Path, fraction: float) -> Path:
+    """A folder with what stage 2 reads from `demo` (its T5, reparameterized checkpoint and stage-2 config), and
+    the demo's 32 px world written again with `fraction` of its scenes two objects (the held-out pairs never
+    drawn), relabeled and encoded. Each part is kept when a previous call made it."""
+    from data_pipelines.features import FeatureConfig, extract_features
+    from data_pipelines.relabel.captioner import CaptionerConfig
+    from data_pipelines.relabel.job import RelabelConfig, relabel
+    from data_pipelines.shapes import write_shapes
+    from pixart.checkpoint import read_json
+    from pixart.demo import pipeline as the_demo
+
+    made = read_json(demo / "demo.json")
+    out = demo / "experiments" / f"two-objects-{fraction}"
+    for part in ("parts/t5", "runs/reparam"):
+        if not (out / part).exists():
+            shutil.copytree(demo / part, out / part)
+    config = yaml.safe_load((demo / "configs" / "stage2.yaml").read_text())
+    config["model"]["init"] = str(out / "runs" / "reparam" / "checkpoint")
+    config["data"]["shards"] = str(out / "features" / "sq32")
+    (out / "configs").mkdir(exist_ok=True)
+    (out / "configs" / "stage2.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    data = out / "data"
+    write_shapes(data / "shapes32", max(64, int(the_demo.SQUARE_COUNT * made["scale"])), seed=made["seed"],
+                 resolution=32, shard_size=1000, workers=2, aspects=("1:1",), backgrounds=("plain",),
+                 damaged_fraction=0.0, max_objects=1, sizes=("large",), holdout=the_demo.HOLDOUT,
+                 background_levels=the_demo.BACKGROUND_LEVELS, two_object_fraction=fraction,
+                 pair_holdout=the_demo.PAIR_HOLDOUT)
+    for captioner in the_demo.CAPTIONERS:
+        relabel([str(data / "shapes32")], data / "captions32",
+                RelabelConfig(CaptionerConfig(captioner, seed=made["seed"]), decode_workers=2))
+    cfg = FeatureConfig(captions_dir=str(data / "captions32"), resolution=32,
+                        captions=(*the_demo.CAPTIONERS, "txt"), text_encoder=str(out / "parts" / "t5"),
+                        pixel_autoencoder=the_demo.PIXEL_FACTOR, pixel_lowpass=the_demo.PIXEL_LOWPASS,
+                        pixel_scale=the_demo.PIXEL_SCALE, max_length=the_demo.MAX_TOKENS, workers=2, device="cpu")
+    extract_features([str(data / "shapes32")], out / "features" / "sq32", cfg)
+    print(f"two-object world: {out} ({json.dumps(read_json(data / 'shapes32' / 'shapes.json')['config'])})")
+    return out
+
+
+def options(parser) -> None:
+    parser.add_argument("--two-objects", type=float, metavar="F",
+                        help="train on the demo's 32 px world written again with a share F (0 < F <= 1) of its "
+                        "scenes two objects, in DIR/experiments/two-objects-F/")
+
+
+def prepare(demo: Path, args) -> Path:
+    if args.two_objects is None:
+        return demo
+    if not 0 < args.two_objects <= 1:
+        raise SystemExit(f"--two-objects {args.two_objects}: a share of the scenes, above 0 and at most 1")
+    return two_object_world(demo, args.two_objects)
+
 
 if __name__ == "__main__":
     main(__doc__, "captions", lambda demo: [("dense captions (relabeled)", ["data.caption=metadata"]),
-                                            ("sparse alt-text (.txt)", ["data.caption=txt"])])
+                                            ("sparse alt-text (.txt)", ["data.caption=txt"])], options, prepare)

@@ -91,16 +91,20 @@ def reparam_arch(demo: Path) -> str:
     return "model.arch=" + yaml.safe_dump(arch, default_flow_style=True).strip()
 
 
-def main(doc: str, title: str, variants) -> None:
-    """The experiments' shared command line: `variants(demo)` gives [(name, --set list)], baseline first."""
+def main(doc: str, title: str, variants, options=None, prepare=None) -> None:
+    """The experiments' shared command line: `variants(demo)` gives [(name, --set list)], baseline first;
+    `options(parser)` adds a tool's flags and `prepare(demo, args)` gives the folder the variants train from."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default="demo_out", help="a finished `pixart demo` folder")
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps per variant (default: the demo's)")
+    if options:
+        options(p)
     a = p.parse_args()
     demo = Path(a.demo).resolve()
     if not (demo / "configs" / "stage2.yaml").is_file():  # what every variant trains from
         p.error(f"--demo {a.demo}: not a `pixart demo` folder (no configs/stage2.yaml)")
+    demo = prepare(demo, a) if prepare else demo
     out = demo / "experiments"
     report([run_variant(demo, out, name, sets, a.steps) for name, sets in variants(demo)], out, title)
