@@ -23,9 +23,7 @@ def two_object_world(demo: Path, fraction: float) -> Path:
     """A folder with what stage 2 reads from `demo` (its T5, reparameterized checkpoint and stage-2 config), and
     the demo's 32 px world written again with `fraction` of its scenes two objects (the held-out pairs never
     drawn), relabeled and encoded. Each part is kept when a previous call made it."""
-    from data_pipelines.features import FeatureConfig, extract_features
-    from data_pipelines.relabel.captioner import CaptionerConfig
-    from data_pipelines.relabel.job import RelabelConfig, relabel
+    from data_pipelines.features import extract_features
     from data_pipelines.shapes import write_shapes
     from pixart.checkpoint import read_json
     from pixart.demo import pipeline as the_demo
@@ -41,19 +39,11 @@ def two_object_world(demo: Path, fraction: float) -> Path:
     (out / "configs").mkdir(exist_ok=True)
     (out / "configs" / "stage2.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     data = out / "data"
-    write_shapes(data / "shapes32", max(64, int(the_demo.SQUARE_COUNT * made["scale"])), seed=made["seed"],
-                 resolution=32, shard_size=1000, workers=2, aspects=("1:1",), backgrounds=("plain",),
-                 damaged_fraction=0.0, max_objects=1, sizes=("large",), holdout=the_demo.HOLDOUT,
-                 background_levels=the_demo.BACKGROUND_LEVELS, two_object_fraction=fraction,
-                 pair_holdout=the_demo.PAIR_HOLDOUT)
-    for captioner in the_demo.CAPTIONERS:
-        relabel([str(data / "shapes32")], data / "captions32",
-                RelabelConfig(CaptionerConfig(captioner, seed=made["seed"]), decode_workers=2))
-    cfg = FeatureConfig(captions_dir=str(data / "captions32"), resolution=32,
-                        captions=(*the_demo.CAPTIONERS, "txt"), text_encoder=str(out / "parts" / "t5"),
-                        pixel_autoencoder=the_demo.PIXEL_FACTOR, pixel_lowpass=the_demo.PIXEL_LOWPASS,
-                        pixel_scale=the_demo.PIXEL_SCALE, max_length=the_demo.MAX_TOKENS, workers=2, device="cpu")
-    extract_features([str(data / "shapes32")], out / "features" / "sq32", cfg)
+    write_shapes(data / "shapes32", max(64, int(the_demo.SQUARE_COUNT * made["scale"])), seed=made["seed"], workers=2,
+                 **the_demo.SQUARE_WORLD, **the_demo.world_settings(fraction))
+    the_demo.relabel_world(data / "shapes32", data / "captions32", made["seed"])
+    extract_features([str(data / "shapes32")], out / "features" / "sq32",
+                     the_demo.feature_config(out / "parts" / "t5", data / "captions32", **the_demo.SQUARE_FEATURES))
     print(f"two-object world: {out} ({json.dumps(read_json(data / 'shapes32' / 'shapes.json')['config'])})")
     return out
 

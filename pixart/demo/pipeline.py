@@ -141,35 +141,25 @@ def claim(out: Path, seed: int, scale: float) -> bool:
 
 def make_data(out: Path, seed: int, scale: float) -> Path:
     """The two shapes worlds, their dense captions, aesthetic scores and features; returns the tiny T5's folder."""
-    import torch
     from tqdm import tqdm
 
     from data_pipelines.aesthetic import DEFAULT_THRESHOLD, ShapesScorer, score_shards
-    from data_pipelines.features import FeatureConfig, extract_features
-    from data_pipelines.relabel.captioner import CaptionerConfig
-    from data_pipelines.relabel.job import RelabelConfig, relabel
+    from data_pipelines.features import extract_features
     from data_pipelines.shapes import write_shapes
     from pixart.data.manifest import MANIFEST, Manifest
     from pixart.data.shards import resolve_shards
 
     d = out / "data"
     square, multi = max(64, int(SQUARE_COUNT * scale)), max(64, int(MULTI_COUNT * scale))
-    world = {"max_objects": 1, "sizes": ("large",), "holdout": HOLDOUT, "background_levels": BACKGROUND_LEVELS}
-    if TWO_OBJECT_FRACTION:
-        world.update(two_object_fraction=TWO_OBJECT_FRACTION, pair_holdout=PAIR_HOLDOUT)
+    world = world_settings()
     with step(f"shapes world: {square} clean square images at 32 px, {multi} multi-aspect at 64 px"):
         with tqdm(total=square + multi, unit="img", desc="shapes") as bar:
-            write_shapes(d / "shapes32", square, seed=seed, resolution=32, shard_size=1000, workers=2,
-                         progress=bar.update, aspects=("1:1",), backgrounds=("plain",), damaged_fraction=0.0,
+            write_shapes(d / "shapes32", square, seed=seed, workers=2, progress=bar.update, **SQUARE_WORLD, **world)
+            write_shapes(d / "shapes64", multi, seed=seed + 1, workers=2, progress=bar.update, **MULTI_WORLD,
                          **world)
-            write_shapes(d / "shapes64", multi, seed=seed + 1, resolution=64, shard_size=500, workers=2,
-                         progress=bar.update, **world)
     with step("relabel with dense captions and short, user-style ones (metadata, metadata-short captioners)"):
-        decode = min(8, os.cpu_count() or 1)
         for side in ("32", "64"):
-            for captioner in CAPTIONERS:
-                relabel([str(d / f"shapes{side}")], d / f"captions{side}",
-                        RelabelConfig(CaptionerConfig(captioner, seed=seed), decode_workers=decode))
+            relabel_world(d / f"shapes{side}", d / f"captions{side}", seed)
     with step("aesthetic scores of the 64 px world"):
         s = score_shards(resolve_shards([str(d / "shapes64")]), d / "scores64", ShapesScorer(),
                          DEFAULT_THRESHOLD["shapes"])
@@ -177,14 +167,9 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
     pretrained = ", span-corruption pretrained on captions" if T5_PRETRAIN_STEPS else ""
     with step(f"tiny T5 (seeded{pretrained}) and features: pixel autoencoder, dense, short and alt-text captions"):
         t5 = tiny_text_encoder(out / "parts" / "t5", seed, scale)
-        common = {"text_encoder": str(t5), "pixel_autoencoder": PIXEL_FACTOR, "pixel_lowpass": PIXEL_LOWPASS,
-                  "pixel_scale": PIXEL_SCALE,
-                  "max_length": MAX_TOKENS, "workers": 2, "device": "cuda" if torch.cuda.is_available() else "cpu"}
-        for shards, features, sizing in (
-                ("shapes32", "sq32", {"resolution": 32, "captions": (*CAPTIONERS, "txt")}),
-                ("shapes64", "ms64", {"buckets": str(FINAL_SIDE), "captions": CAPTIONERS})):
-            side = shards[-2:]
-            cfg = FeatureConfig(captions_dir=str(d / f"captions{side}"), **sizing, **common)
+        for shards, features, sizing in (("shapes32", "sq32", SQUARE_FEATURES),
+                                         ("shapes64", "ms64", {"buckets": str(FINAL_SIDE), "captions": CAPTIONERS})):
+            cfg = feature_config(t5, d / f"captions{shards[-2:]}", **sizing)
             cache = out / "features" / features
             moved = (cache / MANIFEST).is_file() and Manifest.load(cache).text_encoder != str(t5.resolve())
             if moved:  # the cache names the T5 where the folder was: encoded again, not refused
@@ -193,6 +178,46 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
             ex = extract_features([str(d / shards)], cache, cfg, overwrite=moved)
             print(f"   {ex.describe(cache)}")
     return t5
+
+
+# The 32 px world stage 2 trains on (clean squares) and the 64 px one of stage 3 (aspect ratios, half damaged), as
+# `write_shapes` settings besides `world_settings`; the square world's features keep its alt-text too.
+SQUARE_WORLD = {"resolution": 32, "shard_size": 1000, "aspects": ("1:1",), "backgrounds": ("plain",),
+                "damaged_fraction": 0.0}
+MULTI_WORLD = {"resolution": 64, "shard_size": 500}
+SQUARE_FEATURES = {"resolution": 32, "captions": (*CAPTIONERS, "txt")}
+
+
+def world_settings(two_object_fraction: float | None = None) -> dict:
+    """`write_shapes` settings both worlds share: one large object per scene on mid-gray, 1 in 8 triples held out;
+    a share of the scenes two objects (`two_object_fraction`, else TWO_OBJECT_FRACTION), the held-out pairs never
+    drawn."""
+    fraction = TWO_OBJECT_FRACTION if two_object_fraction is None else two_object_fraction
+    world = {"max_objects": 1, "sizes": ("large",), "holdout": HOLDOUT, "background_levels": BACKGROUND_LEVELS}
+    if fraction:
+        world.update(two_object_fraction=fraction, pair_holdout=PAIR_HOLDOUT)
+    return world
+
+
+def relabel_world(shards: Path, captions: Path, seed: int) -> None:
+    """Dense captions and short, user-style ones of every image in `shards`, into `captions`."""
+    from data_pipelines.relabel.captioner import CaptionerConfig
+    from data_pipelines.relabel.job import RelabelConfig, relabel
+
+    for captioner in CAPTIONERS:
+        relabel([str(shards)], captions,
+                RelabelConfig(CaptionerConfig(captioner, seed=seed), decode_workers=min(8, os.cpu_count() or 1)))
+
+
+def feature_config(t5: Path, captions_dir: Path, **sizing):
+    """How the demo encodes a world: the pixel autoencoder, and the tiny T5 on the captions in `captions_dir`."""
+    import torch
+
+    from data_pipelines.features import FeatureConfig
+
+    return FeatureConfig(captions_dir=str(captions_dir), text_encoder=str(t5), pixel_autoencoder=PIXEL_FACTOR,
+                         pixel_lowpass=PIXEL_LOWPASS, pixel_scale=PIXEL_SCALE, max_length=MAX_TOKENS, workers=2,
+                         device="cuda" if torch.cuda.is_available() else "cpu", **sizing)
 
 
 def pixel_autoencoder():
