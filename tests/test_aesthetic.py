@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from tolerance import approx, reordered
 
-from data_pipelines.aesthetic import LaionScorer, aesthetic_head
+from data_pipelines.aesthetic import BACKGROUND_APPEAL, LaionScorer, aesthetic_head
 from data_pipelines.shapes import write_shapes
 from pixart.errors import PixArtError
 
@@ -56,8 +56,9 @@ def test_shapes_scores_are_the_metadata_and_kept_fraction_matches(tmp_path, shap
     assert names == [".done", "aesthetic-summary.json"] + [f"shapes-00000{i}.aesthetic.jsonl" for i in range(3)]
     import webdataset as wds
 
-    truth = {s["__key__"]: json.loads(s["json"])["aesthetic"]
+    metas = {s["__key__"]: json.loads(s["json"])
              for s in wds.WebDataset(str(shapes / "shapes-{000000..000002}.tar"), shardshuffle=False)}
+    truth = {k: round(m["aesthetic"] * BACKGROUND_APPEAL[m["background"]], 3) for k, m in metas.items()}
     rows = [r for i in range(3) for r in sidecar(tmp_path / "s" / f"shapes-00000{i}.aesthetic.jsonl")]
     assert all(set(r) == {"__key__", "score"} for r in rows)
     assert {r["__key__"]: r["score"] for r in rows} == truth and len(rows) == 60
@@ -66,6 +67,22 @@ def test_shapes_scores_are_the_metadata_and_kept_fraction_matches(tmp_path, shap
     assert summary["kept"] == kept and summary["samples"] == 60 and summary["skipped"] == 0
     assert summary["kept_fraction"] == pytest.approx(kept / 60) and 0 < kept < 60
     assert f"kept {kept} ({kept / 60:.1%})" in capsys.readouterr().out
+
+
+def test_the_demos_stage_3_cut_keeps_clean_scenes_on_plain_backgrounds(tmp_path, shapes):
+    """The demo's stage 3 keeps scores of at least 0.99: clean renders on a plain background, no damaged scene and
+    no gradient or texture behind the object, however clean its render."""
+    import webdataset as wds
+
+    assert run_cli(shapes, "--out", tmp_path / "s") == 0
+    scores = {r["__key__"]: r["score"]
+              for i in range(3) for r in sidecar(tmp_path / "s" / f"shapes-00000{i}.aesthetic.jsonl")}
+    metas = {s["__key__"]: json.loads(s["json"])
+             for s in wds.WebDataset(str(shapes / "shapes-{000000..000002}.tar"), shardshuffle=False)}
+    plain_and_clean = {k for k, m in metas.items() if m["quality"] == "clean" and m["background"] == "plain"}
+    assert {k for k, v in scores.items() if v >= 0.99} == plain_and_clean and plain_and_clean
+    busy_and_clean = {k for k, m in metas.items() if m["quality"] == "clean" and m["background"] != "plain"}
+    assert busy_and_clean and all(0.5 < scores[k] < 0.99 for k in busy_and_clean)
 
 
 def _shard(path, samples):

@@ -59,3 +59,31 @@ def test_strict_position_needs_exactly_the_prompted_object():
     spec = {k: scene["objects"][0][k] for k in ("shape", "color", "position", "size")}
     s = score_heldout(judge, [image], [spec])
     assert s["position_any"] == 1.0 and s["position"] == 0.0
+
+
+def test_background_noise_is_zero_on_the_worlds_plain_renders_and_the_added_noise_on_noisy_ones():
+    """The world's renderer is the reference for a plain background: flat, so 0. Gaussian noise of std 6 added to
+    it reads as 6; the world's gradients and textures, which a prompt for a plain background should not get,
+    read higher, textures the most."""
+    from PIL import Image
+
+    from pixart.eval.heldout import background_noise, far_cells
+
+    assert far_cells("top left") == ["top right", "right", "bottom left", "bottom", "bottom right"]
+    assert far_cells("top") == ["bottom left", "bottom", "bottom right"]
+    assert far_cells("center") == ["top left", "top right", "bottom left", "bottom right"]
+
+    def renders(background: str) -> tuple[list, list[dict]]:
+        cfg = ShapesConfig(resolution=64, max_objects=1, damaged_fraction=0.0, aspects=("1:1",),
+                           backgrounds=(background,), sizes=("large",), background_levels=(104.0, 152.0))
+        drawn = [render_scene(seed, cfg) for seed in range(12)]
+        return [image for image, _ in drawn], [scene["objects"][0] for _, scene in drawn]
+
+    plain, specs = renders("plain")
+    assert background_noise(plain, specs) == 0.0
+    rng = np.random.default_rng(0)
+    noisy = [Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) + rng.normal(0, 6, (64, 64, 3)), 0, 255)
+                             .round().astype(np.uint8)) for im in plain]
+    assert abs(background_noise(noisy, specs) - 6.0) < 0.3
+    gradient, texture = background_noise(*renders("gradient")), background_noise(*renders("texture"))
+    assert 1.0 < gradient < texture

@@ -141,7 +141,8 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
     h = metrics["heldout"]
     again = " (this run's alone: it resumed a folder an earlier run started)" if metrics["resumed"] else ""
     print(f"held-out ({h['prompts']} prompts never seen in training): color {h['color']:.1%}, "
-          f"position {h['position']:.1%}, shape {h['shape']:.1%}; judge's own accuracy "
+          f"position {h['position']:.1%}, shape {h['shape']:.1%}, background noise {h['background']:.1f} of 255 "
+          f"(a plain render: 0); judge's own accuracy "
           f"{metrics['judge_self_accuracy']}; {metrics['seconds']:.0f} s{again} on a CPU doing "
           f"{metrics['machine']['fp32_matmul_gflops']:.0f} fp32 GFLOP/s")
     ph, two = metrics["heldout_phrasings"]["mean"], metrics["two_objects"]

@@ -6,7 +6,7 @@
  3. scores aesthetics and extracts features: a tiny T5 (real T5 classes, seeded, with a
     `tokenizers` tokenizer) and a pixel-space autoencoder;
  4-7. launches configs/demo/recipe.yaml: stage 1 class-conditional DiT -> reparameterize ->
-    stage 2 alignment -> stage 3 at 64 px with aspect buckets on the clean (high-aesthetic) half, then
+    stage 2 alignment -> stage 3 at 64 px with aspect buckets on the high-aesthetic sixth (clean, plain), then
  8. distills stage 3 into a one-step student (DMD, `pixart distill` as a recipe step);
  9. exports both to diffusers (DIR/export and DIR/export-dmd, PixArtAlphaPipeline folders without VAE);
 10. personalizes stage 3 with a concept it cannot draw (Perfusion, `pixart personalize`): DIR/concepts/zorb.safetensors;

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from data_pipelines.relabel.metadata import describe
-from data_pipelines.shapes import COLORS, POSITIONS, SHAPES, held_out
+from data_pipelines.shapes import COLORS, POSITIONS, SHAPES, cell_box, held_out
 from pixart.data.loader_samples import stable_seed
 
 
@@ -45,10 +47,31 @@ def spread(specs: list[dict], n: int) -> list[dict]:
     return [specs[round(i * (len(specs) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
+def far_cells(position: str) -> list[str]:
+    """The grid cells that neither hold nor touch `position`'s cell (the four corners for the center)."""
+    r, c = divmod(POSITIONS.index(position), 3)
+    far = [p for i, p in enumerate(POSITIONS) if max(abs(i // 3 - r), abs(i % 3 - c)) >= 2]
+    return far or ["top left", "top right", "bottom left", "bottom right"]
+
+
+def background_noise(images, specs: list[dict]) -> float:
+    """How far a plain background is from flat: the median over the images of the pixels' standard deviation
+    (0-255, the mean of the three channels) in the cells away from the prompted object. A plain render is 0;
+    the world's textures are 5-20."""
+    noise = []
+    for image, spec in zip(images, specs, strict=True):
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        boxes = [cell_box(image.width, image.height, cell) for cell in far_cells(spec["position"])]
+        background = np.concatenate([pixels[y0:y1, x0:x1].reshape(-1, 3) for x0, y0, x1, y1 in boxes])
+        noise.append(float(background.std(axis=0).mean()))
+    return float(np.median(noise))
+
+
 def score_heldout(judge, images, specs: list[dict]) -> dict:
     """The judge's per-attribute accuracies of one-object prompts, with `position` made strict: the
     image holds exactly one object and it is in the prompted cell (the judge's own position rule, a
-    detection in that cell, is `position_any`: noise with colored specks everywhere passes it)."""
+    detection in that cell, is `position_any`: noise with colored specks everywhere passes it). `background`:
+    `background_noise`, the prompts asking for a plain one."""
     from pixart.eval.judge import match
 
     scores = judge.score(images, [[s] for s in specs])
@@ -58,5 +81,5 @@ def score_heldout(judge, images, specs: list[dict]) -> dict:
         strict.append(bool(hits["position"] and hits["position"][0] and hits["count"][0]))
     return {"color": scores["color"], "position": sum(strict) / len(strict), "shape": scores["shape"],
             "position_any": scores["position"], "count": scores["count"], "object": scores["object"],
-            "prompts": len(specs), "judged": scores["judged"]}
+            "background": background_noise(images, specs), "prompts": len(specs), "judged": scores["judged"]}
 
