@@ -264,7 +264,7 @@ def test_the_caption_experiment_writes_a_two_object_world_and_scores_its_held_ou
     record = held_out_pair_world(world)  # None for a world of one object per scene
     assert record and record["two_object_fraction"] == 0.5 and record["pair_holdout"] == PAIR_HOLDOUT
     config = yaml.safe_load((world / "configs" / "stage2.yaml").read_text())
-    assert config["model"]["init"] == str(world / "runs" / "reparam" / "checkpoint")
+    assert config["model"]["init"] == str(demo / "runs" / "reparam" / "checkpoint")
     assert config["data"]["shards"] == str(world / "features" / "sq32")
     captions = (world / "data" / "captions32" / "shapes-000000.metadata.jsonl").read_text()
     assert " two shapes" in captions  # the relabeling job described two-object scenes

@@ -12,7 +12,6 @@ in DIR/experiments/two-objects-F/) and trains on it from the demo's reparameteri
     python tools/exp_captions.py --demo demo_out --two-objects 1.0 --steps 6000
 """
 import json
-import shutil
 from pathlib import Path
 
 import yaml
@@ -20,9 +19,9 @@ from stage2_runs import main
 
 
 def two_object_world(demo: Path, fraction: float) -> Path:
-    """A folder with what stage 2 reads from `demo` (its T5, reparameterized checkpoint and stage-2 config), and
-    the demo's 32 px world written again with `fraction` of its scenes two objects (the held-out pairs never
-    drawn), relabeled and encoded. Each part is kept when a previous call made it."""
+    """A folder with the demo's stage-2 config and its 32 px world written again with `fraction` of its scenes two
+    objects (the held-out pairs never drawn), relabeled and encoded with the demo's T5; stage 2 starts from the
+    demo's reparameterized checkpoint."""
     from data_pipelines.features import extract_features
     from data_pipelines.shapes import write_shapes
     from pixart.checkpoint import read_json
@@ -30,20 +29,16 @@ def two_object_world(demo: Path, fraction: float) -> Path:
 
     made = read_json(demo / "demo.json")
     out = demo / "experiments" / f"two-objects-{fraction}"
-    for part in ("parts/t5", "runs/reparam"):
-        if not (out / part).exists():
-            shutil.copytree(demo / part, out / part)
     config = yaml.safe_load((demo / "configs" / "stage2.yaml").read_text())
-    config["model"]["init"] = str(out / "runs" / "reparam" / "checkpoint")
     config["data"]["shards"] = str(out / "features" / "sq32")
-    (out / "configs").mkdir(exist_ok=True)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / "stage2.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     data = out / "data"
     write_shapes(data / "shapes32", max(64, int(the_demo.SQUARE_COUNT * made["scale"])), seed=made["seed"], workers=2,
                  **the_demo.SQUARE_WORLD, **the_demo.world_settings(fraction))
     the_demo.relabel_world(data / "shapes32", data / "captions32", made["seed"])
     extract_features([str(data / "shapes32")], out / "features" / "sq32",
-                     the_demo.feature_config(out / "parts" / "t5", data / "captions32", **the_demo.SQUARE_FEATURES))
+                     the_demo.feature_config(demo / "parts" / "t5", data / "captions32", **the_demo.SQUARE_FEATURES))
     print(f"two-object world: {out} ({json.dumps(read_json(data / 'shapes32' / 'shapes.json')['config'])})")
     return out
 
