@@ -7,7 +7,7 @@ out, counted by reason and reported. A shard of which nothing could be read (mis
 threshold is counted from the sidecars without scoring again. Two scorers:
 
 - `shapes`: the shapes world's own `aesthetic` from the sample's `.json` (1 clean, lower damaged), marked down
-  for a busy background (`BACKGROUND_APPEAL`), as a human rater or LAION's predictor prefers a plain one;
+  for a busy background (`BACKGROUND_APPEAL`): the world's own rule of what looks best;
 - `laion`: LAION's improved aesthetic predictor: an MLP on the L2-normalised CLIP image
   embedding (ViT-L/14 in the original, 768-d; the head's input follows the CLIP model's
   projection dim). Scores are about 1-10, 5 and up is the usual "aesthetic" cut.
@@ -39,7 +39,8 @@ NO_AESTHETIC = "json has no 'aesthetic'"  # a shard of another dataset, when non
 
 
 def _shapes_score(sample: dict) -> float | str:
-    """The sample's `aesthetic` times its background's appeal, or why it has none."""
+    """The sample's `aesthetic` times its background's appeal (1 when the json names no background), or why it
+    has none."""
     if "json" not in sample:
         return "no json"
     try:
@@ -48,8 +49,11 @@ def _shapes_score(sample: dict) -> float | str:
         return "bad json"
     if not isinstance(meta, dict) or "aesthetic" not in meta:
         return NO_AESTHETIC
+    background = meta.get("background")
+    if background is not None and (not isinstance(background, str) or background not in BACKGROUND_APPEAL):
+        return f"unknown background {background!r}"
     try:
-        return round(float(meta["aesthetic"]) * BACKGROUND_APPEAL.get(meta.get("background"), 1.0), 3)
+        return float(meta["aesthetic"]) * BACKGROUND_APPEAL.get(background, 1.0)
     except (TypeError, ValueError):
         return "'aesthetic' is not a number"
 

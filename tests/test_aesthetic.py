@@ -58,7 +58,7 @@ def test_shapes_scores_are_the_metadata_and_kept_fraction_matches(tmp_path, shap
 
     metas = {s["__key__"]: json.loads(s["json"])
              for s in wds.WebDataset(str(shapes / "shapes-{000000..000002}.tar"), shardshuffle=False)}
-    truth = {k: round(m["aesthetic"] * BACKGROUND_APPEAL[m["background"]], 3) for k, m in metas.items()}
+    truth = {k: round(m["aesthetic"] * BACKGROUND_APPEAL[m["background"]], 6) for k, m in metas.items()}  # as stored
     rows = [r for i in range(3) for r in sidecar(tmp_path / "s" / f"shapes-00000{i}.aesthetic.jsonl")]
     assert all(set(r) == {"__key__", "score"} for r in rows)
     assert {r["__key__"]: r["score"] for r in rows} == truth and len(rows) == 60
@@ -74,6 +74,9 @@ def test_the_demos_stage_3_cut_keeps_clean_scenes_on_plain_backgrounds(tmp_path,
     no gradient or texture behind the object, however clean its render."""
     import webdataset as wds
 
+    from data_pipelines.shapes import BACKGROUNDS
+
+    assert set(BACKGROUND_APPEAL) == set(BACKGROUNDS)  # every background the world draws has its appeal
     assert run_cli(shapes, "--out", tmp_path / "s") == 0
     scores = {r["__key__"]: r["score"]
               for i in range(3) for r in sidecar(tmp_path / "s" / f"shapes-00000{i}.aesthetic.jsonl")}
@@ -140,18 +143,19 @@ def test_head_must_match_the_clip_projection(tmp_path, clip):
 def test_unreadable_metadata_and_broken_shards_are_counted(tmp_path, shapes, capsys):
     _shard(tmp_path / "odd-000000.tar", [
         {"__key__": "x", "json": b'{"aesthetic": 0.9}'}, {"__key__": "y", "json": b"{broken"},
-        {"__key__": "z", "png": _png(2)}])
+        {"__key__": "z", "png": _png(2)}, {"__key__": "w", "json": b'{"aesthetic": 1.0, "background": "noise"}'}])
     data = (shapes / "shapes-000000.tar").read_bytes()
     (tmp_path / "cut-000000.tar").write_bytes(data[: len(data) // 2 + 100])  # mid-member, as a killed copy
     # 1: a shard is left for a rerun to retry
     assert run_cli(tmp_path / "odd-000000.tar", tmp_path / "cut-000000.tar", "--out", tmp_path / "o") == 1
     assert sidecar(tmp_path / "o" / "odd-000000.aesthetic.jsonl") == [{"__key__": "x", "score": 0.9}]
     summary = json.loads((tmp_path / "o" / "aesthetic-summary.json").read_text())
-    assert summary["shards"]["odd-000000"]["skipped"] == 2
-    assert summary["shards"]["odd-000000"]["skipped_reasons"] == {"bad json": 1, "no json": 1}
+    assert summary["shards"]["odd-000000"]["skipped"] == 3
+    assert summary["shards"]["odd-000000"]["skipped_reasons"] == {"bad json": 1, "no json": 1,
+                                                                  "unknown background 'noise'": 1}
     assert summary["shards"]["cut-000000"]["error"] and 0 < summary["shards"]["cut-000000"]["samples"] < 25
     out = capsys.readouterr().out
-    assert "2 skipped (1: bad json; 1: no json);" in out
+    assert "3 skipped (1: bad json; 1: no json; 1: unknown background 'noise');" in out
     assert out.rstrip().endswith("shards damaged: cut-000000; rerun to retry")
 
 
@@ -217,6 +221,11 @@ def test_a_rerun_skips_finished_shards_and_counts_a_new_threshold_from_their_sid
     (tmp_path / "o" / ".done" / "shapes-000002.aesthetic.json").write_text('{"inp')  # a torn record: again
     assert run_cli(src, "--out", tmp_path / "o") == 0
     assert "60 samples scored in 3 shards (1 of them by an earlier run)" in capsys.readouterr().out
+
+    # another rule for backgrounds: every shard is scored again, none reused
+    monkeypatch.setattr(aesthetic.ShapesScorer, "identity", {"scorer": "shapes", "background_appeal": {"plain": 1.0}})
+    assert run_cli(src, "--out", tmp_path / "o") == 0
+    assert "60 samples scored in 3 shards, 0 skipped;" in capsys.readouterr().out
 
 
 class _Fixed:

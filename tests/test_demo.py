@@ -24,6 +24,7 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     for k in ("color", "position", "shape", "position_any", "count"):
         assert 0.0 <= m["heldout"][k] <= 1.0
     assert m["heldout"]["prompts"] == 9 and m["resolution"] == 64
+    assert 0.0 <= m["heldout"]["background"] <= 255.0 and 0.0 <= m["dmd"]["heldout"]["background"] <= 255.0
     assert set(m["judge_self_accuracy"]) == {"color", "position", "shape"}
     phrasings = m["heldout_phrasings"]
     assert len(phrasings["kinds"]) >= 6 and phrasings["prompts"] == 3 * len(phrasings["kinds"])
@@ -280,6 +281,16 @@ def test_the_caption_experiment_writes_a_two_object_world_and_scores_its_held_ou
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().endswith("--two-objects 0.0: a share of the scenes, above 0 "
                                                                "and at most 1")
+
+
+def test_the_demos_aesthetic_summary_counts_the_scenes_stage_3_and_dmd_keep():
+    import yaml
+
+    from pixart.demo.pipeline import STAGE3_MIN_SCORE
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "demo"
+    for name in ("stage3.yaml", "dmd.yaml"):
+        assert yaml.safe_load((configs / name).read_text())["data"]["min_score"] == STAGE3_MIN_SCORE, name
 
 
 def test_the_t5_pretraining_corpus_describes_each_scene_twice():

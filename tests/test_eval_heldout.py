@@ -1,7 +1,7 @@
 """Held-out prompts: the triples the world never draws, phrased like training captions, scored strictly."""
 import numpy as np
 
-from data_pipelines.shapes import ShapesConfig, held_out, render_scene, sample_scene
+from data_pipelines.shapes import POSITIONS, ShapesConfig, held_out, render_scene, sample_scene
 from pixart.eval.heldout import heldout_specs, prompt_for, score_heldout, seen_specs, spread
 from pixart.eval.judge import Judge
 
@@ -73,17 +73,21 @@ def test_background_noise_is_zero_on_the_worlds_plain_renders_and_the_added_nois
     assert far_cells("top") == ["bottom left", "bottom", "bottom right"]
     assert far_cells("center") == ["top left", "top right", "bottom left", "bottom right"]
 
-    def renders(background: str) -> tuple[list, list[dict]]:
-        cfg = ShapesConfig(resolution=64, max_objects=1, damaged_fraction=0.0, aspects=("1:1",),
+    def renders(background: str, aspect: str = "1:1", count: int = 12) -> tuple[list, list[dict]]:
+        cfg = ShapesConfig(resolution=64, max_objects=1, damaged_fraction=0.0, aspects=(aspect,),
                            backgrounds=(background,), sizes=("large",), background_levels=(104.0, 152.0))
-        drawn = [render_scene(seed, cfg) for seed in range(12)]
+        drawn = [render_scene(seed, cfg) for seed in range(count)]
         return [image for image, _ in drawn], [scene["objects"][0] for _, scene in drawn]
 
+    for aspect in ("1:1", "16:9", "3:4"):  # every image alone, an object in each of the 9 cells
+        plain, specs = renders("plain", aspect, 60)
+        assert {s["position"] for s in specs} == set(POSITIONS)
+        assert all(background_noise([image], [spec]) == 0.0 for image, spec in zip(plain, specs, strict=True))
     plain, specs = renders("plain")
-    assert background_noise(plain, specs) == 0.0
     rng = np.random.default_rng(0)
     noisy = [Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) + rng.normal(0, 6, (64, 64, 3)), 0, 255)
                              .round().astype(np.uint8)) for im in plain]
     assert abs(background_noise(noisy, specs) - 6.0) < 0.3
-    gradient, texture = background_noise(*renders("gradient")), background_noise(*renders("texture"))
-    assert 1.0 < gradient < texture
+    gradient = background_noise(*renders("gradient", count=100))
+    texture = background_noise(*renders("texture", count=100))
+    assert 1.0 < gradient < 5.0 < 10.0 < texture

@@ -38,6 +38,7 @@ TWO_OBJECT_FRACTION, PAIR_HOLDOUT = 0.0, 8
 CAPTIONERS = ("metadata", "metadata-short")  # dense captions, and short ones as users write (stages 2-3 mix them)
 PHRASING_SPECS, TWO_OBJECT_PROMPTS = 18, 36  # held-out triples worded each user way; held-out pairs
 SQUARE_COUNT, MULTI_COUNT = 8000, 3000  # images of the 32 px square world and the 64 px multi-aspect world
+STAGE3_MIN_SCORE = 0.99  # configs/demo/stage3.yaml's and dmd.yaml's data.min_score: the scenes they train on
 # Captions are at most 53 tiny-T5 tokens. The null caption (every token valid) has the model's caption length, and
 # a batch with one dropped caption pads every caption to it: at 200 tokens for 16 image tokens, the caption path
 # was two thirds of the model's FLOPs; at 64, a third.
@@ -143,7 +144,7 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
     """The two shapes worlds, their dense captions, aesthetic scores and features; returns the tiny T5's folder."""
     from tqdm import tqdm
 
-    from data_pipelines.aesthetic import DEFAULT_THRESHOLD, ShapesScorer, score_shards
+    from data_pipelines.aesthetic import ShapesScorer, score_shards
     from data_pipelines.features import extract_features
     from data_pipelines.shapes import write_shapes
     from pixart.data.manifest import MANIFEST, Manifest
@@ -161,9 +162,8 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
         for side in ("32", "64"):
             relabel_world(d / f"shapes{side}", d / f"captions{side}", seed)
     with step("aesthetic scores of the 64 px world"):
-        s = score_shards(resolve_shards([str(d / "shapes64")]), d / "scores64", ShapesScorer(),
-                         DEFAULT_THRESHOLD["shapes"])
-        print(f"   kept {s.kept} of {s.samples} ({s.kept_fraction:.1%})")
+        s = score_shards(resolve_shards([str(d / "shapes64")]), d / "scores64", ShapesScorer(), STAGE3_MIN_SCORE)
+        print(f"   stage 3 keeps {s.kept} of {s.samples} ({s.kept_fraction:.1%}): clean scenes on plain backgrounds")
     pretrained = ", span-corruption pretrained on captions" if T5_PRETRAIN_STEPS else ""
     with step(f"tiny T5 (seeded{pretrained}) and features: pixel autoencoder, dense, short and alt-text captions"):
         t5 = tiny_text_encoder(out / "parts" / "t5", seed, scale)
