@@ -25,6 +25,8 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
         assert 0.0 <= m["heldout"][k] <= 1.0
     assert m["heldout"]["prompts"] == 9 and m["resolution"] == 64
     assert 0.0 <= m["heldout"]["background"] <= 255.0 and 0.0 <= m["dmd"]["heldout"]["background"] <= 255.0
+    assert list(m["phases"]) == ["data", "training", "personalize", "export", "evaluate"]
+    assert all(s > 0 for s in m["phases"].values()) and abs(sum(m["phases"].values()) - m["seconds"]) < 0.5
     assert set(m["judge_self_accuracy"]) == {"color", "position", "shape"}
     phrasings = m["heldout_phrasings"]
     assert len(phrasings["kinds"]) >= 6 and phrasings["prompts"] == 3 * len(phrasings["kinds"])

@@ -144,7 +144,8 @@ def report(out: Path, outputs: dict, metrics: dict) -> None:
           f"position {h['position']:.1%}, shape {h['shape']:.1%}, background noise {h['background']:.1f} of 255 "
           f"(a plain render: 0); judge's own accuracy "
           f"{metrics['judge_self_accuracy']}; {metrics['seconds']:.0f} s{again} on a CPU doing "
-          f"{metrics['machine']['fp32_matmul_gflops']:.0f} fp32 GFLOP/s")
+          f"{metrics['machine']['fp32_matmul_gflops']:.0f} fp32 GFLOP/s ("
+          + ", ".join(f"{name} {s:.0f} s" for name, s in metrics["phases"].items()) + ")")
     ph, two = metrics["heldout_phrasings"]["mean"], metrics["two_objects"]
     print(f"held-out triples in user phrasings ({len(metrics['heldout_phrasings']['kinds'])} kinds): color "
           f"{ph['color']:.1%}, position {ph['position']:.1%}; two objects never paired in training: both right "

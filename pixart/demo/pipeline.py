@@ -63,6 +63,7 @@ SAMPLE_STEPS, CFG_SCALE = 20, 1.5
 BACKGROUND_LEVELS = (104.0, 152.0)
 FINAL_SIDE = 64  # px: stage 3's resolution, at which the held-out prompts are drawn and judged
 RECORD = "demo.json"  # DIR's --seed and --scale
+PHASES = ("data", "training", "personalize", "export", "evaluate")  # the report's `phases`: seconds of each
 
 
 def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
@@ -85,18 +86,24 @@ def run_demo(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
     try:
         resumed = claim(out, seed, scale)
         machine = machine_reference()
-        start = time.time()
+        marks = [time.time()]  # where the time goes: one mark after each phase
         t5 = make_data(out, seed, scale)
+        marks.append(time.time())
         recipe = write_configs(out, seed, scale, machine["fp32_matmul_gflops"] / 1000)
         with step("staged training: stage 1 DiT -> reparameterize -> stage 2 -> stage 3 -> DMD one-step student"):
             outputs = launch(recipe, out / "runs")
+        marks.append(time.time())
         concept = personalize(out, outputs["stage3"], seed, scale)
+        marks.append(time.time())
         with step("export stage 3 (with the concept's covariance) and the one-step student to diffusers"):
             parts = PipelineParts(str(t5), str(t5), None)
             export_checkpoint(outputs["stage3"], out / "export", parts, overwrite=True)
             export_checkpoint(outputs["dmd"], out / "export-dmd", parts, overwrite=True)
+        marks.append(time.time())
         metrics = evaluate(out, seed, scale, concept)
-        metrics["seconds"] = round(time.time() - start, 1)
+        marks.append(time.time())
+        metrics["seconds"] = round(marks[-1] - marks[0], 1)
+        metrics["phases"] = {name: round(marks[i + 1] - marks[i], 1) for i, name in enumerate(PHASES)}
         metrics["resumed"] = resumed
         metrics["machine"] = machine
         report(out, outputs, metrics)
