@@ -8,7 +8,7 @@ from pixart.data.buckets import (
     ASPECT_RATIO_256,
     ASPECT_RATIO_512,
     ASPECT_RATIO_1024,
-    bucket_side,
+    bucket_spec,
     nearest_bucket,
     resize_crop,
     scaled_table,
@@ -87,11 +87,15 @@ def test_resize_crop_makes_the_pixels_pixarts_transforms_make():
 
 def test_bucket_table_names_and_typos():
     """PixArt-alpha names its tables ASPECT_RATIO_256, _512 and _1024 (diffusion/data/datasets/utils.py); a side of
-    ours is ms<side> or <side>. A typo is refused rather than read as another side."""
-    assert [bucket_side(n) for n in ("ASPECT_RATIO_512", "ms512", "512", " Ms64 ")] == [512, 512, 512, 64]
+    ours is ms<side> or <side>, and <side>/24 for sizes in multiples of 24. A typo is refused rather than read as
+    another side."""
+    assert [bucket_spec(n) for n in ("ASPECT_RATIO_512", "ms512", "512", " Ms64 ", "72/24", "ms72/24", "64/16")] == [
+        (512, 16), (512, 16), (512, 16), (64, 16), (72, 24), (72, 24), (64, 16)]
     with pytest.raises(PixArtError, match=r"--buckets 'ASPECT_RATIO_51': PixArt's tables are ASPECT_RATIO_256, _512 "
                                           r"and _1024; for another side use ms<side>"):
-        bucket_side("ASPECT_RATIO_51")
-    for typo in ("ms65", "8", "foo", "ms"):
+        bucket_spec("ASPECT_RATIO_51")
+    with pytest.raises(PixArtError, match=r"--buckets 'ASPECT_RATIO_512/24': PixArt's tables are"):
+        bucket_spec("ASPECT_RATIO_512/24")
+    for typo in ("ms65", "8", "foo", "ms", "72", "64/24", "72/8"):
         with pytest.raises(PixArtError, match=rf"--buckets '{typo}': unknown bucket table; .*multiple of 16"):
-            bucket_side(typo)
+            bucket_spec(typo)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from pixart.checkpoint import load_config, load_student
 from pixart.cli.main import main
+from pixart.demo.pipeline import FINAL_SIDE as S
 from pixart.train.config import TrainConfig
 
 
@@ -23,7 +24,7 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     m = json.loads((demo / "report" / "metrics.json").read_text())
     for k in ("color", "position", "shape", "position_any", "count"):
         assert 0.0 <= m["heldout"][k] <= 1.0
-    assert m["heldout"]["prompts"] == 9 and m["resolution"] == 64
+    assert m["heldout"]["prompts"] == 9 and m["resolution"] == S
     assert 0.0 <= m["heldout"]["background"] <= 255.0 and 0.0 <= m["dmd"]["heldout"]["background"] <= 255.0
     assert list(m["phases"]) == ["data", "training", "personalize", "export", "evaluate"]
     assert all(s > 0 for s in m["phases"].values()) and abs(sum(m["phases"].values()) - m["seconds"]) < 0.5
@@ -38,16 +39,16 @@ def test_demo_writes_metrics_grids_curves_and_stage_configs(demo):
     for png in ("heldout", "heldout_phrasings", "two_objects", "stage1", "stage2", "stage3", "loss", "dmd", "dmd_loss",
                 "perfusion", "perfusion_loss"):
         assert Image.open(demo / "report" / f"{png}.png").size[0] > 0
-    assert Image.open(demo / "report" / "heldout.png").size == (9 * 64 * 2, 64 * 2)
-    assert Image.open(demo / "report" / "stage3.png").size[0] == 2 * 64 * 2  # two columns at stage 3's own 64 px
+    assert Image.open(demo / "report" / "heldout.png").size == (9 * S * 2, S * 2)
+    assert Image.open(demo / "report" / "stage3.png").size[0] == 2 * S * 2  # two columns at stage 3's own side
     assert load_config(m["checkpoints"]["stage1"]).arch == "dit"
     stage2_arch, stage3_arch = (load_config(m["checkpoints"][s]) for s in ("stage2", "stage3"))
-    assert (stage3_arch.input_size, stage3_arch.patch_size, stage3_arch.in_channels) == (8, 1, 48)  # 64 px / 8
-    assert json.loads((demo / "features" / "ms64" / "manifest.json").read_text())["image_encoder"] == "pixel:8:4"
-    # Twice the tokens per side, the same position coordinates across the image (PixArt's pe_interpolation).
+    assert (stage3_arch.input_size, stage3_arch.patch_size, stage3_arch.in_channels) == (S // 8, 1, 48)  # 8 px tokens
+    assert json.loads((demo / "features" / "ms72" / "manifest.json").read_text())["image_encoder"] == "pixel:8:4"
+    # More tokens per side (9 for 4), the same position coordinates across the image (PixArt's pe_interpolation).
     span = [a.input_size / a.patch_size / a.pe_interpolation for a in (stage2_arch, stage3_arch)]
     assert span == [4.0, 4.0]
-    assert json.loads((demo / "export" / "transformer" / "config.json").read_text())["interpolation_scale"] == 2
+    assert json.loads((demo / "export" / "transformer" / "config.json").read_text())["interpolation_scale"] == S / 32
     stage2 = TrainConfig.load(demo / "configs" / "stage2.yaml")
     assert stage2.model.init == m["checkpoints"]["reparam"]
     stage3 = TrainConfig.load(demo / "configs" / "stage3.yaml")
@@ -61,7 +62,7 @@ def test_demo_export_loads_in_diffusers_with_the_training_objective(demo):
 
     pipe = PixArtAlphaPipeline.from_pretrained(demo / "export", vae=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert pipe.transformer.config.sample_size == 8
+    assert pipe.transformer.config.sample_size == S // 8
 
 
 def test_the_students_export_samples_as_the_demo_page_shows(demo):
@@ -71,8 +72,8 @@ def test_the_students_export_samples_as_the_demo_page_shows(demo):
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "export-dmd" in b)
     scope = {}
     exec(snippet.replace('"demo_out/', f'"{demo}/'), scope)  # noqa: S102 (our own docs)
-    assert scope["latents"].shape == (1, 48, 8, 8)
-    assert scope["images"].shape == (1, 3, 64, 64) and scope["images"].abs().max() <= 1.5
+    assert scope["latents"].shape == (1, 48, S // 8, S // 8)
+    assert scope["images"].shape == (1, 3, S, S) and scope["images"].abs().max() <= 1.5
 
 
 def test_demo_rerun_skips_finished_work_also_in_a_moved_folder(demo, tmp_path, capsys):
@@ -128,7 +129,7 @@ def test_demo_distills_a_one_step_student_and_reports_it(demo):
     assert m["latency"]["fp32_matmul_gflops"] > 0  # the CPU's rate around the timing, beside the start's
     d = m["diversity"]
     assert d["student_over_teacher"] == over(d["student"], d["teacher"]) and d["data"] > 0
-    assert Image.open(demo / "report" / "dmd.png").size == (8 * 64 * 2, 6 * 64 * 2)  # 4 teacher + 4 student
+    assert Image.open(demo / "report" / "dmd.png").size == (8 * S * 2, 6 * S * 2)  # 4 teacher + 4 student
     assert load_student(demo / "export-dmd")["call"]["timesteps"] == [400]
 
 
@@ -147,7 +148,7 @@ def test_demo_personalizes_its_final_model_and_reports_it(demo):
         assert 0 <= p[k] <= 1
     assert 0 <= p["leakage"]["max_change"] <= 1
     # the training images (6), then 6 samples: one row of six each, at 2x
-    assert Image.open(demo / "report" / "perfusion.png").size == (6 * 64 * 2, 2 * 64 * 2)
+    assert Image.open(demo / "report" / "perfusion.png").size == (6 * S * 2, 2 * S * 2)
     assert len(list((demo / "data" / "concept").glob("*.png"))) == 6
 
 
@@ -160,7 +161,7 @@ def test_the_timed_denoiser_is_the_pipelines_own_computation(demo):
     for folder, steps, cfg, timesteps in (("export", 3, 1.5, None), ("export-dmd", 1, 1.0, [400])):
         drawer = Drawer(demo / folder, steps, cfg, timesteps)
         embeds, mask = drawer.encode(["a red circle", "a blue square in the top left corner"])
-        noise = torch.randn(2, 48, 8, 8, generator=torch.Generator().manual_seed(3))
+        noise = torch.randn(2, 48, S // 8, S // 8, generator=torch.Generator().manual_seed(3))
         assert torch.equal(drawer.denoise_alone(embeds, mask, noise),
                            drawer.denoise(embeds, mask, torch.Generator().manual_seed(3)))
 
@@ -216,14 +217,14 @@ def test_the_shape_probe_denoises_noised_scenes_from_each_start(demo, tmp_path):
     assert float(rows[0][-1]) == 1.0  # the judge names every shape the pixel autoencoder kept
     assert [float(v) for v in rows[2][-3:-1]] == [1.0, 1.0]  # from t=100, as little noise as that, color and place stay
     assert all(0 <= float(v) <= 1 for r in rows for v in r[-3:])
-    assert Image.open(grid).size == (4 * 64 * 2, 3 * 64 * 2)  # the scenes, then a row per start
+    assert Image.open(grid).size == (4 * S * 2, 3 * S * 2)  # the scenes, then a row per start
     header, *x0_rows = x0_table.splitlines()
     assert header.split()[-7:] == ["true", "shape", "changed", "color", "changed", "null", "caption"]
     errors = {int(r.split()[0]): [float(v) for v in r.split()[1:]] for r in x0_rows}
     assert list(errors) == [999, 100] and all(len(v) == 4 for v in errors.values())
     # x0 from pure noise misses the scene by about its variance; from t=100 the scene is nearly all there
     assert errors[100][0] < 0.25 * errors[999][0]
-    assert Image.open(x0_grid).size == (4 * 64 * 2, 3 * 64 * 2)
+    assert Image.open(x0_grid).size == (4 * S * 2, 3 * S * 2)
 
 
 def test_the_shape_probe_names_a_folder_without_an_export(tmp_path):

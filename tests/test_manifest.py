@@ -55,6 +55,10 @@ def test_names_of_one_bucket_table_compare_equal():
         m.check({"buckets": "ms512"})
     with pytest.raises(PixArtError, match="buckets ASPECT_RATIO_1024 != config None$"):
         m.check({"buckets": None})
+    m48 = _manifest(resolution=None, buckets="48/24")  # sizes in multiples of 24, another table than 48's in 16s
+    m48.check({"buckets": "ms48/24"})
+    with pytest.raises(PixArtError, match="buckets 48/24 != config 48$"):
+        m48.check({"buckets": "48"})
 
 
 def test_incomplete_is_refused_and_never_complete():

@@ -133,6 +133,36 @@ def test_sizes_config_and_resolution_scaling():
     assert img.size == (128, 128) and all(o["size"] == "large" for o in meta["objects"])
 
 
+def test_side_multiple_24_puts_every_cell_on_the_8px_token_grid():
+    """The demo's stage-3 world (72 px, sides multiples of 24): each cell of the 3x3 grid is whole 8 px tokens in
+    every aspect ratio, each image is exactly a bucket of the "72/24" table (feature extraction never resamples
+    it), and every cell's center has one offset within its token; in a square image a large object sits within a
+    pixel of it (a long cell lets it slide along). At the default multiple of 16, a 64 px image's cells are
+    21.3 px: three offsets per axis."""
+    from pixart.data.buckets import bucket_spec, nearest_bucket, table_for
+
+    table = table_for(*bucket_spec("72/24"))
+    cfg = ShapesConfig(resolution=72, side_multiple=24, max_objects=1, sizes=("large",))
+    sizes = set()
+    for seed in range(100):
+        meta = sample_scene(np.random.default_rng([5, seed]), cfg)
+        w, h = meta["width"], meta["height"]
+        sizes.add((w, h))
+        assert nearest_bucket(h, w, table)[1] == (h, w)
+        boxes = [cell_box(w, h, p) for p in POSITIONS]
+        assert all(v % 8 == 0 for box in boxes for v in box), (w, h)
+        # every cell's center at one offset within its token; in square cells the object within a pixel of it
+        assert len({((x0 + x1) / 2 % 8, (y0 + y1) / 2 % 8) for x0, y0, x1, y1 in boxes}) == 1
+        (o,) = meta["objects"]
+        x0, y0, x1, y1 = cell_box(w, h, o["position"])
+        if w == h:
+            assert abs(o["center"][0] - (x0 + x1) / 2) <= 1 and abs(o["center"][1] - (y0 + y1) / 2) <= 1
+    assert sizes == {(72, 72), (96, 48), (48, 96)}
+    assert {(x0 + x1) / 2 % 8 for x0, _, x1, _ in (cell_box(64, 64, p) for p in POSITIONS)} == {2.5, 0.0, 5.5}
+    with pytest.raises(PixArtError, match="--side-multiple must be 16 or 24, got 20"):
+        write_shapes("unused", 3, resolution=80, side_multiple=20)
+
+
 def test_background_levels_bound_the_background_and_keep_the_default_world():
     """A narrow range draws every background inside it; the default range renders the same bytes as before
     the option existed (the same draws, mapped): the judge's cached world and old shards stay valid."""
@@ -211,6 +241,8 @@ def test_cli_writes_shards_and_rejects_bad_args(tmp_path, capsys):
     assert {len(json.loads(s["json"])["objects"]) for s in read(tmp_path / "two")} == {2}
     for bad, message in ((["--count", 0], "--count must be at least 1"),
                          (["--count", 3, "--resolution", 40], "--resolution must be a multiple of 16"),
+                         (["--count", 3, "--resolution", 64, "--side-multiple", 24],
+                          "--resolution must be a multiple of 24 and at least 32, got 64"),
                          (["--count", 3, "--background-levels", "200,100"], "--background-levels: need 0 <= LO"),
                          (["--count", 3, "--background-levels", "gray"], "--background-levels: expected LO,HI"),
                          (["--count", 3, "--two-object-fraction", 1.5], "--two-object-fraction must be in [0, 1]"),

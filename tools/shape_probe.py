@@ -24,7 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipelines.shapes import COLORS, SHAPES, ShapesConfig, render_scene  # noqa: E402
 from pixart.cli import positive_int  # noqa: E402
 from pixart.demo.drawer import Drawer  # noqa: E402
-from pixart.demo.pipeline import BACKGROUND_LEVELS, CFG_SCALE, FINAL_SIDE, SAMPLE_STEPS  # noqa: E402
+from pixart.demo.pipeline import (  # noqa: E402
+    BACKGROUND_LEVELS,
+    CFG_SCALE,
+    FINAL_MULTIPLE,
+    FINAL_SIDE,
+    SAMPLE_STEPS,
+)
 from pixart.eval.heldout import prompt_for  # noqa: E402
 from pixart.eval.judge import Judge  # noqa: E402
 from pixart.train.validation import save_grid, to_pil  # noqa: E402
@@ -32,8 +38,8 @@ from pixart.train.validation import save_grid, to_pil  # noqa: E402
 
 def scenes(count: int, seed: int) -> tuple[list, list[dict]]:
     """One large object on a plain background, square, undamaged: as the held-out prompts ask."""
-    cfg = ShapesConfig(resolution=FINAL_SIDE, max_objects=1, damaged_fraction=0.0, aspects=("1:1",),
-                       backgrounds=("plain",), sizes=("large",), background_levels=BACKGROUND_LEVELS)
+    cfg = ShapesConfig(resolution=FINAL_SIDE, side_multiple=FINAL_MULTIPLE, max_objects=1, damaged_fraction=0.0,
+                       aspects=("1:1",), backgrounds=("plain",), sizes=("large",), background_levels=BACKGROUND_LEVELS)
     images, specs = [], []
     for i in range(count):
         image, scene = render_scene(seed + i, cfg)

@@ -19,7 +19,10 @@ def add_parser(sub) -> None:
     p.add_argument("--count", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=seed, default=0, help="dataset seed, 0 to 2**63 - 1 (default 0)")
     p.add_argument("--resolution", type=int, default=64,
-                   help="about resolution**2 pixels per image, sides multiples of 16 (default 64)")
+                   help="about resolution**2 pixels per image, sides multiples of --side-multiple (default 64)")
+    p.add_argument("--side-multiple", type=int, default=16, choices=(16, 24),
+                   help="image sides are multiples of this: 24 makes every cell of the 3x3 grid whole 8 px tokens, "
+                   "so objects sit on the token grid alike in every cell (default 16)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--damaged-fraction", type=float, default=0.5,
                    help="share of damaged, low-aesthetic images (default 0.5)")
@@ -47,7 +50,7 @@ def run(args) -> None:
 
     from data_pipelines.shapes import check_args, write_shapes
 
-    check_args(args.count, args.resolution, args.shard_size)
+    check_args(args.count, args.resolution, args.shard_size, args.side_multiple)
     if not 0 <= args.damaged_fraction <= 1:
         raise PixArtError(f"--damaged-fraction must be in [0, 1], got {args.damaged_fraction}")
     if not 1 <= args.max_objects <= 9:
@@ -74,7 +77,8 @@ def run(args) -> None:
 
     try:
         shards = write_shapes(args.out, args.count, seed=args.seed, resolution=args.resolution,
-                              shard_size=args.shard_size, workers=args.workers, progress=progress,
+                              side_multiple=args.side_multiple, shard_size=args.shard_size, workers=args.workers,
+                              progress=progress,
                               damaged_fraction=args.damaged_fraction, max_objects=args.max_objects, sizes=sizes,
                               aspects=aspects, backgrounds=backgrounds, holdout=args.holdout,
                               background_levels=levels, two_object_fraction=args.two_object_fraction,

@@ -46,18 +46,20 @@ def __getattr__(name: str) -> Table:  # ASPECT_RATIO_1024/512/256, built on firs
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def bucket_side(name: str) -> int:
-    """The side a bucket table's name means: PixArt's own "ASPECT_RATIO_256", "_512" or "_1024", or "ms<side>" and
-    "<side>" for a side that is a multiple of 16 (a bucket's sizes are). The names of one table mean one side."""
-    m = re.fullmatch(r"(aspect_ratio_|ms)?(\d+)", str(name).strip().lower())
-    side = int(m.group(2)) if m else 0
-    if m and m.group(1) == "aspect_ratio_" and side not in _PIXART_SIDES:
+def bucket_spec(name: str) -> tuple[int, int]:
+    """(side, multiple) a bucket table's name means: PixArt's own "ASPECT_RATIO_256", "_512" or "_1024", or
+    "ms<side>" and "<side>" for a side that is a multiple of 16 (a bucket's sizes are), or "<side>/24" for sizes
+    that are multiples of 24 (a 3x3 grid of whole 8 px tokens, as the demo's 72 px world). The names of one table
+    mean one spec."""
+    m = re.fullmatch(r"(aspect_ratio_|ms)?(\d+)(?:/(16|24))?", str(name).strip().lower())
+    side, multiple = (int(m.group(2)), int(m.group(3) or 16)) if m else (0, 16)
+    if m and m.group(1) == "aspect_ratio_" and (side not in _PIXART_SIDES or m.group(3)):
         raise PixArtError(f"--buckets {name!r}: PixArt's tables are ASPECT_RATIO_256, _512 and _1024; for another "
                           "side use ms<side>")
-    if not m or side < 16 or side % 16:
+    if not m or side < multiple or side % multiple:
         raise PixArtError(f"--buckets {name!r}: unknown bucket table; use ASPECT_RATIO_512, ms256 or a side like "
-                          "1024 (a multiple of 16)")
-    return side
+                          "1024 (a multiple of 16), or 72/24 (sizes multiples of 24)")
+    return side, multiple
 
 
 def base_side(table: Table) -> int:

@@ -167,10 +167,10 @@ class Manifest:
 
 def _same_buckets(a, b) -> bool:
     """Two names of one bucket table ("ASPECT_RATIO_1024", "ms1024", "1024")."""
-    from .buckets import bucket_side
+    from .buckets import bucket_spec
 
     try:
-        return a is not None and b is not None and bucket_side(a) == bucket_side(b)
+        return a is not None and b is not None and bucket_spec(a) == bucket_spec(b)
     except PixArtError:
         return False
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .drawer import Drawer
-from .pipeline import BACKGROUND_LEVELS, FINAL_SIDE, HOLDOUT
+from .pipeline import BACKGROUND_LEVELS, FINAL_MULTIPLE, FINAL_SIDE, HOLDOUT
 from .steps import step
 
 DIVERSITY_PROMPTS, DIVERSITY_SEEDS = 12, 6
@@ -75,8 +75,9 @@ def data_spread(specs: list[dict], seeds: int, seed: int) -> float:
     background level drawn as the demo's world draws them, on its clean plain backgrounds)."""
     from data_pipelines.shapes import ShapesConfig, draw_scene, sample_scene
 
-    cfg = ShapesConfig(resolution=FINAL_SIDE, max_objects=1, sizes=("large",), aspects=("1:1",),
-                       backgrounds=("plain",), damaged_fraction=0.0, background_levels=BACKGROUND_LEVELS)
+    cfg = ShapesConfig(resolution=FINAL_SIDE, side_multiple=FINAL_MULTIPLE, max_objects=1, sizes=("large",),
+                       aspects=("1:1",), backgrounds=("plain",), damaged_fraction=0.0,
+                       background_levels=BACKGROUND_LEVELS)
     rng = np.random.default_rng([seed, 11])
     images = []
     for spec in specs:

@@ -120,7 +120,7 @@ def personalize(out: Path, ckpt: Path, seed: int, scale: float, **settings) -> d
             atomic_write(facts_file, json.dumps(facts))
         return facts
     data = write_concept_images(out / "data" / "concept", seed)
-    dense = out / "data" / "captions64" / "*.metadata.jsonl"  # the dense captioner's, not the short ones
+    dense = out / "data" / "captions72" / "*.metadata.jsonl"  # the dense captioner's, not the short ones
     cfg = PersonalizeConfig(str(ckpt), str(data), NAME, SUPER, str(concept_file),
                             captions=str(dense), steps=max(10, int(STEPS * scale)),
                             batch=BATCH, seed=seed, run_dir=str(facts_file.parent), **{**SETTINGS, **settings})

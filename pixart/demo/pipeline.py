@@ -6,7 +6,7 @@
  3. scores aesthetics and extracts features: a tiny T5 (real T5 classes, seeded, with a
     `tokenizers` tokenizer) and a pixel-space autoencoder;
  4-7. launches configs/demo/recipe.yaml: stage 1 class-conditional DiT -> reparameterize ->
-    stage 2 alignment -> stage 3 at 64 px with aspect buckets on the high-aesthetic sixth (clean, plain), then
+    stage 2 alignment -> stage 3 at 72 px with aspect buckets on the high-aesthetic sixth (clean, plain), then
  8. distills stage 3 into a one-step student (DMD, `pixart distill` as a recipe step);
  9. exports both to diffusers (DIR/export and DIR/export-dmd, PixArtAlphaPipeline folders without VAE);
 10. personalizes stage 3 with a concept it cannot draw (Perfusion, `pixart personalize`): DIR/concepts/zorb.safetensors;
@@ -37,7 +37,7 @@ HOLDOUT = 8  # 1 in 8 (shape, color, position) triples never drawn in training
 TWO_OBJECT_FRACTION, PAIR_HOLDOUT = 0.0, 8
 CAPTIONERS = ("metadata", "metadata-short")  # dense captions, and short ones as users write (stages 2-3 mix them)
 PHRASING_SPECS, TWO_OBJECT_PROMPTS = 18, 36  # held-out triples worded each user way; held-out pairs
-SQUARE_COUNT, MULTI_COUNT = 8000, 3000  # images of the 32 px square world and the 64 px multi-aspect world
+SQUARE_COUNT, MULTI_COUNT = 8000, 3000  # images of the 32 px square world and the 72 px multi-aspect world
 STAGE3_MIN_SCORE = 0.99  # configs/demo/stage3.yaml's and dmd.yaml's data.min_score: the scenes they train on
 # Captions are at most 53 tiny-T5 tokens. The null caption (every token valid) has the model's caption length, and
 # a batch with one dropped caption pads every caption to it: at 200 tokens for 16 image tokens, the caption path
@@ -51,7 +51,7 @@ T5_PRETRAIN_STEPS = 0  # > 0: span corruption, batch 64 of 1,500 documents (a sc
 # the model. As raw pixels (2 x 2 px cells, scale 6) a token of 8 x 8 px was 192 numbers for a model 128 wide, which
 # could not hold, so not remove, its noise: grainy backgrounds (docs/experiments.md, 2026-12-04). The scaling factor
 # (the role of SD's 0.18215) gives unit variance: the kept coefficients' std is ~0.34. configs/demo/stage1.yaml and
-# stage3.yaml give the model the matching latent sizes (32 px / 8 = 4, 64 px / 8 = 8) and 48 input channels.
+# stage3.yaml give the model the matching latent sizes (32 px / 8 = 4, 72 px / 8 = 9) and 48 input channels.
 PIXEL_FACTOR, PIXEL_LOWPASS, PIXEL_SCALE = 8, 4, 3.0
 # CFG 1.5 was chosen on 162 prompts of *seen* triples (`python tools/cfg_sweep.py`), never on the held-out
 # ones: stronger guidance breaks this small model's objects into several blobs (strict position on the seen
@@ -61,7 +61,11 @@ SAMPLE_STEPS, CFG_SCALE = 20, 1.5
 # so at the noise levels where the layout is decided the text's share of the loss (color and position)
 # was lost in it, and position was never learned (docs/experiments.md).
 BACKGROUND_LEVELS = (104.0, 152.0)
-FINAL_SIDE = 64  # px: stage 3's resolution, at which the held-out prompts are drawn and judged
+# px: stage 3's resolution, at which the held-out prompts are drawn and judged. Its world's sides are multiples of
+# 24, so each cell of the 3x3 grid is whole 8 px tokens and an object sits on the token grid the same way wherever
+# it is: on a square world, 500 steps of stage 3 learned shape 0.44 at 64 px (cells of 21.3 px) and 0.69 at 72 px
+# (docs/experiments.md, 2026-12-07).
+FINAL_SIDE, FINAL_MULTIPLE = 72, 24
 RECORD = "demo.json"  # DIR's --seed and --scale
 PHASES = ("data", "training", "personalize", "export", "evaluate")  # the report's `phases`: seconds of each
 
@@ -160,22 +164,21 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
     d = out / "data"
     square, multi = max(64, int(SQUARE_COUNT * scale)), max(64, int(MULTI_COUNT * scale))
     world = world_settings()
-    with step(f"shapes world: {square} clean square images at 32 px, {multi} multi-aspect at 64 px"):
+    with step(f"shapes world: {square} clean square images at 32 px, {multi} multi-aspect at {FINAL_SIDE} px"):
         with tqdm(total=square + multi, unit="img", desc="shapes") as bar:
             write_shapes(d / "shapes32", square, seed=seed, workers=2, progress=bar.update, **SQUARE_WORLD, **world)
-            write_shapes(d / "shapes64", multi, seed=seed + 1, workers=2, progress=bar.update, **MULTI_WORLD,
+            write_shapes(d / "shapes72", multi, seed=seed + 1, workers=2, progress=bar.update, **MULTI_WORLD,
                          **world)
     with step("relabel with dense captions and short, user-style ones (metadata, metadata-short captioners)"):
-        for side in ("32", "64"):
+        for side in ("32", str(FINAL_SIDE)):
             relabel_world(d / f"shapes{side}", d / f"captions{side}", seed)
-    with step("aesthetic scores of the 64 px world"):
-        s = score_shards(resolve_shards([str(d / "shapes64")]), d / "scores64", ShapesScorer(), STAGE3_MIN_SCORE)
+    with step(f"aesthetic scores of the {FINAL_SIDE} px world"):
+        s = score_shards(resolve_shards([str(d / "shapes72")]), d / "scores72", ShapesScorer(), STAGE3_MIN_SCORE)
         print(f"   stage 3 keeps {s.kept} of {s.samples} ({s.kept_fraction:.1%}): clean scenes on plain backgrounds")
     pretrained = ", span-corruption pretrained on captions" if T5_PRETRAIN_STEPS else ""
     with step(f"tiny T5 (seeded{pretrained}) and features: pixel autoencoder, dense, short and alt-text captions"):
         t5 = tiny_text_encoder(out / "parts" / "t5", seed, scale)
-        for shards, features, sizing in (("shapes32", "sq32", SQUARE_FEATURES),
-                                         ("shapes64", "ms64", {"buckets": str(FINAL_SIDE), "captions": CAPTIONERS})):
+        for shards, features, sizing in (("shapes32", "sq32", SQUARE_FEATURES), ("shapes72", "ms72", FINAL_FEATURES)):
             cfg = feature_config(t5, d / f"captions{shards[-2:]}", **sizing)
             cache = out / "features" / features
             moved = (cache / MANIFEST).is_file() and Manifest.load(cache).text_encoder != str(t5.resolve())
@@ -187,12 +190,13 @@ def make_data(out: Path, seed: int, scale: float) -> Path:
     return t5
 
 
-# The 32 px world stage 2 trains on (clean squares) and the 64 px one of stage 3 (aspect ratios, half damaged), as
+# The 32 px world stage 2 trains on (clean squares) and the 72 px one of stage 3 (aspect ratios, half damaged), as
 # `write_shapes` settings besides `world_settings`; the square world's features keep its alt-text too.
 SQUARE_WORLD = {"resolution": 32, "shard_size": 1000, "aspects": ("1:1",), "backgrounds": ("plain",),
                 "damaged_fraction": 0.0}
-MULTI_WORLD = {"resolution": 64, "shard_size": 500}
+MULTI_WORLD = {"resolution": FINAL_SIDE, "side_multiple": FINAL_MULTIPLE, "shard_size": 500}
 SQUARE_FEATURES = {"resolution": 32, "captions": (*CAPTIONERS, "txt")}
+FINAL_FEATURES = {"buckets": f"{FINAL_SIDE}/{FINAL_MULTIPLE}", "captions": CAPTIONERS}
 
 
 def world_settings(two_object_fraction: float | None = None) -> dict:
