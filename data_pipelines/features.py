@@ -104,8 +104,8 @@ def _damage(results) -> str:
 
 def bucket_table(name: str) -> dict[str, tuple[int, int]]:
     """PixArt's aspect-bucket table by name: "ASPECT_RATIO_512", or "ms<side>" / "<side>" for any
-    side, "<side>/24" for sizes in multiples of 24 (`pixart.data.buckets.table_for`), the same tables the
-    raw-shard loader buckets with."""
+    side (the tables the raw-shard loader buckets with), "<side>/24" for sizes in multiples of 24
+    (`pixart.data.buckets.table_for`)."""
     from pixart.data.buckets import bucket_spec, table_for
 
     return {k: tuple(hw) for k, hw in table_for(*bucket_spec(name)).items()}

@@ -75,6 +75,10 @@ class ShapesConfig:
     two_object_fraction: float = 0.0  # > 0: two objects with this probability, else one (replaces 1..max_objects)
     pair_holdout: int = 0  # > 0: no scene holds two objects whose (shape, color)s are a `held_out_pair`
 
+    def __post_init__(self):  # else image_size rounds the sides to another resolution, silently
+        if self.resolution % self.side_multiple:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of side_multiple {self.side_multiple}")
+
 
 # options added after VERSION 2's shards: `shapes.json` records them only when on, so older folders still resume
 _LATER_OPTIONS = {"two_object_fraction": 0.0, "pair_holdout": 0, "side_multiple": 16}

@@ -176,7 +176,7 @@ def test_one_dpm_solver_step_ends_at_the_models_x0(demo):
 
     drawer = Drawer(demo / "export", 1, 1.5, [400])
     embeds, mask = drawer.encode(["a red circle"])
-    x = torch.randn(1, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 48, S // 8, S // 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = drawer.denoise_alone(embeds, mask, x)
         null = drawer.null[None].to(embeds.dtype)

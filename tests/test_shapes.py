@@ -133,7 +133,7 @@ def test_sizes_config_and_resolution_scaling():
     assert img.size == (128, 128) and all(o["size"] == "large" for o in meta["objects"])
 
 
-def test_side_multiple_24_puts_every_cell_on_the_8px_token_grid():
+def test_side_multiple_24_puts_every_cell_on_the_8px_token_grid(tmp_path):
     """The demo's stage-3 world (72 px, sides multiples of 24): each cell of the 3x3 grid is whole 8 px tokens in
     every aspect ratio, each image is exactly a bucket of the "72/24" table (feature extraction never resamples
     it), and every cell's center has one offset within its token; in a square image a large object sits within a
@@ -160,7 +160,10 @@ def test_side_multiple_24_puts_every_cell_on_the_8px_token_grid():
     assert sizes == {(72, 72), (96, 48), (48, 96)}
     assert {(x0 + x1) / 2 % 8 for x0, _, x1, _ in (cell_box(64, 64, p) for p in POSITIONS)} == {2.5, 0.0, 5.5}
     with pytest.raises(PixArtError, match="--side-multiple must be 16 or 24, got 20"):
-        write_shapes("unused", 3, resolution=80, side_multiple=20)
+        write_shapes(tmp_path / "bad", 3, resolution=80, side_multiple=20)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="resolution 72 is not a multiple of side_multiple 16"):
+        ShapesConfig(resolution=72)  # image_size would round its sides to 64 px, silently
 
 
 def test_background_levels_bound_the_background_and_keep_the_default_world():
@@ -194,7 +197,9 @@ def test_two_object_options_off_keep_the_default_world(tmp_path):
     write_shapes(tmp_path / "off", 2, resolution=32)
     write_shapes(tmp_path / "on", 2, resolution=32, two_object_fraction=0.5, pair_holdout=8)
     off, on = (json.loads((tmp_path / d / "shapes.json").read_text())["config"] for d in ("off", "on"))
-    assert "two_object_fraction" not in off and "pair_holdout" not in off
+    assert "two_object_fraction" not in off and "pair_holdout" not in off and "side_multiple" not in off
+    write_shapes(tmp_path / "aligned", 2, resolution=48, side_multiple=24)
+    assert json.loads((tmp_path / "aligned" / "shapes.json").read_text())["config"]["side_multiple"] == 24
     assert on["two_object_fraction"] == 0.5 and on["pair_holdout"] == 8
 
 

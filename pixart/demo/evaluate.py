@@ -10,7 +10,16 @@ from pixart.train.monitor import read_log
 from .dmd import contention_warning, diversity_line, evaluate_student, matmul_gflops
 from .drawer import Drawer
 from .perfusion import evaluate_concept
-from .pipeline import CFG_SCALE, FINAL_SIDE, HOLDOUT, PAIR_HOLDOUT, PHRASING_SPECS, SAMPLE_STEPS, TWO_OBJECT_PROMPTS
+from .pipeline import (
+    CFG_SCALE,
+    FINAL_MULTIPLE,
+    FINAL_SIDE,
+    HOLDOUT,
+    PAIR_HOLDOUT,
+    PHRASING_SPECS,
+    SAMPLE_STEPS,
+    TWO_OBJECT_PROMPTS,
+)
 from .steps import step
 
 
@@ -45,7 +54,7 @@ def evaluate(out: Path, seed: int, scale: float = 1.0, concept: dict | None = No
         save_grid(images, 9, out / "report" / "heldout.png", scale=2)
     with step("judge the held-out samples"):
         judge = Judge.load_or_train()
-        own = judge.self_accuracy(FINAL_SIDE)
+        own = judge.self_accuracy(FINAL_SIDE, side_multiple=FINAL_MULTIPLE)
     metrics = {"heldout": score_heldout(judge, images, specs),
                "judge_self_accuracy": {k: own[k] for k in ("color", "position", "shape")},
                "resolution": FINAL_SIDE, "sampler": f"pipeline scheduler, {SAMPLE_STEPS} steps, CFG {CFG_SCALE}"}

@@ -179,10 +179,11 @@ def detect(image) -> list[dict]:
     return found
 
 
-def _render_set(n: int, resolutions, seed: int, tag: int, damaged_fraction: float = 0.5):
+def _render_set(n: int, resolutions, seed: int, tag: int, damaged_fraction: float = 0.5, side_multiple: int = 16):
     """n fresh scenes, resolutions in turn; each from its own RNG, apart from any dataset's seeds."""
     for i in range(n):
-        cfg = ShapesConfig(resolution=resolutions[i % len(resolutions)], damaged_fraction=damaged_fraction)
+        cfg = ShapesConfig(resolution=resolutions[i % len(resolutions)], damaged_fraction=damaged_fraction,
+                           side_multiple=side_multiple)
         yield render_scene(np.random.default_rng([tag, seed, i]), cfg)
 
 
@@ -325,9 +326,12 @@ class Judge:
         out["judged_fraction"] = out["judged"] / prompted if prompted else float("nan")
         return out
 
-    def self_accuracy(self, resolution: int, n: int = 300, seed: int = 0, damaged_fraction: float = 0.5) -> dict:
-        """Accuracy on n fresh renders at this resolution (never seen in training): the judge's own error bar."""
-        renders = _render_set(n, (resolution,), seed, tag=0xE7A1, damaged_fraction=damaged_fraction)
+    def self_accuracy(self, resolution: int, n: int = 300, seed: int = 0, damaged_fraction: float = 0.5,
+                      side_multiple: int = 16) -> dict:
+        """Accuracy on n fresh renders at this resolution (never seen in training): the judge's own error bar.
+        `side_multiple` as the world's (`ShapesConfig`): 24 for the demo's 72 px world."""
+        renders = _render_set(n, (resolution,), seed, tag=0xE7A1, damaged_fraction=damaged_fraction,
+                              side_multiple=side_multiple)
         images, specs = zip(*renders, strict=True)
         return self.score(images, list(specs))
 
